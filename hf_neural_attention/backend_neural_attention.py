@@ -1,0 +1,272 @@
+"""The attention function registered with transformers, and its dispatch per module.
+
+Importing this file registers ``"neural_attention"`` with both ``AttentionInterface`` (the function) and
+``AttentionMaskInterface`` (the SDPA mask builder; a name missing there would receive ``attention_mask=None``
+even for padded batches). Modules that carry a scorer (``module.neural_scorer``) are scored by it; every other
+module is sent, unchanged, to the implementation the model used before patching (SDPA or eager).
+
+This file travels with Hub checkpoints: it imports only torch, transformers and flat siblings.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+
+ATTENTION_NAME = "neural_attention"
+SCORER_ATTRIBUTE = "neural_scorer"
+FALLBACK_ATTRIBUTE = "neural_attention_fallback"
+"""Set by the patcher on every attention module: the implementation unpatched modules keep (``sdpa``/``eager``)."""
+
+_UNSUPPORTED_KWARGS = {
+    "sliding_window": "sliding-window attention",
+    "softcap": "logit soft-capping",
+    "s_aux": "attention sinks",
+    "sinks": "attention sinks",
+}
+
+
+def _wants_attention_weights(kwargs: dict) -> bool:
+    """Whether the caller collects attention probabilities (``output_attentions=True``).
+
+    Models such as GPT-2 do not pass the flag down; transformers collects the returned weights through a
+    context variable instead, which we read when it exists.
+    """
+    if kwargs.get("output_attentions"):
+        return True
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # older/newer transformers without the collector
+        return False
+    collected = _active_collector.get()
+    return isinstance(collected, dict) and "attentions" in collected
+
+
+# --- masks ----------------------------------------------------------------------------------------------------
+def _normalise_mask(
+    attention_mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor, is_causal: bool
+) -> tuple[torch.Tensor | None, bool, torch.Tensor | None]:
+    """Bring the three mask forms transformers hands out to ``(bool_mask, causal, additive_bias)``.
+
+    - ``None``: causality implied by the module, applied only for ``q_len > 1`` (SDPA's ``is_causal``
+      semantics, upper-left aligned also when ``k_len > q_len``).
+    - 4-D bool ``(batch|1, heads|1, q_len, k_len)``: True = may attend.
+    - 4-D float additive (0 / large negative): turned into a bool mask; any other finite value is a real bias,
+      returned as ``additive_bias`` (only the materialising path applies it).
+    """
+    q_len, k_len = query.shape[-2], key.shape[-2]
+    if attention_mask is None:
+        return None, bool(is_causal and q_len > 1), None
+    if type(attention_mask).__name__ == "BlockMask":
+        raise NotImplementedError(
+            "Neural attention does not support flex-attention BlockMasks; load the model with the default "
+            "attention implementation and let patch_model select 'neural_attention'."
+        )
+    if attention_mask.dim() != 4:
+        raise ValueError(
+            f"Expected a 4-D attention mask (batch, heads, q_len, k_len), got shape {tuple(attention_mask.shape)}."
+        )
+    attention_mask = attention_mask[..., :k_len]
+    if attention_mask.dtype == torch.bool:
+        return attention_mask, False, None
+    visible = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    if torch.equal(attention_mask.masked_fill(~visible, 0), torch.zeros((), dtype=attention_mask.dtype,
+                                                                      device=attention_mask.device).expand_as(
+                                                                          attention_mask)):
+        return visible, False, None
+    return visible, False, attention_mask.masked_fill(~visible, 0)
+
+
+def _causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+    """Upper-left aligned causal mask ``(1, 1, q_len, k_len)``: key j visible to query i iff j <= i."""
+    rows = torch.arange(q_len, device=device)[:, None]
+    return (torch.arange(k_len, device=device)[None, :] <= rows)[None, None]
+
+
+# --- the materialising path -----------------------------------------------------------------------------------
+def materialised_neural_attention(
+    scorer: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    mask: torch.Tensor | None,
+    causal: bool,
+    bias: torch.Tensor | None,
+    scaling: float,
+    dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores every pair at once (memory O(n^2 * hidden)); returns ``(out, probabilities)``.
+
+    ``out`` is ``(batch, heads, q_len, v_dim)``, probabilities ``(batch, heads, q_len, k_len)`` (before dropout is
+    applied to what multiplies ``value``, after it in the returned tensor, like transformers' eager path).
+    Fully masked query rows get all-zero probabilities, hence zero output.
+    """
+    logits = scorer.scores(query, key, scaling)  # fp32 (fp64 for fp64 inputs)
+    if bias is not None:
+        logits = logits + bias.to(logits.dtype)
+    if causal:
+        mask = _causal_mask(query.shape[-2], key.shape[-2], query.device)
+    if mask is not None:
+        logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+    probabilities = torch.softmax(logits, dim=-1)
+    if mask is not None:
+        probabilities = probabilities.masked_fill(~mask, 0.0)  # fully masked rows: zeros, not uniform
+    if dropout_p > 0.0:
+        probabilities = nn.functional.dropout(probabilities, p=dropout_p, training=True)
+    probabilities = probabilities.to(value.dtype)
+    return probabilities @ value, probabilities
+
+
+# --- backend choice -------------------------------------------------------------------------------------------
+def choose_backend(requested: str, query: torch.Tensor, *, needs_probabilities: bool, has_bias: bool) -> str:
+    """The backend that will run: ``"eager"``, ``"tiled"`` or ``"triton"``.
+
+    ``auto`` takes the fused path that applies (Triton on CUDA when installed, the tiled path otherwise). Every
+    backend falls back to ``eager`` for a call that must return probabilities or apply a real additive bias,
+    since fused kernels never form the probability matrix.
+    """
+    if needs_probabilities or has_bias or requested == "eager":
+        return "eager"
+    from .triton_neural_attention import triton_is_usable  # imports triton only when a fused path may run
+
+    if requested == "triton":
+        if not triton_is_usable(query):
+            raise RuntimeError(
+                "backend='triton' needs triton and a CUDA tensor (or TRITON_INTERPRET=1 for CPU tests); "
+                "install triton or use backend='auto'."
+            )
+        return "triton"
+    if requested == "auto" and query.is_cuda and triton_is_usable(query):
+        return "triton"
+    return "tiled"
+
+
+def _fallback_function(module: nn.Module) -> Callable:
+    """The attention function an unpatched module keeps (recorded by the patcher; SDPA when absent)."""
+    fallback = getattr(module, FALLBACK_ATTRIBUTE, "sdpa")
+    if fallback == "eager":
+        return _eager_fallback
+    return sdpa_attention_forward
+
+
+def _eager_fallback(module, query, key, value, attention_mask, **kwargs):
+    """Run the model's own eager function with the additive mask it would have received."""
+    q_len, k_len = query.shape[-2], key.shape[-2]
+    mask, causal, _ = _normalise_mask(attention_mask, query, key, getattr(module, "is_causal", False))
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        additive = attention_mask
+    else:
+        if causal:
+            mask = _causal_mask(q_len, k_len, query.device)
+        additive = None
+        if mask is not None:
+            additive = torch.zeros(mask.shape, dtype=query.dtype, device=query.device)
+            additive = additive.masked_fill(~mask, torch.finfo(query.dtype).min)
+    if getattr(module, "reorder_and_upcast_attn", False) and hasattr(module, "_upcast_and_reordered_attn"):
+        # GPT-2's upcast path, which stock GPT-2 runs instead of the attention function under eager.
+        return module._upcast_and_reordered_attn(query, key, value, additive)
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        raise NotImplementedError(f"No eager attention function found for {type(module).__name__}.")
+    return eager(module, query, key, value, additive, **kwargs)
+
+
+# --- the registered function ----------------------------------------------------------------------------------
+def neural_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """transformers attention function: neural scoring for modules with a scorer, the fallback for the others.
+
+    Args:
+        query: ``(batch, heads, q_len, head_dim)``; key/value: ``(batch, kv_heads, k_len, head_dim)``.
+        attention_mask: ``None``, 4-D bool (True = attend) or 4-D additive float.
+        kwargs: ``dropout``, ``scaling``, ``is_causal`` and whatever the model passes.
+
+    Returns:
+        ``(out, weights)``: ``out`` is ``(batch, q_len, heads, v_dim)``; ``weights`` is
+        ``(batch, heads, q_len, k_len)`` when attention probabilities are requested, else ``None``.
+    """
+    scorer = getattr(module, SCORER_ATTRIBUTE, None)
+    if scorer is None:
+        return _fallback_function(module)(module, query, key, value, attention_mask, **kwargs)
+
+    for name, feature in _UNSUPPORTED_KWARGS.items():
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(
+                f"Neural attention does not support {feature} (`{name}` was passed by {type(module).__name__}); "
+                "do not patch layers that use it."
+            )
+    if getattr(module, "sliding_window", None) is not None:
+        raise NotImplementedError(
+            f"{type(module).__name__} uses sliding-window attention, which neural attention does not support."
+        )
+
+    num_groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, num_groups), repeat_kv(value, num_groups)
+    scaling = kwargs.get("scaling")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", False)
+    mask, causal, bias = _normalise_mask(attention_mask, query, key, is_causal)
+    position_bias = kwargs.get("position_bias")
+    if position_bias is not None:
+        bias = position_bias if bias is None else bias + position_bias
+    dropout_p = float(kwargs.get("dropout", 0.0) or 0.0)
+
+    needs_probabilities = _wants_attention_weights(kwargs)
+    backend = choose_backend(scorer.settings.backend, query, needs_probabilities=needs_probabilities,
+                             has_bias=bias is not None)
+    if backend == "eager":
+        out, probabilities = materialised_neural_attention(
+            scorer, query, key, value, mask=mask, causal=causal, bias=bias, scaling=scaling, dropout_p=dropout_p
+        )
+        return out.transpose(1, 2).contiguous(), probabilities if needs_probabilities else None
+
+    if backend == "triton":
+        from .triton_neural_attention import neural_attention_triton as kernel
+    else:
+        from .kernels_neural_attention import neural_attention_tiled as kernel
+    query_hidden, key_hidden = scorer.first_layer(query, key)
+    output_weight, second_weight, second_bias = scorer.output_side_weights()
+    seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else None
+    out = kernel(
+        query_hidden,
+        key_hidden,
+        value,
+        output_weight,
+        second_weight,
+        second_bias,
+        activation=scorer.activation_name,
+        mask=mask,
+        causal=causal,
+        dot_query=query if scorer.residual else None,
+        dot_key=key if scorer.residual else None,
+        dot_scale=scaling,
+        dropout_p=dropout_p,
+        generator_seed=seed,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Register the function and its mask builder under ``ATTENTION_NAME`` (idempotent)."""
+    AttentionInterface.register(ATTENTION_NAME, neural_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+register()

@@ -1,0 +1,250 @@
+"""`patch_model` / `unpatch_model`: put the neural scorer into chosen self-attention layers of a model.
+
+Works on any transformers model whose attention modules go through ``ALL_ATTENTION_FUNCTIONS`` (GPT-2, ViT,
+Llama, BERT, ...). A patched module carries its scorer as ``module.neural_scorer``; the model switches to the
+``"neural_attention"`` implementation, which scores patched modules neurally and sends every other module to
+the implementation the model had before (SDPA or eager), bit for bit.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable
+from functools import cache
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from .backend_neural_attention import ATTENTION_NAME, FALLBACK_ATTRIBUTE, SCORER_ATTRIBUTE
+from .configuration_neural_attention import (
+    NeuralAttentionConfig,
+    clear_from_config,
+    read_from_config,
+    record_on_config,
+)
+from .scoring_neural_attention import NeuralScorer
+
+SUPPORTED_FALLBACKS = ("sdpa", "eager")
+LayerSelection = int | str | Iterable[int]
+
+
+@cache
+def _goes_through_attention_interface(cls: type) -> bool:
+    """Whether a module class dispatches through transformers' attention interface in its forward."""
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return "ALL_ATTENTION_FUNCTIONS" in source
+
+
+def _is_cross_attention(name: str, module: nn.Module) -> bool:
+    if getattr(module, "is_cross_attention", False):
+        return True
+    lowered = name.lower()
+    return "crossattention" in lowered or "cross_attn" in lowered or "encoder_attn" in lowered
+
+
+def find_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Self-attention modules that go through the attention interface, in layer order ``(name, module)``.
+
+    Cross-attention modules are never included: they attend to another sequence and are not "layers" here.
+    """
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if _goes_through_attention_interface(type(module)) and not _is_cross_attention(name, module)
+    ]
+
+
+def _head_shape(module: nn.Module, model_config) -> tuple[int, int]:
+    """``(head_dim, num_query_heads)`` of an attention module."""
+    num_heads = (
+        getattr(module, "num_heads", None)
+        or getattr(module, "num_attention_heads", None)
+        or getattr(getattr(module, "config", None), "num_attention_heads", None)
+        or getattr(model_config, "num_attention_heads", None)
+    )
+    head_dim = getattr(module, "head_dim", None) or getattr(module, "attention_head_size", None)
+    if head_dim is None and num_heads:
+        hidden = getattr(model_config, "hidden_size", None)
+        head_dim = hidden // num_heads if hidden else None
+    if not head_dim or not num_heads:
+        raise ValueError(
+            f"Cannot tell the head shape of {type(module).__name__} (no head_dim/num_heads attributes); "
+            "this model family is not supported by patch_model."
+        )
+    return int(head_dim), int(num_heads)
+
+
+def resolve_layers(layers: LayerSelection, num_layers: int) -> list[int]:
+    """Turn a selection (int, iterable of ints, or ``"all"``) into sorted non-negative layer indices."""
+    if isinstance(layers, str):
+        if layers != "all":
+            raise ValueError(f"layers={layers!r} is not valid; use an int, a list of ints, or 'all'.")
+        return list(range(num_layers))
+    if isinstance(layers, bool) or not isinstance(layers, (int, Iterable)):
+        raise TypeError(f"layers must be an int, a list of ints or 'all', got {type(layers).__name__}.")
+    requested = [layers] if isinstance(layers, int) else list(layers)
+    if not requested:
+        raise ValueError("layers is empty; choose at least one layer (e.g. layers=[0], the paper's default).")
+    resolved = []
+    for index in requested:
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise TypeError(f"Layer indices must be ints, got {index!r}.")
+        if not -num_layers <= index < num_layers:
+            raise ValueError(
+                f"Layer {index} is out of range: this model has {num_layers} self-attention layers "
+                f"(valid indices {-num_layers}..{num_layers - 1})."
+            )
+        resolved.append(index % num_layers)
+    duplicates = sorted({i for i in resolved if resolved.count(i) > 1})
+    if duplicates:
+        raise ValueError(f"Layers {duplicates} are selected more than once (negative indices count from the end).")
+    return sorted(resolved)
+
+
+def _current_implementation(model: PreTrainedModel) -> str | None:
+    return getattr(model.config, "_attn_implementation", None)
+
+
+def _adopt_hub_class(model: nn.Module) -> None:
+    """Switch a stock model instance to its Hub class (so save_pretrained writes a loadable checkpoint)."""
+    from .hub_classes import adopt_hub_class
+
+    adopt_hub_class(model)
+
+
+def _restore_stock_class(model: nn.Module) -> None:
+    from .hub_classes import restore_stock_class
+
+    restore_stock_class(model)
+
+
+def patch_model(
+    model: PreTrainedModel,
+    layers: LayerSelection = 0,
+    config: NeuralAttentionConfig | None = None,
+    **settings,
+) -> PreTrainedModel:
+    """Put neural attention into the chosen self-attention layers of ``model``, in place.
+
+    Args:
+        model: a transformers model whose attention goes through the attention interface (GPT-2, ViT, Llama,
+            BERT, ...), on the ``sdpa`` or ``eager`` implementation.
+        layers: an int, a list of ints (negative counts from the end) or ``"all"``; the paper uses ``[0]``.
+        config: the scorer's settings; ``None`` uses the defaults.
+        **settings: ``NeuralAttentionConfig`` fields overriding ``config`` (``proj_dim=8``, ``mode="residual"``).
+
+    Returns:
+        The same model object, now on the ``"neural_attention"`` implementation. Unpatched layers keep their
+        previous implementation bit for bit. Settings are recorded on ``model.config`` as ``neural_attention_*``.
+
+    Raises:
+        ValueError / TypeError: bad layers, settings or a model without patchable attention; patching a layer
+        that is already patched; settings different from those of layers patched earlier.
+    """
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"patch_model expects a transformers PreTrainedModel, got {type(model).__name__}.")
+    if config is None:
+        config = NeuralAttentionConfig(**settings)
+    elif not isinstance(config, NeuralAttentionConfig):
+        raise TypeError(f"config must be a NeuralAttentionConfig, got {type(config).__name__}.")
+    elif settings:
+        config = NeuralAttentionConfig(**{**config.to_dict(), **settings})
+    config.validate()
+
+    modules = find_attention_modules(model)
+    if not modules:
+        raise ValueError(
+            f"{type(model).__name__} has no self-attention module that goes through transformers' attention "
+            "interface; patch_model supports GPT-2, ViT and other models on ALL_ATTENTION_FUNCTIONS."
+        )
+    chosen = resolve_layers(layers, len(modules))
+
+    recorded = read_from_config(model.config)
+    already = [i for i in chosen if getattr(modules[i][1], SCORER_ATTRIBUTE, None) is not None]
+    if already:
+        raise ValueError(
+            f"Layers {already} are already patched; call unpatch_model(model) first to change them."
+        )
+    if recorded is not None and recorded[1].to_dict() != config.to_dict():
+        raise ValueError(
+            f"Layers {recorded[0]} were patched with different settings ({recorded[1]}); all neural layers of a "
+            "model share one NeuralAttentionConfig. Unpatch first, or pass the same config."
+        )
+
+    implementation = _current_implementation(model)
+    if implementation == ATTENTION_NAME:
+        fallback = getattr(modules[0][1], FALLBACK_ATTRIBUTE, "sdpa")
+    elif implementation in SUPPORTED_FALLBACKS or implementation is None:
+        fallback = implementation or "sdpa"
+    else:
+        raise ValueError(
+            f"patch_model needs the model on 'sdpa' or 'eager' attention, got {implementation!r} "
+            "(flash/flex/paged kernels would bypass the scorer). Call model.set_attn_implementation('sdpa') first."
+        )
+
+    for index in chosen:
+        name, module = modules[index]
+        if getattr(module, "sliding_window", None) is not None:
+            raise ValueError(f"Layer {index} ({name}) uses sliding-window attention, which neural attention does "
+                             "not support; choose another layer.")
+        head_dim, num_heads = _head_shape(module, model.config)
+        if num_heads % max(getattr(module, "num_key_value_groups", 1), 1):
+            raise ValueError(f"Layer {index} ({name}): heads are not a multiple of its key/value groups.")
+
+    # All checks passed: from here on the model is modified.
+    for index in chosen:
+        name, module = modules[index]
+        head_dim, num_heads = _head_shape(module, model.config)
+        reference = next(module.parameters(), None)
+        scorer = NeuralScorer(head_dim, num_heads, config)
+        if reference is not None:
+            scorer = scorer.to(device=reference.device, dtype=reference.dtype)
+        setattr(module, SCORER_ATTRIBUTE, scorer)
+    for _, module in modules:
+        setattr(module, FALLBACK_ATTRIBUTE, fallback)
+    if implementation != ATTENTION_NAME:
+        model.set_attn_implementation(ATTENTION_NAME)
+        if _current_implementation(model) != ATTENTION_NAME:
+            raise RuntimeError(
+                f"transformers refused to switch {type(model).__name__} to {ATTENTION_NAME!r}; "
+                "the scorer would be ignored."
+            )
+    previous_layers = recorded[0] if recorded is not None else []
+    record_on_config(model.config, previous_layers + chosen, config)
+    _adopt_hub_class(model)
+    return model
+
+
+def unpatch_model(model: PreTrainedModel) -> PreTrainedModel:
+    """Remove every scorer and restore the model's previous attention implementation and class, in place."""
+    modules = find_attention_modules(model)
+    fallback = "sdpa"
+    for _, module in modules:
+        fallback = getattr(module, FALLBACK_ATTRIBUTE, fallback)
+        if getattr(module, SCORER_ATTRIBUTE, None) is not None:
+            delattr(module, SCORER_ATTRIBUTE)
+        if hasattr(module, FALLBACK_ATTRIBUTE):
+            delattr(module, FALLBACK_ATTRIBUTE)
+    clear_from_config(model.config)
+    _restore_stock_class(model)
+    if _current_implementation(model) == ATTENTION_NAME:
+        model.set_attn_implementation(fallback)
+    return model
+
+
+def neural_layers(model: nn.Module) -> list[tuple[int, str]]:
+    """``(layer index, module name)`` of every patched layer."""
+    return [
+        (index, name)
+        for index, (name, module) in enumerate(find_attention_modules(model))
+        if getattr(module, SCORER_ATTRIBUTE, None) is not None
+    ]
+
+
+def scorer_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every scorer parameter of a model, by its full name (what an adapter checkpoint stores)."""
+    return {name: p for name, p in model.named_parameters() if f".{SCORER_ATTRIBUTE}." in f".{name}"}
