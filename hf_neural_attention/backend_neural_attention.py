@@ -19,7 +19,6 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-
 ATTENTION_NAME = "neural_attention"
 SCORER_ATTRIBUTE = "neural_scorer"
 FALLBACK_ATTRIBUTE = "neural_attention_fallback"

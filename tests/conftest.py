@@ -1,0 +1,21 @@
+"""Shared test set-up: deterministic, single-threaded CPU runs (the CI machine has 2 cores)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers.utils import logging  # noqa: E402
+
+torch.set_num_threads(1)
+logging.set_verbosity_error()
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,65 @@
+"""Tiny models built from configs (no downloads): one per family the tests patch."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    BertConfig,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    ViTConfig,
+    ViTForImageClassification,
+)
+
+VOCAB = 97
+
+
+def tiny_gpt2_config(**overrides) -> GPT2Config:
+    settings = dict(n_layer=3, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=0,
+                    eos_token_id=0, pad_token_id=0)
+    settings.update(overrides)
+    return GPT2Config(**settings)
+
+
+def tiny_gpt2(seed: int = 0, **overrides) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(tiny_gpt2_config(**overrides)).eval()
+
+
+def tiny_vit_config(**overrides) -> ViTConfig:
+    settings = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48, image_size=8,
+                    patch_size=2, num_channels=1, num_labels=10)
+    settings.update(overrides)
+    return ViTConfig(**settings)
+
+
+def tiny_vit(seed: int = 0, **overrides) -> ViTForImageClassification:
+    torch.manual_seed(seed)
+    return ViTForImageClassification(tiny_vit_config(**overrides)).eval()
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    """Grouped-query attention: 4 query heads share 2 key/value heads."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_bert(seed: int = 0) -> BertModel:
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=48, max_position_embeddings=64)
+    return BertModel(config).eval()
+
+
+def random_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(1, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def random_pixels(batch: int, seed: int = 1, channels: int = 1, size: int = 8) -> torch.Tensor:
+    return torch.randn(batch, channels, size, size, generator=torch.Generator().manual_seed(seed))

@@ -1,0 +1,68 @@
+"""Independent float64 references of Neural Attention, written straight from the equations (no code shared
+with the package): the paper's equation on the concatenation ``[q'_i ; k'_j]``, and the authors' released 3-layer
+formulation as ``nn.Linear`` layers over a materialised ``(batch, heads, q_len, k_len, 2d')`` tensor."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
+
+
+def paper_scores(query: torch.Tensor, key: torch.Tensor, weights: dict[str, torch.Tensor], activation: str
+                 ) -> torch.Tensor:
+    """``score_ij = w_a . act(W_h [P_q q_i + c_q ; P_k k_j + c_k] + b_h)`` per head, materialising the concat.
+
+    query ``(b, h, lq, d)``, key ``(b, h, lk, d)``; weights carry a leading head axis (size h or 1):
+    ``P_q, P_k: (H, d', d)``, ``c_q, c_k: (H, d')``, ``W_h: (H, M, 2d')``, ``b_h: (H, M)``, ``w_a: (H, M)``.
+    Returns ``(b, h, lq, lk)``.
+    """
+    heads = query.shape[1]
+    w = {k: v.expand(heads, *v.shape[1:]) for k, v in weights.items()}
+    q_proj = torch.einsum("bhid,hpd->bhip", query, w["P_q"]) + w["c_q"][None, :, None, :]
+    k_proj = torch.einsum("bhjd,hpd->bhjp", key, w["P_k"]) + w["c_k"][None, :, None, :]
+    lq, lk = q_proj.shape[2], k_proj.shape[2]
+    pairs = torch.cat(
+        [q_proj[:, :, :, None, :].expand(-1, -1, -1, lk, -1), k_proj[:, :, None, :, :].expand(-1, -1, lq, -1, -1)],
+        dim=-1,
+    )  # (b, h, lq, lk, 2d')
+    hidden = torch.einsum("bhijc,hmc->bhijm", pairs, w["W_h"]) + w["b_h"][None, :, None, None, :]
+    return torch.einsum("bhijm,hm->bhij", ACTIVATIONS[activation](hidden), w["w_a"])
+
+
+class AuthorsScorer(nn.Module):
+    """The authors' formulation: shared ``Linear(d->d')`` projections of q and k, then on ``[q'_i ; k'_j]``:
+    ``Linear(2d'->d') -> ReLU -> Linear(d'->d'/2) -> ReLU -> Linear(d'/2->1)``, all kept for autograd."""
+
+    def __init__(self, head_dim: int, proj_dim: int) -> None:
+        super().__init__()
+        self.query_projection = nn.Linear(head_dim, proj_dim)
+        self.key_projection = nn.Linear(head_dim, proj_dim)
+        second = max(proj_dim // 2, 1)
+        self.mlp = nn.Sequential(nn.Linear(2 * proj_dim, proj_dim), nn.ReLU(), nn.Linear(proj_dim, second), nn.ReLU(),
+                                 nn.Linear(second, 1))
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        q_proj, k_proj = self.query_projection(query), self.key_projection(key)
+        lq, lk = q_proj.shape[2], k_proj.shape[2]
+        pairs = torch.cat(
+            [q_proj.unsqueeze(3).expand(-1, -1, -1, lk, -1), k_proj.unsqueeze(2).expand(-1, -1, lq, -1, -1)], dim=-1
+        )
+        return self.mlp(pairs).squeeze(-1)
+
+
+def attention_from_scores(scores: torch.Tensor, value: torch.Tensor, visible: torch.Tensor | None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over visible keys (fully masked rows: zeros) and ``@ value``. Returns ``(out, probabilities)``."""
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    probabilities = torch.softmax(scores, dim=-1)
+    probabilities = torch.nan_to_num(probabilities, nan=0.0)  # rows with no visible key
+    return probabilities @ value, probabilities
+
+
+def causal_visible(q_len: int, k_len: int) -> torch.Tensor:
+    """Upper-left aligned causal mask: key j visible to query i iff j <= i."""
+    return torch.arange(k_len)[None, :] <= torch.arange(q_len)[:, None]

@@ -1,0 +1,108 @@
+"""Every mask form transformers hands the function, causality, padding, fully masked rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_neural_attention import NeuralAttentionConfig, NeuralScorer, neural_attention_forward, patch_model
+from tests.models import random_ids, tiny_gpt2
+from tests.reference import attention_from_scores, causal_visible, paper_scores
+from tests.test_scorer_math import ScoredLayer, reference_weights
+
+BACKENDS = ["eager", "tiled"]
+
+
+def _layer(backend: str, heads: int = 2, head_dim: int = 8, causal: bool = False) -> ScoredLayer:
+    return ScoredLayer(NeuralScorer(head_dim, heads, NeuralAttentionConfig(proj_dim=3, backend=backend)).double(),
+                       is_causal=causal)
+
+
+def _inputs(batch: int, heads: int, q_len: int, k_len: int, head_dim: int = 8):
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    return [torch.randn(batch, heads, n, head_dim, generator=g, dtype=torch.float64) for n in (q_len, k_len, k_len)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bool_additive_and_none_masks_agree(backend):
+    layer = _layer(backend, causal=True)
+    query, key, value = _inputs(2, 2, 6, 6)
+    visible = causal_visible(6, 6).expand(2, 1, 6, 6).clone()
+    visible[0, :, :, :2] = False  # left padding on sample 0
+    visible[0, :, :2, 0] = True  # keep every row non-empty for the float/bool comparison below
+    additive = torch.zeros(visible.shape, dtype=torch.float64).masked_fill(~visible, torch.finfo(torch.float64).min)
+    out_bool, _ = neural_attention_forward(layer, query, key, value, visible)
+    out_float, _ = neural_attention_forward(layer, query, key, value, additive)
+    torch.testing.assert_close(out_bool, out_float, rtol=0, atol=1e-12)
+    expected, _ = attention_from_scores(paper_scores(query, key, reference_weights(layer.neural_scorer), "relu"),
+                                        value, visible)
+    torch.testing.assert_close(out_bool.transpose(1, 2), expected, rtol=1e-9, atol=1e-10)
+    # No mask on a causal module means causal (SDPA's is_causal), equal to the explicit causal bool mask.
+    out_none, _ = neural_attention_forward(layer, query, key, value, None)
+    out_causal, _ = neural_attention_forward(layer, query, key, value, causal_visible(6, 6)[None, None])
+    torch.testing.assert_close(out_none, out_causal, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fully_masked_rows_are_finite_zeros_with_finite_gradients(backend):
+    layer = _layer(backend)
+    query, key, value = (t.requires_grad_() for t in _inputs(2, 2, 5, 7))
+    visible = torch.ones(2, 1, 5, 7, dtype=torch.bool)
+    visible[0, :, 1] = False  # one query row sees nothing
+    visible[1] = False  # a whole sample sees nothing
+    out, _ = neural_attention_forward(layer, query, key, value, visible)
+    assert torch.isfinite(out).all()
+    assert out[0, 1].abs().max() == 0 and out[1].abs().max() == 0
+    grads = torch.autograd.grad(out.sum(), [query, key, value, *layer.neural_scorer.parameters()])
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert grads[0][1].abs().max() == 0  # nothing flows into queries that saw nothing
+
+
+def test_real_additive_bias_goes_through_the_materialising_path():
+    """A float mask with finite non-zero entries (e.g. ALiBi) is a bias, added to the scores."""
+    layer = _layer("auto")
+    query, key, value = _inputs(1, 2, 4, 4)
+    bias = torch.randn(1, 2, 4, 4, dtype=torch.float64)
+    out, _ = neural_attention_forward(layer, query, key, value, bias)
+    scores = paper_scores(query, key, reference_weights(layer.neural_scorer), "relu") + bias
+    expected, _ = attention_from_scores(scores, value, None)
+    torch.testing.assert_close(out.transpose(1, 2), expected, rtol=1e-9, atol=1e-10)
+
+
+def test_unsupported_features_raise_not_implemented():
+    layer = _layer("eager")
+    query, key, value = _inputs(1, 2, 3, 3)
+    for kwargs in ({"sliding_window": 2}, {"softcap": 30.0}, {"s_aux": torch.zeros(2)}):
+        with pytest.raises(NotImplementedError, match="does not support"):
+            neural_attention_forward(layer, query, key, value, None, **kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_causality_future_tokens_never_change_past_logits(backend):
+    model = patch_model(tiny_gpt2(), layers=[0], config=NeuralAttentionConfig(backend=backend))
+    ids = random_ids(2, 12)
+    changed = ids.clone()
+    changed[:, 7:] = random_ids(2, 5, seed=9)
+    with torch.no_grad():
+        a, b = model(ids).logits, model(changed).logits
+    torch.testing.assert_close(a[:, :7], b[:, :7], rtol=0, atol=1e-6)
+    assert (a[:, 7:] - b[:, 7:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_gives_the_unpadded_logits_on_real_tokens(backend, side):
+    model = patch_model(tiny_gpt2(), layers=[0, 2], config=NeuralAttentionConfig(backend=backend))
+    short, long = random_ids(1, 5, seed=3), random_ids(1, 9, seed=4)
+    pad = torch.zeros(1, 4, dtype=torch.long)
+    padded = torch.cat([pad, short], 1) if side == "left" else torch.cat([short, pad], 1)
+    mask = (torch.arange(9) >= 4) if side == "left" else (torch.arange(9) < 5)
+    attention_mask = torch.stack([mask.long(), torch.ones(9, dtype=torch.long)])
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # a direct call does not derive them
+    with torch.no_grad():
+        batched = model(torch.cat([padded, long]), attention_mask=attention_mask, position_ids=position_ids).logits
+        alone_short = model(short).logits
+        alone_long = model(long).logits
+    assert torch.isfinite(batched).all()
+    torch.testing.assert_close(batched[0, mask], alone_short[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batched[1], alone_long[0], rtol=1e-5, atol=1e-5)

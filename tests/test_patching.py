@@ -1,0 +1,255 @@
+"""patch_model / unpatch_model on GPT-2, ViT, Llama (grouped-query attention) and BERT."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel, ResNetConfig, ResNetModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from hf_neural_attention import (
+    ATTENTION_NAME,
+    find_attention_modules,
+    neural_attention_forward,
+    neural_layers,
+    patch_model,
+    scorer_parameters,
+    unpatch_model,
+)
+from tests.models import random_ids, random_pixels, tiny_bert, tiny_gpt2, tiny_llama, tiny_vit
+
+NO_DROPOUT = dict(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+
+
+def _hidden_states(model, ids):
+    with torch.no_grad():
+        return model(ids, output_hidden_states=True).hidden_states
+
+
+def test_patch_is_in_place_and_selects_the_layers():
+    model = tiny_gpt2()
+    assert patch_model(model, layers=[0, -1]) is model
+    assert neural_layers(model) == [(0, "transformer.h.0.attn"), (2, "transformer.h.2.attn")]
+    assert model.config._attn_implementation == ATTENTION_NAME
+    assert model.config.neural_attention_layers == [0, 2]
+    assert model.config.neural_attention_proj_dim is None and model.config.neural_attention_mlp == "paper"
+    assert [i for i, _ in neural_layers(patch_model(tiny_vit(), layers="all"))] == [0, 1, 2]
+
+
+def test_unpatched_layers_are_bit_identical_to_the_unpatched_model():
+    reference = tiny_gpt2()
+    model = patch_model(copy.deepcopy(reference), layers=[-1])
+    ids = random_ids(2, 10)
+    before, after = _hidden_states(reference, ids), _hidden_states(model, ids)
+    for layer in range(3):  # embeddings and the outputs of layers 0 and 1: bitwise
+        assert torch.equal(before[layer], after[layer])
+    assert not torch.equal(before[3], after[3])
+    # The function itself sends unpatched modules to SDPA untouched.
+    module = find_attention_modules(model)[0][1]
+    q, k, v = (torch.randn(2, 4, 7, 8) for _ in range(3))
+    mask = torch.ones(2, 1, 7, 7, dtype=torch.bool).tril()
+    got, _ = neural_attention_forward(module, q, k, v, mask, dropout=0.0, scaling=0.3)
+    want, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=0.0, scaling=0.3)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("reorder_and_upcast_attn", [False, True])
+def test_eager_models_keep_eager_in_unpatched_layers(reorder_and_upcast_attn):
+    """Unpatched layers keep eager (including GPT-2's upcast path); patched layers really are neural."""
+    reference = tiny_gpt2(reorder_and_upcast_attn=reorder_and_upcast_attn)
+    reference.set_attn_implementation("eager")
+    model = patch_model(copy.deepcopy(reference), layers=[-1])
+    ids = random_ids(2, 9)
+    before, after = _hidden_states(reference, ids), _hidden_states(model, ids)
+    for layer in range(3):
+        assert torch.equal(before[layer], after[layer])
+    assert (before[3] - after[3]).abs().max() > 1e-3
+    unpatch_model(model)
+    assert model.config._attn_implementation == "eager"
+    assert torch.equal(_hidden_states(model, ids)[3], before[3])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "vit"])
+def test_residual_mode_at_init_equals_the_unpatched_model(family):
+    reference = tiny_gpt2() if family == "gpt2" else tiny_vit()
+    inputs = random_ids(2, 11) if family == "gpt2" else random_pixels(2)
+    model = patch_model(copy.deepcopy(reference), layers="all", mode="residual")
+    with torch.no_grad():
+        want = reference(inputs).logits
+        got = model(inputs).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("mode", "mlp"), [("replace", "paper"), ("residual", "paper"), ("replace", "authors")])
+def test_gradients_reach_every_scorer_parameter(mode, mlp):
+    # proj_dim 8: the authors' last hidden layer has 4 ReLU units (at d'=2 it has one, which can start dead).
+    model = patch_model(tiny_gpt2(**NO_DROPOUT), layers=[0, 1], mode=mode, mlp=mlp, proj_dim=8).train()
+    ids = random_ids(2, 8)
+    for _ in range(2):  # residual mode: the zero-initialised output weight opens the path after one step
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        with torch.no_grad():
+            for p in scorer_parameters(model).values():
+                p -= 0.5 * p.grad
+    params = scorer_parameters(model)
+    assert len(params) == 2 * (7 + (mode == "residual") + 2 * (mlp == "authors"))
+    for name, p in params.items():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().max() > 0, name
+
+
+@pytest.mark.parametrize("family", ["gpt2", "vit"])
+def test_output_attentions_returns_neural_probabilities(family):
+    model = tiny_gpt2() if family == "gpt2" else tiny_vit()
+    inputs = random_ids(2, 7) if family == "gpt2" else random_pixels(2)
+    patch_model(model, layers=[1])
+    with torch.no_grad():
+        attentions = model(inputs, output_attentions=True).attentions
+    probabilities = [a for a in attentions if a is not None]
+    assert len(probabilities) == 1
+    rows = probabilities[0].sum(-1)
+    torch.testing.assert_close(rows, torch.ones_like(rows), rtol=0, atol=1e-5)
+    if family == "gpt2":  # causal: nothing above the diagonal
+        assert probabilities[0].triu(1).abs().max() == 0
+
+
+def test_unpatch_restores_the_original_model_exactly():
+    reference = tiny_gpt2()
+    model = copy.deepcopy(reference)
+    ids = random_ids(2, 6)
+    patch_model(model, layers=[0, 2], proj_dim=4)
+    unpatch_model(model)
+    assert type(model) is GPT2LMHeadModel and type(model.config) is type(reference.config)
+    assert model.config._attn_implementation == "sdpa"
+    assert not any(k.startswith("neural_attention") for k in model.config.to_dict())
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values(),
+                                                  strict=True))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+    assert model.config.to_diff_dict() == reference.config.to_diff_dict()
+
+
+def test_train_and_eval_modes_agree_without_dropout():
+    model = patch_model(tiny_gpt2(**NO_DROPOUT), layers=[0])
+    ids = random_ids(2, 9)
+    with torch.no_grad():
+        eval_logits = model.eval()(ids).logits
+        train_logits = model.train()(ids).logits
+    torch.testing.assert_close(train_logits, eval_logits, rtol=0, atol=1e-6)
+
+
+def test_attention_dropout_is_applied_in_training_only():
+    model = patch_model(tiny_gpt2(attn_pdrop=0.5, resid_pdrop=0.0, embd_pdrop=0.0), layers=[0])
+    ids = random_ids(1, 9)
+    with torch.no_grad():
+        a, b = model.train()(ids).logits, model(ids).logits
+        c, d = model.eval()(ids).logits, model(ids).logits
+    assert (a - b).abs().max() > 1e-4
+    assert torch.equal(c, d)
+
+
+def test_bfloat16_model_runs_and_tracks_float32():
+    reference = patch_model(tiny_gpt2(), layers=[0])
+    model = copy.deepcopy(reference).to(torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in scorer_parameters(model).values())
+    ids = random_ids(2, 12)
+    with torch.no_grad():
+        low, high = model(ids).logits, reference(ids).logits
+    assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
+    torch.testing.assert_close(low.float(), high, rtol=0, atol=0.1)
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in scorer_parameters(model).values())
+
+
+def test_works_after_loading_a_saved_stock_checkpoint(tmp_path):
+    tiny_gpt2().save_pretrained(tmp_path)
+    model = patch_model(GPT2LMHeadModel.from_pretrained(tmp_path), layers=[0])
+    with torch.no_grad():
+        assert torch.isfinite(model(random_ids(1, 5)).logits).all()
+
+
+def test_grouped_query_attention_llama_matches_repeated_keys():
+    reference = tiny_llama()
+    model = patch_model(copy.deepcopy(reference), layers=[0], backend="eager")
+    module = find_attention_modules(model)[0][1]
+    assert module.num_key_value_groups == 2
+    q = torch.randn(1, 4, 6, 8)
+    k, v = torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    grouped, _ = neural_attention_forward(module, q, k, v, None)
+    repeated, _ = neural_attention_forward(module, q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), None)
+    assert torch.equal(grouped, repeated)
+    ids = random_ids(2, 7)
+    with torch.no_grad():
+        assert (model(ids).logits - reference(ids).logits).abs().max() > 1e-4
+
+
+def test_bert_encoder_is_bidirectional_and_trains():
+    model = patch_model(tiny_bert(), layers=[0]).train()
+    ids = random_ids(2, 8)
+    changed = ids.clone()
+    changed[:, -1] = (ids[:, -1] + 1) % 90 + 1
+    with torch.no_grad():
+        a, b = model.eval()(ids).last_hidden_state, model(changed).last_hidden_state
+    assert (a[:, 0] - b[:, 0]).abs().max() > 1e-5  # the first token sees the last one
+    model.train()(ids).last_hidden_state.sum().backward()
+    assert all(p.grad is not None for p in scorer_parameters(model).values())
+
+
+# --- bad input ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("layers", "error", "message"),
+    [
+        ([3], ValueError, "out of range"),
+        ([-4], ValueError, "out of range"),
+        ([0, -3], ValueError, "more than once"),
+        ([], ValueError, "empty"),
+        ("first", ValueError, "'all'"),
+        (1.0, TypeError, "int"),
+        ([0, "1"], TypeError, "ints"),
+    ],
+)
+def test_bad_layer_selections_are_refused_and_leave_the_model_untouched(layers, error, message):
+    model = tiny_gpt2()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error, match=message):
+        patch_model(model, layers=layers)
+    assert model.config._attn_implementation == "sdpa" and neural_layers(model) == []
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("settings", "error", "message"),
+    [
+        (dict(proj_dim=0), ValueError, "proj_dim"),
+        (dict(hidden_dim=2.5), TypeError, "hidden_dim"),
+        (dict(mlp="deep"), ValueError, "mlp"),
+        (dict(activation="swish"), ValueError, "activation"),
+        (dict(mode="additive"), ValueError, "mode"),
+        (dict(backend="cuda"), ValueError, "backend"),
+        (dict(mlp="authors", hidden_dim=4), ValueError, "hidden_dim"),
+        (dict(share_across_heads="yes"), TypeError, "share_across_heads"),
+    ],
+)
+def test_bad_settings_are_refused(settings, error, message):
+    with pytest.raises(error, match=message):
+        patch_model(tiny_gpt2(), layers=[0], **settings)
+
+
+def test_patching_a_patched_layer_again_is_an_error_but_other_layers_can_be_added():
+    model = patch_model(tiny_gpt2(), layers=[0])
+    with pytest.raises(ValueError, match="already patched"):
+        patch_model(model, layers=[0, 1])
+    with pytest.raises(ValueError, match="different settings"):
+        patch_model(model, layers=[1], proj_dim=8)
+    patch_model(model, layers=[1])
+    assert [i for i, _ in neural_layers(model)] == [0, 1] and model.config.neural_attention_layers == [0, 1]
+
+
+def test_models_without_patchable_attention_are_refused():
+    with pytest.raises(ValueError, match="no self-attention module"):
+        patch_model(ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1])), layers=[0])
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        patch_model(torch.nn.Linear(2, 2), layers=[0])

@@ -1,0 +1,56 @@
+"""A few Trainer steps on tiny patched GPT-2 and ViT models lower the training loss."""
+
+from __future__ import annotations
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from hf_neural_attention import patch_model, scorer_parameters
+from tests.models import VOCAB, tiny_gpt2, tiny_vit
+
+
+class _ListDataset(torch.utils.data.Dataset):
+    def __init__(self, rows: list[dict]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.rows[index]
+
+
+def _train(model, rows, tmp_path, steps: int = 60) -> list[float]:
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=8,
+                             learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1, report_to=[],
+                             save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0)
+    trainer = Trainer(model=model.train(), args=args, train_dataset=_ListDataset(rows))
+    trainer.train()
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_trainer_lowers_the_loss_of_a_patched_gpt2(tmp_path):
+    model = patch_model(tiny_gpt2(), layers=[0])
+    before = {k: v.detach().clone() for k, v in scorer_parameters(model).items()}
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(64):  # counting sequences modulo the vocabulary: learnable in a few steps
+        start = int(torch.randint(1, VOCAB, (1,), generator=generator))
+        ids = (torch.arange(16) + start) % (VOCAB - 1) + 1
+        rows.append({"input_ids": ids, "labels": ids})
+    losses = _train(model, rows, tmp_path)
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+    assert all(not torch.equal(before[k], v) for k, v in scorer_parameters(model).items())
+
+
+def test_trainer_lowers_the_loss_of_a_patched_vit(tmp_path):
+    model = patch_model(tiny_vit(), layers=[0])
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    templates = torch.randn(10, 1, 8, 8, generator=generator)  # one fixed pattern per class, plus noise
+    for index in range(64):
+        label = index % 10
+        pixels = templates[label] + 0.3 * torch.randn(1, 8, 8, generator=generator)
+        rows.append({"pixel_values": pixels, "labels": torch.tensor(label)})
+    losses = _train(model, rows, tmp_path)
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
