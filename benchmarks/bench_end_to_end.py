@@ -1,0 +1,149 @@
+"""End-to-end training throughput: a GPT-2-small-shaped model with neural attention in layer 0 against the same
+model unpatched (SDPA everywhere), measured side by side.
+
+Timing: both models live in one process and their training steps are interleaved, so machine noise hits both
+alike; we report the median, p20 and p80 of the per-step time, and tokens/s from the median. Memory: each variant
+runs once more in a fresh subprocess that reports the growth of its peak resident set size (ru_maxrss) over two
+training steps (activations, gradients, optimizer state), from just after the model was built.
+
+    python benchmarks/bench_end_to_end.py --quick          # a few minutes on 2 CPU cores
+    python benchmarks/bench_end_to_end.py --seq-len 1024 --batch 4 --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import GPT2Config, GPT2LMHeadModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hf_neural_attention import NeuralAttentionConfig, patch_model  # noqa: E402
+
+VARIANTS = ("sdpa", "neural_d2", "neural_d8", "neural_d16")
+
+
+def gpt2_small(seq_len: int, layers: int) -> GPT2LMHeadModel:
+    """GPT-2 small's shape (768 wide, 12 heads of 64, 50257-token vocabulary); dropout off for a fair timing."""
+    config = GPT2Config(n_layer=layers, n_positions=max(seq_len, 1024), attn_pdrop=0.0, resid_pdrop=0.0,
+                        embd_pdrop=0.0)
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(config).train()
+
+
+def make_variant(base: GPT2LMHeadModel, variant: str, backend: str) -> GPT2LMHeadModel:
+    model = copy.deepcopy(base)
+    if variant != "sdpa":
+        proj_dim = int(variant.split("_d")[1])
+        patch_model(model, layers=[0], config=NeuralAttentionConfig(proj_dim=proj_dim, backend=backend))
+    return model
+
+
+def train_step(model: GPT2LMHeadModel, optimizer: torch.optim.Optimizer, ids: torch.Tensor) -> float:
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    return time.perf_counter() - start
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def measure_memory(args: argparse.Namespace, variant: str) -> float:
+    """Peak extra RSS (MB) of one training step of ``variant``, in a fresh process."""
+    command = [sys.executable, __file__, "--memory-probe", variant, "--seq-len", str(args.seq_len), "--batch",
+               str(args.batch), "--layers", str(args.layers), "--threads", str(args.threads), "--backend",
+               args.backend]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_extra_mb"]
+
+
+def memory_probe(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    model = make_variant(gpt2_small(args.seq_len, args.layers), args.memory_probe, args.backend)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq_len))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(2):  # includes gradients and optimizer state, identical across variants but for the scorer
+        train_step(model, optimizer, ids)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_extra_mb": (after - before) / 1024}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--quick", action="store_true", help="seq 512, 4 layers, 5 steps")
+    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "end_to_end.csv")
+    parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_probe:
+        memory_probe(args)
+        return
+    if args.quick:
+        args.seq_len, args.layers, args.steps = 512, 4, 5
+    torch.set_num_threads(args.threads)
+
+    base = gpt2_small(args.seq_len, args.layers)
+    models = {v: make_variant(base, v, args.backend) for v in args.variants}
+    optimizers = {v: torch.optim.AdamW(m.parameters(), lr=1e-4) for v, m in models.items()}
+    ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq_len),
+                        generator=torch.Generator().manual_seed(0))
+    times: dict[str, list[float]] = {v: [] for v in models}
+    for step in range(args.steps + 1):  # step 0 warms up every variant
+        for variant, model in models.items():
+            elapsed = train_step(model, optimizers[variant], ids)
+            if step:
+                times[variant].append(elapsed)
+
+    tokens = args.batch * args.seq_len
+    baseline = statistics.median(times["sdpa"]) if "sdpa" in times else None
+    rows = []
+    for variant, samples in times.items():
+        median = statistics.median(samples)
+        rows.append({
+            "variant": variant, "seq_len": args.seq_len, "batch": args.batch, "layers": args.layers,
+            "median_s": round(median, 4), "p20_s": round(percentile(samples, 0.2), 4),
+            "p80_s": round(percentile(samples, 0.8), 4), "tokens_per_s": round(tokens / median, 1),
+            "throughput_vs_sdpa": round(baseline / median, 3) if baseline else "",
+            "peak_extra_mb": round(measure_memory(args, variant), 1),
+            "device": f"cpu ({platform.processor() or platform.machine()}, {args.threads} threads)",
+            "torch": torch.__version__, "transformers": transformers.__version__,
+        })
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    with args.output.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"GPT-2-small shape, {args.layers} layers, batch {args.batch} x {args.seq_len} tokens, "
+          f"neural attention in layer 0 (backend={args.backend}), {args.steps} interleaved steps")
+    print("| variant | median s/step | p20 | p80 | tokens/s | vs SDPA | peak extra MB |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['median_s']} | {r['p20_s']} | {r['p80_s']} | {r['tokens_per_s']} | "
+              f"{r['throughput_vs_sdpa']} | {r['peak_extra_mb']} |")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
