@@ -1,23 +1,75 @@
 """hf-neural-attention: Neural Attention (DiGiugno & Mahmood, arXiv 2502.17206) for Hugging Face Transformers.
 
-Importing the package registers the ``"neural_attention"`` attention implementation (function and mask builder).
+Importing the package registers the ``"neural_attention"`` attention implementation (function and mask builder),
+registers the Hub config/model classes with transformers' Auto classes (so checkpoints load without
+``trust_remote_code``) and installs the model-card writer used by ``save_pretrained``/``push_to_hub``.
 """
 
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+)
+
+from . import modeling_neural_attention as _modeling
+from .adapters import load_neural_adapter, save_neural_adapter
 from .backend_neural_attention import ATTENTION_NAME, neural_attention_forward
-from .configuration_neural_attention import NeuralAttentionConfig
+from .configuration_neural_attention import (
+    PACKAGE_VERSION,
+    NeuralAttentionConfig,
+    NeuralAttentionGPT2Config,
+    NeuralAttentionViTConfig,
+)
+from .hub_classes import adopt_hub_class, hub_class_for, restore_stock_class
+from .model_card import build_model_card, write_model_card
+from .modeling_neural_attention import (
+    NeuralAttentionGPT2ForCausalLM,
+    NeuralAttentionGPT2ForSequenceClassification,
+    NeuralAttentionViTForImageClassification,
+)
 from .patching import find_attention_modules, neural_layers, patch_model, scorer_parameters, unpatch_model
 from .scoring_neural_attention import NeuralScorer
 
-__version__ = "0.1.0"
+__version__ = PACKAGE_VERSION
+
+
+def _register_auto_classes() -> None:
+    """Make ``AutoConfig``/``AutoModelFor...`` resolve our model types (idempotent)."""
+    for config_class in (NeuralAttentionGPT2Config, NeuralAttentionViTConfig):
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    for auto_class, model_class in (
+        (AutoModelForCausalLM, NeuralAttentionGPT2ForCausalLM),
+        (AutoModelForSequenceClassification, NeuralAttentionGPT2ForSequenceClassification),
+        (AutoModelForImageClassification, NeuralAttentionViTForImageClassification),
+    ):
+        auto_class.register(model_class.config_class, model_class, exist_ok=True)
+
+
+_register_auto_classes()
+_modeling.register_model_card_writer(write_model_card)
 
 __all__ = [
     "ATTENTION_NAME",
     "NeuralAttentionConfig",
+    "NeuralAttentionGPT2Config",
+    "NeuralAttentionGPT2ForCausalLM",
+    "NeuralAttentionGPT2ForSequenceClassification",
+    "NeuralAttentionViTConfig",
+    "NeuralAttentionViTForImageClassification",
     "NeuralScorer",
+    "__version__",
+    "adopt_hub_class",
+    "build_model_card",
     "find_attention_modules",
+    "hub_class_for",
+    "load_neural_adapter",
     "neural_attention_forward",
     "neural_layers",
     "patch_model",
+    "restore_stock_class",
+    "save_neural_adapter",
     "scorer_parameters",
     "unpatch_model",
+    "write_model_card",
 ]

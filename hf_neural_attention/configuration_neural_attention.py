@@ -1,15 +1,20 @@
 """Settings of the neural scorer (`NeuralAttentionConfig`).
 
+Also the transformers config classes of Hub checkpoints (``NeuralAttentionGPT2Config``, ``NeuralAttentionViTConfig``).
+
 This file travels with Hub checkpoints (``trust_remote_code``): it imports only the standard library, torch,
-transformers and flat siblings.
+transformers (and its dependency huggingface_hub) and flat siblings.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: strict dataclasses validate field types only from real annotations.
 import dataclasses
 import json
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from typing import Any
+
+from huggingface_hub.dataclasses import strict  # a dependency of transformers, present wherever it is
+from transformers import GPT2Config, ViTConfig
 
 MIN_PROJ_DIM = 2
 """Floor of the default projected size d'. The authors' rule ``head_dim // 32`` gives 0 below head_dim 32."""
@@ -75,7 +80,8 @@ class NeuralAttentionConfig:
                 raise ValueError(f"NeuralAttentionConfig.{name}={value!r} is not supported; choose one of {allowed}.")
         if self.share_across_heads is not None and not isinstance(self.share_across_heads, bool):
             raise TypeError(
-                f"NeuralAttentionConfig.share_across_heads must be True, False or None, got {self.share_across_heads!r}."
+                "NeuralAttentionConfig.share_across_heads must be True, False or None, "
+                f"got {self.share_across_heads!r}."
             )
         if self.mlp == "authors":
             if self.hidden_dim is not None:
@@ -113,7 +119,7 @@ class NeuralAttentionConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> NeuralAttentionConfig:
+    def from_dict(cls, data: dict[str, Any]) -> "NeuralAttentionConfig":
         """Build from a dict; unknown keys raise ``ValueError`` naming them (callers may filter first)."""
         if isinstance(data, cls):
             return dataclasses.replace(data)
@@ -159,3 +165,116 @@ def clear_from_config(model_config: Any) -> None:
     for name in ("layers", *NeuralAttentionConfig.field_names()):
         if hasattr(model_config, CONFIG_PREFIX + name):
             delattr(model_config, CONFIG_PREFIX + name)
+
+
+# --- Hub config classes ----------------------------------------------------------------------------------------
+# Below: transformers config classes for checkpoints that carry neural layers. They subclass the model's own config
+# with a *unique* ``model_type``: re-using "gpt2"/"vit" would make a load without remote code silently return a stock
+# model and drop the scorer weights.
+PACKAGE_VERSION = "0.1.0"
+"""Version of hf-neural-attention; stamped on every saved config as ``neural_attention_version``."""
+
+_logger = logging.getLogger(__name__)
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """``"1.2.3rc1" -> (1, 2, 3)``; unparsable parts count as 0."""
+    parts = []
+    for piece in str(version).split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit()) or "0"
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+@dataclass(kw_only=True)
+class NeuralAttentionConfigMixin:
+    """The neural-attention fields shared by every Hub config class (flat, typed, validated).
+
+    Attributes:
+        neural_attention_layers: indices of the self-attention layers that score neurally (sorted, non-negative);
+            the paper uses ``[0]``.
+        neural_attention_proj_dim .. neural_attention_backend: the ``NeuralAttentionConfig`` fields, one by one
+            (see its docstring): d', hidden width, MLP variant, activation, weight sharing, mode, backend.
+        neural_attention_base_model: Hub id (or path) of the plain checkpoint the model started from, if known; the
+            model card names it as ``base_model``.
+        neural_attention_version: version of hf-neural-attention that wrote the config. A config written by a newer
+            major/minor version loads with a warning; ``neural_attention_*`` keys this version does not know are
+            ignored with a warning.
+    """
+
+    neural_attention_layers: list[int] = field(default_factory=lambda: [0])
+    neural_attention_proj_dim: int | None = None
+    neural_attention_hidden_dim: int | None = None
+    neural_attention_mlp: str = "paper"
+    neural_attention_activation: str = "relu"
+    neural_attention_share_across_heads: bool | None = None
+    neural_attention_mode: str = "replace"
+    neural_attention_backend: str = "auto"
+    neural_attention_base_model: str | None = None
+    neural_attention_version: str = PACKAGE_VERSION
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        # The type named by the file this config was read from (``"gpt2"`` for a plain checkpoint); kept off disk.
+        source_type = kwargs.pop("model_type", None)
+        unknown = sorted(key for key in kwargs if key.startswith(CONFIG_PREFIX))
+        if unknown:
+            _logger.warning(
+                "Ignoring neural-attention setting(s) %s unknown to hf-neural-attention %s (written by version %s); "
+                "upgrade hf-neural-attention to use them.", unknown, PACKAGE_VERSION, self.neural_attention_version,
+            )
+            for key in unknown:
+                kwargs.pop(key)
+        super().__post_init__(**kwargs)
+        self._neural_attention_source_type = source_type
+        if _version_tuple(self.neural_attention_version)[:2] > _version_tuple(PACKAGE_VERSION)[:2]:
+            _logger.warning(
+                "This config was written by hf-neural-attention %s, newer than the installed %s: settings it added "
+                "are ignored and results may differ. Upgrade with `pip install -U hf-neural-attention`.",
+                self.neural_attention_version, PACKAGE_VERSION,
+            )
+
+    def neural_attention_settings(self) -> NeuralAttentionConfig:
+        """The scorer settings held by the flat fields, validated."""
+        return NeuralAttentionConfig(**{name: getattr(self, CONFIG_PREFIX + name)
+                                        for name in NeuralAttentionConfig.field_names()})
+
+    def validate_neural_attention(self) -> None:
+        """Strict-dataclass class validator: settings valid and layers within the model."""
+        self.neural_attention_settings()
+        layers = self.neural_attention_layers
+        num_layers = self.num_hidden_layers
+        if not layers:
+            raise ValueError("neural_attention_layers is empty; name at least one layer (the paper uses [0]).")
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
+            raise ValueError(f"neural_attention_layers must hold non-negative ints, got {layers}.")
+        if sorted(set(layers)) != list(layers):
+            raise ValueError(f"neural_attention_layers must be sorted and without repeats, got {layers}.")
+        if num_layers is not None and layers[-1] >= num_layers:
+            raise ValueError(
+                f"neural_attention_layers={layers} names layers this model does not have: it has {num_layers} "
+                f"layers (valid indices 0..{num_layers - 1}). Fix neural_attention_layers in config.json."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        for key in [key for key in output if key.startswith("_" + CONFIG_PREFIX)]:  # bookkeeping, kept off disk
+            del output[key]
+        output["neural_attention_version"] = PACKAGE_VERSION  # the writer's version
+        return output
+
+
+@strict
+class NeuralAttentionGPT2Config(NeuralAttentionConfigMixin, GPT2Config):
+    """``GPT2Config`` plus the neural-attention fields (see ``NeuralAttentionConfigMixin``).
+
+    Example: ``NeuralAttentionGPT2Config(n_layer=2, neural_attention_layers=[0], neural_attention_proj_dim=8)``.
+    """
+
+    model_type = "neural_attention_gpt2"
+
+
+@strict
+class NeuralAttentionViTConfig(NeuralAttentionConfigMixin, ViTConfig):
+    """``ViTConfig`` plus the neural-attention fields (see ``NeuralAttentionConfigMixin``)."""
+
+    model_type = "neural_attention_vit"

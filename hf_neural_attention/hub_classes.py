@@ -1,21 +1,107 @@
-"""Switch a patched stock model instance to its Hub class and back (filled in by the Hub classes)."""
+"""Switch a patched stock model instance to its Hub class and back, in place.
 
-from __future__ import annotations
+``patch_model`` calls ``adopt_hub_class`` so that a patched ``GPT2LMHeadModel`` *is* a
+``NeuralAttentionGPT2ForCausalLM`` (and its config a ``NeuralAttentionGPT2Config``): ``save_pretrained`` and
+``push_to_hub`` then write ``model_type: neural_attention_gpt2``, ``auto_map`` and the code files. ``unpatch_model``
+calls ``restore_stock_class``. Classes without a Hub class (``GPT2Model``, Llama, BERT, subclasses of the stock
+classes, ...) keep their class; ``save_neural_adapter`` covers those.
+"""
 
 from torch import nn
+from transformers import (
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+    ViTConfig,
+    ViTForImageClassification,
+)
 
-_HUB_CLASS_FOR: dict[type, type] = {}
+from .configuration_neural_attention import PACKAGE_VERSION, NeuralAttentionGPT2Config, NeuralAttentionViTConfig
+from .modeling_neural_attention import (
+    NeuralAttentionGPT2ForCausalLM,
+    NeuralAttentionGPT2ForSequenceClassification,
+    NeuralAttentionViTForImageClassification,
+)
+
+HUB_CLASS_FOR: dict[type, type] = {
+    GPT2LMHeadModel: NeuralAttentionGPT2ForCausalLM,
+    GPT2ForSequenceClassification: NeuralAttentionGPT2ForSequenceClassification,
+    ViTForImageClassification: NeuralAttentionViTForImageClassification,
+}
+STOCK_CLASS_FOR: dict[type, type] = {hub: stock for stock, hub in HUB_CLASS_FOR.items()}
+STOCK_CLASS_BY_NAME: dict[str, str] = {hub.__name__: stock.__name__ for stock, hub in HUB_CLASS_FOR.items()}
+HUB_CONFIG_FOR: dict[type, type] = {GPT2Config: NeuralAttentionGPT2Config, ViTConfig: NeuralAttentionViTConfig}
+STOCK_CONFIG_FOR: dict[type, type] = {hub: stock for stock, hub in HUB_CONFIG_FOR.items()}
+
+_STASH = "_neural_attention_stock_model_type"
+"""Where an instance-level ``model_type`` (set by transformers when a config is read from a file) waits while
+the config wears the Hub class, whose class-level ``model_type`` must show through."""
+_HUB_ONLY_FIELDS = ("neural_attention_base_model", "neural_attention_version", "_neural_attention_source_type")
 
 
-def adopt_hub_class(model: nn.Module) -> None:
-    """Switch ``model`` (in place) to the Hub class registered for its stock class, if any."""
-    hub_class = _HUB_CLASS_FOR.get(type(model))
-    if hub_class is not None:
-        model.__class__ = hub_class
+def hub_class_for(model_class: type) -> type | None:
+    """The Hub class of a stock model class, or ``None``."""
+    return HUB_CLASS_FOR.get(model_class)
 
 
-def restore_stock_class(model: nn.Module) -> None:
-    """Undo ``adopt_hub_class``."""
-    for stock, hub in _HUB_CLASS_FOR.items():
-        if type(model) is hub:
-            model.__class__ = stock
+def adopt_hub_class(model: nn.Module) -> bool:
+    """Switch a patched stock model (and its config) to the Hub classes, in place.
+
+    Returns:
+        Whether the model was switched (``False`` for classes without a Hub class, or already switched).
+    """
+    hub_class = HUB_CLASS_FOR.get(type(model))
+    config = getattr(model, "config", None)
+    hub_config = HUB_CONFIG_FOR.get(type(config))
+    if hub_class is None or hub_config is None:
+        return False
+    if "model_type" in config.__dict__:
+        stock_type = config.__dict__.pop("model_type")
+        object.__setattr__(config, _STASH, stock_type)
+    config.__class__ = hub_config
+    name = getattr(config, "_name_or_path", "") or None
+    config.neural_attention_base_model = name
+    config.neural_attention_version = PACKAGE_VERSION
+    model.__class__ = hub_class
+    return True
+
+
+def restore_stock_class(model: nn.Module) -> bool:
+    """Undo ``adopt_hub_class`` (also turns a model built as a Hub class into the stock class).
+
+    Expects the ``neural_attention_*`` settings already cleared from the config (``unpatch_model`` does it).
+
+    Returns:
+        Whether the model was switched back.
+    """
+    stock_class = STOCK_CLASS_FOR.get(type(model))
+    if stock_class is None:
+        return False
+    config = model.config
+    stock_config = STOCK_CONFIG_FOR.get(type(config))
+    if stock_config is not None:
+        for name in _HUB_ONLY_FIELDS:
+            config.__dict__.pop(name, None)
+        if _STASH in config.__dict__:
+            config.__dict__["model_type"] = config.__dict__.pop(_STASH)
+        _drop_our_auto_map(config)
+        if config.__dict__.get("architectures"):
+            config.__dict__["architectures"] = [
+                STOCK_CLASS_BY_NAME.get(name, name) for name in config.__dict__["architectures"]
+            ]
+        config.__class__ = stock_config
+    model.__class__ = stock_class
+    return True
+
+
+def _drop_our_auto_map(config: object) -> None:
+    """Remove the ``auto_map`` entries ``save_pretrained`` added for our classes (the stock class has none)."""
+    auto_map = config.__dict__.get("auto_map")
+    if not isinstance(auto_map, dict):
+        return
+    ours = ("configuration_neural_attention.", "modeling_neural_attention.")
+    kept = {key: value for key, value in auto_map.items() if not str(value).startswith(ours)}
+    if kept:
+        config.__dict__["auto_map"] = kept
+    else:
+        del config.__dict__["auto_map"]

@@ -8,9 +8,7 @@ the implementation the model had before (SDPA or eager), bit for bit.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterable
-from functools import cache
 
 import torch
 from torch import nn
@@ -23,27 +21,11 @@ from .configuration_neural_attention import (
     read_from_config,
     record_on_config,
 )
+from .modeling_neural_attention import find_self_attention_modules, head_shape, scorer_state_names
 from .scoring_neural_attention import NeuralScorer
 
 SUPPORTED_FALLBACKS = ("sdpa", "eager")
 LayerSelection = int | str | Iterable[int]
-
-
-@cache
-def _goes_through_attention_interface(cls: type) -> bool:
-    """Whether a module class dispatches through transformers' attention interface in its forward."""
-    try:
-        source = inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return False
-    return "ALL_ATTENTION_FUNCTIONS" in source
-
-
-def _is_cross_attention(name: str, module: nn.Module) -> bool:
-    if getattr(module, "is_cross_attention", False):
-        return True
-    lowered = name.lower()
-    return "crossattention" in lowered or "cross_attn" in lowered or "encoder_attn" in lowered
 
 
 def find_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -51,31 +33,7 @@ def find_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
     Cross-attention modules are never included: they attend to another sequence and are not "layers" here.
     """
-    return [
-        (name, module)
-        for name, module in model.named_modules()
-        if _goes_through_attention_interface(type(module)) and not _is_cross_attention(name, module)
-    ]
-
-
-def _head_shape(module: nn.Module, model_config) -> tuple[int, int]:
-    """``(head_dim, num_query_heads)`` of an attention module."""
-    num_heads = (
-        getattr(module, "num_heads", None)
-        or getattr(module, "num_attention_heads", None)
-        or getattr(getattr(module, "config", None), "num_attention_heads", None)
-        or getattr(model_config, "num_attention_heads", None)
-    )
-    head_dim = getattr(module, "head_dim", None) or getattr(module, "attention_head_size", None)
-    if head_dim is None and num_heads:
-        hidden = getattr(model_config, "hidden_size", None)
-        head_dim = hidden // num_heads if hidden else None
-    if not head_dim or not num_heads:
-        raise ValueError(
-            f"Cannot tell the head shape of {type(module).__name__} (no head_dim/num_heads attributes); "
-            "this model family is not supported by patch_model."
-        )
-    return int(head_dim), int(num_heads)
+    return find_self_attention_modules(model)
 
 
 def resolve_layers(layers: LayerSelection, num_layers: int) -> list[int]:
@@ -191,14 +149,14 @@ def patch_model(
         if getattr(module, "sliding_window", None) is not None:
             raise ValueError(f"Layer {index} ({name}) uses sliding-window attention, which neural attention does "
                              "not support; choose another layer.")
-        head_dim, num_heads = _head_shape(module, model.config)
+        head_dim, num_heads = head_shape(module, model.config)
         if num_heads % max(getattr(module, "num_key_value_groups", 1), 1):
             raise ValueError(f"Layer {index} ({name}): heads are not a multiple of its key/value groups.")
 
     # All checks passed: from here on the model is modified.
     for index in chosen:
         name, module = modules[index]
-        head_dim, num_heads = _head_shape(module, model.config)
+        head_dim, num_heads = head_shape(module, model.config)
         reference = next(module.parameters(), None)
         scorer = NeuralScorer(head_dim, num_heads, config)
         if reference is not None:
@@ -247,4 +205,5 @@ def neural_layers(model: nn.Module) -> list[tuple[int, str]]:
 
 def scorer_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every scorer parameter of a model, by its full name (what an adapter checkpoint stores)."""
-    return {name: p for name, p in model.named_parameters() if f".{SCORER_ATTRIBUTE}." in f".{name}"}
+    names = set(scorer_state_names(model))
+    return {name: p for name, p in model.named_parameters() if name in names}

@@ -1,0 +1,204 @@
+"""Adapter-size checkpoints: only the scorer weights plus a small config naming the base model.
+
+For large base models there is no need to store (or push) the whole model: ``save_neural_adapter`` writes
+
+- ``neural_adapter.safetensors``: every scorer parameter, named relative to the base model
+  (``model.base_model``: ``h.0.attn.neural_scorer.query_down_weight`` for any GPT-2 head), and
+- ``neural_adapter_config.json``: layers, settings, base model id and revision, model class, package version.
+
+``load_neural_adapter`` patches a base model with those settings and loads the weights, after checking everything
+(names, shapes, values) so that a bad adapter leaves the model untouched. Works for every model ``patch_model``
+supports, including those without a Hub class.
+"""
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import PreTrainedModel
+
+from .backend_neural_attention import SCORER_ATTRIBUTE
+from .configuration_neural_attention import PACKAGE_VERSION, NeuralAttentionConfig, _version_tuple, read_from_config
+from .hub_classes import STOCK_CLASS_FOR
+from .modeling_neural_attention import head_shape
+from .patching import find_attention_modules, patch_model, resolve_layers, unpatch_model
+from .scoring_neural_attention import NeuralScorer
+
+WEIGHTS_NAME = "neural_adapter.safetensors"
+CONFIG_NAME = "neural_adapter_config.json"
+FORMAT = "hf-neural-attention-adapter"
+FORMAT_VERSION = 1
+
+
+def _base(model: PreTrainedModel) -> torch.nn.Module:
+    return getattr(model, "base_model", model)
+
+
+def adapter_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """Scorer parameters of ``model`` named relative to its base model (detached, contiguous, on CPU)."""
+    return {
+        name: param.detach().contiguous().cpu()
+        for name, param in _base(model).named_parameters()
+        if f".{SCORER_ATTRIBUTE}." in f".{name}"
+    }
+
+
+def save_neural_adapter(
+    model: PreTrainedModel, save_directory: str | os.PathLike, base_model: str | None = None,
+    revision: str | None = None,
+) -> list[Path]:
+    """Write the scorer weights and settings of a patched model to ``save_directory``.
+
+    Args:
+        model: a patched model (``patch_model``) or a Hub-class model.
+        base_model: Hub id or path of the base checkpoint; default: the config's ``neural_attention_base_model`` or
+            ``_name_or_path``.
+        revision: revision (commit, tag, branch) of the base checkpoint the adapter was trained from.
+
+    Returns:
+        The two files written.
+
+    Raises:
+        ValueError: the model has no neural layers.
+    """
+    recorded = read_from_config(model.config)
+    if recorded is None:
+        raise ValueError("This model has no neural layers; patch it with patch_model(model, layers=...) first.")
+    layers, settings = recorded
+    base_model = (base_model or getattr(model.config, "neural_attention_base_model", None)
+                  or getattr(model.config, "_name_or_path", None) or None)
+    model_class = STOCK_CLASS_FOR.get(type(model), type(model))
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "neural_attention_version": PACKAGE_VERSION,
+        "base_model": base_model,
+        "base_model_revision": revision,
+        "model_class": model_class.__name__,
+        "layers": layers,
+        "settings": settings.to_dict(),
+    }
+    directory = Path(save_directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(adapter_state_dict(model), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    (directory / CONFIG_NAME).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+    return [directory / WEIGHTS_NAME, directory / CONFIG_NAME]
+
+
+def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The adapter's config, validated (format, settings); warns for a newer package version."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise ValueError(f"No {CONFIG_NAME} in {directory}: not a neural-attention adapter folder.")
+    try:
+        metadata = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); the adapter is corrupt.") from error
+    if metadata.get("format") != FORMAT or not isinstance(metadata.get("layers"), list):
+        raise ValueError(f"{path} is not a {FORMAT} config (format={metadata.get('format')!r}).")
+    if metadata.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{path} uses adapter format {metadata['format_version']}; this hf-neural-attention "
+                         f"({PACKAGE_VERSION}) reads format {FORMAT_VERSION}. Upgrade hf-neural-attention.")
+    written_by = metadata.get("neural_attention_version", "0")
+    if _version_tuple(written_by)[:2] > _version_tuple(PACKAGE_VERSION)[:2]:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "Adapter written by hf-neural-attention %s, newer than the installed %s.", written_by, PACKAGE_VERSION)
+    metadata["settings"] = NeuralAttentionConfig.from_dict(metadata.get("settings", {}))
+    return metadata
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise ValueError(f"No {WEIGHTS_NAME} in {path.parent}: the adapter has no scorer weights.")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {name: handle.get_tensor(name) for name in handle.keys()}
+    except Exception as error:  # safetensors raises its own error types for truncated/garbled files
+        raise ValueError(f"{path} cannot be read ({error}); the adapter weights are corrupt.") from error
+
+
+def _expected_shapes(model: PreTrainedModel, layers: list[int], settings: NeuralAttentionConfig
+                     ) -> dict[str, torch.Size]:
+    """Names and shapes the scorers of ``layers`` will have, relative to the base model (nothing is modified)."""
+    modules = find_attention_modules(_base(model))
+    chosen = resolve_layers(layers, len(modules))
+    expected = {}
+    for index in chosen:
+        name, module = modules[index]
+        head_dim, num_heads = head_shape(module, model.config)
+        with torch.device("meta"):
+            scorer = NeuralScorer(head_dim, num_heads, settings)
+        for param_name, param in scorer.named_parameters():
+            expected[f"{name}.{SCORER_ATTRIBUTE}.{param_name}"] = param.shape
+    return expected
+
+
+def load_neural_adapter(
+    model_or_name: PreTrainedModel | str | None, adapter_directory: str | os.PathLike, **from_pretrained_kwargs: Any
+) -> PreTrainedModel:
+    """Patch a base model with an adapter's settings and load its scorer weights.
+
+    Args:
+        model_or_name: a (stock, unpatched) model, the Hub id/path of the base checkpoint to load with the
+            adapter's model class, or ``None`` for the base model (and revision) the adapter names.
+        adapter_directory: folder written by ``save_neural_adapter``.
+        from_pretrained_kwargs: passed to ``from_pretrained`` when a name is given (``revision`` defaults to the
+            adapter's ``base_model_revision``).
+
+    Returns:
+        The patched model (the same object when a model was given).
+
+    Raises:
+        ValueError: corrupt or incomplete adapter, weights that do not fit the model (missing, unexpected or
+            mis-shaped names, non-finite values), or a model already patched. The model is left untouched.
+    """
+    metadata = read_adapter_config(adapter_directory)
+    weights = _read_weights(Path(adapter_directory) / WEIGHTS_NAME)
+    layers, settings = metadata["layers"], metadata["settings"]
+
+    if model_or_name is None or isinstance(model_or_name, str | os.PathLike):
+        name = str(model_or_name or metadata.get("base_model") or "")
+        if not name:
+            raise ValueError("The adapter names no base model; pass the model or its Hub id.")
+        model_class = getattr(transformers, metadata.get("model_class") or "", None) or transformers.AutoModel
+        from_pretrained_kwargs.setdefault("revision", metadata.get("base_model_revision"))
+        model = model_class.from_pretrained(name, **from_pretrained_kwargs)
+    else:
+        model = model_or_name
+    if read_from_config(model.config) is not None:
+        raise ValueError("This model already has neural layers; load the adapter into the unpatched base model.")
+
+    expected = _expected_shapes(model, layers, settings)
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    mismatched = sorted(k for k in set(expected) & set(weights) if weights[k].shape != expected[k])
+    non_finite = sorted(k for k, tensor in weights.items() if not torch.isfinite(tensor).all())
+    problems = [f"{label}: {names}" for label, names in (
+        ("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched), ("non-finite", non_finite),
+    ) if names]
+    if problems:
+        raise ValueError(
+            f"Adapter {adapter_directory} does not fit {type(model).__name__} (scorer weights " + "; ".join(problems)
+            + "). Check that it was saved from this base model; the model was not modified."
+        )
+
+    patch_model(model, layers=layers, config=settings)
+    try:
+        params = dict(_base(model).named_parameters())
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name].copy_(tensor.to(device=params[name].device, dtype=params[name].dtype))
+    except Exception:
+        unpatch_model(model)
+        raise
+    if getattr(model.config, "neural_attention_base_model", None) is None and metadata.get("base_model"):
+        if hasattr(type(model.config), "neural_attention_base_model"):
+            model.config.neural_attention_base_model = metadata["base_model"]
+    return model

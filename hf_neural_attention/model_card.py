@@ -1,0 +1,106 @@
+"""README.md for neural-attention checkpoints: metadata, settings, how to load, citation.
+
+Installed as the model card writer of the Hub classes when hf-neural-attention is imported, so ``save_pretrained``
+and ``push_to_hub`` write it. Not copied with checkpoints.
+"""
+
+import os
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from .configuration_neural_attention import CONFIG_PREFIX, NeuralAttentionConfig, read_from_config
+
+TAGS = ["neural-attention", "hf-neural-attention"]
+PAPER_ID = "2502.17206"
+CITATION = """@article{digiugno2025neural,
+  title   = {Neural Attention: A Novel Mechanism for Enhanced Expressive Power in Transformer Models},
+  author  = {DiGiugno, Andrew and Mahmood, Ausif},
+  journal = {arXiv preprint arXiv:2502.17206},
+  year    = {2025}
+}"""
+_PIPELINE_TAGS = {"ForCausalLM": "text-generation", "ForSequenceClassification": "text-classification",
+                  "ForImageClassification": "image-classification"}
+_AUTO_CLASSES = {"ForCausalLM": "AutoModelForCausalLM",
+                 "ForSequenceClassification": "AutoModelForSequenceClassification",
+                 "ForImageClassification": "AutoModelForImageClassification"}
+
+
+def _hub_id(name: str | None) -> str | None:
+    """``name`` if it looks like a Hub repository id (``org/name`` or ``name``), not a local path."""
+    if not name or os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name) or name.count("/") > 1:
+        return None
+    return name
+
+
+def _task_suffix(model: Any) -> str | None:
+    return next((suffix for suffix in _PIPELINE_TAGS if type(model).__name__.endswith(suffix)), None)
+
+
+def build_model_card(model: Any, repo_id: str | None = None) -> ModelCard:
+    """The card of a neural-attention model (Hub class or patched model).
+
+    Args:
+        model: the model; its config records the neural layers and settings.
+        repo_id: where it is pushed, used in the loading snippets (``"<repo-id>"`` when unknown).
+    """
+    recorded = read_from_config(model.config)
+    layers, settings = recorded if recorded is not None else ([], NeuralAttentionConfig())
+    base_model = _hub_id(getattr(model.config, CONFIG_PREFIX + "base_model", None))
+    suffix = _task_suffix(model)
+    tags = list(TAGS) + [t for t in (getattr(model, "model_tags", None) or []) if t not in TAGS]
+    data = ModelCardData(
+        library_name="transformers",
+        tags=tags,
+        base_model=base_model,
+        pipeline_tag=_PIPELINE_TAGS.get(suffix) if suffix else None,
+    )
+    repo = repo_id or "<repo-id>"
+    auto_class = _AUTO_CLASSES.get(suffix, "AutoModel") if suffix else "AutoModel"
+    rows = "\n".join(f"| `{name}` | `{value!r}` |" for name, value in settings.to_dict().items())
+    body = f"""
+# {repo.split("/")[-1]}
+
+{type(model).__name__} with **Neural Attention** ([arXiv:{PAPER_ID}](https://arxiv.org/abs/{PAPER_ID})): in the
+self-attention layers listed below, a small MLP scores every query/key pair instead of the dot product.
+{"Fine-tuned from [" + base_model + "](https://huggingface.co/" + base_model + ")." if base_model else ""}
+
+## Neural-attention settings
+
+| setting | value |
+|---|---|
+| `layers` | `{layers!r}` |
+{rows}
+
+## How to load
+
+Without hf-neural-attention installed (the code ships with the checkpoint):
+
+```python
+from transformers import {auto_class}
+model = {auto_class}.from_pretrained("{repo}", trust_remote_code=True)
+```
+
+With hf-neural-attention installed (`pip install hf-neural-attention`), no remote code needed:
+
+```python
+import hf_neural_attention  # registers the classes with the Auto classes
+from transformers import {auto_class}
+model = {auto_class}.from_pretrained("{repo}")
+```
+
+## Citation
+
+```bibtex
+{CITATION}
+```
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def write_model_card(model: Any, save_directory: str | os.PathLike, repo_id: str | None = None) -> Path:
+    """Write ``README.md`` into ``save_directory``; returns its path."""
+    path = Path(save_directory) / "README.md"
+    build_model_card(model, repo_id=repo_id).save(path)
+    return path

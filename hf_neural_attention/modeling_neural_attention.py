@@ -1,0 +1,319 @@
+"""Hub model classes: GPT-2 and ViT whose chosen self-attention layers score query/key pairs neurally.
+
+``NeuralAttentionGPT2ForCausalLM``, ``NeuralAttentionGPT2ForSequenceClassification`` and
+``NeuralAttentionViTForImageClassification`` are the stock classes plus one ``NeuralScorer`` per layer named by
+``config.neural_attention_layers``. Every way of building them ends with the scorers in place and the model on
+the ``"neural_attention"`` implementation: ``__init__`` from a config, ``from_pretrained`` of one of our checkpoints
+or of a plain GPT-2/ViT checkpoint (scorers freshly initialised, pretrained weights untouched), ``from_config``.
+
+This file travels with Hub checkpoints (``trust_remote_code``): it imports only torch, transformers and flat
+siblings, so a reader without hf-neural-attention installed can load the model.
+"""
+
+import inspect
+from collections.abc import Callable
+from functools import cache
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+    ViTForImageClassification,
+)
+
+from .backend_neural_attention import ATTENTION_NAME, FALLBACK_ATTRIBUTE, SCORER_ATTRIBUTE
+from .configuration_neural_attention import (
+    CONFIG_PREFIX,
+    NeuralAttentionGPT2Config,
+    NeuralAttentionViTConfig,
+    read_from_config,
+)
+from .scoring_neural_attention import NeuralScorer
+
+FALLBACK_IMPLEMENTATIONS = ("sdpa", "eager")
+"""Implementations a neural model may be asked for: they become the fallback of its unpatched layers."""
+
+ModelCardWriter = Callable[..., Any]
+_model_card_writer: ModelCardWriter | None = None
+
+
+def register_model_card_writer(writer: ModelCardWriter | None) -> None:
+    """Install the function ``save_pretrained``/``push_to_hub`` call to write README.md (hf-neural-attention does this
+    on import; a reader without the package saves without a card)."""
+    global _model_card_writer
+    _model_card_writer = writer
+
+
+# --- finding and equipping the self-attention layers (same rules as hf_neural_attention.patching) ------------------
+@cache
+def _goes_through_attention_interface(cls: type) -> bool:
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return "ALL_ATTENTION_FUNCTIONS" in source
+
+
+def _is_cross_attention(name: str, module: nn.Module) -> bool:
+    if getattr(module, "is_cross_attention", False):
+        return True
+    lowered = name.lower()
+    return "crossattention" in lowered or "cross_attn" in lowered or "encoder_attn" in lowered
+
+
+def find_self_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Self-attention modules on transformers' attention interface, in layer order; index = layer number."""
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if _goes_through_attention_interface(type(module)) and not _is_cross_attention(name, module)
+    ]
+
+
+def head_shape(module: nn.Module, model_config: Any) -> tuple[int, int]:
+    """``(head_dim, num_query_heads)`` of an attention module."""
+    num_heads = (
+        getattr(module, "num_heads", None)
+        or getattr(module, "num_attention_heads", None)
+        or getattr(getattr(module, "config", None), "num_attention_heads", None)
+        or getattr(model_config, "num_attention_heads", None)
+    )
+    head_dim = getattr(module, "head_dim", None) or getattr(module, "attention_head_size", None)
+    if head_dim is None and num_heads:
+        hidden = getattr(model_config, "hidden_size", None)
+        head_dim = hidden // num_heads if hidden else None
+    if not head_dim or not num_heads:
+        raise ValueError(f"Cannot tell the head shape of {type(module).__name__} (no head_dim/num_heads).")
+    return int(head_dim), int(num_heads)
+
+
+def attach_scorers(model: PreTrainedModel, fallback: str) -> None:
+    """Give every layer named by ``model.config`` a ``NeuralScorer`` and put the model on ``"neural_attention"``.
+
+    Layers that already carry a scorer keep it. Works on the meta device (``from_pretrained``): scorers are then
+    created empty and initialised or loaded by transformers afterwards.
+
+    Raises:
+        ValueError: the config records no neural layers, or names layers the model does not have. Checked before
+            anything is modified.
+    """
+    recorded = read_from_config(model.config)
+    if recorded is None:
+        raise ValueError(
+            f"{type(model).__name__} needs config.neural_attention_layers (e.g. [0]); build its config with "
+            f"{type(model).config_class.__name__}(..., neural_attention_layers=[0]), or patch a stock model "
+            "with patch_model."
+        )
+    layers, settings = recorded
+    modules = find_self_attention_modules(model)
+    bad = [i for i in layers if not 0 <= i < len(modules)]
+    if bad:
+        raise ValueError(
+            f"config.neural_attention_layers={layers} names layers {bad} that this model does not have: it has "
+            f"{len(modules)} self-attention layers (valid indices 0..{len(modules) - 1}). Fix the config."
+        )
+    for index in layers:
+        module = modules[index][1]
+        if getattr(module, SCORER_ATTRIBUTE, None) is not None:
+            continue
+        head_dim, num_heads = head_shape(module, model.config)
+        scorer = NeuralScorer(head_dim, num_heads, settings)
+        reference = next(module.parameters(), None)
+        if reference is not None:
+            scorer = scorer.to(device=reference.device, dtype=reference.dtype)
+        setattr(module, SCORER_ATTRIBUTE, scorer)
+    set_fallback(model, fallback)
+    model.config._attn_implementation_internal = ATTENTION_NAME
+
+
+def set_fallback(model: nn.Module, fallback: str) -> None:
+    """Set the implementation the model's unpatched layers use (``"sdpa"`` or ``"eager"``)."""
+    for _, module in find_self_attention_modules(model):
+        setattr(module, FALLBACK_ATTRIBUTE, fallback)
+
+
+def _requested_fallback(requested: Any) -> str:
+    """Map an ``attn_implementation`` request onto the fallback of unpatched layers; refuse fused kernels."""
+    if isinstance(requested, dict):
+        requested = requested.get("")
+    if requested in (None, ATTENTION_NAME):
+        return "sdpa"
+    if requested in FALLBACK_IMPLEMENTATIONS:
+        return requested
+    raise ValueError(
+        f"attn_implementation={requested!r} would bypass the neural scorer. Neural-attention models run on "
+        f"{ATTENTION_NAME!r}; 'sdpa' or 'eager' choose what their unpatched layers use. Use unpatch_model (from "
+        "hf_neural_attention) for a stock model that can run flash/flex kernels."
+    )
+
+
+def scorer_state_names(model: nn.Module) -> list[str]:
+    """State-dict names of every scorer parameter."""
+    return [name for name, _ in model.named_parameters() if f".{SCORER_ATTRIBUTE}." in f".{name}"]
+
+
+# --- the behaviour shared by all Hub classes ------------------------------------------------------------------
+class NeuralAttentionModelMixin:
+    """Keeps the neural layers in place on every construction path; put first in the bases of a Hub class."""
+
+    _supports_attention_backend = False  # serving engines must not swap in their own attention
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+
+    def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
+        # transformers checks the requested implementation in __init__: hand it the fallback, attach in post_init.
+        config._attn_implementation_internal = _requested_fallback(config._attn_implementation)
+        super().__init__(config, *args, **kwargs)
+
+    def post_init(self) -> None:
+        """Attach the scorers before transformers' init walk, so that the walk sees them."""
+        attach_scorers(self, _requested_fallback(self.config._attn_implementation))
+        super().post_init()
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """transformers' init, then the scorers' own (PyTorch-default ``nn.Linear``) init.
+
+        transformers hands inner models their own ``_init_weights``, which never knows the scorer; its
+        ``reset_parameters`` skips tensors flagged as loaded, so a loaded scorer is left untouched.
+        """
+        super().initialize_weights()
+        for module in self.modules():
+            if isinstance(module, NeuralScorer):
+                module.reset_parameters()
+
+    def set_attn_implementation(self, attn_implementation: str | dict, allow_all_kernels: bool = False) -> None:
+        """``"neural_attention"`` keeps things as they are; ``"sdpa"``/``"eager"`` set what unpatched layers use.
+
+        Raises:
+            ValueError: for flash/flex/paged or other kernels, which would bypass the scorer.
+        """
+        requested = attn_implementation.get("") if isinstance(attn_implementation, dict) else attn_implementation
+        fallback = _requested_fallback(requested)
+        if requested in FALLBACK_IMPLEMENTATIONS:
+            set_fallback(self, fallback)
+        self.config._attn_implementation_internal = ATTENTION_NAME
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> Any:
+        """``PreTrainedModel.from_pretrained`` plus checks of the scorer weights.
+
+        From one of our checkpoints, scorer weights must all be there, match the config and be finite; from a plain
+        GPT-2/ViT checkpoint the scorers are initialised fresh and the checkpoint is recorded as the base model.
+
+        Raises:
+            ValueError: scorer weights missing, unexpected or non-finite in a neural-attention checkpoint.
+        """
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        source_type = getattr(model.config, "_neural_attention_source_type", None) or ""
+        from_neural_checkpoint = source_type.startswith(CONFIG_PREFIX)
+        _check_loaded_scorers(model, info, pretrained_model_name_or_path, from_neural_checkpoint)
+        if not from_neural_checkpoint and model.config.neural_attention_base_model is None:
+            model.config.neural_attention_base_model = str(pretrained_model_name_or_path)
+        return (model, info) if want_info else model
+
+    def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> None:
+        """``PreTrainedModel.save_pretrained`` plus README.md (when hf-neural-attention is installed)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if _model_card_writer is not None and kwargs.get("is_main_process", True):
+            _model_card_writer(self, save_directory)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """``PreTrainedModel.push_to_hub`` whose README.md is our model card (settings, loading, citation).
+
+        Same keyword arguments: ``commit_message``, ``commit_description``, ``private``, ``token``, ``revision``,
+        ``create_pr``, ``max_shard_size``, ``tags``. Replaces the repository's README.md.
+        """
+        if _model_card_writer is None:
+            return super().push_to_hub(repo_id, **kwargs)
+        unknown = sorted(set(kwargs) - _PUSH_ARGUMENTS)
+        if unknown:
+            raise TypeError(f"push_to_hub() got unexpected keyword argument(s) {unknown}.")
+        return _push_with_card(self, repo_id, _model_card_writer, **kwargs)
+
+
+def _check_loaded_scorers(model: nn.Module, info: dict, source: Any, from_neural_checkpoint: bool) -> None:
+    names = set(scorer_state_names(model))
+    missing = sorted(k for k in info.get("missing_keys", ()) if k in names)
+    unexpected = sorted(k for k in info.get("unexpected_keys", ()) if f".{SCORER_ATTRIBUTE}." in f".{k}")
+    mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys", ())
+                        if f".{SCORER_ATTRIBUTE}." in f".{k[0] if isinstance(k, tuple) else k}")
+    problems = []
+    if from_neural_checkpoint and missing:
+        problems.append(f"scorer weights missing from the checkpoint: {missing}")
+    if unexpected:
+        problems.append(f"scorer weights for layers the config does not name: {unexpected}")
+    if mismatched:
+        problems.append(f"scorer weights whose shapes do not match the config: {mismatched}")
+    bad_values = [name for name, p in model.named_parameters()
+                  if name in names and p.device.type != "meta" and not torch.isfinite(p).all()]
+    if bad_values:
+        problems.append(f"non-finite scorer weights: {bad_values}")
+    if problems:
+        raise ValueError(
+            f"Cannot load {source!r} as {type(model).__name__}: " + "; ".join(problems) + ". The checkpoint is "
+            "incomplete or does not match its config.json; re-save it, or start from the base model with "
+            "fresh scorers (from_pretrained(base_checkpoint, neural_attention_layers=[...]))."
+        )
+
+
+_PUSH_ARGUMENTS = {"commit_message", "commit_description", "private", "token", "revision", "create_pr",
+                   "max_shard_size", "tags"}
+
+
+def _push_with_card(model: PreTrainedModel, repo_id: str, writer: ModelCardWriter, **kwargs: Any) -> Any:
+    """What ``PushToHubMixin.push_to_hub`` does, with our README.md instead of the generic one."""
+    import tempfile
+
+    from huggingface_hub import HfApi
+
+    tags = kwargs.pop("tags", None)
+    if tags:
+        model.add_model_tags(tags)
+    token = kwargs.get("token")
+    repo_id = HfApi().create_repo(repo_id, private=kwargs.get("private"), token=token, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory() as work_dir:
+        model.save_pretrained(work_dir, max_shard_size=kwargs.get("max_shard_size", "50GB"))
+        writer(model, work_dir, repo_id=repo_id)
+        return model._upload_modified_files(  # the one network call besides create_repo
+            work_dir,
+            repo_id,
+            files_timestamps={},
+            commit_message=kwargs.get("commit_message"),
+            token=token,
+            create_pr=kwargs.get("create_pr", False),
+            revision=kwargs.get("revision"),
+            commit_description=kwargs.get("commit_description"),
+        )
+
+
+# --- the classes ----------------------------------------------------------------------------------------------
+class NeuralAttentionGPT2ForCausalLM(NeuralAttentionModelMixin, GPT2LMHeadModel):
+    """GPT-2 language model with neural attention in ``config.neural_attention_layers``."""
+
+    config_class = NeuralAttentionGPT2Config
+
+
+class NeuralAttentionGPT2ForSequenceClassification(NeuralAttentionModelMixin, GPT2ForSequenceClassification):
+    """GPT-2 sequence classifier with neural attention in ``config.neural_attention_layers``."""
+
+    config_class = NeuralAttentionGPT2Config
+
+
+class NeuralAttentionViTForImageClassification(NeuralAttentionModelMixin, ViTForImageClassification):
+    """ViT image classifier with neural attention in ``config.neural_attention_layers``."""
+
+    config_class = NeuralAttentionViTConfig
+
+
+NeuralAttentionGPT2Config.register_for_auto_class()
+NeuralAttentionViTConfig.register_for_auto_class()
+NeuralAttentionGPT2ForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+NeuralAttentionGPT2ForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+NeuralAttentionViTForImageClassification.register_for_auto_class("AutoModelForImageClassification")

@@ -1,0 +1,118 @@
+"""Adapter-size checkpoints: scorer weights + a small config naming the base model, round-tripped and checked."""
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model, ViTConfig, ViTForImageClassification
+
+from hf_neural_attention import load_neural_adapter, patch_model, save_neural_adapter
+from hf_neural_attention.adapters import CONFIG_NAME, WEIGHTS_NAME
+
+
+def tiny_gpt2(model_class=GPT2LMHeadModel):
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=32, bos_token_id=0,
+                        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return model_class(config).eval()
+
+
+IDS = torch.randint(1, 100, (2, 8), generator=torch.Generator().manual_seed(1))
+
+
+def output(model) -> torch.Tensor:
+    with torch.no_grad():
+        result = model(IDS)
+    return result.logits if hasattr(result, "logits") else result.last_hidden_state
+
+
+def trained_adapter(tmp_path, model_class=GPT2LMHeadModel):
+    model = patch_model(tiny_gpt2(model_class), layers=[1], proj_dim=4, mode="residual")
+    with torch.no_grad():  # pretend training moved the scorer away from its (zero-output) init
+        for name, param in model.named_parameters():
+            if ".neural_scorer." in name:
+                param.add_(0.1)
+    save_neural_adapter(model, tmp_path, base_model="me/base", revision="abc123")
+    return model
+
+
+@pytest.mark.parametrize("model_class", [GPT2LMHeadModel, GPT2Model])
+def test_adapter_round_trip(tmp_path, model_class):
+    model = trained_adapter(tmp_path, model_class)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])
+    metadata = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert metadata["base_model"] == "me/base" and metadata["base_model_revision"] == "abc123"
+    assert metadata["layers"] == [1] and metadata["settings"]["mode"] == "residual"
+    assert metadata["model_class"] == model_class.__name__
+    weights = load_file(tmp_path / WEIGHTS_NAME)
+    assert weights and all(".neural_scorer." in k and not k.startswith("transformer.") for k in weights)
+
+    base = tiny_gpt2(model_class)
+    restored = load_neural_adapter(base, tmp_path)
+    assert restored is base
+    assert torch.equal(output(restored), output(model))
+    original, loaded = model.state_dict(), restored.state_dict()
+    assert original.keys() == loaded.keys() and all(torch.equal(original[k], loaded[k]) for k in original)
+
+
+def test_adapter_from_a_gpt2_lm_loads_into_the_bare_model(tmp_path):
+    trained_adapter(tmp_path, GPT2LMHeadModel)
+    base = load_neural_adapter(tiny_gpt2(GPT2Model), tmp_path)
+    assert base.h[1].attn.neural_scorer is not None
+
+
+def test_adapter_loaded_by_name_uses_the_recorded_class(tmp_path):
+    model = trained_adapter(tmp_path / "adapter")
+    tiny_gpt2().save_pretrained(tmp_path / "base")
+    restored = load_neural_adapter(str(tmp_path / "base"), tmp_path / "adapter", revision=None)
+    assert torch.equal(output(restored), output(model))
+
+
+def test_adapter_for_vit(tmp_path):
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=8, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=64, num_labels=3)
+    model = patch_model(ViTForImageClassification(copy.deepcopy(config)).eval(), layers=[0], proj_dim=4)
+    save_neural_adapter(model, tmp_path)
+    torch.manual_seed(0)
+    restored = load_neural_adapter(ViTForImageClassification(config).eval(), tmp_path)
+    pixels = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(restored(pixels).logits, model(pixels).logits)
+
+
+def _assert_untouched(model, reference_state):
+    state = model.state_dict()
+    assert state.keys() == reference_state.keys()
+    assert not any(".neural_scorer." in k for k in state)
+    assert getattr(model.config, "neural_attention_layers", None) is None
+
+
+@pytest.mark.parametrize("damage", ["missing", "unexpected", "shape", "nan", "corrupt", "config"])
+def test_bad_adapters_leave_the_model_untouched(tmp_path, damage):
+    trained_adapter(tmp_path)
+    weights = load_file(tmp_path / WEIGHTS_NAME)
+    name = next(iter(weights))
+    if damage == "missing":
+        weights.pop(name)
+    elif damage == "unexpected":
+        weights[name.replace("h.1.", "h.0.")] = weights[name].clone()
+    elif damage == "shape":
+        weights[name] = weights[name][..., :1].contiguous()
+    elif damage == "nan":
+        weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, str(tmp_path / WEIGHTS_NAME))
+    if damage == "corrupt":
+        (tmp_path / WEIGHTS_NAME).write_bytes(b"garbage")
+    if damage == "config":
+        metadata = json.loads((tmp_path / CONFIG_NAME).read_text())
+        metadata["settings"]["mlp"] = "deeper"
+        (tmp_path / CONFIG_NAME).write_text(json.dumps(metadata))
+    base = tiny_gpt2()
+    reference = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ValueError):
+        load_neural_adapter(base, tmp_path)
+    _assert_untouched(base, reference)
+    assert type(base) is GPT2LMHeadModel and base.config._attn_implementation == "sdpa"

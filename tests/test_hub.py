@@ -1,0 +1,431 @@
+"""Hub classes: config fields, every construction path, save/load round trips, remote code, push_to_hub, errors."""
+
+import ast
+import copy
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from huggingface_hub import HfApi, ModelCard
+from huggingface_hub.errors import StrictDataclassError
+from safetensors.torch import load_file, save_file
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+    ViTConfig,
+    ViTForImageClassification,
+)
+
+import hf_neural_attention as hna
+from hf_neural_attention import (
+    NeuralAttentionGPT2Config,
+    NeuralAttentionGPT2ForCausalLM,
+    NeuralAttentionViTConfig,
+    NeuralScorer,
+    patch_model,
+    unpatch_model,
+)
+from hf_neural_attention.modeling_neural_attention import find_self_attention_modules
+
+PACKAGE_DIR = Path(hna.__file__).parent
+TRAVELLING = {
+    "configuration_neural_attention.py",
+    "modeling_neural_attention.py",
+    "backend_neural_attention.py",
+    "scoring_neural_attention.py",
+    "kernels_neural_attention.py",  # imported lazily by the backend, copied all the same
+    "triton_neural_attention.py",
+}
+SEQ = 8
+
+
+# --- tiny models --------------------------------------------------------------------------------------------------
+def gpt2_config(**overrides) -> GPT2Config:
+    values = dict(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=32, bos_token_id=0, eos_token_id=0,
+                  pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, num_labels=3)
+    return GPT2Config(**{**values, **overrides})
+
+
+def vit_config(**overrides) -> ViTConfig:
+    values = dict(image_size=8, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=64, num_labels=3)
+    return ViTConfig(**{**values, **overrides})
+
+
+def make_inputs(kind: str) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    if kind == "vit":
+        return {"pixel_values": torch.randn(2, 3, 8, 8, generator=generator)}
+    return {"input_ids": torch.randint(1, 100, (2, SEQ), generator=generator)}
+
+
+STOCK = {
+    "gpt2-lm": (GPT2LMHeadModel, gpt2_config, AutoModelForCausalLM),
+    "gpt2-cls": (GPT2ForSequenceClassification, gpt2_config, AutoModelForSequenceClassification),
+    "vit": (ViTForImageClassification, vit_config, AutoModelForImageClassification),
+}
+
+
+def patched(kind: str, layers=(0,), **settings) -> torch.nn.Module:
+    stock_class, config_fn, _ = STOCK[kind]
+    torch.manual_seed(0)
+    model = stock_class(config_fn()).eval()
+    return patch_model(model, layers=list(layers), proj_dim=4, **settings)
+
+
+def logits(model, kind: str) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**make_inputs("vit" if kind == "vit" else "gpt2")).logits
+
+
+def scorers(model) -> list[NeuralScorer]:
+    return [m for m in model.modules() if isinstance(m, NeuralScorer)]
+
+
+def written_files(kind: str) -> set[str]:
+    extra = {"generation_config.json"} if kind == "gpt2-lm" else set()
+    return {"README.md", "config.json", "model.safetensors"} | TRAVELLING | extra
+
+
+# --- config classes ------------------------------------------------------------------------------------------------
+def test_config_classes_have_unique_types_and_typed_fields():
+    assert NeuralAttentionGPT2Config.model_type == "neural_attention_gpt2" != GPT2Config.model_type
+    assert NeuralAttentionViTConfig.model_type == "neural_attention_vit" != ViTConfig.model_type
+    config = NeuralAttentionGPT2Config(n_layer=3, neural_attention_layers=[0, 2], neural_attention_proj_dim=4)
+    assert config.neural_attention_settings().proj_dim == 4
+    assert isinstance(AutoConfig.for_model("neural_attention_gpt2"), NeuralAttentionGPT2Config)
+    with pytest.raises(StrictDataclassError, match="neural_attention_proj_dim"):
+        config.neural_attention_proj_dim = "four"
+    for bad in ({"neural_attention_layers": [3]}, {"neural_attention_mlp": "deep"}, {"neural_attention_layers": []},
+                {"neural_attention_layers": [1, 0]}):
+        with pytest.raises(StrictDataclassError):
+            NeuralAttentionGPT2Config(n_layer=3, **bad)
+
+
+def test_config_from_newer_version_warns_and_ignores_unknown_keys(tmp_path, caplog):
+    NeuralAttentionGPT2Config(n_layer=2).save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    data.update(neural_attention_version="9.1.0", neural_attention_future_knob=3)
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with caplog.at_level(logging.WARNING):
+        config = AutoConfig.from_pretrained(tmp_path)
+    assert "neural_attention_future_knob" in caplog.text and "9.1.0" in caplog.text
+    assert not hasattr(config, "neural_attention_future_knob")
+    assert config.to_dict()["neural_attention_version"] == hna.__version__
+
+
+# --- construction paths --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["gpt2-lm", "gpt2-cls", "vit"])
+def test_every_construction_path_has_the_scorer(kind):
+    stock_class, config_fn, auto_class = STOCK[kind]
+    hub_class = hna.hub_class_for(stock_class)
+    hub_config_class = hub_class.config_class
+    config = hub_config_class(**config_fn().to_dict(), neural_attention_layers=[1], neural_attention_proj_dim=4)
+    for model in (hub_class(copy.deepcopy(config)), auto_class.from_config(copy.deepcopy(config))):
+        assert type(model) is hub_class
+        assert model.config._attn_implementation == hna.ATTENTION_NAME
+        modules = find_self_attention_modules(model)
+        assert [i for i, (_, m) in enumerate(modules) if hasattr(m, "neural_scorer")] == [1]
+        for scorer in scorers(model):
+            for name, param in scorer.named_parameters():
+                assert torch.isfinite(param).all() and param.abs().max() > 0, name
+
+
+def test_attention_implementation_requests_keep_the_scorer(tmp_path):
+    patched("gpt2-lm").save_pretrained(tmp_path)
+    reference = logits(AutoModelForCausalLM.from_pretrained(tmp_path), "gpt2-lm")
+    for request in ("eager", "sdpa", hna.ATTENTION_NAME):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=request).eval()
+        assert model.config._attn_implementation == hna.ATTENTION_NAME and len(scorers(model)) == 1
+        torch.testing.assert_close(logits(model, "gpt2-lm"), reference)
+    model.set_attn_implementation("eager")
+    assert model.config._attn_implementation == hna.ATTENTION_NAME
+    assert {m.neural_attention_fallback for _, m in find_self_attention_modules(model)} == {"eager"}
+    for bad in ("flash_attention_2", "flex_attention"):
+        with pytest.raises(ValueError, match="bypass the neural scorer"):
+            model.set_attn_implementation(bad)
+        with pytest.raises(ValueError, match="bypass the neural scorer"):
+            AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=bad)
+    assert model.config._attn_implementation == hna.ATTENTION_NAME
+
+
+def test_patch_switches_class_in_place_and_unpatch_restores_the_stock_model():
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(gpt2_config()).eval()
+    config_before, reference = model.config.to_dict(), logits(model, "gpt2-lm")
+    patch_model(model, layers=[0], proj_dim=4)
+    assert type(model) is NeuralAttentionGPT2ForCausalLM and type(model.config) is NeuralAttentionGPT2Config
+    assert model.config.model_type == "neural_attention_gpt2"
+    unpatch_model(model)
+    assert type(model) is GPT2LMHeadModel and type(model.config) is GPT2Config
+    assert model.config.to_dict() == config_before
+    assert torch.equal(logits(model, "gpt2-lm"), reference)
+
+
+# --- round trips ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["gpt2-lm", "gpt2-cls", "vit"])
+def test_save_load_round_trip(kind, tmp_path):
+    model = patched(kind, layers=[1])
+    expected = logits(model, kind)
+    model.save_pretrained(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == written_files(kind)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == model.config.model_type and config["neural_attention_layers"] == [1]
+    assert set(config["auto_map"]) == {"AutoConfig", STOCK[kind][2].__name__}
+
+    loaded = STOCK[kind][2].from_pretrained(tmp_path).eval()
+    assert type(loaded) is type(model)
+    assert loaded.config._attn_implementation == hna.ATTENTION_NAME
+    assert torch.equal(logits(loaded, kind), expected)
+    original, reloaded = model.state_dict(), loaded.state_dict()
+    assert original.keys() == reloaded.keys()
+    assert all(torch.equal(original[k], reloaded[k]) for k in original)
+
+
+def test_travelling_files_import_only_torch_transformers_and_siblings():
+    allowed = {"torch", "transformers", "huggingface_hub", "triton"} | set(sys.stdlib_module_names)
+    for name in TRAVELLING:
+        tree = ast.parse((PACKAGE_DIR / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert node.level == 1 and f"{node.module}.py" in TRAVELLING, (name, node.module)
+            elif isinstance(node, ast.ImportFrom):
+                assert node.module.split(".")[0] in allowed, (name, node.module)
+            elif isinstance(node, ast.Import):
+                assert all(alias.name.split(".")[0] in allowed for alias in node.names), name
+
+
+# --- plain checkpoint + settings -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["gpt2-lm", "vit"])
+def test_plain_checkpoint_plus_settings(kind, tmp_path):
+    stock_class, config_fn, _ = STOCK[kind]
+    torch.manual_seed(0)
+    stock = stock_class(config_fn())
+    stock.save_pretrained(tmp_path)
+    hub_class = hna.hub_class_for(stock_class)
+    model = hub_class.from_pretrained(tmp_path, neural_attention_layers=[0], neural_attention_proj_dim=4)
+    assert model.config.neural_attention_base_model == str(tmp_path)
+    pretrained, loaded = stock.state_dict(), model.state_dict()
+    assert all(torch.equal(pretrained[k], loaded[k]) for k in pretrained)
+    assert set(loaded) - set(pretrained) == {k for k in loaded if ".neural_scorer." in k}
+    (scorer,) = scorers(model)
+    for name, param in scorer.named_parameters():  # PyTorch default nn.Linear init: U(-1/sqrt(fan_in), ...)
+        fan_in = {"output_weight": 4, "hidden_weight": 8, "hidden_bias": 8}.get(name, scorer.head_dim)
+        bound = fan_in ** -0.5
+        assert torch.isfinite(param).all() and param.abs().max() <= bound, name
+        assert param.std() > bound / 4, name  # spread out, not normal(0, 0.02) nor zeros
+
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    inputs = make_inputs("vit" if kind == "vit" else "gpt2")
+    labels = inputs["input_ids"] if kind != "vit" else torch.tensor([0, 1])
+    before = scorer.hidden_weight.detach().clone()
+    loss = model(**inputs, labels=labels).loss
+    loss.backward()
+    assert torch.isfinite(loss) and scorer.hidden_weight.grad.abs().sum() > 0
+    optimizer.step()
+    assert not torch.equal(before, scorer.hidden_weight)
+
+
+# --- without the plugin ----------------------------------------------------------------------------------------
+REMOTE_LOADER = textwrap.dedent("""
+    import importlib.abc, importlib.util, json, sys
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "hf_neural_attention":
+                raise ModuleNotFoundError("hf_neural_attention is blocked in this test")
+    sys.meta_path.insert(0, Block())
+    try:
+        importlib.util.find_spec("hf_neural_attention")
+        raise SystemExit("hf_neural_attention is importable")
+    except ModuleNotFoundError:
+        pass
+    import torch
+    import transformers
+    from safetensors.torch import load_file, save_file
+    jobs = json.loads(sys.argv[1])
+    for job in jobs:
+        auto = getattr(transformers, job["auto"])
+        try:  # a unique model_type: without remote code the load fails loudly, never a silent stock model
+            auto.from_pretrained(job["dir"], trust_remote_code=False)
+            raise SystemExit("loaded without trust_remote_code")
+        except ValueError as error:
+            assert "trust_remote_code" in str(error), error
+        model = auto.from_pretrained(job["dir"], trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        assert model.config._attn_implementation == "neural_attention"
+        with torch.no_grad():
+            out = model(**load_file(job["inputs"])).logits
+        save_file({"logits": out.contiguous()}, job["out"])
+    assert not any(name.startswith("hf_neural_attention") for name in sys.modules)
+""")
+
+
+def fake_hub_upload(monkeypatch, capture_dir: Path) -> list[str]:
+    """Intercept the two network calls of push_to_hub; files it would upload are copied to ``capture_dir``."""
+    uploaded: list[str] = []
+
+    def create_repo(self, repo_id, **kwargs):
+        return SimpleNamespace(repo_id=repo_id)
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        for operation in operations:
+            target = capture_dir / operation.path_in_repo
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(operation.path_or_fileobj, target)
+            uploaded.append(operation.path_in_repo)
+        return SimpleNamespace(commit_url="https://example.invalid/commit", oid="0" * 40)
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    return uploaded
+
+
+def test_push_to_hub_uploads_what_save_pretrained_writes(tmp_path, monkeypatch):
+    model = patched("gpt2-lm")
+    model.config.neural_attention_base_model = "openai-community/gpt2"
+    uploaded = fake_hub_upload(monkeypatch, tmp_path / "hub")
+    model.push_to_hub("me/gpt2-neural", tags=["my-tag"])
+    model.save_pretrained(tmp_path / "saved")
+    assert sorted(uploaded) == sorted(p.name for p in (tmp_path / "saved").iterdir())
+
+    card = ModelCard.load(tmp_path / "hub" / "README.md")
+    assert card.data.library_name == "transformers" and card.data.base_model == "openai-community/gpt2"
+    assert {"neural-attention", "hf-neural-attention", "my-tag"} <= set(card.data.tags)
+    for text in ('from_pretrained("me/gpt2-neural", trust_remote_code=True)', "import hf_neural_attention",
+                 "arXiv:2502.17206", "`proj_dim` | `4`", "@article{digiugno2025neural"):
+        assert text in card.text, text
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hub")
+    assert torch.equal(logits(loaded, "gpt2-lm"), logits(model, "gpt2-lm"))
+
+
+@pytest.mark.slow
+def test_load_without_the_plugin_in_a_fresh_process(tmp_path, monkeypatch):
+    jobs = []
+    for kind in ("gpt2-lm", "vit"):
+        model = patched(kind, layers=[0, 1])
+        folder = tmp_path / kind
+        if kind == "gpt2-lm":  # what push_to_hub uploads, loaded back
+            fake_hub_upload(monkeypatch, folder)
+            model.push_to_hub("me/neural")
+        else:
+            model.save_pretrained(folder)
+        inputs = make_inputs("vit" if kind == "vit" else "gpt2")
+        save_file(inputs, str(tmp_path / f"{kind}-in.safetensors"))
+        torch.save(logits(model, kind), tmp_path / f"{kind}-expected.pt")
+        jobs.append({"dir": str(folder), "auto": STOCK[kind][2].__name__,
+                     "inputs": str(tmp_path / f"{kind}-in.safetensors"), "out": str(tmp_path / f"{kind}-out.st")})
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("PYTHON", "HF_"))}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), HF_MODULES_CACHE=str(tmp_path / "modules"),
+               OMP_NUM_THREADS="1", PYTHONNOUSERSITE="1")
+    result = subprocess.run([sys.executable, "-c", REMOTE_LOADER, json.dumps(jobs)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job, kind in zip(jobs, ("gpt2-lm", "vit"), strict=True):
+        expected = torch.load(tmp_path / f"{kind}-expected.pt", weights_only=True)
+        assert torch.equal(load_file(job["out"])["logits"], expected), kind
+
+
+# --- bad inputs ----------------------------------------------------------------------------------------------------
+def _edit_config(folder: Path, **changes) -> None:
+    data = json.loads((folder / "config.json").read_text())
+    data.update(changes)
+    (folder / "config.json").write_text(json.dumps(data))
+
+
+def _edit_weights(folder: Path, edit) -> None:
+    weights = load_file(folder / "model.safetensors")
+    edit(weights)
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_bad_checkpoints_fail_clearly(tmp_path):
+    model = patched("gpt2-lm")
+    model.save_pretrained(tmp_path / "good")
+
+    def variant(name: str) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(tmp_path / "good", folder)
+        return folder
+
+    folder = variant("layers")
+    _edit_config(folder, neural_attention_layers=[0, 7])
+    with pytest.raises((ValueError, StrictDataclassError), match=r"layers this model does not have"):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+    folder = variant("missing")
+    _edit_weights(folder, lambda w: w.pop("transformer.h.0.attn.neural_scorer.hidden_weight"))
+    with pytest.raises(ValueError, match="scorer weights missing"):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+    folder = variant("nan")
+    _edit_weights(folder, lambda w: w["transformer.h.0.attn.neural_scorer.output_weight"].fill_(float("nan")))
+    with pytest.raises(ValueError, match="non-finite scorer weights"):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+    folder = variant("shape")
+    _edit_config(folder, neural_attention_proj_dim=2)
+    with pytest.raises((ValueError, RuntimeError), match="(?i)shape|size"):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+    folder = variant("truncated")
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(Exception):  # noqa: B017 - safetensors' own error type; anything but a half-loaded model
+        AutoModelForCausalLM.from_pretrained(folder)
+
+    folder = variant("extra")
+    _edit_config(folder, neural_attention_layers=[1])
+    with pytest.raises(ValueError, match="scorer weights"):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
+# --- Trainer -------------------------------------------------------------------------------------------------------
+class _TokenData(torch.utils.data.Dataset):
+    def __init__(self) -> None:
+        generator = torch.Generator().manual_seed(3)
+        self.rows = torch.randint(1, 100, (16, SEQ), generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.rows[index], "labels": self.rows[index]}
+
+
+@pytest.mark.slow
+def test_trainer_checkpoints_load_and_resume_exactly(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    def run(output_dir: Path, resume: str | None = None) -> tuple[Trainer, dict[str, torch.Tensor]]:
+        args = TrainingArguments(output_dir=str(output_dir), max_steps=4, save_steps=2, per_device_train_batch_size=4,
+                                 learning_rate=1e-2, seed=0, data_seed=0, dataloader_num_workers=0, report_to=[],
+                                 use_cpu=True, logging_steps=100, disable_tqdm=True)
+        trainer = Trainer(model=patched("gpt2-lm"), args=args, train_dataset=_TokenData())
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+    trainer, final = run(tmp_path / "full")
+    checkpoint = tmp_path / "full" / "checkpoint-2"
+    loaded = AutoModelForCausalLM.from_pretrained(checkpoint)
+    assert type(loaded) is NeuralAttentionGPT2ForCausalLM and len(scorers(loaded)) == 1
+    saved = load_file(checkpoint / "model.safetensors")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in saved.items())
+
+    resumed, resumed_final = run(tmp_path / "full", resume=str(checkpoint))
+    assert resumed.state.global_step == trainer.state.global_step == 4
+    assert final.keys() == resumed_final.keys()
+    assert all(torch.equal(final[k], resumed_final[k]) for k in final)
