@@ -1,0 +1,326 @@
+"""GPU benchmark (and correctness check) of the fused Triton Neural Attention kernel.
+
+One short run (a few minutes on an H100) that
+
+1. checks the kernel against a float64 materialising reference at small, odd shapes on the GPU (forward and
+   every gradient; paper / authors MLP, causal, padding mask with fully-masked rows, residual dot term,
+   fp32 / bf16), with the default (GPU) block sizes; skip it with ``--skip-check``;
+2. times forward and forward+backward of ``neural_attention_triton`` against
+   ``torch.nn.functional.scaled_dot_product_attention`` (flash backend, bf16) for n = 1024 .. 8192,
+   d' in (2, 16), 12 heads of 64, batch = tokens // n (constant tokens per step), median of repeats with
+   CUDA events, peak memory with ``torch.cuda.max_memory_allocated``;
+3. writes a CSV (default ``$OUT/bench_triton_gpu.csv`` or ``./bench_triton_gpu.csv``) and prints a markdown table.
+
+Usage::
+
+    python benchmarks/bench_triton_gpu.py                 # check + full sweep
+    python benchmarks/bench_triton_gpu.py --check-only
+    python benchmarks/bench_triton_gpu.py --lengths 1024 2048 --hidden 16 --mlp paper
+
+Exit status: 0 ok, 1 correctness check failed, 2 no CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+# ------------------------------------------------------------------------------------------ float64 reference
+def _act(x, name):
+    return {"relu": torch.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}[name](x)
+
+
+def reference(
+    A, B, V, w, w2=None, b2=None, *, activation="relu", mask=None, causal=False, dq=None, dk=None, dot_scale=1.0
+):
+    A, B, V, w = (t.double() for t in (A, B, V, w))
+    pre = A[:, :, :, None, :] + B[:, :, None, :, :]
+    if w2 is None:
+        s = (_act(pre, activation) * w[None, :, None, None, :]).sum(-1)
+    else:
+        z = torch.einsum("bhijm,hrm->bhijr", torch.relu(pre), w2.double()) + b2.double()[None, :, None, None, :]
+        s = (torch.relu(z) * w[None, :, None, None, :]).sum(-1)
+    if dq is not None:
+        s = s + dot_scale * dq.double() @ dk.double().transpose(-1, -2)
+    lq, lk = s.shape[-2:]
+    valid = torch.ones(lq, lk, dtype=torch.bool, device=s.device).expand_as(s)
+    if mask is not None:
+        valid = valid & mask
+    if causal:
+        valid = valid & torch.ones(lq, lk, dtype=torch.bool, device=s.device).tril()
+    s = s.masked_fill(~valid, float("-inf"))
+    s = torch.where(valid.any(-1, keepdim=True), s, torch.zeros_like(s))
+    return (torch.softmax(s, -1) * valid) @ V
+
+
+def correctness_check(fn, dev: str = "cuda", det_len: int = 300) -> bool:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    cases = [
+        # name, b, h, lq, lk, hidden, vdim, authors, shared, dot, dtype, kwargs, tol
+        ("paper relu causal fp32", 2, 3, 77, 131, 3, 64, False, False, 0, torch.float32, dict(causal=True), 1e-4),
+        ("paper gelu mask fp32", 2, 2, 65, 70, 16, 40, False, True, 0, torch.float32, dict(activation="gelu"), 1e-4),
+        (
+            "paper silu dot bf16",
+            2,
+            2,
+            100,
+            100,
+            8,
+            64,
+            False,
+            False,
+            64,
+            torch.bfloat16,
+            dict(activation="silu", causal=True, dot_scale=0.125),
+            5e-2,
+        ),
+        ("authors causal fp32", 1, 2, 90, 140, 16, 64, True, False, 0, torch.float32, dict(causal=True), 1e-4),
+        ("authors mask bf16", 2, 2, 33, 97, 2, 64, True, True, 0, torch.bfloat16, dict(), 5e-2),
+        (
+            "paper tanh dot fp16",
+            1,
+            2,
+            129,
+            64,
+            16,
+            64,
+            False,
+            False,
+            32,
+            torch.float16,
+            dict(activation="tanh", dot_scale=0.2),
+            1e-2,
+        ),
+    ]
+    ok = True
+    for name, b, h, lq, lk, hid, vd, authors, shared, dot, dtype, kw, tol in cases:
+
+        def r(*shape, scale=1.0, dtype=dtype):
+            return (torch.randn(*shape, generator=g) * scale).to(dev, dtype).requires_grad_()
+
+        hw = 1 if shared else h
+        t = dict(A=r(b, h, lq, hid), B=r(b, h, lk, hid), V=r(b, h, lk, vd))
+        if authors:
+            h2 = max(hid // 2, 1)
+            t.update(w=r(hw, h2), w2=r(hw, h2, hid, scale=0.5), b2=r(hw, h2, scale=0.3))
+        else:
+            t.update(w=r(hw, hid))
+        if dot:
+            t.update(dq=r(b, h, lq, dot, scale=0.5), dk=r(b, h, lk, dot, scale=0.5))
+        if "mask" in name:
+            m = torch.rand(b, 1, lq, lk, generator=g) > 0.3
+            m[0, 0, 5] = False  # a fully masked row
+            kw = dict(kw, mask=m.to(dev))
+        args = (t["A"], t["B"], t["V"], t["w"], t.get("w2"), t.get("b2"))
+        out = fn(*args, dot_query=t.get("dq"), dot_key=t.get("dk"), **kw)
+        ref = reference(*args, dq=t.get("dq"), dk=t.get("dk"), **kw)
+        go = torch.randn(ref.shape, generator=g).to(dev, out.dtype)  # same values for both
+        names = list(t)
+        g_k = torch.autograd.grad(out, [t[n] for n in names], go)
+        g_r = torch.autograd.grad(ref, [t[n] for n in names], go.double())
+        errs = {}
+        for n, a, e in [("out", out, ref), *zip(names, g_k, g_r, strict=True)]:
+            err = (a.double() - e).abs().max().item() / max(1.0, e.abs().max().item())
+            errs[n] = err if torch.isfinite(a).all() else math.inf
+        worst = max(errs, key=errs.get)
+        passed = errs[worst] <= tol
+        ok &= passed
+        print(f"[check] {'PASS' if passed else 'FAIL'} {name:24s} worst={worst}:{errs[worst]:.2e} (tol {tol:.0e})")
+    # determinism of the backward pass
+    A = torch.randn(2, 4, det_len, 8, device=dev, requires_grad=True)
+    B = torch.randn(2, 4, det_len, 8, device=dev, requires_grad=True)
+    V = torch.randn(2, 4, det_len, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(1, 8, device=dev, requires_grad=True)
+    go = torch.randn(2, 4, det_len, 64, device=dev, dtype=torch.bfloat16)
+    g1 = torch.autograd.grad(fn(A, B, V, w, causal=True), (A, B, V, w), go)
+    g2 = torch.autograd.grad(fn(A, B, V, w, causal=True), (A, B, V, w), go)
+    det = all(torch.equal(x, y) for x, y in zip(g1, g2, strict=True))
+    print(f"[check] {'PASS' if det else 'FAIL'} backward bitwise deterministic")
+    return ok and det
+
+
+# ------------------------------------------------------------------------------------------ timing
+def time_cuda(fn, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def peak_mib(fn) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def bench_case(kind, n, batch, heads, head_dim, hidden, causal, repeats, warmup, fn=None):
+    dev, dt = "cuda", torch.bfloat16
+    go = torch.randn(batch, heads, n, head_dim, device=dev, dtype=dt)
+    if kind == "sdpa_flash":
+        q, k, v = (torch.randn(batch, heads, n, head_dim, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
+        params = (q, k, v)
+
+        def fwd():
+            with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    else:
+        mlp = kind.split("_")[1]
+        A = torch.randn(batch, heads, n, hidden, device=dev, dtype=dt, requires_grad=True)
+        B = torch.randn(batch, heads, n, hidden, device=dev, dtype=dt, requires_grad=True)
+        v = torch.randn(batch, heads, n, head_dim, device=dev, dtype=dt, requires_grad=True)
+        if mlp == "authors":
+            h2 = max(hidden // 2, 1)
+            w = torch.randn(heads, h2, device=dev, requires_grad=True)
+            w2 = torch.randn(heads, h2, hidden, device=dev, requires_grad=True)
+            b2 = torch.randn(heads, h2, device=dev, requires_grad=True)
+            params = (A, B, v, w, w2, b2)
+        else:
+            w = torch.randn(heads, hidden, device=dev, requires_grad=True)
+            w2 = b2 = None
+            params = (A, B, v, w)
+
+        def fwd():
+            return fn(A, B, v, w, w2, b2, causal=causal)
+
+    def fwd_bwd():
+        out = fwd()
+        out.backward(go)
+        for p in params:
+            p.grad = None
+
+    with torch.no_grad():
+        t_fwd = time_cuda(fwd, repeats, warmup)
+    t_fb = time_cuda(fwd_bwd, repeats, warmup)
+    mem = peak_mib(fwd_bwd)
+    return t_fwd, t_fb, mem
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    ap.add_argument("--hidden", type=int, nargs="+", default=[2, 16], help="d' (= MLP hidden size)")
+    ap.add_argument("--mlp", nargs="+", default=["paper", "authors"], choices=["paper", "authors"])
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--tokens", type=int, default=16384, help="batch = tokens // n")
+    ap.add_argument("--no-causal", action="store_true")
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--check-only", action="store_true")
+    ap.add_argument("--csv", default=str(Path(os.environ.get("OUT", ".")) / "bench_triton_gpu.csv"))
+    args = ap.parse_args()
+
+    if not torch.cuda.is_available():
+        print("bench_triton_gpu.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing to do.")
+        return 2
+    os.environ.pop("TRITON_INTERPRET", None)
+    from hf_neural_attention.triton_neural_attention import TRITON_AVAILABLE, neural_attention_triton
+
+    if not TRITON_AVAILABLE:
+        print("bench_triton_gpu.py needs the `triton` package.")
+        return 2
+    print(f"# device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+
+    t0 = time.time()
+    ok = True
+    if not args.skip_check:
+        ok = correctness_check(neural_attention_triton)
+        print(f"[check] {'ALL PASS' if ok else 'FAILURES'} ({time.time() - t0:.1f}s)")
+        if args.check_only:
+            return 0 if ok else 1
+
+    causal = not args.no_causal
+    rows = []
+    for n in args.lengths:
+        batch = max(1, args.tokens // n)
+        cases = [("sdpa_flash", 0)] + [(f"neural_{m}", h) for m in args.mlp for h in args.hidden]
+        for kind, hidden in cases:
+            try:
+                t_fwd, t_fb, mem = bench_case(
+                    kind,
+                    n,
+                    batch,
+                    args.heads,
+                    args.head_dim,
+                    hidden,
+                    causal,
+                    args.repeats,
+                    args.warmup,
+                    neural_attention_triton,
+                )
+                err = ""
+            except torch.OutOfMemoryError as e:  # keep going: report the row
+                t_fwd = t_fb = mem = float("nan")
+                err = f"OOM: {str(e).splitlines()[0][:80]}"
+                torch.cuda.empty_cache()
+            row = dict(
+                kind=kind,
+                n=n,
+                batch=batch,
+                heads=args.heads,
+                head_dim=args.head_dim,
+                hidden=hidden,
+                causal=causal,
+                fwd_ms=round(t_fwd, 3),
+                fwd_bwd_ms=round(t_fb, 3),
+                peak_mem_mib=round(mem, 1),
+                note=err,
+            )
+            rows.append(row)
+            print(
+                f"[bench] {kind:16s} n={n:5d} b={batch:3d} d'={hidden:2d} fwd {t_fwd:8.2f} ms  "
+                f"fwd+bwd {t_fb:8.2f} ms  peak {mem:8.1f} MiB {err}",
+                flush=True,
+            )
+
+    Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.csv, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+    flash = {r["n"]: r for r in rows if r["kind"] == "sdpa_flash"}
+    print(
+        f"\n### Neural Attention (Triton) vs SDPA flash, bf16, {args.heads}x{args.head_dim}, "
+        f"{'causal' if causal else 'full'}, {args.tokens} tokens/step ({torch.cuda.get_device_name()})\n"
+    )
+    print("| kernel | d' | n | batch | fwd ms | fwd+bwd ms | x flash (fwd+bwd) | peak MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = r["fwd_bwd_ms"] / flash[r["n"]]["fwd_bwd_ms"] if r["n"] in flash else float("nan")
+        hid = "-" if r["kind"] == "sdpa_flash" else r["hidden"]
+        print(
+            f"| {r['kind']} | {hid} | {r['n']} | {r['batch']} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | "
+            f"{ratio:.1f} | {r['peak_mem_mib']:.0f} |"
+        )
+    print(f"\nCSV: {args.csv}   total {time.time() - t0:.0f}s")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

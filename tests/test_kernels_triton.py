@@ -1,0 +1,332 @@
+"""Tests of the fused Triton backend against an independent float64 materialising reference.
+
+Without CUDA the kernels run on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1), which is
+slow: shapes are tiny and the block size is 16 so that odd sizes still span several blocks.
+"""
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+_CUDA = torch.cuda.is_available()
+_MODULE = "hf_neural_attention.triton_neural_attention"
+
+# TRITON_INTERPRET must be set before triton / the kernels are imported (jit decides at decoration time).
+# It is restored right after import so that it does not leak into other test modules of the session.
+_saved_env = os.environ.get("TRITON_INTERPRET")
+if not _CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+try:
+    triton = pytest.importorskip("triton")
+    tna = importlib.import_module(_MODULE)
+    if not _CUDA and type(tna._fwd_kernel).__name__ != "InterpretedFunction":
+        tna = importlib.reload(sys.modules[_MODULE])  # imported earlier without the interpreter
+finally:
+    if _saved_env is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _saved_env
+
+pytestmark = pytest.mark.triton
+neural_attention_triton = tna.neural_attention_triton
+DEVICE = "cuda" if _CUDA else "cpu"
+BLOCK = dict(block_m=16, block_n=16)
+
+
+@pytest.fixture(autouse=True)
+def _interpret_env(monkeypatch):
+    if not _CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+# ------------------------------------------------------------------------------------------------ reference
+def _act(x, name):
+    return {
+        "relu": torch.relu,
+        "gelu": torch.nn.functional.gelu,
+        "silu": torch.nn.functional.silu,
+        "tanh": torch.tanh,
+    }[name](x)
+
+
+def reference(
+    A,
+    B,
+    V,
+    w,
+    w2=None,
+    b2=None,
+    *,
+    activation="relu",
+    mask=None,
+    causal=False,
+    dq=None,
+    dk=None,
+    dot_scale=1.0,
+    drop_keep=None,
+    dropout_p=0.0,
+):
+    """Materialise (b, h, lq, lk, hidden) in float64; fully-masked rows give zero output."""
+    A, B, V, w = (t.double() for t in (A, B, V, w))
+    pre = A[:, :, :, None, :] + B[:, :, None, :, :]  # (b, h, lq, lk, hidden)
+    if w2 is None:
+        s = (_act(pre, activation) * w[None, :, None, None, :]).sum(-1)
+    else:
+        h1 = torch.relu(pre)
+        z = torch.einsum("bhijm,hrm->bhijr", h1, w2.double())
+        if b2 is not None:
+            z = z + b2.double()[None, :, None, None, :]
+        s = (torch.relu(z) * w[None, :, None, None, :]).sum(-1)
+    if dq is not None:
+        s = s + dot_scale * dq.double() @ dk.double().transpose(-1, -2)
+    lq, lk = s.shape[-2:]
+    valid = torch.ones(lq, lk, dtype=torch.bool, device=s.device).expand_as(s)
+    if mask is not None:
+        valid = valid & mask
+    if causal:
+        valid = valid & torch.ones(lq, lk, dtype=torch.bool, device=s.device).tril()
+    s = s.masked_fill(~valid, float("-inf"))
+    s = torch.where(valid.any(-1, keepdim=True), s, torch.zeros_like(s))
+    p = torch.softmax(s, -1) * valid
+    if drop_keep is not None:
+        p = p * drop_keep / (1.0 - dropout_p)
+    return p @ V
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def make_inputs(
+    b=1, h=2, lq=5, lk=7, hidden=3, vdim=5, *, authors=False, shared=False, dot=0, dtype=torch.float32, seed=0
+):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(DEVICE, dtype).requires_grad_()
+
+    hw = 1 if shared else h
+    t = dict(A=r(b, h, lq, hidden), B=r(b, h, lk, hidden), V=r(b, h, lk, vdim))
+    if authors:
+        hidden2 = max(hidden // 2, 1)
+        t.update(w=r(hw, hidden2), w2=r(hw, hidden2, hidden, scale=0.7), b2=r(hw, hidden2, scale=0.3))
+    else:
+        t.update(w=r(hw, hidden))
+    if dot:
+        t.update(dq=r(b, h, lq, dot, scale=0.5), dk=r(b, h, lk, dot, scale=0.5))
+    return t
+
+
+def run_kernel(t, **kw):
+    return neural_attention_triton(
+        t["A"],
+        t["B"],
+        t["V"],
+        t["w"],
+        t.get("w2"),
+        t.get("b2"),
+        dot_query=t.get("dq"),
+        dot_key=t.get("dk"),
+        **BLOCK,
+        **kw,
+    )
+
+
+def run_reference(t, **kw):
+    return reference(t["A"], t["B"], t["V"], t["w"], t.get("w2"), t.get("b2"), dq=t.get("dq"), dk=t.get("dk"), **kw)
+
+
+def grads(out, t, grad_out):
+    names = list(t)
+    gs = torch.autograd.grad(out, [t[n] for n in names], grad_out, allow_unused=True)
+    return dict(zip(names, gs, strict=True))
+
+
+def assert_close(actual, expected, tol, what):
+    """max |actual - expected| <= tol * max(1, max |expected|)  (scale-aware absolute tolerance)."""
+    assert actual is not None, f"{what}: no gradient"
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    err = (actual.double() - expected.double()).abs().max().item()
+    scale = max(1.0, expected.double().abs().max().item())
+    assert err <= tol * scale, f"{what}: max abs err {err:.3e} > {tol:.1e} * {scale:.3g}"
+
+
+FP32_TOL = 2e-5
+FP16_TOL = 5e-3
+BF16_TOL = 3e-2  # bf16 inputs/outputs and bf16 MMA operands (P, dS rounded to bf16), fp32 accumulation
+
+
+def check(t, tol=FP32_TOL, ref_kw=None, **kw):
+    out = run_kernel(t, **kw)
+    assert out.dtype == t["V"].dtype
+    ref = run_reference(t, **(ref_kw if ref_kw is not None else kw))
+    assert_close(out, ref, tol, "output")
+    gen = torch.Generator().manual_seed(123)
+    grad_out = torch.randn(ref.shape, generator=gen).to(DEVICE, out.dtype)  # the reference gets the same values
+    g = grads(out, t, grad_out)
+    g_ref = grads(ref, t, grad_out.double())
+    for name in t:
+        assert_close(g[name], g_ref[name], tol, f"grad {name}")
+        assert g[name].dtype == t[name].dtype
+    return out, g
+
+
+# ------------------------------------------------------------------------------------------------ tests
+def test_triton_is_usable(monkeypatch):
+    x = torch.zeros(1, device=DEVICE)
+    assert tna.TRITON_AVAILABLE
+    assert tna.triton_is_usable(x)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not tna.triton_is_usable(torch.zeros(1))  # CPU tensor, no interpreter
+
+
+@pytest.mark.parametrize("lq,lk", [(1, 7), (5, 5), (17, 23)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_paper_relu_odd_sizes(lq, lk, causal):
+    t = make_inputs(lq=lq, lk=lk, hidden=3, vdim=5, seed=lq * 100 + lk)
+    check(t, causal=causal)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "silu", "tanh"])
+def test_paper_smooth_activations(activation):
+    t = make_inputs(lq=17, lk=9, hidden=4, vdim=3, seed=7)
+    check(t, activation=activation)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_authors_mlp(shared):
+    t = make_inputs(b=2, lq=17, lk=20, hidden=5, vdim=4, authors=True, shared=shared, seed=11)
+    check(t, causal=True)
+
+
+def test_shared_weights_residual_dot_paper():
+    t = make_inputs(b=2, h=3, lq=17, lk=19, hidden=2, vdim=6, shared=True, dot=8, seed=3)
+    check(t, dot_scale=0.35)
+
+
+@pytest.mark.parametrize("bm,bn", [(16, 32), (32, 16)])
+def test_unequal_blocks_causal(bm, bn):
+    t = make_inputs(lq=33, lk=41, hidden=2, vdim=3, dot=4, seed=bm)
+    out = neural_attention_triton(
+        t["A"], t["B"], t["V"], t["w"], causal=True, dot_query=t["dq"], dot_key=t["dk"], block_m=bm, block_n=bn
+    )
+    ref = run_reference(t, causal=True)
+    assert_close(out, ref, FP32_TOL, "output")
+    go = torch.randn(ref.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    g, g_ref = grads(out, t, go.float()), grads(ref, t, go)
+    for name in t:
+        assert_close(g[name], g_ref[name], FP32_TOL, f"grad {name}")
+
+
+def test_causal_kv_longer_than_q_with_dot():
+    # upper-left aligned: key j visible to query i iff j <= i, also when k_len > q_len
+    t = make_inputs(lq=5, lk=33, hidden=3, vdim=4, dot=4, seed=5)
+    check(t, causal=True, dot_scale=0.5)
+
+
+def test_padding_mask_and_fully_masked_rows():
+    b, h, lq, lk = 2, 2, 17, 21
+    t = make_inputs(b=b, h=h, lq=lq, lk=lk, hidden=3, vdim=5, seed=9)
+    # (b, 1, 1, lk) padding mask (broadcast: stride 0) and a (b, 1, lq, lk) mask with fully masked rows
+    keep = torch.ones(b, 1, 1, lk, dtype=torch.bool, device=DEVICE)
+    keep[0, ..., 15:] = False
+    keep[1, ..., :4] = False
+    check(t, mask=keep)
+    m = torch.rand(b, 1, lq, lk, generator=torch.Generator().manual_seed(1)).to(DEVICE) > 0.4
+    m[0, 0, 3] = False
+    m[1, 0, 16] = False
+    out, g = check(t, mask=m)
+    assert (out[0, :, 3] == 0).all() and (out[1, :, 16] == 0).all()
+    assert (g["A"][0, :, 3] == 0).all() and (g["A"][1, :, 16] == 0).all()
+
+
+def test_empty_rows_causal_kv_shorter_is_fine_and_all_masked():
+    t = make_inputs(lq=5, lk=3, hidden=2, vdim=3, seed=13)
+    check(t, mask=torch.zeros(1, 1, 5, 3, dtype=torch.bool, device=DEVICE))
+
+
+def test_bf16_inputs():
+    t = make_inputs(lq=17, lk=18, hidden=4, vdim=8, dot=16, dtype=torch.bfloat16, seed=21)
+    check(t, tol=BF16_TOL, causal=True, dot_scale=0.25)
+
+
+def test_fp16_inputs_mixed_precision_hidden():
+    # fp32 projections (A, B, weights) with a half-precision value / dot path
+    t = make_inputs(lq=17, lk=18, hidden=4, vdim=8, dot=16, seed=23)
+    for name in ("V", "dq", "dk"):
+        t[name] = t[name].detach().half().requires_grad_()
+    check(t, tol=FP16_TOL, dot_scale=0.25)
+
+
+def test_noncontiguous_inputs_and_2d_mask():
+    b, h, lq, lk = 2, 3, 9, 17
+    t = make_inputs(b=b, h=h, lq=lq, lk=lk, hidden=2, vdim=5, dot=4, seed=25)
+    # value / dot tensors as (batch, len, heads, dim).transpose(1, 2) views, like HF attention layers
+    for name in ("V", "dq", "dk"):
+        x = t[name].detach()
+        t[name] = x.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+        assert not t[name].is_contiguous()
+    m = torch.rand(lq, lk, generator=torch.Generator().manual_seed(2)).to(DEVICE) > 0.3
+    check(t, mask=m)
+
+
+def test_bf16_authors():
+    t = make_inputs(lq=9, lk=17, hidden=4, vdim=8, authors=True, dtype=torch.bfloat16, seed=22)
+    check(t, tol=BF16_TOL)
+
+
+def test_dropout_matches_reference_with_recovered_mask():
+    b, h, lq, lk, p = 1, 2, 9, 17, 0.3
+    t = make_inputs(b=b, h=h, lq=lq, lk=lk, hidden=3, vdim=4, seed=31)
+    # with value = identity the output is the dropped-out, rescaled probability matrix itself
+    eye = torch.eye(lk, device=DEVICE).expand(b, h, lk, lk)
+    probs_drop = neural_attention_triton(t["A"], t["B"], eye, t["w"], dropout_p=p, generator_seed=1234, **BLOCK)
+    keep = probs_drop.detach() != 0
+    frac = keep.float().mean().item()
+    assert 0.5 < frac < 0.9, frac
+    # the kernel with real values and the same seed equals the reference with that mask (forward and grads)
+    check(t, ref_kw=dict(drop_keep=keep, dropout_p=p), dropout_p=p, generator_seed=1234)
+
+
+def test_dropout_determinism_and_p0():
+    t = make_inputs(lq=17, lk=17, hidden=2, vdim=4, seed=41)
+    a = run_kernel(t, dropout_p=0.5, generator_seed=7)
+    b = run_kernel(t, dropout_p=0.5, generator_seed=7)
+    c = run_kernel(t, dropout_p=0.5, generator_seed=8)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert torch.equal(run_kernel(t, dropout_p=0.0, generator_seed=7), run_kernel(t))
+
+
+def test_backward_bitwise_deterministic():
+    t = make_inputs(b=2, lq=17, lk=33, hidden=4, vdim=4, authors=True, shared=True, dot=16, seed=51)
+    gen = torch.Generator().manual_seed(0)
+    go = torch.randn(2, 2, 17, 4, generator=gen).to(DEVICE)
+    g1 = grads(run_kernel(t, dot_scale=0.3), t, go)
+    g2 = grads(run_kernel(t, dot_scale=0.3), t, go)
+    for name in t:
+        assert torch.equal(g1[name], g2[name]), name
+
+
+def test_input_validation():
+    t = make_inputs()
+    with pytest.raises(TypeError):
+        run_kernel(t, mask=torch.ones(1, 1, 5, 7, device=DEVICE))
+    with pytest.raises(ValueError):
+        run_kernel(t, activation="swish")
+    with pytest.raises(ValueError):
+        neural_attention_triton(t["A"], t["B"], t["V"], t["w"], block_m=24)
+
+
+def test_weight_without_heads_dim_and_empty_query():
+    t = make_inputs(shared=True, seed=61)
+    w_flat = t["w"].detach()[0].clone().requires_grad_()
+    out_flat = neural_attention_triton(t["A"], t["B"], t["V"], w_flat, **BLOCK)
+    out = run_kernel(t)
+    assert torch.equal(out_flat, out)
+    (g_flat,) = torch.autograd.grad(out_flat.sum(), [w_flat])
+    (g,) = torch.autograd.grad(out.sum(), [t["w"]])
+    assert g_flat.shape == w_flat.shape and torch.equal(g_flat, g[0])
+    empty = neural_attention_triton(t["A"][:, :, :0], t["B"], t["V"], t["w"])
+    assert empty.shape == (1, 2, 0, 5)
