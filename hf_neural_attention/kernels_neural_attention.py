@@ -1,0 +1,832 @@
+"""Fused CPU neural attention: tiled, online softmax, scores recomputed in backward.
+
+Implements the kernel contract of ``docs/design.md`` as a ``torch.autograd.Function``:
+
+- queries are processed in blocks; for each query block the key blocks are visited in order with an online
+  (running max / running sum) softmax accumulated in fp32 (fp64 when an input is fp64);
+- only the output and the per-row log-sum-exp are kept for backward; scores are recomputed tile by tile in
+  backward (flash-attention style: ``D_i = rowsum(dO * O)``, ``dS = P * (dP - D)``);
+- causal tiles above the diagonal and tiles whose mask is all False are skipped;
+- a query row whose keys are all masked gives exact zeros and zero gradients;
+- dropout on the probabilities uses one ``torch.Generator`` per tile, seeded ``generator_seed + tile index``,
+  regenerated in backward (the pattern depends on the block size);
+- no atomics, fixed loop order: bitwise deterministic for a given block size and thread count.
+
+Work inside a tile is batched over ``batch * heads`` with ``bmm``. The hidden units are laid out as
+``(batch*heads, hidden, block_q, block_k)`` so every elementwise pass runs over contiguous key positions.
+
+Backends: ``neural_attention_tiled`` (pure PyTorch) and ``neural_attention_cpp`` (the same tiling, with the
+per-pair MLP of ``mlp="paper"`` computed by a small C++ kernel compiled on first use through
+``torch.utils.cpp_extension.load_inline``; when no compiler is available it falls back to the PyTorch path).
+
+This file travels with Hub checkpoints: it imports only torch and the standard library.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ACTIVATIONS",
+    "choose_block_size",
+    "cpp_available",
+    "neural_attention_cpp",
+    "neural_attention_tiled",
+]
+
+ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
+
+# Elements (fp32) of the largest hidden-sized temporary of one tile: ~4 MiB, so a handful of them sit in L2/L3.
+_TILE_BUDGET = 1 << 20
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# activations and their derivatives
+# --------------------------------------------------------------------------------------------------------------
+def _act_(x: Tensor, name: str) -> Tensor:
+    """Activation of a scratch tile, in place where PyTorch has an in-place form."""
+    if name == "relu":
+        return x.relu_()
+    if name == "gelu":
+        return torch.nn.functional.gelu(x)
+    if name == "silu":
+        return torch.nn.functional.silu(x, inplace=True)
+    if name == "tanh":
+        return x.tanh_()
+    raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}")
+
+
+def _act_grad(pre: Tensor, name: str) -> Tensor:
+    """Derivative of the activation at ``pre`` (relu: 0 at 0, like PyTorch)."""
+    if name == "relu":
+        return (pre > 0).to(pre.dtype)
+    if name == "gelu":
+        cdf = torch.erf(pre * _INV_SQRT2).add_(1.0).mul_(0.5)
+        pdf = torch.exp(pre * pre * -0.5).mul_(_INV_SQRT_2PI)
+        return cdf.add_(pdf.mul_(pre))
+    if name == "silu":
+        s = torch.sigmoid(pre)
+        return s * (1.0 + pre * (1.0 - s))
+    if name == "tanh":
+        t = torch.tanh(pre)
+        return 1.0 - t * t
+    raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# block size
+# --------------------------------------------------------------------------------------------------------------
+def _pow2_floor(x: float) -> int:
+    return 1 << max(int(math.floor(math.log2(max(x, 1.0)))), 0)
+
+
+def _pow2_ceil(x: int) -> int:
+    return 1 << max(int(math.ceil(math.log2(max(x, 1)))), 0)
+
+
+def choose_block_size(
+    groups: int, hidden: int, q_len: int, k_len: int, *, budget: int | None = None
+) -> tuple[int, int]:
+    """``(block_q, block_k)`` such that one hidden-sized tile, ``groups * hidden * block_q * block_k`` elements,
+    stays near ``budget`` (default 2**20 fp32 elements = 4 MiB): small enough for the caches, large enough for the
+    per-op Python overhead to vanish. ``groups`` is batch * heads."""
+    budget = _TILE_BUDGET if budget is None else budget
+    pairs = max(budget // max(groups * hidden, 1), 256)
+    side = min(_pow2_floor(math.sqrt(pairs)), 128)
+    block_q = max(min(side, _pow2_ceil(q_len)), 1)
+    # short query blocks (decoding) take longer key blocks
+    block_k = max(min(_pow2_floor(pairs / block_q), side if block_q == side else 1024, _pow2_ceil(k_len)), 1)
+    return block_q, block_k
+
+
+# --------------------------------------------------------------------------------------------------------------
+# scorers: the per-pair MLP on a tile, and its backward
+# --------------------------------------------------------------------------------------------------------------
+class _PaperScorer:
+    """``score_ij = sum_m w_m act(A_im + B_jm)`` on tiles; ``At``/``Bt`` are ``(G, hidden, len)``."""
+
+    def __init__(self, At: Tensor, Bt: Tensor, w: Tensor, activation: str, need_grad: bool):
+        self.At, self.Bt, self.act = At, Bt, activation
+        self.w_row = w.unsqueeze(1)  # (G, 1, hidden)
+        self.G, self.K = w.shape
+        if activation == "relu":
+            # w * relu(a + b) = w * max(a, -b) + w * b: the last term is a per-key constant (2 passes, not 3)
+            self.nBt = -Bt
+            self.key_const = torch.bmm(self.w_row, Bt).squeeze(1)  # (G, k_len)
+        if need_grad:
+            self.GA = torch.zeros_like(At)
+            self.GB = torch.zeros_like(Bt)
+            self.dw = torch.zeros_like(w) if activation != "relu" else None
+
+    def scores(self, i0: int, i1: int, j0: int, j1: int) -> Tensor:
+        a = self.At[:, :, i0:i1, None]
+        bq, bk = i1 - i0, j1 - j0
+        if self.act == "relu":
+            x = torch.maximum(a, self.nBt[:, :, None, j0:j1])
+            s = torch.bmm(self.w_row, x.view(self.G, self.K, bq * bk)).view(self.G, bq, bk)
+            return s.add_(self.key_const[:, None, j0:j1])
+        h = _act_(a + self.Bt[:, :, None, j0:j1], self.act)
+        return torch.bmm(self.w_row, h.view(self.G, self.K, bq * bk)).view(self.G, bq, bk)
+
+    def scores_for_backward(self, i0: int, i1: int, j0: int, j1: int):
+        bq, bk = i1 - i0, j1 - j0
+        pre = self.At[:, :, i0:i1, None] + self.Bt[:, :, None, j0:j1]
+        if self.act == "relu":
+            h = pre.relu_()  # 1[h > 0] == 1[pre > 0]: h alone suffices for backward
+            cache = h
+        else:
+            h = _act_(pre.clone(), self.act)
+            cache = (pre, h)
+        s = torch.bmm(self.w_row, h.view(self.G, self.K, bq * bk)).view(self.G, bq, bk)
+        return s, cache
+
+    def backward(self, cache, ds: Tensor, i0: int, i1: int, j0: int, j1: int) -> None:
+        if self.act == "relu":
+            g = torch.ops.aten.threshold_backward(ds.unsqueeze(1), cache, 0.0)
+        else:
+            pre, h = cache
+            bq, bk = i1 - i0, j1 - j0
+            self.dw += torch.bmm(h.view(self.G, self.K, bq * bk), ds.reshape(self.G, bq * bk, 1)).squeeze(-1)
+            g = _act_grad(pre, self.act).mul_(ds.unsqueeze(1))
+        self.GA[:, :, i0:i1] += g.sum(-1)
+        self.GB[:, :, j0:j1] += g.sum(-2)
+
+    def grads(self):
+        w = self.w_row.squeeze(1)
+        dA = self.GA * w[:, :, None]
+        dB = self.GB * w[:, :, None]
+        if self.act == "relu":
+            # sum_ij dS relu(a+b) = sum_i a * GA + sum_j b * GB  (relu(x) = x * 1[x > 0])
+            dw = (self.At * self.GA).sum(-1) + (self.Bt * self.GB).sum(-1)
+        else:
+            dw = self.dw
+        return dA, dB, (dw,)
+
+
+class _AuthorsScorer:
+    """``score_ij = w3 . relu(W2 relu(A_i + B_j) + b2)`` on tiles."""
+
+    def __init__(self, At: Tensor, Bt: Tensor, w3: Tensor, W2: Tensor, b2: Tensor, need_grad: bool):
+        self.At, self.Bt = At, Bt
+        self.w3_row = w3.unsqueeze(1)  # (G, 1, H2)
+        self.W2, self.b2 = W2, b2.unsqueeze(-1)  # (G, H2, K), (G, H2, 1)
+        self.G, self.K = At.shape[0], At.shape[1]
+        if need_grad:
+            self.GA = torch.zeros_like(At)
+            self.GB = torch.zeros_like(Bt)
+            self.dw3 = torch.zeros_like(w3)
+            self.dW2 = torch.zeros_like(W2)
+            self.db2 = torch.zeros_like(b2)
+
+    def _forward(self, i0, i1, j0, j1):
+        n = (i1 - i0) * (j1 - j0)
+        h1 = (self.At[:, :, i0:i1, None] + self.Bt[:, :, None, j0:j1]).relu_().view(self.G, self.K, n)
+        h2 = torch.baddbmm(self.b2, self.W2, h1).relu_()
+        s = torch.bmm(self.w3_row, h2).view(self.G, i1 - i0, j1 - j0)
+        return s, (h1, h2)
+
+    def scores(self, i0, i1, j0, j1):
+        return self._forward(i0, i1, j0, j1)[0]
+
+    def scores_for_backward(self, i0, i1, j0, j1):
+        return self._forward(i0, i1, j0, j1)
+
+    def backward(self, cache, ds, i0, i1, j0, j1):
+        h1, h2 = cache
+        n = (i1 - i0) * (j1 - j0)
+        ds = ds.reshape(self.G, 1, n)
+        self.dw3 += torch.bmm(h2, ds.transpose(1, 2)).squeeze(-1)
+        dz = torch.ops.aten.threshold_backward(self.w3_row.transpose(1, 2) * ds, h2, 0.0)  # (G, H2, n)
+        self.dW2 += torch.bmm(dz, h1.transpose(1, 2))
+        self.db2 += dz.sum(-1)
+        dh1 = torch.bmm(self.W2.transpose(1, 2), dz)
+        g = torch.ops.aten.threshold_backward(dh1, h1, 0.0).view(self.G, self.K, i1 - i0, j1 - j0)
+        self.GA[:, :, i0:i1] += g.sum(-1)
+        self.GB[:, :, j0:j1] += g.sum(-2)
+
+    def grads(self):
+        return self.GA, self.GB, (self.dw3, self.dW2, self.db2)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# optional C++ scorer (mlp="paper"): the hidden dimension never leaves registers
+# --------------------------------------------------------------------------------------------------------------
+_CPP_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+
+namespace {
+
+enum Act { RELU = 0, GELU = 1, SILU = 2, TANH = 3 };
+
+template <typename T, int ACT>
+static inline T act_f(T x) {
+  if constexpr (ACT == RELU) return x > T(0) ? x : T(0);
+  if constexpr (ACT == GELU) return T(0.5) * x * (T(1) + std::erf(x * T(0.70710678118654752440)));
+  if constexpr (ACT == SILU) return x / (T(1) + std::exp(-x));
+  return std::tanh(x);
+}
+
+// derivative, and value through *val
+template <typename T, int ACT>
+static inline T act_df(T x, T* val) {
+  if constexpr (ACT == RELU) { *val = x > T(0) ? x : T(0); return x > T(0) ? T(1) : T(0); }
+  if constexpr (ACT == GELU) {
+    T cdf = T(0.5) * (T(1) + std::erf(x * T(0.70710678118654752440)));
+    T pdf = std::exp(T(-0.5) * x * x) * T(0.39894228040143267794);
+    *val = x * cdf; return cdf + x * pdf;
+  }
+  if constexpr (ACT == SILU) {
+    T s = T(1) / (T(1) + std::exp(-x)); *val = x * s; return s * (T(1) + x * (T(1) - s));
+  }
+  T t = std::tanh(x); *val = t; return T(1) - t * t;
+}
+
+// At (G,K,Lq), Bt (G,K,Lk), w (G,K) contiguous -> S (G, i1-i0, j1-j0).
+// Chunks of JB keys keep their JB partial scores in vector registers while the hidden units stream past.
+template <typename T, int ACT>
+void scores_impl(const T* At, const T* Bt, const T* w, T* S, int64_t G, int64_t K, int64_t Lq, int64_t Lk,
+                 int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+  constexpr int JB = 64;
+  const int64_t bq = i1 - i0, bk = j1 - j0;
+  at::parallel_for(0, G * bq, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t g = r / bq, i = r % bq;
+      T* s = S + (g * bq + i) * bk;
+      const T* a_col = At + g * K * Lq + i0 + i;
+      const T* wg = w + g * K;
+      const T* bg = Bt + g * K * Lk + j0;
+      int64_t j = 0;
+      for (; j + JB <= bk; j += JB) {
+        T acc[JB] = {};
+        for (int64_t k = 0; k < K; ++k) {
+          const T a = a_col[k * Lq], wk = wg[k];
+          const T* b = bg + k * Lk + j;
+#pragma omp simd
+          for (int jj = 0; jj < JB; ++jj) acc[jj] += wk * act_f<T, ACT>(a + b[jj]);
+        }
+        for (int jj = 0; jj < JB; ++jj) s[j + jj] = acc[jj];
+      }
+      if (j < bk) {
+        for (int64_t jj = j; jj < bk; ++jj) s[jj] = T(0);
+        for (int64_t k = 0; k < K; ++k) {
+          const T a = a_col[k * Lq], wk = wg[k];
+          const T* b = bg + k * Lk;
+#pragma omp simd
+          for (int64_t jj = j; jj < bk; ++jj) s[jj] += wk * act_f<T, ACT>(a + b[jj]);
+        }
+      }
+    }
+  });
+}
+
+// dS (G,bq,bk); accumulates GA (G,K,Lq) += sum_j act'(pre) dS, GB (G,K,Lk) += sum_i act'(pre) dS and, except for
+// relu (whose dw follows from GA and GB), dw (G,K) += sum_ij act(pre) dS. Parallel over (g, k): every accumulator
+// has exactly one writer and a fixed summation order (deterministic).
+template <typename T, int ACT>
+void backward_impl(const T* At, const T* Bt, const T* dS, T* GA, T* GB, T* dw, int64_t G, int64_t K,
+                   int64_t Lq, int64_t Lk, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+  const int64_t bq = i1 - i0, bk = j1 - j0;
+  at::parallel_for(0, G * K, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t gk = begin; gk < end; ++gk) {
+      const int64_t g = gk / K;
+      const T* __restrict b = Bt + gk * Lk + j0;
+      T* __restrict gb = GB + gk * Lk + j0;
+      T* ga_out = GA + gk * Lq + i0;
+      const T* a_col = At + gk * Lq + i0;
+      const T* dsg = dS + g * bq * bk;
+      if constexpr (ACT == RELU) {
+        int64_t i = 0;
+        for (; i + 4 <= bq; i += 4) {  // four query rows per sweep: one load/store of gb per four rows
+          const T a0 = a_col[i], a1 = a_col[i + 1], a2 = a_col[i + 2], a3 = a_col[i + 3];
+          const T* __restrict d0 = dsg + i * bk;
+          const T* __restrict d1 = d0 + bk;
+          const T* __restrict d2 = d1 + bk;
+          const T* __restrict d3 = d2 + bk;
+          T g0 = T(0), g1 = T(0), g2 = T(0), g3 = T(0);
+#pragma omp simd reduction(+ : g0, g1, g2, g3)
+          for (int64_t j = 0; j < bk; ++j) {
+            const T nb = -b[j];
+            const T m0 = a0 > nb ? d0[j] : T(0), m1 = a1 > nb ? d1[j] : T(0);
+            const T m2 = a2 > nb ? d2[j] : T(0), m3 = a3 > nb ? d3[j] : T(0);
+            g0 += m0; g1 += m1; g2 += m2; g3 += m3;
+            gb[j] += (m0 + m1) + (m2 + m3);
+          }
+          ga_out[i] += g0; ga_out[i + 1] += g1; ga_out[i + 2] += g2; ga_out[i + 3] += g3;
+        }
+        for (; i < bq; ++i) {
+          const T a = a_col[i];
+          const T* __restrict ds = dsg + i * bk;
+          T ga = T(0);
+#pragma omp simd reduction(+ : ga)
+          for (int64_t j = 0; j < bk; ++j) {
+            const T m = a > -b[j] ? ds[j] : T(0);
+            ga += m;
+            gb[j] += m;
+          }
+          ga_out[i] += ga;
+        }
+      } else {
+        T dw_acc = T(0);
+        for (int64_t i = 0; i < bq; ++i) {
+          const T a = a_col[i];
+          const T* __restrict ds = dsg + i * bk;
+          T ga = T(0), wacc = T(0);
+#pragma omp simd reduction(+ : ga, wacc)
+          for (int64_t j = 0; j < bk; ++j) {
+            T v;
+            const T d = act_df<T, ACT>(a + b[j], &v);
+            const T m = d * ds[j];
+            ga += m;
+            gb[j] += m;
+            wacc += v * ds[j];
+          }
+          ga_out[i] += ga;
+          dw_acc += wacc;
+        }
+        dw[gk] += dw_acc;
+      }
+    }
+  });
+}
+
+template <typename T>
+void dispatch_scores(int act, const T* At, const T* Bt, const T* w, T* S, int64_t G, int64_t K, int64_t Lq,
+                     int64_t Lk, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+  switch (act) {
+    case RELU: scores_impl<T, RELU>(At, Bt, w, S, G, K, Lq, Lk, i0, i1, j0, j1); break;
+    case GELU: scores_impl<T, GELU>(At, Bt, w, S, G, K, Lq, Lk, i0, i1, j0, j1); break;
+    case SILU: scores_impl<T, SILU>(At, Bt, w, S, G, K, Lq, Lk, i0, i1, j0, j1); break;
+    default: scores_impl<T, TANH>(At, Bt, w, S, G, K, Lq, Lk, i0, i1, j0, j1); break;
+  }
+}
+
+template <typename T>
+void dispatch_backward(int act, const T* At, const T* Bt, const T* dS, T* GA, T* GB, T* dw, int64_t G,
+                       int64_t K, int64_t Lq, int64_t Lk, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+  switch (act) {
+    case RELU: backward_impl<T, RELU>(At, Bt, dS, GA, GB, dw, G, K, Lq, Lk, i0, i1, j0, j1); break;
+    case GELU: backward_impl<T, GELU>(At, Bt, dS, GA, GB, dw, G, K, Lq, Lk, i0, i1, j0, j1); break;
+    case SILU: backward_impl<T, SILU>(At, Bt, dS, GA, GB, dw, G, K, Lq, Lk, i0, i1, j0, j1); break;
+    default: backward_impl<T, TANH>(At, Bt, dS, GA, GB, dw, G, K, Lq, Lk, i0, i1, j0, j1); break;
+  }
+}
+
+}  // namespace
+
+torch::Tensor paper_scores(torch::Tensor At, torch::Tensor Bt, torch::Tensor w, int64_t act, int64_t i0,
+                           int64_t i1, int64_t j0, int64_t j1) {
+  TORCH_CHECK(At.is_contiguous() && Bt.is_contiguous() && w.is_contiguous(), "contiguous inputs expected");
+  const int64_t G = At.size(0), K = At.size(1), Lq = At.size(2), Lk = Bt.size(2);
+  auto S = torch::empty({G, i1 - i0, j1 - j0}, At.options());
+  if (At.scalar_type() == torch::kDouble)
+    dispatch_scores<double>(act, At.data_ptr<double>(), Bt.data_ptr<double>(), w.data_ptr<double>(),
+                            S.data_ptr<double>(), G, K, Lq, Lk, i0, i1, j0, j1);
+  else
+    dispatch_scores<float>(act, At.data_ptr<float>(), Bt.data_ptr<float>(), w.data_ptr<float>(),
+                           S.data_ptr<float>(), G, K, Lq, Lk, i0, i1, j0, j1);
+  return S;
+}
+
+void paper_backward(torch::Tensor At, torch::Tensor Bt, torch::Tensor dS, torch::Tensor GA, torch::Tensor GB,
+                    torch::Tensor dw, int64_t act, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+  TORCH_CHECK(dS.is_contiguous() && GA.is_contiguous() && GB.is_contiguous() && dw.is_contiguous(),
+              "contiguous inputs expected");
+  const int64_t G = At.size(0), K = At.size(1), Lq = At.size(2), Lk = Bt.size(2);
+  if (At.scalar_type() == torch::kDouble)
+    dispatch_backward<double>(act, At.data_ptr<double>(), Bt.data_ptr<double>(), dS.data_ptr<double>(),
+                              GA.data_ptr<double>(), GB.data_ptr<double>(), dw.data_ptr<double>(), G, K, Lq, Lk,
+                              i0, i1, j0, j1);
+  else
+    dispatch_backward<float>(act, At.data_ptr<float>(), Bt.data_ptr<float>(), dS.data_ptr<float>(),
+                             GA.data_ptr<float>(), GB.data_ptr<float>(), dw.data_ptr<float>(), G, K, Lq, Lk, i0,
+                             i1, j0, j1);
+}
+"""
+
+_CPP_DECLS = r"""
+torch::Tensor paper_scores(torch::Tensor At, torch::Tensor Bt, torch::Tensor w, int64_t act, int64_t i0,
+                           int64_t i1, int64_t j0, int64_t j1);
+void paper_backward(torch::Tensor At, torch::Tensor Bt, torch::Tensor dS, torch::Tensor GA, torch::Tensor GB,
+                    torch::Tensor dw, int64_t act, int64_t i0, int64_t i1, int64_t j0, int64_t j1);
+"""
+
+_cpp_lock = threading.Lock()
+_cpp_state: dict = {}
+
+
+def _cpp_module():
+    """The compiled extension, or ``None`` (no compiler, build failure, or ``NEURAL_ATTENTION_NO_CPP=1``)."""
+    if "module" in _cpp_state:
+        return _cpp_state["module"]
+    with _cpp_lock:
+        if "module" in _cpp_state:
+            return _cpp_state["module"]
+        module = None
+        if os.environ.get("NEURAL_ATTENTION_NO_CPP", "0") != "1":
+            try:
+                from torch.utils.cpp_extension import load_inline
+
+                flags = ["-O3", "-fopenmp-simd", "-ffp-contract=fast", "-mprefer-vector-width=512"]
+                if os.environ.get("NEURAL_ATTENTION_CPP_NATIVE", "1") == "1":
+                    flags.append("-march=native")
+                module = load_inline(
+                    name="neural_attention_cpu_v2",
+                    cpp_sources=[_CPP_SOURCE + _CPP_DECLS],
+                    functions=["paper_scores", "paper_backward"],
+                    extra_cflags=flags,
+                    verbose=False,
+                )
+            except Exception as error:  # no compiler, no ninja, build error: fall back to PyTorch
+                _cpp_state["error"] = repr(error)
+                module = None
+        _cpp_state["module"] = module
+        return module
+
+
+def cpp_available() -> bool:
+    """Whether the C++ scorer compiles (compiling it on first call, ~1 min)."""
+    return _cpp_module() is not None
+
+
+_ACT_CODE = {"relu": 0, "gelu": 1, "silu": 2, "tanh": 3}
+
+
+class _CppPaperScorer:
+    def __init__(self, module, At: Tensor, Bt: Tensor, w: Tensor, activation: str, need_grad: bool):
+        self.m, self.At, self.Bt, self.w = module, At, Bt, w.contiguous()
+        self.code = _ACT_CODE[activation]
+        if need_grad:
+            self.GA = torch.zeros_like(At)
+            self.GB = torch.zeros_like(Bt)
+            self.dw = torch.zeros_like(self.w)
+
+    def scores(self, i0, i1, j0, j1):
+        return self.m.paper_scores(self.At, self.Bt, self.w, self.code, i0, i1, j0, j1)
+
+    def scores_for_backward(self, i0, i1, j0, j1):
+        return self.scores(i0, i1, j0, j1), None
+
+    def backward(self, cache, ds, i0, i1, j0, j1):
+        self.m.paper_backward(self.At, self.Bt, ds.contiguous(), self.GA, self.GB, self.dw, self.code, i0, i1, j0, j1)
+
+    def grads(self):
+        w = self.w[:, :, None]
+        dw = self.dw
+        if self.code == 0:  # relu: sum_ij dS relu(a+b) = sum_i a * GA + sum_j b * GB
+            dw = (self.At * self.GA).sum(-1) + (self.Bt * self.GB).sum(-1)
+        return self.GA * w, self.GB * w, (dw,)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# masks per tile
+# --------------------------------------------------------------------------------------------------------------
+class _TileMasks:
+    """For a tile: ``False`` (skip: nothing visible), ``None`` (everything visible) or a bool tensor
+    broadcastable to ``(G, bq, bk)``."""
+
+    def __init__(self, mask: Tensor | None, causal: bool, batch: int, heads: int, q_len: int, k_len: int):
+        self.causal = causal and mask is None
+        self.batch, self.heads = batch, heads
+        self.mask = None
+        if mask is not None:
+            if mask.dtype != torch.bool:
+                raise TypeError(f"mask must be a bool tensor (True = may attend), got {mask.dtype}")
+            while mask.dim() < 4:
+                mask = mask.unsqueeze(0)
+            torch.broadcast_shapes(mask.shape, (batch, heads, q_len, k_len))  # raises if not broadcastable
+            self.mask = mask
+
+    def __call__(self, i0: int, i1: int, j0: int, j1: int):
+        if self.causal:
+            if j0 > i1 - 1:
+                return False
+            if j1 - 1 <= i0:
+                return None
+            rows = torch.arange(i0, i1).unsqueeze(1)
+            cols = torch.arange(j0, j1).unsqueeze(0)
+            return (cols <= rows).unsqueeze(0)
+        if self.mask is None:
+            return None
+        m = self.mask
+        m = m[:, :, i0:i1] if m.shape[2] > 1 else m
+        m = m[:, :, :, j0:j1] if m.shape[3] > 1 else m
+        if not bool(m.any()):
+            return False
+        if bool(m.all()):
+            return None
+        if m.shape[0] == 1 and m.shape[1] == 1:
+            return m[0]
+        return m.expand(self.batch, self.heads, i1 - i0, j1 - j0).reshape(self.batch * self.heads, i1 - i0, j1 - j0)
+
+
+def _dropout_keep(seed: int, tile: int, shape, p: float, dtype) -> Tensor:
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed((seed + tile) % (1 << 63))
+    keep = torch.rand(shape, generator=gen, dtype=torch.float32) >= p
+    return keep.to(dtype).mul_(1.0 / (1.0 - p))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the autograd function
+# --------------------------------------------------------------------------------------------------------------
+class _NeuralAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, A, B, V, w, W2, b2, dq, dk, mask, cfg):
+        batch, heads, q_len, hidden = A.shape
+        k_len, v_dim = B.shape[2], V.shape[3]
+        G = batch * heads
+        floats = [t for t in (A, B, V, w, W2, b2, dq, dk) if t is not None]
+        cdt = torch.float64 if any(t.dtype == torch.float64 for t in floats) else torch.float32
+
+        def per_group(p):  # (heads or 1, ...) -> (G, ...)
+            return p.to(cdt).unsqueeze(0).expand(batch, heads, *p.shape[1:]).reshape(G, *p.shape[1:]).contiguous()
+
+        At = A.to(cdt).reshape(G, q_len, hidden).transpose(1, 2).contiguous()
+        Bt = B.to(cdt).reshape(G, k_len, hidden).transpose(1, 2).contiguous()
+        Vf = V.to(cdt).reshape(G, k_len, v_dim)
+        wg = per_group(w)
+        W2g = per_group(W2) if W2 is not None else None
+        b2g = per_group(b2) if b2 is not None else None
+        dot = dq is not None and dk is not None
+        dqs = (dq.to(cdt) * cfg["dot_scale"]).reshape(G, q_len, -1) if dot else None
+        dkf = dk.to(cdt).reshape(G, k_len, -1) if dot else None
+
+        scorer = _make_scorer(cfg, At, Bt, wg, W2g, b2g, need_grad=False)
+        if cfg["block"] is not None:
+            bq, bk = cfg["block"]
+        elif isinstance(scorer, _CppPaperScorer):  # no hidden-sized temporaries: size the tile for the softmax
+            bq, bk = choose_block_size(G, 4, q_len, k_len)
+        else:
+            bq, bk = choose_block_size(G, hidden if W2 is None else hidden + W2.shape[1], q_len, k_len)
+        q_blocks = [(i, min(i + bq, q_len)) for i in range(0, q_len, bq)]
+        k_blocks = [(j, min(j + bk, k_len)) for j in range(0, k_len, bk)]
+        tile_masks = _TileMasks(mask, cfg["causal"], batch, heads, q_len, k_len)
+        p, seed = cfg["dropout_p"], cfg["seed"]
+
+        out = torch.zeros(G, q_len, v_dim, dtype=cdt)
+        lse = torch.full((G, q_len), math.inf, dtype=cdt)
+        for qi, (i0, i1) in enumerate(q_blocks):
+            m = torch.full((G, i1 - i0), -math.inf, dtype=cdt)
+            m_safe = torch.zeros_like(m)
+            denom = torch.zeros_like(m)
+            acc = torch.zeros(G, i1 - i0, v_dim, dtype=cdt)
+            for kj, (j0, j1) in enumerate(k_blocks):
+                tm = tile_masks(i0, i1, j0, j1)
+                if tm is False:
+                    continue
+                s = scorer.scores(i0, i1, j0, j1)
+                if dot:
+                    s.baddbmm_(dqs[:, i0:i1], dkf[:, j0:j1].transpose(1, 2))
+                if tm is not None:
+                    s.masked_fill_(~tm, -math.inf)
+                m_new = torch.maximum(m, s.amax(-1))
+                m_safe_new = m_new.masked_fill(m_new == -math.inf, 0.0)
+                pr = torch.exp_(s.sub_(m_safe_new.unsqueeze(-1)))
+                alpha = torch.exp(m_safe - m_safe_new).masked_fill_(m == -math.inf, 0.0)
+                denom = denom.mul_(alpha).add_(pr.sum(-1))
+                if p > 0.0:
+                    pr = pr.mul_(_dropout_keep(seed, qi * len(k_blocks) + kj, pr.shape, p, cdt))
+                acc = acc.mul_(alpha.unsqueeze(-1)).baddbmm_(pr, Vf[:, j0:j1])
+                m, m_safe = m_new, m_safe_new
+            visible = denom > 0
+            tiny = torch.finfo(cdt).tiny
+            out[:, i0:i1] = torch.where(visible.unsqueeze(-1), acc / denom.clamp_min(tiny).unsqueeze(-1), 0.0)
+            lse[:, i0:i1] = torch.where(visible, m_safe + torch.log(denom.clamp_min(tiny)), math.inf)
+
+        ctx.cfg = dict(cfg, block=(bq, bk), cdt=cdt, shape=(batch, heads, q_len, k_len, hidden, v_dim))
+        ctx.tile_masks = tile_masks
+        ctx.blocks = (q_blocks, k_blocks)
+        ctx.has = (W2 is not None, b2 is not None, dot)
+        ctx.save_for_backward(A, B, V, w, W2, b2, dq, dk, out, lse)
+        return out.view(batch, heads, q_len, v_dim).to(V.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        A, B, V, w, W2, b2, dq, dk, out, lse = ctx.saved_tensors
+        cfg = ctx.cfg
+        cdt = cfg["cdt"]
+        batch, heads, q_len, k_len, hidden, v_dim = cfg["shape"]
+        G = batch * heads
+        q_blocks, k_blocks = ctx.blocks
+        tile_masks = ctx.tile_masks
+        has_w2, _, dot = ctx.has
+        p, seed = cfg["dropout_p"], cfg["seed"]
+
+        def per_group(t):
+            return t.to(cdt).unsqueeze(0).expand(batch, heads, *t.shape[1:]).reshape(G, *t.shape[1:]).contiguous()
+
+        def per_param(g, like):  # (G, ...) -> (heads or 1, ...)
+            g = g.view(batch, heads, *g.shape[1:]).sum(0)
+            if like.shape[0] == 1 and heads != 1:
+                g = g.sum(0, keepdim=True)
+            return g.to(like.dtype)
+
+        At = A.to(cdt).reshape(G, q_len, hidden).transpose(1, 2).contiguous()
+        Bt = B.to(cdt).reshape(G, k_len, hidden).transpose(1, 2).contiguous()
+        Vf = V.to(cdt).reshape(G, k_len, v_dim)
+        wg = per_group(w)
+        W2g = per_group(W2) if has_w2 else None
+        b2g = per_group(b2) if has_w2 else None
+        dqs = (dq.to(cdt) * cfg["dot_scale"]).reshape(G, q_len, -1) if dot else None
+        dkf = dk.to(cdt).reshape(G, k_len, -1) if dot else None
+        dO = grad_out.to(cdt).reshape(G, q_len, v_dim)
+        D = (dO * out).sum(-1)  # (G, q_len)
+
+        scorer = _make_scorer(cfg, At, Bt, wg, W2g, b2g, need_grad=True)
+        dV = torch.zeros(G, k_len, v_dim, dtype=cdt)
+        ddq = torch.zeros_like(dqs) if dot else None
+        ddk = torch.zeros_like(dkf) if dot else None
+        for qi, (i0, i1) in enumerate(q_blocks):
+            dO_i, D_i, lse_i = dO[:, i0:i1], D[:, i0:i1, None], lse[:, i0:i1, None]
+            for kj, (j0, j1) in enumerate(k_blocks):
+                tm = tile_masks(i0, i1, j0, j1)
+                if tm is False:
+                    continue
+                s, cache = scorer.scores_for_backward(i0, i1, j0, j1)
+                if dot:
+                    s.baddbmm_(dqs[:, i0:i1], dkf[:, j0:j1].transpose(1, 2))
+                if tm is not None:
+                    s.masked_fill_(~tm, -math.inf)
+                pr = torch.exp_(s.sub_(lse_i))
+                dp = torch.bmm(dO_i, Vf[:, j0:j1].transpose(1, 2))
+                if p > 0.0:
+                    keep = _dropout_keep(seed, qi * len(k_blocks) + kj, pr.shape, p, cdt)
+                    dV[:, j0:j1].baddbmm_((pr * keep).transpose(1, 2), dO_i)
+                    dp.mul_(keep)
+                else:
+                    dV[:, j0:j1].baddbmm_(pr.transpose(1, 2), dO_i)
+                ds = pr.mul_(dp.sub_(D_i))
+                scorer.backward(cache, ds, i0, i1, j0, j1)
+                if dot:
+                    ddq[:, i0:i1].baddbmm_(ds, dkf[:, j0:j1])
+                    ddk[:, j0:j1].baddbmm_(ds.transpose(1, 2), dqs[:, i0:i1])
+
+        dAt, dBt, dparams = scorer.grads()
+        dA = dAt.transpose(1, 2).reshape(batch, heads, q_len, hidden).to(A.dtype)
+        dB = dBt.transpose(1, 2).reshape(batch, heads, k_len, hidden).to(B.dtype)
+        dVo = dV.view(batch, heads, k_len, v_dim).to(V.dtype)
+        dw = per_param(dparams[0], w)
+        dW2 = per_param(dparams[1], W2) if has_w2 else None
+        db2 = per_param(dparams[2], b2) if has_w2 else None
+        ddq_o = (ddq * cfg["dot_scale"]).view(dq.shape).to(dq.dtype) if dot else None
+        ddk_o = ddk.view(dk.shape).to(dk.dtype) if dot else None
+        return dA, dB, dVo, dw, dW2, db2, ddq_o, ddk_o, None, None
+
+
+def _make_scorer(cfg, At, Bt, wg, W2g, b2g, need_grad):
+    if W2g is not None:
+        if cfg["activation"] != "relu":
+            raise ValueError('mlp="authors" uses relu only')
+        return _AuthorsScorer(At, Bt, wg, W2g, b2g, need_grad)
+    if cfg["backend"] == "cpp":
+        module = _cpp_module()
+        if module is not None:
+            return _CppPaperScorer(module, At, Bt, wg, cfg["activation"], need_grad)
+    return _PaperScorer(At, Bt, wg, cfg["activation"], need_grad)
+
+
+def _check_and_run(
+    backend,
+    query_hidden,
+    key_hidden,
+    value,
+    output_weight,
+    second_weight,
+    second_bias,
+    activation,
+    mask,
+    causal,
+    dot_query,
+    dot_key,
+    dot_scale,
+    dropout_p,
+    generator_seed,
+    block_size,
+):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    if query_hidden.dim() != 4 or key_hidden.dim() != 4 or value.dim() != 4:
+        raise ValueError("query_hidden, key_hidden and value must be 4-D (batch, heads, len, dim)")
+    if (second_weight is None) != (second_bias is None):
+        raise ValueError("second_weight and second_bias go together (mlp='authors')")
+    if (dot_query is None) != (dot_key is None):
+        raise ValueError("dot_query and dot_key go together (mode='residual')")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    batch, heads, q_len, _ = query_hidden.shape
+    k_len = key_hidden.shape[2]
+    if q_len == 0 or k_len == 0 or batch * heads == 0:
+        return value.new_zeros(batch, heads, q_len, value.shape[-1])
+    if block_size is None:
+        block = None
+    elif isinstance(block_size, int):
+        block = (block_size, block_size)
+    else:
+        block = (int(block_size[0]), int(block_size[1]))
+    if dropout_p > 0.0 and generator_seed is None:
+        generator_seed = int(torch.randint(0, 1 << 62, (1,)).item())
+    cfg = {
+        "backend": backend,
+        "activation": activation,
+        "causal": bool(causal) and mask is None,
+        "dot_scale": float(dot_scale),
+        "dropout_p": float(dropout_p),
+        "seed": int(generator_seed or 0),
+        "block": block,
+    }
+    return _NeuralAttentionFunction.apply(
+        query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key, mask, cfg
+    )
+
+
+def neural_attention_tiled(
+    query_hidden: Tensor,
+    key_hidden: Tensor,
+    value: Tensor,
+    output_weight: Tensor,
+    second_weight: Tensor | None = None,
+    second_bias: Tensor | None = None,
+    *,
+    activation: str = "relu",
+    mask: Tensor | None = None,
+    causal: bool = False,
+    dot_query: Tensor | None = None,
+    dot_key: Tensor | None = None,
+    dot_scale: float = 1.0,
+    dropout_p: float = 0.0,
+    generator_seed: int | None = None,
+    block_size: int | tuple[int, int] | None = None,
+) -> Tensor:
+    """Neural attention, tiled over query and key blocks with an online softmax (pure PyTorch).
+
+    See the kernel contract in ``docs/design.md``. ``block_size`` overrides the automatic ``(block_q, block_k)``
+    (an int sets both); the dropout pattern depends on it.
+    """
+    return _check_and_run(
+        "tiled",
+        query_hidden,
+        key_hidden,
+        value,
+        output_weight,
+        second_weight,
+        second_bias,
+        activation,
+        mask,
+        causal,
+        dot_query,
+        dot_key,
+        dot_scale,
+        dropout_p,
+        generator_seed,
+        block_size,
+    )
+
+
+def neural_attention_cpp(
+    query_hidden: Tensor,
+    key_hidden: Tensor,
+    value: Tensor,
+    output_weight: Tensor,
+    second_weight: Tensor | None = None,
+    second_bias: Tensor | None = None,
+    *,
+    activation: str = "relu",
+    mask: Tensor | None = None,
+    causal: bool = False,
+    dot_query: Tensor | None = None,
+    dot_key: Tensor | None = None,
+    dot_scale: float = 1.0,
+    dropout_p: float = 0.0,
+    generator_seed: int | None = None,
+    block_size: int | tuple[int, int] | None = None,
+) -> Tensor:
+    """Same contract and tiling as :func:`neural_attention_tiled`; the ``mlp="paper"`` scorer runs in a C++
+    kernel compiled on first use (falls back to the PyTorch scorer when it cannot be built; ``mlp="authors"``
+    always uses the PyTorch scorer)."""
+    return _check_and_run(
+        "cpp",
+        query_hidden,
+        key_hidden,
+        value,
+        output_weight,
+        second_weight,
+        second_bias,
+        activation,
+        mask,
+        causal,
+        dot_query,
+        dot_key,
+        dot_scale,
+        dropout_p,
+        generator_seed,
+        block_size,
+    )

@@ -1,0 +1,347 @@
+"""The tiled CPU kernels against an independent float64 materialising reference.
+
+The reference builds the whole ``(batch, heads, q_len, k_len, hidden)`` pre-activation, applies the MLP, masks,
+takes a softmax in which fully masked rows give zeros, and multiplies by the values. Every test draws fresh
+random inputs from its own seed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest
+import torch
+
+from hf_neural_attention.kernels_neural_attention import (
+    choose_block_size,
+    cpp_available,
+    neural_attention_cpp,
+    neural_attention_tiled,
+)
+
+torch.set_num_threads(1)
+
+ACTS = {
+    "relu": torch.relu,
+    "gelu": lambda x: torch.nn.functional.gelu(x),  # exact (erf)
+    "silu": torch.nn.functional.silu,
+    "tanh": torch.tanh,
+}
+
+
+def reference(
+    A,
+    B,
+    V,
+    w,
+    W2=None,
+    b2=None,
+    *,
+    activation="relu",
+    mask=None,
+    causal=False,
+    dq=None,
+    dk=None,
+    dot_scale=1.0,
+    keep=None,
+):
+    """float64, materialising. ``keep``: optional (b, h, q, k) dropout multiplier applied to the probabilities."""
+    A, B, V, w = (t.double() for t in (A, B, V, w))
+    pre = A[:, :, :, None, :] + B[:, :, None, :, :]  # (b, h, q, k, hidden)
+    if W2 is None:
+        score = (ACTS[activation](pre) * w[None, :, None, None, :]).sum(-1)
+    else:
+        h1 = torch.relu(pre)
+        h2 = torch.relu(torch.einsum("bhqkm,hnm->bhqkn", h1, W2.double()) + b2.double()[None, :, None, None, :])
+        score = (h2 * w[None, :, None, None, :]).sum(-1)
+    if dq is not None:
+        score = score + dot_scale * dq.double() @ dk.double().transpose(-1, -2)
+    q_len, k_len = score.shape[-2:]
+    if causal:
+        mask = torch.ones(q_len, k_len, dtype=torch.bool).tril()
+    if mask is not None:
+        score = score.masked_fill(~mask, -math.inf)
+    row_max = score.amax(-1, keepdim=True)
+    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    e = torch.exp(score - row_max)
+    denom = e.sum(-1, keepdim=True)
+    probs = torch.where(denom > 0, e / denom.clamp_min(1e-300), torch.zeros_like(e))
+    if keep is not None:
+        probs = probs * keep
+    return probs @ V
+
+
+def make_inputs(
+    seed, *, b=2, h=3, q_len=7, k_len=9, hidden=4, v_dim=5, mlp="paper", shared=False, dot=False, dtype=torch.float32
+):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype).requires_grad_()
+
+    hw = 1 if shared else h
+    t = {
+        "A": rnd(b, h, q_len, hidden),
+        "B": rnd(b, h, k_len, hidden),
+        "V": rnd(b, h, k_len, v_dim),
+    }
+    if mlp == "paper":
+        t["w"] = rnd(hw, hidden)
+        t["W2"] = t["b2"] = None
+    else:
+        h2 = max(hidden // 2, 1)
+        t["w"] = rnd(hw, h2)
+        t["W2"] = rnd(hw, h2, hidden)
+        t["b2"] = rnd(hw, h2, scale=0.5)
+    t["dq"] = rnd(b, h, q_len, 6, scale=0.5) if dot else None
+    t["dk"] = rnd(b, h, k_len, 6, scale=0.5) if dot else None
+    return t, g
+
+
+def run(fn, t, **kw):
+    return fn(t["A"], t["B"], t["V"], t["w"], t["W2"], t["b2"], dot_query=t["dq"], dot_key=t["dk"], **kw)
+
+
+def run_ref(t, **kw):
+    return reference(t["A"], t["B"], t["V"], t["w"], t["W2"], t["b2"], dq=t["dq"], dk=t["dk"], **kw)
+
+
+def leaves(t):
+    return [t[k] for k in ("A", "B", "V", "w", "W2", "b2", "dq", "dk") if t[k] is not None]
+
+
+def check_against_reference(fn, t, g, *, rtol=1e-5, atol=1e-5, ref_kw=None, **kw):
+    out = run(fn, t, **kw)
+    ref_kw = dict(ref_kw or {})
+    for key in ("activation", "mask", "causal", "dot_scale"):
+        if key in kw:
+            ref_kw.setdefault(key, kw[key])
+    ref = run_ref(t, **ref_kw)
+    assert out.dtype == t["V"].dtype and out.shape == ref.shape
+    torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol)
+    grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(out, leaves(t), grad_out.to(out.dtype))
+    want = torch.autograd.grad(ref, leaves(t), grad_out)
+    names = [k for k in ("A", "B", "V", "w", "W2", "b2", "dq", "dk") if t[k] is not None]
+    for name, a, b in zip(names, got, want, strict=True):
+        assert a.dtype == t[name].dtype
+        b = b.double()
+        scale = max(b.abs().max().item(), 1.0)
+        torch.testing.assert_close(a.double(), b, rtol=rtol, atol=atol * scale, msg=lambda m, n=name: f"{n}: {m}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# backends: the PyTorch path always, the C++ scorer where it builds
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module", params=["tiled", "cpp"])
+def fn(request):
+    if request.param == "cpp":
+        if os.environ.get("NEURAL_ATTENTION_NO_CPP") == "1" or not cpp_available():
+            pytest.skip("C++ scorer not built (no compiler, or NEURAL_ATTENTION_NO_CPP=1)")
+        return neural_attention_cpp
+    return neural_attention_tiled
+
+
+CASES = [
+    # (seed, q_len, k_len, hidden, mlp, activation, mask kind, shared, dot, block)
+    (1, 7, 7, 4, "paper", "relu", "causal", False, False, (4, 4)),
+    (2, 33, 47, 5, "paper", "relu", "pad", False, True, (8, 16)),
+    (3, 130, 130, 3, "paper", "relu", "causal", True, False, (16, 64)),  # cpp register-blocked path (64 keys)
+    (4, 33, 70, 16, "paper", "gelu", "full", False, False, (8, 64)),
+    (5, 7, 12, 1, "paper", "silu", "none", True, True, (4, 8)),
+    (6, 1, 33, 8, "paper", "tanh", "causal", False, False, None),  # q_len = 1
+    (7, 12, 40, 2, "paper", "relu", "causal", False, True, (5, 7)),  # causal with k_len > q_len
+    (8, 40, 12, 6, "paper", "gelu", "causal", False, False, (7, 5)),  # causal with q_len > k_len
+    (9, 33, 33, 4, "authors", "relu", "causal", True, False, (8, 8)),
+    (10, 20, 31, 6, "authors", "relu", "full", False, True, (6, 9)),
+    (11, 9, 9, 3, "paper", "tanh", "none", False, False, None),
+    (12, 33, 19, 12, "paper", "silu", "pad", True, False, (32, 32)),
+]
+
+
+def make_mask(kind, g, b, q_len, k_len):
+    if kind == "pad":  # (b, 1, 1, k): left padding of the second sequence, one batch fully masked on some keys
+        mask = torch.ones(b, 1, 1, k_len, dtype=torch.bool)
+        mask[1, ..., : k_len // 3] = False
+        return mask
+    if kind == "full":  # (b, 1, q, k) random, with fully masked rows
+        mask = torch.rand(b, 1, q_len, k_len, generator=g) > 0.4
+        mask[0, 0, 0] = False
+        mask[-1, 0, q_len // 2] = False
+        return mask
+    return None
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"case{c[0]}-{c[4]}-{c[5]}-{c[6]}" for c in CASES])
+def test_matches_reference_fp32(fn, case):
+    seed, q_len, k_len, hidden, mlp, act, kind, shared, dot, block = case
+    t, g = make_inputs(seed, q_len=q_len, k_len=k_len, hidden=hidden, mlp=mlp, shared=shared, dot=dot)
+    mask = make_mask(kind, g, 2, q_len, k_len)
+    check_against_reference(
+        fn, t, g, activation=act, mask=mask, causal=kind == "causal", dot_scale=0.37, block_size=block
+    )
+
+
+def test_bf16_inputs(fn):
+    """bf16 in, fp32 accumulation, bf16 out: within 2e-2 (relative to the largest value) of the float64 reference
+    computed from the same bf16-rounded inputs."""
+    t, g = make_inputs(21, q_len=33, k_len=40, hidden=8, dtype=torch.bfloat16, dot=True)
+    out = run(fn, t, causal=True, block_size=(8, 16), dot_scale=0.5)
+    assert out.dtype == torch.bfloat16
+    ref = run_ref(t, causal=True, dot_scale=0.5)
+    err = (out.double() - ref).abs().max() / ref.abs().max()
+    assert err < 2e-2
+    grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(out, leaves(t), grad_out.bfloat16())
+    want = torch.autograd.grad(ref, leaves(t), grad_out)
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == torch.bfloat16
+        b = b.double()
+        assert (a.double() - b).abs().max() / b.abs().max() < 2e-2
+
+
+def test_gradcheck_float64(fn):
+    t, _ = make_inputs(31, b=1, h=2, q_len=5, k_len=6, hidden=3, v_dim=2, dot=True, dtype=torch.float64)
+    mask = torch.tensor([[True] * 6, [False] * 6, [True, False] * 3, [True] * 6, [False] * 5 + [True]])
+
+    def f(*args):
+        A, B, V, w, dq, dk = args
+        return fn(A, B, V, w, activation="gelu", mask=mask, dot_query=dq, dot_key=dk, dot_scale=0.7, block_size=(2, 4))
+
+    assert torch.autograd.gradcheck(f, (t["A"], t["B"], t["V"], t["w"], t["dq"], t["dk"]))
+
+
+def test_gradcheck_authors_float64():
+    t, _ = make_inputs(32, b=1, h=2, q_len=4, k_len=5, hidden=4, v_dim=2, mlp="authors", dtype=torch.float64)
+
+    def f(A, B, V, w, W2, b2):
+        return neural_attention_tiled(A, B, V, w, W2, b2, causal=True, block_size=(2, 2))
+
+    assert torch.autograd.gradcheck(f, (t["A"], t["B"], t["V"], t["w"], t["W2"], t["b2"]))
+
+
+def test_gradcheck_dropout_fixed_seed(fn):
+    t, _ = make_inputs(33, b=1, h=2, q_len=5, k_len=7, hidden=3, v_dim=2, dtype=torch.float64)
+
+    def f(A, B, V, w):
+        return fn(A, B, V, w, activation="tanh", dropout_p=0.3, generator_seed=1234, block_size=(2, 4))
+
+    assert torch.autograd.gradcheck(f, (t["A"], t["B"], t["V"], t["w"]))
+
+
+def test_fully_masked_rows_are_zero_with_zero_grads(fn):
+    t, g = make_inputs(41, q_len=6, k_len=8, hidden=4, dot=True)
+    mask = torch.rand(2, 3, 6, 8, generator=g) > 0.5
+    mask[:, :, 2] = False
+    mask[1, 2, 4] = False
+    out = run(fn, t, mask=mask, block_size=(4, 4))
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[:, :, 2], torch.zeros_like(out[:, :, 2]))
+    assert torch.equal(out[1, 2, 4], torch.zeros_like(out[1, 2, 4]))
+    grad_out = torch.randn(out.shape, generator=g)
+    dA, ddq = torch.autograd.grad(out, [t["A"], t["dq"]], grad_out)
+    assert torch.equal(dA[:, :, 2], torch.zeros_like(dA[:, :, 2])) and torch.equal(dA[1, 2, 4], torch.zeros(4))
+    assert torch.equal(ddq[:, :, 2], torch.zeros_like(ddq[:, :, 2]))
+    # everything masked: zeros, finite grads equal to zero
+    out = run(fn, t, mask=torch.zeros(1, 1, 1, 8, dtype=torch.bool))
+    assert torch.equal(out, torch.zeros_like(out))
+    grads = torch.autograd.grad(out, leaves(t), torch.ones_like(out), allow_unused=True)
+    assert all(gr is None or torch.count_nonzero(gr) == 0 for gr in grads)
+
+
+def test_shared_weights_equal_per_head_copies(fn):
+    t, g = make_inputs(51, q_len=9, k_len=11, hidden=5, shared=True)
+    out_shared = run(fn, t, causal=True)
+    t2 = dict(t, w=t["w"].detach().expand(3, 5).clone().requires_grad_())
+    out_per_head = run(fn, t2, causal=True)
+    torch.testing.assert_close(out_shared, out_per_head, rtol=0, atol=0)
+    grad_out = torch.randn(out_shared.shape, generator=g)
+    (dw_shared,) = torch.autograd.grad(out_shared, [t["w"]], grad_out)
+    (dw_heads,) = torch.autograd.grad(out_per_head, [t2["w"]], grad_out)
+    assert dw_shared.shape == (1, 5)
+    torch.testing.assert_close(dw_shared, dw_heads.sum(0, keepdim=True), rtol=1e-5, atol=1e-5)
+
+
+def test_block_size_does_not_change_result(fn):
+    t, _ = make_inputs(61, q_len=37, k_len=53, hidden=6)
+    outs = [run(fn, t, causal=True, block_size=bs) for bs in (None, 1, (3, 5), (64, 128), (37, 53))]
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0], rtol=1e-5, atol=1e-6)
+
+
+def test_deterministic_bitwise(fn):
+    t, g = make_inputs(71, q_len=40, k_len=40, hidden=8, dot=True)
+    mask = make_mask("full", g, 2, 40, 40)
+    results = []
+    for _ in range(2):
+        out = run(fn, t, mask=mask, dropout_p=0.2, generator_seed=7, block_size=(16, 16))
+        grads = torch.autograd.grad(out, leaves(t), torch.ones_like(out))
+        results.append((out, *grads))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_dropout(fn):
+    t, _ = make_inputs(81, q_len=16, k_len=24, hidden=4, v_dim=3)
+    plain = run(fn, t, causal=True)
+    torch.testing.assert_close(run(fn, t, causal=True, dropout_p=0.0, generator_seed=3), plain, rtol=0, atol=0)
+    a = run(fn, t, causal=True, dropout_p=0.25, generator_seed=11)
+    b = run(fn, t, causal=True, dropout_p=0.25, generator_seed=11)
+    c = run(fn, t, causal=True, dropout_p=0.25, generator_seed=12)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    with torch.no_grad():
+        mean = sum(run(fn, t, causal=True, dropout_p=0.25, generator_seed=s) for s in range(300)) / 300
+    err = (mean - plain).abs().max() / plain.abs().max()
+    assert err < 0.05, err
+    # without a seed every call draws a fresh pattern (and backward still matches its own forward: gradcheck above)
+    assert not torch.equal(run(fn, t, dropout_p=0.5), run(fn, t, dropout_p=0.5))
+
+
+def test_dropout_matches_reference_with_same_keep_mask():
+    """Single tile (block = whole problem): the keep mask is that of tile 0, which we rebuild here."""
+    t, g = make_inputs(91, b=1, h=2, q_len=6, k_len=10, hidden=3, v_dim=2)
+    p, seed = 0.3, 99
+    out = run(neural_attention_tiled, t, dropout_p=p, generator_seed=seed, block_size=(6, 10))
+    gen = torch.Generator().manual_seed(seed)
+    keep = (torch.rand((2, 6, 10), generator=gen, dtype=torch.float32) >= p).double().view(1, 2, 6, 10) / (1 - p)
+    ref = run_ref(t, keep=keep)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    got = torch.autograd.grad(out, leaves(t), torch.ones_like(out))
+    want = torch.autograd.grad(ref, leaves(t), torch.ones_like(ref))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_cpp_matches_tiled():
+    if os.environ.get("NEURAL_ATTENTION_NO_CPP") == "1" or not cpp_available():
+        pytest.skip("C++ scorer not built")
+    for act in ("relu", "gelu", "silu", "tanh"):
+        t, g = make_inputs(101, q_len=70, k_len=133, hidden=7, dot=True)
+        a = run(neural_attention_tiled, t, activation=act, causal=True, block_size=(16, 64))
+        b = run(neural_attention_cpp, t, activation=act, causal=True, block_size=(16, 64))
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_no_grad_and_validation():
+    t, _ = make_inputs(111)
+    with torch.no_grad():
+        out = run(neural_attention_tiled, t)
+    assert not out.requires_grad
+    with pytest.raises(ValueError):
+        run(neural_attention_tiled, t, activation="softplus")
+    with pytest.raises(TypeError):
+        run(neural_attention_tiled, t, mask=torch.zeros(1, 1, 7, 9))
+    empty = neural_attention_tiled(t["A"][:, :, :0], t["B"], t["V"], t["w"])
+    assert empty.shape == (2, 3, 0, 5)
+
+
+def test_choose_block_size():
+    assert choose_block_size(12, 16, 1024, 1024) == (64, 64)
+    bq, bk = choose_block_size(12, 2, 1, 4096)
+    assert bq == 1 and bk >= 256
+    bq, bk = choose_block_size(1, 1, 5, 3)
+    assert bq == 8 and bk == 4
