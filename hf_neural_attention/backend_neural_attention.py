@@ -126,11 +126,12 @@ def materialised_neural_attention(
 
 # --- backend choice -------------------------------------------------------------------------------------------
 def choose_backend(requested: str, query: torch.Tensor, *, needs_probabilities: bool, has_bias: bool) -> str:
-    """The backend that will run: ``"eager"``, ``"tiled"`` or ``"triton"``.
+    """The backend that will run: ``"eager"``, ``"tiled"``, ``"cpp"`` or ``"triton"``.
 
-    ``auto`` takes the fused path that applies (Triton on CUDA when installed, the tiled path otherwise). Every
-    backend falls back to ``eager`` for a call that must return probabilities or apply a real additive bias,
-    since fused kernels never form the probability matrix.
+    ``auto`` takes the fused path that applies: Triton on CUDA when installed; on CPU the C++ kernel when it
+    builds (compiled once, then cached), else the pure PyTorch tiled kernel. Every backend falls back to
+    ``eager`` for a call that must return probabilities or apply a real additive bias, since fused kernels never
+    form the probability matrix.
     """
     if needs_probabilities or has_bias or requested == "eager":
         return "eager"
@@ -143,9 +144,15 @@ def choose_backend(requested: str, query: torch.Tensor, *, needs_probabilities: 
                 "install triton or use backend='auto'."
             )
         return "triton"
-    if requested == "auto" and query.is_cuda and triton_is_usable(query):
-        return "triton"
-    return "tiled"
+    if requested == "auto":
+        if query.is_cuda:
+            if triton_is_usable(query):
+                return "triton"
+            return "tiled"
+        from .kernels_neural_attention import cpp_available
+
+        return "cpp" if query.device.type == "cpu" and cpp_available() else "tiled"
+    return requested
 
 
 def _fallback_function(module: nn.Module) -> Callable:
@@ -238,6 +245,8 @@ def neural_attention_forward(
 
     if backend == "triton":
         from .triton_neural_attention import neural_attention_triton as kernel
+    elif backend == "cpp":
+        from .kernels_neural_attention import neural_attention_cpp as kernel
     else:
         from .kernels_neural_attention import neural_attention_tiled as kernel
     query_hidden, key_hidden = scorer.first_layer(query, key)

@@ -22,7 +22,7 @@ MIN_PROJ_DIM = 2
 MLP_VARIANTS = ("paper", "authors")
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
 MODES = ("replace", "residual")
-BACKENDS = ("auto", "eager", "tiled", "triton")
+BACKENDS = ("auto", "eager", "tiled", "cpp", "triton")
 
 
 @dataclass
@@ -47,9 +47,10 @@ class NeuralAttentionConfig:
         mode: ``"replace"`` (the paper: the neural score replaces ``q.k``) or ``"residual"`` (our addition, not
             in the paper): ``score = scaling * q.k + g * MLP(...)`` with the MLP output weights zero-initialised,
             so a patched pretrained model starts out computing exactly what it computed before.
-        backend: ``"auto"`` picks the fused path that applies (Triton on CUDA, tiled on CPU) and the
-            materialising ``"eager"`` path only where attention probabilities are requested; ``"eager"``,
-            ``"tiled"`` or ``"triton"`` force one.
+        backend: ``"auto"`` picks the fused path that applies: Triton on CUDA; on CPU the C++ kernel (compiled
+            once on first use, about a minute; set ``NEURAL_ATTENTION_NO_CPP=1`` to skip it), else the pure
+            PyTorch ``"tiled"`` kernel; the materialising ``"eager"`` path only where attention probabilities are
+            requested. ``"eager"``, ``"tiled"``, ``"cpp"`` or ``"triton"`` force one.
     """
 
     proj_dim: int | None = None

@@ -11,7 +11,7 @@ import torch
 from hf_neural_attention import NeuralAttentionConfig, patch_model, scorer_parameters
 from tests.models import random_ids, random_pixels, tiny_gpt2, tiny_vit
 
-BACKENDS = ["eager", "tiled"]
+BACKENDS = ["eager", "tiled", "cpp"]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 

@@ -8,7 +8,7 @@ import torch
 from hf_neural_attention import NeuralAttentionConfig, patch_model
 from tests.models import random_ids, tiny_gpt2, tiny_llama
 
-BACKENDS = ["eager", "tiled"]
+BACKENDS = ["eager", "tiled", "cpp"]
 
 
 def _generate(model, ids, **kwargs):

@@ -10,7 +10,7 @@ from tests.models import random_ids, tiny_gpt2
 from tests.reference import attention_from_scores, causal_visible, paper_scores
 from tests.test_scorer_math import ScoredLayer, reference_weights
 
-BACKENDS = ["eager", "tiled"]
+BACKENDS = ["eager", "tiled", "cpp"]
 
 
 def _layer(backend: str, heads: int = 2, head_dim: int = 8, causal: bool = False) -> ScoredLayer:

@@ -10,7 +10,7 @@ from torch import nn
 from hf_neural_attention import NeuralAttentionConfig, NeuralScorer, neural_attention_forward
 from tests.reference import AuthorsScorer, attention_from_scores, causal_visible, paper_scores
 
-CPU_BACKENDS = ["eager", "tiled"]
+CPU_BACKENDS = ["eager", "tiled", "cpp"]
 
 
 class ScoredLayer(nn.Module):
