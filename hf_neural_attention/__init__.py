@@ -30,6 +30,7 @@ from .modeling_neural_attention import (
 )
 from .patching import find_attention_modules, neural_layers, patch_model, scorer_parameters, unpatch_model
 from .scoring_neural_attention import NeuralScorer
+from .trainer import NeuralAttentionTrainer
 
 __version__ = PACKAGE_VERSION
 
@@ -55,6 +56,7 @@ __all__ = [
     "NeuralAttentionGPT2Config",
     "NeuralAttentionGPT2ForCausalLM",
     "NeuralAttentionGPT2ForSequenceClassification",
+    "NeuralAttentionTrainer",
     "NeuralAttentionViTConfig",
     "NeuralAttentionViTForImageClassification",
     "NeuralScorer",

@@ -5,6 +5,7 @@ and ``push_to_hub`` write it. Not copied with checkpoints.
 """
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -103,4 +104,34 @@ def write_model_card(model: Any, save_directory: str | os.PathLike, repo_id: str
     """Write ``README.md`` into ``save_directory``; returns its path."""
     path = Path(save_directory) / "README.md"
     build_model_card(model, repo_id=repo_id).save(path)
+    return path
+
+
+def _as_subsection(text: str) -> str:
+    """The Trainer's card body without its editor comment and title, headings one level down."""
+    lines = re.sub(r"<!--.*?-->", "", text, flags=re.S).strip().splitlines()
+    if lines and lines[0].startswith("# "):
+        lines = lines[1:]
+    return "\n".join("#" + line if line.startswith("#") else line for line in lines).strip()
+
+
+def merge_training_card(model: Any, readme_path: str | os.PathLike, repo_id: str | None = None) -> Path:
+    """Fold the card ``Trainer.create_model_card`` wrote at ``readme_path`` into ours, in place.
+
+    Keeps our metadata and sections (settings, how to load, citation) and appends the Trainer's text (results,
+    hyper-parameters) under "Training"; metadata only the Trainer knows (datasets, model-index, …) is kept too.
+    """
+    path = Path(readme_path)
+    ours = build_model_card(model, repo_id=repo_id)
+    if path.is_file():
+        theirs = ModelCard.load(path)
+        merged = ours.data.to_dict()
+        for key, value in theirs.data.to_dict().items():
+            if key == "tags":
+                merged["tags"] = list(dict.fromkeys([*(merged.get("tags") or []), *(value or [])]))
+            elif merged.get(key) in (None, [], "") and value not in (None, [], ""):
+                merged[key] = value
+        body = ours.text.rstrip() + "\n\n## Training\n\n" + _as_subsection(theirs.text) + "\n"
+        ours = ModelCard(f"---\n{ModelCardData(**merged).to_yaml()}\n---\n{body}")
+    ours.save(path)
     return path

@@ -1,0 +1,55 @@
+"""trainer.push_to_hub() with NeuralAttentionTrainer uploads one card: our sections plus the training summary."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from huggingface_hub import HfApi, ModelCard
+from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
+from huggingface_hub.utils import filter_repo_objects
+from transformers import AutoModelForCausalLM, TrainingArguments
+
+from hf_neural_attention import NeuralAttentionTrainer, patch_model
+from tests.models import random_ids, tiny_gpt2
+from tests.test_hub import fake_hub_upload
+from tests.test_trainer_smoke import _ListDataset
+
+
+def fake_upload_folder(capture_dir: Path, uploaded: list[str]):
+    """``HfApi.upload_folder`` without the network: the files it selects (its own filter) are copied."""
+
+    def upload_folder(self, *, repo_id, folder_path, ignore_patterns=None, **kwargs):
+        folder = Path(folder_path)
+        files = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
+        for name in filter_repo_objects(files, ignore_patterns=[*(ignore_patterns or []), *DEFAULT_IGNORE_PATTERNS]):
+            (capture_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(folder / name, capture_dir / name)
+            uploaded.append(name)
+
+    return upload_folder
+
+
+def test_trainer_push_to_hub_keeps_the_neural_attention_card(tmp_path, monkeypatch):
+    uploaded = fake_hub_upload(monkeypatch, tmp_path / "hub")  # create_repo (Trainer init)
+    monkeypatch.setattr(HfApi, "upload_folder", fake_upload_folder(tmp_path / "hub", uploaded))
+    model = patch_model(tiny_gpt2(), layers=[0], proj_dim=4, backend="eager")
+    ids = random_ids(8, 12)
+    rows = [{"input_ids": row, "labels": row} for row in ids]
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4,
+                             report_to=[], save_strategy="no", use_cpu=True, push_to_hub=True,
+                             hub_model_id="me/gpt2-neural", disable_tqdm=True)
+    trainer = NeuralAttentionTrainer(model=model.train(), args=args, train_dataset=_ListDataset(rows))
+    trainer.train()
+    trainer.push_to_hub(finetuned_from="openai-community/gpt2")
+
+    assert {"README.md", "config.json", "model.safetensors", "modeling_neural_attention.py"} <= set(uploaded)
+    card = ModelCard.load(tmp_path / "hub" / "README.md")
+    assert {"neural-attention", "hf-neural-attention"} <= set(card.data.tags)
+    for text in ('from_pretrained("me/gpt2-neural", trust_remote_code=True)', "`proj_dim` | `4`",
+                 "@article{digiugno2025neural", "## Training", "#### Training hyperparameters"):
+        assert text in card.text, text
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hub").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model.eval()(ids).logits, rtol=0, atol=0)
