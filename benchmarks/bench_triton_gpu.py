@@ -34,35 +34,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root: the package and tests.reference
 
-
-# ------------------------------------------------------------------------------------------ float64 reference
-def _act(x, name):
-    return {"relu": torch.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}[name](x)
-
-
-def reference(
-    A, B, V, w, w2=None, b2=None, *, activation="relu", mask=None, causal=False, dq=None, dk=None, dot_scale=1.0
-):
-    A, B, V, w = (t.double() for t in (A, B, V, w))
-    pre = A[:, :, :, None, :] + B[:, :, None, :, :]
-    if w2 is None:
-        s = (_act(pre, activation) * w[None, :, None, None, :]).sum(-1)
-    else:
-        z = torch.einsum("bhijm,hrm->bhijr", torch.relu(pre), w2.double()) + b2.double()[None, :, None, None, :]
-        s = (torch.relu(z) * w[None, :, None, None, :]).sum(-1)
-    if dq is not None:
-        s = s + dot_scale * dq.double() @ dk.double().transpose(-1, -2)
-    lq, lk = s.shape[-2:]
-    valid = torch.ones(lq, lk, dtype=torch.bool, device=s.device).expand_as(s)
-    if mask is not None:
-        valid = valid & mask
-    if causal:
-        valid = valid & torch.ones(lq, lk, dtype=torch.bool, device=s.device).tril()
-    s = s.masked_fill(~valid, float("-inf"))
-    s = torch.where(valid.any(-1, keepdim=True), s, torch.zeros_like(s))
-    return (torch.softmax(s, -1) * valid) @ V
+from tests.reference import kernel_reference  # noqa: E402  (float64 materialising reference)
 
 
 def correctness_check(fn, dev: str = "cuda", det_len: int = 300) -> bool:
@@ -125,7 +99,7 @@ def correctness_check(fn, dev: str = "cuda", det_len: int = 300) -> bool:
             kw = dict(kw, mask=m.to(dev))
         args = (t["A"], t["B"], t["V"], t["w"], t.get("w2"), t.get("b2"))
         out = fn(*args, dot_query=t.get("dq"), dot_key=t.get("dk"), **kw)
-        ref = reference(*args, dq=t.get("dq"), dk=t.get("dk"), **kw)
+        ref = kernel_reference(*args, dot_query=t.get("dq"), dot_key=t.get("dk"), **kw)
         go = torch.randn(ref.shape, generator=g).to(dev, out.dtype)  # same values for both
         names = list(t)
         g_k = torch.autograd.grad(out, [t[n] for n in names], go)

@@ -61,7 +61,13 @@ def triton_is_usable(tensor: torch.Tensor | None = None) -> bool:
 
 # ----------------------------------------------------------------------------------------------------------
 # Triton kernels
+#
+# Shapes inside a program: a tile is (BLOCK_M query rows) x (BLOCK_N key columns); A / B are the contiguous
+# (batch*heads, len, HID) projections, per-head weights are read at W + h * w_hs (w_hs = 0 when shared).
+# The three kernels share one leading argument list (tensors, lengths, strides, scalars: see `_launch_args`)
+# and one set of constexprs. Argument lists are kept on few lines on purpose (`ruff format` would explode them).
 # ----------------------------------------------------------------------------------------------------------
+# fmt: off
 
 if TRITON_AVAILABLE:
 
@@ -110,55 +116,98 @@ if TRITON_AVAILABLE:
             b = b.to(tl.float32)
         return tl.dot(a, b, input_precision="ieee")
 
+    # ---------------------------------------------------------------------------------------- tile access
+    @triton.jit
+    def _tile_ptrs(base, offs, L, stride, C: tl.constexpr, CP: tl.constexpr):
+        """Pointers to rows ``offs`` of an (L, C) matrix (row stride ``stride``), padded to CP columns; + bounds."""
+        offs_c = tl.arange(0, CP)
+        return base + offs[:, None] * stride + offs_c[None, :], (offs[:, None] < L) & (offs_c[None, :] < C)
+
+    @triton.jit
+    def _load_tile(base, offs, L, stride, C: tl.constexpr, CP: tl.constexpr):
+        """(len(offs), CP) tile in the tensor's dtype; zeros out of bounds."""
+        ptrs, ok = _tile_ptrs(base, offs, L, stride, C, CP)
+        return tl.load(ptrs, mask=ok, other=0.0)
+
+    @triton.jit
+    def _load_dot_tile(base, offs, L, stride, ROWS: tl.constexpr, DD: tl.constexpr, DDP: tl.constexpr,
+                       HAS_DOT: tl.constexpr):
+        """Rows of dot_query / dot_key (zeros, never used, without the residual dot term)."""
+        if HAS_DOT:
+            x = _load_tile(base, offs, L, stride, DD, DDP)
+        else:
+            x = tl.zeros((ROWS, DDP), dtype=base.dtype.element_ty)
+        return x
+
+    @triton.jit
+    def _store_tile(base, offs, L, stride, x, C: tl.constexpr, CP: tl.constexpr):
+        ptrs, ok = _tile_ptrs(base, offs, L, stride, C, CP)
+        tl.store(ptrs, x.to(base.dtype.element_ty), mask=ok)
+
     @triton.jit
     def _load_col(base, offs, L, col, HID: tl.constexpr):
         return tl.load(base + offs * HID + col, mask=offs < L, other=0.0).to(tl.float32)
 
     @triton.jit
-    def _load_rows(base, offs, L, HID: tl.constexpr, HIDP: tl.constexpr):
-        offs_h = tl.arange(0, HIDP)
-        ptrs = base + offs[:, None] * HID + offs_h[None, :]
-        return tl.load(ptrs, mask=(offs[:, None] < L) & (offs_h[None, :] < HID), other=0.0).to(tl.float32)
+    def _row_stats(LSE, Delta, bh, offs_m, Lq):
+        """(log-sum-exp, delta = rowsum(dO * O)) of the query rows ``offs_m``; +inf / 0 out of bounds."""
+        m_ok = offs_m < Lq
+        return (tl.load(LSE + bh * Lq + offs_m, mask=m_ok, other=float("inf")),
+                tl.load(Delta + bh * Lq + offs_m, mask=m_ok, other=0.0))
 
     @triton.jit
-    def _neural_scores(
-        A_base,
-        B_base,
-        W_base,
-        W2_base,
-        B2_base,
-        offs_m,
-        offs_n,
-        Lq,
-        Lk,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        HID: tl.constexpr,
-        HIDP: tl.constexpr,
-        HID2: tl.constexpr,
-        AUTHORS: tl.constexpr,
-        ACT: tl.constexpr,
-    ):
+    def _head_bases(A, B, V, W, W2, B2, DQ, DK, Mask, H, Lq, Lk, svb, svh, sqb, sqh, skb, skh, smb, smh,
+                    w_hs, w2_hs, b2_hs, HID: tl.constexpr):
+        """(bh, b, h) of this program (axis 1 = batch*heads) and the per-(batch, head) base pointers."""
+        bh = tl.program_id(1).to(tl.int64)
+        b = bh // H
+        h = bh % H
+        return (bh, b, h, A + bh * Lq * HID, B + bh * Lk * HID, V + b * svb + h * svh, W + h * w_hs, W2 + h * w2_hs,
+                B2 + h * b2_hs, DQ + b * sqb + h * sqh, DK + b * skb + h * skh, Mask + b * smb + h * smh)
+
+    # ---------------------------------------------------------------------------------------- per-pair MLP
+    @triton.jit
+    def _paper_pre(A_base, B_base, offs_m, offs_n, Lq, Lk, m, HID: tl.constexpr):
+        """Hidden unit m before the activation on the tile: A[i, m] + B[j, m], (BM, BN)."""
+        return _load_col(A_base, offs_m, Lq, m, HID)[:, None] + _load_col(B_base, offs_n, Lk, m, HID)[None, :]
+
+    @triton.jit
+    def _authors_h1(A_base, B_base, offs_m, offs_n, Lq, Lk, HID: tl.constexpr, HIDP: tl.constexpr):
+        """Authors' first layer on the tile: relu(A_i + B_j), (BM, BN, HIDP)."""
+        a = _load_tile(A_base, offs_m, Lq, HID, HID, HIDP).to(tl.float32)
+        b = _load_tile(B_base, offs_n, Lk, HID, HID, HIDP).to(tl.float32)
+        return tl.maximum(a[:, None, :] + b[None, :, :], 0.0)
+
+    @triton.jit
+    def _authors_z(h1, W2_base, B2_base, r, HID: tl.constexpr, HIDP: tl.constexpr):
+        """Authors' second layer, unit r, before its relu: (z_r = W2[r] . h1 + b2[r]  (BM, BN), W2[r]  (HIDP,))."""
+        offs_h = tl.arange(0, HIDP)
+        w2r = tl.load(W2_base + r * HID + offs_h, mask=offs_h < HID, other=0.0).to(tl.float32)
+        return tl.sum(h1 * w2r[None, None, :], axis=2) + tl.load(B2_base + r).to(tl.float32), w2r
+
+    @triton.jit
+    def _tile_scores(A_base, B_base, W_base, W2_base, B2_base, q, k, offs_m, offs_n, Lq, Lk, dot_scale,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HID: tl.constexpr, HIDP: tl.constexpr,
+                     HID2: tl.constexpr, AUTHORS: tl.constexpr, ACT: tl.constexpr, HAS_DOT: tl.constexpr,
+                     DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+        """Unmasked fp32 scores of the (BM, BN) tile: per-pair MLP (paper / authors) + dot_scale * q @ k^T."""
         s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if AUTHORS:
-            offs_h = tl.arange(0, HIDP)
-            a = _load_rows(A_base, offs_m, Lq, HID, HIDP)
-            b = _load_rows(B_base, offs_n, Lk, HID, HIDP)
-            h1 = tl.maximum(a[:, None, :] + b[None, :, :], 0.0)  # (BM, BN, HIDP)
+            h1 = _authors_h1(A_base, B_base, offs_m, offs_n, Lq, Lk, HID, HIDP)
             for r in tl.static_range(HID2):
-                w2r = tl.load(W2_base + r * HID + offs_h, mask=offs_h < HID, other=0.0).to(tl.float32)
-                z = tl.sum(h1 * w2r[None, None, :], axis=2) + tl.load(B2_base + r).to(tl.float32)
+                z, _w2r = _authors_z(h1, W2_base, B2_base, r, HID, HIDP)
                 s += tl.load(W_base + r).to(tl.float32) * tl.maximum(z, 0.0)
         else:
             for m in tl.static_range(HID):
-                a_m = _load_col(A_base, offs_m, Lq, m, HID)
-                b_m = _load_col(B_base, offs_n, Lk, m, HID)
-                w_m = tl.load(W_base + m).to(tl.float32)
-                s += w_m * _act_fwd(a_m[:, None] + b_m[None, :], ACT)
+                s += tl.load(W_base + m).to(tl.float32) * _act_fwd(
+                    _paper_pre(A_base, B_base, offs_m, offs_n, Lq, Lk, m, HID), ACT)
+        if HAS_DOT:
+            s += dot_scale * _mm(q, tl.trans(k), DOT_DTYPE, UPCAST)
         return s
 
     @triton.jit
-    def _valid_pairs(offs_m, offs_n, Lq, Lk, Mask_base, smq, smk, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+    def _tile_mask(offs_m, offs_n, Lq, Lk, Mask_base, smq, smk, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+        """True where query i may attend key j: in bounds, causal (j <= i), bool mask."""
         valid = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
         if CAUSAL:
             valid = valid & (offs_n[None, :] <= offs_m[:, None])
@@ -169,213 +218,22 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _dropout_keep(seed, bh, offs_m, offs_n, Lq, Lk, dropout_p):
+        """Dropout keep-mask of the tile from tl.rand(seed, (bh * Lq + i) * Lk + j) (same in forward and backward)."""
         rows = bh * Lq + offs_m.to(tl.int64)
         lin = rows[:, None] * Lk + offs_n[None, :].to(tl.int64)
         return tl.rand(seed, lin) >= dropout_p
 
     @triton.jit
-    def _fwd_kernel(
-        A,
-        B,
-        V,
-        W,
-        W2,
-        B2,
-        DQ,
-        DK,
-        Mask,
-        Out,
-        LSE,
-        H,
-        Lq,
-        Lk,
-        svb,
-        svh,
-        svl,
-        sob,
-        soh,
-        sol,
-        sqb,
-        sqh,
-        sql,
-        skb,
-        skh,
-        skl,
-        smb,
-        smh,
-        smq,
-        smk,
-        w_hs,
-        w2_hs,
-        b2_hs,
-        dot_scale,
-        dropout_p,
-        dropout_scale,
-        seed,
-        HID: tl.constexpr,
-        HIDP: tl.constexpr,
-        HID2: tl.constexpr,
-        AUTHORS: tl.constexpr,
-        ACT: tl.constexpr,
-        DV: tl.constexpr,
-        DVP: tl.constexpr,
-        DD: tl.constexpr,
-        DDP: tl.constexpr,
-        HAS_DOT: tl.constexpr,
-        HAS_MASK: tl.constexpr,
-        CAUSAL: tl.constexpr,
-        DROPOUT: tl.constexpr,
-        DOT_DTYPE: tl.constexpr,
-        UPCAST: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-    ):
-        pid_m = tl.program_id(0)
-        bh = tl.program_id(1).to(tl.int64)
-        b = bh // H
-        h = bh % H
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_v = tl.arange(0, DVP)
-        offs_d = tl.arange(0, DDP)
-        A_base = A + bh * Lq * HID
-        B_base = B + bh * Lk * HID
-        V_base = V + b * svb + h * svh
-        W_base = W + h * w_hs
-        W2_base = W2 + h * w2_hs
-        B2_base = B2 + h * b2_hs
-        Mask_base = Mask + b * smb + h * smh
-
-        if HAS_DOT:
-            q = tl.load(
-                DQ + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :],
-                mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < DD),
-                other=0.0,
-            )
-
-        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        acc = tl.zeros((BLOCK_M, DVP), dtype=tl.float32)
-
-        hi = Lk
-        if CAUSAL:  # tiles entirely above the diagonal are skipped
-            hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M)
-        for start_n in range(0, hi, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            s = _neural_scores(
-                A_base,
-                B_base,
-                W_base,
-                W2_base,
-                B2_base,
-                offs_m,
-                offs_n,
-                Lq,
-                Lk,
-                BLOCK_M,
-                BLOCK_N,
-                HID,
-                HIDP,
-                HID2,
-                AUTHORS,
-                ACT,
-            )
-            if HAS_DOT:
-                k = tl.load(
-                    DK + b * skb + h * skh + offs_n[:, None] * skl + offs_d[None, :],
-                    mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < DD),
-                    other=0.0,
-                )
-                s += dot_scale * _mm(q, tl.trans(k), DOT_DTYPE, UPCAST)
-            valid = _valid_pairs(offs_m, offs_n, Lq, Lk, Mask_base, smq, smk, CAUSAL, HAS_MASK)
-            s = tl.where(valid, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if DROPOUT:
-                keep = _dropout_keep(seed, bh, offs_m, offs_n, Lq, Lk, dropout_p)
-                p = tl.where(keep, p * dropout_scale, 0.0)
-            v = tl.load(
-                V_base + offs_n[:, None] * svl + offs_v[None, :],
-                mask=(offs_n[:, None] < Lk) & (offs_v[None, :] < DV),
-                other=0.0,
-            )
-            acc = acc * alpha[:, None] + _mm(p, v, DOT_DTYPE, UPCAST)
-            m_i = m_new
-
-        has_any = l_i > 0.0
-        m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-        out = tl.where(has_any[:, None], acc / tl.where(has_any, l_i, 1.0)[:, None], 0.0)
-        lse = tl.where(has_any, m_safe + tl.log(tl.where(has_any, l_i, 1.0)), float("inf"))
-        tl.store(LSE + bh * Lq + offs_m, lse, mask=offs_m < Lq)
-        tl.store(
-            Out + b * sob + h * soh + offs_m[:, None] * sol + offs_v[None, :],
-            out.to(Out.dtype.element_ty),
-            mask=(offs_m[:, None] < Lq) & (offs_v[None, :] < DV),
-        )
-
-    @triton.jit
-    def _probs_and_dscores(
-        A_base,
-        B_base,
-        W_base,
-        W2_base,
-        B2_base,
-        Mask_base,
-        smq,
-        smk,
-        q,
-        k,
-        v,
-        do,
-        lse,
-        delta,
-        offs_m,
-        offs_n,
-        Lq,
-        Lk,
-        bh,
-        dot_scale,
-        dropout_p,
-        dropout_scale,
-        seed,
-        HID: tl.constexpr,
-        HIDP: tl.constexpr,
-        HID2: tl.constexpr,
-        AUTHORS: tl.constexpr,
-        ACT: tl.constexpr,
-        HAS_DOT: tl.constexpr,
-        HAS_MASK: tl.constexpr,
-        CAUSAL: tl.constexpr,
-        DROPOUT: tl.constexpr,
-        DOT_DTYPE: tl.constexpr,
-        UPCAST: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-    ):
-        """Recompute P for one tile; return (P after dropout, dS)."""
-        s = _neural_scores(
-            A_base,
-            B_base,
-            W_base,
-            W2_base,
-            B2_base,
-            offs_m,
-            offs_n,
-            Lq,
-            Lk,
-            BLOCK_M,
-            BLOCK_N,
-            HID,
-            HIDP,
-            HID2,
-            AUTHORS,
-            ACT,
-        )
-        if HAS_DOT:
-            s += dot_scale * _mm(q, tl.trans(k), DOT_DTYPE, UPCAST)
-        valid = _valid_pairs(offs_m, offs_n, Lq, Lk, Mask_base, smq, smk, CAUSAL, HAS_MASK)
+    def _tile_probs_grad(A_base, B_base, W_base, W2_base, B2_base, Mask_base, smq, smk, q, k, v, do, lse, delta,
+                         offs_m, offs_n, Lq, Lk, bh, dot_scale, dropout_p, dropout_scale, seed,
+                         HID: tl.constexpr, HIDP: tl.constexpr, HID2: tl.constexpr, AUTHORS: tl.constexpr,
+                         ACT: tl.constexpr, HAS_DOT: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
+                         DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Recompute P of one tile from the stored log-sum-exp; return (P after dropout, dS = dL/dscores)."""
+        s = _tile_scores(A_base, B_base, W_base, W2_base, B2_base, q, k, offs_m, offs_n, Lq, Lk, dot_scale,
+                         BLOCK_M, BLOCK_N, HID, HIDP, HID2, AUTHORS, ACT, HAS_DOT, DOT_DTYPE, UPCAST)
+        valid = _tile_mask(offs_m, offs_n, Lq, Lk, Mask_base, smq, smk, CAUSAL, HAS_MASK)
         p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
         dp = _mm(do, tl.trans(v), DOT_DTYPE, UPCAST)
         if DROPOUT:
@@ -388,49 +246,23 @@ if TRITON_AVAILABLE:
         return pd, ds
 
     @triton.jit
-    def _mlp_backward(
-        ds,
-        A_base,
-        B_base,
-        W_base,
-        W2_base,
-        B2_base,
-        offs_m,
-        offs_n,
-        Lq,
-        Lk,
-        da,
-        db,
-        dw,
-        dw2,
-        db2,
-        HID: tl.constexpr,
-        HIDP: tl.constexpr,
-        HID2: tl.constexpr,
-        HID2P: tl.constexpr,
-        AUTHORS: tl.constexpr,
-        ACT: tl.constexpr,
-        NEED_DA: tl.constexpr,
-        NEED_DB: tl.constexpr,
-        NEED_DW: tl.constexpr,
-    ):
+    def _tile_mlp_backward(ds, A_base, B_base, W_base, W2_base, B2_base, offs_m, offs_n, Lq, Lk, da, db, dw, dw2, db2,
+                           HID: tl.constexpr, HIDP: tl.constexpr, HID2: tl.constexpr, HID2P: tl.constexpr,
+                           AUTHORS: tl.constexpr, ACT: tl.constexpr, NEED_DA: tl.constexpr, NEED_DB: tl.constexpr,
+                           NEED_DW: tl.constexpr):
         """Back-propagate dS of a tile through the per-pair MLP, accumulating into the given accumulators.
 
         da: (BM, HIDP), db: (BN, HIDP); dw: (HIDP,) [paper] / (HID2P,) [authors, w3];
-        dw2: (HID2P, HIDP) and db2: (HID2P,) [authors only].
+        dw2: (HID2P, HIDP) and db2: (HID2P,) [authors only]. Returns (da, db, dw, dw2, db2).
         """
         offs_h = tl.arange(0, HIDP)
         if AUTHORS:
             offs_r = tl.arange(0, HID2P)
-            a = _load_rows(A_base, offs_m, Lq, HID, HIDP)
-            b = _load_rows(B_base, offs_n, Lk, HID, HIDP)
-            h1 = tl.maximum(a[:, None, :] + b[None, :, :], 0.0)  # (BM, BN, HIDP)
+            h1 = _authors_h1(A_base, B_base, offs_m, offs_n, Lq, Lk, HID, HIDP)
             dh1 = tl.zeros_like(h1)
             for r in tl.static_range(HID2):
-                w2r = tl.load(W2_base + r * HID + offs_h, mask=offs_h < HID, other=0.0).to(tl.float32)
-                z = tl.sum(h1 * w2r[None, None, :], axis=2) + tl.load(B2_base + r).to(tl.float32)
-                w3r = tl.load(W_base + r).to(tl.float32)
-                g = tl.where(z > 0.0, ds * w3r, 0.0)  # dL/dz_r
+                z, w2r = _authors_z(h1, W2_base, B2_base, r, HID, HIDP)
+                g = tl.where(z > 0.0, ds * tl.load(W_base + r).to(tl.float32), 0.0)  # dL/dz_r
                 if NEED_DW:
                     dw += tl.where(offs_r == r, tl.sum(tl.sum(ds * tl.maximum(z, 0.0), axis=1), axis=0), 0.0)
                     db2 += tl.where(offs_r == r, tl.sum(tl.sum(g, axis=1), axis=0), 0.0)
@@ -446,117 +278,94 @@ if TRITON_AVAILABLE:
                     db += tl.sum(dpre, axis=0)
         else:
             for m in tl.static_range(HID):
-                a_m = _load_col(A_base, offs_m, Lq, m, HID)
-                b_m = _load_col(B_base, offs_n, Lk, m, HID)
-                w_m = tl.load(W_base + m).to(tl.float32)
-                f, fp = _act_fwd_bwd(a_m[:, None] + b_m[None, :], ACT)
+                f, fp = _act_fwd_bwd(_paper_pre(A_base, B_base, offs_m, offs_n, Lq, Lk, m, HID), ACT)
                 if NEED_DW:
                     dw += tl.where(offs_h == m, tl.sum(tl.sum(ds * f, axis=1), axis=0), 0.0)
                 if NEED_DA or NEED_DB:
-                    dpre = ds * (w_m * fp)
+                    dpre = ds * (tl.load(W_base + m).to(tl.float32) * fp)
                     if NEED_DA:
                         da += tl.where(offs_h[None, :] == m, tl.sum(dpre, axis=1)[:, None], 0.0)
                     if NEED_DB:
                         db += tl.where(offs_h[None, :] == m, tl.sum(dpre, axis=0)[:, None], 0.0)
         return da, db, dw, dw2, db2
 
+    # ---------------------------------------------------------------------------------------- kernels
     @triton.jit
-    def _bwd_kv_kernel(
-        A,
-        B,
-        V,
-        W,
-        W2,
-        B2,
-        DQ,
-        DK,
-        Mask,
-        DO,
-        LSE,
-        Delta,
-        dB,
-        dV,
-        dDK,
-        dW_part,
-        dW2_part,
-        dB2_part,
-        H,
-        Lq,
-        Lk,
-        n_blocks_n,
-        svb,
-        svh,
-        svl,
-        sdob,
-        sdoh,
-        sdol,
-        sqb,
-        sqh,
-        sql,
-        skb,
-        skh,
-        skl,
-        smb,
-        smh,
-        smq,
-        smk,
-        w_hs,
-        w2_hs,
-        b2_hs,
-        dot_scale,
-        dropout_p,
-        dropout_scale,
-        seed,
-        HID: tl.constexpr,
-        HIDP: tl.constexpr,
-        HID2: tl.constexpr,
-        HID2P: tl.constexpr,
-        AUTHORS: tl.constexpr,
-        ACT: tl.constexpr,
-        DV: tl.constexpr,
-        DVP: tl.constexpr,
-        DD: tl.constexpr,
-        DDP: tl.constexpr,
-        HAS_DOT: tl.constexpr,
-        HAS_MASK: tl.constexpr,
-        CAUSAL: tl.constexpr,
-        DROPOUT: tl.constexpr,
-        DOT_DTYPE: tl.constexpr,
-        UPCAST: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-    ):
-        pid_n = tl.program_id(0)
-        bh = tl.program_id(1).to(tl.int64)
-        b = bh // H
-        h = bh % H
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_v = tl.arange(0, DVP)
-        offs_d = tl.arange(0, DDP)
-        offs_h = tl.arange(0, HIDP)
-        offs_r = tl.arange(0, HID2P)
-        A_base = A + bh * Lq * HID
-        B_base = B + bh * Lk * HID
-        W_base = W + h * w_hs
-        W2_base = W2 + h * w2_hs
-        B2_base = B2 + h * b2_hs
-        Mask_base = Mask + b * smb + h * smh
-        DO_base = DO + b * sdob + h * sdoh
-        n_ok = offs_n < Lk
+    def _fwd_kernel(A, B, V, W, W2, B2, DQ, DK, Mask, H, Lq, Lk, svb, svh, svl, sqb, sqh, sql, skb, skh, skl,
+                    smb, smh, smq, smk, w_hs, w2_hs, b2_hs, dot_scale, dropout_p, dropout_scale, seed,
+                    Out, LSE, sob, soh, sol,
+                    HID: tl.constexpr, HIDP: tl.constexpr, HID2: tl.constexpr, HID2P: tl.constexpr,
+                    AUTHORS: tl.constexpr, ACT: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
+                    DD: tl.constexpr, DDP: tl.constexpr, HAS_DOT: tl.constexpr, HAS_MASK: tl.constexpr,
+                    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Forward. Grid (cdiv(Lq, BLOCK_M), batch*heads): one program per BLOCK_M query rows of one head.
 
-        v = tl.load(
-            V + b * svb + h * svh + offs_n[:, None] * svl + offs_v[None, :],
-            mask=n_ok[:, None] & (offs_v[None, :] < DV),
-            other=0.0,
-        )
-        k = tl.zeros((BLOCK_N, DDP), dtype=tl.float32)
-        q = tl.zeros((BLOCK_M, DDP), dtype=tl.float32)
-        if HAS_DOT:
-            k = tl.load(
-                DK + b * skb + h * skh + offs_n[:, None] * skl + offs_d[None, :],
-                mask=n_ok[:, None] & (offs_d[None, :] < DD),
-                other=0.0,
-            ).to(tl.float32)
+        Loops over key blocks (causal: only up to the diagonal) with an online fp32 softmax. Writes Out
+        (batch, heads, Lq, DV) in Out's dtype and LSE (batch*heads, Lq) fp32 (+inf for rows with no visible key).
+        """
+        pid_m = tl.program_id(0)
+        bh, b, h, A_base, B_base, V_base, W_base, W2_base, B2_base, DQ_base, DK_base, Mask_base = _head_bases(
+            A, B, V, W, W2, B2, DQ, DK, Mask, H, Lq, Lk, svb, svh, sqb, sqh, skb, skh, smb, smh, w_hs, w2_hs, b2_hs,
+            HID)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        q = _load_dot_tile(DQ_base, offs_m, Lq, sql, BLOCK_M, DD, DDP, HAS_DOT)
+
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, DVP), dtype=tl.float32)
+        hi = Lk
+        if CAUSAL:  # tiles entirely above the diagonal are skipped
+            hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M)
+        for start_n in range(0, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k = _load_dot_tile(DK_base, offs_n, Lk, skl, BLOCK_N, DD, DDP, HAS_DOT)
+            s = _tile_scores(A_base, B_base, W_base, W2_base, B2_base, q, k, offs_m, offs_n, Lq, Lk, dot_scale,
+                             BLOCK_M, BLOCK_N, HID, HIDP, HID2, AUTHORS, ACT, HAS_DOT, DOT_DTYPE, UPCAST)
+            valid = _tile_mask(offs_m, offs_n, Lq, Lk, Mask_base, smq, smk, CAUSAL, HAS_MASK)
+            s = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if DROPOUT:
+                keep = _dropout_keep(seed, bh, offs_m, offs_n, Lq, Lk, dropout_p)
+                p = tl.where(keep, p * dropout_scale, 0.0)
+            v = _load_tile(V_base, offs_n, Lk, svl, DV, DVP)
+            acc = acc * alpha[:, None] + _mm(p, v, DOT_DTYPE, UPCAST)
+            m_i = m_new
+
+        has_any = l_i > 0.0
+        m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+        out = tl.where(has_any[:, None], acc / tl.where(has_any, l_i, 1.0)[:, None], 0.0)
+        lse = tl.where(has_any, m_safe + tl.log(tl.where(has_any, l_i, 1.0)), float("inf"))
+        tl.store(LSE + bh * Lq + offs_m, lse, mask=offs_m < Lq)
+        _store_tile(Out + b * sob + h * soh, offs_m, Lq, sol, out, DV, DVP)
+
+    @triton.jit
+    def _bwd_kv_kernel(A, B, V, W, W2, B2, DQ, DK, Mask, H, Lq, Lk, svb, svh, svl, sqb, sqh, sql, skb, skh, skl,
+                       smb, smh, smq, smk, w_hs, w2_hs, b2_hs, dot_scale, dropout_p, dropout_scale, seed,
+                       DO, sdob, sdoh, sdol, LSE, Delta, dB, dV, dDK, dW_part, dW2_part, dB2_part, n_blocks_n,
+                       HID: tl.constexpr, HIDP: tl.constexpr, HID2: tl.constexpr, HID2P: tl.constexpr,
+                       AUTHORS: tl.constexpr, ACT: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
+                       DD: tl.constexpr, DDP: tl.constexpr, HAS_DOT: tl.constexpr, HAS_MASK: tl.constexpr,
+                       CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Backward, key side. Grid (n_blocks_n = cdiv(Lk, BLOCK_N), batch*heads): one program per key block.
+
+        Loops over query blocks (causal: from the diagonal on), recomputing P. Writes fp32 dB (batch*heads, Lk,
+        HID), dV (.., Lk, DV), dDK (.., Lk, DD; residual dot term only) and, in slot bh * n_blocks_n + n, this
+        program's partial weight gradients: dW_part (HID [paper] / HID2 [authors]), dW2_part (HID2, HID) and
+        dB2_part (HID2) [authors only].
+        """
+        pid_n = tl.program_id(0)
+        bh, b, h, A_base, B_base, V_base, W_base, W2_base, B2_base, DQ_base, DK_base, Mask_base = _head_bases(
+            A, B, V, W, W2, B2, DQ, DK, Mask, H, Lq, Lk, svb, svh, sqb, sqh, skb, skh, smb, smh, w_hs, w2_hs, b2_hs,
+            HID)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        v = _load_tile(V_base, offs_n, Lk, svl, DV, DVP)
+        k = _load_dot_tile(DK_base, offs_n, Lk, skl, BLOCK_N, DD, DDP, HAS_DOT)
 
         dv = tl.zeros((BLOCK_N, DVP), dtype=tl.float32)
         dk = tl.zeros((BLOCK_N, DDP), dtype=tl.float32)
@@ -574,207 +383,56 @@ if TRITON_AVAILABLE:
             lo = ((pid_n * BLOCK_N) // BLOCK_M) * BLOCK_M
         for start_m in range(lo, Lq, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            m_ok = offs_m < Lq
-            if HAS_DOT:
-                q = tl.load(
-                    DQ + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :],
-                    mask=m_ok[:, None] & (offs_d[None, :] < DD),
-                    other=0.0,
-                ).to(tl.float32)
-            do = tl.load(
-                DO_base + offs_m[:, None] * sdol + offs_v[None, :],
-                mask=m_ok[:, None] & (offs_v[None, :] < DV),
-                other=0.0,
-            )
-            lse = tl.load(LSE + bh * Lq + offs_m, mask=m_ok, other=float("inf"))
-            delta = tl.load(Delta + bh * Lq + offs_m, mask=m_ok, other=0.0)
-            pd, ds = _probs_and_dscores(
-                A_base,
-                B_base,
-                W_base,
-                W2_base,
-                B2_base,
-                Mask_base,
-                smq,
-                smk,
-                q,
-                k,
-                v,
-                do,
-                lse,
-                delta,
-                offs_m,
-                offs_n,
-                Lq,
-                Lk,
-                bh,
-                dot_scale,
-                dropout_p,
-                dropout_scale,
-                seed,
-                HID,
-                HIDP,
-                HID2,
-                AUTHORS,
-                ACT,
-                HAS_DOT,
-                HAS_MASK,
-                CAUSAL,
-                DROPOUT,
-                DOT_DTYPE,
-                UPCAST,
-                BLOCK_M,
-                BLOCK_N,
-            )
+            q = _load_dot_tile(DQ_base, offs_m, Lq, sql, BLOCK_M, DD, DDP, HAS_DOT)
+            do = _load_tile(DO + b * sdob + h * sdoh, offs_m, Lq, sdol, DV, DVP)
+            lse, delta = _row_stats(LSE, Delta, bh, offs_m, Lq)
+            pd, ds = _tile_probs_grad(A_base, B_base, W_base, W2_base, B2_base, Mask_base, smq, smk, q, k, v, do, lse,
+                                      delta, offs_m, offs_n, Lq, Lk, bh, dot_scale, dropout_p, dropout_scale, seed,
+                                      HID, HIDP, HID2, AUTHORS, ACT, HAS_DOT, HAS_MASK, CAUSAL, DROPOUT, DOT_DTYPE,
+                                      UPCAST, BLOCK_M, BLOCK_N)
             dv += _mm(tl.trans(pd), do, DOT_DTYPE, UPCAST)
             if HAS_DOT:
                 dk += _mm(tl.trans(ds), q, DOT_DTYPE, UPCAST)
-            da_unused, db, dw, dw2, db2 = _mlp_backward(
-                ds,
-                A_base,
-                B_base,
-                W_base,
-                W2_base,
-                B2_base,
-                offs_m,
-                offs_n,
-                Lq,
-                Lk,
-                da_unused,
-                db,
-                dw,
-                dw2,
-                db2,
-                HID,
-                HIDP,
-                HID2,
-                HID2P,
-                AUTHORS,
-                ACT,
-                False,
-                True,
-                True,
-            )
+            da_unused, db, dw, dw2, db2 = _tile_mlp_backward(
+                ds, A_base, B_base, W_base, W2_base, B2_base, offs_m, offs_n, Lq, Lk, da_unused, db, dw, dw2, db2,
+                HID, HIDP, HID2, HID2P, AUTHORS, ACT, False, True, True)
 
-        tl.store(
-            dV + bh * Lk * DV + offs_n[:, None] * DV + offs_v[None, :], dv, mask=n_ok[:, None] & (offs_v[None, :] < DV)
-        )
+        _store_tile(dV + bh * Lk * DV, offs_n, Lk, DV, dv, DV, DVP)
         if HAS_DOT:
-            tl.store(
-                dDK + bh * Lk * DD + offs_n[:, None] * DD + offs_d[None, :],
-                dk * dot_scale,
-                mask=n_ok[:, None] & (offs_d[None, :] < DD),
-            )
-        tl.store(
-            dB + bh * Lk * HID + offs_n[:, None] * HID + offs_h[None, :],
-            db,
-            mask=n_ok[:, None] & (offs_h[None, :] < HID),
-        )
+            _store_tile(dDK + bh * Lk * DD, offs_n, Lk, DD, dk * dot_scale, DD, DDP)
+        _store_tile(dB + bh * Lk * HID, offs_n, Lk, HID, db, HID, HIDP)
         slot = bh * n_blocks_n + pid_n
         if AUTHORS:
+            offs_r = tl.arange(0, HID2P)
             tl.store(dW_part + slot * HID2 + offs_r, dw, mask=offs_r < HID2)
             tl.store(dB2_part + slot * HID2 + offs_r, db2, mask=offs_r < HID2)
-            tl.store(
-                dW2_part + slot * HID2 * HID + offs_r[:, None] * HID + offs_h[None, :],
-                dw2,
-                mask=(offs_r[:, None] < HID2) & (offs_h[None, :] < HID),
-            )
+            _store_tile(dW2_part + slot * HID2 * HID, offs_r, HID2, HID, dw2, HID, HIDP)
         else:
+            offs_h = tl.arange(0, HIDP)
             tl.store(dW_part + slot * HID + offs_h, dw, mask=offs_h < HID)
 
     @triton.jit
-    def _bwd_q_kernel(
-        A,
-        B,
-        V,
-        W,
-        W2,
-        B2,
-        DQ,
-        DK,
-        Mask,
-        DO,
-        LSE,
-        Delta,
-        dA,
-        dDQ,
-        H,
-        Lq,
-        Lk,
-        svb,
-        svh,
-        svl,
-        sdob,
-        sdoh,
-        sdol,
-        sqb,
-        sqh,
-        sql,
-        skb,
-        skh,
-        skl,
-        smb,
-        smh,
-        smq,
-        smk,
-        w_hs,
-        w2_hs,
-        b2_hs,
-        dot_scale,
-        dropout_p,
-        dropout_scale,
-        seed,
-        HID: tl.constexpr,
-        HIDP: tl.constexpr,
-        HID2: tl.constexpr,
-        HID2P: tl.constexpr,
-        AUTHORS: tl.constexpr,
-        ACT: tl.constexpr,
-        DV: tl.constexpr,
-        DVP: tl.constexpr,
-        DD: tl.constexpr,
-        DDP: tl.constexpr,
-        HAS_DOT: tl.constexpr,
-        HAS_MASK: tl.constexpr,
-        CAUSAL: tl.constexpr,
-        DROPOUT: tl.constexpr,
-        DOT_DTYPE: tl.constexpr,
-        UPCAST: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-    ):
-        pid_m = tl.program_id(0)
-        bh = tl.program_id(1).to(tl.int64)
-        b = bh // H
-        h = bh % H
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_v = tl.arange(0, DVP)
-        offs_d = tl.arange(0, DDP)
-        offs_h = tl.arange(0, HIDP)
-        A_base = A + bh * Lq * HID
-        B_base = B + bh * Lk * HID
-        W_base = W + h * w_hs
-        W2_base = W2 + h * w2_hs
-        B2_base = B2 + h * b2_hs
-        Mask_base = Mask + b * smb + h * smh
-        V_base = V + b * svb + h * svh
-        m_ok = offs_m < Lq
+    def _bwd_q_kernel(A, B, V, W, W2, B2, DQ, DK, Mask, H, Lq, Lk, svb, svh, svl, sqb, sqh, sql, skb, skh, skl,
+                      smb, smh, smq, smk, w_hs, w2_hs, b2_hs, dot_scale, dropout_p, dropout_scale, seed,
+                      DO, sdob, sdoh, sdol, LSE, Delta, dA, dDQ,
+                      HID: tl.constexpr, HIDP: tl.constexpr, HID2: tl.constexpr, HID2P: tl.constexpr,
+                      AUTHORS: tl.constexpr, ACT: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
+                      DD: tl.constexpr, DDP: tl.constexpr, HAS_DOT: tl.constexpr, HAS_MASK: tl.constexpr,
+                      CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Backward, query side. Grid (cdiv(Lq, BLOCK_M), batch*heads): one program per query block.
 
-        q = tl.zeros((BLOCK_M, DDP), dtype=tl.float32)
-        k = tl.zeros((BLOCK_N, DDP), dtype=tl.float32)
-        if HAS_DOT:
-            q = tl.load(
-                DQ + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :],
-                mask=m_ok[:, None] & (offs_d[None, :] < DD),
-                other=0.0,
-            ).to(tl.float32)
-        do = tl.load(
-            DO + b * sdob + h * sdoh + offs_m[:, None] * sdol + offs_v[None, :],
-            mask=m_ok[:, None] & (offs_v[None, :] < DV),
-            other=0.0,
-        )
-        lse = tl.load(LSE + bh * Lq + offs_m, mask=m_ok, other=float("inf"))
-        delta = tl.load(Delta + bh * Lq + offs_m, mask=m_ok, other=0.0)
+        Loops over key blocks (causal: up to the diagonal), recomputing P. Writes fp32 dA (batch*heads, Lq, HID)
+        and dDQ (.., Lq, DD; residual dot term only).
+        """
+        pid_m = tl.program_id(0)
+        bh, b, h, A_base, B_base, V_base, W_base, W2_base, B2_base, DQ_base, DK_base, Mask_base = _head_bases(
+            A, B, V, W, W2, B2, DQ, DK, Mask, H, Lq, Lk, svb, svh, sqb, sqh, skb, skh, smb, smh, w_hs, w2_hs, b2_hs,
+            HID)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        q = _load_dot_tile(DQ_base, offs_m, Lq, sql, BLOCK_M, DD, DDP, HAS_DOT)
+        do = _load_tile(DO + b * sdob + h * sdoh, offs_m, Lq, sdol, DV, DVP)
+        lse, delta = _row_stats(LSE, Delta, bh, offs_m, Lq)
 
         dq = tl.zeros((BLOCK_M, DDP), dtype=tl.float32)
         da = tl.zeros((BLOCK_M, HIDP), dtype=tl.float32)
@@ -782,100 +440,28 @@ if TRITON_AVAILABLE:
         dw_unused = tl.zeros((HIDP,), dtype=tl.float32)
         dw2_unused = tl.zeros((HID2P, HIDP), dtype=tl.float32)
         db2_unused = tl.zeros((HID2P,), dtype=tl.float32)
-
         hi = Lk
         if CAUSAL:
             hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M)
         for start_n in range(0, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < Lk
-            v = tl.load(
-                V_base + offs_n[:, None] * svl + offs_v[None, :], mask=n_ok[:, None] & (offs_v[None, :] < DV), other=0.0
-            )
-            if HAS_DOT:
-                k = tl.load(
-                    DK + b * skb + h * skh + offs_n[:, None] * skl + offs_d[None, :],
-                    mask=n_ok[:, None] & (offs_d[None, :] < DD),
-                    other=0.0,
-                ).to(tl.float32)
-            pd, ds = _probs_and_dscores(
-                A_base,
-                B_base,
-                W_base,
-                W2_base,
-                B2_base,
-                Mask_base,
-                smq,
-                smk,
-                q,
-                k,
-                v,
-                do,
-                lse,
-                delta,
-                offs_m,
-                offs_n,
-                Lq,
-                Lk,
-                bh,
-                dot_scale,
-                dropout_p,
-                dropout_scale,
-                seed,
-                HID,
-                HIDP,
-                HID2,
-                AUTHORS,
-                ACT,
-                HAS_DOT,
-                HAS_MASK,
-                CAUSAL,
-                DROPOUT,
-                DOT_DTYPE,
-                UPCAST,
-                BLOCK_M,
-                BLOCK_N,
-            )
+            v = _load_tile(V_base, offs_n, Lk, svl, DV, DVP)
+            k = _load_dot_tile(DK_base, offs_n, Lk, skl, BLOCK_N, DD, DDP, HAS_DOT)
+            pd, ds = _tile_probs_grad(A_base, B_base, W_base, W2_base, B2_base, Mask_base, smq, smk, q, k, v, do, lse,
+                                      delta, offs_m, offs_n, Lq, Lk, bh, dot_scale, dropout_p, dropout_scale, seed,
+                                      HID, HIDP, HID2, AUTHORS, ACT, HAS_DOT, HAS_MASK, CAUSAL, DROPOUT, DOT_DTYPE,
+                                      UPCAST, BLOCK_M, BLOCK_N)
             if HAS_DOT:
                 dq += _mm(ds, k, DOT_DTYPE, UPCAST)
-            da, db_unused, dw_unused, dw2_unused, db2_unused = _mlp_backward(
-                ds,
-                A_base,
-                B_base,
-                W_base,
-                W2_base,
-                B2_base,
-                offs_m,
-                offs_n,
-                Lq,
-                Lk,
-                da,
-                db_unused,
-                dw_unused,
-                dw2_unused,
-                db2_unused,
-                HID,
-                HIDP,
-                HID2,
-                HID2P,
-                AUTHORS,
-                ACT,
-                True,
-                False,
-                False,
-            )
+            da, db_unused, dw_unused, dw2_unused, db2_unused = _tile_mlp_backward(
+                ds, A_base, B_base, W_base, W2_base, B2_base, offs_m, offs_n, Lq, Lk, da, db_unused, dw_unused,
+                dw2_unused, db2_unused, HID, HIDP, HID2, HID2P, AUTHORS, ACT, True, False, False)
 
-        tl.store(
-            dA + bh * Lq * HID + offs_m[:, None] * HID + offs_h[None, :],
-            da,
-            mask=m_ok[:, None] & (offs_h[None, :] < HID),
-        )
+        _store_tile(dA + bh * Lq * HID, offs_m, Lq, HID, da, HID, HIDP)
         if HAS_DOT:
-            tl.store(
-                dDQ + bh * Lq * DD + offs_m[:, None] * DD + offs_d[None, :],
-                dq * dot_scale,
-                mask=m_ok[:, None] & (offs_d[None, :] < DD),
-            )
+            _store_tile(dDQ + bh * Lq * DD, offs_m, Lq, DD, dq * dot_scale, DD, DDP)
+
+# fmt: on
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -927,160 +513,77 @@ def _reduce_weight_grad(part: torch.Tensor, batch: int, heads: int, meta) -> tor
     return g.to(w_dtype)
 
 
+def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key,
+                 mask, cfg):
+    """Kernel-ready tensors, the leading scalar arguments shared by the three kernels, and the constexprs.
+
+    Returns (tensors, scalars, constexprs): tensors = (A, B, V, W, W2, B2, DQ, DK, Mask) with fp32 per-head
+    weights and dummies (never read) for absent optional inputs; scalars = (H, Lq, Lk, V/DQ/DK/Mask strides,
+    per-head weight strides, dot_scale, dropout_p, dropout_scale, seed).
+    """
+    batch, heads, q_len, hidden = query_hidden.shape
+    k_len, v_dim = key_hidden.shape[2], value.shape[-1]
+    authors, has_dot = second_weight is not None, dot_query is not None
+    A, Bk, V = query_hidden.contiguous(), key_hidden.contiguous(), _last_dim_contiguous(value)
+    if authors:
+        hidden2 = second_weight.shape[-2]
+        W, w_hs = _head_weight(output_weight, heads, "output_weight", (hidden2,))
+        W2, w2_hs = _head_weight(second_weight, heads, "second_weight", (hidden2, hidden))
+        if second_bias is None:
+            B2, b2_hs = torch.zeros(1, hidden2, device=V.device, dtype=torch.float32), 0
+        else:
+            B2, b2_hs = _head_weight(second_bias, heads, "second_bias", (hidden2,))
+    else:
+        hidden2 = 1
+        W, w_hs = _head_weight(output_weight, heads, "output_weight", (hidden,))
+        W2, w2_hs, B2, b2_hs = W, 0, W, 0  # unused dummies
+    DQ, DK, dd, dot_strides = A, A, 1, (0,) * 6  # dummies, never read
+    if has_dot:
+        DQ = _last_dim_contiguous(dot_query)
+        DK = _last_dim_contiguous(dot_key.to(DQ.dtype))
+        dd, dot_strides = DQ.shape[-1], (*DQ.stride()[:3], *DK.stride()[:3])
+    Mask, mstrides = A, (0, 0, 0, 0)
+    if mask is not None:
+        Mask = mask.to(device=V.device, dtype=torch.uint8).expand(batch, heads, q_len, k_len)
+        mstrides = Mask.stride()
+
+    interp = _interpreting()
+    bm, bn = cfg["block_m"], cfg["block_n"]
+    if bm is None or bn is None:
+        dbm, dbn = _default_blocks(authors, hidden, interp)
+        bm, bn = bm or dbm, bn or dbn
+    dropout_p = float(cfg["dropout_p"])
+    dropout_scale = 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
+    low = V.dtype if V.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    constexprs = dict(
+        HID=hidden, HIDP=_pow2(hidden), HID2=hidden2, HID2P=_pow2(hidden2), AUTHORS=authors,
+        ACT=_ACTIVATIONS[cfg["activation"]], DV=v_dim, DVP=_pow2(v_dim, 16), DD=dd, DDP=_pow2(dd, 16),
+        HAS_DOT=has_dot, HAS_MASK=mask is not None, CAUSAL=bool(cfg["causal"]), DROPOUT=dropout_p > 0.0,
+        DOT_DTYPE=_TL_DTYPES[low], UPCAST=interp, BLOCK_M=bm, BLOCK_N=bn,
+    )  # fmt: skip
+    scalars = (heads, q_len, k_len, *V.stride()[:3], *dot_strides, *mstrides, w_hs, w2_hs, b2_hs,
+               float(cfg["dot_scale"]), dropout_p, dropout_scale, int(cfg["seed"]))  # fmt: skip
+    return (A, Bk, V, W, W2, B2, DQ, DK, Mask), scalars, constexprs
+
+
 class _NeuralAttentionTriton(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx, query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key, mask, cfg
-    ):
-        batch, heads, q_len, hidden = query_hidden.shape
-        k_len = key_hidden.shape[2]
-        v_dim = value.shape[-1]
-        authors = second_weight is not None
-        dev = value.device
-
-        A = query_hidden.contiguous()
-        Bk = key_hidden.contiguous()
-        V = _last_dim_contiguous(value)
-        if authors:
-            hidden2 = second_weight.shape[-2]
-            W, w_hs = _head_weight(output_weight, heads, "output_weight", (hidden2,))
-            W2, w2_hs = _head_weight(second_weight, heads, "second_weight", (hidden2, hidden))
-            if second_bias is None:
-                B2, b2_hs = torch.zeros(1, hidden2, device=dev, dtype=torch.float32), 0
-            else:
-                B2, b2_hs = _head_weight(second_bias, heads, "second_bias", (hidden2,))
-        else:
-            hidden2 = 1
-            W, w_hs = _head_weight(output_weight, heads, "output_weight", (hidden,))
-            W2, w2_hs, B2, b2_hs = W, 0, W, 0  # unused dummies
-
-        has_dot = dot_query is not None
-        if has_dot:
-            DQ = _last_dim_contiguous(dot_query)
-            DK = _last_dim_contiguous(dot_key.to(DQ.dtype))
-            dd = DQ.shape[-1]
-        else:
-            DQ = DK = A  # dummies, never read
-            dd = 1
-        if mask is not None:
-            Mask = mask.to(device=dev, dtype=torch.uint8).expand(batch, heads, q_len, k_len)
-            mstrides = Mask.stride()
-        else:
-            Mask = A
-            mstrides = (0, 0, 0, 0)
-
-        interp = _interpreting()
-        bm, bn = cfg["block_m"], cfg["block_n"]
-        if bm is None or bn is None:
-            dbm, dbn = _default_blocks(authors, hidden, interp)
-            bm, bn = bm or dbm, bn or dbn
-        dropout_p = float(cfg["dropout_p"])
-        dropout = dropout_p > 0.0
-        dropout_scale = 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
-        seed = int(cfg["seed"])
-
-        low = V.dtype if V.dtype in (torch.bfloat16, torch.float16) else torch.float32
-        common = dict(
-            HID=hidden,
-            HIDP=_pow2(hidden),
-            HID2=hidden2,
-            AUTHORS=authors,
-            ACT=_ACTIVATIONS[cfg["activation"]],
-            DV=v_dim,
-            DVP=_pow2(v_dim, 16),
-            DD=dd,
-            DDP=_pow2(dd, 16),
-            HAS_DOT=has_dot,
-            HAS_MASK=mask is not None,
-            CAUSAL=bool(cfg["causal"]),
-            DROPOUT=dropout,
-            DOT_DTYPE=_TL_DTYPES[low],
-            UPCAST=interp,
-            BLOCK_M=bm,
-            BLOCK_N=bn,
-        )
+    def forward(ctx, query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key,
+                mask, cfg):  # fmt: skip
+        tensors, scalars, constexprs = _launch_args(query_hidden, key_hidden, value, output_weight, second_weight,
+                                                    second_bias, dot_query, dot_key, mask, cfg)  # fmt: skip
+        batch, heads, q_len, _ = query_hidden.shape
+        Out = torch.empty(batch, heads, q_len, value.shape[-1], device=value.device, dtype=value.dtype)
+        LSE = torch.empty(batch * heads, q_len, device=value.device, dtype=torch.float32)
         num_warps = cfg.get("num_warps") or 4
+        grid = (triton.cdiv(q_len, constexprs["BLOCK_M"]), batch * heads)
+        _fwd_kernel[grid](*tensors, *scalars, Out, LSE, *Out.stride()[:3], num_warps=num_warps, **constexprs)
 
-        Out = torch.empty(batch, heads, q_len, v_dim, device=dev, dtype=value.dtype)
-        LSE = torch.empty(batch * heads, q_len, device=dev, dtype=torch.float32)
-        grid = (triton.cdiv(q_len, bm), batch * heads)
-        _fwd_kernel[grid](
-            A,
-            Bk,
-            V,
-            W,
-            W2,
-            B2,
-            DQ,
-            DK,
-            Mask,
-            Out,
-            LSE,
-            heads,
-            q_len,
-            k_len,
-            V.stride(0),
-            V.stride(1),
-            V.stride(2),
-            Out.stride(0),
-            Out.stride(1),
-            Out.stride(2),
-            *(DQ.stride()[:3] if has_dot else (0, 0, 0)),
-            *(DK.stride()[:3] if has_dot else (0, 0, 0)),
-            *mstrides,
-            w_hs,
-            w2_hs,
-            b2_hs,
-            float(cfg["dot_scale"]),
-            dropout_p,
-            dropout_scale,
-            seed,
-            num_warps=num_warps,
-            **common,
-        )
-
-        ctx.save_for_backward(
-            A,
-            Bk,
-            V,
-            W,
-            W2,
-            B2,
-            DQ if has_dot else None,
-            DK if has_dot else None,
-            Mask if mask is not None else None,
-            Out,
-            LSE,
-        )
-        ctx.common = common
-        ctx.meta = dict(
-            batch=batch,
-            heads=heads,
-            q_len=q_len,
-            k_len=k_len,
-            hidden=hidden,
-            hidden2=hidden2,
-            v_dim=v_dim,
-            dd=dd,
-            mstrides=mstrides,
-            w_hs=w_hs,
-            w2_hs=w2_hs,
-            b2_hs=b2_hs,
-            dot_scale=float(cfg["dot_scale"]),
-            dropout_p=dropout_p,
-            dropout_scale=dropout_scale,
-            seed=seed,
-            num_warps=num_warps,
-            authors=authors,
-            has_dot=has_dot,
-        )
-        ctx.dtypes = (
-            query_hidden.dtype,
-            key_hidden.dtype,
-            value.dtype,
-            dot_query.dtype if has_dot else None,
-            dot_key.dtype if has_dot else None,
-        )
+        ctx.save_for_backward(*tensors, Out, LSE)
+        ctx.scalars, ctx.constexprs, ctx.num_warps = scalars, constexprs, num_warps
+        has_dot = dot_query is not None
+        ctx.dtypes = (query_hidden.dtype, key_hidden.dtype, value.dtype, dot_query.dtype if has_dot else None,
+                      dot_key.dtype if has_dot else None)  # fmt: skip
         ctx.weight_meta = tuple(
             None if w is None else (w.dim(), w.shape[0], w.dtype) for w in (output_weight, second_weight, second_bias)
         )
@@ -1088,123 +591,48 @@ class _NeuralAttentionTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        A, Bk, V, W, W2, B2, DQ, DK, Mask, Out, LSE = ctx.saved_tensors
-        mt = ctx.meta
-        common = ctx.common
-        batch, heads, q_len, k_len = mt["batch"], mt["heads"], mt["q_len"], mt["k_len"]
-        hidden, hidden2, v_dim, dd = mt["hidden"], mt["hidden2"], mt["v_dim"], mt["dd"]
-        authors, has_dot = mt["authors"], mt["has_dot"]
-        dev = V.device
-        bm, bn = common["BLOCK_M"], common["BLOCK_N"]
-        w_meta, w2_meta, b2_meta = ctx.weight_meta
+        *tensors, Out, LSE = ctx.saved_tensors
+        A, Bk, V = tensors[:3]
+        ce = ctx.constexprs
+        authors, has_dot, hidden, hidden2, dd = ce["AUTHORS"], ce["HAS_DOT"], ce["HID"], ce["HID2"], ce["DD"]
+        batch, heads, q_len, _ = A.shape
+        k_len = Bk.shape[2]
 
         dO = _last_dim_contiguous(grad_out.to(V.dtype))
         delta = (dO.float() * Out.float()).sum(-1).reshape(batch * heads, q_len).contiguous()
-        if Mask is None:
-            Mask = A
-        if DQ is None:
-            DQ = DK = A
-
-        n_blocks_n = triton.cdiv(k_len, bn)
-        f32 = dict(device=dev, dtype=torch.float32)
+        n_blocks_n = triton.cdiv(k_len, ce["BLOCK_N"])
+        f32 = dict(device=V.device, dtype=torch.float32)
         dA = torch.empty(batch, heads, q_len, hidden, **f32)
         dB = torch.empty(batch, heads, k_len, hidden, **f32)
-        dV = torch.empty(batch, heads, k_len, v_dim, **f32)
+        dV = torch.empty(batch, heads, k_len, ce["DV"], **f32)
         dDQ = torch.empty(batch, heads, q_len, dd, **f32) if has_dot else dA
         dDK = torch.empty(batch, heads, k_len, dd, **f32) if has_dot else dB
-        if authors:
-            dW_part = torch.empty(batch * heads, n_blocks_n, hidden2, **f32)
-            dW2_part = torch.empty(batch * heads, n_blocks_n, hidden2, hidden, **f32)
-            dB2_part = torch.empty(batch * heads, n_blocks_n, hidden2, **f32)
-        else:
-            dW_part = torch.empty(batch * heads, n_blocks_n, hidden, **f32)
-            dW2_part = dB2_part = dW_part
-        strides = (
-            V.stride(0),
-            V.stride(1),
-            V.stride(2),
-            dO.stride(0),
-            dO.stride(1),
-            dO.stride(2),
-            *(DQ.stride()[:3] if has_dot else (0, 0, 0)),
-            *(DK.stride()[:3] if has_dot else (0, 0, 0)),
-            *mt["mstrides"],
-            mt["w_hs"],
-            mt["w2_hs"],
-            mt["b2_hs"],
-            mt["dot_scale"],
-            mt["dropout_p"],
-            mt["dropout_scale"],
-            mt["seed"],
-        )
-        kw = dict(common, HID2P=_pow2(hidden2))
-        _bwd_kv_kernel[(n_blocks_n, batch * heads)](
-            A,
-            Bk,
-            V,
-            W,
-            W2,
-            B2,
-            DQ,
-            DK,
-            Mask,
-            dO,
-            LSE,
-            delta,
-            dB,
-            dV,
-            dDK,
-            dW_part,
-            dW2_part,
-            dB2_part,
-            heads,
-            q_len,
-            k_len,
-            n_blocks_n,
-            *strides,
-            num_warps=mt["num_warps"],
-            **kw,
-        )
-        _bwd_q_kernel[(triton.cdiv(q_len, bm), batch * heads)](
-            A,
-            Bk,
-            V,
-            W,
-            W2,
-            B2,
-            DQ,
-            DK,
-            Mask,
-            dO,
-            LSE,
-            delta,
-            dA,
-            dDQ,
-            heads,
-            q_len,
-            k_len,
-            *strides,
-            num_warps=mt["num_warps"],
-            **kw,
-        )
+        dW_part = torch.empty(batch * heads, n_blocks_n, hidden2 if authors else hidden, **f32)
+        dW2_part = torch.empty(batch * heads, n_blocks_n, hidden2, hidden, **f32) if authors else dW_part
+        dB2_part = torch.empty(batch * heads, n_blocks_n, hidden2, **f32) if authors else dW_part
+
+        lead = (*tensors, *ctx.scalars, dO, *dO.stride()[:3], LSE, delta)
+        launch = dict(num_warps=ctx.num_warps, **ce)
+        parts = (dW_part, dW2_part, dB2_part)
+        _bwd_kv_kernel[(n_blocks_n, batch * heads)](*lead, dB, dV, dDK, *parts, n_blocks_n, **launch)
+        _bwd_q_kernel[(triton.cdiv(q_len, ce["BLOCK_M"]), batch * heads)](*lead, dA, dDQ, **launch)
 
         qh_dt, kh_dt, v_dt, dq_dt, dk_dt = ctx.dtypes
-        g_qh = dA.to(qh_dt)
-        g_kh = dB.to(kh_dt)
-        g_v = dV.to(v_dt)
+        w_meta, w2_meta, b2_meta = ctx.weight_meta
         g_w = _reduce_weight_grad(dW_part, batch, heads, w_meta)
-        g_w2 = g_b2 = None
-        if authors:
-            g_w2 = _reduce_weight_grad(dW2_part, batch, heads, w2_meta)
-            if b2_meta is not None:
-                g_b2 = _reduce_weight_grad(dB2_part, batch, heads, b2_meta)
+        g_w2 = _reduce_weight_grad(dW2_part, batch, heads, w2_meta) if authors else None
+        g_b2 = _reduce_weight_grad(dB2_part, batch, heads, b2_meta) if authors and b2_meta is not None else None
         g_dq = dDQ.to(dq_dt) if has_dot else None
         g_dk = dDK.to(dk_dt) if has_dot else None
-        return g_qh, g_kh, g_v, g_w, g_w2, g_b2, g_dq, g_dk, None, None
+        return dA.to(qh_dt), dB.to(kh_dt), dV.to(v_dt), g_w, g_w2, g_b2, g_dq, g_dk, None, None
 
 
-def _empty_attention(query_hidden, key_hidden, value, tensors):
-    """q_len == 0 or k_len == 0: every row is fully masked -> zeros (kept in the autograd graph)."""
+def _empty_attention(tensors):
+    """q_len == 0 or k_len == 0: every row is fully masked -> zeros (kept in the autograd graph).
+
+    tensors: (query_hidden, key_hidden, value, *optional differentiable inputs or None).
+    """
+    query_hidden, _, value = tensors[:3]
     batch, heads, q_len, _ = query_hidden.shape
     out = value.new_zeros(batch, heads, q_len, value.shape[-1])
     anchor = sum((t.sum() * 0).to(out.dtype) for t in tensors if t is not None and t.requires_grad)
@@ -1275,25 +703,12 @@ def neural_attention_triton(
         if bs is not None and (bs < 16 or bs & (bs - 1)):
             raise ValueError("block sizes must be powers of two >= 16")
 
+    inputs = (query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key)
     if q_len == 0 or k_len == 0:
-        return _empty_attention(
-            query_hidden,
-            key_hidden,
-            value,
-            (query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key),
-        )
+        return _empty_attention(inputs)
     if dropout_p > 0.0 and generator_seed is None:
         generator_seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-    cfg = dict(
-        activation=activation,
-        causal=bool(causal),
-        dot_scale=float(dot_scale),
-        dropout_p=float(dropout_p),
-        seed=int(generator_seed or 0) & 0x7FFFFFFFFFFFFFFF,
-        block_m=block_m,
-        block_n=block_n,
-        num_warps=num_warps,
-    )
-    return _NeuralAttentionTriton.apply(
-        query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key, mask, cfg
-    )
+    cfg = dict(activation=activation, causal=bool(causal), dot_scale=float(dot_scale), dropout_p=float(dropout_p),
+               seed=int(generator_seed or 0) & 0x7FFFFFFFFFFFFFFF, block_m=block_m, block_n=block_n,
+               num_warps=num_warps)  # fmt: skip
+    return _NeuralAttentionTriton.apply(*inputs, mask, cfg)

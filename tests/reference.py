@@ -66,3 +66,44 @@ def attention_from_scores(scores: torch.Tensor, value: torch.Tensor, visible: to
 def causal_visible(q_len: int, k_len: int) -> torch.Tensor:
     """Upper-left aligned causal mask: key j visible to query i iff j <= i."""
     return torch.arange(k_len)[None, :] <= torch.arange(q_len)[:, None]
+
+
+def kernel_reference(query_hidden: torch.Tensor, key_hidden: torch.Tensor, value: torch.Tensor,
+                     output_weight: torch.Tensor, second_weight: torch.Tensor | None = None,
+                     second_bias: torch.Tensor | None = None, *, activation: str = "relu",
+                     mask: torch.Tensor | None = None, causal: bool = False, dot_query: torch.Tensor | None = None,
+                     dot_key: torch.Tensor | None = None, dot_scale: float = 1.0, keep: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+    """The fused-kernel contract of ``docs/design.md`` in float64, materialising ``(b, h, lq, lk, hidden)``.
+
+    Same arguments as the kernels (``A = query_hidden``, ``B = key_hidden``; per-head weights with a leading
+    heads-or-1 axis, or without it). ``mlp="authors"`` when ``second_weight`` is given (relu layers). Query rows
+    with no visible key give zero output. ``keep``: optional dropout multiplier broadcastable to
+    ``(b, h, lq, lk)``, applied to the probabilities as given -- the CALLER applies the ``1 / (1 - p)``
+    scaling (pass ``keep_mask / (1 - p)``). Returns ``(b, h, lq, v_dim)`` float64, differentiable w.r.t. every input.
+    """
+    w = output_weight.double()
+    w = w[None] if w.dim() == 1 else w
+    pre = query_hidden.double()[:, :, :, None, :] + key_hidden.double()[:, :, None, :, :]  # (b, h, lq, lk, hidden)
+    if second_weight is None:
+        scores = (ACTIVATIONS[activation](pre) * w[None, :, None, None, :]).sum(-1)
+    else:
+        w2 = second_weight.double()
+        z = torch.einsum("bhijm,hrm->bhijr", torch.relu(pre), w2[None] if w2.dim() == 2 else w2)
+        if second_bias is not None:
+            z = z + second_bias.double().reshape(-1, w2.shape[-2])[None, :, None, None, :]
+        scores = (torch.relu(z) * w[None, :, None, None, :]).sum(-1)
+    if dot_query is not None:
+        scores = scores + dot_scale * dot_query.double() @ dot_key.double().transpose(-1, -2)
+    lq, lk = scores.shape[-2:]
+    valid = torch.ones(lq, lk, dtype=torch.bool, device=scores.device).expand_as(scores)
+    if mask is not None:
+        valid = valid & mask.to(scores.device)
+    if causal:
+        valid = valid & causal_visible(lq, lk).to(scores.device)
+    scores = scores.masked_fill(~valid, float("-inf"))
+    scores = torch.where(valid.any(-1, keepdim=True), scores, torch.zeros_like(scores))  # no NaN rows
+    probabilities = torch.softmax(scores, -1) * valid
+    if keep is not None:
+        probabilities = probabilities * keep.to(probabilities)
+    return probabilities @ value.double()

@@ -1,4 +1,4 @@
-"""Tests of the fused Triton backend against an independent float64 materialising reference.
+"""Tests of the fused Triton backend against the float64 materialising ``tests.reference.kernel_reference``.
 
 Without CUDA the kernels run on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1), which is
 slow: shapes are tiny and the block size is 16 so that odd sizes still span several blocks.
@@ -10,6 +10,8 @@ import sys
 
 import pytest
 import torch
+
+from tests.reference import kernel_reference
 
 _CUDA = torch.cuda.is_available()
 _MODULE = "hf_neural_attention.triton_neural_attention"
@@ -40,60 +42,6 @@ BLOCK = dict(block_m=16, block_n=16)
 def _interpret_env(monkeypatch):
     if not _CUDA:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-# ------------------------------------------------------------------------------------------------ reference
-def _act(x, name):
-    return {
-        "relu": torch.relu,
-        "gelu": torch.nn.functional.gelu,
-        "silu": torch.nn.functional.silu,
-        "tanh": torch.tanh,
-    }[name](x)
-
-
-def reference(
-    A,
-    B,
-    V,
-    w,
-    w2=None,
-    b2=None,
-    *,
-    activation="relu",
-    mask=None,
-    causal=False,
-    dq=None,
-    dk=None,
-    dot_scale=1.0,
-    drop_keep=None,
-    dropout_p=0.0,
-):
-    """Materialise (b, h, lq, lk, hidden) in float64; fully-masked rows give zero output."""
-    A, B, V, w = (t.double() for t in (A, B, V, w))
-    pre = A[:, :, :, None, :] + B[:, :, None, :, :]  # (b, h, lq, lk, hidden)
-    if w2 is None:
-        s = (_act(pre, activation) * w[None, :, None, None, :]).sum(-1)
-    else:
-        h1 = torch.relu(pre)
-        z = torch.einsum("bhijm,hrm->bhijr", h1, w2.double())
-        if b2 is not None:
-            z = z + b2.double()[None, :, None, None, :]
-        s = (torch.relu(z) * w[None, :, None, None, :]).sum(-1)
-    if dq is not None:
-        s = s + dot_scale * dq.double() @ dk.double().transpose(-1, -2)
-    lq, lk = s.shape[-2:]
-    valid = torch.ones(lq, lk, dtype=torch.bool, device=s.device).expand_as(s)
-    if mask is not None:
-        valid = valid & mask
-    if causal:
-        valid = valid & torch.ones(lq, lk, dtype=torch.bool, device=s.device).tril()
-    s = s.masked_fill(~valid, float("-inf"))
-    s = torch.where(valid.any(-1, keepdim=True), s, torch.zeros_like(s))
-    p = torch.softmax(s, -1) * valid
-    if drop_keep is not None:
-        p = p * drop_keep / (1.0 - dropout_p)
-    return p @ V
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -133,7 +81,9 @@ def run_kernel(t, **kw):
 
 
 def run_reference(t, **kw):
-    return reference(t["A"], t["B"], t["V"], t["w"], t.get("w2"), t.get("b2"), dq=t.get("dq"), dk=t.get("dk"), **kw)
+    return kernel_reference(
+        t["A"], t["B"], t["V"], t["w"], t.get("w2"), t.get("b2"), dot_query=t.get("dq"), dot_key=t.get("dk"), **kw
+    )
 
 
 def grads(out, t, grad_out):
@@ -286,7 +236,7 @@ def test_dropout_matches_reference_with_recovered_mask():
     frac = keep.float().mean().item()
     assert 0.5 < frac < 0.9, frac
     # the kernel with real values and the same seed equals the reference with that mask (forward and grads)
-    check(t, ref_kw=dict(drop_keep=keep, dropout_p=p), dropout_p=p, generator_seed=1234)
+    check(t, ref_kw=dict(keep=keep.double() / (1.0 - p)), dropout_p=p, generator_seed=1234)
 
 
 def test_dropout_determinism_and_p0():
