@@ -10,7 +10,10 @@ shapes by default (12 heads of 64):
   keeps everything;
 - ``tiled`` / ``cpp``: ``neural_attention_tiled`` / ``neural_attention_cpp`` with ``mlp="paper"``, relu,
   hidden = d'; the projections and the split first layer (``A = q' W_q + b``, ``B = k' W_k``) are computed inside
-  the timed region.
+  the timed region;
+- ``cpp-authors``: ``neural_attention_cpp`` with ``mlp="authors"`` on the very weights ``eager`` uses (the first
+  ``Linear`` split into its query and key halves; the last layer's bias, which softmax ignores, dropped): the same
+  function as ``eager``, fused.
 
 Timing: threads pinned, every variant runs once per repetition in turn (interleaved), median / p20 / p80.
 Peak extra memory: each (variant, config) runs once in a fresh subprocess, reporting the peak resident set
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib
 import json
 import math
 import os
@@ -35,20 +39,31 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
 
-from hf_neural_attention.kernels_neural_attention import (  # noqa: E402
-    cpp_available,
-    neural_attention_cpp,
-    neural_attention_tiled,
-)
+def _load_kernel_files():
+    """The two CPU kernel files, imported as a bare package: the ``hf_neural_attention`` ``__init__`` imports
+    transformers, which costs 5-10 s in every memory-probe subprocess (the files need only torch and each other)."""
+    package = types.ModuleType("_neural_attention_kernels")
+    package.__path__ = [str(ROOT / "hf_neural_attention")]
+    sys.modules[package.__name__] = package
+    kernels = importlib.import_module(f"{package.__name__}.kernels_neural_attention")
+    cpp = importlib.import_module(f"{package.__name__}.cpp_neural_attention")
+    return kernels, cpp
 
-BACKENDS = ("sdpa", "tiled", "cpp", "eager")
+
+_kernels, _cpp = _load_kernel_files()
+cpp_available, neural_attention_cpp = _cpp.cpp_available, _cpp.neural_attention_cpp
+neural_attention_tiled = _kernels.neural_attention_tiled
+
+BACKENDS = ("sdpa", "tiled", "cpp", "cpp-authors", "eager")
+CPP_BACKENDS = ("cpp", "cpp-authors")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -105,6 +120,18 @@ def authors_eager(qkv, wt, causal):
     return torch.softmax(score, dim=-1) @ v
 
 
+def authors_fused(qkv, wt, causal):
+    q, k, v = qkv
+    d = wt["Pq"].shape[1]
+    qp = q @ wt["Pq"] + wt["cq"]
+    kp = k @ wt["Pk"] + wt["ck"]
+    W1 = wt["L1"].weight  # (d', 2d') acting on [q'; k']
+    A = torch.nn.functional.linear(qp, W1[:, :d], wt["L1"].bias)
+    B = torch.nn.functional.linear(kp, W1[:, d:])
+    W2, b2, w3 = wt["L2"].weight[None], wt["L2"].bias[None], wt["L3"].weight  # shared by all heads
+    return neural_attention_cpp(A, B, v, w3, W2, b2, causal=causal)
+
+
 def sdpa(qkv, wt, causal):
     q, k, v = qkv
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
@@ -115,6 +142,8 @@ def variant(backend: str):
         return sdpa
     if backend == "eager":
         return authors_eager
+    if backend == "cpp-authors":
+        return authors_fused
     fn = neural_attention_tiled if backend == "tiled" else neural_attention_cpp
     return lambda qkv, wt, causal: neural_fused(fn, qkv, wt, causal)
 
@@ -143,7 +172,7 @@ def eager_bytes(batch, heads, n, d):
 # ---------------------------------------------------------------------------------------------------------------
 def memory_probe(args) -> None:
     torch.set_num_threads(args.threads)
-    if args.probe == "cpp":
+    if args.probe in CPP_BACKENDS:
         cpp_available()
     qkv, wt = make_problem(args.batch, args.heads, args.seq_len, args.head_dim, args.dim)
     # Linux: writing 5 to clear_refs resets the peak (VmHWM) to the current RSS, so the peak after the call minus
@@ -193,9 +222,9 @@ def percentile(values, q):
 
 def run_sweep(args):
     torch.set_num_threads(args.threads)
-    backends = [b for b in args.backends if b != "cpp" or cpp_available()]
-    if "cpp" in args.backends and "cpp" not in backends:
-        print("cpp backend not built (no compiler?): skipped", file=sys.stderr)
+    backends = [b for b in args.backends if b not in CPP_BACKENDS or cpp_available()]
+    if set(args.backends) - set(backends):
+        print("cpp backends not built (no compiler?): skipped", file=sys.stderr)
     rows = []
     causal = not args.bidirectional
     for mode in args.modes:
@@ -244,10 +273,10 @@ def run_sweep(args):
 
 def format_row(r):
     if r["status"] != "ok":
-        return f"{r['mode']:>16} b={r['batch']} n={r['n']:>5} d'={r['d']:>2} {r['backend']:>6}: {r['status']}"
+        return f"{r['mode']:>16} b={r['batch']} n={r['n']:>5} d'={r['d']:>2} {r['backend']:>11}: {r['status']}"
     mem = r.get("peak_extra_mb")
     return (
-        f"{r['mode']:>16} b={r['batch']} n={r['n']:>5} d'={r['d']:>2} {r['backend']:>6}: "
+        f"{r['mode']:>16} b={r['batch']} n={r['n']:>5} d'={r['d']:>2} {r['backend']:>11}: "
         f"{r['median_ms']:9.1f} ms [{r['p20_ms']:.1f}, {r['p80_ms']:.1f}]"
         + (f"  {r['x_sdpa']:.2f}x sdpa" if r.get("x_sdpa") else "")
         + (f"  {mem:.0f} MB" if mem is not None else "")
@@ -345,7 +374,7 @@ def main(argv=None):
         "attention": "causal" if not args.bidirectional else "bidirectional",
         "heads": args.heads,
         "head_dim": args.head_dim,
-        "cpp_built": cpp_available() if "cpp" in args.backends else False,
+        "cpp_built": cpp_available() if set(CPP_BACKENDS) & set(args.backends) else False,
     }
     try:
         with open("/proc/cpuinfo") as f:

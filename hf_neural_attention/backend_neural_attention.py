@@ -76,11 +76,10 @@ def _normalise_mask(
     if attention_mask.dtype == torch.bool:
         return attention_mask, False, None
     visible = attention_mask > torch.finfo(attention_mask.dtype).min / 2
-    if torch.equal(attention_mask.masked_fill(~visible, 0), torch.zeros((), dtype=attention_mask.dtype,
-                                                                      device=attention_mask.device).expand_as(
-                                                                          attention_mask)):
+    bias = attention_mask.masked_fill(~visible, 0)
+    if not bias.any():  # the usual 0 / dtype-min mask: a plain visibility mask
         return visible, False, None
-    return visible, False, attention_mask.masked_fill(~visible, 0)
+    return visible, False, bias
 
 
 def _causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
@@ -149,7 +148,7 @@ def choose_backend(requested: str, query: torch.Tensor, *, needs_probabilities: 
             if triton_is_usable(query):
                 return "triton"
             return "tiled"
-        from .kernels_neural_attention import cpp_available
+        from .cpp_neural_attention import cpp_available
 
         return "cpp" if query.device.type == "cpu" and cpp_available() else "tiled"
     return requested
@@ -246,7 +245,7 @@ def neural_attention_forward(
     if backend == "triton":
         from .triton_neural_attention import neural_attention_triton as kernel
     elif backend == "cpp":
-        from .kernels_neural_attention import neural_attention_cpp as kernel
+        from .cpp_neural_attention import neural_attention_cpp as kernel
     else:
         from .kernels_neural_attention import neural_attention_tiled as kernel
     query_hidden, key_hidden = scorer.first_layer(query, key)

@@ -15,9 +15,9 @@ Implements the kernel contract of ``docs/design.md`` as a ``torch.autograd.Funct
 Work inside a tile is batched over ``batch * heads`` with ``bmm``. The hidden units are laid out as
 ``(batch*heads, hidden, block_q, block_k)`` so every elementwise pass runs over contiguous key positions.
 
-Backends: ``neural_attention_tiled`` (pure PyTorch) and ``neural_attention_cpp`` (the same tiling, with the
-per-pair MLP of ``mlp="paper"`` computed by a small C++ kernel compiled on first use through
-``torch.utils.cpp_extension.load_inline``; when no compiler is available it falls back to the PyTorch path).
+The per-pair MLP of a tile is computed by a *scorer* (see :class:`TileScorer`): the PyTorch scorers below by
+default, or one returned by a ``scorer_factory`` hook (``cpp_neural_attention.neural_attention_cpp`` plugs its C++
+scorers in that way; this file never imports it).
 
 This file travels with Hub checkpoints: it imports only torch and the standard library.
 """
@@ -25,17 +25,17 @@ This file travels with Hub checkpoints: it imports only torch and the standard l
 from __future__ import annotations
 
 import math
-import os
-import threading
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "ACTIVATIONS",
+    "ScorerFactory",
+    "TileScorer",
     "choose_block_size",
-    "cpp_available",
-    "neural_attention_cpp",
     "neural_attention_tiled",
 ]
 
@@ -109,13 +109,56 @@ def choose_block_size(
 # --------------------------------------------------------------------------------------------------------------
 # scorers: the per-pair MLP on a tile, and its backward
 # --------------------------------------------------------------------------------------------------------------
+class TileScorer(Protocol):
+    """The per-pair MLP on tiles. ``At``/``Bt`` are ``(G, hidden, len)`` (G = batch*heads), tiles are the query
+    rows ``i0:i1`` against the key columns ``j0:j1``."""
+
+    tile_width: int  # fp32 elements per pair of the largest temporary: sizes the tiles (choose_block_size)
+
+    def scores(self, i0: int, i1: int, j0: int, j1: int) -> Tensor:
+        """``(G, i1-i0, j1-j0)`` scores, a fresh tensor the caller may modify."""
+
+    def scores_for_backward(self, i0: int, i1: int, j0: int, j1: int) -> tuple[Tensor, Any]:
+        """Scores and whatever :meth:`backward` needs of the same tile."""
+
+    def backward(self, cache: Any, ds: Tensor, i0: int, i1: int, j0: int, j1: int) -> None:
+        """Accumulate the tile's gradients from ``ds = dL/dscore`` ``(G, i1-i0, j1-j0)``."""
+
+    def grads(self) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+        """``(dAt, dBt, parameter grads)``: ``(dw,)`` (paper) or ``(dw3, dW2, db2)`` (authors), per group."""
+
+
+ScorerFactory = Callable[..., "TileScorer | None"]
+"""``factory(At, Bt, w, W2, b2, activation, need_grad) -> TileScorer | None`` (``None``: use the PyTorch scorer).
+``w`` is ``(G, hidden)`` (paper) or ``(G, hidden2)`` (authors), ``W2`` ``(G, hidden2, hidden)``, ``b2``
+``(G, hidden2)``, ``W2``/``b2`` ``None`` for ``mlp="paper"``; all in the compute dtype, contiguous."""
+
+
+class _Scratch:
+    """Hidden-sized tile buffers reused from tile to tile instead of a fresh multi-MiB tensor per tile and pass; with
+    the in-place relu gradient, backward holds one ``(G, hidden, bq, bk)`` tile instead of two."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype, self.buffers = dtype, {}
+
+    def get(self, name: str, shape: tuple[int, ...]) -> Tensor:
+        """An uninitialised contiguous tensor of ``shape``; valid until the next ``get`` of the same name."""
+        numel = math.prod(shape)
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self.buffers[name] = torch.empty(numel, dtype=self.dtype)
+        return buffer[:numel].view(shape)
+
+
 class _PaperScorer:
     """``score_ij = sum_m w_m act(A_im + B_jm)`` on tiles; ``At``/``Bt`` are ``(G, hidden, len)``."""
 
     def __init__(self, At: Tensor, Bt: Tensor, w: Tensor, activation: str, need_grad: bool):
         self.At, self.Bt, self.act = At, Bt, activation
+        self.scratch = _Scratch(At.dtype)
         self.w_row = w.unsqueeze(1)  # (G, 1, hidden)
         self.G, self.K = w.shape
+        self.tile_width = self.K
         if activation == "relu":
             # w * relu(a + b) = w * max(a, -b) + w * b: the last term is a per-key constant (2 passes, not 3)
             self.nBt = -Bt
@@ -125,31 +168,34 @@ class _PaperScorer:
             self.GB = torch.zeros_like(Bt)
             self.dw = torch.zeros_like(w) if activation != "relu" else None
 
+    def _pre(self, name: str, i0: int, i1: int, j0: int, j1: int) -> Tensor:
+        """``A_i + B_j`` of the tile, ``(G, hidden, bq, bk)``, in the scratch buffer ``name``."""
+        out = self.scratch.get(name, (self.G, self.K, i1 - i0, j1 - j0))
+        return torch.add(self.At[:, :, i0:i1, None], self.Bt[:, :, None, j0:j1], out=out)
+
+    def _project(self, h: Tensor) -> Tensor:
+        """``w . h`` over the hidden axis: ``(G, hidden, bq, bk) -> (G, bq, bk)``."""
+        G, K, bq, bk = h.shape
+        return torch.bmm(self.w_row, h.view(G, K, bq * bk)).view(G, bq, bk)
+
     def scores(self, i0: int, i1: int, j0: int, j1: int) -> Tensor:
-        a = self.At[:, :, i0:i1, None]
-        bq, bk = i1 - i0, j1 - j0
         if self.act == "relu":
-            x = torch.maximum(a, self.nBt[:, :, None, j0:j1])
-            s = torch.bmm(self.w_row, x.view(self.G, self.K, bq * bk)).view(self.G, bq, bk)
-            return s.add_(self.key_const[:, None, j0:j1])
-        h = _act_(a + self.Bt[:, :, None, j0:j1], self.act)
-        return torch.bmm(self.w_row, h.view(self.G, self.K, bq * bk)).view(self.G, bq, bk)
+            x = self.scratch.get("pre", (self.G, self.K, i1 - i0, j1 - j0))
+            torch.maximum(self.At[:, :, i0:i1, None], self.nBt[:, :, None, j0:j1], out=x)
+            return self._project(x).add_(self.key_const[:, None, j0:j1])
+        return self._project(_act_(self._pre("pre", i0, i1, j0, j1), self.act))
 
     def scores_for_backward(self, i0: int, i1: int, j0: int, j1: int):
-        bq, bk = i1 - i0, j1 - j0
-        pre = self.At[:, :, i0:i1, None] + self.Bt[:, :, None, j0:j1]
+        pre = self._pre("pre", i0, i1, j0, j1)
         if self.act == "relu":
             h = pre.relu_()  # 1[h > 0] == 1[pre > 0]: h alone suffices for backward
-            cache = h
-        else:
-            h = _act_(pre.clone(), self.act)
-            cache = (pre, h)
-        s = torch.bmm(self.w_row, h.view(self.G, self.K, bq * bk)).view(self.G, bq, bk)
-        return s, cache
+            return self._project(h), h
+        h = _act_(self.scratch.get("act", pre.shape).copy_(pre), self.act)
+        return self._project(h), (pre, h)
 
     def backward(self, cache, ds: Tensor, i0: int, i1: int, j0: int, j1: int) -> None:
-        if self.act == "relu":
-            g = torch.ops.aten.threshold_backward(ds.unsqueeze(1), cache, 0.0)
+        if self.act == "relu":  # the gradient overwrites h in place (h is not needed afterwards)
+            g = torch.ops.aten.threshold_backward.grad_input(ds.unsqueeze(1), cache, 0.0, grad_input=cache)
         else:
             pre, h = cache
             bq, bk = i1 - i0, j1 - j0
@@ -178,6 +224,7 @@ class _AuthorsScorer:
         self.w3_row = w3.unsqueeze(1)  # (G, 1, H2)
         self.W2, self.b2 = W2, b2.unsqueeze(-1)  # (G, H2, K), (G, H2, 1)
         self.G, self.K = At.shape[0], At.shape[1]
+        self.tile_width = self.K + W2.shape[1]
         if need_grad:
             self.GA = torch.zeros_like(At)
             self.GB = torch.zeros_like(Bt)
@@ -207,283 +254,13 @@ class _AuthorsScorer:
         self.dW2 += torch.bmm(dz, h1.transpose(1, 2))
         self.db2 += dz.sum(-1)
         dh1 = torch.bmm(self.W2.transpose(1, 2), dz)
-        g = torch.ops.aten.threshold_backward(dh1, h1, 0.0).view(self.G, self.K, i1 - i0, j1 - j0)
+        g = torch.ops.aten.threshold_backward.grad_input(dh1, h1, 0.0, grad_input=dh1)
+        g = g.view(self.G, self.K, i1 - i0, j1 - j0)
         self.GA[:, :, i0:i1] += g.sum(-1)
         self.GB[:, :, j0:j1] += g.sum(-2)
 
     def grads(self):
         return self.GA, self.GB, (self.dw3, self.dW2, self.db2)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# optional C++ scorer (mlp="paper"): the hidden dimension never leaves registers
-# --------------------------------------------------------------------------------------------------------------
-_CPP_SOURCE = r"""
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <cmath>
-
-namespace {
-
-enum Act { RELU = 0, GELU = 1, SILU = 2, TANH = 3 };
-
-template <typename T, int ACT>
-static inline T act_f(T x) {
-  if constexpr (ACT == RELU) return x > T(0) ? x : T(0);
-  if constexpr (ACT == GELU) return T(0.5) * x * (T(1) + std::erf(x * T(0.70710678118654752440)));
-  if constexpr (ACT == SILU) return x / (T(1) + std::exp(-x));
-  return std::tanh(x);
-}
-
-// derivative, and value through *val
-template <typename T, int ACT>
-static inline T act_df(T x, T* val) {
-  if constexpr (ACT == RELU) { *val = x > T(0) ? x : T(0); return x > T(0) ? T(1) : T(0); }
-  if constexpr (ACT == GELU) {
-    T cdf = T(0.5) * (T(1) + std::erf(x * T(0.70710678118654752440)));
-    T pdf = std::exp(T(-0.5) * x * x) * T(0.39894228040143267794);
-    *val = x * cdf; return cdf + x * pdf;
-  }
-  if constexpr (ACT == SILU) {
-    T s = T(1) / (T(1) + std::exp(-x)); *val = x * s; return s * (T(1) + x * (T(1) - s));
-  }
-  T t = std::tanh(x); *val = t; return T(1) - t * t;
-}
-
-// At (G,K,Lq), Bt (G,K,Lk), w (G,K) contiguous -> S (G, i1-i0, j1-j0).
-// Chunks of JB keys keep their JB partial scores in vector registers while the hidden units stream past.
-template <typename T, int ACT>
-void scores_impl(const T* At, const T* Bt, const T* w, T* S, int64_t G, int64_t K, int64_t Lq, int64_t Lk,
-                 int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
-  constexpr int JB = 64;
-  const int64_t bq = i1 - i0, bk = j1 - j0;
-  at::parallel_for(0, G * bq, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t g = r / bq, i = r % bq;
-      T* s = S + (g * bq + i) * bk;
-      const T* a_col = At + g * K * Lq + i0 + i;
-      const T* wg = w + g * K;
-      const T* bg = Bt + g * K * Lk + j0;
-      int64_t j = 0;
-      for (; j + JB <= bk; j += JB) {
-        T acc[JB] = {};
-        for (int64_t k = 0; k < K; ++k) {
-          const T a = a_col[k * Lq], wk = wg[k];
-          const T* b = bg + k * Lk + j;
-#pragma omp simd
-          for (int jj = 0; jj < JB; ++jj) acc[jj] += wk * act_f<T, ACT>(a + b[jj]);
-        }
-        for (int jj = 0; jj < JB; ++jj) s[j + jj] = acc[jj];
-      }
-      if (j < bk) {
-        for (int64_t jj = j; jj < bk; ++jj) s[jj] = T(0);
-        for (int64_t k = 0; k < K; ++k) {
-          const T a = a_col[k * Lq], wk = wg[k];
-          const T* b = bg + k * Lk;
-#pragma omp simd
-          for (int64_t jj = j; jj < bk; ++jj) s[jj] += wk * act_f<T, ACT>(a + b[jj]);
-        }
-      }
-    }
-  });
-}
-
-// dS (G,bq,bk); accumulates GA (G,K,Lq) += sum_j act'(pre) dS, GB (G,K,Lk) += sum_i act'(pre) dS and, except for
-// relu (whose dw follows from GA and GB), dw (G,K) += sum_ij act(pre) dS. Parallel over (g, k): every accumulator
-// has exactly one writer and a fixed summation order (deterministic).
-template <typename T, int ACT>
-void backward_impl(const T* At, const T* Bt, const T* dS, T* GA, T* GB, T* dw, int64_t G, int64_t K,
-                   int64_t Lq, int64_t Lk, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
-  const int64_t bq = i1 - i0, bk = j1 - j0;
-  at::parallel_for(0, G * K, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t gk = begin; gk < end; ++gk) {
-      const int64_t g = gk / K;
-      const T* __restrict b = Bt + gk * Lk + j0;
-      T* __restrict gb = GB + gk * Lk + j0;
-      T* ga_out = GA + gk * Lq + i0;
-      const T* a_col = At + gk * Lq + i0;
-      const T* dsg = dS + g * bq * bk;
-      if constexpr (ACT == RELU) {
-        int64_t i = 0;
-        for (; i + 4 <= bq; i += 4) {  // four query rows per sweep: one load/store of gb per four rows
-          const T a0 = a_col[i], a1 = a_col[i + 1], a2 = a_col[i + 2], a3 = a_col[i + 3];
-          const T* __restrict d0 = dsg + i * bk;
-          const T* __restrict d1 = d0 + bk;
-          const T* __restrict d2 = d1 + bk;
-          const T* __restrict d3 = d2 + bk;
-          T g0 = T(0), g1 = T(0), g2 = T(0), g3 = T(0);
-#pragma omp simd reduction(+ : g0, g1, g2, g3)
-          for (int64_t j = 0; j < bk; ++j) {
-            const T nb = -b[j];
-            const T m0 = a0 > nb ? d0[j] : T(0), m1 = a1 > nb ? d1[j] : T(0);
-            const T m2 = a2 > nb ? d2[j] : T(0), m3 = a3 > nb ? d3[j] : T(0);
-            g0 += m0; g1 += m1; g2 += m2; g3 += m3;
-            gb[j] += (m0 + m1) + (m2 + m3);
-          }
-          ga_out[i] += g0; ga_out[i + 1] += g1; ga_out[i + 2] += g2; ga_out[i + 3] += g3;
-        }
-        for (; i < bq; ++i) {
-          const T a = a_col[i];
-          const T* __restrict ds = dsg + i * bk;
-          T ga = T(0);
-#pragma omp simd reduction(+ : ga)
-          for (int64_t j = 0; j < bk; ++j) {
-            const T m = a > -b[j] ? ds[j] : T(0);
-            ga += m;
-            gb[j] += m;
-          }
-          ga_out[i] += ga;
-        }
-      } else {
-        T dw_acc = T(0);
-        for (int64_t i = 0; i < bq; ++i) {
-          const T a = a_col[i];
-          const T* __restrict ds = dsg + i * bk;
-          T ga = T(0), wacc = T(0);
-#pragma omp simd reduction(+ : ga, wacc)
-          for (int64_t j = 0; j < bk; ++j) {
-            T v;
-            const T d = act_df<T, ACT>(a + b[j], &v);
-            const T m = d * ds[j];
-            ga += m;
-            gb[j] += m;
-            wacc += v * ds[j];
-          }
-          ga_out[i] += ga;
-          dw_acc += wacc;
-        }
-        dw[gk] += dw_acc;
-      }
-    }
-  });
-}
-
-template <typename T>
-void dispatch_scores(int act, const T* At, const T* Bt, const T* w, T* S, int64_t G, int64_t K, int64_t Lq,
-                     int64_t Lk, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
-  switch (act) {
-    case RELU: scores_impl<T, RELU>(At, Bt, w, S, G, K, Lq, Lk, i0, i1, j0, j1); break;
-    case GELU: scores_impl<T, GELU>(At, Bt, w, S, G, K, Lq, Lk, i0, i1, j0, j1); break;
-    case SILU: scores_impl<T, SILU>(At, Bt, w, S, G, K, Lq, Lk, i0, i1, j0, j1); break;
-    default: scores_impl<T, TANH>(At, Bt, w, S, G, K, Lq, Lk, i0, i1, j0, j1); break;
-  }
-}
-
-template <typename T>
-void dispatch_backward(int act, const T* At, const T* Bt, const T* dS, T* GA, T* GB, T* dw, int64_t G,
-                       int64_t K, int64_t Lq, int64_t Lk, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
-  switch (act) {
-    case RELU: backward_impl<T, RELU>(At, Bt, dS, GA, GB, dw, G, K, Lq, Lk, i0, i1, j0, j1); break;
-    case GELU: backward_impl<T, GELU>(At, Bt, dS, GA, GB, dw, G, K, Lq, Lk, i0, i1, j0, j1); break;
-    case SILU: backward_impl<T, SILU>(At, Bt, dS, GA, GB, dw, G, K, Lq, Lk, i0, i1, j0, j1); break;
-    default: backward_impl<T, TANH>(At, Bt, dS, GA, GB, dw, G, K, Lq, Lk, i0, i1, j0, j1); break;
-  }
-}
-
-}  // namespace
-
-torch::Tensor paper_scores(torch::Tensor At, torch::Tensor Bt, torch::Tensor w, int64_t act, int64_t i0,
-                           int64_t i1, int64_t j0, int64_t j1) {
-  TORCH_CHECK(At.is_contiguous() && Bt.is_contiguous() && w.is_contiguous(), "contiguous inputs expected");
-  const int64_t G = At.size(0), K = At.size(1), Lq = At.size(2), Lk = Bt.size(2);
-  auto S = torch::empty({G, i1 - i0, j1 - j0}, At.options());
-  if (At.scalar_type() == torch::kDouble)
-    dispatch_scores<double>(act, At.data_ptr<double>(), Bt.data_ptr<double>(), w.data_ptr<double>(),
-                            S.data_ptr<double>(), G, K, Lq, Lk, i0, i1, j0, j1);
-  else
-    dispatch_scores<float>(act, At.data_ptr<float>(), Bt.data_ptr<float>(), w.data_ptr<float>(),
-                           S.data_ptr<float>(), G, K, Lq, Lk, i0, i1, j0, j1);
-  return S;
-}
-
-void paper_backward(torch::Tensor At, torch::Tensor Bt, torch::Tensor dS, torch::Tensor GA, torch::Tensor GB,
-                    torch::Tensor dw, int64_t act, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
-  TORCH_CHECK(dS.is_contiguous() && GA.is_contiguous() && GB.is_contiguous() && dw.is_contiguous(),
-              "contiguous inputs expected");
-  const int64_t G = At.size(0), K = At.size(1), Lq = At.size(2), Lk = Bt.size(2);
-  if (At.scalar_type() == torch::kDouble)
-    dispatch_backward<double>(act, At.data_ptr<double>(), Bt.data_ptr<double>(), dS.data_ptr<double>(),
-                              GA.data_ptr<double>(), GB.data_ptr<double>(), dw.data_ptr<double>(), G, K, Lq, Lk,
-                              i0, i1, j0, j1);
-  else
-    dispatch_backward<float>(act, At.data_ptr<float>(), Bt.data_ptr<float>(), dS.data_ptr<float>(),
-                             GA.data_ptr<float>(), GB.data_ptr<float>(), dw.data_ptr<float>(), G, K, Lq, Lk, i0,
-                             i1, j0, j1);
-}
-"""
-
-_CPP_DECLS = r"""
-torch::Tensor paper_scores(torch::Tensor At, torch::Tensor Bt, torch::Tensor w, int64_t act, int64_t i0,
-                           int64_t i1, int64_t j0, int64_t j1);
-void paper_backward(torch::Tensor At, torch::Tensor Bt, torch::Tensor dS, torch::Tensor GA, torch::Tensor GB,
-                    torch::Tensor dw, int64_t act, int64_t i0, int64_t i1, int64_t j0, int64_t j1);
-"""
-
-_cpp_lock = threading.Lock()
-_cpp_state: dict = {}
-
-
-def _cpp_module():
-    """The compiled extension, or ``None`` (no compiler, build failure, or ``NEURAL_ATTENTION_NO_CPP=1``)."""
-    if "module" in _cpp_state:
-        return _cpp_state["module"]
-    with _cpp_lock:
-        if "module" in _cpp_state:
-            return _cpp_state["module"]
-        module = None
-        if os.environ.get("NEURAL_ATTENTION_NO_CPP", "0") != "1":
-            try:
-                from torch.utils.cpp_extension import load_inline
-
-                flags = ["-O3", "-fopenmp-simd", "-ffp-contract=fast", "-mprefer-vector-width=512"]
-                if os.environ.get("NEURAL_ATTENTION_CPP_NATIVE", "1") == "1":
-                    flags.append("-march=native")
-                module = load_inline(
-                    name="neural_attention_cpu_v2",
-                    cpp_sources=[_CPP_SOURCE + _CPP_DECLS],
-                    functions=["paper_scores", "paper_backward"],
-                    extra_cflags=flags,
-                    verbose=False,
-                )
-            except Exception as error:  # no compiler, no ninja, build error: fall back to PyTorch
-                _cpp_state["error"] = repr(error)
-                module = None
-        _cpp_state["module"] = module
-        return module
-
-
-def cpp_available() -> bool:
-    """Whether the C++ scorer compiles (compiling it on first call, ~1 min)."""
-    return _cpp_module() is not None
-
-
-_ACT_CODE = {"relu": 0, "gelu": 1, "silu": 2, "tanh": 3}
-
-
-class _CppPaperScorer:
-    def __init__(self, module, At: Tensor, Bt: Tensor, w: Tensor, activation: str, need_grad: bool):
-        self.m, self.At, self.Bt, self.w = module, At, Bt, w.contiguous()
-        self.code = _ACT_CODE[activation]
-        if need_grad:
-            self.GA = torch.zeros_like(At)
-            self.GB = torch.zeros_like(Bt)
-            self.dw = torch.zeros_like(self.w)
-
-    def scores(self, i0, i1, j0, j1):
-        return self.m.paper_scores(self.At, self.Bt, self.w, self.code, i0, i1, j0, j1)
-
-    def scores_for_backward(self, i0, i1, j0, j1):
-        return self.scores(i0, i1, j0, j1), None
-
-    def backward(self, cache, ds, i0, i1, j0, j1):
-        self.m.paper_backward(self.At, self.Bt, ds.contiguous(), self.GA, self.GB, self.dw, self.code, i0, i1, j0, j1)
-
-    def grads(self):
-        w = self.w[:, :, None]
-        dw = self.dw
-        if self.code == 0:  # relu: sum_ij dS relu(a+b) = sum_i a * GA + sum_j b * GB
-            dw = (self.At * self.GA).sum(-1) + (self.Bt * self.GB).sum(-1)
-        return self.GA * w, self.GB * w, (dw,)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -561,12 +338,7 @@ class _NeuralAttentionFunction(torch.autograd.Function):
         dkf = dk.to(cdt).reshape(G, k_len, -1) if dot else None
 
         scorer = _make_scorer(cfg, At, Bt, wg, W2g, b2g, need_grad=False)
-        if cfg["block"] is not None:
-            bq, bk = cfg["block"]
-        elif isinstance(scorer, _CppPaperScorer):  # no hidden-sized temporaries: size the tile for the softmax
-            bq, bk = choose_block_size(G, 4, q_len, k_len)
-        else:
-            bq, bk = choose_block_size(G, hidden if W2 is None else hidden + W2.shape[1], q_len, k_len)
+        bq, bk = cfg["block"] or choose_block_size(G, scorer.tile_width, q_len, k_len)
         q_blocks = [(i, min(i + bq, q_len)) for i in range(0, q_len, bq)]
         k_blocks = [(j, min(j + bk, k_len)) for j in range(0, k_len, bk)]
         tile_masks = _TileMasks(mask, cfg["causal"], batch, heads, q_len, k_len)
@@ -682,20 +454,23 @@ class _NeuralAttentionFunction(torch.autograd.Function):
         return dA, dB, dVo, dw, dW2, db2, ddq_o, ddk_o, None, None
 
 
-def _make_scorer(cfg, At, Bt, wg, W2g, b2g, need_grad):
+def _make_scorer(cfg: dict, At: Tensor, Bt: Tensor, wg: Tensor, W2g: Tensor | None, b2g: Tensor | None,
+                 need_grad: bool) -> TileScorer:
+    """The ``scorer_factory``'s scorer if it gives one, else the PyTorch scorer of the mlp."""
+    if W2g is not None and cfg["activation"] != "relu":
+        raise ValueError('mlp="authors" uses relu only')
+    factory = cfg["scorer_factory"]
+    if factory is not None:
+        scorer = factory(At, Bt, wg, W2g, b2g, cfg["activation"], need_grad)
+        if scorer is not None:
+            return scorer
     if W2g is not None:
-        if cfg["activation"] != "relu":
-            raise ValueError('mlp="authors" uses relu only')
         return _AuthorsScorer(At, Bt, wg, W2g, b2g, need_grad)
-    if cfg["backend"] == "cpp":
-        module = _cpp_module()
-        if module is not None:
-            return _CppPaperScorer(module, At, Bt, wg, cfg["activation"], need_grad)
     return _PaperScorer(At, Bt, wg, cfg["activation"], need_grad)
 
 
 def _check_and_run(
-    backend,
+    scorer_factory,
     query_hidden,
     key_hidden,
     value,
@@ -735,7 +510,7 @@ def _check_and_run(
     if dropout_p > 0.0 and generator_seed is None:
         generator_seed = int(torch.randint(0, 1 << 62, (1,)).item())
     cfg = {
-        "backend": backend,
+        "scorer_factory": scorer_factory,
         "activation": activation,
         "causal": bool(causal) and mask is None,
         "dot_scale": float(dot_scale),
@@ -765,14 +540,17 @@ def neural_attention_tiled(
     dropout_p: float = 0.0,
     generator_seed: int | None = None,
     block_size: int | tuple[int, int] | None = None,
+    scorer_factory: ScorerFactory | None = None,
 ) -> Tensor:
     """Neural attention, tiled over query and key blocks with an online softmax (pure PyTorch).
 
-    See the kernel contract in ``docs/design.md``. ``block_size`` overrides the automatic ``(block_q, block_k)``
-    (an int sets both); the dropout pattern depends on it.
+    See the kernel contract in ``docs/design.md``: ``query_hidden`` ``(b, h, q_len, hidden)``, ``key_hidden``
+    ``(b, h, k_len, hidden)``, ``value`` ``(b, h, k_len, v_dim)`` -> ``(b, h, q_len, v_dim)``. ``block_size``
+    overrides the automatic ``(block_q, block_k)`` (an int sets both); the dropout pattern depends on it.
+    ``scorer_factory`` supplies another implementation of the per-pair MLP (see :data:`ScorerFactory`).
     """
     return _check_and_run(
-        "tiled",
+        scorer_factory,
         query_hidden,
         key_hidden,
         value,
@@ -790,43 +568,3 @@ def neural_attention_tiled(
         block_size,
     )
 
-
-def neural_attention_cpp(
-    query_hidden: Tensor,
-    key_hidden: Tensor,
-    value: Tensor,
-    output_weight: Tensor,
-    second_weight: Tensor | None = None,
-    second_bias: Tensor | None = None,
-    *,
-    activation: str = "relu",
-    mask: Tensor | None = None,
-    causal: bool = False,
-    dot_query: Tensor | None = None,
-    dot_key: Tensor | None = None,
-    dot_scale: float = 1.0,
-    dropout_p: float = 0.0,
-    generator_seed: int | None = None,
-    block_size: int | tuple[int, int] | None = None,
-) -> Tensor:
-    """Same contract and tiling as :func:`neural_attention_tiled`; the ``mlp="paper"`` scorer runs in a C++
-    kernel compiled on first use (falls back to the PyTorch scorer when it cannot be built; ``mlp="authors"``
-    always uses the PyTorch scorer)."""
-    return _check_and_run(
-        "cpp",
-        query_hidden,
-        key_hidden,
-        value,
-        output_weight,
-        second_weight,
-        second_bias,
-        activation,
-        mask,
-        causal,
-        dot_query,
-        dot_key,
-        dot_scale,
-        dropout_p,
-        generator_seed,
-        block_size,
-    )

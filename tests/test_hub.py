@@ -47,6 +47,7 @@ TRAVELLING = {
     "backend_neural_attention.py",
     "scoring_neural_attention.py",
     "kernels_neural_attention.py",  # imported lazily by the backend, copied all the same
+    "cpp_neural_attention.py",  # likewise (imports kernels_neural_attention)
     "triton_neural_attention.py",
 }
 SEQ = 8

@@ -15,12 +15,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest
 import torch
 
-from hf_neural_attention.kernels_neural_attention import (
-    choose_block_size,
-    cpp_available,
-    neural_attention_cpp,
-    neural_attention_tiled,
-)
+from hf_neural_attention.cpp_neural_attention import cpp_available, cpp_is_built, neural_attention_cpp
+from hf_neural_attention.kernels_neural_attention import choose_block_size, neural_attention_tiled
 
 torch.set_num_threads(1)
 
@@ -215,11 +211,11 @@ def test_gradcheck_float64(fn):
     assert torch.autograd.gradcheck(f, (t["A"], t["B"], t["V"], t["w"], t["dq"], t["dk"]))
 
 
-def test_gradcheck_authors_float64():
+def test_gradcheck_authors_float64(fn):
     t, _ = make_inputs(32, b=1, h=2, q_len=4, k_len=5, hidden=4, v_dim=2, mlp="authors", dtype=torch.float64)
 
     def f(A, B, V, w, W2, b2):
-        return neural_attention_tiled(A, B, V, w, W2, b2, causal=True, block_size=(2, 2))
+        return fn(A, B, V, w, W2, b2, causal=True, block_size=(2, 2))
 
     assert torch.autograd.gradcheck(f, (t["A"], t["B"], t["V"], t["w"], t["W2"], t["b2"]))
 
@@ -345,3 +341,123 @@ def test_choose_block_size():
     assert bq == 1 and bk >= 256
     bq, bk = choose_block_size(1, 1, 5, 3)
     assert bq == 8 and bk == 4
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the C++ kernel: both mlps, every activation, its math approximations, and the fallback
+# ----------------------------------------------------------------------------------------------------------------
+def _require_cpp():
+    if os.environ.get("NEURAL_ATTENTION_NO_CPP") == "1" or not cpp_available():
+        pytest.skip("C++ scorer not built")
+
+
+CPP_CASES = [
+    # (mlp, activation, hidden, q_len, k_len, mask kind, shared, dot): k_len > 64 with a tail exercises the
+    # register-blocked key chunks and the padded last chunk
+    ("paper", "relu", 8, 37, 150, "causal", False, True),
+    ("paper", "gelu", 16, 37, 150, "pad", False, False),
+    ("paper", "silu", 8, 21, 97, "full", True, True),
+    ("paper", "tanh", 16, 37, 150, "causal", False, False),
+    ("authors", "relu", 8, 37, 150, "causal", False, True),
+    ("authors", "relu", 16, 21, 97, "full", True, False),
+    ("authors", "relu", 2, 9, 33, "pad", False, False),  # hidden2 = 1
+]
+
+
+@pytest.mark.parametrize("case", CPP_CASES, ids=[f"{c[0]}-{c[1]}-d{c[2]}-{c[5]}" for c in CPP_CASES])
+def test_cpp_matches_reference_all_mlps_and_activations(case):
+    """Forward and every gradient of the C++ path (fp32, fast activations) against the float64 reference."""
+    _require_cpp()
+    mlp, act, hidden, q_len, k_len, kind, shared, dot = case
+    t, g = make_inputs(200 + hidden, q_len=q_len, k_len=k_len, hidden=hidden, mlp=mlp, shared=shared, dot=dot)
+    mask = make_mask(kind, g, 2, q_len, k_len)
+    for block in (None, (16, 96)):
+        check_against_reference(
+            neural_attention_cpp, t, g, activation=act, mask=mask, causal=kind == "causal", dot_scale=0.37,
+            block_size=block,
+        )  # fmt: skip
+
+
+def test_cpp_is_built_in_a_fresh_process_without_compiling():
+    """Once built (by the fixture / ``_require_cpp``), a new process sees the cached build on disk."""
+    _require_cpp()
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "from hf_neural_attention import cpp_neural_attention as c; print(c.cpp_is_built(), "
+        "'module' in c._cpp_state)"
+    )
+    res = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert res.stdout.split() == ["True", "False"], res.stderr[-2000:]
+
+
+def test_cpp_uses_cpp_scorers_and_is_built():
+    _require_cpp()
+    from hf_neural_attention.cpp_neural_attention import _cpp_scorer_factory, _CppAuthorsScorer, _CppPaperScorer
+
+    At, Bt = torch.randn(2, 4, 5), torch.randn(2, 4, 6)
+    assert isinstance(_cpp_scorer_factory(At, Bt, torch.randn(2, 4), None, None, "gelu", False), _CppPaperScorer)
+    scorer = _cpp_scorer_factory(At, Bt, torch.randn(2, 2), torch.randn(2, 2, 4), torch.randn(2, 2), "relu", True)
+    assert isinstance(scorer, _CppAuthorsScorer)
+    assert cpp_is_built()
+
+
+def test_cpp_math_approximations():
+    """The fp32 exp / tanh / erf approximations used inside the kernel, against float64 torch."""
+    _require_cpp()
+    from hf_neural_attention.cpp_neural_attention import _cpp_module
+
+    module = _cpp_module()
+    x = torch.cat([torch.linspace(-12, 12, 200001), torch.logspace(-8, 1, 2001), -torch.logspace(-8, 1, 2001)])
+    xd = x.double()
+    exp = module.approx_math(torch.linspace(-80, 80, 200001), 0).double()
+    want = torch.linspace(-80, 80, 200001).double().exp()
+    assert ((exp - want).abs() / want).max() < 3e-7
+    tanh = module.approx_math(x, 1).double()
+    assert ((tanh - xd.tanh()).abs() / xd.tanh().abs().clamp_min(1e-30)).max() < 1e-6
+    erf = module.approx_math(x, 2).double()
+    assert (erf - xd.erf()).abs().max() < 2.5e-7
+    small = x.abs() < 1
+    assert ((erf - xd.erf()).abs() / xd.erf().abs().clamp_min(1e-30))[small].max() < 1e-6
+
+
+def test_cpp_authors_deterministic_bitwise():
+    _require_cpp()
+    t, g = make_inputs(72, q_len=70, k_len=70, hidden=8, mlp="authors", dot=True)
+    results = []
+    for _ in range(2):
+        out = run(neural_attention_cpp, t, causal=True, block_size=(16, 48))
+        results.append((out, *torch.autograd.grad(out, leaves(t), torch.ones_like(out))))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
+_FALLBACK_SCRIPT = """
+import torch
+from hf_neural_attention import cpp_neural_attention as cna
+from tests.test_kernels_cpu import check_against_reference, make_inputs, make_mask
+
+assert not cna.cpp_available() and not cna.cpp_is_built()
+for seed, mlp, act in ((1, "paper", "gelu"), (2, "paper", "relu"), (3, "authors", "relu")):
+    t, g = make_inputs(seed, q_len=19, k_len=23, hidden=6, mlp=mlp, dot=True)
+    check_against_reference(cna.neural_attention_cpp, t, g, activation=act, causal=True, dot_scale=0.5)
+    check_against_reference(cna.neural_attention_cpp, t, g, activation=act, mask=make_mask("full", g, 2, 19, 23))
+print("fallback ok")
+"""
+
+
+def test_fallback_without_cpp_matches_reference():
+    """``NEURAL_ATTENTION_NO_CPP=1`` (as when no compiler exists): ``neural_attention_cpp`` runs the PyTorch path."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, NEURAL_ATTENTION_NO_CPP="1", OMP_NUM_THREADS="1")
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-c", _FALLBACK_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "fallback ok" in res.stdout
