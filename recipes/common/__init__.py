@@ -1,0 +1,1 @@
+"""Helpers shared by the recipes, one job per module (arguments, data, metrics, reporting)."""

@@ -1,0 +1,98 @@
+"""Neural-attention command-line arguments and applying them to a model (the A/B arm's only difference)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hf_neural_attention import NeuralAttentionConfig, patch_model, scorer_parameters
+
+ARMS = ("neural", "dot")
+
+
+@dataclass
+class AttentionArguments:
+    """Which attention the run uses and the neural scorer's settings (see ``NeuralAttentionConfig``)."""
+
+    attention: str = field(
+        default="neural",
+        metadata={
+            "help": "neural: patch --neural_layers with neural attention; dot: stock dot-product attention; "
+            "ab: run both arms one after the other (outputs in <output_dir>/neural and <output_dir>/dot) and "
+            "print the comparison. Running the script with no arguments at all means --attention ab.",
+            "choices": ["neural", "dot", "ab"],
+        },
+    )
+    neural_layers: list[str] = field(
+        default_factory=lambda: ["0"],
+        metadata={"help": "Layers to patch: ints (negative count from the end) or 'all'. The paper: 0."},
+    )
+    proj_dim: int | None = field(
+        default=None, metadata={"help": "d' (query/key projection size); default head_dim // 32, at least 2."}
+    )
+    hidden_dim: int | None = field(default=None, metadata={"help": "Hidden width of the paper MLP (default d')."})
+    mlp: str = field(default="paper", metadata={"choices": ["paper", "authors"]})
+    activation: str = field(default="relu", metadata={"choices": ["relu", "gelu", "silu", "tanh"]})
+    share_across_heads: bool | None = field(default=None, metadata={"help": "One scorer for all heads."})
+    neural_mode: str = field(
+        default="replace",
+        metadata={"help": "replace (the paper) or residual (q.k + MLP, starts equal to the base model).",
+                  "choices": ["replace", "residual"]},
+    )
+    neural_backend: str = field(default="auto", metadata={"choices": ["auto", "eager", "tiled", "cpp", "triton"]})
+
+
+def resolve_layers(spec: list[str] | str, num_layers: int) -> list[int]:
+    """Turn ``["0", "-1"]`` / ``"all"`` into sorted layer indices, or raise ``ValueError`` before any training."""
+    items = [spec] if isinstance(spec, str) else list(spec)
+    if len(items) == 1 and str(items[0]).lower() == "all":
+        return list(range(num_layers))
+    layers: set[int] = set()
+    for item in items:
+        try:
+            index = int(item)
+        except ValueError:
+            raise ValueError(f"--neural_layers takes integers or 'all', got {item!r}.") from None
+        if not -num_layers <= index < num_layers:
+            raise ValueError(
+                f"--neural_layers {index} is outside the model: it has {num_layers} layers "
+                f"(valid: 0..{num_layers - 1}, or -{num_layers}..-1 from the end, or 'all')."
+            )
+        layers.add(index % num_layers)
+    if not layers:
+        raise ValueError("--neural_layers is empty; give at least one layer or 'all'.")
+    return sorted(layers)
+
+
+def neural_config_kwargs(args: AttentionArguments) -> dict[str, Any]:
+    """The ``NeuralAttentionConfig`` keyword arguments that the command line sets."""
+    return {
+        "proj_dim": args.proj_dim,
+        "hidden_dim": args.hidden_dim,
+        "mlp": args.mlp,
+        "activation": args.activation,
+        "share_across_heads": args.share_across_heads,
+        "mode": args.neural_mode,
+        "backend": args.neural_backend,
+    }
+
+
+def validate_attention_args(args: AttentionArguments, num_layers: int) -> list[int]:
+    """Check layers and scorer settings against the model's depth; returns the resolved layers."""
+    layers = resolve_layers(args.neural_layers, num_layers)
+    if args.attention == "neural":
+        NeuralAttentionConfig(**neural_config_kwargs(args))  # raises with the bad setting named
+    return layers
+
+
+def apply_attention(model: Any, args: AttentionArguments, layers: list[int]) -> Any:
+    """Patch ``layers`` with neural attention for the neural arm; the dot arm keeps the stock model."""
+    if args.attention != "neural":
+        return model
+    settings = NeuralAttentionConfig(**neural_config_kwargs(args))
+    return patch_model(model, layers=layers, config=settings)
+
+
+def count_scorer_parameters(model: Any) -> int:
+    """Number of scalars in the model's neural scorers (0 for a dot-product model)."""
+    return sum(t.numel() for t in scorer_parameters(model).values())

@@ -1,0 +1,64 @@
+"""Command-line parsing with recipe presets: preset flags go first, so any flag the user gives wins."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+from transformers import HfArgumentParser
+
+
+def given_flags(argv: list[str]) -> set[str]:
+    """Names of the ``--flags`` present in ``argv`` (``--a=1`` and ``--a 1`` both give ``"a"``)."""
+    return {arg[2:].split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")}
+
+
+def tensorboard_available() -> bool:
+    """Whether TensorBoard logging can be enabled (``tensorboard`` or ``tensorboardX`` importable)."""
+    return any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
+
+
+def accelerator_available() -> bool:
+    """Whether torch sees a CUDA/ROCm, XPU or MPS device."""
+    import torch
+
+    xpu = getattr(torch, "xpu", None)
+    mps = getattr(torch.backends, "mps", None)
+    return bool(torch.cuda.is_available() or (xpu is not None and xpu.is_available())
+                or (mps is not None and mps.is_available()))
+
+
+def parse_with_presets(
+    dataclass_types: tuple[type, ...], presets: list[list[str]], argv: list[str]
+) -> tuple[Any, ...]:
+    """Parse ``argv`` after each preset's flags; argparse keeps the last value of a repeated flag.
+
+    TensorBoard reporting is switched on when installed, unless the user passes ``--report_to``. On a machine
+    without an accelerator ``--use_cpu True`` is preset: Trainer then runs distributed over CPU processes (gloo)
+    when started by ``accelerate launch`` / ``torchrun`` (without it, such a launch silently trains one
+    independent copy per process).
+    """
+    parser = HfArgumentParser(dataclass_types)
+    flat = [flag for preset in presets for flag in preset]
+    if not accelerator_available():
+        flat += ["--use_cpu", "True", "--dataloader_pin_memory", "False"]
+    if "report_to" not in given_flags(argv):
+        flat += ["--report_to", "tensorboard" if tensorboard_available() else "none"]
+    return parser.parse_args_into_dataclasses(args=flat + list(argv))
+
+
+def strip_flag(argv: list[str], name: str, takes_value: bool = True) -> list[str]:
+    """``argv`` without ``--name`` (and its value, if ``takes_value``); used when fanning out to arms."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == f"--{name}":
+            skip = takes_value
+            continue
+        if arg.startswith(f"--{name}="):
+            continue
+        out.append(arg)
+    return out

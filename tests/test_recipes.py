@@ -1,0 +1,302 @@
+"""Recipes: metrics against hand-computed values, input errors before training, smoke runs end to end
+(single process and 2-process ``accelerate launch`` on CPU with resume), and compare.py's outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "recipes"
+sys.path.insert(0, str(RECIPES))
+sys.path.insert(0, str(REPO))
+
+from common import bundled  # noqa: E402
+from common.attention import resolve_layers  # noqa: E402
+from common.metrics import load_metric  # noqa: E402
+from common.offline import OfflineResourceError, hub_reachable  # noqa: E402
+from common.report import FINAL_PREFIX, comparison_table  # noqa: E402
+from common.sliding_window import sliding_window_nll, window_plan  # noqa: E402
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+       "TOKENIZERS_PARALLELISM": "false"}
+DDP_CONFIG = RECIPES / "configs" / "cpu_ddp_2proc.yaml"
+
+
+def final_metrics(output: str) -> dict:
+    lines = [line for line in output.splitlines() if line.startswith(FINAL_PREFIX)]
+    assert lines, output[-3000:]
+    return json.loads(lines[-1][len(FINAL_PREFIX):])
+
+
+def launch(args: list[str], distributed: bool = False, timeout: int = 240) -> str:
+    prefix = ["accelerate", "launch", "--config_file", str(DDP_CONFIG)] if distributed else [sys.executable]
+    done = subprocess.run(prefix + args, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return done.stdout
+
+
+# --- metrics, by hand ---------------------------------------------------------------------------------------------
+
+
+def test_accuracy_metric_matches_hand_values():
+    accuracy = load_metric("accuracy")
+    assert accuracy.compute(predictions=[0, 1, 1, 2], references=[0, 1, 2, 2]) == {"accuracy": 0.75}
+    assert accuracy.compute(predictions=[0, 1, 1, 2], references=[0, 1, 2, 2], normalize=False)["accuracy"] == 3
+    weighted = accuracy.compute(predictions=[0, 1, 1, 2], references=[0, 1, 2, 2], sample_weight=[1, 1, 2, 0])
+    assert weighted["accuracy"] == pytest.approx(0.5)  # (1 + 1) / 4
+
+
+def test_perplexity_metric_matches_hand_values():
+    perplexity = load_metric("perplexity")
+    result = perplexity.compute(nll_sum=[2.0, 4.0], token_count=[1, 2])
+    assert result["nll"] == pytest.approx(2.0) and result["tokens"] == 3
+    assert result["perplexity"] == pytest.approx(math.exp(2.0))
+    with pytest.raises(ValueError, match="at least one scored token"):
+        perplexity.compute(nll_sum=[0.0], token_count=[0])
+
+
+def test_window_plan_scores_every_token_once():
+    assert window_plan(10, 4, 2) == [(0, 4, 1), (2, 6, 4), (4, 8, 6), (6, 10, 8)]
+    for n, length, stride in [(10, 4, 2), (37, 8, 3), (37, 8, 7), (5, 8, 4), (8, 8, 1)]:
+        plan = window_plan(n, length, stride)
+        scored = [t for _, end, first in plan for t in range(first, end)]
+        assert scored == list(range(1, n))
+        assert all(0 <= begin < first and end - begin == min(length, n) for begin, end, first in plan)
+    with pytest.raises(ValueError, match="stride must be in 1..max_length-1"):
+        window_plan(10, 4, 4)
+
+
+class _UniformLM(torch.nn.Module):
+    """Uniform next-token distribution: every token costs log(vocab) nats."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, input_ids, attention_mask=None):
+        return type("Out", (), {"logits": torch.zeros(*input_ids.shape, self.vocab)})()
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_sliding_window_nll_hand_value(world_size):
+    ids = torch.arange(23) % 7
+    totals = [sliding_window_nll(_UniformLM(7), ids, max_length=6, stride=4, batch_size=2, rank=r,
+                                 world_size=world_size) for r in range(world_size)]
+    assert sum(t[1] for t in totals) == 22
+    assert sum(t[0] for t in totals) == pytest.approx(22 * math.log(7))
+
+
+def test_comparison_table_mean_and_spread():
+    runs = [{"attention": arm, "seed": s, "metrics": {"m": v}}
+            for arm, s, v in [("neural", 0, 1.0), ("neural", 1, 3.0), ("dot", 0, 2.0), ("dot", 1, 2.0)]]
+    table = comparison_table(runs, ["m"])
+    assert "| neural | 2 ± 1.414 |" in table and "| dot | 2 ± 0 |" in table and "| neural - dot | 0 |" in table
+
+
+def test_bundled_tokenizer_and_digits():
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(bundled.gpt2_tokenizer_dir())("Hello world")["input_ids"] == [15496, 995]
+    digits = bundled.load_digits()
+    assert sum(len(s["label"]) for s in digits.values()) == 1797 and digits["train"]["image"].shape[1:] == (8, 8)
+
+
+# --- clear errors before any training ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fail loudly if a recipe gets as far as building a Trainer."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("training started before the input error was reported")
+
+    monkeypatch.setattr(transformers.Trainer, "__init__", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub_reachable.cache_clear()
+    yield
+    hub_reachable.cache_clear()
+
+
+def test_resolve_layers():
+    assert resolve_layers(["0", "-1"], 4) == [0, 3] and resolve_layers(["all"], 3) == [0, 1, 2]
+    with pytest.raises(ValueError, match="outside the model: it has 4 layers"):
+        resolve_layers(["4"], 4)
+
+
+def test_clm_input_errors(tmp_path, no_training):
+    import run_clm
+
+    base = ["--smoke", "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match="--neural_layers 5 is outside the model: it has 2 layers"):
+        run_clm.run(base + ["--neural_layers", "5"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"content": "no text column here"}\n' * 4)
+    with pytest.raises(ValueError, match="no text column 'text'.*--text_column_name"):
+        run_clm.run(base + ["--train_file", str(bad)])
+    with pytest.raises(OfflineResourceError, match="needs the network.*--train_file"):
+        run_clm.run(base + ["--dataset_name", "someone/not-a-cached-dataset"])
+
+
+def test_image_input_errors(tmp_path, no_training):
+    import run_image_classification as run_image
+    from PIL import Image
+
+    base = ["--smoke", "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match="Image size 8 is not divisible by the patch size 3"):
+        run_image.run(base + ["--patch_size", "3"])
+    with pytest.raises(ValueError, match="--neural_layers -3 is outside the model"):
+        run_image.run(base + ["--neural_layers", "-3"])
+    with pytest.raises(ValueError, match="No label column 'nope'"):
+        run_image.run(base + ["--label_column_name", "nope"])
+    flat = tmp_path / "flat"  # images without class folders: no label column
+    flat.mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(flat / f"{i}.png")
+    with pytest.raises(ValueError, match="no label column"):
+        run_image.run(base + ["--train_dir", str(flat)])
+    with pytest.raises(OfflineResourceError, match="needs the network.*--train_dir"):
+        run_image.run(base + ["--dataset_name", "someone/not-a-cached-dataset"])
+
+
+# --- end to end ----------------------------------------------------------------------------------------------------
+
+
+def _check_saved(output_dir: Path, auto_class: str, hub_class: str) -> None:
+    import transformers
+
+    import hf_neural_attention  # noqa: F401  (registers the Hub classes)
+
+    assert (output_dir / "model.safetensors").is_file()
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config.get("neural_attention_layers") == [0] and "auto_map" in config
+    model = getattr(transformers, auto_class).from_pretrained(output_dir)
+    assert type(model).__name__ == hub_class
+    assert (output_dir / "README.md").is_file()  # model card
+
+
+@pytest.mark.parametrize(
+    "script, auto_class, hub_class, metric",
+    [
+        ("run_clm.py", "AutoModelForCausalLM", "NeuralAttentionGPT2ForCausalLM", "test_sliding_perplexity"),
+        ("run_image_classification.py", "AutoModelForImageClassification",
+         "NeuralAttentionViTForImageClassification", "test_accuracy"),
+    ],
+)
+def test_smoke_end_to_end_then_two_process_resume(tmp_path, script, auto_class, hub_class, metric):
+    single = tmp_path / "single"
+    out = launch([str(RECIPES / script), "--smoke", "--output_dir", str(single), "--save_strategy", "steps",
+                  "--save_steps", "2"])
+    metrics = final_metrics(out)
+    assert metrics["n_processes"] == 1 and metrics["n_scorer_parameters"] > 0 and math.isfinite(metrics[metric])
+    assert json.loads((single / "trainer_state.json").read_text())["global_step"] == 4
+    _check_saved(single, auto_class, hub_class)
+
+    # 2 processes (gloo), resuming the single run's step-2 checkpoint, training on to step 6.
+    ddp = tmp_path / "ddp"
+    out = launch([str(RECIPES / script), "--smoke", "--output_dir", str(ddp), "--max_steps", "6",
+                  "--resume_from_checkpoint", str(single / "checkpoint-2")], distributed=True)
+    ddp_metrics = final_metrics(out)
+    assert ddp_metrics["n_processes"] == 2 and set(ddp_metrics) == set(metrics)
+    state = json.loads((ddp / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+    logged = [e["step"] for e in state["log_history"] if "loss" in e]
+    assert logged[0] == 1 and logged[-1] == 6  # history carried over from the checkpoint, continued from 3
+    _check_saved(ddp, auto_class, hub_class)
+
+
+def test_compare_two_seeds_writes_csv_table_and_plots(tmp_path):
+    import csv
+
+    import compare
+    from PIL import Image
+
+    out = tmp_path / "cmp"
+    compare.main(["--recipe", "image", "--seeds", "0", "1", "--output_dir", str(out), "--",
+                  "--smoke", "--max_steps", "2", "--eval_steps", "1", "--do_predict", "False",
+                  "--report_to", "none"])
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert sorted((r["attention"], r["seed"]) for r in rows) == [("dot", "0"), ("dot", "1"), ("neural", "0"),
+                                                                 ("neural", "1")]
+    table = (out / "results.md").read_text()
+    assert "| neural |" in table and "| dot |" in table and "| neural - dot |" in table and " ± " in table
+    for name in ("eval_loss", "eval_accuracy"):
+        with Image.open(out / f"curve_{name}.png") as image:
+            assert image.format == "PNG" and image.size[0] > 100
+
+
+def test_push_to_hub_uploads_hub_classes_and_model_card(tmp_path, monkeypatch):
+    """--push_to_hub: intercept only the Hub calls, then load the folder that would have been uploaded."""
+    import run_image_classification as run_image
+    import transformers
+    import transformers.trainer
+
+    uploads: list[dict] = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kwargs):
+            return type("RepoUrl", (), {"repo_id": repo_id})()
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            uploads.append({"repo_id": repo_id, "files": sorted(os.listdir(folder_path)), "path": folder_path})
+
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: FakeApi())
+    out = tmp_path / "push"
+    run_image.run(["--smoke", "--max_steps", "1", "--output_dir", str(out), "--push_to_hub", "--hub_model_id",
+                   "me/vit-neural", "--do_predict", "False", "--report_to", "none"])
+    final = uploads[-1]
+    assert final["repo_id"] == "me/vit-neural" and Path(final["path"]) == out
+    assert {"config.json", "model.safetensors", "README.md", "modeling_neural_attention.py"} <= set(final["files"])
+    assert "neural-attention" in (out / "README.md").read_text()
+    _check_saved(out, "AutoModelForImageClassification", "NeuralAttentionViTForImageClassification")
+
+
+def test_accelerate_configs_load_and_scorer_sits_inside_a_wrapped_block():
+    """Every shipped config parses; FSDP wraps `_no_split_modules`, and each scorer weight lives inside one."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig, ViTForImageClassification
+
+    from hf_neural_attention import NeuralAttentionConfig, patch_model, scorer_parameters
+
+    configs = {p.name: load_config_from_file(str(p)) for p in (RECIPES / "configs").glob("*.yaml")}
+    assert {"cpu_ddp_2proc.yaml", "fsdp.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"} <= set(configs)
+    assert configs["fsdp.yaml"].fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert "fsdp_transformer_layer_cls_to_wrap" not in configs["fsdp.yaml"].fsdp_config  # -> _no_split_modules
+
+    models = [
+        GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16)),
+        ViTForImageClassification(ViTConfig(image_size=8, patch_size=2, hidden_size=32, num_hidden_layers=2,
+                                            num_attention_heads=2, intermediate_size=64, num_labels=3)),
+    ]
+    for model in models:
+        patch_model(model, layers=[0, -1], config=NeuralAttentionConfig())
+        blocks = {name for name, module in model.named_modules()
+                  if type(module).__name__ in set(model._no_split_modules)}
+        names = list(scorer_parameters(model))
+        assert names
+        for name in names:
+            assert any(name.startswith(block + ".") for block in blocks), (name, sorted(blocks))
+
+
+def test_sliding_window_matches_full_sequence_loss_and_is_batch_invariant():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=64)).eval()
+    ids = torch.randint(0, 50, (20,))
+    with torch.no_grad():
+        full = model(input_ids=ids[None], labels=ids[None]).loss.item()
+    nll, tokens = sliding_window_nll(model, ids, max_length=32, stride=8)  # one window covers everything
+    assert tokens == 19 and nll / tokens == pytest.approx(full, rel=1e-5)
+    one = sliding_window_nll(model, ids, max_length=6, stride=4, batch_size=1)
+    three = sliding_window_nll(model, ids, max_length=6, stride=4, batch_size=3)
+    assert one[1] == three[1] == 19 and one[0] == pytest.approx(three[0], rel=1e-6)
