@@ -34,7 +34,6 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -45,6 +44,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peak_memory import peak_extra_mb  # noqa: E402
 
 
 def _load_kernel_files():
@@ -175,22 +176,9 @@ def memory_probe(args) -> None:
     if args.probe in CPP_BACKENDS:
         cpp_available()
     qkv, wt = make_problem(args.batch, args.heads, args.seq_len, args.head_dim, args.dim)
-    # Linux: writing 5 to clear_refs resets the peak (VmHWM) to the current RSS, so the peak after the call minus
-    # the RSS before it is the call's own peak; elsewhere fall back to the growth of ru_maxrss.
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        before, use_hwm = _status_kb("VmRSS"), True
-    except OSError:
-        before, use_hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, False
-    step(args.probe, qkv, wt, not args.bidirectional, args.mode)
-    after = _status_kb("VmHWM") if use_hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_extra_mb": (after - before) / 1024.0}))
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    with peak_extra_mb() as peak:
+        step(args.probe, qkv, wt, not args.bidirectional, args.mode)
+    print(json.dumps({"peak_extra_mb": peak[0]}))
 
 
 def measure_memory(backend, cfg, args) -> float | None:

@@ -3,7 +3,7 @@ model unpatched (SDPA everywhere), measured side by side.
 
 Timing: both models live in one process and their training steps are interleaved, so machine noise hits both
 alike; we report the median, p20 and p80 of the per-step time, and tokens/s from the median. Memory: each variant
-runs once more in a fresh subprocess that reports the growth of its peak resident set size (ru_maxrss) over two
+runs once more in a fresh subprocess that reports the peak resident-set growth (``peak_memory.py``) over two
 training steps (activations, gradients, optimizer state), from just after the model was built.
 
     python benchmarks/bench_end_to_end.py --quick          # a few minutes on 2 CPU cores
@@ -17,7 +17,6 @@ import copy
 import csv
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hf_neural_attention import NeuralAttentionConfig, patch_model  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peak_memory import peak_extra_mb  # noqa: E402
 
 VARIANTS = ("sdpa", "neural_d2", "neural_d8", "neural_d16")
 
@@ -77,11 +79,10 @@ def memory_probe(args: argparse.Namespace) -> None:
     model = make_variant(gpt2_small(args.seq_len, args.layers), args.memory_probe, args.backend)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq_len))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _ in range(2):  # includes gradients and optimizer state, identical across variants but for the scorer
-        train_step(model, optimizer, ids)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_extra_mb": (after - before) / 1024}))
+    with peak_extra_mb() as peak:
+        for _ in range(2):  # includes gradients and optimizer state, identical across variants but for the scorer
+            train_step(model, optimizer, ids)
+    print(json.dumps({"peak_extra_mb": peak[0]}))
 
 
 def main() -> None:
