@@ -50,13 +50,14 @@ from hf_neural_attention import NeuralAttentionTrainer
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import bundled  # noqa: E402
+from common.ab import main_entry  # noqa: E402
 from common.attention import (  # noqa: E402
     AttentionArguments,
     apply_attention,
     count_scorer_parameters,
     validate_attention_args,
 )
-from common.cli import given_flags, parse_with_presets, strip_flag  # noqa: E402
+from common.cli import given_flags, parse_with_presets  # noqa: E402
 from common.metrics import (  # noqa: E402
     causal_lm_argmax,
     causal_lm_metrics,
@@ -65,8 +66,6 @@ from common.metrics import (  # noqa: E402
 )
 from common.offline import check_model_reachable, load_named_dataset  # noqa: E402
 from common.report import (  # noqa: E402
-    HEADLINE_METRICS,
-    comparison_table,
     eval_curve,
     final_metrics_line,
     write_results,
@@ -448,26 +447,10 @@ def sliding_window_metrics(
             "test_sliding_window": block_size, "test_sliding_split": split}
 
 
-def run_ab(argv: list[str]) -> list[dict[str, Any]]:
-    """Both arms on the same seed and data (outputs in <output_dir>/neural and /dot), then the comparison."""
-    *_, training_args = parse_args(argv)
-    base = strip_flag(strip_flag(argv, "attention"), "output_dir")
-    records = [run(base + ["--attention", arm, "--output_dir", os.path.join(training_args.output_dir, arm)])
-               for arm in ("neural", "dot")]
-    if training_args.process_index == 0:
-        print("\nNeural vs dot-product attention (causal LM, same seed and data):\n", flush=True)
-        print(comparison_table(records, HEADLINE_METRICS["clm"]), flush=True)
-    return records
-
-
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Entry point: no arguments runs the embedded A/B default."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv:
-        argv = ["--attention", "ab", "--output_dir", "out/clm-default-ab"]
-    if parse_args(argv)[2].attention == "ab":
-        return run_ab(argv)
-    return [run(argv)]
+    return main_entry(argv, run, parse_args, recipe="clm", task="causal LM", default_output_dir="out/clm-default-ab")
 
 
 if __name__ == "__main__":

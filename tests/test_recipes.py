@@ -300,3 +300,15 @@ def test_sliding_window_matches_full_sequence_loss_and_is_batch_invariant():
     one = sliding_window_nll(model, ids, max_length=6, stride=4, batch_size=1)
     three = sliding_window_nll(model, ids, max_length=6, stride=4, batch_size=3)
     assert one[1] == three[1] == 19 and one[0] == pytest.approx(three[0], rel=1e-6)
+
+
+@pytest.mark.parametrize("recipe", ["run_clm.py", "run_image_classification.py"])
+def test_ab_mode_runs_both_arms_and_prints_the_comparison(tmp_path, recipe):
+    """The embedded default's path (``--attention ab``), at smoke size: two arms, one table, scorers only in one."""
+    out = launch([str(RECIPES / recipe), "--attention", "ab", "--smoke", "--output_dir", str(tmp_path)])
+    records = [json.loads(line[len(FINAL_PREFIX):]) for line in out.splitlines() if line.startswith(FINAL_PREFIX)]
+    assert [r["n_scorer_parameters"] > 0 for r in records] == [True, False]
+    assert "Neural vs dot-product attention" in out
+    table = out[out.index("Neural vs dot-product attention"):]
+    assert "| neural |" in table and "| dot |" in table and "| neural - dot |" in table
+    assert (tmp_path / "neural").is_dir() and (tmp_path / "dot").is_dir()

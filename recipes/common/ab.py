@@ -1,0 +1,38 @@
+"""The A/B entry point shared by the recipes: both arms on the same seed and data, then the comparison."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from common.cli import strip_flag
+from common.report import HEADLINE_METRICS, comparison_table
+
+Record = dict[str, Any]
+
+
+def run_ab(argv: list[str], run: Callable[[list[str]], Record], parse_args: Callable[[list[str]], tuple],
+           recipe: str, task: str) -> list[Record]:
+    """Run the neural and dot arms (outputs in ``<output_dir>/neural`` and ``/dot``) and print the comparison.
+
+    ``recipe`` picks the headline metrics (``"clm"`` / ``"image"``); ``task`` names it in the printed title.
+    """
+    *_, training_args = parse_args(argv)
+    base = strip_flag(strip_flag(argv, "attention"), "output_dir")
+    records = [run(base + ["--attention", arm, "--output_dir", os.path.join(training_args.output_dir, arm)])
+               for arm in ("neural", "dot")]
+    if training_args.process_index == 0:
+        print(f"\nNeural vs dot-product attention ({task}, same seed and data):\n", flush=True)
+        print(comparison_table(records, HEADLINE_METRICS[recipe]), flush=True)
+    return records
+
+
+def main_entry(argv: list[str], run: Callable[[list[str]], Record], parse_args: Callable[[list[str]], tuple],
+               recipe: str, task: str, default_output_dir: str) -> list[Record]:
+    """No arguments runs the embedded A/B default; ``--attention ab`` runs both arms; otherwise one run."""
+    if not argv:
+        argv = ["--attention", "ab", "--output_dir", default_output_dir]
+    if parse_args(argv)[2].attention == "ab":
+        return run_ab(argv, run, parse_args, recipe, task)
+    return [run(argv)]
