@@ -11,6 +11,7 @@ shapes by default (12 heads of 64):
 - ``tiled`` / ``cpp``: ``neural_attention_tiled`` / ``neural_attention_cpp`` with ``mlp="paper"``, relu,
   hidden = d'; the projections and the split first layer (``A = q' W_q + b``, ``B = k' W_k``) are computed inside
   the timed region;
+- ``fused-cpp``: ``neural_attention_fused_cpp`` (forward and backward entirely in C++), same inputs as ``cpp``;
 - ``cpp-authors``: ``neural_attention_cpp`` with ``mlp="authors"`` on the very weights ``eager`` uses (the first
   ``Linear`` split into its query and key halves; the last layer's bias, which softmax ignores, dropped): the same
   function as ``eager``, fused.
@@ -56,15 +57,17 @@ def _load_kernel_files():
     sys.modules[package.__name__] = package
     kernels = importlib.import_module(f"{package.__name__}.kernels_neural_attention")
     cpp = importlib.import_module(f"{package.__name__}.cpp_neural_attention")
-    return kernels, cpp
+    fused = importlib.import_module(f"{package.__name__}.fused_cpp_neural_attention")
+    return kernels, cpp, fused
 
 
-_kernels, _cpp = _load_kernel_files()
+_kernels, _cpp, _fused = _load_kernel_files()
 cpp_available, neural_attention_cpp = _cpp.cpp_available, _cpp.neural_attention_cpp
 neural_attention_tiled = _kernels.neural_attention_tiled
+neural_attention_fused_cpp = _fused.neural_attention_fused_cpp
 
-BACKENDS = ("sdpa", "tiled", "cpp", "cpp-authors", "eager")
-CPP_BACKENDS = ("cpp", "cpp-authors")
+BACKENDS = ("sdpa", "tiled", "cpp", "fused-cpp", "cpp-authors", "eager")
+CPP_BACKENDS = ("cpp", "fused-cpp", "cpp-authors")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -145,7 +148,7 @@ def variant(backend: str):
         return authors_eager
     if backend == "cpp-authors":
         return authors_fused
-    fn = neural_attention_tiled if backend == "tiled" else neural_attention_cpp
+    fn = {"tiled": neural_attention_tiled, "fused-cpp": neural_attention_fused_cpp}.get(backend, neural_attention_cpp)
     return lambda qkv, wt, causal: neural_fused(fn, qkv, wt, causal)
 
 
@@ -175,6 +178,7 @@ def memory_probe(args) -> None:
     torch.set_num_threads(args.threads)
     if args.probe in CPP_BACKENDS:
         cpp_available()
+        _fused.fused_cpp_available()
     qkv, wt = make_problem(args.batch, args.heads, args.seq_len, args.head_dim, args.dim)
     with peak_extra_mb() as peak:
         step(args.probe, qkv, wt, not args.bidirectional, args.mode)
@@ -211,6 +215,8 @@ def percentile(values, q):
 def run_sweep(args):
     torch.set_num_threads(args.threads)
     backends = [b for b in args.backends if b not in CPP_BACKENDS or cpp_available()]
+    if "fused-cpp" in backends and not _fused.fused_cpp_available():
+        backends.remove("fused-cpp")
     if set(args.backends) - set(backends):
         print("cpp backends not built (no compiler?): skipped", file=sys.stderr)
     rows = []

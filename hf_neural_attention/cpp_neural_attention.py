@@ -589,11 +589,14 @@ def _build_flags() -> list[str]:
     return flags
 
 
-def _extension_name() -> str:
+def _extension_name(
+    prefix: str = "neural_attention_cpu", source: str | None = None, extra_flags: tuple[str, ...] = ()
+) -> str:
     """Name of the extension: hashes the source and flags, so a cached build is only reused when it matches (and
-    :func:`cpp_is_built` can tell without compiling)."""
-    digest = hashlib.sha256((_CPP_SOURCE + _CPP_DECLS + " ".join(_build_flags())).encode()).hexdigest()[:12]
-    return f"neural_attention_cpu_{digest}"
+    :func:`cpp_is_built` can tell without compiling). ``source`` defaults to this file's kernel."""
+    source = _CPP_SOURCE + _CPP_DECLS if source is None else source
+    digest = hashlib.sha256((source + " ".join(_build_flags() + list(extra_flags))).encode()).hexdigest()[:12]
+    return f"{prefix}_{digest}"
 
 
 def _disabled() -> bool:
@@ -613,30 +616,66 @@ def _build_directory(name: str) -> str:
     return os.path.join(root, name)
 
 
-def _cpp_module():
-    """The compiled extension, or ``None`` (no compiler, build failure, or ``NEURAL_ATTENTION_NO_CPP=1``)."""
-    if "module" in _cpp_state:
-        return _cpp_state["module"]
-    with _cpp_lock:
-        if "module" in _cpp_state:
-            return _cpp_state["module"]
+def load_extension(
+    prefix: str,
+    source: str,
+    functions: list[str],
+    state: dict,
+    lock: threading.Lock,
+    extra_cflags: tuple[str, ...] = (),
+    extra_ldflags: tuple[str, ...] = (),
+):
+    """Compile (or load the cached build of) ``source`` as the extension ``prefix_<hash>`` exposing ``functions``,
+    once per process: the module is cached in ``state["module"]``; ``None`` when the build fails (the error in
+    ``state["error"]``) or ``NEURAL_ATTENTION_NO_CPP=1``. ``extra_cflags`` / ``extra_ldflags`` are added to the
+    flags of this file (and to the hashed name). Shared by the sibling C++ kernels."""
+    if "module" in state:
+        return state["module"]
+    with lock:
+        if "module" in state:
+            return state["module"]
         module = None
         if not _disabled():
             try:
                 from torch.utils.cpp_extension import load_inline
 
                 module = load_inline(
-                    name=_extension_name(),
-                    cpp_sources=[_CPP_SOURCE + _CPP_DECLS],
-                    functions=_FUNCTIONS,
-                    extra_cflags=_build_flags(),
+                    name=_extension_name(prefix, source, extra_cflags + extra_ldflags),
+                    cpp_sources=[source],
+                    functions=functions,
+                    extra_cflags=_build_flags() + list(extra_cflags),
+                    extra_ldflags=list(extra_ldflags),
                     verbose=False,
                 )
             except Exception as error:  # no compiler, no ninja, build error: fall back to PyTorch
-                _cpp_state["error"] = repr(error)
+                state["error"] = repr(error)
                 module = None
-        _cpp_state["module"] = module
+        state["module"] = module
         return module
+
+
+def extension_is_built(prefix: str, source: str, state: dict, extra_flags: tuple[str, ...] = ()) -> bool:
+    """Whether ``load_extension(prefix, source, ...)`` would only load (loaded already, or cached on disk)."""
+    if _disabled():
+        return False
+    if "module" in state:
+        return state["module"] is not None
+    name = _extension_name(prefix, source, extra_flags)
+    try:
+        return os.path.isfile(os.path.join(_build_directory(name), f"{name}.so"))
+    except Exception:  # an unusual torch layout: report "not built" rather than fail
+        return False
+
+
+# at::parallel_for only runs in parallel in code compiled with OpenMP (ATen's OpenMP backend inlines `omp parallel`);
+# the extension then links the libgomp torch already loaded (same soname).
+OPENMP_FLAGS = ("-fopenmp",)
+
+
+def _cpp_module():
+    """The compiled extension, or ``None`` (no compiler, build failure, or ``NEURAL_ATTENTION_NO_CPP=1``)."""
+    return load_extension("neural_attention_cpu", _CPP_SOURCE + _CPP_DECLS, _FUNCTIONS, _cpp_state, _cpp_lock,
+                          OPENMP_FLAGS, OPENMP_FLAGS)
 
 
 def cpp_available() -> bool:
@@ -647,15 +686,7 @@ def cpp_available() -> bool:
 def cpp_is_built() -> bool:
     """Whether the C++ kernel is usable without compiling: already loaded in this process, or a build of exactly
     this source and these flags is cached on disk (then the first use only loads it). Never compiles."""
-    if _disabled():
-        return False
-    if "module" in _cpp_state:
-        return _cpp_state["module"] is not None
-    name = _extension_name()
-    try:
-        return os.path.isfile(os.path.join(_build_directory(name), f"{name}.so"))
-    except Exception:  # an unusual torch layout: report "not built" rather than fail
-        return False
+    return extension_is_built("neural_attention_cpu", _CPP_SOURCE + _CPP_DECLS, _cpp_state, OPENMP_FLAGS + OPENMP_FLAGS)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from hf_neural_attention.modeling_neural_attention import find_self_attention_mo
 
 PACKAGE_DIR = Path(hna.__file__).parent
 TRAVELLING = {
+    "fused_cpp_neural_attention.py",
     "configuration_neural_attention.py",
     "modeling_neural_attention.py",
     "backend_neural_attention.py",

@@ -1,0 +1,639 @@
+"""Fully fused C++ neural attention on CPU (forward and backward), compiled on first use.
+
+``neural_attention_fused_cpp`` implements the kernel contract of ``docs/design.md`` for the common case --
+``mlp="paper"``, fp32, any activation, optional bool mask (any broadcast strides) or causal, optional residual dot
+term, no dropout -- entirely in C++; every other case (``mlp="authors"``, ``dropout_p > 0``, other dtypes, no
+compiler) is delegated to :func:`cpp_neural_attention.neural_attention_cpp`.
+
+Layout of the work (flash-attention 2 style, no atomics):
+
+- forward: ``at::parallel_for`` over (batch*heads x query blocks); a block's scores against all the keys it can
+  see (``block x k_len`` fp32 scratch per thread, so memory stays O(n * block)) are computed by vectorised loops over
+  key positions, the residual dot term and ``P @ V`` by ATen's BLAS (``cpublas::gemm``, single-threaded inside
+  the parallel region); softmax in fp32 per row; only the output and the per-row log-sum-exp are kept;
+- backward pass 1, over (batch*heads x query blocks): recomputes ``P``, ``dS = P * (dO V^T - D)``, writes
+  ``dA``, ``d dot_query`` and per-(group, block) partial ``output_weight`` gradients;
+- backward pass 2, over (batch*heads x key blocks): recomputes the transposed tile, writes ``dB``, ``dV``,
+  ``d dot_key``;
+- the weight-gradient partials are summed in a fixed order afterwards: results are bitwise reproducible.
+
+Causal: a query block only visits keys ``< i1``, a key block only queries ``>= j0``. A row whose keys are all
+masked gives zero output and zero gradients.
+
+This file travels with Hub checkpoints: it imports only torch, the standard library and flat siblings.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch import Tensor
+
+from .cpp_neural_attention import (
+    _CPP_SOURCE,
+    OPENMP_FLAGS,
+    extension_is_built,
+    load_extension,
+    neural_attention_cpp,
+)
+from .kernels_neural_attention import ACTIVATIONS
+
+__all__ = ["fused_cpp_available", "fused_cpp_is_built", "neural_attention_fused_cpp"]
+
+# the fp32 math helpers (exp/tanh/erf approximations, activations and derivatives) of the per-pair kernel
+_MARKER = '// mlp="paper": score_ij'
+_MATH = _CPP_SOURCE[: _CPP_SOURCE.index(_MARKER)]
+
+_FUSED_BODY = r"""
+// fused forward / backward (the anonymous namespace of the math helpers is still open)
+
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+constexpr float POS_INF = std::numeric_limits<float>::infinity();
+
+// BLAS sgemm of the BLAS torch links (MKL exports the Fortran symbol), looked up at run time so the extension
+// builds against any torch; nullptr -> the plain loops below.
+using sgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                          const int*, const float*, const int*, const float*, float*, const int*);
+sgemm_fn find_sgemm() {
+#if defined(_WIN32)
+  return nullptr;
+#else
+  static const sgemm_fn fn = [] {
+    const char* names[] = {"sgemm_", "SGEMM", "sgemm"};
+    void* handle = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
+    for (const char* name : names) {
+      void* sym = handle ? dlsym(handle, name) : nullptr;
+      if (!sym) sym = dlsym(RTLD_DEFAULT, name);
+      if (sym) return reinterpret_cast<sgemm_fn>(sym);
+    }
+    return static_cast<sgemm_fn>(nullptr);
+  }();
+  return fn;
+#endif
+}
+
+// row-major C (M x N) = alpha op(A) op(B) + beta C (column-major BLAS on the transposes)
+void mm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+        const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  if (M <= 0 || N <= 0) return;
+  const sgemm_fn sgemm = find_sgemm();
+  if (K > 0 && sgemm != nullptr) {
+    const char tA = tb ? 'T' : 'N', tB = ta ? 'T' : 'N';
+    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+    sgemm(&tA, &tB, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+    return;
+  }
+  std::vector<float> row(N);
+  for (int64_t i = 0; i < M; ++i) {
+    std::fill(row.begin(), row.end(), 0.0f);
+    for (int64_t q = 0; q < K; ++q) {
+      const float a = ta ? A[q * lda + i] : A[i * lda + q];
+      if (tb) {
+        for (int64_t j = 0; j < N; ++j) row[j] += a * B[j * ldb + q];
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < N; ++j) row[j] += a * B[q * ldb + j];
+      }
+    }
+    float* c = C + i * ldc;
+    for (int64_t j = 0; j < N; ++j) c[j] = alpha * row[j] + (beta == 0.0f ? 0.0f : beta * c[j]);
+  }
+}
+
+// s[j] = sum_k w_k act(a_k + b[k * ldb + j]), j < n. Chunks of JB columns keep their partial scores in registers.
+template <int ACT>
+void mlp_row(const float* a, const float* b, int64_t ldb, const float* w, int64_t K, int64_t n, float* s) {
+  constexpr int JB = 64;
+  int64_t j = 0;
+  for (; j + JB <= n; j += JB) {
+    float acc[JB] = {};
+    for (int64_t k = 0; k < K; ++k) {
+      const float ak = a[k], wk = w[k];
+      const float* bk = b + k * ldb + j;
+#pragma omp simd
+      for (int jj = 0; jj < JB; ++jj) acc[jj] += wk * act_f<float, ACT>(ak + bk[jj]);
+    }
+    for (int jj = 0; jj < JB; ++jj) s[j + jj] = acc[jj];
+  }
+  if (j < n) {
+    for (int64_t jj = j; jj < n; ++jj) s[jj] = 0.0f;
+    for (int64_t k = 0; k < K; ++k) {
+      const float ak = a[k], wk = w[k];
+      const float* bk = b + k * ldb;
+#pragma omp simd
+      for (int64_t jj = j; jj < n; ++jj) s[jj] += wk * act_f<float, ACT>(ak + bk[jj]);
+    }
+  }
+}
+
+// one pair's contribution: g += act'(pre) d; with NEED_W, wd += act(pre) d
+template <int ACT, bool NEED_W>
+NA_INLINE void pair_grad(float pre, float d, float& g, float& wd) {
+  if constexpr (ACT == RELU) {
+    const float m = pre > 0.0f ? d : 0.0f;
+    g += m;
+    if constexpr (NEED_W) wd += m * pre;
+  } else {
+    float v;
+    const float da = act_df<float, ACT>(pre, &v);
+    g += da * d;
+    if constexpr (NEED_W) wd += v * d;
+  }
+}
+
+// g[k] = w_k sum_j act'(a_k + b_kj) ds_j; with NEED_W also wd[k] += sum_j act(a_k + b_kj) ds_j.
+// Four hidden units per sweep: one load of ds feeds four independent reduction chains (latency, not bandwidth).
+template <int ACT, bool NEED_W>
+void mlp_row_backward(const float* a, const float* b, int64_t ldb, const float* w, int64_t K, int64_t n,
+                      const float* __restrict ds, float* g, float* wd) {
+  int64_t k = 0;
+  for (; k + 4 <= K; k += 4) {
+    const float a0 = a[k], a1 = a[k + 1], a2 = a[k + 2], a3 = a[k + 3];
+    const float* __restrict b0 = b + k * ldb;
+    const float* __restrict b1 = b0 + ldb;
+    const float* __restrict b2 = b1 + ldb;
+    const float* __restrict b3 = b2 + ldb;
+    float g0 = 0.0f, g1 = 0.0f, g2 = 0.0f, g3 = 0.0f, w0 = 0.0f, w1 = 0.0f, w2 = 0.0f, w3 = 0.0f;
+#pragma omp simd reduction(+ : g0, g1, g2, g3, w0, w1, w2, w3)
+    for (int64_t j = 0; j < n; ++j) {
+      const float d = ds[j];
+      pair_grad<ACT, NEED_W>(a0 + b0[j], d, g0, w0);
+      pair_grad<ACT, NEED_W>(a1 + b1[j], d, g1, w1);
+      pair_grad<ACT, NEED_W>(a2 + b2[j], d, g2, w2);
+      pair_grad<ACT, NEED_W>(a3 + b3[j], d, g3, w3);
+    }
+    g[k] = w[k] * g0; g[k + 1] = w[k + 1] * g1; g[k + 2] = w[k + 2] * g2; g[k + 3] = w[k + 3] * g3;
+    if constexpr (NEED_W) { wd[k] += w0; wd[k + 1] += w1; wd[k + 2] += w2; wd[k + 3] += w3; }
+  }
+  for (; k < K; ++k) {
+    const float ak = a[k];
+    const float* __restrict bk = b + k * ldb;
+    float ga = 0.0f, wa = 0.0f, gb = 0.0f, wb = 0.0f;  // two chains: even / odd j
+    int64_t j = 0;
+#pragma omp simd reduction(+ : ga, wa, gb, wb)
+    for (j = 0; j < n / 2 * 2; j += 2) {
+      pair_grad<ACT, NEED_W>(ak + bk[j], ds[j], ga, wa);
+      pair_grad<ACT, NEED_W>(ak + bk[j + 1], ds[j + 1], gb, wb);
+    }
+    if (n % 2) pair_grad<ACT, NEED_W>(ak + bk[n - 1], ds[n - 1], ga, wa);
+    g[k] = w[k] * (ga + gb);
+    if constexpr (NEED_W) wd[k] += wa + wb;
+  }
+}
+
+// 64-byte aligned scratch: BLAS kernels may pick their code path by alignment, so a fixed alignment keeps the
+// results bitwise reproducible from call to call
+struct Scratch {
+  std::vector<float> raw;
+  float* ptr;
+  explicit Scratch(int64_t n) : raw(n + 16) {
+    const auto addr = reinterpret_cast<std::uintptr_t>(raw.data());
+    ptr = raw.data() + ((64 - addr % 64) % 64) / sizeof(float);
+  }
+  float* data() { return ptr; }
+};
+
+struct Problem {
+  const float *A, *At, *B, *Bt, *V, *w, *dq, *dk, *out, *lse, *dO, *D;
+  const bool* mask;  // nullptr: none
+  int64_t ms0, ms1, ms2, ms3;
+  int64_t batch, heads, G, Lq, Lk, K, Dv, Dd;
+  bool causal, dot;
+  float dot_scale;
+  int64_t block;
+};
+
+// visible(i, j): row-major tile rows r -> (query i0 + r) or (key j0 + r), columns c -> the other axis
+NA_INLINE const bool* mask_base(const Problem& p, int64_t g) {
+  return p.mask + (g / p.heads) * p.ms0 + (g % p.heads) * p.ms1;
+}
+
+// query-major tile S (bq x n) for queries i0.., keys 0..n-1: scores with mask applied (-inf)
+template <int ACT>
+void query_tile(const Problem& p, int64_t g, int64_t i0, int64_t bq, int64_t n, float* S) {
+  const float* wg = p.w + g * p.K;
+  for (int64_t r = 0; r < bq; ++r)
+    mlp_row<ACT>(p.A + (g * p.Lq + i0 + r) * p.K, p.Bt + g * p.K * p.Lk, p.Lk, wg, p.K, n, S + r * n);
+  if (p.dot)
+    mm(false, true, bq, n, p.Dd, p.dot_scale, p.dq + (g * p.Lq + i0) * p.Dd, p.Dd, p.dk + g * p.Lk * p.Dd, p.Dd,
+       1.0f, S, n);
+  if (p.mask) {
+    const bool* mb = mask_base(p, g);
+    for (int64_t r = 0; r < bq; ++r) {
+      const bool* mr = mb + (i0 + r) * p.ms2;
+      float* s = S + r * n;
+      for (int64_t j = 0; j < n; ++j)
+        if (!mr[j * p.ms3]) s[j] = NEG_INF;
+    }
+  } else if (p.causal) {
+    for (int64_t r = 0; r < bq; ++r)
+      for (int64_t j = i0 + r + 1; j < n; ++j) S[r * n + j] = NEG_INF;
+  }
+}
+
+// key-major tile ST (bk x n) for keys j0.., queries i_lo..i_lo+n-1
+template <int ACT>
+void key_tile(const Problem& p, int64_t g, int64_t j0, int64_t bk, int64_t i_lo, int64_t n, float* ST) {
+  const float* wg = p.w + g * p.K;
+  for (int64_t r = 0; r < bk; ++r)
+    mlp_row<ACT>(p.B + (g * p.Lk + j0 + r) * p.K, p.At + g * p.K * p.Lq + i_lo, p.Lq, wg, p.K, n, ST + r * n);
+  if (p.dot)
+    mm(false, true, bk, n, p.Dd, p.dot_scale, p.dk + (g * p.Lk + j0) * p.Dd, p.Dd, p.dq + (g * p.Lq + i_lo) * p.Dd,
+       p.Dd, 1.0f, ST, n);
+  if (p.mask) {
+    const bool* mb = mask_base(p, g);
+    for (int64_t r = 0; r < bk; ++r) {
+      const bool* mc = mb + (j0 + r) * p.ms3 + i_lo * p.ms2;
+      float* s = ST + r * n;
+      for (int64_t c = 0; c < n; ++c)
+        if (!mc[c * p.ms2]) s[c] = NEG_INF;
+    }
+  } else if (p.causal) {
+    for (int64_t r = 0; r < bk; ++r) {
+      const int64_t jj = j0 + r;  // query i visible iff i >= jj
+      for (int64_t c = 0; c < n && i_lo + c < jj; ++c) ST[r * n + c] = NEG_INF;
+    }
+  }
+}
+
+// p = exp(s - lse) (0 where s = -inf or lse = +inf)
+NA_INLINE void probs(float* s, int64_t n, float lse) {
+  if (lse == POS_INF) {
+    for (int64_t j = 0; j < n; ++j) s[j] = 0.0f;
+    return;
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) s[j] = s[j] == NEG_INF ? 0.0f : exp_approx(s[j] - lse);
+}
+
+NA_INLINE int64_t visible_keys(const Problem& p, int64_t i1) { return p.causal ? std::min(i1, p.Lk) : p.Lk; }
+
+template <int ACT>
+void forward_impl(const Problem& p, float* out, float* lse) {
+  const int64_t nqb = (p.Lq + p.block - 1) / p.block;
+  at::parallel_for(0, p.G * nqb, 1, [&](int64_t begin, int64_t end) {
+    Scratch S(p.block * p.Lk);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t g = t / nqb, i0 = (t % nqb) * p.block, i1 = std::min(i0 + p.block, p.Lq), bq = i1 - i0;
+      const int64_t n = visible_keys(p, i1);
+      query_tile<ACT>(p, g, i0, bq, n, S.data());
+      for (int64_t r = 0; r < bq; ++r) {
+        float* s = S.data() + r * n;
+        float mx = NEG_INF;
+        for (int64_t j = 0; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
+        if (mx == NEG_INF) {
+          for (int64_t j = 0; j < n; ++j) s[j] = 0.0f;
+          lse[g * p.Lq + i0 + r] = POS_INF;
+          continue;
+        }
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < n; ++j) {
+          const float e = s[j] == NEG_INF ? 0.0f : exp_approx(s[j] - mx);
+          s[j] = e;
+          sum += e;
+        }
+        const float inv = 1.0f / sum;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) s[j] *= inv;
+        lse[g * p.Lq + i0 + r] = mx + std::log(sum);
+      }
+      mm(false, false, bq, p.Dv, n, 1.0f, S.data(), n, p.V + g * p.Lk * p.Dv, p.Dv, 0.0f,
+         out + (g * p.Lq + i0) * p.Dv, p.Dv);
+    }
+  });
+}
+
+// pass 1: dA (G, Lq, K), ddq (G, Lq, Dd) (already times dot_scale), dwp (G, nqb, K) partial weight gradients
+template <int ACT>
+void backward_query_impl(const Problem& p, float* dA, float* ddq, float* dwp) {
+  const int64_t nqb = (p.Lq + p.block - 1) / p.block;
+  at::parallel_for(0, p.G * nqb, 1, [&](int64_t begin, int64_t end) {
+    Scratch S(p.block * p.Lk), dP(p.block * p.Lk);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t g = t / nqb, i0 = (t % nqb) * p.block, i1 = std::min(i0 + p.block, p.Lq), bq = i1 - i0;
+      const int64_t n = visible_keys(p, i1);
+      float* wd = dwp + t * p.K;
+      for (int64_t k = 0; k < p.K; ++k) wd[k] = 0.0f;
+      query_tile<ACT>(p, g, i0, bq, n, S.data());
+      mm(false, true, bq, n, p.Dv, 1.0f, p.dO + (g * p.Lq + i0) * p.Dv, p.Dv, p.V + g * p.Lk * p.Dv, p.Dv, 0.0f,
+         dP.data(), n);
+      for (int64_t r = 0; r < bq; ++r) {
+        const int64_t i = i0 + r;
+        float* s = S.data() + r * n;
+        float* dp = dP.data() + r * n;
+        probs(s, n, p.lse[g * p.Lq + i]);
+        const float Di = p.D[g * p.Lq + i];
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) dp[j] = s[j] * (dp[j] - Di);
+        mlp_row_backward<ACT, true>(p.A + (g * p.Lq + i) * p.K, p.Bt + g * p.K * p.Lk, p.Lk, p.w + g * p.K, p.K, n,
+                                    dp, dA + (g * p.Lq + i) * p.K, wd);
+      }
+      if (p.dot)
+        mm(false, false, bq, p.Dd, n, p.dot_scale, dP.data(), n, p.dk + g * p.Lk * p.Dd, p.Dd, 0.0f,
+           ddq + (g * p.Lq + i0) * p.Dd, p.Dd);
+    }
+  });
+}
+
+// pass 2: dB (G, Lk, K), dV (G, Lk, Dv), ddk (G, Lk, Dd)
+template <int ACT>
+void backward_key_impl(const Problem& p, float* dB, float* dV, float* ddk) {
+  const int64_t nkb = (p.Lk + p.block - 1) / p.block;
+  at::parallel_for(0, p.G * nkb, 1, [&](int64_t begin, int64_t end) {
+    Scratch S(p.block * p.Lq), dP(p.block * p.Lq);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t g = t / nkb, j0 = (t % nkb) * p.block, j1 = std::min(j0 + p.block, p.Lk), bk = j1 - j0;
+      const int64_t i_lo = p.causal ? std::min(j0, p.Lq) : 0, n = p.Lq - i_lo;
+      if (n == 0) {
+        std::fill(dB + (g * p.Lk + j0) * p.K, dB + (g * p.Lk + j1) * p.K, 0.0f);
+        std::fill(dV + (g * p.Lk + j0) * p.Dv, dV + (g * p.Lk + j1) * p.Dv, 0.0f);
+        if (p.dot) std::fill(ddk + (g * p.Lk + j0) * p.Dd, ddk + (g * p.Lk + j1) * p.Dd, 0.0f);
+        continue;
+      }
+      key_tile<ACT>(p, g, j0, bk, i_lo, n, S.data());
+      mm(false, true, bk, n, p.Dv, 1.0f, p.V + (g * p.Lk + j0) * p.Dv, p.Dv, p.dO + (g * p.Lq + i_lo) * p.Dv, p.Dv,
+         0.0f, dP.data(), n);
+      const float* lse = p.lse + g * p.Lq + i_lo;
+      const float* D = p.D + g * p.Lq + i_lo;
+      for (int64_t r = 0; r < bk; ++r) {
+        float* s = S.data() + r * n;
+        float* dp = dP.data() + r * n;
+#pragma omp simd
+        for (int64_t c = 0; c < n; ++c) {
+          const float pr = (s[c] == NEG_INF || lse[c] == POS_INF) ? 0.0f : exp_approx(s[c] - lse[c]);
+          s[c] = pr;
+          dp[c] = pr * (dp[c] - D[c]);
+        }
+        mlp_row_backward<ACT, false>(p.B + (g * p.Lk + j0 + r) * p.K, p.At + g * p.K * p.Lq + i_lo, p.Lq,
+                                     p.w + g * p.K, p.K, n, dp, dB + (g * p.Lk + j0 + r) * p.K, nullptr);
+      }
+      mm(false, false, bk, p.Dv, n, 1.0f, S.data(), n, p.dO + (g * p.Lq + i_lo) * p.Dv, p.Dv, 0.0f,
+         dV + (g * p.Lk + j0) * p.Dv, p.Dv);
+      if (p.dot)
+        mm(false, false, bk, p.Dd, n, p.dot_scale, dP.data(), n, p.dq + (g * p.Lq + i_lo) * p.Dd, p.Dd, 0.0f,
+           ddk + (g * p.Lk + j0) * p.Dd, p.Dd);
+    }
+  });
+}
+
+#define NA_DISPATCH_ACT(act, FN, ...)                    \
+  switch (act) {                                         \
+    case RELU: FN<RELU>(__VA_ARGS__); break;             \
+    case GELU: FN<GELU>(__VA_ARGS__); break;             \
+    case SILU: FN<SILU>(__VA_ARGS__); break;             \
+    default: FN<TANH>(__VA_ARGS__); break;               \
+  }
+
+void check_f32(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == torch::kFloat && t.is_contiguous() && t.device().is_cpu(),
+              "fused neural attention: ", name, " must be a contiguous fp32 CPU tensor");
+}
+
+Problem make_problem(const torch::Tensor& A, const torch::Tensor& At, const torch::Tensor& B,
+                     const torch::Tensor& Bt, const torch::Tensor& V, const torch::Tensor& w,
+                     const c10::optional<torch::Tensor>& dq, const c10::optional<torch::Tensor>& dk,
+                     const c10::optional<torch::Tensor>& mask, int64_t batch, int64_t heads, bool causal,
+                     double dot_scale, int64_t block) {
+  check_f32(A, "A"); check_f32(At, "At"); check_f32(B, "B"); check_f32(Bt, "Bt"); check_f32(V, "V");
+  check_f32(w, "w");
+  Problem p{};
+  p.A = A.data_ptr<float>(); p.At = At.data_ptr<float>(); p.B = B.data_ptr<float>(); p.Bt = Bt.data_ptr<float>();
+  p.V = V.data_ptr<float>(); p.w = w.data_ptr<float>();
+  p.G = A.size(0); p.Lq = A.size(1); p.K = A.size(2); p.Lk = B.size(1); p.Dv = V.size(2);
+  p.batch = batch; p.heads = heads;
+  TORCH_CHECK(p.G == batch * heads, "fused neural attention: G != batch * heads");
+  p.dot = dq.has_value();
+  if (p.dot) {
+    check_f32(*dq, "dot_query"); check_f32(*dk, "dot_key");
+    p.dq = dq->data_ptr<float>(); p.dk = dk->data_ptr<float>(); p.Dd = dq->size(2);
+  }
+  p.mask = nullptr;
+  if (mask.has_value()) {
+    const auto& m = *mask;
+    TORCH_CHECK(m.scalar_type() == torch::kBool && m.dim() == 4, "fused neural attention: 4-D bool mask expected");
+    p.mask = m.data_ptr<bool>();
+    p.ms0 = m.stride(0); p.ms1 = m.stride(1); p.ms2 = m.stride(2); p.ms3 = m.stride(3);
+  }
+  p.causal = causal && !mask.has_value();
+  p.dot_scale = static_cast<float>(dot_scale);
+  p.block = block;
+  return p;
+}
+
+}  // namespace
+
+std::vector<torch::Tensor> fused_forward(torch::Tensor A, torch::Tensor Bt, torch::Tensor V, torch::Tensor w,
+                                         c10::optional<torch::Tensor> dq, c10::optional<torch::Tensor> dk,
+                                         c10::optional<torch::Tensor> mask, int64_t batch, int64_t heads,
+                                         bool causal, double dot_scale, int64_t act, int64_t block) {
+  // forward needs neither At nor B: pass A / Bt in their place (unused)
+  Problem p = make_problem(A, A, Bt, Bt, V, w, dq, dk, mask, batch, heads, causal, dot_scale, block);
+  p.Lk = Bt.size(2);
+  auto out = torch::empty({p.G, p.Lq, p.Dv}, V.options());
+  auto lse = torch::empty({p.G, p.Lq}, V.options());
+  NA_DISPATCH_ACT(act, forward_impl, p, out.data_ptr<float>(), lse.data_ptr<float>());
+  return {out, lse};
+}
+
+std::vector<torch::Tensor> fused_backward(torch::Tensor A, torch::Tensor At, torch::Tensor B, torch::Tensor Bt,
+                                          torch::Tensor V, torch::Tensor w, c10::optional<torch::Tensor> dq,
+                                          c10::optional<torch::Tensor> dk, c10::optional<torch::Tensor> mask,
+                                          torch::Tensor lse, torch::Tensor dO, torch::Tensor D, int64_t batch,
+                                          int64_t heads, bool causal, double dot_scale, int64_t act, int64_t block) {
+  Problem p = make_problem(A, At, B, Bt, V, w, dq, dk, mask, batch, heads, causal, dot_scale, block);
+  check_f32(lse, "lse"); check_f32(dO, "dO"); check_f32(D, "D");
+  p.lse = lse.data_ptr<float>(); p.dO = dO.data_ptr<float>(); p.D = D.data_ptr<float>();
+  const int64_t nqb = (p.Lq + block - 1) / block;
+  auto dA = torch::empty({p.G, p.Lq, p.K}, V.options());
+  auto dB = torch::empty({p.G, p.Lk, p.K}, V.options());
+  auto dV = torch::empty({p.G, p.Lk, p.Dv}, V.options());
+  auto dwp = torch::empty({p.G, nqb, p.K}, V.options());
+  torch::Tensor ddq, ddk;
+  if (p.dot) {
+    ddq = torch::empty({p.G, p.Lq, p.Dd}, V.options());
+    ddk = torch::empty({p.G, p.Lk, p.Dd}, V.options());
+  } else {
+    ddq = torch::empty({0}, V.options());
+    ddk = torch::empty({0}, V.options());
+  }
+  float* ddq_p = p.dot ? ddq.data_ptr<float>() : nullptr;
+  float* ddk_p = p.dot ? ddk.data_ptr<float>() : nullptr;
+  NA_DISPATCH_ACT(act, backward_query_impl, p, dA.data_ptr<float>(), ddq_p, dwp.data_ptr<float>());
+  NA_DISPATCH_ACT(act, backward_key_impl, p, dB.data_ptr<float>(), dV.data_ptr<float>(), ddk_p);
+  // weight gradient: partials summed in a fixed order
+  auto dw = torch::zeros({p.G, p.K}, V.options());
+  const float* part = dwp.data_ptr<float>();
+  float* dwo = dw.data_ptr<float>();
+  for (int64_t g = 0; g < p.G; ++g)
+    for (int64_t b = 0; b < nqb; ++b)
+      for (int64_t k = 0; k < p.K; ++k) dwo[g * p.K + k] += part[(g * nqb + b) * p.K + k];
+  return {dA, dB, dV, dw, ddq, ddk};
+}
+"""
+
+_FUSED_DECLS = r"""
+std::vector<torch::Tensor> fused_forward(torch::Tensor A, torch::Tensor Bt, torch::Tensor V, torch::Tensor w,
+                                         c10::optional<torch::Tensor> dq, c10::optional<torch::Tensor> dk,
+                                         c10::optional<torch::Tensor> mask, int64_t batch, int64_t heads,
+                                         bool causal, double dot_scale, int64_t act, int64_t block);
+std::vector<torch::Tensor> fused_backward(torch::Tensor A, torch::Tensor At, torch::Tensor B, torch::Tensor Bt,
+                                          torch::Tensor V, torch::Tensor w, c10::optional<torch::Tensor> dq,
+                                          c10::optional<torch::Tensor> dk, c10::optional<torch::Tensor> mask,
+                                          torch::Tensor lse, torch::Tensor dO, torch::Tensor D, int64_t batch,
+                                          int64_t heads, bool causal, double dot_scale, int64_t act, int64_t block);
+"""
+
+_HEADERS = "#include <limits>\n#if !defined(_WIN32)\n#include <dlfcn.h>\n#endif\n"
+_SOURCE = _HEADERS + _MATH + _FUSED_BODY + _FUSED_DECLS
+_FUNCTIONS = ["fused_forward", "fused_backward"]
+_PREFIX = "neural_attention_fused_cpu"
+_ACT_CODE = {"relu": 0, "gelu": 1, "silu": 2, "tanh": 3}
+BLOCK = 64
+
+_lock = threading.Lock()
+_state: dict = {}
+
+
+_CFLAGS = _LDFLAGS = OPENMP_FLAGS  # at::parallel_for is serial without OpenMP (see cpp_neural_attention)
+
+
+def _module():
+    return load_extension(_PREFIX, _SOURCE, _FUNCTIONS, _state, _lock, _CFLAGS, _LDFLAGS)
+
+
+def fused_cpp_available() -> bool:
+    """Whether the fused C++ kernel can be used, compiling it on the first call unless it is cached."""
+    return _module() is not None
+
+
+def fused_cpp_is_built() -> bool:
+    """Whether the fused C++ kernel is usable without compiling (loaded, or cached on disk). Never compiles."""
+    return extension_is_built(_PREFIX, _SOURCE, _state, _CFLAGS + _LDFLAGS)
+
+
+class _FusedFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, A, B, V, w, dq, dk, mask, cfg):
+        module = cfg["module"]
+        batch, heads, q_len, hidden = A.shape
+        k_len, v_dim = B.shape[2], V.shape[3]
+        G = batch * heads
+        wg = w.reshape(-1, hidden).expand(heads, hidden).unsqueeze(0).expand(batch, heads, hidden)
+        wg = wg.reshape(G, hidden).contiguous()
+        Af = A.reshape(G, q_len, hidden).contiguous()
+        Bt = B.reshape(G, k_len, hidden).transpose(1, 2).contiguous()
+        Vf = V.reshape(G, k_len, v_dim).contiguous()
+        dqf = dq.reshape(G, q_len, -1).contiguous() if dq is not None else None
+        dkf = dk.reshape(G, k_len, -1).contiguous() if dk is not None else None
+        out, lse = module.fused_forward(
+            Af, Bt, Vf, wg, dqf, dkf, mask, batch, heads, cfg["causal"], cfg["dot_scale"], cfg["act"], cfg["block"]
+        )
+        ctx.cfg = cfg
+        ctx.shape = (batch, heads, q_len, k_len, hidden, v_dim)
+        ctx.save_for_backward(Af, Bt, Vf, wg, dqf, dkf, mask, out, lse, w)
+        ctx.dot_shapes = (dq.shape if dq is not None else None, dk.shape if dk is not None else None)
+        return out.view(batch, heads, q_len, v_dim)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        Af, Bt, Vf, wg, dqf, dkf, mask, out, lse, w = ctx.saved_tensors
+        cfg = ctx.cfg
+        batch, heads, q_len, k_len, hidden, v_dim = ctx.shape
+        G = batch * heads
+        dO = grad_out.reshape(G, q_len, v_dim).to(torch.float32).contiguous()
+        D = (dO * out).sum(-1).contiguous()
+        At = Af.transpose(1, 2).contiguous()
+        Bf = Bt.transpose(1, 2).contiguous()
+        dA, dB, dV, dw, ddq, ddk = cfg["module"].fused_backward(
+            Af, At, Bf, Bt, Vf, wg, dqf, dkf, mask, lse, dO, D, batch, heads, cfg["causal"], cfg["dot_scale"],
+            cfg["act"], cfg["block"],
+        )  # fmt: skip
+        dw = dw.view(batch, heads, hidden).sum(0)
+        if w.shape[0] == 1 and heads != 1 or w.dim() == 1:
+            dw = dw.sum(0, keepdim=True)
+        dw = dw.reshape(w.shape)
+        dq_shape, dk_shape = ctx.dot_shapes
+        ddq_o = ddq.view(dq_shape) if dq_shape is not None else None
+        ddk_o = ddk.view(dk_shape) if dk_shape is not None else None
+        return (
+            dA.view(batch, heads, q_len, hidden),
+            dB.view(batch, heads, k_len, hidden),
+            dV.view(batch, heads, k_len, v_dim),
+            dw,
+            ddq_o,
+            ddk_o,
+            None,
+            None,
+        )
+
+
+def neural_attention_fused_cpp(
+    query_hidden: Tensor,
+    key_hidden: Tensor,
+    value: Tensor,
+    output_weight: Tensor,
+    second_weight: Tensor | None = None,
+    second_bias: Tensor | None = None,
+    *,
+    activation: str = "relu",
+    mask: Tensor | None = None,
+    causal: bool = False,
+    dot_query: Tensor | None = None,
+    dot_key: Tensor | None = None,
+    dot_scale: float = 1.0,
+    dropout_p: float = 0.0,
+    generator_seed: int | None = None,
+) -> Tensor:
+    """The kernel contract of ``docs/design.md``, fully fused in C++ for ``mlp="paper"``, fp32, no dropout;
+    every other case runs :func:`cpp_neural_attention.neural_attention_cpp`.
+
+    Shapes: ``query_hidden`` ``(b, h, q_len, hidden)``, ``key_hidden`` ``(b, h, k_len, hidden)``, ``value``
+    ``(b, h, k_len, v_dim)`` -> ``(b, h, q_len, v_dim)``.
+    """
+
+    def delegate():
+        return neural_attention_cpp(
+            query_hidden, key_hidden, value, output_weight, second_weight, second_bias,
+            activation=activation, mask=mask, causal=causal, dot_query=dot_query, dot_key=dot_key,
+            dot_scale=dot_scale, dropout_p=dropout_p, generator_seed=generator_seed,
+        )  # fmt: skip
+
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    tensors = [query_hidden, key_hidden, value, output_weight, dot_query, dot_key]
+    if (
+        second_weight is not None
+        or second_bias is not None
+        or dropout_p != 0.0
+        or (dot_query is None) != (dot_key is None)
+        or query_hidden.dim() != 4
+        or key_hidden.dim() != 4
+        or value.dim() != 4
+        or any(t is not None and (t.dtype != torch.float32 or t.device.type != "cpu") for t in tensors)
+        or (mask is not None and (mask.dtype != torch.bool or mask.dim() > 4))
+    ):
+        return delegate()
+    batch, heads, q_len, hidden = query_hidden.shape
+    k_len = key_hidden.shape[2]
+    if q_len == 0 or k_len == 0 or batch * heads == 0:
+        return delegate()
+    if output_weight.shape[-1] != hidden or output_weight.numel() not in (hidden, heads * hidden):
+        return delegate()
+    module = _module()
+    if module is None:
+        return delegate()
+    if mask is not None:
+        while mask.dim() < 4:
+            mask = mask.unsqueeze(0)
+        mask = mask.expand(batch, heads, q_len, k_len)  # raises if not broadcastable; strides may be 0
+    cfg = {
+        "module": module,
+        "causal": bool(causal) and mask is None,
+        "dot_scale": float(dot_scale),
+        "act": _ACT_CODE[activation],
+        "block": BLOCK,
+    }
+    return _FusedFunction.apply(query_hidden, key_hidden, value, output_weight, dot_query, dot_key, mask, cfg)

@@ -1,0 +1,186 @@
+"""The fully fused C++ CPU kernel (``fused_cpp_neural_attention``) against the float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_neural_attention import cpp_neural_attention, fused_cpp_neural_attention
+from hf_neural_attention.fused_cpp_neural_attention import BLOCK, neural_attention_fused_cpp
+from tests.reference import kernel_reference
+
+pytestmark = pytest.mark.skipif(
+    not fused_cpp_neural_attention.fused_cpp_available(), reason="fused C++ extension not built (no compiler?)"
+)
+
+ACTS = ("relu", "gelu", "silu", "tanh")
+
+
+def _inputs(b, h, lq, lk, hidden, v_dim=16, per_head=True, dot=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).requires_grad_()
+
+    args = {
+        "query_hidden": rnd(b, h, lq, hidden, scale=0.7),
+        "key_hidden": rnd(b, h, lk, hidden, scale=0.7),
+        "value": rnd(b, h, lk, v_dim),
+        "output_weight": rnd(h if per_head else 1, hidden),
+    }
+    if dot:
+        args["dot_query"] = rnd(b, h, lq, 8, scale=0.5)
+        args["dot_key"] = rnd(b, h, lk, 8, scale=0.5)
+    return args
+
+
+def _check(args, *, tol=2e-5, **kw):
+    out = neural_attention_fused_cpp(**args, **kw)
+    ref = kernel_reference(*(args[k] for k in ("query_hidden", "key_hidden", "value", "output_weight")),
+                           dot_query=args.get("dot_query"), dot_key=args.get("dot_key"), **kw)  # fmt: skip
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    names = list(args)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad(out, [args[k] for k in names], grad)
+    want = torch.autograd.grad(ref, [args[k] for k in names], grad.double())
+    for name, x, y in zip(names, got, want, strict=True):
+        assert x.shape == args[name].shape, name
+        assert torch.isfinite(x).all(), name
+        y = y.double()
+        scale = max(y.abs().max().item(), 1.0)
+        torch.testing.assert_close(x.double(), y, atol=tol * scale, rtol=tol, msg=lambda m, n=name: f"{n}: {m}")
+    return out, got
+
+
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("lq,lk", [(1, 1), (1, 9), (7, 7), (7, 13), (130, 130), (130, 77), (70, 150)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_matches_reference(activation, lq, lk, causal):
+    _check(_inputs(2, 3, lq, lk, 5), activation=activation, causal=causal)
+
+
+@pytest.mark.parametrize("per_head", [True, False])
+@pytest.mark.parametrize("hidden", [1, 4, 16, 33])
+def test_weights_shared_and_per_head(per_head, hidden):
+    _check(_inputs(2, 3, 67, 67, hidden, per_head=per_head), causal=True)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_residual_dot_term(causal, activation):
+    _check(_inputs(2, 2, 130, 140, 4, dot=True), activation=activation, causal=causal, dot_scale=0.37)
+
+
+def test_causal_more_keys_than_queries():
+    # upper-left aligned: keys >= q_len are never visible, their gradients are zero
+    args = _inputs(1, 2, 20, 3 * BLOCK + 5, 3)
+    _, grads = _check(args, causal=True)
+    assert grads[1][:, :, 20:].abs().max() == 0 and grads[2][:, :, 20:].abs().max() == 0
+
+
+def test_padding_mask_broadcast():
+    b, lq, lk = 3, 130, 130
+    lengths = torch.tensor([130, 64, 1])
+    mask = (torch.arange(lk)[None, :] < lengths[:, None])[:, None, None, :]  # (b, 1, 1, lk): strides 0
+    _check(_inputs(b, 2, lq, lk, 6), mask=mask)
+    causal_pad = mask & torch.ones(lq, lk, dtype=torch.bool).tril()
+    _check(_inputs(b, 2, lq, lk, 6, dot=True), mask=causal_pad, activation="silu")
+
+
+def test_full_mask_per_head_and_2d_mask():
+    g = torch.Generator().manual_seed(3)
+    mask = torch.rand(2, 3, 70, 90, generator=g) > 0.4
+    _check(_inputs(2, 3, 70, 90, 4), mask=mask, activation="tanh")
+    _check(_inputs(2, 3, 70, 90, 4), mask=mask[0, 0])  # (q_len, k_len)
+
+
+def test_fully_masked_rows_zero():
+    args = _inputs(2, 2, 9, 11, 4, dot=True)
+    mask = torch.ones(2, 1, 9, 11, dtype=torch.bool)
+    mask[0, :, 3] = False
+    mask[1, :, :] = False
+    out, grads = _check(args, mask=mask)
+    assert out[0, :, 3].abs().max() == 0 and out[1].abs().max() == 0
+    dA, dq = grads[0], grads[4]
+    assert dA[0, :, 3].abs().max() == 0 and dA[1].abs().max() == 0 and dq[1].abs().max() == 0
+    assert all(g[1].abs().max() == 0 for g in (grads[1], grads[2], grads[5]))
+
+
+def test_deterministic():
+    args = _inputs(2, 3, 150, 150, 8, dot=True)
+
+    def run():
+        out = neural_attention_fused_cpp(**args, causal=True, activation="gelu")
+        grads = torch.autograd.grad(out, list(args.values()), torch.ones_like(out))
+        return (out, *grads)
+
+    first, second = run(), run()
+    for x, y in zip(first, second, strict=True):
+        assert torch.equal(x, y)
+
+
+def test_matches_cpp_backend():
+    args = _inputs(1, 4, 200, 200, 8)
+    fused = neural_attention_fused_cpp(**args, causal=True)
+    cpp = cpp_neural_attention.neural_attention_cpp(**args, causal=True)
+    torch.testing.assert_close(fused, cpp, atol=1e-5, rtol=1e-5)
+
+
+def _spy(monkeypatch):
+    calls = []
+    original = cpp_neural_attention.neural_attention_cpp
+
+    def spy(*a, **k):
+        calls.append(k)
+        return original(*a, **k)
+
+    monkeypatch.setattr(fused_cpp_neural_attention, "neural_attention_cpp", spy)
+    return calls
+
+
+def test_delegates_unsupported_cases(monkeypatch):
+    calls = _spy(monkeypatch)
+    args = _inputs(1, 2, 10, 10, 4)
+    # dropout
+    neural_attention_fused_cpp(**args, dropout_p=0.1, generator_seed=0)
+    assert len(calls) == 1
+    # authors MLP
+    w2 = torch.randn(2, 2, 4)
+    b2 = torch.randn(2, 2)
+    a = dict(args, output_weight=torch.randn(2, 2))
+    out = neural_attention_fused_cpp(*a.values(), w2, b2)
+    assert len(calls) == 2
+    ref = kernel_reference(*a.values(), w2, b2)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    # float64
+    a64 = {k: v.detach().double().requires_grad_() for k, v in args.items()}
+    out = neural_attention_fused_cpp(**a64, causal=True)
+    assert len(calls) == 3 and out.dtype == torch.float64
+    torch.testing.assert_close(out, kernel_reference(*a64.values(), causal=True))
+    # the fused path itself does not delegate
+    neural_attention_fused_cpp(**args, causal=True)
+    assert len(calls) == 3
+
+
+def test_empty_and_bad_activation():
+    args = _inputs(1, 2, 0, 5, 3)
+    assert neural_attention_fused_cpp(**args).shape == (1, 2, 0, 16)
+    with pytest.raises(ValueError):
+        neural_attention_fused_cpp(**_inputs(1, 1, 3, 3, 2), activation="swish")
+
+
+def test_imports_only_torch_stdlib_and_flat_siblings():
+    import ast
+    import sys
+    from pathlib import Path
+
+    path = Path(fused_cpp_neural_attention.__file__)
+    allowed = {"torch"} | set(sys.stdlib_module_names)
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            assert node.level == 1 and (path.parent / f"{node.module}.py").is_file(), node.module
+        elif isinstance(node, ast.ImportFrom):
+            assert node.module.split(".")[0] in allowed, node.module
+        elif isinstance(node, ast.Import):
+            assert all(alias.name.split(".")[0] in allowed for alias in node.names)
