@@ -37,12 +37,12 @@ from transformers import (
     ViTImageProcessor,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from hf_neural_attention import NeuralAttentionTrainer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from common import run as run_steps  # noqa: E402
 from common.ab import main_entry  # noqa: E402
 from common.attention import (  # noqa: E402
     AttentionArguments,
@@ -63,11 +63,6 @@ from common.images import (  # noqa: E402
 )
 from common.metrics import classification_metrics  # noqa: E402
 from common.offline import check_model_reachable  # noqa: E402
-from common.report import (  # noqa: E402
-    eval_curve,
-    final_metrics_line,
-    write_results,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -291,16 +286,7 @@ def run(argv: list[str]) -> dict[str, Any]:
     metrics: dict[str, Any] = {"n_parameters": n_params, "n_scorer_parameters": n_scorer,
                                "n_processes": training_args.world_size}
     if training_args.do_train:
-        resume = training_args.resume_from_checkpoint
-        if resume in ("True", "true", "latest"):
-            resume = get_last_checkpoint(training_args.output_dir)
-            if resume is None:
-                raise ValueError(f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: no checkpoint "
-                                 f"in {training_args.output_dir}.")
-        result = trainer.train(resume_from_checkpoint=resume)
-        trainer.save_model()  # safetensors; a patched model saves as the Hub class
-        trainer.save_state()
-        metrics.update(result.metrics)
+        metrics.update(run_steps.train(trainer, training_args))
     if training_args.do_eval:
         metrics.update(trainer.evaluate())
     if training_args.do_predict and "test" in splits:
@@ -310,18 +296,11 @@ def run(argv: list[str]) -> dict[str, Any]:
 
     record = {"recipe": "image", "attention": attn_args.attention, "seed": training_args.seed,
               "neural_layers": layers if attn_args.attention == "neural" else [], "metrics": metrics,
-              "eval_curve": eval_curve(trainer.state.log_history), "argv": argv}
-    if trainer.is_world_process_zero():
-        write_results(training_args.output_dir, record)
-        print(final_metrics_line(metrics), flush=True)
+              "argv": argv}
     card = {"finetuned_from": model_args.model_name_or_path, "tasks": "image-classification",
             "tags": ["neural-attention"] if attn_args.attention == "neural" else ["dot-product-attention"],
             "dataset": data_args.dataset_name or ("local images" if data_args.train_dir else "UCI digits")}
-    if training_args.push_to_hub:
-        trainer.push_to_hub(**card)
-    elif trainer.is_world_process_zero():
-        trainer.create_model_card(**card)
-    return record
+    return run_steps.publish(trainer, training_args, record, card)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
