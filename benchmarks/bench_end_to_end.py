@@ -8,6 +8,10 @@ training steps (activations, gradients, optimizer state), from just after the mo
 
     python benchmarks/bench_end_to_end.py --quick          # a few minutes on 2 CPU cores
     python benchmarks/bench_end_to_end.py --seq-len 1024 --batch 4 --steps 10
+    python benchmarks/bench_end_to_end.py --device cuda --bf16 --batch 16 --steps 20   # GPU: Triton kernel
+
+On CUDA, peak memory is ``torch.cuda.max_memory_allocated`` over two training steps, in the same process, above
+what was allocated before them.
 """
 
 from __future__ import annotations
@@ -52,11 +56,20 @@ def make_variant(base: GPT2LMHeadModel, variant: str, backend: str) -> GPT2LMHea
     return model
 
 
-def train_step(model: GPT2LMHeadModel, optimizer: torch.optim.Optimizer, ids: torch.Tensor) -> float:
+def train_step(model: GPT2LMHeadModel, optimizer: torch.optim.Optimizer, ids: torch.Tensor, bf16: bool = False
+               ) -> float:
+    """Seconds of one optimizer step (bf16: under bf16 autocast, fp32 master weights)."""
+    cuda = ids.is_cuda
+    if cuda:
+        torch.cuda.synchronize()
     start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
-    model(ids, labels=ids).loss.backward()
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
     optimizer.step()
+    if cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
@@ -65,11 +78,21 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
+def cuda_peak_mb(model: GPT2LMHeadModel, optimizer: torch.optim.Optimizer, ids: torch.Tensor, bf16: bool) -> float:
+    """Peak CUDA memory (MB) of two training steps above what was allocated before them."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    for _ in range(2):
+        train_step(model, optimizer, ids, bf16)
+    return (torch.cuda.max_memory_allocated() - base) / 1e6
+
+
 def measure_memory(args: argparse.Namespace, variant: str) -> float:
     """Peak extra RSS (MB) of one training step of ``variant``, in a fresh process."""
     command = [sys.executable, __file__, "--memory-probe", variant, "--seq-len", str(args.seq_len), "--batch",
                str(args.batch), "--layers", str(args.layers), "--threads", str(args.threads), "--backend",
-               args.backend]
+               args.backend] + (["--bf16"] if args.bf16 else [])
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_extra_mb"]
 
@@ -81,7 +104,7 @@ def memory_probe(args: argparse.Namespace) -> None:
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq_len))
     with peak_extra_mb() as peak:
         for _ in range(2):  # includes gradients and optimizer state, identical across variants but for the scorer
-            train_step(model, optimizer, ids)
+            train_step(model, optimizer, ids, args.bf16)
     print(json.dumps({"peak_extra_mb": peak[0]}))
 
 
@@ -95,6 +118,8 @@ def main() -> None:
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--quick", action="store_true", help="seq 512, 4 layers, 5 steps")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights)")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "end_to_end.csv")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -106,16 +131,21 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     base = gpt2_small(args.seq_len, args.layers)
-    models = {v: make_variant(base, v, args.backend) for v in args.variants}
+    models = {v: make_variant(base, v, args.backend).to(args.device) for v in args.variants}
     optimizers = {v: torch.optim.AdamW(m.parameters(), lr=1e-4) for v, m in models.items()}
     ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq_len),
-                        generator=torch.Generator().manual_seed(0))
+                        generator=torch.Generator().manual_seed(0)).to(args.device)
+    cuda = ids.is_cuda
     times: dict[str, list[float]] = {v: [] for v in models}
     for step in range(args.steps + 1):  # step 0 warms up every variant
         for variant, model in models.items():
-            elapsed = train_step(model, optimizers[variant], ids)
+            elapsed = train_step(model, optimizers[variant], ids, args.bf16)
             if step:
                 times[variant].append(elapsed)
+    if cuda:
+        device = f"{torch.cuda.get_device_name()}{' bf16 autocast' if args.bf16 else ' fp32'}"
+    else:
+        device = f"cpu ({platform.processor() or platform.machine()}, {args.threads} threads)"
 
     tokens = args.batch * args.seq_len
     baseline = statistics.median(times["sdpa"]) if "sdpa" in times else None
@@ -127,8 +157,9 @@ def main() -> None:
             "median_s": round(median, 4), "p20_s": round(percentile(samples, 0.2), 4),
             "p80_s": round(percentile(samples, 0.8), 4), "tokens_per_s": round(tokens / median, 1),
             "throughput_vs_sdpa": round(baseline / median, 3) if baseline else "",
-            "peak_extra_mb": round(measure_memory(args, variant), 1),
-            "device": f"cpu ({platform.processor() or platform.machine()}, {args.threads} threads)",
+            "peak_extra_mb": round(cuda_peak_mb(models[variant], optimizers[variant], ids, args.bf16) if cuda
+                                   else measure_memory(args, variant), 1),
+            "device": device,
             "torch": torch.__version__, "transformers": transformers.__version__,
         })
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -137,7 +168,7 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(rows)
     print(f"GPT-2-small shape, {args.layers} layers, batch {args.batch} x {args.seq_len} tokens, "
-          f"neural attention in layer 0 (backend={args.backend}), {args.steps} interleaved steps")
+          f"neural attention in layer 0 (backend={args.backend}), {args.steps} interleaved steps, {device}")
     print("| variant | median s/step | p20 | p80 | tokens/s | vs SDPA | peak extra MB |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

@@ -38,8 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root: the p
 
 from tests.reference import kernel_reference  # noqa: E402  (float64 materialising reference)
 
+DEVICE = "cuda"
 
-def correctness_check(fn, dev: str = "cuda", det_len: int = 300) -> bool:
+
+def correctness_check(fn, dev: str = DEVICE, det_len: int = 300) -> bool:
     g = torch.Generator(device="cpu").manual_seed(0)
     cases = [
         # name, b, h, lq, lk, hidden, vdim, authors, shared, dot, dtype, kwargs, tol
@@ -125,6 +127,35 @@ def correctness_check(fn, dev: str = "cuda", det_len: int = 300) -> bool:
     return ok and det
 
 
+def launch_check(fn, mlp: str, hidden: int, launch: dict, n: int = 300) -> bool:
+    """The tuned launch of (mlp, d') against the float64 reference: bf16, causal, n not a multiple of a block."""
+    g = torch.Generator(device="cpu").manual_seed(1)
+
+    def r(*shape, dtype=torch.bfloat16, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(DEVICE, dtype).requires_grad_()
+
+    t = dict(A=r(2, 3, n, hidden), B=r(2, 3, n, hidden), V=r(2, 3, n, 64))
+    if mlp == "authors":
+        h2 = max(hidden // 2, 1)
+        t.update(w=r(3, h2, dtype=torch.float32), w2=r(3, h2, hidden, dtype=torch.float32, scale=0.5),
+                 b2=r(3, h2, dtype=torch.float32, scale=0.3))
+    else:
+        t.update(w=r(3, hidden, dtype=torch.float32))
+    args = (t["A"], t["B"], t["V"], t["w"], t.get("w2"), t.get("b2"))
+    out = fn(*args, causal=True, **launch)
+    ref = kernel_reference(*args, causal=True)
+    go = torch.randn(ref.shape, generator=g).to(DEVICE, out.dtype)
+    g_k = torch.autograd.grad(out, list(t.values()), go)
+    g_r = torch.autograd.grad(ref, list(t.values()), go.double())
+    worst = 0.0
+    for a, e in [(out, ref), *zip(g_k, g_r, strict=True)]:
+        err = (a.double() - e).abs().max().item() / max(1.0, e.abs().max().item())
+        worst = max(worst, err if torch.isfinite(a).all() else math.inf)
+    passed = worst <= 5e-2
+    print(f"[check] {'PASS' if passed else 'FAIL'} tuned {mlp} d'={hidden} {launch} worst={worst:.2e} (tol 5e-02)")
+    return passed
+
+
 # ------------------------------------------------------------------------------------------ timing
 def time_cuda(fn, repeats: int, warmup: int) -> float:
     for _ in range(warmup):
@@ -151,8 +182,13 @@ def peak_mib(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def bench_case(kind, n, batch, heads, head_dim, hidden, causal, repeats, warmup, fn=None):
-    dev, dt = "cuda", torch.bfloat16
+def bench_case(kind, n, batch, heads, head_dim, hidden, causal, repeats, warmup, fn=None, launch=None):
+    """(forward ms, forward+backward ms, peak MiB of forward+backward) of one case, bf16 inputs.
+
+    kind: "sdpa_flash", "neural_paper" or "neural_authors"; launch: block / warp keywords for ``fn``.
+    """
+    launch = launch or {}
+    dev, dt = DEVICE, torch.bfloat16
     go = torch.randn(batch, heads, n, head_dim, device=dev, dtype=dt)
     if kind == "sdpa_flash":
         q, k, v = (torch.randn(batch, heads, n, head_dim, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
@@ -178,7 +214,7 @@ def bench_case(kind, n, batch, heads, head_dim, hidden, causal, repeats, warmup,
             params = (A, B, v, w)
 
         def fwd():
-            return fn(A, B, v, w, w2, b2, causal=causal)
+            return fn(A, B, v, w, w2, b2, causal=causal, **launch)
 
     def fwd_bwd():
         out = fwd()
@@ -191,6 +227,44 @@ def bench_case(kind, n, batch, heads, head_dim, hidden, causal, repeats, warmup,
     t_fb = time_cuda(fwd_bwd, repeats, warmup)
     mem = peak_mib(fwd_bwd)
     return t_fwd, t_fb, mem
+
+
+# ------------------------------------------------------------------------------------------ tuning
+# (BLOCK_M, BLOCK_N, num_warps) candidates; the compiler's resource report (no GPU needed) ruled out the ones
+# that spill badly on sm_90
+CANDIDATES = {
+    "paper": [(64, 32, 4), (32, 64, 4), (64, 64, 4), (64, 64, 8), (128, 32, 8), (32, 32, 4), (128, 64, 8)],
+    "authors": [(16, 32, 4), (32, 32, 4), (16, 16, 4)],
+}
+
+
+def tune(fn, mlp, hidden, n, batch, heads, head_dim, causal, repeats, warmup):
+    """Time every candidate launch for the forward kernel, then for the backward kernels (forward fixed to the
+    best): returns (best forward (bm, bn, warps), best backward (bm, bn, warps), rows)."""
+    rows = []
+
+    def run(fwd_cfg, bwd_cfg, stage):
+        launch = dict(block_m=fwd_cfg[0], block_n=fwd_cfg[1], num_warps=fwd_cfg[2],
+                      bwd_block_m=bwd_cfg[0], bwd_block_n=bwd_cfg[1], bwd_num_warps=bwd_cfg[2])
+        try:
+            t_fwd, t_fb, _ = bench_case(f"neural_{mlp}", n, batch, heads, head_dim, hidden, causal, repeats,
+                                        warmup, fn, launch)
+        except Exception as e:  # a config the compiler rejects (out of shared memory, ...): skip it
+            print(f"[tune] {mlp} d'={hidden} {stage} {fwd_cfg} {bwd_cfg}: {type(e).__name__}: {str(e)[:120]}")
+            return math.inf, math.inf
+        rows.append(dict(mlp=mlp, hidden=hidden, n=n, batch=batch, stage=stage, fwd=str(fwd_cfg),
+                         bwd=str(bwd_cfg), fwd_ms=round(t_fwd, 3), bwd_ms=round(t_fb - t_fwd, 3)))
+        print(f"[tune] {mlp:7s} d'={hidden:2d} {stage} fwd{fwd_cfg} bwd{bwd_cfg}: fwd {t_fwd:7.3f} ms  "
+              f"bwd {t_fb - t_fwd:7.3f} ms", flush=True)
+        return t_fwd, t_fb - t_fwd
+
+    cands = CANDIDATES[mlp]
+    fwd_times = {c: run(c, cands[0], "fwd")[0] for c in cands}
+    best_fwd = min(fwd_times, key=fwd_times.get)
+    bwd_times = {c: run(best_fwd, c, "bwd")[1] for c in cands}
+    best_bwd = min(bwd_times, key=bwd_times.get)
+    print(f"[tune] {mlp} d'={hidden}: best forward {best_fwd}, best backward {best_bwd}")
+    return best_fwd, best_bwd, rows
 
 
 def main() -> int:
@@ -206,6 +280,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--check-only", action="store_true")
+    ap.add_argument("--tune", action="store_true",
+                    help="time the candidate block sizes first (n = 4096) and sweep with the best per (MLP, d')")
     ap.add_argument("--csv", default=str(Path(os.environ.get("OUT", ".")) / "bench_triton_gpu.csv"))
     args = ap.parse_args()
 
@@ -218,7 +294,10 @@ def main() -> int:
     if not TRITON_AVAILABLE:
         print("bench_triton_gpu.py needs the `triton` package.")
         return 2
-    print(f"# device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    import triton
+
+    triton_version = triton.__version__
+    print(f"# device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton_version}")
 
     t0 = time.time()
     ok = True
@@ -229,6 +308,28 @@ def main() -> int:
             return 0 if ok else 1
 
     causal = not args.no_causal
+    launches: dict[tuple[str, int], dict] = {}
+    if args.tune:
+        tune_rows = []
+        for mlp in args.mlp:
+            for hidden in args.hidden:
+                best_fwd, best_bwd, trows = tune(neural_attention_triton, mlp, hidden, 4096,
+                                                 max(1, args.tokens // 4096), args.heads, args.head_dim, causal,
+                                                 args.repeats, args.warmup)
+                tune_rows += trows
+                launches[(mlp, hidden)] = dict(block_m=best_fwd[0], block_n=best_fwd[1], num_warps=best_fwd[2],
+                                               bwd_block_m=best_bwd[0], bwd_block_n=best_bwd[1],
+                                               bwd_num_warps=best_bwd[2])
+        tune_csv = Path(args.csv).with_name(Path(args.csv).stem + "_tune.csv")
+        with open(tune_csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(tune_rows[0]))
+            writer.writeheader()
+            writer.writerows(tune_rows)
+        print(f"[tune] done ({time.time() - t0:.0f}s); {tune_csv}")
+        if not args.skip_check:  # the chosen launches are correct too
+            for (mlp, hidden), launch in launches.items():
+                ok &= launch_check(neural_attention_triton, mlp, hidden, launch)
+
     rows = []
     for n in args.lengths:
         batch = max(1, args.tokens // n)
@@ -246,12 +347,14 @@ def main() -> int:
                     args.repeats,
                     args.warmup,
                     neural_attention_triton,
+                    launches.get((kind.split("_")[-1], hidden)),
                 )
                 err = ""
             except torch.OutOfMemoryError as e:  # keep going: report the row
                 t_fwd = t_fb = mem = float("nan")
                 err = f"OOM: {str(e).splitlines()[0][:80]}"
                 torch.cuda.empty_cache()
+            launch = launches.get((kind.split("_")[-1], hidden), {})
             row = dict(
                 kind=kind,
                 n=n,
@@ -263,6 +366,10 @@ def main() -> int:
                 fwd_ms=round(t_fwd, 3),
                 fwd_bwd_ms=round(t_fb, 3),
                 peak_mem_mib=round(mem, 1),
+                launch=" ".join(f"{k}={v}" for k, v in launch.items()),
+                device=torch.cuda.get_device_name(),
+                torch=torch.__version__,
+                triton=triton_version,
                 note=err,
             )
             rows.append(row)

@@ -198,7 +198,7 @@ if TRITON_AVAILABLE:
                 z, _w2r = _authors_z(h1, W2_base, B2_base, r, HID, HIDP)
                 s += tl.load(W_base + r).to(tl.float32) * tl.maximum(z, 0.0)
         else:
-            for m in tl.static_range(HID):
+            for m in range(HID):  # a runtime loop: unrolled, the hoisted column loads spill registers
                 s += tl.load(W_base + m).to(tl.float32) * _act_fwd(
                     _paper_pre(A_base, B_base, offs_m, offs_n, Lq, Lk, m, HID), ACT)
         if HAS_DOT:
@@ -254,6 +254,7 @@ if TRITON_AVAILABLE:
 
         da: (BM, HIDP), db: (BN, HIDP); dw: (HIDP,) [paper] / (HID2P,) [authors, w3];
         dw2: (HID2P, HIDP) and db2: (HID2P,) [authors only]. Returns (da, db, dw, dw2, db2).
+        Paper MLP with relu: da / db are without the w_m factor and dw stays untouched (see `_relu_grads`).
         """
         offs_h = tl.arange(0, HIDP)
         if AUTHORS:
@@ -277,16 +278,21 @@ if TRITON_AVAILABLE:
                 if NEED_DB:
                     db += tl.sum(dpre, axis=0)
         else:
-            for m in tl.static_range(HID):
-                f, fp = _act_fwd_bwd(_paper_pre(A_base, B_base, offs_m, offs_n, Lq, Lk, m, HID), ACT)
-                if NEED_DW:
-                    dw += tl.where(offs_h == m, tl.sum(tl.sum(ds * f, axis=1), axis=0), 0.0)
-                if NEED_DA or NEED_DB:
+            for m in range(HID):
+                pre = _paper_pre(A_base, B_base, offs_m, offs_n, Lq, Lk, m, HID)
+                if ACT == 0:
+                    # relu: da / db leave out the factor w_m and no dw is reduced here; the host applies w_m and
+                    # gets dw_m = sum_ij relu'(pre) ds (A_im + B_jm) from them (relu(x) = x relu'(x)): no tile sum
+                    dpre = tl.where(pre > 0.0, ds, 0.0)
+                else:
+                    f, fp = _act_fwd_bwd(pre, ACT)
+                    if NEED_DW:
+                        dw += tl.where(offs_h == m, tl.sum(tl.sum(ds * f, axis=1), axis=0), 0.0)
                     dpre = ds * (tl.load(W_base + m).to(tl.float32) * fp)
-                    if NEED_DA:
-                        da += tl.where(offs_h[None, :] == m, tl.sum(dpre, axis=1)[:, None], 0.0)
-                    if NEED_DB:
-                        db += tl.where(offs_h[None, :] == m, tl.sum(dpre, axis=0)[:, None], 0.0)
+                if NEED_DA:
+                    da += tl.where(offs_h[None, :] == m, tl.sum(dpre, axis=1)[:, None], 0.0)
+                if NEED_DB:
+                    db += tl.where(offs_h[None, :] == m, tl.sum(dpre, axis=0)[:, None], 0.0)
         return da, db, dw, dw2, db2
 
     # ---------------------------------------------------------------------------------------- kernels
@@ -481,12 +487,13 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _default_blocks(authors: bool, hidden: int, interpreting: bool) -> tuple[int, int]:
+def _default_launch(authors: bool, hidden: int, interpreting: bool, backward: bool) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for the forward kernel or the two backward kernels."""
     if interpreting:
-        return 16, 16
+        return 16, 16, 4
     if authors:  # the authors' MLP keeps (BM, BN, hidden) tiles live: smaller tiles
-        return (32, 32) if hidden <= 8 else (16, 32)
-    return 64, 64
+        return (32, 32, 4) if hidden <= 8 else (16, 32, 4)
+    return 64, 32, 4
 
 
 def _head_weight(w: torch.Tensor, heads: int, name: str, tail: tuple[int, ...]) -> tuple[torch.Tensor, int]:
@@ -513,13 +520,28 @@ def _reduce_weight_grad(part: torch.Tensor, batch: int, heads: int, meta) -> tor
     return g.to(w_dtype)
 
 
+def _relu_grads(A, Bk, dA_raw, dB_raw, W, heads):
+    """Finish the relu paper-MLP gradients the kernels leave raw (without the output weight w).
+
+    A: (batch, heads, q_len, hidden), Bk: (batch, heads, k_len, hidden); dA_raw / dB_raw (fp32, same shapes) hold
+    sum_j relu'(pre_ij) dS_ij and sum_i relu'(pre_ij) dS_ij; W: (heads or 1, hidden) fp32. Since
+    relu(x) = x relu'(x), dL/dw_m = sum_ij relu'(pre_ijm) dS_ij (A_im + B_jm) = sum_i A_im dA_raw_im +
+    sum_j B_jm dB_raw_jm. Returns (dA, dB, per-(batch*head) dw partials shaped (batch*heads, 1, hidden)).
+    """
+    batch, _, _, hidden = A.shape
+    w = W.view(1, -1, 1, hidden)
+    dw = (A.float() * dA_raw).sum(dim=2) + (Bk.float() * dB_raw).sum(dim=2)  # (batch, heads, hidden)
+    return dA_raw * w, dB_raw * w, dw.reshape(batch * heads, 1, hidden)
+
+
 def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key,
                  mask, cfg):
     """Kernel-ready tensors, the leading scalar arguments shared by the three kernels, and the constexprs.
 
-    Returns (tensors, scalars, constexprs): tensors = (A, B, V, W, W2, B2, DQ, DK, Mask) with fp32 per-head
-    weights and dummies (never read) for absent optional inputs; scalars = (H, Lq, Lk, V/DQ/DK/Mask strides,
-    per-head weight strides, dot_scale, dropout_p, dropout_scale, seed).
+    Returns (tensors, scalars, constexprs, launch): tensors = (A, B, V, W, W2, B2, DQ, DK, Mask) with fp32
+    per-head weights and dummies (never read) for absent optional inputs; scalars = (H, Lq, Lk, V/DQ/DK/Mask
+    strides, per-head weight strides, dot_scale, dropout_p, dropout_scale, seed); launch = {"": forward,
+    "bwd_": backward} (BLOCK_M, BLOCK_N, num_warps), the user's choice or the defaults.
     """
     batch, heads, q_len, hidden = query_hidden.shape
     k_len, v_dim = key_hidden.shape[2], value.shape[-1]
@@ -548,10 +570,12 @@ def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, 
         mstrides = Mask.stride()
 
     interp = _interpreting()
-    bm, bn = cfg["block_m"], cfg["block_n"]
-    if bm is None or bn is None:
-        dbm, dbn = _default_blocks(authors, hidden, interp)
-        bm, bn = bm or dbm, bn or dbn
+    launch = {}
+    for prefix, backward in (("", False), ("bwd_", True)):
+        dbm, dbn, dnw = _default_launch(authors, hidden, interp, backward)
+        launch[prefix] = tuple(cfg.get(prefix + key) or default
+                               for key, default in (("block_m", dbm), ("block_n", dbn), ("num_warps", dnw)))
+    bm, bn, _ = launch[""]
     dropout_p = float(cfg["dropout_p"])
     dropout_scale = 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
     low = V.dtype if V.dtype in (torch.bfloat16, torch.float16) else torch.float32
@@ -563,24 +587,24 @@ def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, 
     )  # fmt: skip
     scalars = (heads, q_len, k_len, *V.stride()[:3], *dot_strides, *mstrides, w_hs, w2_hs, b2_hs,
                float(cfg["dot_scale"]), dropout_p, dropout_scale, int(cfg["seed"]))  # fmt: skip
-    return (A, Bk, V, W, W2, B2, DQ, DK, Mask), scalars, constexprs
+    return (A, Bk, V, W, W2, B2, DQ, DK, Mask), scalars, constexprs, launch
 
 
 class _NeuralAttentionTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key,
                 mask, cfg):  # fmt: skip
-        tensors, scalars, constexprs = _launch_args(query_hidden, key_hidden, value, output_weight, second_weight,
-                                                    second_bias, dot_query, dot_key, mask, cfg)  # fmt: skip
+        tensors, scalars, constexprs, launch = _launch_args(query_hidden, key_hidden, value, output_weight,
+                                                            second_weight, second_bias, dot_query, dot_key, mask,
+                                                            cfg)  # fmt: skip
         batch, heads, q_len, _ = query_hidden.shape
         Out = torch.empty(batch, heads, q_len, value.shape[-1], device=value.device, dtype=value.dtype)
         LSE = torch.empty(batch * heads, q_len, device=value.device, dtype=torch.float32)
-        num_warps = cfg.get("num_warps") or 4
         grid = (triton.cdiv(q_len, constexprs["BLOCK_M"]), batch * heads)
-        _fwd_kernel[grid](*tensors, *scalars, Out, LSE, *Out.stride()[:3], num_warps=num_warps, **constexprs)
+        _fwd_kernel[grid](*tensors, *scalars, Out, LSE, *Out.stride()[:3], num_warps=launch[""][2], **constexprs)
 
         ctx.save_for_backward(*tensors, Out, LSE)
-        ctx.scalars, ctx.constexprs, ctx.num_warps = scalars, constexprs, num_warps
+        ctx.scalars, ctx.constexprs, ctx.bwd_launch = scalars, constexprs, launch["bwd_"]
         has_dot = dot_query is not None
         ctx.dtypes = (query_hidden.dtype, key_hidden.dtype, value.dtype, dot_query.dtype if has_dot else None,
                       dot_key.dtype if has_dot else None)  # fmt: skip
@@ -593,7 +617,8 @@ class _NeuralAttentionTriton(torch.autograd.Function):
     def backward(ctx, grad_out):
         *tensors, Out, LSE = ctx.saved_tensors
         A, Bk, V = tensors[:3]
-        ce = ctx.constexprs
+        block_m, block_n, num_warps = ctx.bwd_launch
+        ce = dict(ctx.constexprs, BLOCK_M=block_m, BLOCK_N=block_n)
         authors, has_dot, hidden, hidden2, dd = ce["AUTHORS"], ce["HAS_DOT"], ce["HID"], ce["HID2"], ce["DD"]
         batch, heads, q_len, _ = A.shape
         k_len = Bk.shape[2]
@@ -612,13 +637,15 @@ class _NeuralAttentionTriton(torch.autograd.Function):
         dB2_part = torch.empty(batch * heads, n_blocks_n, hidden2, **f32) if authors else dW_part
 
         lead = (*tensors, *ctx.scalars, dO, *dO.stride()[:3], LSE, delta)
-        launch = dict(num_warps=ctx.num_warps, **ce)
+        launch = dict(num_warps=num_warps, **ce)
         parts = (dW_part, dW2_part, dB2_part)
         _bwd_kv_kernel[(n_blocks_n, batch * heads)](*lead, dB, dV, dDK, *parts, n_blocks_n, **launch)
         _bwd_q_kernel[(triton.cdiv(q_len, ce["BLOCK_M"]), batch * heads)](*lead, dA, dDQ, **launch)
 
         qh_dt, kh_dt, v_dt, dq_dt, dk_dt = ctx.dtypes
         w_meta, w2_meta, b2_meta = ctx.weight_meta
+        if not authors and ce["ACT"] == _ACTIVATIONS["relu"]:
+            dA, dB, dW_part = _relu_grads(A, Bk, dA, dB, tensors[3], heads)
         g_w = _reduce_weight_grad(dW_part, batch, heads, w_meta)
         g_w2 = _reduce_weight_grad(dW2_part, batch, heads, w2_meta) if authors else None
         g_b2 = _reduce_weight_grad(dB2_part, batch, heads, b2_meta) if authors and b2_meta is not None else None
@@ -658,11 +685,15 @@ def neural_attention_triton(
     block_m: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
+    bwd_block_m: int | None = None,
+    bwd_block_n: int | None = None,
+    bwd_num_warps: int | None = None,
 ) -> torch.Tensor:
     """Fused Triton Neural Attention (see the KERNEL CONTRACT in docs/design.md).
 
     Extra keyword-only tuning knobs (not part of the contract): ``block_m`` / ``block_n`` (powers of two,
-    >= 16) and ``num_warps``. Returns (batch, heads, q_len, v_dim) in value's dtype.
+    >= 16) and ``num_warps`` of the forward kernel, ``bwd_*`` the same for the two backward kernels (each
+    ``None``: the default for this MLP and d'). Returns (batch, heads, q_len, v_dim) in value's dtype.
     """
     if not TRITON_AVAILABLE:
         raise RuntimeError("neural_attention_triton needs the `triton` package (pip install triton)")
@@ -699,7 +730,7 @@ def neural_attention_triton(
         raise ValueError(f"dropout_p must be in [0, 1]; got {dropout_p}")
     if value.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"value dtype {value.dtype} is not supported (float32, bfloat16, float16)")
-    for bs in (block_m, block_n):
+    for bs in (block_m, block_n, bwd_block_m, bwd_block_n):
         if bs is not None and (bs < 16 or bs & (bs - 1)):
             raise ValueError("block sizes must be powers of two >= 16")
 
@@ -710,5 +741,6 @@ def neural_attention_triton(
         generator_seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
     cfg = dict(activation=activation, causal=bool(causal), dot_scale=float(dot_scale), dropout_p=float(dropout_p),
                seed=int(generator_seed or 0) & 0x7FFFFFFFFFFFFFFF, block_m=block_m, block_n=block_n,
-               num_warps=num_warps)  # fmt: skip
+               num_warps=num_warps, bwd_block_m=bwd_block_m, bwd_block_n=bwd_block_n,
+               bwd_num_warps=bwd_num_warps)  # fmt: skip
     return _NeuralAttentionTriton.apply(*inputs, mask, cfg)

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Every GPU measurement of this repo in one run (a few minutes on an H100): the Triton kernel's correctness check,
+# block-size tuning and sweep against SDPA's flash path (bench_triton_gpu.py), then GPT-2-small end to end
+# (bench_end_to_end.py). Results go to $OUT (or ./gpu_results). Wheels in .whl/ (for instance the transformers
+# version this repo is tested with) are installed into /tmp/site first, without touching the system packages.
+#
+#   bash benchmarks/gpu_suite.sh
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_results}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, \
+'transformers', transformers.__version__, torch.cuda.get_device_name())"
+
+status=0
+timeout "${KERNEL_TIMEOUT:-360}" python3 benchmarks/bench_triton_gpu.py --tune --csv "$OUT/bench_triton_gpu.csv" \
+  2>&1 | tee "$OUT/bench_triton_gpu.log" || status=1
+timeout "${E2E_TIMEOUT:-150}" python3 benchmarks/bench_end_to_end.py --device cuda --bf16 --backend triton \
+  --seq-len 1024 --batch 16 --steps 10 --output "$OUT/end_to_end_gpu.csv" 2>&1 | tee "$OUT/end_to_end_gpu.log" \
+  || status=1
+exit $status
