@@ -230,12 +230,22 @@ def bench_case(kind, n, batch, heads, head_dim, hidden, causal, repeats, warmup,
 
 
 # ------------------------------------------------------------------------------------------ tuning
-# (BLOCK_M, BLOCK_N, num_warps) candidates; the compiler's resource report (no GPU needed) ruled out the ones
-# that spill badly on sm_90
+# (BLOCK_M, BLOCK_N, num_warps, units_3d) candidates per (MLP, d' <= 4); the compiler's resource report for sm_90
+# (no GPU needed) and an earlier tuning run ruled out the ones that spill badly or lost clearly
 CANDIDATES = {
-    "paper": [(64, 32, 4), (32, 64, 4), (64, 64, 4), (64, 64, 8), (128, 32, 8), (32, 32, 4), (128, 64, 8)],
-    "authors": [(16, 32, 4), (32, 32, 4), (16, 16, 4)],
+    ("paper", True): [(64, 32, 4, False), (32, 32, 4, False), (64, 32, 4, True), (64, 64, 8, True),
+                      (32, 32, 4, True), (128, 64, 8, False), (64, 64, 4, False)],
+    ("paper", False): [(32, 32, 4, False), (64, 32, 4, False), (16, 32, 4, True), (32, 32, 8, True),
+                       (16, 16, 4, True), (32, 16, 4, True), (64, 32, 8, True), (32, 32, 4, True)],
+    ("authors", True): [(32, 32, 4, True), (64, 32, 4, True), (32, 32, 8, True)],
+    ("authors", False): [(16, 32, 4, True), (16, 16, 4, True), (16, 32, 8, True), (32, 32, 8, True)],
 }
+
+
+def launch_kwargs(fwd_cfg: tuple, bwd_cfg: tuple) -> dict:
+    """Keyword arguments of ``neural_attention_triton`` for (BLOCK_M, BLOCK_N, num_warps, units_3d) pairs."""
+    keys = ("block_m", "block_n", "num_warps", "units_3d")
+    return {**dict(zip(keys, fwd_cfg, strict=True)), **{f"bwd_{k}": v for k, v in zip(keys, bwd_cfg, strict=True)}}
 
 
 def tune(fn, mlp, hidden, n, batch, heads, head_dim, causal, repeats, warmup):
@@ -244,8 +254,7 @@ def tune(fn, mlp, hidden, n, batch, heads, head_dim, causal, repeats, warmup):
     rows = []
 
     def run(fwd_cfg, bwd_cfg, stage):
-        launch = dict(block_m=fwd_cfg[0], block_n=fwd_cfg[1], num_warps=fwd_cfg[2],
-                      bwd_block_m=bwd_cfg[0], bwd_block_n=bwd_cfg[1], bwd_num_warps=bwd_cfg[2])
+        launch = launch_kwargs(fwd_cfg, bwd_cfg)
         try:
             t_fwd, t_fb, _ = bench_case(f"neural_{mlp}", n, batch, heads, head_dim, hidden, causal, repeats,
                                         warmup, fn, launch)
@@ -258,7 +267,7 @@ def tune(fn, mlp, hidden, n, batch, heads, head_dim, causal, repeats, warmup):
               f"bwd {t_fb - t_fwd:7.3f} ms", flush=True)
         return t_fwd, t_fb - t_fwd
 
-    cands = CANDIDATES[mlp]
+    cands = CANDIDATES[(mlp, hidden <= 4)]
     fwd_times = {c: run(c, cands[0], "fwd")[0] for c in cands}
     best_fwd = min(fwd_times, key=fwd_times.get)
     bwd_times = {c: run(best_fwd, c, "bwd")[1] for c in cands}
@@ -280,6 +289,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--check-only", action="store_true")
+    ap.add_argument("--tune-repeats", type=int, default=5)
     ap.add_argument("--tune", action="store_true",
                     help="time the candidate block sizes first (n = 4096) and sweep with the best per (MLP, d')")
     ap.add_argument("--csv", default=str(Path(os.environ.get("OUT", ".")) / "bench_triton_gpu.csv"))
@@ -315,11 +325,9 @@ def main() -> int:
             for hidden in args.hidden:
                 best_fwd, best_bwd, trows = tune(neural_attention_triton, mlp, hidden, 4096,
                                                  max(1, args.tokens // 4096), args.heads, args.head_dim, causal,
-                                                 args.repeats, args.warmup)
+                                                 args.tune_repeats, 1)
                 tune_rows += trows
-                launches[(mlp, hidden)] = dict(block_m=best_fwd[0], block_n=best_fwd[1], num_warps=best_fwd[2],
-                                               bwd_block_m=best_bwd[0], bwd_block_n=best_bwd[1],
-                                               bwd_num_warps=best_bwd[2])
+                launches[(mlp, hidden)] = launch_kwargs(best_fwd, best_bwd)
         tune_csv = Path(args.csv).with_name(Path(args.csv).stem + "_tune.csv")
         with open(tune_csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(tune_rows[0]))
