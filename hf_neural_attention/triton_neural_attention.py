@@ -172,16 +172,11 @@ if TRITON_AVAILABLE:
         return _load_col(A_base, offs_m, Lq, m, HID)[:, None] + _load_col(B_base, offs_n, Lk, m, HID)[None, :]
 
     @triton.jit
-    def _paper_pre_3d(A_base, B_base, offs_m, offs_n, Lq, Lk, HID: tl.constexpr, HIDP: tl.constexpr):
-        """Every hidden unit before the activation: A_i + B_j, (BM, BN, HIDP); zeros in the padded units."""
-        a = _load_tile(A_base, offs_m, Lq, HID, HID, HIDP).to(tl.float32)
-        b = _load_tile(B_base, offs_n, Lk, HID, HID, HIDP).to(tl.float32)
-        return a[:, None, :] + b[None, :, :]
-
-    @triton.jit
     def _authors_h1(A_base, B_base, offs_m, offs_n, Lq, Lk, HID: tl.constexpr, HIDP: tl.constexpr):
         """Authors' first layer on the tile: relu(A_i + B_j), (BM, BN, HIDP)."""
-        return tl.maximum(_paper_pre_3d(A_base, B_base, offs_m, offs_n, Lq, Lk, HID, HIDP), 0.0)
+        a = _load_tile(A_base, offs_m, Lq, HID, HID, HIDP).to(tl.float32)
+        b = _load_tile(B_base, offs_n, Lk, HID, HID, HIDP).to(tl.float32)
+        return tl.maximum(a[:, None, :] + b[None, :, :], 0.0)
 
     @triton.jit
     def _authors_z(h1, W2_base, B2_base, r, HID: tl.constexpr, HIDP: tl.constexpr):
@@ -194,7 +189,7 @@ if TRITON_AVAILABLE:
     def _tile_scores(A_base, B_base, W_base, W2_base, B2_base, q, k, offs_m, offs_n, Lq, Lk, dot_scale,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HID: tl.constexpr, HIDP: tl.constexpr,
                      HID2: tl.constexpr, AUTHORS: tl.constexpr, ACT: tl.constexpr, HAS_DOT: tl.constexpr,
-                     DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr, UNITS_3D: tl.constexpr):
+                     DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
         """Unmasked fp32 scores of the (BM, BN) tile: per-pair MLP (paper / authors) + dot_scale * q @ k^T."""
         s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if AUTHORS:
@@ -202,11 +197,6 @@ if TRITON_AVAILABLE:
             for r in tl.static_range(HID2):
                 z, _w2r = _authors_z(h1, W2_base, B2_base, r, HID, HIDP)
                 s += tl.load(W_base + r).to(tl.float32) * tl.maximum(z, 0.0)
-        elif UNITS_3D:  # every hidden unit at once on a (BM, BN, HIDP) tile; padded units have w = 0
-            offs_h = tl.arange(0, HIDP)
-            w = tl.load(W_base + offs_h, mask=offs_h < HID, other=0.0).to(tl.float32)
-            pre = _paper_pre_3d(A_base, B_base, offs_m, offs_n, Lq, Lk, HID, HIDP)
-            s += tl.sum(_act_fwd(pre, ACT) * w[None, None, :], axis=2)
         else:
             for m in range(HID):  # a runtime loop: unrolled, the hoisted column loads spill registers
                 s += tl.load(W_base + m).to(tl.float32) * _act_fwd(
@@ -254,11 +244,10 @@ if TRITON_AVAILABLE:
                          HID: tl.constexpr, HIDP: tl.constexpr, HID2: tl.constexpr, AUTHORS: tl.constexpr,
                          ACT: tl.constexpr, HAS_DOT: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
                          DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
-                    UNITS_3D: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Recompute P of one tile from the stored log-sum-exp; return (P after dropout, dS = dL/dscores)."""
         s = _tile_scores(A_base, B_base, W_base, W2_base, B2_base, q, k, offs_m, offs_n, Lq, Lk, dot_scale,
-                         BLOCK_M, BLOCK_N, HID, HIDP, HID2, AUTHORS, ACT, HAS_DOT, DOT_DTYPE, UPCAST, UNITS_3D)
+                         BLOCK_M, BLOCK_N, HID, HIDP, HID2, AUTHORS, ACT, HAS_DOT, DOT_DTYPE, UPCAST)
         # rows with no visible key (and rows past Lq) have lse = +inf: p = 0 there without a mask
         p = _masked(tl.exp(s - lse[:, None]), 0.0, start_m, start_n, offs_m, offs_n, Lq, Lk, Mask_base, smq, smk,
                     CAUSAL, HAS_MASK, BLOCK_M, BLOCK_N)
@@ -276,7 +265,7 @@ if TRITON_AVAILABLE:
     def _tile_mlp_backward(ds, A_base, B_base, W_base, W2_base, B2_base, offs_m, offs_n, Lq, Lk, da, db, dw, dw2, db2,
                            HID: tl.constexpr, HIDP: tl.constexpr, HID2: tl.constexpr, HID2P: tl.constexpr,
                            AUTHORS: tl.constexpr, ACT: tl.constexpr, NEED_DA: tl.constexpr, NEED_DB: tl.constexpr,
-                           NEED_DW: tl.constexpr, UNITS_3D: tl.constexpr):
+                           NEED_DW: tl.constexpr):
         """Back-propagate dS of a tile through the per-pair MLP, accumulating into the given accumulators.
 
         da: (BM, HIDP), db: (BN, HIDP); dw: (HIDP,) [paper] / (HID2P,) [authors, w3];
@@ -304,20 +293,6 @@ if TRITON_AVAILABLE:
                     da += tl.sum(dpre, axis=1)
                 if NEED_DB:
                     db += tl.sum(dpre, axis=0)
-        elif UNITS_3D:  # one (BM, BN, HIDP) tile and one reduction per accumulator instead of one per unit
-            pre = _paper_pre_3d(A_base, B_base, offs_m, offs_n, Lq, Lk, HID, HIDP)
-            if ACT == 0:  # relu: raw, as in the loop below
-                dpre = tl.where(pre > 0.0, ds[:, :, None], 0.0)
-            else:
-                f, fp = _act_fwd_bwd(pre, ACT)
-                if NEED_DW:
-                    dw += tl.sum(tl.sum(ds[:, :, None] * f, axis=0), axis=0)
-                w = tl.load(W_base + offs_h, mask=offs_h < HID, other=0.0).to(tl.float32)
-                dpre = ds[:, :, None] * fp * w[None, None, :]
-            if NEED_DA:
-                da += tl.sum(dpre, axis=1)
-            if NEED_DB:
-                db += tl.sum(dpre, axis=0)
         else:
             for m in range(HID):
                 pre = _paper_pre(A_base, B_base, offs_m, offs_n, Lq, Lk, m, HID)
@@ -345,7 +320,6 @@ if TRITON_AVAILABLE:
                     AUTHORS: tl.constexpr, ACT: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
                     DD: tl.constexpr, DDP: tl.constexpr, HAS_DOT: tl.constexpr, HAS_MASK: tl.constexpr,
                     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
-                    UNITS_3D: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Forward. Grid (cdiv(Lq, BLOCK_M), batch*heads): one program per BLOCK_M query rows of one head.
 
@@ -369,7 +343,7 @@ if TRITON_AVAILABLE:
             offs_n = start_n + tl.arange(0, BLOCK_N)
             k = _load_dot_tile(DK_base, offs_n, Lk, skl, BLOCK_N, DD, DDP, HAS_DOT)
             s = _tile_scores(A_base, B_base, W_base, W2_base, B2_base, q, k, offs_m, offs_n, Lq, Lk, dot_scale,
-                             BLOCK_M, BLOCK_N, HID, HIDP, HID2, AUTHORS, ACT, HAS_DOT, DOT_DTYPE, UPCAST, UNITS_3D)
+                             BLOCK_M, BLOCK_N, HID, HIDP, HID2, AUTHORS, ACT, HAS_DOT, DOT_DTYPE, UPCAST)
             s = _masked(s, float("-inf"), pid_m * BLOCK_M, start_n, offs_m, offs_n, Lq, Lk, Mask_base, smq, smk,
                         CAUSAL, HAS_MASK, BLOCK_M, BLOCK_N)
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -399,7 +373,6 @@ if TRITON_AVAILABLE:
                        AUTHORS: tl.constexpr, ACT: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
                        DD: tl.constexpr, DDP: tl.constexpr, HAS_DOT: tl.constexpr, HAS_MASK: tl.constexpr,
                        CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
-                    UNITS_3D: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Backward, key side. Grid (n_blocks_n = cdiv(Lk, BLOCK_N), batch*heads): one program per key block.
 
@@ -439,13 +412,13 @@ if TRITON_AVAILABLE:
                                       delta, start_m, pid_n * BLOCK_N,
                                       offs_m, offs_n, Lq, Lk, bh, dot_scale, dropout_p, dropout_scale, seed,
                                       HID, HIDP, HID2, AUTHORS, ACT, HAS_DOT, HAS_MASK, CAUSAL, DROPOUT, DOT_DTYPE,
-                                      UPCAST, UNITS_3D, BLOCK_M, BLOCK_N)
+                                      UPCAST, BLOCK_M, BLOCK_N)
             dv += _mm(tl.trans(pd), do, DOT_DTYPE, UPCAST)
             if HAS_DOT:
                 dk += _mm(tl.trans(ds), q, DOT_DTYPE, UPCAST)
             da_unused, db, dw, dw2, db2 = _tile_mlp_backward(
                 ds, A_base, B_base, W_base, W2_base, B2_base, offs_m, offs_n, Lq, Lk, da_unused, db, dw, dw2, db2,
-                HID, HIDP, HID2, HID2P, AUTHORS, ACT, False, True, True, UNITS_3D)
+                HID, HIDP, HID2, HID2P, AUTHORS, ACT, False, True, True)
 
         _store_tile(dV + bh * Lk * DV, offs_n, Lk, DV, dv, DV, DVP)
         if HAS_DOT:
@@ -469,7 +442,6 @@ if TRITON_AVAILABLE:
                       AUTHORS: tl.constexpr, ACT: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
                       DD: tl.constexpr, DDP: tl.constexpr, HAS_DOT: tl.constexpr, HAS_MASK: tl.constexpr,
                       CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
-                    UNITS_3D: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Backward, query side. Grid (cdiv(Lq, BLOCK_M), batch*heads): one program per query block.
 
@@ -502,12 +474,12 @@ if TRITON_AVAILABLE:
                                       delta, pid_m * BLOCK_M, start_n,
                                       offs_m, offs_n, Lq, Lk, bh, dot_scale, dropout_p, dropout_scale, seed,
                                       HID, HIDP, HID2, AUTHORS, ACT, HAS_DOT, HAS_MASK, CAUSAL, DROPOUT, DOT_DTYPE,
-                                      UPCAST, UNITS_3D, BLOCK_M, BLOCK_N)
+                                      UPCAST, BLOCK_M, BLOCK_N)
             if HAS_DOT:
                 dq += _mm(ds, k, DOT_DTYPE, UPCAST)
             da, db_unused, dw_unused, dw2_unused, db2_unused = _tile_mlp_backward(
                 ds, A_base, B_base, W_base, W2_base, B2_base, offs_m, offs_n, Lq, Lk, da, db_unused, dw_unused,
-                dw2_unused, db2_unused, HID, HIDP, HID2, HID2P, AUTHORS, ACT, True, False, False, UNITS_3D)
+                dw2_unused, db2_unused, HID, HIDP, HID2, HID2P, AUTHORS, ACT, True, False, False)
 
         _store_tile(dA + bh * Lq * HID, offs_m, Lq, HID, da, HID, HIDP)
         if HAS_DOT:
@@ -533,19 +505,21 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _default_launch(authors: bool, hidden: int, interpreting: bool, backward: bool) -> tuple[int, int, int, bool]:
-    """(BLOCK_M, BLOCK_N, num_warps, units_3d) for the forward kernel or the two backward kernels.
+def _default_launch(authors: bool, hidden: int, interpreting: bool, backward: bool) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for the forward kernel or the two backward kernels.
 
-    From the block-size tuning of ``benchmarks/bench_triton_gpu.py --tune`` on an H100 (bf16, causal, n = 4096;
-    benchmarks/results/gpu_h100).
+    The fastest of ``benchmarks/bench_triton_gpu.py --tune`` on an H100 (bf16, causal, n = 4096, 12 heads of 64;
+    benchmarks/results/gpu_h100/run2/bench_triton_gpu_tune.csv).
     """
     if interpreting:
-        return 16, 16, 4, False
+        return 16, 16, 4
     if authors:  # the authors' MLP keeps (BM, BN, hidden) tiles live: smaller tiles
         if hidden <= 8:
-            return 32, 32, 4, True
-        return (16, 32, 4, True) if backward else (16, 16, 4, True)
-    return (64, 32, 4, False) if hidden <= 4 else (32, 32, 4, False)
+            return 32, 32, 4
+        return (16, 32, 8) if backward else (32, 32, 8)
+    if hidden <= 4:
+        return (64, 32, 4) if backward else (32, 32, 4)
+    return 32, 32, 4
 
 
 def _head_weight(w: torch.Tensor, heads: int, name: str, tail: tuple[int, ...]) -> tuple[torch.Tensor, int]:
@@ -593,7 +567,7 @@ def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, 
     Returns (tensors, scalars, constexprs, launch): tensors = (A, B, V, W, W2, B2, DQ, DK, Mask) with fp32
     per-head weights and dummies (never read) for absent optional inputs; scalars = (H, Lq, Lk, V/DQ/DK/Mask
     strides, per-head weight strides, dot_scale, dropout_p, dropout_scale, seed); launch = {"": forward,
-    "bwd_": backward} (BLOCK_M, BLOCK_N, num_warps, units_3d), the user's choice or the defaults.
+    "bwd_": backward} (BLOCK_M, BLOCK_N, num_warps), the user's choice or the defaults.
     """
     batch, heads, q_len, hidden = query_hidden.shape
     k_len, v_dim = key_hidden.shape[2], value.shape[-1]
@@ -624,11 +598,11 @@ def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, 
     interp = _interpreting()
     launch = {}
     for prefix, backward in (("", False), ("bwd_", True)):
-        defaults = dict(zip(("block_m", "block_n", "num_warps", "units_3d"),
+        defaults = dict(zip(("block_m", "block_n", "num_warps"),
                             _default_launch(authors, hidden, interp, backward), strict=True))
         launch[prefix] = tuple(default if cfg.get(prefix + key) is None else cfg[prefix + key]
                                for key, default in defaults.items())
-    bm, bn, _, units_3d = launch[""]
+    bm, bn, _ = launch[""]
     dropout_p = float(cfg["dropout_p"])
     dropout_scale = 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
     low = V.dtype if V.dtype in (torch.bfloat16, torch.float16) else torch.float32
@@ -636,7 +610,7 @@ def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, 
         HID=hidden, HIDP=_pow2(hidden), HID2=hidden2, HID2P=_pow2(hidden2), AUTHORS=authors,
         ACT=_ACTIVATIONS[cfg["activation"]], DV=v_dim, DVP=_pow2(v_dim, 16), DD=dd, DDP=_pow2(dd, 16),
         HAS_DOT=has_dot, HAS_MASK=mask is not None, CAUSAL=bool(cfg["causal"]), DROPOUT=dropout_p > 0.0,
-        DOT_DTYPE=_TL_DTYPES[low], UPCAST=interp, UNITS_3D=bool(units_3d), BLOCK_M=bm, BLOCK_N=bn,
+        DOT_DTYPE=_TL_DTYPES[low], UPCAST=interp, BLOCK_M=bm, BLOCK_N=bn,
     )  # fmt: skip
     scalars = (heads, q_len, k_len, *V.stride()[:3], *dot_strides, *mstrides, w_hs, w2_hs, b2_hs,
                float(cfg["dot_scale"]), dropout_p, dropout_scale, int(cfg["seed"]))  # fmt: skip
@@ -670,8 +644,8 @@ class _NeuralAttentionTriton(torch.autograd.Function):
     def backward(ctx, grad_out):
         *tensors, Out, LSE = ctx.saved_tensors
         A, Bk, V = tensors[:3]
-        block_m, block_n, num_warps, units_3d = ctx.bwd_launch
-        ce = dict(ctx.constexprs, BLOCK_M=block_m, BLOCK_N=block_n, UNITS_3D=bool(units_3d))
+        block_m, block_n, num_warps = ctx.bwd_launch
+        ce = dict(ctx.constexprs, BLOCK_M=block_m, BLOCK_N=block_n)
         authors, has_dot, hidden, hidden2, dd = ce["AUTHORS"], ce["HAS_DOT"], ce["HID"], ce["HID2"], ce["DD"]
         batch, heads, q_len, _ = A.shape
         k_len = Bk.shape[2]
@@ -738,18 +712,15 @@ def neural_attention_triton(
     block_m: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
-    units_3d: bool | None = None,
     bwd_block_m: int | None = None,
     bwd_block_n: int | None = None,
     bwd_num_warps: int | None = None,
-    bwd_units_3d: bool | None = None,
 ) -> torch.Tensor:
     """Fused Triton Neural Attention (see the KERNEL CONTRACT in docs/design.md).
 
     Extra keyword-only tuning knobs (not part of the contract): ``block_m`` / ``block_n`` (powers of two,
-    >= 16), ``num_warps`` and ``units_3d`` (paper MLP: all hidden units of a tile as one (BM, BN, hidden)
-    tensor instead of a loop over the units) of the forward kernel; ``bwd_*`` the same for the two backward
-    kernels. ``None``: the default for this MLP and d'. Returns (batch, heads, q_len, v_dim) in value's dtype.
+    >= 16) and ``num_warps`` of the forward kernel; ``bwd_*`` the same for the two backward kernels. ``None``:
+    the tuned default for this MLP and d'. Returns (batch, heads, q_len, v_dim) in value's dtype.
     """
     if not TRITON_AVAILABLE:
         raise RuntimeError("neural_attention_triton needs the `triton` package (pip install triton)")
@@ -797,6 +768,6 @@ def neural_attention_triton(
         generator_seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
     cfg = dict(activation=activation, causal=bool(causal), dot_scale=float(dot_scale), dropout_p=float(dropout_p),
                seed=int(generator_seed or 0) & 0x7FFFFFFFFFFFFFFF, block_m=block_m, block_n=block_n,
-               num_warps=num_warps, units_3d=units_3d, bwd_block_m=bwd_block_m, bwd_block_n=bwd_block_n,
-               bwd_num_warps=bwd_num_warps, bwd_units_3d=bwd_units_3d)  # fmt: skip
+               num_warps=num_warps, bwd_block_m=bwd_block_m, bwd_block_n=bwd_block_n,
+               bwd_num_warps=bwd_num_warps)  # fmt: skip
     return _NeuralAttentionTriton.apply(*inputs, mask, cfg)

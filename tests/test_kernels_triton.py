@@ -169,18 +169,6 @@ def test_unequal_blocks_causal(bm, bn):
         assert_close(g[name], g_ref[name], FP32_TOL, f"grad {name}")
 
 
-@pytest.mark.parametrize("activation", ["relu", "gelu"])
-@pytest.mark.parametrize("units_3d,bwd_units_3d", [(True, True), (True, False), (False, True)])
-def test_paper_units_3d_layout(activation, units_3d, bwd_units_3d):
-    # the (BM, BN, hidden) formulation, separately in forward and backward, with padded units (hidden 3 -> 4),
-    # shared weights, a padding mask with a fully masked row and the residual dot term
-    t = make_inputs(b=2, h=2, lq=19, lk=23, hidden=3, vdim=5, shared=True, dot=4, seed=17)
-    mask = torch.rand(2, 1, 19, 23, generator=torch.Generator().manual_seed(2)) > 0.3
-    mask[1, 0, 4] = False
-    check(t, activation=activation, mask=mask.to(DEVICE), dot_scale=0.4, units_3d=units_3d,
-          bwd_units_3d=bwd_units_3d, ref_kw=dict(activation=activation, mask=mask.to(DEVICE), dot_scale=0.4))
-
-
 def test_separate_backward_blocks_causal():
     t = make_inputs(lq=41, lk=41, hidden=16, vdim=4, seed=23)
     check(t, causal=True, bwd_block_m=32, bwd_block_n=16, ref_kw=dict(causal=True))
