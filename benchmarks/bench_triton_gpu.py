@@ -230,50 +230,58 @@ def bench_case(kind, n, batch, heads, head_dim, hidden, causal, repeats, warmup,
 
 
 # ------------------------------------------------------------------------------------------ tuning
-# (BLOCK_M, BLOCK_N, num_warps) candidates per (MLP, d' <= 4). The compiler's resource report for sm_90 (no GPU
-# needed) ruled out configurations that spill badly; two H100 tuning runs (benchmarks/results/gpu_h100) ruled out
-# the rest, and an all-units (BM, BN, d') tile formulation of the paper MLP (1.5-2x slower, dropped)
+# (BLOCK_M, BLOCK_N, num_warps, unroll) candidates per (MLP, d' <= 4), each tried with A / B row- and column-major
+# (paper MLP). The compiler's resource report for sm_90 (no GPU needed) ruled out configurations that spill badly;
+# earlier H100 runs (benchmarks/results/gpu_h100) ruled out the rest, and an all-units (BM, BN, d') tile
+# formulation of the paper MLP (1.5-2x slower, dropped)
 CANDIDATES = {
-    ("paper", True): [(32, 32, 4), (64, 32, 4), (64, 64, 4), (128, 64, 8)],
-    ("paper", False): [(32, 32, 4), (64, 32, 4), (32, 64, 4)],
-    ("authors", True): [(32, 32, 4), (64, 32, 4), (32, 32, 8)],
-    ("authors", False): [(32, 32, 8), (16, 32, 8), (16, 16, 4)],
+    ("paper", True): [(32, 32, 4, 1), (32, 32, 4, 2), (64, 32, 4, 1), (64, 32, 4, 2)],
+    ("paper", False): [(32, 32, 4, 1), (32, 32, 4, 2), (32, 32, 4, 4), (64, 32, 4, 2)],
+    ("authors", True): [(32, 32, 4, 1), (64, 32, 4, 1), (32, 32, 8, 1)],
+    ("authors", False): [(32, 32, 8, 1), (16, 32, 8, 1), (16, 16, 4, 1)],
 }
 
 
-def launch_kwargs(fwd_cfg: tuple, bwd_cfg: tuple) -> dict:
-    """Keyword arguments of ``neural_attention_triton`` for (BLOCK_M, BLOCK_N, num_warps) pairs."""
-    keys = ("block_m", "block_n", "num_warps")
-    return {**dict(zip(keys, fwd_cfg, strict=True)), **{f"bwd_{k}": v for k, v in zip(keys, bwd_cfg, strict=True)}}
+def launch_kwargs(fwd_cfg: tuple, bwd_cfg: tuple, col_major: bool | None = None) -> dict:
+    """Keyword arguments of ``neural_attention_triton`` for (BLOCK_M, BLOCK_N, num_warps, unroll) pairs."""
+    keys = ("block_m", "block_n", "num_warps", "unroll")
+    kwargs = {**dict(zip(keys, fwd_cfg, strict=True)), **{f"bwd_{k}": v for k, v in zip(keys, bwd_cfg, strict=True)}}
+    return kwargs if col_major is None else {**kwargs, "col_major": col_major}
 
 
 def tune(fn, mlp, hidden, n, batch, heads, head_dim, causal, repeats, warmup):
-    """Time every candidate launch for the forward kernel, then for the backward kernels (forward fixed to the
-    best): returns (best forward (bm, bn, warps), best backward (bm, bn, warps), rows)."""
+    """Time every candidate launch of the forward kernel, then of the backward kernels (forward fixed to the
+    best), for each storage order of A / B (paper MLP): returns (launch keyword arguments of the fastest
+    forward+backward, rows)."""
     rows = []
 
-    def run(fwd_cfg, bwd_cfg, stage):
-        launch = launch_kwargs(fwd_cfg, bwd_cfg)
+    def run(fwd_cfg, bwd_cfg, col_major, stage):
+        launch = launch_kwargs(fwd_cfg, bwd_cfg, col_major)
         try:
             t_fwd, t_fb, _ = bench_case(f"neural_{mlp}", n, batch, heads, head_dim, hidden, causal, repeats,
                                         warmup, fn, launch)
         except Exception as e:  # a config the compiler rejects (out of shared memory, ...): skip it
-            print(f"[tune] {mlp} d'={hidden} {stage} {fwd_cfg} {bwd_cfg}: {type(e).__name__}: {str(e)[:120]}")
+            print(f"[tune] {mlp} d'={hidden} {stage} {launch}: {type(e).__name__}: {str(e)[:120]}")
             return math.inf, math.inf
         rows.append(dict(mlp=mlp, hidden=hidden, n=n, batch=batch, stage=stage, fwd=str(fwd_cfg),
-                         bwd=str(bwd_cfg), fwd_ms=round(t_fwd, 3), bwd_ms=round(t_fb - t_fwd, 3)))
-        print(f"[tune] {mlp:7s} d'={hidden:2d} {stage} fwd{fwd_cfg} bwd{bwd_cfg}: fwd {t_fwd:7.3f} ms  "
-              f"bwd {t_fb - t_fwd:7.3f} ms", flush=True)
+                         bwd=str(bwd_cfg), col_major=col_major, fwd_ms=round(t_fwd, 3),
+                         bwd_ms=round(t_fb - t_fwd, 3)))
+        print(f"[tune] {mlp:7s} d'={hidden:2d} {stage} fwd{fwd_cfg} bwd{bwd_cfg} col_major={col_major}: "
+              f"fwd {t_fwd:7.3f} ms  bwd {t_fb - t_fwd:7.3f} ms", flush=True)
         return t_fwd, t_fb - t_fwd
 
     cands = CANDIDATES[(mlp, hidden <= 4)]
-    fwd_times = {c: run(c, cands[0], "fwd")[0] for c in cands}
-    best_fwd = min(fwd_times, key=fwd_times.get)
-    bwd_times = {c: run(best_fwd, c, "bwd")[1] for c in cands}
-    best_bwd = min(bwd_times, key=bwd_times.get)
-    print(f"[tune] {mlp} d'={hidden}: best forward {best_fwd}, best backward {best_bwd}")
-    return best_fwd, best_bwd, rows
-
+    best = None
+    for col_major in (False, True) if mlp == "paper" else (None,):
+        fwd_times = {c: run(c, cands[0], col_major, "fwd")[0] for c in cands}
+        best_fwd = min(fwd_times, key=fwd_times.get)
+        bwd_times = {c: run(best_fwd, c, col_major, "bwd")[1] for c in cands}
+        best_bwd = min(bwd_times, key=bwd_times.get)
+        total = fwd_times[best_fwd] + bwd_times[best_bwd]
+        if best is None or total < best[0]:
+            best = (total, launch_kwargs(best_fwd, best_bwd, col_major))
+    print(f"[tune] {mlp} d'={hidden}: best {best[1]} ({best[0]:.3f} ms fwd+bwd)")
+    return best[1], rows
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -322,11 +330,10 @@ def main() -> int:
         tune_rows = []
         for mlp in args.mlp:
             for hidden in args.hidden:
-                best_fwd, best_bwd, trows = tune(neural_attention_triton, mlp, hidden, 4096,
-                                                 max(1, args.tokens // 4096), args.heads, args.head_dim, causal,
-                                                 args.tune_repeats, 1)
+                launch, trows = tune(neural_attention_triton, mlp, hidden, 4096, max(1, args.tokens // 4096),
+                                     args.heads, args.head_dim, causal, args.tune_repeats, 1)
                 tune_rows += trows
-                launches[(mlp, hidden)] = launch_kwargs(best_fwd, best_bwd)
+                launches[(mlp, hidden)] = launch
         tune_csv = Path(args.csv).with_name(Path(args.csv).stem + "_tune.csv")
         with open(tune_csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(tune_rows[0]))

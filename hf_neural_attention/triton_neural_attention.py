@@ -145,8 +145,14 @@ if TRITON_AVAILABLE:
         tl.store(ptrs, x.to(base.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _load_col(base, offs, L, col, HID: tl.constexpr):
-        return tl.load(base + offs * HID + col, mask=offs < L, other=0.0).to(tl.float32)
+    def _load_col(base, offs, L, col, HID: tl.constexpr, COL_MAJOR: tl.constexpr):
+        """Column ``col`` (zeros from HID on) at rows ``offs`` of an (L, HID) matrix stored row- or column-major."""
+        ok = offs < L * (col < HID)  # (a scalar test: the interpreter's col may be a plain int)
+        if COL_MAJOR:  # contiguous: one wide load per thread instead of a stride-HID gather
+            x = tl.load(base + col * L + offs, mask=ok, other=0.0)
+        else:
+            x = tl.load(base + offs * HID + col, mask=ok, other=0.0)
+        return x.to(tl.float32)
 
     @triton.jit
     def _row_stats(LSE, Delta, bh, offs_m, Lq):
@@ -167,9 +173,10 @@ if TRITON_AVAILABLE:
 
     # ---------------------------------------------------------------------------------------- per-pair MLP
     @triton.jit
-    def _paper_pre(A_base, B_base, offs_m, offs_n, Lq, Lk, m, HID: tl.constexpr):
-        """Hidden unit m before the activation on the tile: A[i, m] + B[j, m], (BM, BN)."""
-        return _load_col(A_base, offs_m, Lq, m, HID)[:, None] + _load_col(B_base, offs_n, Lk, m, HID)[None, :]
+    def _paper_pre(A_base, B_base, offs_m, offs_n, Lq, Lk, m, HID: tl.constexpr, COL_MAJOR: tl.constexpr):
+        """Hidden unit m before the activation on the tile: A[i, m] + B[j, m], (BM, BN); zeros for m >= HID."""
+        return (_load_col(A_base, offs_m, Lq, m, HID, COL_MAJOR)[:, None]
+                + _load_col(B_base, offs_n, Lk, m, HID, COL_MAJOR)[None, :])
 
     @triton.jit
     def _authors_h1(A_base, B_base, offs_m, offs_n, Lq, Lk, HID: tl.constexpr, HIDP: tl.constexpr):
@@ -189,7 +196,7 @@ if TRITON_AVAILABLE:
     def _tile_scores(A_base, B_base, W_base, W2_base, B2_base, q, k, offs_m, offs_n, Lq, Lk, dot_scale,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HID: tl.constexpr, HIDP: tl.constexpr,
                      HID2: tl.constexpr, AUTHORS: tl.constexpr, ACT: tl.constexpr, HAS_DOT: tl.constexpr,
-                     DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+                     DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr, UNROLL: tl.constexpr, COL_MAJOR: tl.constexpr):
         """Unmasked fp32 scores of the (BM, BN) tile: per-pair MLP (paper / authors) + dot_scale * q @ k^T."""
         s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if AUTHORS:
@@ -198,9 +205,13 @@ if TRITON_AVAILABLE:
                 z, _w2r = _authors_z(h1, W2_base, B2_base, r, HID, HIDP)
                 s += tl.load(W_base + r).to(tl.float32) * tl.maximum(z, 0.0)
         else:
-            for m in range(HID):  # a runtime loop: unrolled, the hoisted column loads spill registers
-                s += tl.load(W_base + m).to(tl.float32) * _act_fwd(
-                    _paper_pre(A_base, B_base, offs_m, offs_n, Lq, Lk, m, HID), ACT)
+            # a runtime loop, UNROLL units per iteration: fully unrolled, the hoisted column loads spill registers;
+            # units m >= HID (the last iteration's tail) have w = 0 and zero inputs
+            for m0 in range(0, HID, UNROLL):
+                for u in tl.static_range(UNROLL):
+                    m = m0 + u
+                    s += tl.load(W_base + m, mask=m < HID, other=0.0).to(tl.float32) * _act_fwd(
+                        _paper_pre(A_base, B_base, offs_m, offs_n, Lq, Lk, m, HID, COL_MAJOR), ACT)
         if HAS_DOT:
             s += dot_scale * _mm(q, tl.trans(k), DOT_DTYPE, UPCAST)
         return s
@@ -244,10 +255,11 @@ if TRITON_AVAILABLE:
                          HID: tl.constexpr, HIDP: tl.constexpr, HID2: tl.constexpr, AUTHORS: tl.constexpr,
                          ACT: tl.constexpr, HAS_DOT: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
                          DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+                    UNROLL: tl.constexpr, COL_MAJOR: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Recompute P of one tile from the stored log-sum-exp; return (P after dropout, dS = dL/dscores)."""
         s = _tile_scores(A_base, B_base, W_base, W2_base, B2_base, q, k, offs_m, offs_n, Lq, Lk, dot_scale,
-                         BLOCK_M, BLOCK_N, HID, HIDP, HID2, AUTHORS, ACT, HAS_DOT, DOT_DTYPE, UPCAST)
+                         BLOCK_M, BLOCK_N, HID, HIDP, HID2, AUTHORS, ACT, HAS_DOT, DOT_DTYPE, UPCAST, UNROLL, COL_MAJOR)
         # rows with no visible key (and rows past Lq) have lse = +inf: p = 0 there without a mask
         p = _masked(tl.exp(s - lse[:, None]), 0.0, start_m, start_n, offs_m, offs_n, Lq, Lk, Mask_base, smq, smk,
                     CAUSAL, HAS_MASK, BLOCK_M, BLOCK_N)
@@ -265,7 +277,7 @@ if TRITON_AVAILABLE:
     def _tile_mlp_backward(ds, A_base, B_base, W_base, W2_base, B2_base, offs_m, offs_n, Lq, Lk, da, db, dw, dw2, db2,
                            HID: tl.constexpr, HIDP: tl.constexpr, HID2: tl.constexpr, HID2P: tl.constexpr,
                            AUTHORS: tl.constexpr, ACT: tl.constexpr, NEED_DA: tl.constexpr, NEED_DB: tl.constexpr,
-                           NEED_DW: tl.constexpr):
+                           NEED_DW: tl.constexpr, UNROLL: tl.constexpr, COL_MAJOR: tl.constexpr):
         """Back-propagate dS of a tile through the per-pair MLP, accumulating into the given accumulators.
 
         da: (BM, HIDP), db: (BN, HIDP); dw: (HIDP,) [paper] / (HID2P,) [authors, w3];
@@ -294,21 +306,23 @@ if TRITON_AVAILABLE:
                 if NEED_DB:
                     db += tl.sum(dpre, axis=0)
         else:
-            for m in range(HID):
-                pre = _paper_pre(A_base, B_base, offs_m, offs_n, Lq, Lk, m, HID)
-                if ACT == 0:
-                    # relu: da / db leave out the factor w_m and no dw is reduced here; the host applies w_m and
-                    # gets dw_m = sum_ij relu'(pre) ds (A_im + B_jm) from them (relu(x) = x relu'(x)): no tile sum
-                    dpre = tl.where(pre > 0.0, ds, 0.0)
-                else:
-                    f, fp = _act_fwd_bwd(pre, ACT)
-                    if NEED_DW:
-                        dw += tl.where(offs_h == m, tl.sum(tl.sum(ds * f, axis=1), axis=0), 0.0)
-                    dpre = ds * (tl.load(W_base + m).to(tl.float32) * fp)
-                if NEED_DA:
-                    da += tl.where(offs_h[None, :] == m, tl.sum(dpre, axis=1)[:, None], 0.0)
-                if NEED_DB:
-                    db += tl.where(offs_h[None, :] == m, tl.sum(dpre, axis=0)[:, None], 0.0)
+            for m0 in range(0, HID, UNROLL):  # as in _tile_scores; tail units (m >= HID) land in padded columns
+                for u in tl.static_range(UNROLL):
+                    m = m0 + u
+                    pre = _paper_pre(A_base, B_base, offs_m, offs_n, Lq, Lk, m, HID, COL_MAJOR)
+                    if ACT == 0:
+                        # relu: da / db leave out the factor w_m and no dw is reduced here; the host applies w_m
+                        # and gets dw_m = sum_ij relu'(pre) ds (A_im + B_jm) from them (relu(x) = x relu'(x))
+                        dpre = tl.where(pre > 0.0, ds, 0.0)
+                    else:
+                        f, fp = _act_fwd_bwd(pre, ACT)
+                        if NEED_DW:
+                            dw += tl.where(offs_h == m, tl.sum(tl.sum(ds * f, axis=1), axis=0), 0.0)
+                        dpre = ds * (tl.load(W_base + m, mask=m < HID, other=0.0).to(tl.float32) * fp)
+                    if NEED_DA:
+                        da += tl.where(offs_h[None, :] == m, tl.sum(dpre, axis=1)[:, None], 0.0)
+                    if NEED_DB:
+                        db += tl.where(offs_h[None, :] == m, tl.sum(dpre, axis=0)[:, None], 0.0)
         return da, db, dw, dw2, db2
 
     # ---------------------------------------------------------------------------------------- kernels
@@ -320,6 +334,7 @@ if TRITON_AVAILABLE:
                     AUTHORS: tl.constexpr, ACT: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
                     DD: tl.constexpr, DDP: tl.constexpr, HAS_DOT: tl.constexpr, HAS_MASK: tl.constexpr,
                     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+                    UNROLL: tl.constexpr, COL_MAJOR: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Forward. Grid (cdiv(Lq, BLOCK_M), batch*heads): one program per BLOCK_M query rows of one head.
 
@@ -343,7 +358,8 @@ if TRITON_AVAILABLE:
             offs_n = start_n + tl.arange(0, BLOCK_N)
             k = _load_dot_tile(DK_base, offs_n, Lk, skl, BLOCK_N, DD, DDP, HAS_DOT)
             s = _tile_scores(A_base, B_base, W_base, W2_base, B2_base, q, k, offs_m, offs_n, Lq, Lk, dot_scale,
-                             BLOCK_M, BLOCK_N, HID, HIDP, HID2, AUTHORS, ACT, HAS_DOT, DOT_DTYPE, UPCAST)
+                             BLOCK_M, BLOCK_N, HID, HIDP, HID2, AUTHORS, ACT, HAS_DOT, DOT_DTYPE, UPCAST, UNROLL,
+                             COL_MAJOR)
             s = _masked(s, float("-inf"), pid_m * BLOCK_M, start_n, offs_m, offs_n, Lq, Lk, Mask_base, smq, smk,
                         CAUSAL, HAS_MASK, BLOCK_M, BLOCK_N)
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -373,6 +389,7 @@ if TRITON_AVAILABLE:
                        AUTHORS: tl.constexpr, ACT: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
                        DD: tl.constexpr, DDP: tl.constexpr, HAS_DOT: tl.constexpr, HAS_MASK: tl.constexpr,
                        CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+                    UNROLL: tl.constexpr, COL_MAJOR: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Backward, key side. Grid (n_blocks_n = cdiv(Lk, BLOCK_N), batch*heads): one program per key block.
 
@@ -412,13 +429,13 @@ if TRITON_AVAILABLE:
                                       delta, start_m, pid_n * BLOCK_N,
                                       offs_m, offs_n, Lq, Lk, bh, dot_scale, dropout_p, dropout_scale, seed,
                                       HID, HIDP, HID2, AUTHORS, ACT, HAS_DOT, HAS_MASK, CAUSAL, DROPOUT, DOT_DTYPE,
-                                      UPCAST, BLOCK_M, BLOCK_N)
+                                      UPCAST, UNROLL, COL_MAJOR, BLOCK_M, BLOCK_N)
             dv += _mm(tl.trans(pd), do, DOT_DTYPE, UPCAST)
             if HAS_DOT:
                 dk += _mm(tl.trans(ds), q, DOT_DTYPE, UPCAST)
             da_unused, db, dw, dw2, db2 = _tile_mlp_backward(
                 ds, A_base, B_base, W_base, W2_base, B2_base, offs_m, offs_n, Lq, Lk, da_unused, db, dw, dw2, db2,
-                HID, HIDP, HID2, HID2P, AUTHORS, ACT, False, True, True)
+                HID, HIDP, HID2, HID2P, AUTHORS, ACT, False, True, True, UNROLL, COL_MAJOR)
 
         _store_tile(dV + bh * Lk * DV, offs_n, Lk, DV, dv, DV, DVP)
         if HAS_DOT:
@@ -442,6 +459,7 @@ if TRITON_AVAILABLE:
                       AUTHORS: tl.constexpr, ACT: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
                       DD: tl.constexpr, DDP: tl.constexpr, HAS_DOT: tl.constexpr, HAS_MASK: tl.constexpr,
                       CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+                    UNROLL: tl.constexpr, COL_MAJOR: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Backward, query side. Grid (cdiv(Lq, BLOCK_M), batch*heads): one program per query block.
 
@@ -474,12 +492,12 @@ if TRITON_AVAILABLE:
                                       delta, pid_m * BLOCK_M, start_n,
                                       offs_m, offs_n, Lq, Lk, bh, dot_scale, dropout_p, dropout_scale, seed,
                                       HID, HIDP, HID2, AUTHORS, ACT, HAS_DOT, HAS_MASK, CAUSAL, DROPOUT, DOT_DTYPE,
-                                      UPCAST, BLOCK_M, BLOCK_N)
+                                      UPCAST, UNROLL, COL_MAJOR, BLOCK_M, BLOCK_N)
             if HAS_DOT:
                 dq += _mm(ds, k, DOT_DTYPE, UPCAST)
             da, db_unused, dw_unused, dw2_unused, db2_unused = _tile_mlp_backward(
                 ds, A_base, B_base, W_base, W2_base, B2_base, offs_m, offs_n, Lq, Lk, da, db_unused, dw_unused,
-                dw2_unused, db2_unused, HID, HIDP, HID2, HID2P, AUTHORS, ACT, True, False, False)
+                dw2_unused, db2_unused, HID, HIDP, HID2, HID2P, AUTHORS, ACT, True, False, False, UNROLL, COL_MAJOR)
 
         _store_tile(dA + bh * Lq * HID, offs_m, Lq, HID, da, HID, HIDP)
         if HAS_DOT:
@@ -505,21 +523,26 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _default_launch(authors: bool, hidden: int, interpreting: bool, backward: bool) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) for the forward kernel or the two backward kernels.
+def _default_launch(authors: bool, hidden: int, interpreting: bool, backward: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, unroll) for the forward kernel or the two backward kernels.
+
+    ``unroll``: hidden units per iteration of the paper MLP's loop (ignored by the authors' MLP).
 
     The fastest of ``benchmarks/bench_triton_gpu.py --tune`` on an H100 (bf16, causal, n = 4096, 12 heads of 64;
     benchmarks/results/gpu_h100/run2/bench_triton_gpu_tune.csv).
     """
     if interpreting:
-        return 16, 16, 4
+        return 16, 16, 4, 1
     if authors:  # the authors' MLP keeps (BM, BN, hidden) tiles live: smaller tiles
         if hidden <= 8:
-            return 32, 32, 4
-        return (16, 32, 8) if backward else (32, 32, 8)
+            return 32, 32, 4, 1
+        return (16, 32, 8, 1) if backward else (32, 32, 8, 1)
     if hidden <= 4:
-        return (64, 32, 4) if backward else (32, 32, 4)
-    return 32, 32, 4
+        return (64, 32, 4, 1) if backward else (32, 32, 4, 1)
+    return 32, 32, 4, 1
+
+
+DEFAULT_COL_MAJOR = False  # paper MLP: A / B stored column-major for contiguous per-unit column loads
 
 
 def _head_weight(w: torch.Tensor, heads: int, name: str, tail: tuple[int, ...]) -> tuple[torch.Tensor, int]:
@@ -567,12 +590,18 @@ def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, 
     Returns (tensors, scalars, constexprs, launch): tensors = (A, B, V, W, W2, B2, DQ, DK, Mask) with fp32
     per-head weights and dummies (never read) for absent optional inputs; scalars = (H, Lq, Lk, V/DQ/DK/Mask
     strides, per-head weight strides, dot_scale, dropout_p, dropout_scale, seed); launch = {"": forward,
-    "bwd_": backward} (BLOCK_M, BLOCK_N, num_warps), the user's choice or the defaults.
+    "bwd_": backward} (BLOCK_M, BLOCK_N, num_warps, unroll), the user's choice or the defaults. With the paper MLP
+    and ``col_major``, A and B are (batch, heads, hidden, len) contiguous.
     """
     batch, heads, q_len, hidden = query_hidden.shape
     k_len, v_dim = key_hidden.shape[2], value.shape[-1]
     authors, has_dot = second_weight is not None, dot_query is not None
-    A, Bk, V = query_hidden.contiguous(), key_hidden.contiguous(), _last_dim_contiguous(value)
+    col_major = not authors and bool(DEFAULT_COL_MAJOR if cfg.get("col_major") is None else cfg["col_major"])
+    if col_major:  # (batch, heads, hidden, len) contiguous; the backward pass views them back
+        A, Bk = query_hidden.transpose(-1, -2).contiguous(), key_hidden.transpose(-1, -2).contiguous()
+    else:
+        A, Bk = query_hidden.contiguous(), key_hidden.contiguous()
+    V = _last_dim_contiguous(value)
     if authors:
         hidden2 = second_weight.shape[-2]
         W, w_hs = _head_weight(output_weight, heads, "output_weight", (hidden2,))
@@ -598,11 +627,11 @@ def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, 
     interp = _interpreting()
     launch = {}
     for prefix, backward in (("", False), ("bwd_", True)):
-        defaults = dict(zip(("block_m", "block_n", "num_warps"),
+        defaults = dict(zip(("block_m", "block_n", "num_warps", "unroll"),
                             _default_launch(authors, hidden, interp, backward), strict=True))
         launch[prefix] = tuple(default if cfg.get(prefix + key) is None else cfg[prefix + key]
                                for key, default in defaults.items())
-    bm, bn, _ = launch[""]
+    bm, bn, _, unroll = launch[""]
     dropout_p = float(cfg["dropout_p"])
     dropout_scale = 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
     low = V.dtype if V.dtype in (torch.bfloat16, torch.float16) else torch.float32
@@ -610,7 +639,8 @@ def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, 
         HID=hidden, HIDP=_pow2(hidden), HID2=hidden2, HID2P=_pow2(hidden2), AUTHORS=authors,
         ACT=_ACTIVATIONS[cfg["activation"]], DV=v_dim, DVP=_pow2(v_dim, 16), DD=dd, DDP=_pow2(dd, 16),
         HAS_DOT=has_dot, HAS_MASK=mask is not None, CAUSAL=bool(cfg["causal"]), DROPOUT=dropout_p > 0.0,
-        DOT_DTYPE=_TL_DTYPES[low], UPCAST=interp, BLOCK_M=bm, BLOCK_N=bn,
+        DOT_DTYPE=_TL_DTYPES[low], UPCAST=interp, UNROLL=min(unroll, _pow2(hidden)), COL_MAJOR=col_major,
+        BLOCK_M=bm, BLOCK_N=bn,
     )  # fmt: skip
     scalars = (heads, q_len, k_len, *V.stride()[:3], *dot_strides, *mstrides, w_hs, w2_hs, b2_hs,
                float(cfg["dot_scale"]), dropout_p, dropout_scale, int(cfg["seed"]))  # fmt: skip
@@ -644,9 +674,11 @@ class _NeuralAttentionTriton(torch.autograd.Function):
     def backward(ctx, grad_out):
         *tensors, Out, LSE = ctx.saved_tensors
         A, Bk, V = tensors[:3]
-        block_m, block_n, num_warps = ctx.bwd_launch
-        ce = dict(ctx.constexprs, BLOCK_M=block_m, BLOCK_N=block_n)
+        block_m, block_n, num_warps, unroll = ctx.bwd_launch
+        ce = dict(ctx.constexprs, BLOCK_M=block_m, BLOCK_N=block_n, UNROLL=min(unroll, ctx.constexprs["HIDP"]))
         authors, has_dot, hidden, hidden2, dd = ce["AUTHORS"], ce["HAS_DOT"], ce["HID"], ce["HID2"], ce["DD"]
+        if ce["COL_MAJOR"]:
+            A, Bk = A.transpose(-1, -2), Bk.transpose(-1, -2)  # (batch, heads, len, hidden) views
         batch, heads, q_len, _ = A.shape
         k_len = Bk.shape[2]
 
@@ -712,15 +744,20 @@ def neural_attention_triton(
     block_m: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
+    unroll: int | None = None,
     bwd_block_m: int | None = None,
     bwd_block_n: int | None = None,
     bwd_num_warps: int | None = None,
+    bwd_unroll: int | None = None,
+    col_major: bool | None = None,
 ) -> torch.Tensor:
     """Fused Triton Neural Attention (see the KERNEL CONTRACT in docs/design.md).
 
     Extra keyword-only tuning knobs (not part of the contract): ``block_m`` / ``block_n`` (powers of two,
-    >= 16) and ``num_warps`` of the forward kernel; ``bwd_*`` the same for the two backward kernels. ``None``:
-    the tuned default for this MLP and d'. Returns (batch, heads, q_len, v_dim) in value's dtype.
+    >= 16), ``num_warps`` and ``unroll`` (paper MLP: hidden units per loop iteration, a power of two) of the
+    forward kernel; ``bwd_*`` the same for the two backward kernels; ``col_major`` (paper MLP: the kernels read
+    A / B from column-major copies). ``None``: the tuned default for this MLP and d'. Returns (batch, heads, q_len,
+    v_dim) in value's dtype.
     """
     if not TRITON_AVAILABLE:
         raise RuntimeError("neural_attention_triton needs the `triton` package (pip install triton)")
@@ -760,6 +797,9 @@ def neural_attention_triton(
     for bs in (block_m, block_n, bwd_block_m, bwd_block_n):
         if bs is not None and (bs < 16 or bs & (bs - 1)):
             raise ValueError("block sizes must be powers of two >= 16")
+    for u in (unroll, bwd_unroll):
+        if u is not None and (u < 1 or u & (u - 1)):
+            raise ValueError("unroll must be a power of two >= 1")
 
     inputs = (query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key)
     if q_len == 0 or k_len == 0:
@@ -768,6 +808,6 @@ def neural_attention_triton(
         generator_seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
     cfg = dict(activation=activation, causal=bool(causal), dot_scale=float(dot_scale), dropout_p=float(dropout_p),
                seed=int(generator_seed or 0) & 0x7FFFFFFFFFFFFFFF, block_m=block_m, block_n=block_n,
-               num_warps=num_warps, bwd_block_m=bwd_block_m, bwd_block_n=bwd_block_n,
-               bwd_num_warps=bwd_num_warps)  # fmt: skip
+               num_warps=num_warps, unroll=unroll, bwd_block_m=bwd_block_m, bwd_block_n=bwd_block_n,
+               bwd_num_warps=bwd_num_warps, bwd_unroll=bwd_unroll, col_major=col_major)  # fmt: skip
     return _NeuralAttentionTriton.apply(*inputs, mask, cfg)

@@ -169,6 +169,18 @@ def test_unequal_blocks_causal(bm, bn):
         assert_close(g[name], g_ref[name], FP32_TOL, f"grad {name}")
 
 
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("unroll,bwd_unroll,col_major", [(2, 4, True), (4, 1, False), (8, 2, True)])
+def test_paper_unroll_and_column_major(activation, unroll, bwd_unroll, col_major):
+    # hidden 3: unrolled iterations run past the last unit (padded units must contribute nothing); shared weights,
+    # a padding mask with a fully masked row, causal, the residual dot term
+    t = make_inputs(b=2, h=2, lq=19, lk=23, hidden=3, vdim=5, shared=True, dot=4, seed=17)
+    mask = torch.rand(2, 1, 19, 23, generator=torch.Generator().manual_seed(2)) > 0.3
+    mask[1, 0, 4] = False
+    kw = dict(activation=activation, mask=mask.to(DEVICE), causal=True, dot_scale=0.4)
+    check(t, unroll=unroll, bwd_unroll=bwd_unroll, col_major=col_major, ref_kw=kw, **kw)
+
+
 def test_separate_backward_blocks_causal():
     t = make_inputs(lq=41, lk=41, hidden=16, vdim=4, seed=23)
     check(t, causal=True, bwd_block_m=32, bwd_block_n=16, ref_kw=dict(causal=True))
