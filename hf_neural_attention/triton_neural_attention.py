@@ -529,7 +529,7 @@ def _default_launch(authors: bool, hidden: int, interpreting: bool, backward: bo
     ``unroll``: hidden units per iteration of the paper MLP's loop (ignored by the authors' MLP).
 
     The fastest of ``benchmarks/bench_triton_gpu.py --tune`` on an H100 (bf16, causal, n = 4096, 12 heads of 64;
-    benchmarks/results/gpu_h100/run2/bench_triton_gpu_tune.csv).
+    benchmarks/results/gpu_h100/run3 for the paper MLP, run2 for the authors').
     """
     if interpreting:
         return 16, 16, 4, 1
@@ -537,12 +537,13 @@ def _default_launch(authors: bool, hidden: int, interpreting: bool, backward: bo
         if hidden <= 8:
             return 32, 32, 4, 1
         return (16, 32, 8, 1) if backward else (32, 32, 8, 1)
-    if hidden <= 4:
-        return (64, 32, 4, 1) if backward else (32, 32, 4, 1)
-    return 32, 32, 4, 1
+    return (32, 32, 4, 2) if backward else (64, 32, 4, 2)
 
 
-DEFAULT_COL_MAJOR = False  # paper MLP: A / B stored column-major for contiguous per-unit column loads
+def _default_col_major(hidden: int) -> bool:
+    """Paper MLP: read A / B from column-major copies (contiguous per-unit loads); measured to pay from d' = 16
+    (backward -9%), a tie at d' = 2."""
+    return hidden > 4
 
 
 def _head_weight(w: torch.Tensor, heads: int, name: str, tail: tuple[int, ...]) -> tuple[torch.Tensor, int]:
@@ -596,7 +597,7 @@ def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, 
     batch, heads, q_len, hidden = query_hidden.shape
     k_len, v_dim = key_hidden.shape[2], value.shape[-1]
     authors, has_dot = second_weight is not None, dot_query is not None
-    col_major = not authors and bool(DEFAULT_COL_MAJOR if cfg.get("col_major") is None else cfg["col_major"])
+    col_major = not authors and bool(_default_col_major(hidden) if cfg.get("col_major") is None else cfg["col_major"])
     if col_major:  # (batch, heads, hidden, len) contiguous; the backward pass views them back
         A, Bk = query_hidden.transpose(-1, -2).contiguous(), key_hidden.transpose(-1, -2).contiguous()
     else:
