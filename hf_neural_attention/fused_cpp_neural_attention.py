@@ -183,6 +183,75 @@ void mlp_row_backward(const float* a, const float* b, int64_t ldb, const float* 
   }
 }
 
+// relu in signed-max form. With w_k = sg_k |w_k| and a, b scaled by |w_k| (1 where w_k = 0):
+// w_k relu(a_k + b_k) = sg_k max(a_k, -b_k) + sg_k b_k, so a score row is a per-key constant plus one max and
+// one add per hidden unit (instead of add, max, multiply-add). Here s[j] = c[j] (or cr) + sum_k sg_k max(a_k, v_kj).
+void relu_row(const float* a, const float* v, int64_t ldv, const float* sg, int64_t K, int64_t n, const float* c,
+              float cr, float* s) {
+  constexpr int JB = 64;  // a chunk's partial scores stay in registers (a compile-time length)
+  int64_t j = 0;
+  for (; j + JB <= n; j += JB) {
+    float acc[JB];
+    for (int jj = 0; jj < JB; ++jj) acc[jj] = c ? c[j + jj] : cr;
+    for (int64_t k = 0; k < K; ++k) {
+      const float ak = a[k];
+      const float* vk = v + k * ldv + j;
+      if (sg[k] > 0.0f) {
+#pragma omp simd
+        for (int jj = 0; jj < JB; ++jj) acc[jj] += std::max(ak, vk[jj]);
+      } else if (sg[k] < 0.0f) {
+#pragma omp simd
+        for (int jj = 0; jj < JB; ++jj) acc[jj] -= std::max(ak, vk[jj]);
+      }
+    }
+    for (int jj = 0; jj < JB; ++jj) s[j + jj] = acc[jj];
+  }
+  if (j < n) {
+    for (int64_t jj = j; jj < n; ++jj) s[jj] = c ? c[jj] : cr;
+    for (int64_t k = 0; k < K; ++k) {
+      const float ak = a[k], sk = sg[k];
+      const float* vk = v + k * ldv;
+      if (sk == 0.0f) continue;
+#pragma omp simd
+      for (int64_t jj = j; jj < n; ++jj) s[jj] += sk * std::max(ak, vk[jj]);
+    }
+  }
+}
+
+// raw relu gradient (without w): g[k] = sum_j [pre_kj > 0] ds_j, where pre > 0 is a_k > v_kj (query rows: a = A,
+// v = -B) or v_kj > a_k (key rows: a = -B, v = A). Four units per sweep, as in mlp_row_backward.
+template <bool V_GREATER>
+void relu_row_backward(const float* a, const float* v, int64_t ldv, int64_t K, int64_t n, const float* __restrict ds,
+                       float* g) {
+  auto on = [](float ak, float vj) { return V_GREATER ? vj > ak : ak > vj; };
+  int64_t k = 0;
+  for (; k + 4 <= K; k += 4) {
+    const float a0 = a[k], a1 = a[k + 1], a2 = a[k + 2], a3 = a[k + 3];
+    const float* __restrict v0 = v + k * ldv;
+    const float* __restrict v1 = v0 + ldv;
+    const float* __restrict v2 = v1 + ldv;
+    const float* __restrict v3 = v2 + ldv;
+    float g0 = 0.0f, g1 = 0.0f, g2 = 0.0f, g3 = 0.0f;
+#pragma omp simd reduction(+ : g0, g1, g2, g3)
+    for (int64_t j = 0; j < n; ++j) {
+      const float d = ds[j];
+      g0 += on(a0, v0[j]) ? d : 0.0f;
+      g1 += on(a1, v1[j]) ? d : 0.0f;
+      g2 += on(a2, v2[j]) ? d : 0.0f;
+      g3 += on(a3, v3[j]) ? d : 0.0f;
+    }
+    g[k] = g0; g[k + 1] = g1; g[k + 2] = g2; g[k + 3] = g3;
+  }
+  for (; k < K; ++k) {
+    const float ak = a[k];
+    const float* __restrict vk = v + k * ldv;
+    float gk = 0.0f;
+#pragma omp simd reduction(+ : gk)
+    for (int64_t j = 0; j < n; ++j) gk += on(ak, vk[j]) ? ds[j] : 0.0f;
+    g[k] = gk;
+  }
+}
+
 // 64-byte aligned scratch: BLAS kernels may pick their code path by alignment, so a fixed alignment keeps the
 // results bitwise reproducible from call to call
 struct Scratch {
@@ -196,7 +265,8 @@ struct Scratch {
 };
 
 struct Problem {
-  const float *A, *At, *B, *Bt, *V, *w, *dq, *dk, *out, *lse, *dO, *D;
+  // relu (signed-max form): A / At hold the scaled A, B / Bt the scaled -B, w the signs, cvec (G, Lk) = B w
+  const float *A, *At, *B, *Bt, *V, *w, *dq, *dk, *out, *lse, *dO, *D, *cvec;
   const bool* mask;  // nullptr: none
   int64_t ms0, ms1, ms2, ms3;
   int64_t batch, heads, G, Lq, Lk, K, Dv, Dd;
@@ -214,8 +284,13 @@ NA_INLINE const bool* mask_base(const Problem& p, int64_t g) {
 template <int ACT>
 void query_tile(const Problem& p, int64_t g, int64_t i0, int64_t bq, int64_t n, float* S) {
   const float* wg = p.w + g * p.K;
-  for (int64_t r = 0; r < bq; ++r)
-    mlp_row<ACT>(p.A + (g * p.Lq + i0 + r) * p.K, p.Bt + g * p.K * p.Lk, p.Lk, wg, p.K, n, S + r * n);
+  for (int64_t r = 0; r < bq; ++r) {
+    if constexpr (ACT == RELU)
+      relu_row(p.A + (g * p.Lq + i0 + r) * p.K, p.Bt + g * p.K * p.Lk, p.Lk, wg, p.K, n, p.cvec + g * p.Lk, 0.0f,
+               S + r * n);
+    else
+      mlp_row<ACT>(p.A + (g * p.Lq + i0 + r) * p.K, p.Bt + g * p.K * p.Lk, p.Lk, wg, p.K, n, S + r * n);
+  }
   if (p.dot)
     mm(false, true, bq, n, p.Dd, p.dot_scale, p.dq + (g * p.Lq + i0) * p.Dd, p.Dd, p.dk + g * p.Lk * p.Dd, p.Dd,
        1.0f, S, n);
@@ -237,8 +312,13 @@ void query_tile(const Problem& p, int64_t g, int64_t i0, int64_t bq, int64_t n, 
 template <int ACT>
 void key_tile(const Problem& p, int64_t g, int64_t j0, int64_t bk, int64_t i_lo, int64_t n, float* ST) {
   const float* wg = p.w + g * p.K;
-  for (int64_t r = 0; r < bk; ++r)
-    mlp_row<ACT>(p.B + (g * p.Lk + j0 + r) * p.K, p.At + g * p.K * p.Lq + i_lo, p.Lq, wg, p.K, n, ST + r * n);
+  for (int64_t r = 0; r < bk; ++r) {
+    if constexpr (ACT == RELU)
+      relu_row(p.B + (g * p.Lk + j0 + r) * p.K, p.At + g * p.K * p.Lq + i_lo, p.Lq, wg, p.K, n, nullptr,
+               p.cvec[g * p.Lk + j0 + r], ST + r * n);
+    else
+      mlp_row<ACT>(p.B + (g * p.Lk + j0 + r) * p.K, p.At + g * p.K * p.Lq + i_lo, p.Lq, wg, p.K, n, ST + r * n);
+  }
   if (p.dot)
     mm(false, true, bk, n, p.Dd, p.dot_scale, p.dk + (g * p.Lk + j0) * p.Dd, p.Dd, p.dq + (g * p.Lq + i_lo) * p.Dd,
        p.Dd, 1.0f, ST, n);
@@ -328,8 +408,12 @@ void backward_query_impl(const Problem& p, float* dA, float* ddq, float* dwp) {
         const float Di = p.D[g * p.Lq + i];
 #pragma omp simd
         for (int64_t j = 0; j < n; ++j) dp[j] = s[j] * (dp[j] - Di);
-        mlp_row_backward<ACT, true>(p.A + (g * p.Lq + i) * p.K, p.Bt + g * p.K * p.Lk, p.Lk, p.w + g * p.K, p.K, n,
-                                    dp, dA + (g * p.Lq + i) * p.K, wd);
+        if constexpr (ACT == RELU)  // raw: the caller applies w and forms the weight gradient
+          relu_row_backward<false>(p.A + (g * p.Lq + i) * p.K, p.Bt + g * p.K * p.Lk, p.Lk, p.K, n, dp,
+                                   dA + (g * p.Lq + i) * p.K);
+        else
+          mlp_row_backward<ACT, true>(p.A + (g * p.Lq + i) * p.K, p.Bt + g * p.K * p.Lk, p.Lk, p.w + g * p.K, p.K,
+                                      n, dp, dA + (g * p.Lq + i) * p.K, wd);
       }
       if (p.dot)
         mm(false, false, bq, p.Dd, n, p.dot_scale, dP.data(), n, p.dk + g * p.Lk * p.Dd, p.Dd, 0.0f,
@@ -367,14 +451,105 @@ void backward_key_impl(const Problem& p, float* dB, float* dV, float* ddk) {
           s[c] = pr;
           dp[c] = pr * (dp[c] - D[c]);
         }
-        mlp_row_backward<ACT, false>(p.B + (g * p.Lk + j0 + r) * p.K, p.At + g * p.K * p.Lq + i_lo, p.Lq,
-                                     p.w + g * p.K, p.K, n, dp, dB + (g * p.Lk + j0 + r) * p.K, nullptr);
+        if constexpr (ACT == RELU)
+          relu_row_backward<true>(p.B + (g * p.Lk + j0 + r) * p.K, p.At + g * p.K * p.Lq + i_lo, p.Lq, p.K, n, dp,
+                                  dB + (g * p.Lk + j0 + r) * p.K);
+        else
+          mlp_row_backward<ACT, false>(p.B + (g * p.Lk + j0 + r) * p.K, p.At + g * p.K * p.Lq + i_lo, p.Lq,
+                                       p.w + g * p.K, p.K, n, dp, dB + (g * p.Lk + j0 + r) * p.K, nullptr);
       }
       mm(false, false, bk, p.Dv, n, 1.0f, S.data(), n, p.dO + (g * p.Lq + i_lo) * p.Dv, p.Dv, 0.0f,
          dV + (g * p.Lk + j0) * p.Dv, p.Dv);
       if (p.dot)
         mm(false, false, bk, p.Dd, n, p.dot_scale, dP.data(), n, p.dq + (g * p.Lq + i_lo) * p.Dd, p.Dd, 0.0f,
            ddk + (g * p.Lk + j0) * p.Dd, p.Dd);
+    }
+  });
+}
+
+// relu backward in one pass per (batch, head) group: every visible (query block, key block) tile is recomputed once
+// and feeds dA, dB (raw, see relu_row), dV and the dot-term gradients, so the scores, exp and dO V^T are computed
+// once instead of once per pass. Groups run in parallel: no two threads touch the same rows (no atomics), and
+// each group sums its tiles in a fixed order (deterministic).
+void backward_relu_single_pass(const Problem& p, float* dA, float* dB, float* dV, float* ddq, float* ddk) {
+  const int64_t bs = p.block, K = p.K;
+  at::parallel_for(0, p.G, 1, [&](int64_t begin, int64_t end) {
+    Scratch S(bs * bs), dP(bs * bs), col(K * bs);
+    for (int64_t g = begin; g < end; ++g) {
+      std::fill(dA + g * p.Lq * K, dA + (g + 1) * p.Lq * K, 0.0f);
+      std::fill(dV + g * p.Lk * p.Dv, dV + (g + 1) * p.Lk * p.Dv, 0.0f);
+      if (p.dot) {
+        std::fill(ddq + g * p.Lq * p.Dd, ddq + (g + 1) * p.Lq * p.Dd, 0.0f);
+        std::fill(ddk + g * p.Lk * p.Dd, ddk + (g + 1) * p.Lk * p.Dd, 0.0f);
+      }
+      const float* Bt = p.Bt + g * K * p.Lk;  // (K, Lk): the scaled -B
+      const bool* mb = p.mask ? mask_base(p, g) : nullptr;
+      for (int64_t j0 = 0; j0 < p.Lk; j0 += bs) {
+        const int64_t j1 = std::min(j0 + bs, p.Lk), bk = j1 - j0;
+        float* cs = col.data();
+        std::fill(cs, cs + K * bk, 0.0f);
+        for (int64_t i0 = p.causal ? j0 : 0; i0 < p.Lq; i0 += bs) {  // causal: queries >= j0 only
+          const int64_t i1 = std::min(i0 + bs, p.Lq), bq = i1 - i0;
+          float* st = S.data();
+          for (int64_t r = 0; r < bq; ++r)
+            relu_row(p.A + (g * p.Lq + i0 + r) * K, Bt + j0, p.Lk, p.w + g * K, K, bk, p.cvec + g * p.Lk + j0,
+                     0.0f, st + r * bk);
+          if (p.dot)
+            mm(false, true, bq, bk, p.Dd, p.dot_scale, p.dq + (g * p.Lq + i0) * p.Dd, p.Dd,
+               p.dk + (g * p.Lk + j0) * p.Dd, p.Dd, 1.0f, st, bk);
+          if (mb) {
+            for (int64_t r = 0; r < bq; ++r)
+              for (int64_t c = 0; c < bk; ++c)
+                if (!mb[(i0 + r) * p.ms2 + (j0 + c) * p.ms3]) st[r * bk + c] = NEG_INF;
+          } else if (p.causal) {
+            for (int64_t r = 0; r < bq; ++r)
+              for (int64_t c = std::max<int64_t>(i0 + r + 1 - j0, 0); c < bk; ++c) st[r * bk + c] = NEG_INF;
+          }
+          float* dp = dP.data();
+          mm(false, true, bq, bk, p.Dv, 1.0f, p.dO + (g * p.Lq + i0) * p.Dv, p.Dv, p.V + (g * p.Lk + j0) * p.Dv,
+             p.Dv, 0.0f, dp, bk);
+          for (int64_t r = 0; r < bq; ++r) {
+            const float lse = p.lse[g * p.Lq + i0 + r], Di = p.D[g * p.Lq + i0 + r];
+            float* sr = st + r * bk;
+            float* dr = dp + r * bk;
+#pragma omp simd
+            for (int64_t c = 0; c < bk; ++c) {
+              const float pr = (sr[c] == NEG_INF || lse == POS_INF) ? 0.0f : exp_approx(sr[c] - lse);
+              sr[c] = pr;
+              dr[c] = pr * (dr[c] - Di);
+            }
+          }
+          mm(true, false, bk, p.Dv, bq, 1.0f, st, bk, p.dO + (g * p.Lq + i0) * p.Dv, p.Dv, 1.0f,
+             dV + (g * p.Lk + j0) * p.Dv, p.Dv);
+          if (p.dot) {
+            mm(false, false, bq, p.Dd, bk, p.dot_scale, dp, bk, p.dk + (g * p.Lk + j0) * p.Dd, p.Dd, 1.0f,
+               ddq + (g * p.Lq + i0) * p.Dd, p.Dd);
+            mm(true, false, bk, p.Dd, bq, p.dot_scale, dp, bk, p.dq + (g * p.Lq + i0) * p.Dd, p.Dd, 1.0f,
+               ddk + (g * p.Lk + j0) * p.Dd, p.Dd);
+          }
+          // one compare per (pair, unit) feeds both the row sum (dA) and the column sums (dB)
+          for (int64_t r = 0; r < bq; ++r) {
+            const float* a = p.A + (g * p.Lq + i0 + r) * K;
+            const float* __restrict ds = dp + r * bk;
+            float* da = dA + (g * p.Lq + i0 + r) * K;
+            for (int64_t k = 0; k < K; ++k) {
+              const float ak = a[k];
+              const float* __restrict v = Bt + k * p.Lk + j0;
+              float* __restrict ck = cs + k * bk;
+              float gk = 0.0f;
+#pragma omp simd reduction(+ : gk)
+              for (int64_t c = 0; c < bk; ++c) {
+                const float m = ak > v[c] ? ds[c] : 0.0f;
+                gk += m;
+                ck[c] += m;
+              }
+              da[k] += gk;
+            }
+          }
+        }
+        for (int64_t c = 0; c < bk; ++c)
+          for (int64_t k = 0; k < K; ++k) dB[(g * p.Lk + j0 + c) * K + k] = cs[k * bk + c];
+      }
     }
   });
 }
@@ -395,13 +570,18 @@ void check_f32(const torch::Tensor& t, const char* name) {
 Problem make_problem(const torch::Tensor& A, const torch::Tensor& At, const torch::Tensor& B,
                      const torch::Tensor& Bt, const torch::Tensor& V, const torch::Tensor& w,
                      const c10::optional<torch::Tensor>& dq, const c10::optional<torch::Tensor>& dk,
-                     const c10::optional<torch::Tensor>& mask, int64_t batch, int64_t heads, bool causal,
-                     double dot_scale, int64_t block) {
+                     const c10::optional<torch::Tensor>& mask, const torch::Tensor& cvec, int64_t batch,
+                     int64_t heads, bool causal, double dot_scale, int64_t act, int64_t block) {
   check_f32(A, "A"); check_f32(At, "At"); check_f32(B, "B"); check_f32(Bt, "Bt"); check_f32(V, "V");
   check_f32(w, "w");
   Problem p{};
   p.A = A.data_ptr<float>(); p.At = At.data_ptr<float>(); p.B = B.data_ptr<float>(); p.Bt = Bt.data_ptr<float>();
   p.V = V.data_ptr<float>(); p.w = w.data_ptr<float>();
+  p.cvec = nullptr;
+  if (act == RELU) {
+    check_f32(cvec, "cvec");
+    p.cvec = cvec.data_ptr<float>();
+  }
   p.G = A.size(0); p.Lq = A.size(1); p.K = A.size(2); p.Lk = B.size(1); p.Dv = V.size(2);
   p.batch = batch; p.heads = heads;
   TORCH_CHECK(p.G == batch * heads, "fused neural attention: G != batch * heads");
@@ -427,11 +607,12 @@ Problem make_problem(const torch::Tensor& A, const torch::Tensor& At, const torc
 
 std::vector<torch::Tensor> fused_forward(torch::Tensor A, torch::Tensor Bt, torch::Tensor V, torch::Tensor w,
                                          c10::optional<torch::Tensor> dq, c10::optional<torch::Tensor> dk,
-                                         c10::optional<torch::Tensor> mask, int64_t batch, int64_t heads,
-                                         bool causal, double dot_scale, int64_t act, int64_t block) {
+                                         c10::optional<torch::Tensor> mask, torch::Tensor cvec, int64_t batch,
+                                         int64_t heads, bool causal, double dot_scale, int64_t act, int64_t block) {
   // forward needs neither At nor B: pass A / Bt in their place (unused)
-  Problem p = make_problem(A, A, Bt, Bt, V, w, dq, dk, mask, batch, heads, causal, dot_scale, block);
+  Problem p = make_problem(A, A, Bt, Bt, V, w, dq, dk, mask, cvec, batch, heads, causal, dot_scale, act, block);
   p.Lk = Bt.size(2);
+  TORCH_CHECK(act != RELU || cvec.numel() == p.G * p.Lk, "fused neural attention: cvec must be (G, Lk)");
   auto out = torch::empty({p.G, p.Lq, p.Dv}, V.options());
   auto lse = torch::empty({p.G, p.Lq}, V.options());
   NA_DISPATCH_ACT(act, forward_impl, p, out.data_ptr<float>(), lse.data_ptr<float>());
@@ -441,16 +622,18 @@ std::vector<torch::Tensor> fused_forward(torch::Tensor A, torch::Tensor Bt, torc
 std::vector<torch::Tensor> fused_backward(torch::Tensor A, torch::Tensor At, torch::Tensor B, torch::Tensor Bt,
                                           torch::Tensor V, torch::Tensor w, c10::optional<torch::Tensor> dq,
                                           c10::optional<torch::Tensor> dk, c10::optional<torch::Tensor> mask,
-                                          torch::Tensor lse, torch::Tensor dO, torch::Tensor D, int64_t batch,
-                                          int64_t heads, bool causal, double dot_scale, int64_t act, int64_t block) {
-  Problem p = make_problem(A, At, B, Bt, V, w, dq, dk, mask, batch, heads, causal, dot_scale, block);
+                                          torch::Tensor cvec, torch::Tensor lse, torch::Tensor dO, torch::Tensor D,
+                                          int64_t batch, int64_t heads, bool causal, double dot_scale, int64_t act,
+                                          int64_t block, bool single_pass) {
+  Problem p = make_problem(A, At, B, Bt, V, w, dq, dk, mask, cvec, batch, heads, causal, dot_scale, act, block);
   check_f32(lse, "lse"); check_f32(dO, "dO"); check_f32(D, "D");
+  TORCH_CHECK(act != RELU || cvec.numel() == p.G * p.Lk, "fused neural attention: cvec must be (G, Lk)");
   p.lse = lse.data_ptr<float>(); p.dO = dO.data_ptr<float>(); p.D = D.data_ptr<float>();
   const int64_t nqb = (p.Lq + block - 1) / block;
   auto dA = torch::empty({p.G, p.Lq, p.K}, V.options());
   auto dB = torch::empty({p.G, p.Lk, p.K}, V.options());
   auto dV = torch::empty({p.G, p.Lk, p.Dv}, V.options());
-  auto dwp = torch::empty({p.G, nqb, p.K}, V.options());
+  auto dwp = torch::zeros({p.G, nqb, p.K}, V.options());
   torch::Tensor ddq, ddk;
   if (p.dot) {
     ddq = torch::empty({p.G, p.Lq, p.Dd}, V.options());
@@ -461,8 +644,12 @@ std::vector<torch::Tensor> fused_backward(torch::Tensor A, torch::Tensor At, tor
   }
   float* ddq_p = p.dot ? ddq.data_ptr<float>() : nullptr;
   float* ddk_p = p.dot ? ddk.data_ptr<float>() : nullptr;
-  NA_DISPATCH_ACT(act, backward_query_impl, p, dA.data_ptr<float>(), ddq_p, dwp.data_ptr<float>());
-  NA_DISPATCH_ACT(act, backward_key_impl, p, dB.data_ptr<float>(), dV.data_ptr<float>(), ddk_p);
+  if (act == RELU && single_pass) {
+    backward_relu_single_pass(p, dA.data_ptr<float>(), dB.data_ptr<float>(), dV.data_ptr<float>(), ddq_p, ddk_p);
+  } else {
+    NA_DISPATCH_ACT(act, backward_query_impl, p, dA.data_ptr<float>(), ddq_p, dwp.data_ptr<float>());
+    NA_DISPATCH_ACT(act, backward_key_impl, p, dB.data_ptr<float>(), dV.data_ptr<float>(), ddk_p);
+  }
   // weight gradient: partials summed in a fixed order
   auto dw = torch::zeros({p.G, p.K}, V.options());
   const float* part = dwp.data_ptr<float>();
@@ -477,13 +664,14 @@ std::vector<torch::Tensor> fused_backward(torch::Tensor A, torch::Tensor At, tor
 _FUSED_DECLS = r"""
 std::vector<torch::Tensor> fused_forward(torch::Tensor A, torch::Tensor Bt, torch::Tensor V, torch::Tensor w,
                                          c10::optional<torch::Tensor> dq, c10::optional<torch::Tensor> dk,
-                                         c10::optional<torch::Tensor> mask, int64_t batch, int64_t heads,
-                                         bool causal, double dot_scale, int64_t act, int64_t block);
+                                         c10::optional<torch::Tensor> mask, torch::Tensor cvec, int64_t batch,
+                                         int64_t heads, bool causal, double dot_scale, int64_t act, int64_t block);
 std::vector<torch::Tensor> fused_backward(torch::Tensor A, torch::Tensor At, torch::Tensor B, torch::Tensor Bt,
                                           torch::Tensor V, torch::Tensor w, c10::optional<torch::Tensor> dq,
                                           c10::optional<torch::Tensor> dk, c10::optional<torch::Tensor> mask,
-                                          torch::Tensor lse, torch::Tensor dO, torch::Tensor D, int64_t batch,
-                                          int64_t heads, bool causal, double dot_scale, int64_t act, int64_t block);
+                                          torch::Tensor cvec, torch::Tensor lse, torch::Tensor dO, torch::Tensor D,
+                                          int64_t batch, int64_t heads, bool causal, double dot_scale, int64_t act,
+                                          int64_t block, bool single_pass);
 """
 
 _HEADERS = "#include <limits>\n#if !defined(_WIN32)\n#include <dlfcn.h>\n#endif\n"
@@ -514,7 +702,21 @@ def fused_cpp_is_built() -> bool:
     return extension_is_built(_PREFIX, _SOURCE, _state, _CFLAGS + _LDFLAGS)
 
 
+def _use_single_pass(groups: int) -> bool:
+    """relu backward in one pass per (batch, head) group when the groups keep every thread busy; else two passes
+    (over query blocks, then key blocks) that parallelise within a group."""
+    return groups >= torch.get_num_threads()
+
+
 class _FusedFunction(torch.autograd.Function):
+    """Inputs are flattened to G = batch * heads groups: A (G, q_len, K) and Bt (G, K, k_len) for the kernels.
+
+    relu runs in signed-max form (see ``relu_row`` in the C++ source): the kernels get A and -B scaled per unit by
+    |w| (1 where w = 0), the signs of w and cvec = B w (G, k_len); their backward returns the raw sums
+    sum_j relu'(pre_ij) dS_ij (and over i for B), which this function turns into dA = raw w, dB = raw w and, since
+    relu(x) = x relu'(x), dw = sum_i A_i raw_i + sum_j B_j raw_j.
+    """
+
     @staticmethod
     def forward(ctx, A, B, V, w, dq, dk, mask, cfg):
         module = cfg["module"]
@@ -523,34 +725,47 @@ class _FusedFunction(torch.autograd.Function):
         G = batch * heads
         wg = w.reshape(-1, hidden).expand(heads, hidden).unsqueeze(0).expand(batch, heads, hidden)
         wg = wg.reshape(G, hidden).contiguous()
-        Af = A.reshape(G, q_len, hidden).contiguous()
-        Bt = B.reshape(G, k_len, hidden).transpose(1, 2).contiguous()
+        Af = A.reshape(G, q_len, hidden)
+        Bf = B.reshape(G, k_len, hidden)
+        relu = cfg["act"] == _ACT_CODE["relu"]
+        if relu:
+            scale = torch.where(wg != 0, wg.abs(), torch.ones_like(wg)).unsqueeze(1)  # (G, 1, K)
+            cvec = (Bf @ wg.unsqueeze(2)).squeeze(2).contiguous()  # (G, k_len)
+            kernel_w, Ak, Bk = torch.sign(wg), (Af * scale).contiguous(), -(Bf * scale)
+        else:
+            cvec = wg.new_empty(0)
+            kernel_w, Ak, Bk = wg, Af.contiguous(), Bf
+        Bt = Bk.transpose(1, 2).contiguous()
         Vf = V.reshape(G, k_len, v_dim).contiguous()
         dqf = dq.reshape(G, q_len, -1).contiguous() if dq is not None else None
         dkf = dk.reshape(G, k_len, -1).contiguous() if dk is not None else None
         out, lse = module.fused_forward(
-            Af, Bt, Vf, wg, dqf, dkf, mask, batch, heads, cfg["causal"], cfg["dot_scale"], cfg["act"], cfg["block"]
-        )
+            Ak, Bt, Vf, kernel_w, dqf, dkf, mask, cvec, batch, heads, cfg["causal"], cfg["dot_scale"], cfg["act"],
+            cfg["block"],
+        )  # fmt: skip
         ctx.cfg = cfg
         ctx.shape = (batch, heads, q_len, k_len, hidden, v_dim)
-        ctx.save_for_backward(Af, Bt, Vf, wg, dqf, dkf, mask, out, lse, w)
+        ctx.save_for_backward(Ak, Bt, Vf, kernel_w, dqf, dkf, mask, out, lse, w, cvec, A, B, wg)
         ctx.dot_shapes = (dq.shape if dq is not None else None, dk.shape if dk is not None else None)
         return out.view(batch, heads, q_len, v_dim)
 
     @staticmethod
     def backward(ctx, grad_out):
-        Af, Bt, Vf, wg, dqf, dkf, mask, out, lse, w = ctx.saved_tensors
+        Ak, Bt, Vf, kernel_w, dqf, dkf, mask, out, lse, w, cvec, A, B, wg = ctx.saved_tensors
         cfg = ctx.cfg
         batch, heads, q_len, k_len, hidden, v_dim = ctx.shape
         G = batch * heads
         dO = grad_out.reshape(G, q_len, v_dim).to(torch.float32).contiguous()
         D = (dO * out).sum(-1).contiguous()
-        At = Af.transpose(1, 2).contiguous()
-        Bf = Bt.transpose(1, 2).contiguous()
+        At = Ak.transpose(1, 2).contiguous()
+        Bk = Bt.transpose(1, 2).contiguous()
         dA, dB, dV, dw, ddq, ddk = cfg["module"].fused_backward(
-            Af, At, Bf, Bt, Vf, wg, dqf, dkf, mask, lse, dO, D, batch, heads, cfg["causal"], cfg["dot_scale"],
-            cfg["act"], cfg["block"],
+            Ak, At, Bk, Bt, Vf, kernel_w, dqf, dkf, mask, cvec, lse, dO, D, batch, heads, cfg["causal"],
+            cfg["dot_scale"], cfg["act"], cfg["block"], _use_single_pass(G),
         )  # fmt: skip
+        if cfg["act"] == _ACT_CODE["relu"]:  # raw sums -> gradients (see the class docstring)
+            dw = (A.reshape(G, q_len, hidden) * dA).sum(1) + (B.reshape(G, k_len, hidden) * dB).sum(1)
+            dA, dB = dA * wg.unsqueeze(1), dB * wg.unsqueeze(1)
         dw = dw.view(batch, heads, hidden).sum(0)
         if w.shape[0] == 1 and heads != 1 or w.dim() == 1:
             dw = dw.sum(0, keepdim=True)

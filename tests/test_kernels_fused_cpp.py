@@ -72,6 +72,34 @@ def test_residual_dot_term(causal, activation):
     _check(_inputs(2, 2, 130, 140, 4, dot=True), activation=activation, causal=causal, dot_scale=0.37)
 
 
+@pytest.mark.parametrize("per_head", [True, False])
+def test_relu_zero_and_negative_output_weights(per_head):
+    # relu runs in signed-max form (inputs scaled by |w|, signs separate): units with w = 0 must still get their
+    # weight gradient, and negative units must subtract
+    args = _inputs(2, 3, 70, 90, 6, per_head=per_head, seed=5)
+    with torch.no_grad():
+        args["output_weight"][..., 1] = 0.0
+        args["output_weight"][..., 2] = -args["output_weight"][..., 2].abs()
+        args["output_weight"][..., 3] = args["output_weight"][..., 3].abs()
+    _, grads = _check(args, causal=True)
+    assert grads[3][..., 1].abs().min() > 0  # dL/dw for the zero unit is not lost
+
+
+@pytest.mark.parametrize("single_pass", [True, False])
+@pytest.mark.parametrize("kind", ["causal", "mask", "dot"])
+def test_relu_backward_single_and_two_pass(monkeypatch, single_pass, kind):
+    # relu's backward runs in one pass per (batch, head) group when there are at least as many groups as threads,
+    # else in the two passes the other activations use: both against the reference
+    monkeypatch.setattr(fused_cpp_neural_attention, "_use_single_pass", lambda groups: single_pass)
+    args = _inputs(2, 2, 150, 2 * BLOCK + 9, 5, dot=kind == "dot", seed=9)
+    if kind == "mask":
+        mask = torch.rand(2, 1, 150, 2 * BLOCK + 9, generator=torch.Generator().manual_seed(3)) > 0.4
+        mask[0, 0, 7] = False
+        _check(args, mask=mask)
+    else:
+        _check(args, causal=True, **({"dot_scale": 0.3} if kind == "dot" else {}))
+
+
 def test_causal_more_keys_than_queries():
     # upper-left aligned: keys >= q_len are never visible, their gradients are zero
     args = _inputs(1, 2, 20, 3 * BLOCK + 5, 3)
