@@ -334,6 +334,9 @@ def main() -> int:
                                      args.heads, args.head_dim, causal, args.tune_repeats, 1)
                 tune_rows += trows
                 launches[(mlp, hidden)] = launch
+        if not tune_rows:
+            print("[tune] every candidate failed; nothing to sweep")
+            return 1
         tune_csv = Path(args.csv).with_name(Path(args.csv).stem + "_tune.csv")
         with open(tune_csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(tune_rows[0]))

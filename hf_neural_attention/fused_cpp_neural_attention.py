@@ -2,8 +2,9 @@
 
 ``neural_attention_fused_cpp`` implements the kernel contract of ``docs/design.md`` for the common case --
 ``mlp="paper"``, fp32, any activation, optional bool mask (any broadcast strides) or causal, optional residual dot
-term, no dropout -- entirely in C++; every other case (``mlp="authors"``, ``dropout_p > 0``, other dtypes, no
-compiler) is delegated to :func:`cpp_neural_attention.neural_attention_cpp`.
+term, optional dropout (a counter-based hash of the pair's index decides, so every pass regenerates the same mask
+whatever the block size) -- entirely in C++; every other case (``mlp="authors"``, other dtypes, no compiler) is
+delegated to :func:`cpp_neural_attention.neural_attention_cpp`.
 
 Layout of the work (flash-attention 2 style, no atomics):
 
@@ -15,7 +16,11 @@ Layout of the work (flash-attention 2 style, no atomics):
   ``dA``, ``d dot_query`` and per-(group, block) partial ``output_weight`` gradients;
 - backward pass 2, over (batch*heads x key blocks): recomputes the transposed tile, writes ``dB``, ``dV``,
   ``d dot_key``;
-- the weight-gradient partials are summed in a fixed order afterwards: results are bitwise reproducible.
+- the weight-gradient partials are summed in a fixed order afterwards: results are bitwise reproducible;
+- relu (the paper's activation) instead scores in signed-max form (one max and one add per hidden unit, see
+  ``relu_row``) and, when batch*heads >= threads, runs its backward in one pass per (batch, head) group
+  (``backward_relu_single_pass``). Which backward runs depends on the thread count, so relu gradients are
+  bitwise reproducible for a given thread count and agree to rounding across thread counts.
 
 Causal: a query block only visits keys ``< i1``, a key block only queries ``>= j0``. A row whose keys are all
 masked gives zero output and zero gradients.
@@ -273,7 +278,37 @@ struct Problem {
   bool causal, dot;
   float dot_scale;
   int64_t block;
+  // dropout on the probabilities: pair (g, i, j) is kept iff lowbias32(qkey[g * Lq + i] ^ kkey[j]) >= threshold,
+  // with per-query and per-key keys hashed from the seed: the same decision in every pass, orientation and block
+  // size, and vectorisable 32-bit arithmetic per pair; kept probabilities are scaled by drop_scale = 1 / (1 - p)
+  bool dropout;
+  uint32_t threshold;
+  float drop_scale;
+  std::vector<uint32_t> qkey, kkey;
 };
+
+NA_INLINE uint32_t mix64to32(uint64_t z) {  // splitmix64 finaliser
+  z += 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return static_cast<uint32_t>((z ^ (z >> 31)) >> 32);
+}
+
+NA_INLINE uint32_t lowbias32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  return x ^ (x >> 16);
+}
+
+// f[c] = drop_scale where the pair (fixed, other[c]) is kept, else 0 (the pair key is symmetric in its two halves)
+void keep_factors(const Problem& p, uint32_t fixed, const uint32_t* other, int64_t n, float* f) {
+  const uint32_t threshold = p.threshold;
+  const float scale = p.drop_scale;
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) f[c] = lowbias32(fixed ^ other[c]) >= threshold ? scale : 0.0f;
+}
 
 // visible(i, j): row-major tile rows r -> (query i0 + r) or (key j0 + r), columns c -> the other axis
 NA_INLINE const bool* mask_base(const Problem& p, int64_t g) {
@@ -354,7 +389,7 @@ template <int ACT>
 void forward_impl(const Problem& p, float* out, float* lse) {
   const int64_t nqb = (p.Lq + p.block - 1) / p.block;
   at::parallel_for(0, p.G * nqb, 1, [&](int64_t begin, int64_t end) {
-    Scratch S(p.block * p.Lk);
+    Scratch S(p.block * p.Lk), F(p.dropout ? p.Lk : 0);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t g = t / nqb, i0 = (t % nqb) * p.block, i1 = std::min(i0 + p.block, p.Lq), bq = i1 - i0;
       const int64_t n = visible_keys(p, i1);
@@ -378,6 +413,10 @@ void forward_impl(const Problem& p, float* out, float* lse) {
         const float inv = 1.0f / sum;
 #pragma omp simd
         for (int64_t j = 0; j < n; ++j) s[j] *= inv;
+        if (p.dropout) {
+          keep_factors(p, p.qkey[g * p.Lq + i0 + r], p.kkey.data(), n, F.data());
+          for (int64_t j = 0; j < n; ++j) s[j] *= F.data()[j];
+        }
         lse[g * p.Lq + i0 + r] = mx + std::log(sum);
       }
       mm(false, false, bq, p.Dv, n, 1.0f, S.data(), n, p.V + g * p.Lk * p.Dv, p.Dv, 0.0f,
@@ -391,7 +430,7 @@ template <int ACT>
 void backward_query_impl(const Problem& p, float* dA, float* ddq, float* dwp) {
   const int64_t nqb = (p.Lq + p.block - 1) / p.block;
   at::parallel_for(0, p.G * nqb, 1, [&](int64_t begin, int64_t end) {
-    Scratch S(p.block * p.Lk), dP(p.block * p.Lk);
+    Scratch S(p.block * p.Lk), dP(p.block * p.Lk), F(p.dropout ? p.Lk : 0);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t g = t / nqb, i0 = (t % nqb) * p.block, i1 = std::min(i0 + p.block, p.Lq), bq = i1 - i0;
       const int64_t n = visible_keys(p, i1);
@@ -405,6 +444,10 @@ void backward_query_impl(const Problem& p, float* dA, float* ddq, float* dwp) {
         float* s = S.data() + r * n;
         float* dp = dP.data() + r * n;
         probs(s, n, p.lse[g * p.Lq + i]);
+        if (p.dropout) {  // dL/dP = keep * scale * dL/dP_dropped
+          keep_factors(p, p.qkey[g * p.Lq + i], p.kkey.data(), n, F.data());
+          for (int64_t j = 0; j < n; ++j) dp[j] *= F.data()[j];
+        }
         const float Di = p.D[g * p.Lq + i];
 #pragma omp simd
         for (int64_t j = 0; j < n; ++j) dp[j] = s[j] * (dp[j] - Di);
@@ -427,7 +470,7 @@ template <int ACT>
 void backward_key_impl(const Problem& p, float* dB, float* dV, float* ddk) {
   const int64_t nkb = (p.Lk + p.block - 1) / p.block;
   at::parallel_for(0, p.G * nkb, 1, [&](int64_t begin, int64_t end) {
-    Scratch S(p.block * p.Lq), dP(p.block * p.Lq);
+    Scratch S(p.block * p.Lq), dP(p.block * p.Lq), F(p.dropout ? p.Lq : 0);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t g = t / nkb, j0 = (t % nkb) * p.block, j1 = std::min(j0 + p.block, p.Lk), bk = j1 - j0;
       const int64_t i_lo = p.causal ? std::min(j0, p.Lq) : 0, n = p.Lq - i_lo;
@@ -445,12 +488,18 @@ void backward_key_impl(const Problem& p, float* dB, float* dV, float* ddk) {
       for (int64_t r = 0; r < bk; ++r) {
         float* s = S.data() + r * n;
         float* dp = dP.data() + r * n;
+        if (p.dropout) {
+          keep_factors(p, p.kkey[j0 + r], p.qkey.data() + g * p.Lq + i_lo, n, F.data());
+          for (int64_t c = 0; c < n; ++c) dp[c] *= F.data()[c];
+        }
 #pragma omp simd
         for (int64_t c = 0; c < n; ++c) {
           const float pr = (s[c] == NEG_INF || lse[c] == POS_INF) ? 0.0f : exp_approx(s[c] - lse[c]);
           s[c] = pr;
           dp[c] = pr * (dp[c] - D[c]);
         }
+        if (p.dropout)  // dV = P_dropped^T dO
+          for (int64_t c = 0; c < n; ++c) s[c] *= F.data()[c];
         if constexpr (ACT == RELU)
           relu_row_backward<true>(p.B + (g * p.Lk + j0 + r) * p.K, p.At + g * p.K * p.Lq + i_lo, p.Lq, p.K, n, dp,
                                   dB + (g * p.Lk + j0 + r) * p.K);
@@ -474,7 +523,7 @@ void backward_key_impl(const Problem& p, float* dB, float* dV, float* ddk) {
 void backward_relu_single_pass(const Problem& p, float* dA, float* dB, float* dV, float* ddq, float* ddk) {
   const int64_t bs = p.block, K = p.K;
   at::parallel_for(0, p.G, 1, [&](int64_t begin, int64_t end) {
-    Scratch S(bs * bs), dP(bs * bs), col(K * bs);
+    Scratch S(bs * bs), dP(bs * bs), col(K * bs), F(bs);
     for (int64_t g = begin; g < end; ++g) {
       std::fill(dA + g * p.Lq * K, dA + (g + 1) * p.Lq * K, 0.0f);
       std::fill(dV + g * p.Lk * p.Dv, dV + (g + 1) * p.Lk * p.Dv, 0.0f);
@@ -512,12 +561,18 @@ void backward_relu_single_pass(const Problem& p, float* dA, float* dB, float* dV
             const float lse = p.lse[g * p.Lq + i0 + r], Di = p.D[g * p.Lq + i0 + r];
             float* sr = st + r * bk;
             float* dr = dp + r * bk;
+            if (p.dropout) {
+              keep_factors(p, p.qkey[g * p.Lq + i0 + r], p.kkey.data() + j0, bk, F.data());
+              for (int64_t c = 0; c < bk; ++c) dr[c] *= F.data()[c];
+            }
 #pragma omp simd
             for (int64_t c = 0; c < bk; ++c) {
               const float pr = (sr[c] == NEG_INF || lse == POS_INF) ? 0.0f : exp_approx(sr[c] - lse);
               sr[c] = pr;
               dr[c] = pr * (dr[c] - Di);
             }
+            if (p.dropout)  // dV = P_dropped^T dO
+              for (int64_t c = 0; c < bk; ++c) sr[c] *= F.data()[c];
           }
           mm(true, false, bk, p.Dv, bq, 1.0f, st, bk, p.dO + (g * p.Lq + i0) * p.Dv, p.Dv, 1.0f,
              dV + (g * p.Lk + j0) * p.Dv, p.Dv);
@@ -571,7 +626,7 @@ Problem make_problem(const torch::Tensor& A, const torch::Tensor& At, const torc
                      const torch::Tensor& Bt, const torch::Tensor& V, const torch::Tensor& w,
                      const c10::optional<torch::Tensor>& dq, const c10::optional<torch::Tensor>& dk,
                      const c10::optional<torch::Tensor>& mask, const torch::Tensor& cvec, int64_t batch,
-                     int64_t heads, bool causal, double dot_scale, int64_t act, int64_t block) {
+                     int64_t heads, bool causal, double dot_scale, int64_t act, int64_t block, double dropout_p) {
   check_f32(A, "A"); check_f32(At, "At"); check_f32(B, "B"); check_f32(Bt, "Bt"); check_f32(V, "V");
   check_f32(w, "w");
   Problem p{};
@@ -600,7 +655,22 @@ Problem make_problem(const torch::Tensor& A, const torch::Tensor& At, const torc
   p.causal = causal && !mask.has_value();
   p.dot_scale = static_cast<float>(dot_scale);
   p.block = block;
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "fused neural attention: dropout_p must be in [0, 1)");
+  p.dropout = dropout_p > 0.0;
+  p.threshold = static_cast<uint32_t>(std::min(dropout_p * 4294967296.0, 4294967295.0));
+  p.drop_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
   return p;
+}
+
+// the per-query and per-key dropout keys (after the lengths are final)
+void set_dropout_keys(Problem& p, int64_t seed) {
+  if (!p.dropout) return;
+  const auto s = static_cast<uint64_t>(seed);
+  p.qkey.resize(p.G * p.Lq);
+  p.kkey.resize(p.Lk);
+  for (int64_t t = 0; t < p.G * p.Lq; ++t)
+    p.qkey[t] = mix64to32(s ^ (static_cast<uint64_t>(t) * 0xD1B54A32D192ED03ull));
+  for (int64_t j = 0; j < p.Lk; ++j) p.kkey[j] = mix64to32(~s ^ (static_cast<uint64_t>(j) * 0xA0761D6478BD642Full));
 }
 
 }  // namespace
@@ -608,10 +678,13 @@ Problem make_problem(const torch::Tensor& A, const torch::Tensor& At, const torc
 std::vector<torch::Tensor> fused_forward(torch::Tensor A, torch::Tensor Bt, torch::Tensor V, torch::Tensor w,
                                          c10::optional<torch::Tensor> dq, c10::optional<torch::Tensor> dk,
                                          c10::optional<torch::Tensor> mask, torch::Tensor cvec, int64_t batch,
-                                         int64_t heads, bool causal, double dot_scale, int64_t act, int64_t block) {
+                                         int64_t heads, bool causal, double dot_scale, int64_t act, int64_t block,
+                                         double dropout_p, int64_t seed) {
   // forward needs neither At nor B: pass A / Bt in their place (unused)
-  Problem p = make_problem(A, A, Bt, Bt, V, w, dq, dk, mask, cvec, batch, heads, causal, dot_scale, act, block);
+  Problem p = make_problem(A, A, Bt, Bt, V, w, dq, dk, mask, cvec, batch, heads, causal, dot_scale, act, block,
+                           dropout_p);
   p.Lk = Bt.size(2);
+  set_dropout_keys(p, seed);
   TORCH_CHECK(act != RELU || cvec.numel() == p.G * p.Lk, "fused neural attention: cvec must be (G, Lk)");
   auto out = torch::empty({p.G, p.Lq, p.Dv}, V.options());
   auto lse = torch::empty({p.G, p.Lq}, V.options());
@@ -624,8 +697,10 @@ std::vector<torch::Tensor> fused_backward(torch::Tensor A, torch::Tensor At, tor
                                           c10::optional<torch::Tensor> dk, c10::optional<torch::Tensor> mask,
                                           torch::Tensor cvec, torch::Tensor lse, torch::Tensor dO, torch::Tensor D,
                                           int64_t batch, int64_t heads, bool causal, double dot_scale, int64_t act,
-                                          int64_t block, bool single_pass) {
-  Problem p = make_problem(A, At, B, Bt, V, w, dq, dk, mask, cvec, batch, heads, causal, dot_scale, act, block);
+                                          int64_t block, bool single_pass, double dropout_p, int64_t seed) {
+  Problem p = make_problem(A, At, B, Bt, V, w, dq, dk, mask, cvec, batch, heads, causal, dot_scale, act, block,
+                           dropout_p);
+  set_dropout_keys(p, seed);
   check_f32(lse, "lse"); check_f32(dO, "dO"); check_f32(D, "D");
   TORCH_CHECK(act != RELU || cvec.numel() == p.G * p.Lk, "fused neural attention: cvec must be (G, Lk)");
   p.lse = lse.data_ptr<float>(); p.dO = dO.data_ptr<float>(); p.D = D.data_ptr<float>();
@@ -665,13 +740,14 @@ _FUSED_DECLS = r"""
 std::vector<torch::Tensor> fused_forward(torch::Tensor A, torch::Tensor Bt, torch::Tensor V, torch::Tensor w,
                                          c10::optional<torch::Tensor> dq, c10::optional<torch::Tensor> dk,
                                          c10::optional<torch::Tensor> mask, torch::Tensor cvec, int64_t batch,
-                                         int64_t heads, bool causal, double dot_scale, int64_t act, int64_t block);
+                                         int64_t heads, bool causal, double dot_scale, int64_t act, int64_t block,
+                                         double dropout_p, int64_t seed);
 std::vector<torch::Tensor> fused_backward(torch::Tensor A, torch::Tensor At, torch::Tensor B, torch::Tensor Bt,
                                           torch::Tensor V, torch::Tensor w, c10::optional<torch::Tensor> dq,
                                           c10::optional<torch::Tensor> dk, c10::optional<torch::Tensor> mask,
                                           torch::Tensor cvec, torch::Tensor lse, torch::Tensor dO, torch::Tensor D,
                                           int64_t batch, int64_t heads, bool causal, double dot_scale, int64_t act,
-                                          int64_t block, bool single_pass);
+                                          int64_t block, bool single_pass, double dropout_p, int64_t seed);
 """
 
 _HEADERS = "#include <limits>\n#if !defined(_WIN32)\n#include <dlfcn.h>\n#endif\n"
@@ -729,6 +805,10 @@ class _FusedFunction(torch.autograd.Function):
         Bf = B.reshape(G, k_len, hidden)
         relu = cfg["act"] == _ACT_CODE["relu"]
         if relu:
+            # pre = (A + mu) + (B - mu) for any per-unit mu: centring B keeps |B w|, the per-key constant, small
+            # when A and B carry large opposite offsets (fp32 cancellation)
+            mu = Bf.mean(dim=1, keepdim=True)  # (G, 1, K)
+            Af, Bf = Af + mu, Bf - mu
             scale = torch.where(wg != 0, wg.abs(), torch.ones_like(wg)).unsqueeze(1)  # (G, 1, K)
             cvec = (Bf @ wg.unsqueeze(2)).squeeze(2).contiguous()  # (G, k_len)
             kernel_w, Ak, Bk = torch.sign(wg), (Af * scale).contiguous(), -(Bf * scale)
@@ -741,7 +821,7 @@ class _FusedFunction(torch.autograd.Function):
         dkf = dk.reshape(G, k_len, -1).contiguous() if dk is not None else None
         out, lse = module.fused_forward(
             Ak, Bt, Vf, kernel_w, dqf, dkf, mask, cvec, batch, heads, cfg["causal"], cfg["dot_scale"], cfg["act"],
-            cfg["block"],
+            cfg["block"], cfg["dropout_p"], cfg["seed"],
         )  # fmt: skip
         ctx.cfg = cfg
         ctx.shape = (batch, heads, q_len, k_len, hidden, v_dim)
@@ -761,10 +841,12 @@ class _FusedFunction(torch.autograd.Function):
         Bk = Bt.transpose(1, 2).contiguous()
         dA, dB, dV, dw, ddq, ddk = cfg["module"].fused_backward(
             Ak, At, Bk, Bt, Vf, kernel_w, dqf, dkf, mask, cvec, lse, dO, D, batch, heads, cfg["causal"],
-            cfg["dot_scale"], cfg["act"], cfg["block"], _use_single_pass(G),
+            cfg["dot_scale"], cfg["act"], cfg["block"], _use_single_pass(G), cfg["dropout_p"], cfg["seed"],
         )  # fmt: skip
-        if cfg["act"] == _ACT_CODE["relu"]:  # raw sums -> gradients (see the class docstring)
-            dw = (A.reshape(G, q_len, hidden) * dA).sum(1) + (B.reshape(G, k_len, hidden) * dB).sum(1)
+        if cfg["act"] == _ACT_CODE["relu"]:  # raw sums -> gradients (see the class docstring), B centred as above
+            Af, Bf = A.reshape(G, q_len, hidden), B.reshape(G, k_len, hidden)
+            mu = Bf.mean(dim=1, keepdim=True)
+            dw = ((Af + mu) * dA).sum(1) + ((Bf - mu) * dB).sum(1)
             dA, dB = dA * wg.unsqueeze(1), dB * wg.unsqueeze(1)
         dw = dw.view(batch, heads, hidden).sum(0)
         if w.shape[0] == 1 and heads != 1 or w.dim() == 1:
@@ -802,8 +884,8 @@ def neural_attention_fused_cpp(
     dropout_p: float = 0.0,
     generator_seed: int | None = None,
 ) -> Tensor:
-    """The kernel contract of ``docs/design.md``, fully fused in C++ for ``mlp="paper"``, fp32, no dropout;
-    every other case runs :func:`cpp_neural_attention.neural_attention_cpp`.
+    """The kernel contract of ``docs/design.md``, fully fused in C++ for ``mlp="paper"`` in fp32 (dropout
+    included); every other case runs :func:`cpp_neural_attention.neural_attention_cpp`.
 
     Shapes: ``query_hidden`` ``(b, h, q_len, hidden)``, ``key_hidden`` ``(b, h, k_len, hidden)``, ``value``
     ``(b, h, k_len, v_dim)`` -> ``(b, h, q_len, v_dim)``.
@@ -822,7 +904,7 @@ def neural_attention_fused_cpp(
     if (
         second_weight is not None
         or second_bias is not None
-        or dropout_p != 0.0
+        or not 0.0 <= dropout_p < 1.0
         or (dot_query is None) != (dot_key is None)
         or query_hidden.dim() != 4
         or key_hidden.dim() != 4
@@ -850,5 +932,8 @@ def neural_attention_fused_cpp(
         "dot_scale": float(dot_scale),
         "act": _ACT_CODE[activation],
         "block": BLOCK,
+        "dropout_p": float(dropout_p),
+        # the pair's keep decision hashes (seed, index): a 63-bit seed, drawn from torch's generator when not given
+        "seed": int(torch.randint(0, 2**62, (1,)).item() if generator_seed is None else generator_seed) & (2**63 - 1),
     }
     return _FusedFunction.apply(query_hidden, key_hidden, value, output_weight, dot_query, dot_key, mask, cfg)

@@ -261,8 +261,9 @@ if TRITON_AVAILABLE:
         s = _tile_scores(A_base, B_base, W_base, W2_base, B2_base, q, k, offs_m, offs_n, Lq, Lk, dot_scale,
                          BLOCK_M, BLOCK_N, HID, HIDP, HID2, AUTHORS, ACT, HAS_DOT, DOT_DTYPE, UPCAST, UNROLL, COL_MAJOR)
         # rows with no visible key (and rows past Lq) have lse = +inf: p = 0 there without a mask
-        p = _masked(tl.exp(s - lse[:, None]), 0.0, start_m, start_n, offs_m, offs_n, Lq, Lk, Mask_base, smq, smk,
-                    CAUSAL, HAS_MASK, BLOCK_M, BLOCK_N)
+        s = _masked(s, float("-inf"), start_m, start_n, offs_m, offs_n, Lq, Lk, Mask_base, smq, smk, CAUSAL,
+                    HAS_MASK, BLOCK_M, BLOCK_N)  # before exp: scores of padded keys may be large
+        p = tl.exp(s - lse[:, None])
         dp = _mm(do, tl.trans(v), DOT_DTYPE, UPCAST)
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, offs_n, Lq, Lk, dropout_p)
@@ -580,7 +581,10 @@ def _relu_grads(A, Bk, dA_raw, dB_raw, W, heads):
     """
     batch, _, _, hidden = A.shape
     w = W.view(1, -1, 1, hidden)
-    dw = (A.float() * dA_raw).sum(dim=2) + (Bk.float() * dB_raw).sum(dim=2)  # (batch, heads, hidden)
+    # pre = (A + mu) + (B - mu) for any per-unit mu, and sum_i dA_raw = sum_j dB_raw: centring B keeps large
+    # opposite offsets of A and B from cancelling in fp32
+    mu = Bk.float().mean(dim=2, keepdim=True)
+    dw = ((A.float() + mu) * dA_raw).sum(dim=2) + ((Bk.float() - mu) * dB_raw).sum(dim=2)  # (batch, heads, hidden)
     return dA_raw * w, dB_raw * w, dw.reshape(batch * heads, 1, hidden)
 
 
@@ -630,7 +634,8 @@ def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, 
     for prefix, backward in (("", False), ("bwd_", True)):
         defaults = dict(zip(("block_m", "block_n", "num_warps", "unroll"),
                             _default_launch(authors, hidden, interp, backward), strict=True))
-        launch[prefix] = tuple(default if cfg.get(prefix + key) is None else cfg[prefix + key]
+        # backward: its own setting, else the caller's forward setting, else its default
+        launch[prefix] = tuple(next((v for v in (cfg.get(prefix + key), cfg.get(key)) if v is not None), default)
                                for key, default in defaults.items())
     bm, bn, _, unroll = launch[""]
     dropout_p = float(cfg["dropout_p"])
@@ -756,9 +761,9 @@ def neural_attention_triton(
 
     Extra keyword-only tuning knobs (not part of the contract): ``block_m`` / ``block_n`` (powers of two,
     >= 16), ``num_warps`` and ``unroll`` (paper MLP: hidden units per loop iteration, a power of two) of the
-    forward kernel; ``bwd_*`` the same for the two backward kernels; ``col_major`` (paper MLP: the kernels read
-    A / B from column-major copies). ``None``: the tuned default for this MLP and d'. Returns (batch, heads, q_len,
-    v_dim) in value's dtype.
+    forward kernel; ``bwd_*`` the same for the two backward kernels (``None``: the forward setting where one is
+    given); ``col_major`` (paper MLP: the kernels read A / B from column-major copies). ``None``: the tuned default
+    for this MLP and d'. Returns (batch, heads, q_len, v_dim) in value's dtype.
     """
     if not TRITON_AVAILABLE:
         raise RuntimeError("neural_attention_triton needs the `triton` package (pip install triton)")

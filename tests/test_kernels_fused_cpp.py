@@ -86,18 +86,78 @@ def test_relu_zero_and_negative_output_weights(per_head):
 
 
 @pytest.mark.parametrize("single_pass", [True, False])
-@pytest.mark.parametrize("kind", ["causal", "mask", "dot"])
+@pytest.mark.parametrize("kind", ["causal", "mask", "dot", "causal-more-keys"])
 def test_relu_backward_single_and_two_pass(monkeypatch, single_pass, kind):
     # relu's backward runs in one pass per (batch, head) group when there are at least as many groups as threads,
     # else in the two passes the other activations use: both against the reference
     monkeypatch.setattr(fused_cpp_neural_attention, "_use_single_pass", lambda groups: single_pass)
-    args = _inputs(2, 2, 150, 2 * BLOCK + 9, 5, dot=kind == "dot", seed=9)
+    lq, lk = (20, 150) if kind == "causal-more-keys" else (150, 2 * BLOCK + 9)
+    args = _inputs(2, 2, lq, lk, 5, dot=kind == "dot", seed=9)
     if kind == "mask":
-        mask = torch.rand(2, 1, 150, 2 * BLOCK + 9, generator=torch.Generator().manual_seed(3)) > 0.4
+        mask = torch.rand(2, 1, lq, lk, generator=torch.Generator().manual_seed(3)) > 0.4
         mask[0, 0, 7] = False
         _check(args, mask=mask)
     else:
         _check(args, causal=True, **({"dot_scale": 0.3} if kind == "dot" else {}))
+
+
+def test_relu_large_opposite_offsets_stay_accurate():
+    # A and B with large opposite offsets (pre = A + B stays O(1)): B is centred before the signed-max transform
+    args = _inputs(1, 2, 64, 64, 16, seed=4)
+    with torch.no_grad():
+        args["query_hidden"] += 1000.0
+        args["key_hidden"] -= 1000.0
+    _check(args, causal=True, tol=2e-5)
+
+
+def _recovered_keep(args, p, seed, **kw):
+    """The kernel's keep mask: with value = identity its output is the dropped, rescaled probability matrix."""
+    b, h, _, _ = args["query_hidden"].shape
+    lk = args["key_hidden"].shape[2]
+    eye = torch.eye(lk).expand(b, h, lk, lk)
+    with torch.no_grad():
+        probs = neural_attention_fused_cpp(args["query_hidden"], args["key_hidden"], eye, args["output_weight"],
+                                           dropout_p=p, generator_seed=seed, **kw)  # fmt: skip
+    return probs != 0
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("single_pass", [True, False])
+def test_dropout_matches_reference_with_recovered_mask(monkeypatch, activation, single_pass):
+    monkeypatch.setattr(fused_cpp_neural_attention, "_use_single_pass", lambda groups: single_pass)
+    p, seed = 0.3, 1234
+    args = _inputs(2, 2, 70, BLOCK + 11, 5, seed=13)
+    keep = _recovered_keep(args, p, seed, causal=True, activation=activation)
+    visible = torch.ones(70, BLOCK + 11, dtype=torch.bool).tril()
+    frac = keep[..., visible].float().mean().item()
+    assert 0.6 < frac < 0.8, frac  # about 1 - p of the visible pairs are kept
+    # with real values and the same seed: the reference with that mask, forward and every gradient
+    out = neural_attention_fused_cpp(**args, causal=True, activation=activation, dropout_p=p, generator_seed=seed)
+    ref = kernel_reference(*(args[k] for k in ("query_hidden", "key_hidden", "value", "output_weight")),
+                           causal=True, activation=activation, keep=keep.double() / (1 - p))  # fmt: skip
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+    names = list(args)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad(out, [args[k] for k in names], grad)
+    want = torch.autograd.grad(ref, [args[k] for k in names], grad.double())
+    for name, x, y in zip(names, got, want, strict=True):
+        y = y.double()
+        scale = max(y.abs().max().item(), 1.0)
+        torch.testing.assert_close(x.double(), y, atol=2e-5 * scale, rtol=2e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_dropout_seeded_deterministic_and_unbiased():
+    args = _inputs(1, 2, 40, 40, 3, seed=21)
+    plain = neural_attention_fused_cpp(**args, causal=True)
+    a = neural_attention_fused_cpp(**args, causal=True, dropout_p=0.25, generator_seed=11)
+    b = neural_attention_fused_cpp(**args, causal=True, dropout_p=0.25, generator_seed=11)
+    c = neural_attention_fused_cpp(**args, causal=True, dropout_p=0.25, generator_seed=12)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    torch.testing.assert_close(neural_attention_fused_cpp(**args, causal=True, dropout_p=0.0), plain, rtol=0, atol=0)
+    with torch.no_grad():  # E[dropout(P)] = P: the mean over seeds approaches the plain output
+        mean = sum(neural_attention_fused_cpp(**args, causal=True, dropout_p=0.25, generator_seed=s)
+                   for s in range(400)) / 400  # fmt: skip
+    assert (mean - plain).abs().max() < 0.15 * plain.abs().max()
 
 
 def test_causal_more_keys_than_queries():
@@ -170,25 +230,23 @@ def _spy(monkeypatch):
 def test_delegates_unsupported_cases(monkeypatch):
     calls = _spy(monkeypatch)
     args = _inputs(1, 2, 10, 10, 4)
-    # dropout
-    neural_attention_fused_cpp(**args, dropout_p=0.1, generator_seed=0)
-    assert len(calls) == 1
     # authors MLP
     w2 = torch.randn(2, 2, 4)
     b2 = torch.randn(2, 2)
     a = dict(args, output_weight=torch.randn(2, 2))
     out = neural_attention_fused_cpp(*a.values(), w2, b2)
-    assert len(calls) == 2
+    assert len(calls) == 1
     ref = kernel_reference(*a.values(), w2, b2)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
     # float64
     a64 = {k: v.detach().double().requires_grad_() for k, v in args.items()}
     out = neural_attention_fused_cpp(**a64, causal=True)
-    assert len(calls) == 3 and out.dtype == torch.float64
+    assert len(calls) == 2 and out.dtype == torch.float64
     torch.testing.assert_close(out, kernel_reference(*a64.values(), causal=True))
-    # the fused path itself does not delegate
+    # the fused path itself does not delegate, dropout included
     neural_attention_fused_cpp(**args, causal=True)
-    assert len(calls) == 3
+    neural_attention_fused_cpp(**args, causal=True, dropout_p=0.1, generator_seed=0)
+    assert len(calls) == 2
 
 
 def test_empty_and_bad_activation():

@@ -159,7 +159,8 @@ def test_shared_weights_residual_dot_paper():
 def test_unequal_blocks_causal(bm, bn):
     t = make_inputs(lq=33, lk=41, hidden=2, vdim=3, dot=4, seed=bm)
     out = neural_attention_triton(
-        t["A"], t["B"], t["V"], t["w"], causal=True, dot_query=t["dq"], dot_key=t["dk"], block_m=bm, block_n=bn
+        t["A"], t["B"], t["V"], t["w"], causal=True, dot_query=t["dq"], dot_key=t["dk"], block_m=bm, block_n=bn,
+        bwd_block_m=bn, bwd_block_n=bm,
     )
     ref = run_reference(t, causal=True)
     assert_close(out, ref, FP32_TOL, "output")
@@ -179,6 +180,16 @@ def test_paper_unroll_and_column_major(activation, unroll, bwd_unroll, col_major
     mask[1, 0, 4] = False
     kw = dict(activation=activation, mask=mask.to(DEVICE), causal=True, dot_scale=0.4)
     check(t, unroll=unroll, bwd_unroll=bwd_unroll, col_major=col_major, ref_kw=kw, **kw)
+
+
+def test_relu_weight_gradient_with_large_opposite_offsets():
+    # the relu weight gradient comes from sum A dA_raw + sum B dB_raw on the host: B is centred so that large
+    # opposite offsets of A and B do not cancel in fp32
+    t = make_inputs(lq=23, lk=29, hidden=4, vdim=3, seed=29)
+    with torch.no_grad():
+        t["A"] += 500.0
+        t["B"] -= 500.0
+    check(t, causal=True, ref_kw=dict(causal=True))
 
 
 def test_separate_backward_blocks_causal():
