@@ -67,6 +67,7 @@ neural_attention_tiled = _kernels.neural_attention_tiled
 neural_attention_fused_cpp = _fused.neural_attention_fused_cpp
 
 BACKENDS = ("sdpa", "tiled", "cpp", "fused-cpp", "cpp-authors", "eager")
+DROPOUT_P = 0.0  # attention dropout of every variant (--dropout); a fixed seed for the fused ones
 CPP_BACKENDS = ("cpp", "fused-cpp", "cpp-authors")
 
 
@@ -107,7 +108,7 @@ def neural_fused(fn, qkv, wt, causal):
     kp = k @ wt["Pk"] + wt["ck"]
     A = torch.einsum("bhnd,hmd->bhnm", qp, wt["Wq"]) + wt["bh"][None, :, None, :]
     B = torch.einsum("bhnd,hmd->bhnm", kp, wt["Wk"])
-    return fn(A, B, v, wt["wa"], causal=causal)
+    return fn(A, B, v, wt["wa"], causal=causal, dropout_p=DROPOUT_P, generator_seed=0)
 
 
 def authors_eager(qkv, wt, causal):
@@ -121,7 +122,7 @@ def authors_eager(qkv, wt, causal):
     score = wt["L3"](torch.relu(wt["L2"](torch.relu(wt["L1"](pair))))).squeeze(-1)
     if causal:
         score = score.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
-    return torch.softmax(score, dim=-1) @ v
+    return torch.nn.functional.dropout(torch.softmax(score, dim=-1), DROPOUT_P) @ v
 
 
 def authors_fused(qkv, wt, causal):
@@ -133,12 +134,12 @@ def authors_fused(qkv, wt, causal):
     A = torch.nn.functional.linear(qp, W1[:, :d], wt["L1"].bias)
     B = torch.nn.functional.linear(kp, W1[:, d:])
     W2, b2, w3 = wt["L2"].weight[None], wt["L2"].bias[None], wt["L3"].weight  # shared by all heads
-    return neural_attention_cpp(A, B, v, w3, W2, b2, causal=causal)
+    return neural_attention_cpp(A, B, v, w3, W2, b2, causal=causal, dropout_p=DROPOUT_P, generator_seed=0)
 
 
 def sdpa(qkv, wt, causal):
     q, k, v = qkv
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=DROPOUT_P)
 
 
 def variant(backend: str):
@@ -189,7 +190,7 @@ def measure_memory(backend, cfg, args) -> float | None:
     cmd = [
         sys.executable, __file__, "--probe", backend, "--threads", str(args.threads), "--heads", str(args.heads),
         "--head-dim", str(args.head_dim), "--seq-len", str(cfg["n"]), "--dim", str(cfg["d"]),
-        "--batch", str(cfg["batch"]), "--mode", cfg["mode"],
+        "--batch", str(cfg["batch"]), "--mode", cfg["mode"], "--dropout", str(DROPOUT_P),
     ]  # fmt: skip
     if args.bidirectional:
         cmd.append("--bidirectional")
@@ -280,7 +281,7 @@ def format_row(r):
 def markdown(rows, env):
     lines = [
         f"Device: {env['cpu']}, {env['threads']} thread(s); torch {env['torch']}; {env['attention']}; "
-        f"{env['heads']} heads of {env['head_dim']}, fp32.",
+        f"{env['heads']} heads of {env['head_dim']}, fp32, attention dropout {env.get('dropout', 0.0)}.",
         "",
         "| mode | batch | n | d' | backend | median ms | p20-p80 ms | x SDPA | peak extra MB |",
         "|---|---:|---:|---:|---|---:|---:|---:|---:|",
@@ -344,6 +345,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--bidirectional", action="store_true", help="no causal mask (default: causal, GPT-2)")
+    p.add_argument("--dropout", type=float, default=0.0, help="attention dropout probability of every variant")
     p.add_argument("--eager-cap-gb", type=float, default=8.0, help="skip eager where predicted memory exceeds this")
     p.add_argument("--no-memory", action="store_true", help="skip the subprocess memory probes")
     p.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results")
@@ -354,6 +356,10 @@ def main(argv=None):
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if not 0.0 <= args.dropout < 1.0:
+        p.error(f"--dropout must be in [0, 1); got {args.dropout}")
+    global DROPOUT_P
+    DROPOUT_P = args.dropout
     if args.probe:
         return memory_probe(args)
     if args.quick:
@@ -366,6 +372,7 @@ def main(argv=None):
         "torch": torch.__version__,
         "python": platform.python_version(),
         "attention": "causal" if not args.bidirectional else "bidirectional",
+        "dropout": args.dropout,
         "heads": args.heads,
         "head_dim": args.head_dim,
         "cpp_built": cpp_available() if set(CPP_BACKENDS) & set(args.backends) else False,
