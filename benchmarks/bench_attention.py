@@ -68,6 +68,7 @@ neural_attention_fused_cpp = _fused.neural_attention_fused_cpp
 
 BACKENDS = ("sdpa", "tiled", "cpp", "fused-cpp", "cpp-authors", "eager")
 DROPOUT_P = 0.0  # attention dropout of every variant (--dropout); a fixed seed for the fused ones
+DTYPE = torch.float32  # of q, k, v and the projection / MLP weights (--dtype)
 CPP_BACKENDS = ("cpp", "fused-cpp", "cpp-authors")
 
 
@@ -78,7 +79,7 @@ def make_problem(batch: int, heads: int, n: int, head_dim: int, d: int, seed: in
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).requires_grad_()
+        return (torch.randn(*shape, generator=g) * scale).to(DTYPE).requires_grad_()
 
     qkv = [rnd(batch, heads, n, head_dim) for _ in range(3)]
     hidden, hidden2 = d, max(d // 2, 1)
@@ -95,9 +96,9 @@ def make_problem(batch: int, heads: int, n: int, head_dim: int, d: int, seed: in
         "bh": rnd(heads, hidden, scale=0.1),
         "wa": rnd(heads, hidden, scale=1 / math.sqrt(hidden)),
         # authors' MLP (shared): Linear(2d'->d'), Linear(d'->d'/2), Linear(d'/2->1)
-        "L1": torch.nn.Linear(2 * d, d),
-        "L2": torch.nn.Linear(d, hidden2),
-        "L3": torch.nn.Linear(hidden2, 1),
+        "L1": torch.nn.Linear(2 * d, d, dtype=DTYPE),
+        "L2": torch.nn.Linear(d, hidden2, dtype=DTYPE),
+        "L3": torch.nn.Linear(hidden2, 1, dtype=DTYPE),
     }
     return qkv, weights
 
@@ -191,6 +192,7 @@ def measure_memory(backend, cfg, args) -> float | None:
         sys.executable, __file__, "--probe", backend, "--threads", str(args.threads), "--heads", str(args.heads),
         "--head-dim", str(args.head_dim), "--seq-len", str(cfg["n"]), "--dim", str(cfg["d"]),
         "--batch", str(cfg["batch"]), "--mode", cfg["mode"], "--dropout", str(DROPOUT_P),
+        "--dtype", str(DTYPE).removeprefix("torch."),
     ]  # fmt: skip
     if args.bidirectional:
         cmd.append("--bidirectional")
@@ -281,7 +283,8 @@ def format_row(r):
 def markdown(rows, env):
     lines = [
         f"Device: {env['cpu']}, {env['threads']} thread(s); torch {env['torch']}; {env['attention']}; "
-        f"{env['heads']} heads of {env['head_dim']}, fp32, attention dropout {env.get('dropout', 0.0)}.",
+        f"{env['heads']} heads of {env['head_dim']}, {env.get('dtype', 'float32')}, attention dropout "
+        f"{env.get('dropout', 0.0)}.",
         "",
         "| mode | batch | n | d' | backend | median ms | p20-p80 ms | x SDPA | peak extra MB |",
         "|---|---:|---:|---:|---|---:|---:|---:|---:|",
@@ -346,6 +349,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--bidirectional", action="store_true", help="no causal mask (default: causal, GPT-2)")
     p.add_argument("--dropout", type=float, default=0.0, help="attention dropout probability of every variant")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="inputs and weights")
     p.add_argument("--eager-cap-gb", type=float, default=8.0, help="skip eager where predicted memory exceeds this")
     p.add_argument("--no-memory", action="store_true", help="skip the subprocess memory probes")
     p.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results")
@@ -358,8 +362,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not 0.0 <= args.dropout < 1.0:
         p.error(f"--dropout must be in [0, 1); got {args.dropout}")
-    global DROPOUT_P
-    DROPOUT_P = args.dropout
+    global DROPOUT_P, DTYPE
+    DROPOUT_P, DTYPE = args.dropout, getattr(torch, args.dtype)
     if args.probe:
         return memory_probe(args)
     if args.quick:
@@ -373,6 +377,7 @@ def main(argv=None):
         "python": platform.python_version(),
         "attention": "causal" if not args.bidirectional else "bidirectional",
         "dropout": args.dropout,
+        "dtype": args.dtype,
         "heads": args.heads,
         "head_dim": args.head_dim,
         "cpp_built": cpp_available() if set(CPP_BACKENDS) & set(args.backends) else False,

@@ -1,10 +1,10 @@
 """Fully fused C++ neural attention on CPU (forward and backward), compiled on first use.
 
 ``neural_attention_fused_cpp`` implements the kernel contract of ``docs/design.md`` for the common case --
-``mlp="paper"``, fp32, any activation, optional bool mask (any broadcast strides) or causal, optional residual dot
-term, optional dropout (a counter-based hash of the pair's index decides, so every pass regenerates the same mask
-whatever the block size) -- entirely in C++; every other case (``mlp="authors"``, other dtypes, no compiler) is
-delegated to :func:`cpp_neural_attention.neural_attention_cpp`.
+``mlp="paper"``, fp32 arithmetic (bf16 / fp16 inputs are cast), any activation, optional bool mask (any broadcast
+strides) or causal, optional residual dot term, optional dropout (hashed per-query and per-key keys decide, so
+every pass regenerates the same mask whatever the block size) -- entirely in C++; every other case
+(``mlp="authors"``, float64, no compiler) is delegated to :func:`cpp_neural_attention.neural_attention_cpp`.
 
 Layout of the work (flash-attention 2 style, no atomics):
 
@@ -755,6 +755,7 @@ _SOURCE = _HEADERS + _MATH + _FUSED_BODY + _FUSED_DECLS
 _FUNCTIONS = ["fused_forward", "fused_backward"]
 _PREFIX = "neural_attention_fused_cpu"
 _ACT_CODE = {"relu": 0, "gelu": 1, "silu": 2, "tanh": 3}
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLOCK = 64
 
 _lock = threading.Lock()
@@ -884,8 +885,9 @@ def neural_attention_fused_cpp(
     dropout_p: float = 0.0,
     generator_seed: int | None = None,
 ) -> Tensor:
-    """The kernel contract of ``docs/design.md``, fully fused in C++ for ``mlp="paper"`` in fp32 (dropout
-    included); every other case runs :func:`cpp_neural_attention.neural_attention_cpp`.
+    """The kernel contract of ``docs/design.md``, fully fused in C++ for ``mlp="paper"`` (fp32 arithmetic for
+    fp32 / bf16 / fp16 inputs, dropout included); every other case runs
+    :func:`cpp_neural_attention.neural_attention_cpp`.
 
     Shapes: ``query_hidden`` ``(b, h, q_len, hidden)``, ``key_hidden`` ``(b, h, k_len, hidden)``, ``value``
     ``(b, h, k_len, v_dim)`` -> ``(b, h, q_len, v_dim)``.
@@ -909,7 +911,7 @@ def neural_attention_fused_cpp(
         or query_hidden.dim() != 4
         or key_hidden.dim() != 4
         or value.dim() != 4
-        or any(t is not None and (t.dtype != torch.float32 or t.device.type != "cpu") for t in tensors)
+        or any(t is not None and (t.dtype not in _FLOAT_DTYPES or t.device.type != "cpu") for t in tensors)
         or (mask is not None and (mask.dtype != torch.bool or mask.dim() > 4))
     ):
         return delegate()
@@ -936,4 +938,8 @@ def neural_attention_fused_cpp(
         # the pair's keep decision hashes (seed, index): a 63-bit seed, drawn from torch's generator when not given
         "seed": int(torch.randint(0, 2**62, (1,)).item() if generator_seed is None else generator_seed) & (2**63 - 1),
     }
-    return _FusedFunction.apply(query_hidden, key_hidden, value, output_weight, dot_query, dot_key, mask, cfg)
+    # bf16 / fp16 (autocast) inputs run in fp32, the precision every backend accumulates in: the casts are O(n d),
+    # the attention O(n^2); gradients flow back through them in the inputs' dtypes
+    fp32 = [None if t is None else t.float() for t in tensors]
+    out = _FusedFunction.apply(*fp32[:4], *fp32[4:], mask, cfg)
+    return out.to(value.dtype)

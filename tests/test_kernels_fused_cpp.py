@@ -160,6 +160,29 @@ def test_dropout_seeded_deterministic_and_unbiased():
     assert (mean - plain).abs().max() < 0.15 * plain.abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_run_fused_in_fp32(monkeypatch, dtype):
+    # autocast hands bf16 / fp16 projections and values with fp32 weights: the fused kernel takes them (no
+    # delegation), computes in fp32 and returns value's dtype; gradients come back in each input's dtype
+    calls = _spy(monkeypatch)
+    args = _inputs(2, 2, 70, 90, 5, dot=True, seed=8)
+    low = {k: (v.detach().to(dtype) if k != "output_weight" else v.detach()).requires_grad_() for k, v in args.items()}
+    out = neural_attention_fused_cpp(**low, causal=True, dot_scale=0.3)
+    assert not calls and out.dtype == dtype
+    ref = kernel_reference(*(low[k] for k in ("query_hidden", "key_hidden", "value", "output_weight")),
+                           dot_query=low["dot_query"], dot_key=low["dot_key"], causal=True, dot_scale=0.3)  # fmt: skip
+    tol = 2e-2 if dtype == torch.bfloat16 else 4e-3  # the output rounded to dtype; fp32 inside
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    got = torch.autograd.grad(out, list(low.values()), grad)
+    want = torch.autograd.grad(ref, list(low.values()), grad.double())
+    for name, x, y in zip(low, got, want, strict=True):
+        assert x.dtype == low[name].dtype, name
+        y = y.double()
+        scale = max(y.abs().max().item(), 1.0)
+        torch.testing.assert_close(x.double(), y, atol=tol * scale, rtol=tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def test_causal_more_keys_than_queries():
     # upper-left aligned: keys >= q_len are never visible, their gradients are zero
     args = _inputs(1, 2, 20, 3 * BLOCK + 5, 3)
