@@ -245,7 +245,7 @@ def neural_attention_forward(
     if backend == "triton":
         from .triton_neural_attention import neural_attention_triton as kernel
     elif backend == "cpp":
-        # fully fused for the common case (paper MLP, fp32, dropout included); the rest goes to the tiled C++ path
+        # fully fused for the paper MLP (fp32 arithmetic, dropout included); the authors MLP goes to the tiled C++ path
         from .fused_cpp_neural_attention import neural_attention_fused_cpp as kernel
     else:
         from .kernels_neural_attention import neural_attention_tiled as kernel
