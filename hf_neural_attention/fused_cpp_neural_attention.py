@@ -42,7 +42,7 @@ from .cpp_neural_attention import (
     load_extension,
     neural_attention_cpp,
 )
-from .kernels_neural_attention import ACTIVATIONS
+from .kernels_neural_attention import ACTIVATIONS, relu_weight_grad
 
 __all__ = ["fused_cpp_available", "fused_cpp_is_built", "neural_attention_fused_cpp"]
 
@@ -844,10 +844,8 @@ class _FusedFunction(torch.autograd.Function):
             Ak, At, Bk, Bt, Vf, kernel_w, dqf, dkf, mask, cvec, lse, dO, D, batch, heads, cfg["causal"],
             cfg["dot_scale"], cfg["act"], cfg["block"], _use_single_pass(G), cfg["dropout_p"], cfg["seed"],
         )  # fmt: skip
-        if cfg["act"] == _ACT_CODE["relu"]:  # raw sums -> gradients (see the class docstring), B centred as above
-            Af, Bf = A.reshape(G, q_len, hidden), B.reshape(G, k_len, hidden)
-            mu = Bf.mean(dim=1, keepdim=True)
-            dw = ((Af + mu) * dA).sum(1) + ((Bf - mu) * dB).sum(1)
+        if cfg["act"] == _ACT_CODE["relu"]:  # raw sums -> gradients (see the class docstring)
+            dw = relu_weight_grad(A.reshape(G, q_len, hidden), B.reshape(G, k_len, hidden), dA, dB)
             dA, dB = dA * wg.unsqueeze(1), dB * wg.unsqueeze(1)
         dw = dw.view(batch, heads, hidden).sum(0)
         if w.shape[0] == 1 and heads != 1 or w.dim() == 1:

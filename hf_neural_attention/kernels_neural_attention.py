@@ -37,9 +37,24 @@ __all__ = [
     "TileScorer",
     "choose_block_size",
     "neural_attention_tiled",
+    "relu_weight_grad",
 ]
 
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
+
+
+def relu_weight_grad(query_hidden: Tensor, key_hidden: Tensor, raw_query: Tensor, raw_key: Tensor) -> Tensor:
+    """dL/dw of ``score_ij = sum_k w_k relu(A_ik + B_jk)`` from the raw sums the input gradients need anyway.
+
+    ``query_hidden`` A ``(..., q_len, hidden)``, ``key_hidden`` B ``(..., k_len, hidden)``; ``raw_query``
+    G_ik = sum_j relu'(pre_ijk) dS_ij and ``raw_key`` H_jk = sum_i relu'(pre_ijk) dS_ij (fp32, shaped like A / B;
+    dA = G w, dB = H w). Since relu(x) = x relu'(x), dw_k = sum_i A_ik G_ik + sum_j B_jk H_jk: no reduction per
+    tile. B is centred (pre = (A + mu) + (B - mu), and sum_i G = sum_j H) so that large opposite offsets of A and
+    B do not cancel in fp32. Returns ``(..., hidden)`` fp32.
+    """
+    A, B = query_hidden.float(), key_hidden.float()
+    mu = B.mean(dim=-2, keepdim=True)
+    return ((A + mu) * raw_query).sum(dim=-2) + ((B - mu) * raw_key).sum(dim=-2)
 
 # Elements (fp32) of the largest hidden-sized temporary of one tile: ~4 MiB, so a handful of them sit in L2/L3.
 _TILE_BUDGET = 1 << 20

@@ -18,8 +18,9 @@ as a ``torch.autograd.Function`` with Triton forward and backward kernels (flash
   with torch afterwards: no atomics, so two backward runs are bitwise identical.
 * dropout: ``tl.rand(seed, (bh * q_len + i) * k_len + j)``; backward regenerates the same mask.
 
-This file travels with Hub checkpoints: it imports only torch, stdlib and (optionally) triton, and
-importing it never fails when triton is missing (``TRITON_AVAILABLE`` is then False).
+This file travels with Hub checkpoints: it imports only torch, stdlib, its flat sibling
+``kernels_neural_attention`` and (optionally) triton, and importing it never fails when triton is missing
+(``TRITON_AVAILABLE`` is then False).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import math
 import os
 
 import torch
+
+from .kernels_neural_attention import relu_weight_grad
 
 try:  # triton is optional: importing this module must never fail without it
     import triton
@@ -575,16 +578,12 @@ def _relu_grads(A, Bk, dA_raw, dB_raw, W, heads):
     """Finish the relu paper-MLP gradients the kernels leave raw (without the output weight w).
 
     A: (batch, heads, q_len, hidden), Bk: (batch, heads, k_len, hidden); dA_raw / dB_raw (fp32, same shapes) hold
-    sum_j relu'(pre_ij) dS_ij and sum_i relu'(pre_ij) dS_ij; W: (heads or 1, hidden) fp32. Since
-    relu(x) = x relu'(x), dL/dw_m = sum_ij relu'(pre_ijm) dS_ij (A_im + B_jm) = sum_i A_im dA_raw_im +
-    sum_j B_jm dB_raw_jm. Returns (dA, dB, per-(batch*head) dw partials shaped (batch*heads, 1, hidden)).
+    sum_j relu'(pre_ij) dS_ij and sum_i relu'(pre_ij) dS_ij; W: (heads or 1, hidden) fp32. Returns (dA, dB,
+    per-(batch*head) dw partials shaped (batch*heads, 1, hidden)); dw from ``relu_weight_grad``.
     """
     batch, _, _, hidden = A.shape
     w = W.view(1, -1, 1, hidden)
-    # pre = (A + mu) + (B - mu) for any per-unit mu, and sum_i dA_raw = sum_j dB_raw: centring B keeps large
-    # opposite offsets of A and B from cancelling in fp32
-    mu = Bk.float().mean(dim=2, keepdim=True)
-    dw = ((A.float() + mu) * dA_raw).sum(dim=2) + ((Bk.float() - mu) * dB_raw).sum(dim=2)  # (batch, heads, hidden)
+    dw = relu_weight_grad(A, Bk, dA_raw, dB_raw)  # (batch, heads, hidden)
     return dA_raw * w, dB_raw * w, dw.reshape(batch * heads, 1, hidden)
 
 
