@@ -8,12 +8,14 @@ transformers (and its dependency huggingface_hub) and flat siblings.
 
 # No `from __future__ import annotations`: strict dataclasses validate field types only from real annotations.
 import dataclasses
+import functools
 import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from huggingface_hub.dataclasses import strict  # a dependency of transformers, present wherever it is
+from huggingface_hub.errors import StrictDataclassError
 from transformers import GPT2Config, ViTConfig
 
 MIN_PROJ_DIM = 2
@@ -241,7 +243,10 @@ class NeuralAttentionConfigMixin:
 
     def validate_neural_attention(self) -> None:
         """Strict-dataclass class validator: settings valid and layers within the model."""
-        self.neural_attention_settings()
+        try:
+            self.neural_attention_settings()
+        except ValueError as error:  # name the flat field the user wrote, not NeuralAttentionConfig's
+            raise ValueError(str(error).replace("NeuralAttentionConfig.", CONFIG_PREFIX)) from error
         layers = self.neural_attention_layers
         num_layers = self.num_hidden_layers
         if not layers:
@@ -264,6 +269,36 @@ class NeuralAttentionConfigMixin:
         return output
 
 
+def _value_errors(cls: type) -> type:
+    """Make the strict dataclass report an invalid field as a ``ValueError``: at construction (and so on load from
+    config.json) and on assignment.
+
+    huggingface_hub's strict dataclasses raise their own ``StrictDataclassError`` (not a ``ValueError``); callers of
+    a config expect the standard type, with the message saying which field is wrong and how to fix it.
+    """
+    strict_init, strict_setattr = cls.__init__, cls.__setattr__
+
+    @functools.wraps(strict_init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            strict_init(self, *args, **kwargs)
+        except StrictDataclassError as error:
+            raise ValueError(
+                f"Invalid {cls.__name__}: {error}\nFix the value passed to the constructor (or in config.json)."
+            ) from error
+
+    @functools.wraps(strict_setattr)
+    def __setattr__(self, name: str, value: Any) -> None:
+        try:
+            strict_setattr(self, name, value)
+        except StrictDataclassError as error:
+            raise ValueError(f"Invalid value for {cls.__name__}.{name}: {error}") from error
+
+    cls.__init__, cls.__setattr__ = __init__, __setattr__
+    return cls
+
+
+@_value_errors
 @strict
 class NeuralAttentionGPT2Config(NeuralAttentionConfigMixin, GPT2Config):
     """``GPT2Config`` plus the neural-attention fields (see ``NeuralAttentionConfigMixin``).
@@ -274,6 +309,7 @@ class NeuralAttentionGPT2Config(NeuralAttentionConfigMixin, GPT2Config):
     model_type = "neural_attention_gpt2"
 
 
+@_value_errors
 @strict
 class NeuralAttentionViTConfig(NeuralAttentionConfigMixin, ViTConfig):
     """``ViTConfig`` plus the neural-attention fields (see ``NeuralAttentionConfigMixin``)."""
