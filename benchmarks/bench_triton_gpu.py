@@ -46,6 +46,9 @@ def correctness_check(fn, dev: str = DEVICE, det_len: int = 300) -> bool:
     cases = [
         # name, b, h, lq, lk, hidden, vdim, authors, shared, dot, dtype, kwargs, tol
         ("paper relu causal fp32", 2, 3, 77, 131, 3, 64, False, False, 0, torch.float32, dict(causal=True), 1e-4),
+        # the default launch of the common case (relu, bf16, no dot term) owns 128 rows: lengths past one block
+        ("paper relu causal bf16", 2, 3, 300, 333, 16, 64, False, False, 0, torch.bfloat16, dict(causal=True), 5e-2),
+        ("paper relu mask bf16", 1, 2, 150, 97, 2, 64, False, True, 0, torch.bfloat16, dict(), 5e-2),
         ("paper gelu mask fp32", 2, 2, 65, 70, 16, 40, False, True, 0, torch.float32, dict(activation="gelu"), 1e-4),
         (
             "paper silu dot bf16",
@@ -230,33 +233,33 @@ def bench_case(kind, n, batch, heads, head_dim, hidden, causal, repeats, warmup,
 
 
 # ------------------------------------------------------------------------------------------ tuning
-# (BLOCK_M, BLOCK_N, num_warps, unroll) candidates per (MLP, d' <= 4), each tried with A / B row- and column-major
-# (paper MLP). The compiler's resource report for sm_90 (no GPU needed) ruled out configurations that spill badly;
-# earlier H100 runs (benchmarks/results/gpu_h100) ruled out the rest, and an all-units (BM, BN, d') tile
-# formulation of the paper MLP (1.5-2x slower, dropped)
+# (BLOCK_M, BLOCK_N, num_warps, unroll) candidates per (MLP, d' <= 4); for the backward kernels (own, step, ...):
+# each owns a block of positions (queries or keys) and steps over the other side. Paper MLP: the tiles take the MMA
+# register layout, where more owned rows give a thread more rows per loaded column; the sm_90 SASS (compiled here
+# without a GPU) ranked these by instructions per (pair, hidden unit) without register spills. Authors' MLP: earlier
+# H100 runs (benchmarks/results/gpu_h100/run2). An all-units (BM, BN, d') formulation of the paper MLP was 1.5-2x
+# slower and dropped.
 CANDIDATES = {
-    ("paper", True): [(32, 32, 4, 1), (32, 32, 4, 2), (64, 32, 4, 1), (64, 32, 4, 2)],
-    ("paper", False): [(32, 32, 4, 1), (32, 32, 4, 2), (32, 32, 4, 4), (64, 32, 4, 2)],
+    ("paper", True): [(128, 32, 4, 2), (64, 32, 4, 2), (128, 64, 4, 2), (128, 64, 8, 2), (256, 32, 8, 2)],
+    ("paper", False): [(128, 32, 4, 2), (64, 32, 4, 2), (128, 32, 4, 4), (128, 64, 8, 2), (256, 32, 8, 2)],
     ("authors", True): [(32, 32, 4, 1), (64, 32, 4, 1), (32, 32, 8, 1)],
     ("authors", False): [(32, 32, 8, 1), (16, 32, 8, 1), (16, 16, 4, 1)],
 }
 
 
-def launch_kwargs(fwd_cfg: tuple, bwd_cfg: tuple, col_major: bool | None = None) -> dict:
+def launch_kwargs(fwd_cfg: tuple, bwd_cfg: tuple) -> dict:
     """Keyword arguments of ``neural_attention_triton`` for (BLOCK_M, BLOCK_N, num_warps, unroll) pairs."""
     keys = ("block_m", "block_n", "num_warps", "unroll")
-    kwargs = {**dict(zip(keys, fwd_cfg, strict=True)), **{f"bwd_{k}": v for k, v in zip(keys, bwd_cfg, strict=True)}}
-    return kwargs if col_major is None else {**kwargs, "col_major": col_major}
+    return {**dict(zip(keys, fwd_cfg, strict=True)), **{f"bwd_{k}": v for k, v in zip(keys, bwd_cfg, strict=True)}}
 
 
 def tune(fn, mlp, hidden, n, batch, heads, head_dim, causal, repeats, warmup):
     """Time every candidate launch of the forward kernel, then of the backward kernels (forward fixed to the
-    best), for each storage order of A / B (paper MLP): returns (launch keyword arguments of the fastest
-    forward+backward, rows)."""
+    best): returns (launch keyword arguments of the fastest forward+backward, rows)."""
     rows = []
 
-    def run(fwd_cfg, bwd_cfg, col_major, stage):
-        launch = launch_kwargs(fwd_cfg, bwd_cfg, col_major)
+    def run(fwd_cfg, bwd_cfg, stage):
+        launch = launch_kwargs(fwd_cfg, bwd_cfg)
         try:
             t_fwd, t_fb, _ = bench_case(f"neural_{mlp}", n, batch, heads, head_dim, hidden, causal, repeats,
                                         warmup, fn, launch)
@@ -264,24 +267,20 @@ def tune(fn, mlp, hidden, n, batch, heads, head_dim, causal, repeats, warmup):
             print(f"[tune] {mlp} d'={hidden} {stage} {launch}: {type(e).__name__}: {str(e)[:120]}")
             return math.inf, math.inf
         rows.append(dict(mlp=mlp, hidden=hidden, n=n, batch=batch, stage=stage, fwd=str(fwd_cfg),
-                         bwd=str(bwd_cfg), col_major=col_major, fwd_ms=round(t_fwd, 3),
-                         bwd_ms=round(t_fb - t_fwd, 3)))
-        print(f"[tune] {mlp:7s} d'={hidden:2d} {stage} fwd{fwd_cfg} bwd{bwd_cfg} col_major={col_major}: "
+                         bwd=str(bwd_cfg), fwd_ms=round(t_fwd, 3), bwd_ms=round(t_fb - t_fwd, 3)))
+        print(f"[tune] {mlp:7s} d'={hidden:2d} {stage} fwd{fwd_cfg} bwd{bwd_cfg}: "
               f"fwd {t_fwd:7.3f} ms  bwd {t_fb - t_fwd:7.3f} ms", flush=True)
         return t_fwd, t_fb - t_fwd
 
     cands = CANDIDATES[(mlp, hidden <= 4)]
-    best = None
-    for col_major in (False, True) if mlp == "paper" else (None,):
-        fwd_times = {c: run(c, cands[0], col_major, "fwd")[0] for c in cands}
-        best_fwd = min(fwd_times, key=fwd_times.get)
-        bwd_times = {c: run(best_fwd, c, col_major, "bwd")[1] for c in cands}
-        best_bwd = min(bwd_times, key=bwd_times.get)
-        total = fwd_times[best_fwd] + bwd_times[best_bwd]
-        if best is None or total < best[0]:
-            best = (total, launch_kwargs(best_fwd, best_bwd, col_major))
+    fwd_times = {c: run(c, cands[0], "fwd")[0] for c in cands}
+    best_fwd = min(fwd_times, key=fwd_times.get)
+    bwd_times = {c: run(best_fwd, c, "bwd")[1] for c in cands}
+    best_bwd = min(bwd_times, key=bwd_times.get)
+    best = (fwd_times[best_fwd] + bwd_times[best_bwd], launch_kwargs(best_fwd, best_bwd))
     print(f"[tune] {mlp} d'={hidden}: best {best[1]} ({best[0]:.3f} ms fwd+bwd)")
     return best[1], rows
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -65,10 +65,19 @@ def triton_is_usable(tensor: torch.Tensor | None = None) -> bool:
 # ----------------------------------------------------------------------------------------------------------
 # Triton kernels
 #
-# Shapes inside a program: a tile is (BLOCK_M query rows) x (BLOCK_N key columns); A / B are the contiguous
-# (batch*heads, len, HID) projections, per-head weights are read at W + h * w_hs (w_hs = 0 when shared).
-# The three kernels share one leading argument list (tensors, lengths, strides, scalars: see `_launch_args`)
-# and one set of constexprs. Argument lists are kept on few lines on purpose (`ruff format` would explode them).
+# Orientation: every kernel works on tiles whose ROWS are the positions its program owns and whose columns are the
+# positions it loops over: forward and query-side backward own BLOCK_M queries (tile (BLOCK_M, BLOCK_N)); the key-side
+# backward owns BLOCK_N keys (tile (BLOCK_N, BLOCK_M), KEY_ROWS=True). The per-unit reductions of the backward pass
+# (dA over keys, dB over queries) then always run along axis 1: inside a warp when the owned rows are at least
+# 16 x num_warps (see `_mma_zeros`).
+#
+# Operands: paper MLP: A / B as fp32 (batch*heads, HIDP, LqP / LkP) column-major copies, lengths padded to LqP / LkP
+# (whole blocks) and hidden units to HIDP with zeros, so per-unit column loads need no masks; for relu centred and
+# scaled for the signed-max form, with the per-key constant Ck (see `_paper_operands`). Authors' MLP: A / B
+# (batch*heads, len, HID) row-major.
+# Per-head weights are read at W + h * w_hs (w_hs = 0 when shared). The three kernels share one leading argument list
+# (tensors, lengths, strides, scalars: see `_launch_args`) and one set of constexprs. Argument lists are kept on few
+# lines on purpose (`ruff format` would explode them).
 # ----------------------------------------------------------------------------------------------------------
 # fmt: off
 
@@ -106,6 +115,11 @@ if TRITON_AVAILABLE:
         return y, dy
 
     @triton.jit
+    def _exp(x):
+        """exp(x) as one hardware ex2 (as flash attention does): tl.exp compiles to about twice the instructions."""
+        return tl.exp2(x * 1.4426950408889634)
+
+    @triton.jit
     def _mm(a, b, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
         """a @ b with operands rounded to DOT_DTYPE (fp32 accumulation).
 
@@ -118,6 +132,29 @@ if TRITON_AVAILABLE:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         return tl.dot(a, b, input_precision="ieee")
+
+    @triton.jit
+    def _mma_zeros(ROWS: tl.constexpr, COLS: tl.constexpr, UPCAST: tl.constexpr):
+        """fp32 zeros (ROWS, COLS) born from one small tensor-core dot, to start a score tile from.
+
+        Why: triton lays out a tile built by broadcasting with a whole warp along each row (a thread holds 1 column
+        of ROWS / num_warps rows), so every hidden unit costs a thread ~ROWS / num_warps + 1 loads for as many pairs,
+        and each row reduction crosses 32 lanes. Born from a dot, the tile takes the MMA layout (a thread holds 2
+        rows per 16 x COLS / 4 columns; reductions along a row cross 4 lanes): in the sm_90 SASS the forward issues
+        about half the instructions per tile. The dot costs one (ROWS, 16) x (16, COLS) MMA per tile; fp16 operands,
+        which every tensor-core GPU (sm_70 on) multiplies, whatever the inputs' dtype.
+        """
+        return _mm(tl.zeros((ROWS, 16), dtype=tl.float32), tl.zeros((16, COLS), dtype=tl.float32), tl.float16,
+                   UPCAST)
+
+    @triton.jit
+    def _pair_index(offs_q, offs_k, KEY_ROWS: tl.constexpr):
+        """(query, key) positions expanded to the tile's orientation: keys as rows when KEY_ROWS."""
+        if KEY_ROWS:  # (assign, then one return: the compiler wants one return type per function)
+            qi, kj = offs_q[None, :], offs_k[:, None]
+        else:
+            qi, kj = offs_q[:, None], offs_k[None, :]
+        return qi, kj
 
     # ---------------------------------------------------------------------------------------- tile access
     @triton.jit
@@ -148,16 +185,6 @@ if TRITON_AVAILABLE:
         tl.store(ptrs, x.to(base.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _load_col(base, offs, L, col, HID: tl.constexpr, COL_MAJOR: tl.constexpr):
-        """Column ``col`` (zeros from HID on) at rows ``offs`` of an (L, HID) matrix stored row- or column-major."""
-        ok = offs < L * (col < HID)  # (a scalar test: the interpreter's col may be a plain int)
-        if COL_MAJOR:  # contiguous: one wide load per thread instead of a stride-HID gather
-            x = tl.load(base + col * L + offs, mask=ok, other=0.0)
-        else:
-            x = tl.load(base + offs * HID + col, mask=ok, other=0.0)
-        return x.to(tl.float32)
-
-    @triton.jit
     def _row_stats(LSE, Delta, bh, offs_m, Lq):
         """(log-sum-exp, delta = rowsum(dO * O)) of the query rows ``offs_m``; +inf / 0 out of bounds."""
         m_ok = offs_m < Lq
@@ -165,133 +192,176 @@ if TRITON_AVAILABLE:
                 tl.load(Delta + bh * Lq + offs_m, mask=m_ok, other=0.0))
 
     @triton.jit
-    def _head_bases(A, B, V, W, W2, B2, DQ, DK, Mask, H, Lq, Lk, svb, svh, sqb, sqh, skb, skh, smb, smh,
-                    w_hs, w2_hs, b2_hs, HID: tl.constexpr):
+    def _head_bases(A, B, Ck, V, W, W2, B2, DQ, DK, Mask, H, LkP, sab, sbb, svb, svh, sqb, sqh, skb, skh, smb, smh,
+                    w_hs, w2_hs, b2_hs):
         """(bh, b, h) of this program (axis 1 = batch*heads) and the per-(batch, head) base pointers."""
         bh = tl.program_id(1).to(tl.int64)
         b = bh // H
         h = bh % H
-        return (bh, b, h, A + bh * Lq * HID, B + bh * Lk * HID, V + b * svb + h * svh, W + h * w_hs, W2 + h * w2_hs,
-                B2 + h * b2_hs, DQ + b * sqb + h * sqh, DK + b * skb + h * skh, Mask + b * smb + h * smh)
+        return (bh, b, h, A + bh * sab, B + bh * sbb, Ck + bh * LkP, V + b * svb + h * svh, W + h * w_hs,
+                W2 + h * w2_hs, B2 + h * b2_hs, DQ + b * sqb + h * sqh, DK + b * skb + h * skh,
+                Mask + b * smb + h * smh)
 
     # ---------------------------------------------------------------------------------------- per-pair MLP
     @triton.jit
-    def _paper_pre(A_base, B_base, offs_m, offs_n, Lq, Lk, m, HID: tl.constexpr, COL_MAJOR: tl.constexpr):
-        """Hidden unit m before the activation on the tile: A[i, m] + B[j, m], (BM, BN); zeros for m >= HID."""
-        return (_load_col(A_base, offs_m, Lq, m, HID, COL_MAJOR)[:, None]
-                + _load_col(B_base, offs_n, Lk, m, HID, COL_MAJOR)[None, :])
+    def _paper_unit(A_base, B_base, offs_q, offs_k, LqP, LkP, m, KEY_ROWS: tl.constexpr):
+        """Hidden unit m's operands on the tile: (A[i, m], B[j, m]) expanded to broadcast against each other.
+
+        Unmasked loads: the copies are padded to whole blocks and HIDP units (see `_paper_operands`).
+        """
+        a = tl.load(A_base + m * LqP + offs_q)
+        b = tl.load(B_base + m * LkP + offs_k)
+        if KEY_ROWS:
+            a, b = a[None, :], b[:, None]
+        else:
+            a, b = a[:, None], b[None, :]
+        return a, b
 
     @triton.jit
-    def _authors_h1(A_base, B_base, offs_m, offs_n, Lq, Lk, HID: tl.constexpr, HIDP: tl.constexpr):
-        """Authors' first layer on the tile: relu(A_i + B_j), (BM, BN, HIDP)."""
-        a = _load_tile(A_base, offs_m, Lq, HID, HID, HIDP).to(tl.float32)
-        b = _load_tile(B_base, offs_n, Lk, HID, HID, HIDP).to(tl.float32)
-        return tl.maximum(a[:, None, :] + b[None, :, :], 0.0)
+    def _authors_h1(A_base, B_base, offs_q, offs_k, Lq, Lk, HID: tl.constexpr, HIDP: tl.constexpr,
+                    KEY_ROWS: tl.constexpr):
+        """Authors' first layer on the tile: relu(A_i + B_j), (ROWS, COLS, HIDP)."""
+        a = _load_tile(A_base, offs_q, Lq, HID, HID, HIDP).to(tl.float32)
+        b = _load_tile(B_base, offs_k, Lk, HID, HID, HIDP).to(tl.float32)
+        if KEY_ROWS:
+            h1 = tl.maximum(b[:, None, :] + a[None, :, :], 0.0)
+        else:
+            h1 = tl.maximum(a[:, None, :] + b[None, :, :], 0.0)
+        return h1
 
     @triton.jit
     def _authors_z(h1, W2_base, B2_base, r, HID: tl.constexpr, HIDP: tl.constexpr):
-        """Authors' second layer, unit r, before its relu: (z_r = W2[r] . h1 + b2[r]  (BM, BN), W2[r]  (HIDP,))."""
+        """Authors' second layer, unit r, before its relu: (z_r = W2[r] . h1 + b2[r]  (ROWS, COLS), W2[r]  (HIDP,))."""
         offs_h = tl.arange(0, HIDP)
         w2r = tl.load(W2_base + r * HID + offs_h, mask=offs_h < HID, other=0.0).to(tl.float32)
         return tl.sum(h1 * w2r[None, None, :], axis=2) + tl.load(B2_base + r).to(tl.float32), w2r
 
     @triton.jit
-    def _tile_scores(A_base, B_base, W_base, W2_base, B2_base, q, k, offs_m, offs_n, Lq, Lk, dot_scale,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HID: tl.constexpr, HIDP: tl.constexpr,
+    def _tile_scores(A_base, B_base, Ck_base, W_base, W2_base, B2_base, q, k, offs_q, offs_k, Lq, Lk, LqP, LkP,
+                     dot_scale, ROWS: tl.constexpr, COLS: tl.constexpr, HID: tl.constexpr, HIDP: tl.constexpr,
                      HID2: tl.constexpr, AUTHORS: tl.constexpr, ACT: tl.constexpr, HAS_DOT: tl.constexpr,
-                     DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr, UNROLL: tl.constexpr, COL_MAJOR: tl.constexpr):
-        """Unmasked fp32 scores of the (BM, BN) tile: per-pair MLP (paper / authors) + dot_scale * q @ k^T."""
-        s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if AUTHORS:
-            h1 = _authors_h1(A_base, B_base, offs_m, offs_n, Lq, Lk, HID, HIDP)
+                     DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr, UNROLL: tl.constexpr, KEY_ROWS: tl.constexpr):
+        """Unmasked fp32 scores of the (ROWS, COLS) tile: per-pair MLP (paper / authors) + dot_scale * q . k."""
+        if AUTHORS:  # (its (ROWS, COLS, HIDP) first layer picks its own layout)
+            s = tl.zeros((ROWS, COLS), dtype=tl.float32)
+            h1 = _authors_h1(A_base, B_base, offs_q, offs_k, Lq, Lk, HID, HIDP, KEY_ROWS)
             for r in tl.static_range(HID2):
                 z, _w2r = _authors_z(h1, W2_base, B2_base, r, HID, HIDP)
                 s += tl.load(W_base + r).to(tl.float32) * tl.maximum(z, 0.0)
         else:
+            s = _mma_zeros(ROWS, COLS, UPCAST)
             # a runtime loop, UNROLL units per iteration: fully unrolled, the hoisted column loads spill registers;
-            # units m >= HID (the last iteration's tail) have w = 0 and zero inputs
+            # units m >= HID (the last iteration's tail) are zero padding (w = 0, A = B = 0)
             for m0 in range(0, HID, UNROLL):
                 for u in tl.static_range(UNROLL):
-                    m = m0 + u
-                    s += tl.load(W_base + m, mask=m < HID, other=0.0).to(tl.float32) * _act_fwd(
-                        _paper_pre(A_base, B_base, offs_m, offs_n, Lq, Lk, m, HID, COL_MAJOR), ACT)
+                    w = tl.load(W_base + m0 + u)
+                    a, b = _paper_unit(A_base, B_base, offs_q, offs_k, LqP, LkP, m0 + u, KEY_ROWS)
+                    if ACT == 0:
+                        # signed-max form (see `_paper_operands`): 2 operations per pair instead of 3; the per-key
+                        # constant Ck is added once below
+                        # (explicit fma: triton >= 3.10 stops contracting a * b + c by default)
+                        s = tl.fma(tl.where(w > 0.0, 1.0, tl.where(w < 0.0, -1.0, 0.0)), tl.maximum(a, b), s)
+                    else:
+                        s = tl.fma(w, _act_fwd(a + b, ACT), s)
+            if ACT == 0:
+                ck = tl.load(Ck_base + offs_k)
+                if KEY_ROWS:
+                    s += ck[:, None]
+                else:
+                    s += ck[None, :]
         if HAS_DOT:
-            s += dot_scale * _mm(q, tl.trans(k), DOT_DTYPE, UPCAST)
+            if KEY_ROWS:
+                s += dot_scale * _mm(k, tl.trans(q), DOT_DTYPE, UPCAST)
+            else:
+                s += dot_scale * _mm(q, tl.trans(k), DOT_DTYPE, UPCAST)
         return s
 
     @triton.jit
-    def _tile_mask(offs_m, offs_n, Lq, Lk, Mask_base, smq, smk, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+    def _tile_mask(offs_q, offs_k, Lq, Lk, Mask_base, smq, smk, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                   KEY_ROWS: tl.constexpr):
         """True where query i may attend key j: in bounds, causal (j <= i), bool mask."""
-        valid = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
+        qi, kj = _pair_index(offs_q, offs_k, KEY_ROWS)
+        valid = (qi < Lq) & (kj < Lk)
         if CAUSAL:
-            valid = valid & (offs_n[None, :] <= offs_m[:, None])
+            valid = valid & (kj <= qi)
         if HAS_MASK:
-            mv = tl.load(Mask_base + offs_m[:, None] * smq + offs_n[None, :] * smk, mask=valid, other=0)
+            mv = tl.load(Mask_base + qi * smq + kj * smk, mask=valid, other=0)
             valid = valid & (mv != 0)
         return valid
 
     @triton.jit
-    def _masked(x, fill, start_m, start_n, offs_m, offs_n, Lq, Lk, Mask_base, smq, smk, CAUSAL: tl.constexpr,
-                HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _masked(x, fill, start_q, start_k, offs_q, offs_k, Lq, Lk, Mask_base, smq, smk, CAUSAL: tl.constexpr,
+                HAS_MASK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, KEY_ROWS: tl.constexpr):
         """x with ``fill`` where query i may not attend key j. Tiles wholly inside both lengths and below the
         causal diagonal (the bulk of a long sequence) skip the mask arithmetic: a scalar test per tile."""
         if HAS_MASK:
-            x = tl.where(_tile_mask(offs_m, offs_n, Lq, Lk, Mask_base, smq, smk, CAUSAL, HAS_MASK), x, fill)
+            x = tl.where(_tile_mask(offs_q, offs_k, Lq, Lk, Mask_base, smq, smk, CAUSAL, HAS_MASK, KEY_ROWS), x, fill)
         else:
-            partial = (start_m + BLOCK_M > Lq) | (start_n + BLOCK_N > Lk)
+            partial = (start_q + BLOCK_Q > Lq) | (start_k + BLOCK_K > Lk)
             if CAUSAL:
-                partial = partial | (start_n + BLOCK_N - 1 > start_m)
+                partial = partial | (start_k + BLOCK_K - 1 > start_q)
             if partial:
-                x = tl.where(_tile_mask(offs_m, offs_n, Lq, Lk, Mask_base, smq, smk, CAUSAL, HAS_MASK), x, fill)
+                x = tl.where(_tile_mask(offs_q, offs_k, Lq, Lk, Mask_base, smq, smk, CAUSAL, HAS_MASK, KEY_ROWS), x,
+                             fill)
         return x
 
     @triton.jit
-    def _dropout_keep(seed, bh, offs_m, offs_n, Lq, Lk, dropout_p):
+    def _dropout_keep(seed, bh, offs_q, offs_k, Lq, Lk, dropout_p, KEY_ROWS: tl.constexpr):
         """Dropout keep-mask of the tile from tl.rand(seed, (bh * Lq + i) * Lk + j) (same in forward and backward)."""
-        rows = bh * Lq + offs_m.to(tl.int64)
-        lin = rows[:, None] * Lk + offs_n[None, :].to(tl.int64)
-        return tl.rand(seed, lin) >= dropout_p
+        qi, kj = _pair_index(offs_q.to(tl.int64), offs_k.to(tl.int64), KEY_ROWS)
+        return tl.rand(seed, (bh * Lq + qi) * Lk + kj) >= dropout_p
 
     @triton.jit
-    def _tile_probs_grad(A_base, B_base, W_base, W2_base, B2_base, Mask_base, smq, smk, q, k, v, do, lse, delta,
-                         start_m, start_n, offs_m, offs_n, Lq, Lk, bh, dot_scale, dropout_p, dropout_scale, seed,
-                         HID: tl.constexpr, HIDP: tl.constexpr, HID2: tl.constexpr, AUTHORS: tl.constexpr,
-                         ACT: tl.constexpr, HAS_DOT: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
-                         DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
-                    UNROLL: tl.constexpr, COL_MAJOR: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Recompute P of one tile from the stored log-sum-exp; return (P after dropout, dS = dL/dscores)."""
-        s = _tile_scores(A_base, B_base, W_base, W2_base, B2_base, q, k, offs_m, offs_n, Lq, Lk, dot_scale,
-                         BLOCK_M, BLOCK_N, HID, HIDP, HID2, AUTHORS, ACT, HAS_DOT, DOT_DTYPE, UPCAST, UNROLL, COL_MAJOR)
+    def _tile_probs_grad(A_base, B_base, Ck_base, W_base, W2_base, B2_base, Mask_base, smq, smk, q, k, v, do, lse,
+                         delta, start_q, start_k, offs_q, offs_k, Lq, Lk, LqP, LkP, bh, dot_scale, dropout_p,
+                         dropout_scale, seed, HID: tl.constexpr, HIDP: tl.constexpr, HID2: tl.constexpr,
+                         AUTHORS: tl.constexpr, ACT: tl.constexpr, HAS_DOT: tl.constexpr, HAS_MASK: tl.constexpr,
+                         CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+                         UNROLL: tl.constexpr, KEY_ROWS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+                         ROWS: tl.constexpr, COLS: tl.constexpr):
+        """Recompute P of one (ROWS, COLS) tile from the stored log-sum-exp; return (P after dropout, dS = dL/dscores).
+
+        (ROWS, COLS) = (BLOCK_K, BLOCK_Q) when KEY_ROWS, else (BLOCK_Q, BLOCK_K).
+        """
+        s = _tile_scores(A_base, B_base, Ck_base, W_base, W2_base, B2_base, q, k, offs_q, offs_k, Lq, Lk, LqP, LkP,
+                         dot_scale, ROWS, COLS, HID, HIDP, HID2, AUTHORS, ACT, HAS_DOT, DOT_DTYPE, UPCAST, UNROLL,
+                         KEY_ROWS)
         # rows with no visible key (and rows past Lq) have lse = +inf: p = 0 there without a mask
-        s = _masked(s, float("-inf"), start_m, start_n, offs_m, offs_n, Lq, Lk, Mask_base, smq, smk, CAUSAL,
-                    HAS_MASK, BLOCK_M, BLOCK_N)  # before exp: scores of padded keys may be large
-        p = tl.exp(s - lse[:, None])
-        dp = _mm(do, tl.trans(v), DOT_DTYPE, UPCAST)
+        s = _masked(s, float("-inf"), start_q, start_k, offs_q, offs_k, Lq, Lk, Mask_base, smq, smk, CAUSAL,
+                    HAS_MASK, BLOCK_Q, BLOCK_K, KEY_ROWS)  # before exp: scores of padded keys may be large
+        if KEY_ROWS:
+            p = _exp(s - lse[None, :])
+            dp = _mm(v, tl.trans(do), DOT_DTYPE, UPCAST)
+            delta2 = delta[None, :]
+        else:
+            p = _exp(s - lse[:, None])
+            dp = _mm(do, tl.trans(v), DOT_DTYPE, UPCAST)
+            delta2 = delta[:, None]
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, offs_n, Lq, Lk, dropout_p)
+            keep = _dropout_keep(seed, bh, offs_q, offs_k, Lq, Lk, dropout_p, KEY_ROWS)
             pd = tl.where(keep, p * dropout_scale, 0.0)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         else:
             pd = p
-        ds = p * (dp - delta[:, None])
+        ds = p * (dp - delta2)
         return pd, ds
 
     @triton.jit
-    def _tile_mlp_backward(ds, A_base, B_base, W_base, W2_base, B2_base, offs_m, offs_n, Lq, Lk, da, db, dw, dw2, db2,
-                           HID: tl.constexpr, HIDP: tl.constexpr, HID2: tl.constexpr, HID2P: tl.constexpr,
-                           AUTHORS: tl.constexpr, ACT: tl.constexpr, NEED_DA: tl.constexpr, NEED_DB: tl.constexpr,
-                           NEED_DW: tl.constexpr, UNROLL: tl.constexpr, COL_MAJOR: tl.constexpr):
-        """Back-propagate dS of a tile through the per-pair MLP, accumulating into the given accumulators.
+    def _tile_mlp_backward(ds, A_base, B_base, W_base, W2_base, B2_base, offs_q, offs_k, Lq, Lk, LqP, LkP, d_own,
+                           dw, dw2, db2, HID: tl.constexpr, HIDP: tl.constexpr, HID2: tl.constexpr,
+                           HID2P: tl.constexpr, AUTHORS: tl.constexpr, ACT: tl.constexpr, NEED_DW: tl.constexpr,
+                           UNROLL: tl.constexpr, KEY_ROWS: tl.constexpr):
+        """Back-propagate dS of a (ROWS, COLS) tile through the per-pair MLP, accumulating into the given accumulators.
 
-        da: (BM, HIDP), db: (BN, HIDP); dw: (HIDP,) [paper] / (HID2P,) [authors, w3];
-        dw2: (HID2P, HIDP) and db2: (HID2P,) [authors only]. Returns (da, db, dw, dw2, db2).
-        Paper MLP with relu: da / db are without the w_m factor and dw stays untouched (see `_relu_grads`).
+        d_own: (ROWS, HIDP), the gradient of the rows' own projection (dA in the query-side kernel, dB in the key-side
+        one): a sum along axis 1. dw: (HIDP,) [paper] / (HID2P,) [authors, w3]; dw2: (HID2P, HIDP) and db2: (HID2P,)
+        [authors only]. Returns (d_own, dw, dw2, db2).
+        Paper MLP with relu: d_own is without the w_m factor and dw stays untouched (see `_relu_grads`).
         """
         offs_h = tl.arange(0, HIDP)
         if AUTHORS:
             offs_r = tl.arange(0, HID2P)
-            h1 = _authors_h1(A_base, B_base, offs_m, offs_n, Lq, Lk, HID, HIDP)
+            h1 = _authors_h1(A_base, B_base, offs_q, offs_k, Lq, Lk, HID, HIDP, KEY_ROWS)
             dh1 = tl.zeros_like(h1)
             for r in tl.static_range(HID2):
                 z, w2r = _authors_z(h1, W2_base, B2_base, r, HID, HIDP)
@@ -301,54 +371,45 @@ if TRITON_AVAILABLE:
                     db2 += tl.where(offs_r == r, tl.sum(tl.sum(g, axis=1), axis=0), 0.0)
                     row = tl.sum(tl.sum(g[:, :, None] * h1, axis=1), axis=0)  # (HIDP,)
                     dw2 += tl.where(offs_r[:, None] == r, row[None, :], 0.0)
-                if NEED_DA or NEED_DB:
-                    dh1 += g[:, :, None] * w2r[None, None, :]
-            if NEED_DA or NEED_DB:
-                dpre = tl.where(h1 > 0.0, dh1, 0.0)
-                if NEED_DA:
-                    da += tl.sum(dpre, axis=1)
-                if NEED_DB:
-                    db += tl.sum(dpre, axis=0)
+                dh1 += g[:, :, None] * w2r[None, None, :]
+            d_own += tl.sum(tl.where(h1 > 0.0, dh1, 0.0), axis=1)
         else:
-            for m0 in range(0, HID, UNROLL):  # as in _tile_scores; tail units (m >= HID) land in padded columns
+            for m0 in range(0, HID, UNROLL):  # as in _tile_scores; tail units (m >= HID) are zero padding
                 for u in tl.static_range(UNROLL):
                     m = m0 + u
-                    pre = _paper_pre(A_base, B_base, offs_m, offs_n, Lq, Lk, m, HID, COL_MAJOR)
+                    a, b = _paper_unit(A_base, B_base, offs_q, offs_k, LqP, LkP, m, KEY_ROWS)
                     if ACT == 0:
-                        # relu: da / db leave out the factor w_m and no dw is reduced here; the host applies w_m
+                        # relu: d_own leaves out the factor w_m and no dw is reduced here; the host applies w_m
                         # and gets dw_m = sum_ij relu'(pre) ds (A_im + B_jm) from them (relu(x) = x relu'(x))
-                        dpre = tl.where(pre > 0.0, ds, 0.0)
+                        dpre = tl.where(a > b, ds, 0.0)  # relu'(A + B) = [a > b] for the scaled copies
                     else:
-                        f, fp = _act_fwd_bwd(pre, ACT)
+                        f, fp = _act_fwd_bwd(a + b, ACT)
                         if NEED_DW:
                             dw += tl.where(offs_h == m, tl.sum(tl.sum(ds * f, axis=1), axis=0), 0.0)
-                        dpre = ds * (tl.load(W_base + m, mask=m < HID, other=0.0).to(tl.float32) * fp)
-                    if NEED_DA:
-                        da += tl.where(offs_h[None, :] == m, tl.sum(dpre, axis=1)[:, None], 0.0)
-                    if NEED_DB:
-                        db += tl.where(offs_h[None, :] == m, tl.sum(dpre, axis=0)[:, None], 0.0)
-        return da, db, dw, dw2, db2
+                        dpre = ds * (tl.load(W_base + m) * fp)
+                    # into column m: one multiply-add per element (a select and an add would be two)
+                    d_own = tl.fma((offs_h[None, :] == m).to(tl.float32), tl.sum(dpre, axis=1)[:, None], d_own)
+        return d_own, dw, dw2, db2
 
     # ---------------------------------------------------------------------------------------- kernels
     @triton.jit
-    def _fwd_kernel(A, B, V, W, W2, B2, DQ, DK, Mask, H, Lq, Lk, svb, svh, svl, sqb, sqh, sql, skb, skh, skl,
-                    smb, smh, smq, smk, w_hs, w2_hs, b2_hs, dot_scale, dropout_p, dropout_scale, seed,
+    def _fwd_kernel(A, B, Ck, V, W, W2, B2, DQ, DK, Mask, H, Lq, Lk, LqP, LkP, sab, sbb, svb, svh, svl, sqb, sqh, sql,
+                    skb, skh, skl, smb, smh, smq, smk, w_hs, w2_hs, b2_hs, dot_scale, dropout_p, dropout_scale, seed,
                     Out, LSE, sob, soh, sol,
                     HID: tl.constexpr, HIDP: tl.constexpr, HID2: tl.constexpr, HID2P: tl.constexpr,
                     AUTHORS: tl.constexpr, ACT: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
                     DD: tl.constexpr, DDP: tl.constexpr, HAS_DOT: tl.constexpr, HAS_MASK: tl.constexpr,
                     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
-                    UNROLL: tl.constexpr, COL_MAJOR: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    UNROLL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Forward. Grid (cdiv(Lq, BLOCK_M), batch*heads): one program per BLOCK_M query rows of one head.
 
         Loops over key blocks (causal: only up to the diagonal) with an online fp32 softmax. Writes Out
         (batch, heads, Lq, DV) in Out's dtype and LSE (batch*heads, Lq) fp32 (+inf for rows with no visible key).
         """
         pid_m = tl.program_id(0)
-        bh, b, h, A_base, B_base, V_base, W_base, W2_base, B2_base, DQ_base, DK_base, Mask_base = _head_bases(
-            A, B, V, W, W2, B2, DQ, DK, Mask, H, Lq, Lk, svb, svh, sqb, sqh, skb, skh, smb, smh, w_hs, w2_hs, b2_hs,
-            HID)
+        bh, b, h, A_base, B_base, Ck_base, V_base, W_base, W2_base, B2_base, DQ_base, DK_base, Mask_base = _head_bases(
+            A, B, Ck, V, W, W2, B2, DQ, DK, Mask, H, LkP, sab, sbb, svb, svh, sqb, sqh, skb, skh, smb, smh, w_hs, w2_hs,
+            b2_hs)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         q = _load_dot_tile(DQ_base, offs_m, Lq, sql, BLOCK_M, DD, DDP, HAS_DOT)
 
@@ -361,18 +422,18 @@ if TRITON_AVAILABLE:
         for start_n in range(0, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             k = _load_dot_tile(DK_base, offs_n, Lk, skl, BLOCK_N, DD, DDP, HAS_DOT)
-            s = _tile_scores(A_base, B_base, W_base, W2_base, B2_base, q, k, offs_m, offs_n, Lq, Lk, dot_scale,
-                             BLOCK_M, BLOCK_N, HID, HIDP, HID2, AUTHORS, ACT, HAS_DOT, DOT_DTYPE, UPCAST, UNROLL,
-                             COL_MAJOR)
+            s = _tile_scores(A_base, B_base, Ck_base, W_base, W2_base, B2_base, q, k, offs_m, offs_n, Lq, Lk, LqP,
+                             LkP, dot_scale, BLOCK_M, BLOCK_N, HID, HIDP, HID2, AUTHORS, ACT, HAS_DOT, DOT_DTYPE,
+                             UPCAST, UNROLL, False)
             s = _masked(s, float("-inf"), pid_m * BLOCK_M, start_n, offs_m, offs_n, Lq, Lk, Mask_base, smq, smk,
-                        CAUSAL, HAS_MASK, BLOCK_M, BLOCK_N)
+                        CAUSAL, HAS_MASK, BLOCK_M, BLOCK_N, False)
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe[:, None])
+            alpha = _exp(m_i - m_safe)
+            p = _exp(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             if DROPOUT:
-                keep = _dropout_keep(seed, bh, offs_m, offs_n, Lq, Lk, dropout_p)
+                keep = _dropout_keep(seed, bh, offs_m, offs_n, Lq, Lk, dropout_p, False)
                 p = tl.where(keep, p * dropout_scale, 0.0)
             v = _load_tile(V_base, offs_n, Lk, svl, DV, DVP)
             acc = acc * alpha[:, None] + _mm(p, v, DOT_DTYPE, UPCAST)
@@ -386,26 +447,25 @@ if TRITON_AVAILABLE:
         _store_tile(Out + b * sob + h * soh, offs_m, Lq, sol, out, DV, DVP)
 
     @triton.jit
-    def _bwd_kv_kernel(A, B, V, W, W2, B2, DQ, DK, Mask, H, Lq, Lk, svb, svh, svl, sqb, sqh, sql, skb, skh, skl,
-                       smb, smh, smq, smk, w_hs, w2_hs, b2_hs, dot_scale, dropout_p, dropout_scale, seed,
-                       DO, sdob, sdoh, sdol, LSE, Delta, dB, dV, dDK, dW_part, dW2_part, dB2_part, n_blocks_n,
+    def _bwd_kv_kernel(A, B, Ck, V, W, W2, B2, DQ, DK, Mask, H, Lq, Lk, LqP, LkP, sab, sbb, svb, svh, svl, sqb, sqh,
+                       sql, skb, skh, skl, smb, smh, smq, smk, w_hs, w2_hs, b2_hs, dot_scale, dropout_p, dropout_scale,
+                       seed, DO, sdob, sdoh, sdol, LSE, Delta, dB, dV, dDK, dW_part, dW2_part, dB2_part, n_blocks_n,
                        HID: tl.constexpr, HIDP: tl.constexpr, HID2: tl.constexpr, HID2P: tl.constexpr,
                        AUTHORS: tl.constexpr, ACT: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
                        DD: tl.constexpr, DDP: tl.constexpr, HAS_DOT: tl.constexpr, HAS_MASK: tl.constexpr,
                        CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
-                    UNROLL: tl.constexpr, COL_MAJOR: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                       UNROLL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Backward, key side. Grid (n_blocks_n = cdiv(Lk, BLOCK_N), batch*heads): one program per key block.
 
-        Loops over query blocks (causal: from the diagonal on), recomputing P. Writes fp32 dB (batch*heads, Lk,
-        HID), dV (.., Lk, DV), dDK (.., Lk, DD; residual dot term only) and, in slot bh * n_blocks_n + n, this
-        program's partial weight gradients: dW_part (HID [paper] / HID2 [authors]), dW2_part (HID2, HID) and
-        dB2_part (HID2) [authors only].
+        Loops over query blocks (causal: from the diagonal on), recomputing P^T as (BLOCK_N keys, BLOCK_M queries)
+        tiles. Writes fp32 dB (batch*heads, Lk, HID), dV (.., Lk, DV), dDK (.., Lk, DD; residual dot term only) and,
+        in slot bh * n_blocks_n + n, this program's partial weight gradients: dW_part (HID [paper] / HID2 [authors]),
+        dW2_part (HID2, HID) and dB2_part (HID2) [authors only].
         """
         pid_n = tl.program_id(0)
-        bh, b, h, A_base, B_base, V_base, W_base, W2_base, B2_base, DQ_base, DK_base, Mask_base = _head_bases(
-            A, B, V, W, W2, B2, DQ, DK, Mask, H, Lq, Lk, svb, svh, sqb, sqh, skb, skh, smb, smh, w_hs, w2_hs, b2_hs,
-            HID)
+        bh, b, h, A_base, B_base, Ck_base, V_base, W_base, W2_base, B2_base, DQ_base, DK_base, Mask_base = _head_bases(
+            A, B, Ck, V, W, W2, B2, DQ, DK, Mask, H, LkP, sab, sbb, svb, svh, sqb, sqh, skb, skh, smb, smh, w_hs, w2_hs,
+            b2_hs)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         v = _load_tile(V_base, offs_n, Lk, svl, DV, DVP)
         k = _load_dot_tile(DK_base, offs_n, Lk, skl, BLOCK_N, DD, DDP, HAS_DOT)
@@ -413,7 +473,6 @@ if TRITON_AVAILABLE:
         dv = tl.zeros((BLOCK_N, DVP), dtype=tl.float32)
         dk = tl.zeros((BLOCK_N, DDP), dtype=tl.float32)
         db = tl.zeros((BLOCK_N, HIDP), dtype=tl.float32)
-        da_unused = tl.zeros((BLOCK_M, HIDP), dtype=tl.float32)
         if AUTHORS:
             dw = tl.zeros((HID2P,), dtype=tl.float32)
         else:
@@ -429,17 +488,17 @@ if TRITON_AVAILABLE:
             q = _load_dot_tile(DQ_base, offs_m, Lq, sql, BLOCK_M, DD, DDP, HAS_DOT)
             do = _load_tile(DO + b * sdob + h * sdoh, offs_m, Lq, sdol, DV, DVP)
             lse, delta = _row_stats(LSE, Delta, bh, offs_m, Lq)
-            pd, ds = _tile_probs_grad(A_base, B_base, W_base, W2_base, B2_base, Mask_base, smq, smk, q, k, v, do, lse,
-                                      delta, start_m, pid_n * BLOCK_N,
-                                      offs_m, offs_n, Lq, Lk, bh, dot_scale, dropout_p, dropout_scale, seed,
-                                      HID, HIDP, HID2, AUTHORS, ACT, HAS_DOT, HAS_MASK, CAUSAL, DROPOUT, DOT_DTYPE,
-                                      UPCAST, UNROLL, COL_MAJOR, BLOCK_M, BLOCK_N)
-            dv += _mm(tl.trans(pd), do, DOT_DTYPE, UPCAST)
+            pd, ds = _tile_probs_grad(A_base, B_base, Ck_base, W_base, W2_base, B2_base, Mask_base, smq, smk, q, k, v,
+                                      do, lse, delta, start_m, pid_n * BLOCK_N, offs_m, offs_n, Lq, Lk, LqP, LkP, bh,
+                                      dot_scale, dropout_p, dropout_scale, seed, HID, HIDP, HID2, AUTHORS, ACT,
+                                      HAS_DOT, HAS_MASK, CAUSAL, DROPOUT, DOT_DTYPE, UPCAST, UNROLL, True, BLOCK_M,
+                                      BLOCK_N, BLOCK_N, BLOCK_M)
+            dv += _mm(pd, do, DOT_DTYPE, UPCAST)
             if HAS_DOT:
-                dk += _mm(tl.trans(ds), q, DOT_DTYPE, UPCAST)
-            da_unused, db, dw, dw2, db2 = _tile_mlp_backward(
-                ds, A_base, B_base, W_base, W2_base, B2_base, offs_m, offs_n, Lq, Lk, da_unused, db, dw, dw2, db2,
-                HID, HIDP, HID2, HID2P, AUTHORS, ACT, False, True, True, UNROLL, COL_MAJOR)
+                dk += _mm(ds, q, DOT_DTYPE, UPCAST)
+            db, dw, dw2, db2 = _tile_mlp_backward(
+                ds, A_base, B_base, W_base, W2_base, B2_base, offs_m, offs_n, Lq, Lk, LqP, LkP, db, dw, dw2, db2,
+                HID, HIDP, HID2, HID2P, AUTHORS, ACT, True, UNROLL, True)
 
         _store_tile(dV + bh * Lk * DV, offs_n, Lk, DV, dv, DV, DVP)
         if HAS_DOT:
@@ -456,24 +515,23 @@ if TRITON_AVAILABLE:
             tl.store(dW_part + slot * HID + offs_h, dw, mask=offs_h < HID)
 
     @triton.jit
-    def _bwd_q_kernel(A, B, V, W, W2, B2, DQ, DK, Mask, H, Lq, Lk, svb, svh, svl, sqb, sqh, sql, skb, skh, skl,
-                      smb, smh, smq, smk, w_hs, w2_hs, b2_hs, dot_scale, dropout_p, dropout_scale, seed,
-                      DO, sdob, sdoh, sdol, LSE, Delta, dA, dDQ,
+    def _bwd_q_kernel(A, B, Ck, V, W, W2, B2, DQ, DK, Mask, H, Lq, Lk, LqP, LkP, sab, sbb, svb, svh, svl, sqb, sqh,
+                      sql, skb, skh, skl, smb, smh, smq, smk, w_hs, w2_hs, b2_hs, dot_scale, dropout_p, dropout_scale,
+                      seed, DO, sdob, sdoh, sdol, LSE, Delta, dA, dDQ,
                       HID: tl.constexpr, HIDP: tl.constexpr, HID2: tl.constexpr, HID2P: tl.constexpr,
                       AUTHORS: tl.constexpr, ACT: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
                       DD: tl.constexpr, DDP: tl.constexpr, HAS_DOT: tl.constexpr, HAS_MASK: tl.constexpr,
                       CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
-                    UNROLL: tl.constexpr, COL_MAJOR: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                      UNROLL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Backward, query side. Grid (cdiv(Lq, BLOCK_M), batch*heads): one program per query block.
 
         Loops over key blocks (causal: up to the diagonal), recomputing P. Writes fp32 dA (batch*heads, Lq, HID)
         and dDQ (.., Lq, DD; residual dot term only).
         """
         pid_m = tl.program_id(0)
-        bh, b, h, A_base, B_base, V_base, W_base, W2_base, B2_base, DQ_base, DK_base, Mask_base = _head_bases(
-            A, B, V, W, W2, B2, DQ, DK, Mask, H, Lq, Lk, svb, svh, sqb, sqh, skb, skh, smb, smh, w_hs, w2_hs, b2_hs,
-            HID)
+        bh, b, h, A_base, B_base, Ck_base, V_base, W_base, W2_base, B2_base, DQ_base, DK_base, Mask_base = _head_bases(
+            A, B, Ck, V, W, W2, B2, DQ, DK, Mask, H, LkP, sab, sbb, svb, svh, sqb, sqh, skb, skh, smb, smh, w_hs, w2_hs,
+            b2_hs)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         q = _load_dot_tile(DQ_base, offs_m, Lq, sql, BLOCK_M, DD, DDP, HAS_DOT)
         do = _load_tile(DO + b * sdob + h * sdoh, offs_m, Lq, sdol, DV, DVP)
@@ -481,7 +539,6 @@ if TRITON_AVAILABLE:
 
         dq = tl.zeros((BLOCK_M, DDP), dtype=tl.float32)
         da = tl.zeros((BLOCK_M, HIDP), dtype=tl.float32)
-        db_unused = tl.zeros((BLOCK_N, HIDP), dtype=tl.float32)
         dw_unused = tl.zeros((HIDP,), dtype=tl.float32)
         dw2_unused = tl.zeros((HID2P, HIDP), dtype=tl.float32)
         db2_unused = tl.zeros((HID2P,), dtype=tl.float32)
@@ -492,16 +549,16 @@ if TRITON_AVAILABLE:
             offs_n = start_n + tl.arange(0, BLOCK_N)
             v = _load_tile(V_base, offs_n, Lk, svl, DV, DVP)
             k = _load_dot_tile(DK_base, offs_n, Lk, skl, BLOCK_N, DD, DDP, HAS_DOT)
-            pd, ds = _tile_probs_grad(A_base, B_base, W_base, W2_base, B2_base, Mask_base, smq, smk, q, k, v, do, lse,
-                                      delta, pid_m * BLOCK_M, start_n,
-                                      offs_m, offs_n, Lq, Lk, bh, dot_scale, dropout_p, dropout_scale, seed,
-                                      HID, HIDP, HID2, AUTHORS, ACT, HAS_DOT, HAS_MASK, CAUSAL, DROPOUT, DOT_DTYPE,
-                                      UPCAST, UNROLL, COL_MAJOR, BLOCK_M, BLOCK_N)
+            pd, ds = _tile_probs_grad(A_base, B_base, Ck_base, W_base, W2_base, B2_base, Mask_base, smq, smk, q, k, v,
+                                      do, lse, delta, pid_m * BLOCK_M, start_n, offs_m, offs_n, Lq, Lk, LqP, LkP, bh,
+                                      dot_scale, dropout_p, dropout_scale, seed, HID, HIDP, HID2, AUTHORS, ACT,
+                                      HAS_DOT, HAS_MASK, CAUSAL, DROPOUT, DOT_DTYPE, UPCAST, UNROLL, False, BLOCK_M,
+                                      BLOCK_N, BLOCK_M, BLOCK_N)
             if HAS_DOT:
                 dq += _mm(ds, k, DOT_DTYPE, UPCAST)
-            da, db_unused, dw_unused, dw2_unused, db2_unused = _tile_mlp_backward(
-                ds, A_base, B_base, W_base, W2_base, B2_base, offs_m, offs_n, Lq, Lk, da, db_unused, dw_unused,
-                dw2_unused, db2_unused, HID, HIDP, HID2, HID2P, AUTHORS, ACT, True, False, False, UNROLL, COL_MAJOR)
+            da, dw_unused, dw2_unused, db2_unused = _tile_mlp_backward(
+                ds, A_base, B_base, W_base, W2_base, B2_base, offs_m, offs_n, Lq, Lk, LqP, LkP, da, dw_unused,
+                dw2_unused, db2_unused, HID, HIDP, HID2, HID2P, AUTHORS, ACT, False, UNROLL, False)
 
         _store_tile(dA + bh * Lq * HID, offs_m, Lq, HID, da, HID, HIDP)
         if HAS_DOT:
@@ -527,13 +584,19 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _default_launch(authors: bool, hidden: int, interpreting: bool, backward: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, unroll) for the forward kernel or the two backward kernels.
+def _default_launch(authors: bool, hidden: int, interpreting: bool, backward: bool, *, lean: bool = True,
+                    fp32: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, unroll) for the forward kernel, or (own, step, num_warps, unroll) for the two
+    backward kernels (each owns blocks of ``own`` positions -- queries or keys -- and steps over the other side).
 
-    ``unroll``: hidden units per iteration of the paper MLP's loop (ignored by the authors' MLP).
+    ``unroll``: hidden units per iteration of the paper MLP's loop (ignored by the authors' MLP). ``lean``: relu
+    without the residual dot term; ``fp32``: fp32 inputs (their dots run on CUDA cores and take more registers).
 
-    The fastest of ``benchmarks/bench_triton_gpu.py --tune`` on an H100 (bf16, causal, n = 4096, 12 heads of 64;
-    benchmarks/results/gpu_h100/run3 for the paper MLP, run2 for the authors').
+    Authors' MLP: the fastest of ``benchmarks/bench_triton_gpu.py --tune`` on an H100 (bf16, causal, n = 4096, 12
+    heads of 64; benchmarks/results/gpu_h100/run2). Paper MLP: not yet timed on a GPU in this form; chosen from the
+    sm_90 SASS (triton 3.6) as the fewest instructions per (pair, hidden unit) without register spills: 128 owned rows
+    give a thread 4 rows x 8 columns of the MMA layout (12 column loads per unit for 32 pairs; 64 rows: 10 for 16);
+    the heavier variants spill at 128 rows and take 64 (32 in fp32).
     """
     if interpreting:
         return 16, 16, 4, 1
@@ -541,13 +604,7 @@ def _default_launch(authors: bool, hidden: int, interpreting: bool, backward: bo
         if hidden <= 8:
             return 32, 32, 4, 1
         return (16, 32, 8, 1) if backward else (32, 32, 8, 1)
-    return (32, 32, 4, 2) if backward else (64, 32, 4, 2)
-
-
-def _default_col_major(hidden: int) -> bool:
-    """Paper MLP: read A / B from column-major copies (contiguous per-unit loads); measured to pay from d' = 16
-    (backward -9%), a tie at d' = 2."""
-    return hidden > 4
+    return (32 if fp32 else 128 if lean else 64), 32, 4, 2
 
 
 def _head_weight(w: torch.Tensor, heads: int, name: str, tail: tuple[int, ...]) -> tuple[torch.Tensor, int]:
@@ -587,24 +644,69 @@ def _relu_grads(A, Bk, dA_raw, dB_raw, W, heads):
     return dA_raw * w, dB_raw * w, dw.reshape(batch * heads, 1, hidden)
 
 
+def _paper_operands(query_hidden, key_hidden, W, relu, hidden_pad, length_pad):
+    """Kernel operands of the paper MLP: fp32 column-major A / B copies and the per-key constant.
+
+    query_hidden A (batch, heads, q_len, hidden), key_hidden B (batch, heads, k_len, hidden), W (heads or 1, hidden)
+    fp32. Returns (a, b, Ck): a (batch*heads, hidden_pad, LqP), b (batch*heads, hidden_pad, LkP) zero-padded, the
+    lengths rounded up to multiples of ``length_pad`` (so the kernels' per-unit column loads need no masks), and
+    Ck (batch*heads, LkP). O(n * hidden) memory.
+
+    relu, the signed-max form: with mu_m the per-(batch, head) key mean of B_m and s_m = |w_m| (1 where w_m = 0),
+    a_m = s_m (A_m + mu_m) and b_m = -s_m (B_m - mu_m) give
+
+        w_m relu(A_m + B_m) = sign(w_m) max(a_m, b_m) + w_m (B_m - mu_m),   relu'(A_m + B_m) = [a_m > b_m],
+
+    so a unit costs a pair 2 operations (max, multiply-add) instead of 3, and Ck_j = sum_m w_m (B_jm - mu_m) is added
+    once per key. Centring keeps the max and the constant small when A and B carry large opposite offsets. Other
+    activations: a = A, b = B (pre = a + b), Ck empty (never read).
+    """
+    batch, heads, q_len, hidden = query_hidden.shape
+    k_len = key_hidden.shape[2]
+    A, B = query_hidden.float(), key_hidden.float()
+    ck = None
+    if relu:
+        W = W.expand(heads, hidden)
+        mu = B.mean(dim=-2, keepdim=True)
+        A, B = A + mu, B - mu
+        ck = torch.einsum("bhjm,hm->bhj", B, W)
+        scale = torch.where(W == 0, 1.0, W.abs())[None, :, None, :]  # (1, heads, 1, hidden)
+        A, B = A * scale, B * -scale
+    rounded = lambda n: -(-n // length_pad) * length_pad  # noqa: E731
+    a = A.new_zeros(batch * heads, hidden_pad, rounded(q_len))
+    b = A.new_zeros(batch * heads, hidden_pad, rounded(k_len))
+    a[:, :hidden, :q_len] = A.transpose(-1, -2).reshape(batch * heads, hidden, q_len)
+    b[:, :hidden, :k_len] = B.transpose(-1, -2).reshape(batch * heads, hidden, k_len)
+    Ck = A.new_zeros(batch * heads, b.shape[-1] if relu else 1)
+    if relu:
+        Ck[:, :k_len] = ck.reshape(batch * heads, k_len)
+    return a, b, Ck
+
+
 def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key,
                  mask, cfg):
     """Kernel-ready tensors, the leading scalar arguments shared by the three kernels, and the constexprs.
 
-    Returns (tensors, scalars, constexprs, launch): tensors = (A, B, V, W, W2, B2, DQ, DK, Mask) with fp32
-    per-head weights and dummies (never read) for absent optional inputs; scalars = (H, Lq, Lk, V/DQ/DK/Mask
-    strides, per-head weight strides, dot_scale, dropout_p, dropout_scale, seed); launch = {"": forward,
-    "bwd_": backward} (BLOCK_M, BLOCK_N, num_warps, unroll), the user's choice or the defaults. With the paper MLP
-    and ``col_major``, A and B are (batch, heads, hidden, len) contiguous.
+    Returns (tensors, scalars, constexprs, launch): tensors = (A, B, Ck, V, W, W2, B2, DQ, DK, Mask) with fp32
+    per-head weights and dummies (never read) for absent optional inputs; scalars = (H, Lq, Lk, LqP, LkP, A / B
+    per-(batch, head) strides, V/DQ/DK/Mask strides, per-head weight strides, dot_scale, dropout_p, dropout_scale,
+    seed); launch = {"": forward, "bwd_": backward} (BLOCK_M, BLOCK_N, num_warps, unroll), the user's choice or the
+    defaults. Paper MLP: A, B, Ck from `_paper_operands` (LqP / LkP the padded lengths) and W padded to HIDP units;
+    authors' MLP: A, B (batch*heads, len, hidden) contiguous, LqP / LkP = Lq / Lk.
     """
     batch, heads, q_len, hidden = query_hidden.shape
     k_len, v_dim = key_hidden.shape[2], value.shape[-1]
     authors, has_dot = second_weight is not None, dot_query is not None
-    col_major = not authors and bool(_default_col_major(hidden) if cfg.get("col_major") is None else cfg["col_major"])
-    if col_major:  # (batch, heads, hidden, len) contiguous; the backward pass views them back
-        A, Bk = query_hidden.transpose(-1, -2).contiguous(), key_hidden.transpose(-1, -2).contiguous()
-    else:
-        A, Bk = query_hidden.contiguous(), key_hidden.contiguous()
+    interp = _interpreting()
+    lean, fp32 = cfg["activation"] == "relu" and not has_dot, value.dtype == torch.float32
+    launch = {}
+    for prefix, backward in (("", False), ("bwd_", True)):
+        defaults = dict(zip(("block_m", "block_n", "num_warps", "unroll"),
+                            _default_launch(authors, hidden, interp, backward, lean=lean, fp32=fp32), strict=True))
+        # backward: its own setting, else the caller's forward setting, else its default
+        launch[prefix] = tuple(next((v for v in (cfg.get(prefix + key), cfg.get(key)) if v is not None), default)
+                               for key, default in defaults.items())
+    hidden_pad = _pow2(hidden)
     V = _last_dim_contiguous(value)
     if authors:
         hidden2 = second_weight.shape[-2]
@@ -614,10 +716,19 @@ def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, 
             B2, b2_hs = torch.zeros(1, hidden2, device=V.device, dtype=torch.float32), 0
         else:
             B2, b2_hs = _head_weight(second_bias, heads, "second_bias", (hidden2,))
+        A, Bk = query_hidden.contiguous(), key_hidden.contiguous()
+        Ck, q_pad, k_pad = W, q_len, k_len  # Ck: an unused dummy
+        a_bs, b_bs = q_len * hidden, k_len * hidden
     else:
         hidden2 = 1
         W, w_hs = _head_weight(output_weight, heads, "output_weight", (hidden,))
+        length_pad = max(max(launch[""][:2]), max(launch["bwd_"][:2]))  # every block the kernels step by
+        A, Bk, Ck = _paper_operands(query_hidden, key_hidden, W, cfg["activation"] == "relu", hidden_pad, length_pad)
+        W = torch.nn.functional.pad(W, (0, hidden_pad - hidden))  # zero weights for the padding units
+        w_hs = 0 if w_hs == 0 else hidden_pad
         W2, w2_hs, B2, b2_hs = W, 0, W, 0  # unused dummies
+        q_pad, k_pad = A.shape[-1], Bk.shape[-1]
+        a_bs, b_bs = hidden_pad * q_pad, hidden_pad * k_pad
     DQ, DK, dd, dot_strides = A, A, 1, (0,) * 6  # dummies, never read
     if has_dot:
         DQ = _last_dim_contiguous(dot_query)
@@ -628,28 +739,28 @@ def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, 
         Mask = mask.to(device=V.device, dtype=torch.uint8).expand(batch, heads, q_len, k_len)
         mstrides = Mask.stride()
 
-    interp = _interpreting()
-    launch = {}
-    for prefix, backward in (("", False), ("bwd_", True)):
-        defaults = dict(zip(("block_m", "block_n", "num_warps", "unroll"),
-                            _default_launch(authors, hidden, interp, backward), strict=True))
-        # backward: its own setting, else the caller's forward setting, else its default
-        launch[prefix] = tuple(next((v for v in (cfg.get(prefix + key), cfg.get(key)) if v is not None), default)
-                               for key, default in defaults.items())
     bm, bn, _, unroll = launch[""]
     dropout_p = float(cfg["dropout_p"])
     dropout_scale = 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
     low = V.dtype if V.dtype in (torch.bfloat16, torch.float16) else torch.float32
     constexprs = dict(
-        HID=hidden, HIDP=_pow2(hidden), HID2=hidden2, HID2P=_pow2(hidden2), AUTHORS=authors,
+        HID=hidden, HIDP=hidden_pad, HID2=hidden2, HID2P=_pow2(hidden2), AUTHORS=authors,
         ACT=_ACTIVATIONS[cfg["activation"]], DV=v_dim, DVP=_pow2(v_dim, 16), DD=dd, DDP=_pow2(dd, 16),
         HAS_DOT=has_dot, HAS_MASK=mask is not None, CAUSAL=bool(cfg["causal"]), DROPOUT=dropout_p > 0.0,
-        DOT_DTYPE=_TL_DTYPES[low], UPCAST=interp, UNROLL=min(unroll, _pow2(hidden)), COL_MAJOR=col_major,
-        BLOCK_M=bm, BLOCK_N=bn,
+        DOT_DTYPE=_TL_DTYPES[low], UPCAST=interp, UNROLL=min(unroll, hidden_pad), BLOCK_M=bm, BLOCK_N=bn,
     )  # fmt: skip
-    scalars = (heads, q_len, k_len, *V.stride()[:3], *dot_strides, *mstrides, w_hs, w2_hs, b2_hs,
-               float(cfg["dot_scale"]), dropout_p, dropout_scale, int(cfg["seed"]))  # fmt: skip
-    return (A, Bk, V, W, W2, B2, DQ, DK, Mask), scalars, constexprs, launch
+    scalars = (heads, q_len, k_len, q_pad, k_pad, a_bs, b_bs, *V.stride()[:3], *dot_strides, *mstrides, w_hs, w2_hs,
+               b2_hs, float(cfg["dot_scale"]), dropout_p, dropout_scale, int(cfg["seed"]))  # fmt: skip
+    return (A, Bk, Ck, V, W, W2, B2, DQ, DK, Mask), scalars, constexprs, launch
+
+
+def _backward_constexprs(constexprs: dict, launch: tuple[int, int, int, int]) -> tuple[dict, dict]:
+    """Constexprs of the key-side and the query-side backward kernels for ``launch`` = (own, step, num_warps,
+    unroll): each kernel owns blocks of ``own`` positions (keys / queries) and steps over the other side by ``step``;
+    the kernels name the query block BLOCK_M and the key block BLOCK_N."""
+    own, step, _, unroll = launch
+    query_side = dict(constexprs, BLOCK_M=own, BLOCK_N=step, UNROLL=min(unroll, constexprs["HIDP"]))
+    return dict(query_side, BLOCK_M=step, BLOCK_N=own), query_side
 
 
 class _NeuralAttentionTriton(torch.autograd.Function):
@@ -665,7 +776,10 @@ class _NeuralAttentionTriton(torch.autograd.Function):
         grid = (triton.cdiv(q_len, constexprs["BLOCK_M"]), batch * heads)
         _fwd_kernel[grid](*tensors, *scalars, Out, LSE, *Out.stride()[:3], num_warps=launch[""][2], **constexprs)
 
-        ctx.save_for_backward(*tensors, Out, LSE)
+        # the relu weight gradient is finished on the host from the (uncentred, unpadded) inputs
+        relu_paper = second_weight is None and cfg["activation"] == "relu"
+        ctx.save_for_backward(*tensors, Out, LSE, *((query_hidden, key_hidden, output_weight) if relu_paper else ()))
+        ctx.relu_paper = relu_paper
         ctx.scalars, ctx.constexprs, ctx.bwd_launch = scalars, constexprs, launch["bwd_"]
         has_dot = dot_query is not None
         ctx.dtypes = (query_hidden.dtype, key_hidden.dtype, value.dtype, dot_query.dtype if has_dot else None,
@@ -677,19 +791,17 @@ class _NeuralAttentionTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        *tensors, Out, LSE = ctx.saved_tensors
-        A, Bk, V = tensors[:3]
-        block_m, block_n, num_warps, unroll = ctx.bwd_launch
-        ce = dict(ctx.constexprs, BLOCK_M=block_m, BLOCK_N=block_n, UNROLL=min(unroll, ctx.constexprs["HIDP"]))
+        saved = ctx.saved_tensors
+        tensors, (Out, LSE) = saved[:10], saved[10:12]
+        V = tensors[3]
+        own, _, num_warps, _ = ctx.bwd_launch
+        kv_ce, ce = _backward_constexprs(ctx.constexprs, ctx.bwd_launch)
         authors, has_dot, hidden, hidden2, dd = ce["AUTHORS"], ce["HAS_DOT"], ce["HID"], ce["HID2"], ce["DD"]
-        if ce["COL_MAJOR"]:
-            A, Bk = A.transpose(-1, -2), Bk.transpose(-1, -2)  # (batch, heads, len, hidden) views
-        batch, heads, q_len, _ = A.shape
-        k_len = Bk.shape[2]
+        batch, heads, q_len, k_len = Out.shape[0], ctx.scalars[0], ctx.scalars[1], ctx.scalars[2]
 
         dO = _last_dim_contiguous(grad_out.to(V.dtype))
         delta = (dO.float() * Out.float()).sum(-1).reshape(batch * heads, q_len).contiguous()
-        n_blocks_n = triton.cdiv(k_len, ce["BLOCK_N"])
+        n_blocks_n = triton.cdiv(k_len, own)
         f32 = dict(device=V.device, dtype=torch.float32)
         dA = torch.empty(batch, heads, q_len, hidden, **f32)
         dB = torch.empty(batch, heads, k_len, hidden, **f32)
@@ -701,15 +813,17 @@ class _NeuralAttentionTriton(torch.autograd.Function):
         dB2_part = torch.empty(batch * heads, n_blocks_n, hidden2, **f32) if authors else dW_part
 
         lead = (*tensors, *ctx.scalars, dO, *dO.stride()[:3], LSE, delta)
-        launch = dict(num_warps=num_warps, **ce)
         parts = (dW_part, dW2_part, dB2_part)
-        _bwd_kv_kernel[(n_blocks_n, batch * heads)](*lead, dB, dV, dDK, *parts, n_blocks_n, **launch)
-        _bwd_q_kernel[(triton.cdiv(q_len, ce["BLOCK_M"]), batch * heads)](*lead, dA, dDQ, **launch)
+        _bwd_kv_kernel[(n_blocks_n, batch * heads)](*lead, dB, dV, dDK, *parts, n_blocks_n, num_warps=num_warps,
+                                                    **kv_ce)  # fmt: skip
+        _bwd_q_kernel[(triton.cdiv(q_len, own), batch * heads)](*lead, dA, dDQ, num_warps=num_warps, **ce)
 
         qh_dt, kh_dt, v_dt, dq_dt, dk_dt = ctx.dtypes
         w_meta, w2_meta, b2_meta = ctx.weight_meta
-        if not authors and ce["ACT"] == _ACTIVATIONS["relu"]:
-            dA, dB, dW_part = _relu_grads(A, Bk, dA, dB, tensors[3], heads)
+        if ctx.relu_paper:
+            query_hidden, key_hidden, output_weight = saved[12:]
+            W = output_weight.detach().float().reshape(-1, hidden)  # (heads or 1, hidden)
+            dA, dB, dW_part = _relu_grads(query_hidden, key_hidden, dA, dB, W, heads)
         g_w = _reduce_weight_grad(dW_part, batch, heads, w_meta)
         g_w2 = _reduce_weight_grad(dW2_part, batch, heads, w2_meta) if authors else None
         g_b2 = _reduce_weight_grad(dB2_part, batch, heads, b2_meta) if authors and b2_meta is not None else None
@@ -754,15 +868,15 @@ def neural_attention_triton(
     bwd_block_n: int | None = None,
     bwd_num_warps: int | None = None,
     bwd_unroll: int | None = None,
-    col_major: bool | None = None,
 ) -> torch.Tensor:
     """Fused Triton Neural Attention (see the KERNEL CONTRACT in docs/design.md).
 
     Extra keyword-only tuning knobs (not part of the contract): ``block_m`` / ``block_n`` (powers of two,
     >= 16), ``num_warps`` and ``unroll`` (paper MLP: hidden units per loop iteration, a power of two) of the
     forward kernel; ``bwd_*`` the same for the two backward kernels (``None``: the forward setting where one is
-    given); ``col_major`` (paper MLP: the kernels read A / B from column-major copies). ``None``: the tuned default
-    for this MLP and d'. Returns (batch, heads, q_len, v_dim) in value's dtype.
+    given; a backward program owns ``bwd_block_m`` positions -- queries in the query-side kernel, keys in the key-side
+    one -- and steps over the other side by ``bwd_block_n``). ``None``: the default for this MLP and d'.
+    Returns (batch, heads, q_len, v_dim) in value's dtype.
     """
     if not TRITON_AVAILABLE:
         raise RuntimeError("neural_attention_triton needs the `triton` package (pip install triton)")
@@ -814,5 +928,5 @@ def neural_attention_triton(
     cfg = dict(activation=activation, causal=bool(causal), dot_scale=float(dot_scale), dropout_p=float(dropout_p),
                seed=int(generator_seed or 0) & 0x7FFFFFFFFFFFFFFF, block_m=block_m, block_n=block_n,
                num_warps=num_warps, unroll=unroll, bwd_block_m=bwd_block_m, bwd_block_n=bwd_block_n,
-               bwd_num_warps=bwd_num_warps, bwd_unroll=bwd_unroll, col_major=col_major)  # fmt: skip
+               bwd_num_warps=bwd_num_warps, bwd_unroll=bwd_unroll)  # fmt: skip
     return _NeuralAttentionTriton.apply(*inputs, mask, cfg)

@@ -171,25 +171,38 @@ def test_unequal_blocks_causal(bm, bn):
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
-@pytest.mark.parametrize("unroll,bwd_unroll,col_major", [(2, 4, True), (4, 1, False), (8, 2, True)])
-def test_paper_unroll_and_column_major(activation, unroll, bwd_unroll, col_major):
+@pytest.mark.parametrize("unroll,bwd_unroll", [(2, 4), (4, 1), (8, 2)])
+def test_paper_unroll(activation, unroll, bwd_unroll):
     # hidden 3: unrolled iterations run past the last unit (padded units must contribute nothing); shared weights,
     # a padding mask with a fully masked row, causal, the residual dot term
     t = make_inputs(b=2, h=2, lq=19, lk=23, hidden=3, vdim=5, shared=True, dot=4, seed=17)
     mask = torch.rand(2, 1, 19, 23, generator=torch.Generator().manual_seed(2)) > 0.3
     mask[1, 0, 4] = False
     kw = dict(activation=activation, mask=mask.to(DEVICE), causal=True, dot_scale=0.4)
-    check(t, unroll=unroll, bwd_unroll=bwd_unroll, col_major=col_major, ref_kw=kw, **kw)
+    check(t, unroll=unroll, bwd_unroll=bwd_unroll, ref_kw=kw, **kw)
 
 
-def test_relu_weight_gradient_with_large_opposite_offsets():
-    # the relu weight gradient comes from sum A dA_raw + sum B dB_raw on the host: B is centred so that large
-    # opposite offsets of A and B do not cancel in fp32
+@pytest.mark.parametrize("offset", [500.0, 5000.0])
+def test_relu_large_opposite_offsets(offset):
+    # the signed-max scores (forward) and the relu weight gradient (sum A dA_raw + sum B dB_raw on the host) work on
+    # A + mu and B - mu: without the centring, large opposite offsets of A and B cancel in fp32
     t = make_inputs(lq=23, lk=29, hidden=4, vdim=3, seed=29)
     with torch.no_grad():
-        t["A"] += 500.0
-        t["B"] -= 500.0
+        t["A"] += offset
+        t["B"] -= offset
     check(t, causal=True, ref_kw=dict(causal=True))
+
+
+def test_relu_zero_and_negative_output_weights():
+    # w_m = 0 contributes no score, but its gradient dw_m = sum relu'(A + B) dS (A + B) still needs the relu mask,
+    # which the kernels read from copies scaled by |w_m| (by 1 where w_m = 0); negative w_m flip the signed max
+    t = make_inputs(b=2, h=2, lq=21, lk=18, hidden=5, vdim=4, seed=41)
+    with torch.no_grad():
+        t["w"][0, 1] = 0.0
+        t["w"][1, 3] = 0.0
+        t["w"][:, 0] = -t["w"][:, 0].abs()
+    check(t, causal=True, ref_kw=dict(causal=True))
+    check(t)
 
 
 def test_separate_backward_blocks_causal():
