@@ -1,0 +1,202 @@
+"""Static report of the Triton kernels' machine code for an NVIDIA GPU, compiled here without one.
+
+For each kernel (forward, key-side backward, query-side backward) and launch configuration this compiles the
+Triton kernel for the target architecture (default sm_90, the H100), reads the register and spill counts with the
+``cuobjdump`` that ships inside triton's NVIDIA backend, and counts the SASS instructions of one iteration of the
+kernel's tile loop, the hidden-unit loop counted ``ceil(d' / unroll)`` times. Divided by the tile's pairs and
+multiplied by the threads, that is the instructions a pair costs: the paper MLP's floor is 2 per hidden unit in the
+forward pass (a max and a multiply-add) and about 5 per hidden unit in each backward kernel. A static count is not a
+timing: it ignores latency, occupancy and memory traffic, so a GPU run (``bench_triton_gpu.py``) has the last word;
+it does rank layouts and tile shapes, and it shows spills before a GPU session is spent on them.
+
+Usage::
+
+    python benchmarks/triton_sass_report.py                      # defaults + candidate tiles, d' = 2 / 16
+    python benchmarks/triton_sass_report.py --variants           # + every variant at its default launch (spills)
+    python benchmarks/triton_sass_report.py --quick --variants   # default launches only (tests/test_triton_compile.py)
+    python benchmarks/triton_sass_report.py --csv sass.csv --arch 90
+
+Needs ``triton`` with its NVIDIA backend (the pip wheel); no GPU, no CUDA toolkit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile for real
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root
+
+import hf_neural_attention.triton_neural_attention as tna  # noqa: E402
+
+_POINTER_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.uint8: "*u8"}
+_SASS_LINE = re.compile(r"\s+/\*([0-9a-f]+)\*/\s+(.*?)\s*;")
+_BACK_BRANCH = re.compile(r"BRA\s+(?:`\(|U?P\d,\s*)?(0x[0-9a-f]+)")
+
+
+def _cuobjdump() -> str:
+    import triton.backends.nvidia as nvidia
+
+    return os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
+
+
+def _arg_type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return _POINTER_TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i64" if abs(value) >= 2**31 else "i32"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"unsupported kernel argument {type(value)}")
+
+
+def compile_kernel(fn, args: list, constexprs: dict, num_warps: int, arch: int):
+    """triton.compile ``fn`` for sm_<arch>, specialised as a launch with these arguments would be: pointers 16-byte
+    aligned and integers divisible by 16 marked so (what lets the compiler vectorise loads)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    runtime = [name for name, p in zip(fn.arg_names, fn.params, strict=True) if not p.is_constexpr]
+    if len(runtime) != len(args):
+        raise ValueError(f"{fn.__name__}: {len(args)} arguments for {len(runtime)} parameters")
+    values = dict(zip(runtime, args, strict=True))
+    signature, fixed, attrs = {}, {}, {}
+    for i, (name, p) in enumerate(zip(fn.arg_names, fn.params, strict=True)):
+        if p.is_constexpr:
+            signature[name], fixed[(i,)] = "constexpr", constexprs[name]
+            continue
+        value = values[name]
+        signature[name] = _arg_type(value)
+        if isinstance(value, torch.Tensor) or (type(value) is int and value % 16 == 0):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn, signature, fixed, attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
+
+
+def _cuobjdump_text(kernel, flag: str) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        return subprocess.run([_cuobjdump(), flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def resources(kernel) -> tuple[int, int]:
+    """(registers per thread, spill stack bytes per thread)."""
+    text = _cuobjdump_text(kernel, "--dump-resource-usage")
+    return int(re.search(r"REG:(\d+)", text).group(1)), int(re.search(r"STACK:(\d+)", text).group(1))
+
+
+def tile_loop_instructions(kernel, unit_iterations: int) -> int:
+    """SASS instructions of one iteration of the outermost loop (the tile loop), inner loops (the hidden-unit loop)
+    counted ``unit_iterations`` times. Both branches of a data-dependent ``if`` count (e.g. masking a partial tile)."""
+    instructions = [(int(a, 16), text) for a, text in _SASS_LINE.findall(_cuobjdump_text(kernel, "-sass"))]
+    loops = []
+    for address, text in instructions:
+        target = _BACK_BRANCH.search(text)
+        if target and int(target.group(1), 16) < address:
+            start = int(target.group(1), 16)
+            loops.append((start, address, sum(start <= a <= address for a, _ in instructions)))
+    if not loops:
+        return len(instructions)
+    outer = max(loops, key=lambda loop: loop[2])
+    inner = [loop for loop in loops if loop is not outer and outer[0] <= loop[0] and loop[1] <= outer[1]]
+    inner_total = sum(loop[2] for loop in inner)
+    return outer[2] - inner_total + unit_iterations * inner_total
+
+
+def inputs(authors: bool, hidden: int, activation: str, dot: bool, mask: bool, dropout: bool, dtype, launch: dict):
+    """The three kernels' argument lists and constexprs, built by the module's own host code."""
+    b, h, n, dv = 1, 2, 256, 64
+    q_h, k_h, v = (torch.randn(b, h, n, d, dtype=dtype) for d in (hidden, hidden, dv))
+    if authors:
+        h2 = max(hidden // 2, 1)
+        w, w2, b2 = torch.randn(h, h2), torch.randn(h, h2, hidden), torch.randn(h, h2)
+    else:
+        w, w2, b2 = torch.randn(h, hidden), None, None
+    dq = torch.randn(b, h, n, 64, dtype=dtype) if dot else None
+    dk = torch.randn(b, h, n, 64, dtype=dtype) if dot else None
+    m = torch.rand(b, 1, n, n) > 0.2 if mask else None
+    cfg = dict(activation=activation, causal=True, dot_scale=1.0, dropout_p=0.1 if dropout else 0.0, seed=0, **launch)
+    tensors, scalars, ce, launches = tna._launch_args(q_h, k_h, v, w, w2, b2, dq, dk, m, cfg)
+    ce["UPCAST"] = False
+    out, lse = torch.empty(b, h, n, dv, dtype=dtype), torch.empty(b * h, n)
+    d_out = torch.empty_like(out)
+    lead = [*tensors, *scalars, d_out, *d_out.stride()[:3], lse, torch.empty(b * h, n)]
+    f32 = torch.empty(b, h, n, max(hidden, dv))
+    part = torch.empty(1)
+    kv_ce, q_ce = tna._backward_constexprs(ce, launches["bwd_"])
+    return {
+        "fwd": (tna._fwd_kernel, [*tensors, *scalars, out, lse, *out.stride()[:3]], ce, launches[""]),
+        "bwd_kv": (tna._bwd_kv_kernel, [*lead, f32, f32, f32, part, part, part, 4], kv_ce, launches["bwd_"]),
+        "bwd_q": (tna._bwd_q_kernel, [*lead, f32, f32], q_ce, launches["bwd_"]),
+    }
+
+
+def report(authors, hidden, activation, dot, mask, dropout, dtype, launch, arch) -> list[dict]:
+    rows = []
+    for name, (fn, args, ce, (rows_, cols_, warps, _)) in inputs(
+        authors, hidden, activation, dot, mask, dropout, dtype, launch
+    ).items():
+        kernel = compile_kernel(fn, args, ce, warps, arch)
+        regs, spill = resources(kernel)
+        iterations = 1 if authors else math.ceil(hidden / ce["UNROLL"])
+        per_pair = tile_loop_instructions(kernel, iterations) * warps * 32 / (rows_ * cols_)
+        rows.append(dict(kernel=name, mlp="authors" if authors else "paper", hidden=hidden, activation=activation,
+                         dot=dot, mask=mask, dropout=dropout, dtype=str(dtype).removeprefix("torch."), rows=rows_,
+                         cols=cols_, num_warps=warps, unroll=ce["UNROLL"], registers=regs, spill_bytes=spill,
+                         instructions_per_pair=round(per_pair, 1)))  # fmt: skip
+        print(f"{name:7s} {rows[-1]['mlp']:7s} d'={hidden:2d} {activation:4s} dot={dot:d} mask={mask:d} "
+              f"dropout={dropout:d} {rows[-1]['dtype']:8s} tile {rows_}x{cols_} warps {warps} unroll {ce['UNROLL']}: "
+              f"{regs:3d} registers, {spill:4d} B spilled, {per_pair:6.1f} instructions / pair", flush=True)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100)")
+    ap.add_argument("--hidden", type=int, nargs="+", default=[2, 16])
+    ap.add_argument("--variants", action="store_true", help="also every MLP / feature / dtype at its default launch")
+    ap.add_argument("--quick", action="store_true", help="only the default launch (no candidate tiles)")
+    ap.add_argument("--csv", default=None)
+    args = ap.parse_args()
+
+    rows = []
+    tiles = [None] if args.quick else [None, (64, 32, 4, 2), (128, 64, 4, 2), (128, 64, 8, 2)]  # None: defaults
+    for hidden in args.hidden:
+        for tile in tiles:
+            launch = {} if tile is None else dict(zip(("block_m", "block_n", "num_warps", "unroll"), tile, strict=True))
+            rows += report(False, hidden, "relu", False, False, False, torch.bfloat16, launch, args.arch)
+    if args.variants:
+        for variant in [
+            (False, 16, "gelu", False, False, False, torch.bfloat16),
+            (False, 16, "relu", True, True, True, torch.bfloat16),
+            (False, 8, "tanh", True, False, True, torch.float16),
+            (False, 2, "relu", False, True, False, torch.float32),
+            (True, 2, "relu", False, False, False, torch.bfloat16),
+            (True, 16, "relu", False, True, False, torch.bfloat16),
+        ]:
+            rows += report(*variant, {}, args.arch)
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"wrote {args.csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

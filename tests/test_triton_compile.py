@@ -1,0 +1,44 @@
+"""The Triton kernels compile for a real GPU (sm_90 and sm_80), here without one.
+
+The interpreter tests (test_kernels_triton.py) check the numbers but not the compiler: it rejects programs that the
+interpreter runs (for instance two return types from one function). ``benchmarks/triton_sass_report.py`` compiles
+each kernel with triton's own compiler and reads the machine code with the cuobjdump its NVIDIA backend ships;
+run in a subprocess so that TRITON_INTERPRET (set for the other tests) cannot leak into it.
+"""
+
+import csv
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.triton
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _has_nvidia_backend() -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        import triton.backends.nvidia as nvidia
+    except ImportError:
+        return False
+    return (Path(nvidia.__file__).parent / "bin" / "cuobjdump").exists()
+
+
+@pytest.mark.skipif(not _has_nvidia_backend(), reason="triton with its NVIDIA backend (cuobjdump) is not installed")
+@pytest.mark.parametrize("arch,variants", [(90, True), (80, False)])  # H100 (wgmma) with every variant; A100
+def test_kernels_compile_for_the_gpu(tmp_path, arch, variants):
+    out = tmp_path / "sass.csv"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "triton_sass_report.py"), "--quick", "--arch", str(arch),
+           "--csv", str(out), *(["--variants"] if variants else [])]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    rows = list(csv.DictReader(out.open()))
+    kernels = {(r["kernel"], r["mlp"], r["hidden"], r["activation"], r["dot"], r["dtype"]) for r in rows}
+    # forward and both backward kernels of: paper relu d' 2 / 16 (and the report's 6 variants)
+    assert len(kernels) == len(rows) == 3 * (2 + (6 if variants else 0))
+    for row in rows:
+        assert int(row["registers"]) > 0 and float(row["instructions_per_pair"]) > 0, row
