@@ -42,7 +42,13 @@ from .cpp_neural_attention import (
     load_extension,
     neural_attention_cpp,
 )
-from .kernels_neural_attention import ACTIVATIONS, relu_weight_grad
+from .kernels_neural_attention import (
+    ACTIVATIONS,
+    relu_signed_max_operands,
+    relu_weight_grad,
+    visible_rows,
+    zero_invisible_rows,
+)
 
 __all__ = ["fused_cpp_available", "fused_cpp_is_built", "neural_attention_fused_cpp"]
 
@@ -788,10 +794,10 @@ def _use_single_pass(groups: int) -> bool:
 class _FusedFunction(torch.autograd.Function):
     """Inputs are flattened to G = batch * heads groups: A (G, q_len, K) and Bt (G, K, k_len) for the kernels.
 
-    relu runs in signed-max form (see ``relu_row`` in the C++ source): the kernels get A and -B scaled per unit by
-    |w| (1 where w = 0), the signs of w and cvec = B w (G, k_len); their backward returns the raw sums
-    sum_j relu'(pre_ij) dS_ij (and over i for B), which this function turns into dA = raw w, dB = raw w and, since
-    relu(x) = x relu'(x), dw = sum_i A_i raw_i + sum_j B_j raw_j.
+    relu runs in signed-max form (``relu_signed_max_operands``; ``relu_row`` in the C++ source): the kernels get A
+    and -B centred and scaled per unit, the signs of w and the per-key constant cvec (G, k_len); their backward
+    returns the raw sums sum_j relu'(pre_ij) dS_ij (and over i for B), which this function turns into dA = raw w,
+    dB = raw w and, since relu(x) = x relu'(x), dw = sum_i A_i raw_i + sum_j B_j raw_j (``relu_weight_grad``).
     """
 
     @staticmethod
@@ -802,18 +808,17 @@ class _FusedFunction(torch.autograd.Function):
         G = batch * heads
         wg = w.reshape(-1, hidden).expand(heads, hidden).unsqueeze(0).expand(batch, heads, hidden)
         wg = wg.reshape(G, hidden).contiguous()
-        Af = A.reshape(G, q_len, hidden)
-        Bf = B.reshape(G, k_len, hidden)
         relu = cfg["act"] == _ACT_CODE["relu"]
+        # rows no pair sees are zeroed (garbage there, even NaN, must not reach visible rows or dw)
+        q_vis, k_vis = visible_rows(mask, cfg["causal"], q_len, k_len, A.device)
         if relu:
-            # pre = (A + mu) + (B - mu) for any per-unit mu: centring B keeps |B w|, the per-key constant, small
-            # when A and B carry large opposite offsets (fp32 cancellation)
-            mu = Bf.mean(dim=1, keepdim=True)  # (G, 1, K)
-            Af, Bf = Af + mu, Bf - mu
-            scale = torch.where(wg != 0, wg.abs(), torch.ones_like(wg)).unsqueeze(1)  # (G, 1, K)
-            cvec = (Bf @ wg.unsqueeze(2)).squeeze(2).contiguous()  # (G, k_len)
-            kernel_w, Ak, Bk = torch.sign(wg), (Af * scale).contiguous(), -(Bf * scale)
+            a, b, sign, ck = relu_signed_max_operands(A, B, w.reshape(-1, hidden), q_vis, k_vis)
+            kernel_w = sign.expand(heads, hidden).unsqueeze(0).expand(batch, heads, hidden).reshape(G, hidden)
+            Ak, Bk, cvec = a.reshape(G, q_len, hidden), b.reshape(G, k_len, hidden), ck.reshape(G, k_len)
+            kernel_w, cvec = kernel_w.contiguous(), cvec.contiguous()
         else:
+            Af = zero_invisible_rows(A, q_vis).reshape(G, q_len, hidden)
+            Bf = zero_invisible_rows(B, k_vis).reshape(G, k_len, hidden)
             cvec = wg.new_empty(0)
             kernel_w, Ak, Bk = wg, Af.contiguous(), Bf
         Bt = Bk.transpose(1, 2).contiguous()
@@ -826,13 +831,13 @@ class _FusedFunction(torch.autograd.Function):
         )  # fmt: skip
         ctx.cfg = cfg
         ctx.shape = (batch, heads, q_len, k_len, hidden, v_dim)
-        ctx.save_for_backward(Ak, Bt, Vf, kernel_w, dqf, dkf, mask, out, lse, w, cvec, A, B, wg)
+        ctx.save_for_backward(Ak, Bt, Vf, kernel_w, dqf, dkf, mask, out, lse, w, cvec, A, B, wg, q_vis, k_vis)
         ctx.dot_shapes = (dq.shape if dq is not None else None, dk.shape if dk is not None else None)
         return out.view(batch, heads, q_len, v_dim)
 
     @staticmethod
     def backward(ctx, grad_out):
-        Ak, Bt, Vf, kernel_w, dqf, dkf, mask, out, lse, w, cvec, A, B, wg = ctx.saved_tensors
+        Ak, Bt, Vf, kernel_w, dqf, dkf, mask, out, lse, w, cvec, A, B, wg, q_vis, k_vis = ctx.saved_tensors
         cfg = ctx.cfg
         batch, heads, q_len, k_len, hidden, v_dim = ctx.shape
         G = batch * heads
@@ -845,7 +850,8 @@ class _FusedFunction(torch.autograd.Function):
             cfg["dot_scale"], cfg["act"], cfg["block"], _use_single_pass(G), cfg["dropout_p"], cfg["seed"],
         )  # fmt: skip
         if cfg["act"] == _ACT_CODE["relu"]:  # raw sums -> gradients (see the class docstring)
-            dw = relu_weight_grad(A.reshape(G, q_len, hidden), B.reshape(G, k_len, hidden), dA, dB)
+            raw_q, raw_k = dA.view(batch, heads, q_len, hidden), dB.view(batch, heads, k_len, hidden)
+            dw = relu_weight_grad(A, B, raw_q, raw_k, q_vis, k_vis).reshape(G, hidden)
             dA, dB = dA * wg.unsqueeze(1), dB * wg.unsqueeze(1)
         dw = dw.view(batch, heads, hidden).sum(0)
         if w.shape[0] == 1 and heads != 1 or w.dim() == 1:

@@ -37,24 +37,106 @@ __all__ = [
     "TileScorer",
     "choose_block_size",
     "neural_attention_tiled",
+    "relu_signed_max_operands",
     "relu_weight_grad",
+    "visible_rows",
+    "zero_invisible_rows",
 ]
 
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
 
 
-def relu_weight_grad(query_hidden: Tensor, key_hidden: Tensor, raw_query: Tensor, raw_key: Tensor) -> Tensor:
+def visible_rows(
+    mask: Tensor | None, causal: bool, q_len: int, k_len: int, device: torch.device | str | None = None
+) -> tuple[Tensor | None, Tensor | None]:
+    """Which queries see at least one key, and which keys at least one query sees.
+
+    ``mask``: bool, broadcastable to ``(batch, heads, q_len, k_len)``, True = may attend (None: every pair);
+    ``causal``: query i sees keys j <= i as well. Returns ``(query_visible, key_visible)``, bool ``(b|1, h|1, q_len,
+    1)`` and ``(b|1, h|1, k_len, 1)`` (they broadcast against ``(batch, heads, len, hidden)``), or None where every
+    row is visible; on ``device`` (the mask's, where one is given). The other rows get no gradient and must not
+    touch any visible one: the relu helpers below zero them, so garbage in a padded or masked row (even NaN) stays
+    out of the centring and the weight gradient.
+    """
+    if mask is None:
+        if not causal or k_len <= q_len:
+            return None, None
+        return None, (torch.arange(k_len, device=device) < q_len).view(1, 1, k_len, 1)
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    pairs = mask.expand(*mask.shape[:2], q_len, k_len)
+    if causal:
+        pairs = pairs & torch.ones(q_len, k_len, dtype=torch.bool, device=mask.device).tril()
+    return pairs.any(-1).unsqueeze(-1), pairs.any(-2).unsqueeze(-1)
+
+
+def zero_invisible_rows(x: Tensor, visible: Tensor | None) -> Tensor:
+    """x (..., len, hidden) with the rows ``visible`` (from :func:`visible_rows`; None: all) marks False set to 0."""
+    return x if visible is None else torch.where(visible, x, 0.0)
+
+
+def _key_mean(B: Tensor, key_visible: Tensor | None) -> Tensor:
+    """Mean of B over the visible keys (dim -2; B already zero at the others), keepdim."""
+    if key_visible is None:
+        return B.mean(dim=-2, keepdim=True)
+    return B.sum(dim=-2, keepdim=True) / key_visible.sum(dim=-2, keepdim=True).clamp_min(1)
+
+
+def relu_signed_max_operands(
+    query_hidden: Tensor,
+    key_hidden: Tensor,
+    output_weight: Tensor,
+    query_visible: Tensor | None = None,
+    key_visible: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Operands of ``score_ij = sum_m w_m relu(A_im + B_jm)`` in signed-max form (fused C++ and Triton kernels).
+
+    With mu_m the mean of B_m over the visible keys (per batch, head), s_m = |w_m| and sg_m = sign(w_m) (s_m = 1,
+    sg_m = 0 where |w_m| is below the smallest normal float: such a unit scores 0):
+
+        w_m relu(A_m + B_m) = sg_m max(a_m, b_m) + w_m (B_m - mu_m),   a_m = s_m (A_m + mu_m),
+        b_m = -s_m (B_m - mu_m),   relu'(A_m + B_m) = [a_m > b_m].
+
+    A unit then costs a pair 2 operations (a max and a multiply-add) instead of 3, the last term summed over units
+    is one constant per key, and the relu mask needs no addition. Centring keeps the max and the constant small
+    when A and B carry large opposite offsets (fp32 cancellation); a subnormal s would quantise a and b and break the
+    mask. ``query_hidden`` A ``(batch, heads, q_len, hidden)``, ``key_hidden`` B ``(batch, heads, k_len, hidden)``,
+    ``output_weight`` w ``(heads or 1, hidden)``; visibility from :func:`visible_rows`. Returns fp32
+    ``(a, b, sg (heads or 1, hidden), ck (batch, heads, k_len) = sum_m w_m (B_m - mu_m))``, zero at invisible rows.
+    """
+    w = output_weight.float()
+    w = torch.where(w.abs() < torch.finfo(torch.float32).tiny, 0.0, w)
+    A = zero_invisible_rows(query_hidden.float(), query_visible)
+    B = zero_invisible_rows(key_hidden.float(), key_visible)
+    mu = _key_mean(B, key_visible)
+    A, B = zero_invisible_rows(A + mu, query_visible), zero_invisible_rows(B - mu, key_visible)
+    w4 = w.view(1, -1, 1, w.shape[-1])
+    scale = torch.where(w4 == 0, 1.0, w4.abs())
+    return A * scale, B * -scale, torch.sign(w), (B * w4).sum(dim=-1)
+
+
+def relu_weight_grad(
+    query_hidden: Tensor,
+    key_hidden: Tensor,
+    raw_query: Tensor,
+    raw_key: Tensor,
+    query_visible: Tensor | None = None,
+    key_visible: Tensor | None = None,
+) -> Tensor:
     """dL/dw of ``score_ij = sum_k w_k relu(A_ik + B_jk)`` from the raw sums the input gradients need anyway.
 
     ``query_hidden`` A ``(..., q_len, hidden)``, ``key_hidden`` B ``(..., k_len, hidden)``; ``raw_query``
     G_ik = sum_j relu'(pre_ijk) dS_ij and ``raw_key`` H_jk = sum_i relu'(pre_ijk) dS_ij (fp32, shaped like A / B;
     dA = G w, dB = H w). Since relu(x) = x relu'(x), dw_k = sum_i A_ik G_ik + sum_j B_jk H_jk: no reduction per
     tile. B is centred (pre = (A + mu) + (B - mu), and sum_i G = sum_j H) so that large opposite offsets of A and
-    B do not cancel in fp32. Returns ``(..., hidden)`` fp32.
+    B do not cancel in fp32; rows no pair sees (``visible_rows``; G and H are 0 there) are left out, so garbage in
+    them does not reach dw. Returns ``(..., hidden)`` fp32.
     """
-    A, B = query_hidden.float(), key_hidden.float()
-    mu = B.mean(dim=-2, keepdim=True)
-    return ((A + mu) * raw_query).sum(dim=-2) + ((B - mu) * raw_key).sum(dim=-2)
+    A = zero_invisible_rows(query_hidden.float(), query_visible)
+    B = zero_invisible_rows(key_hidden.float(), key_visible)
+    mu = _key_mean(B, key_visible)
+    A, B = zero_invisible_rows(A + mu, query_visible), zero_invisible_rows(B - mu, key_visible)
+    return (A * raw_query).sum(dim=-2) + (B * raw_key).sum(dim=-2)
 
 # Elements (fp32) of the largest hidden-sized temporary of one tile: ~4 MiB, so a handful of them sit in L2/L3.
 _TILE_BUDGET = 1 << 20
@@ -533,6 +615,10 @@ def _check_and_run(
         "seed": int(generator_seed or 0),
         "block": block,
     }
+    # rows no pair sees get no gradient; zeroed (differentiably), garbage there (even NaN) cannot reach dw
+    query_visible, key_visible = visible_rows(mask, cfg["causal"], q_len, k_len, query_hidden.device)
+    query_hidden = zero_invisible_rows(query_hidden, query_visible)
+    key_hidden = zero_invisible_rows(key_hidden, key_visible)
     return _NeuralAttentionFunction.apply(
         query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key, mask, cfg
     )

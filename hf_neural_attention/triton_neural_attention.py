@@ -30,7 +30,7 @@ import os
 
 import torch
 
-from .kernels_neural_attention import relu_weight_grad
+from .kernels_neural_attention import relu_signed_max_operands, relu_weight_grad, visible_rows, zero_invisible_rows
 
 try:  # triton is optional: importing this module must never fail without it
     import triton
@@ -590,10 +590,12 @@ def _default_launch(authors: bool, hidden: int, interpreting: bool, backward: bo
     backward kernels (each owns blocks of ``own`` positions -- queries or keys -- and steps over the other side).
 
     ``unroll``: hidden units per iteration of the paper MLP's loop (ignored by the authors' MLP). ``lean``: relu
-    without the residual dot term; ``fp32``: fp32 inputs (their dots run on CUDA cores and take more registers).
+    without the residual dot term or a mask; ``fp32``: fp32 inputs (their dots run on CUDA cores and take more
+    registers).
 
-    Authors' MLP: the fastest of ``benchmarks/bench_triton_gpu.py --tune`` on an H100 (bf16, causal, n = 4096, 12
-    heads of 64; benchmarks/results/gpu_h100/run2). Paper MLP: not yet timed on a GPU in this form; chosen from the
+    Authors' MLP: the tiles of the fastest ``benchmarks/bench_triton_gpu.py --tune`` launches on an H100 (bf16,
+    causal, n = 4096, 12 heads of 64; benchmarks/results/gpu_h100/run2; since then the key-side backward's tile is
+    transposed, same size). Paper MLP: not yet timed on a GPU in this form; chosen from the
     sm_90 SASS (triton 3.6) as the fewest instructions per (pair, hidden unit) without register spills: 128 owned rows
     give a thread 4 rows x 8 columns of the MMA layout (12 column loads per unit for 32 pairs; 64 rows: 10 for 16);
     the heavier variants spill at 128 rows and take 64 (32 in fp32).
@@ -631,47 +633,39 @@ def _reduce_weight_grad(part: torch.Tensor, batch: int, heads: int, meta) -> tor
     return g.to(w_dtype)
 
 
-def _relu_grads(A, Bk, dA_raw, dB_raw, W, heads):
+def _relu_grads(A, Bk, dA_raw, dB_raw, W, heads, visible=(None, None)):
     """Finish the relu paper-MLP gradients the kernels leave raw (without the output weight w).
 
     A: (batch, heads, q_len, hidden), Bk: (batch, heads, k_len, hidden); dA_raw / dB_raw (fp32, same shapes) hold
     sum_j relu'(pre_ij) dS_ij and sum_i relu'(pre_ij) dS_ij; W: (heads or 1, hidden) fp32. Returns (dA, dB,
-    per-(batch*head) dw partials shaped (batch*heads, 1, hidden)); dw from ``relu_weight_grad``.
+    per-(batch*head) dw partials shaped (batch*heads, 1, hidden)); dw from ``relu_weight_grad`` (``visible``: as
+    for ``_paper_operands``).
     """
     batch, _, _, hidden = A.shape
     w = W.view(1, -1, 1, hidden)
-    dw = relu_weight_grad(A, Bk, dA_raw, dB_raw)  # (batch, heads, hidden)
+    dw = relu_weight_grad(A, Bk, dA_raw, dB_raw, *visible)  # (batch, heads, hidden)
     return dA_raw * w, dB_raw * w, dw.reshape(batch * heads, 1, hidden)
 
 
-def _paper_operands(query_hidden, key_hidden, W, relu, hidden_pad, length_pad):
-    """Kernel operands of the paper MLP: fp32 column-major A / B copies and the per-key constant.
+def _paper_operands(query_hidden, key_hidden, W, relu, hidden_pad, length_pad, visible=(None, None)):
+    """Kernel operands of the paper MLP: fp32 column-major A / B copies, the per-key constant and the kernel's w.
 
     query_hidden A (batch, heads, q_len, hidden), key_hidden B (batch, heads, k_len, hidden), W (heads or 1, hidden)
-    fp32. Returns (a, b, Ck): a (batch*heads, hidden_pad, LqP), b (batch*heads, hidden_pad, LkP) zero-padded, the
-    lengths rounded up to multiples of ``length_pad`` (so the kernels' per-unit column loads need no masks), and
-    Ck (batch*heads, LkP). O(n * hidden) memory.
-
-    relu, the signed-max form: with mu_m the per-(batch, head) key mean of B_m and s_m = |w_m| (1 where w_m = 0),
-    a_m = s_m (A_m + mu_m) and b_m = -s_m (B_m - mu_m) give
-
-        w_m relu(A_m + B_m) = sign(w_m) max(a_m, b_m) + w_m (B_m - mu_m),   relu'(A_m + B_m) = [a_m > b_m],
-
-    so a unit costs a pair 2 operations (max, multiply-add) instead of 3, and Ck_j = sum_m w_m (B_jm - mu_m) is added
-    once per key. Centring keeps the max and the constant small when A and B carry large opposite offsets. Other
-    activations: a = A, b = B (pre = a + b), Ck empty (never read).
+    fp32; ``visible`` = ``visible_rows(mask, causal, ...)``. Returns (a, b, Ck, W_kernel): a (batch*heads,
+    hidden_pad, LqP), b (batch*heads, hidden_pad, LkP) zero-padded, the lengths rounded up to multiples of
+    ``length_pad`` (so the kernels' per-unit column loads need no masks), Ck (batch*heads, LkP) and W_kernel (heads
+    or 1, hidden_pad). relu: a, b, Ck and sign(w) of ``relu_signed_max_operands`` (the kernels compute
+    sign(w) max(a, b) + Ck and read relu' = [a > b]); other activations: a = A, b = B, W itself, Ck empty. Rows no
+    pair sees are zero. O(n * hidden) memory.
     """
     batch, heads, q_len, hidden = query_hidden.shape
     k_len = key_hidden.shape[2]
-    A, B = query_hidden.float(), key_hidden.float()
-    ck = None
+    q_visible, k_visible = visible
     if relu:
-        W = W.expand(heads, hidden)
-        mu = B.mean(dim=-2, keepdim=True)
-        A, B = A + mu, B - mu
-        ck = torch.einsum("bhjm,hm->bhj", B, W)
-        scale = torch.where(W == 0, 1.0, W.abs())[None, :, None, :]  # (1, heads, 1, hidden)
-        A, B = A * scale, B * -scale
+        A, B, W, ck = relu_signed_max_operands(query_hidden, key_hidden, W, q_visible, k_visible)
+    else:
+        A = zero_invisible_rows(query_hidden.float(), q_visible)
+        B = zero_invisible_rows(key_hidden.float(), k_visible)
     rounded = lambda n: -(-n // length_pad) * length_pad  # noqa: E731
     a = A.new_zeros(batch * heads, hidden_pad, rounded(q_len))
     b = A.new_zeros(batch * heads, hidden_pad, rounded(k_len))
@@ -680,11 +674,12 @@ def _paper_operands(query_hidden, key_hidden, W, relu, hidden_pad, length_pad):
     Ck = A.new_zeros(batch * heads, b.shape[-1] if relu else 1)
     if relu:
         Ck[:, :k_len] = ck.reshape(batch * heads, k_len)
-    return a, b, Ck
+    W = torch.nn.functional.pad(W, (0, hidden_pad - hidden))  # zero weights for the padding units
+    return a, b, Ck, W
 
 
 def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key,
-                 mask, cfg):
+                 mask, cfg, visible=(None, None)):
     """Kernel-ready tensors, the leading scalar arguments shared by the three kernels, and the constexprs.
 
     Returns (tensors, scalars, constexprs, launch): tensors = (A, B, Ck, V, W, W2, B2, DQ, DK, Mask) with fp32
@@ -698,7 +693,9 @@ def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, 
     k_len, v_dim = key_hidden.shape[2], value.shape[-1]
     authors, has_dot = second_weight is not None, dot_query is not None
     interp = _interpreting()
-    lean, fp32 = cfg["activation"] == "relu" and not has_dot, value.dtype == torch.float32
+    # the widest tiles only where they do not spill registers (sm_90): relu without the dot term or a mask
+    lean = cfg["activation"] == "relu" and not has_dot and mask is None
+    fp32 = value.dtype == torch.float32
     launch = {}
     for prefix, backward in (("", False), ("bwd_", True)):
         defaults = dict(zip(("block_m", "block_n", "num_warps", "unroll"),
@@ -723,8 +720,8 @@ def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, 
         hidden2 = 1
         W, w_hs = _head_weight(output_weight, heads, "output_weight", (hidden,))
         length_pad = max(max(launch[""][:2]), max(launch["bwd_"][:2]))  # every block the kernels step by
-        A, Bk, Ck = _paper_operands(query_hidden, key_hidden, W, cfg["activation"] == "relu", hidden_pad, length_pad)
-        W = torch.nn.functional.pad(W, (0, hidden_pad - hidden))  # zero weights for the padding units
+        A, Bk, Ck, W = _paper_operands(query_hidden, key_hidden, W, cfg["activation"] == "relu", hidden_pad,
+                                       length_pad, visible)  # fmt: skip
         w_hs = 0 if w_hs == 0 else hidden_pad
         W2, w2_hs, B2, b2_hs = W, 0, W, 0  # unused dummies
         q_pad, k_pad = A.shape[-1], Bk.shape[-1]
@@ -767,18 +764,23 @@ class _NeuralAttentionTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key,
                 mask, cfg):  # fmt: skip
+        batch, heads, q_len, _ = query_hidden.shape
+        paper = second_weight is None
+        # rows no pair sees are zeroed in the paper MLP's operands: garbage there must not reach visible rows or dw
+        visible = (visible_rows(mask, cfg["causal"], q_len, key_hidden.shape[2], value.device) if paper
+                   else (None, None))  # fmt: skip
         tensors, scalars, constexprs, launch = _launch_args(query_hidden, key_hidden, value, output_weight,
                                                             second_weight, second_bias, dot_query, dot_key, mask,
-                                                            cfg)  # fmt: skip
-        batch, heads, q_len, _ = query_hidden.shape
+                                                            cfg, visible)  # fmt: skip
         Out = torch.empty(batch, heads, q_len, value.shape[-1], device=value.device, dtype=value.dtype)
         LSE = torch.empty(batch * heads, q_len, device=value.device, dtype=torch.float32)
         grid = (triton.cdiv(q_len, constexprs["BLOCK_M"]), batch * heads)
         _fwd_kernel[grid](*tensors, *scalars, Out, LSE, *Out.stride()[:3], num_warps=launch[""][2], **constexprs)
 
         # the relu weight gradient is finished on the host from the (uncentred, unpadded) inputs
-        relu_paper = second_weight is None and cfg["activation"] == "relu"
-        ctx.save_for_backward(*tensors, Out, LSE, *((query_hidden, key_hidden, output_weight) if relu_paper else ()))
+        relu_paper = paper and cfg["activation"] == "relu"
+        extra = (query_hidden, key_hidden, output_weight, *visible) if relu_paper else ()
+        ctx.save_for_backward(*tensors, Out, LSE, *extra)
         ctx.relu_paper = relu_paper
         ctx.scalars, ctx.constexprs, ctx.bwd_launch = scalars, constexprs, launch["bwd_"]
         has_dot = dot_query is not None
@@ -821,9 +823,9 @@ class _NeuralAttentionTriton(torch.autograd.Function):
         qh_dt, kh_dt, v_dt, dq_dt, dk_dt = ctx.dtypes
         w_meta, w2_meta, b2_meta = ctx.weight_meta
         if ctx.relu_paper:
-            query_hidden, key_hidden, output_weight = saved[12:]
+            query_hidden, key_hidden, output_weight, *visible = saved[12:]
             W = output_weight.detach().float().reshape(-1, hidden)  # (heads or 1, hidden)
-            dA, dB, dW_part = _relu_grads(query_hidden, key_hidden, dA, dB, W, heads)
+            dA, dB, dW_part = _relu_grads(query_hidden, key_hidden, dA, dB, W, heads, visible)
         g_w = _reduce_weight_grad(dW_part, batch, heads, w_meta)
         g_w2 = _reduce_weight_grad(dW2_part, batch, heads, w2_meta) if authors else None
         g_b2 = _reduce_weight_grad(dB2_part, batch, heads, b2_meta) if authors and b2_meta is not None else None

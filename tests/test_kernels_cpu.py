@@ -461,3 +461,34 @@ def test_fallback_without_cpp_matches_reference():
                          timeout=300)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     assert "fallback ok" in res.stdout
+
+
+@pytest.mark.parametrize("mlp,activation", [("paper", "relu"), ("paper", "gelu"), ("authors", "relu")])
+@pytest.mark.parametrize("kind", ["mask", "causal"])
+def test_rows_no_pair_sees_may_hold_nan(fn, mlp, activation, kind):
+    # masked keys, keys past the causal range and fully masked queries may hold anything (a preallocated buffer):
+    # results and every gradient equal those of the same inputs with zeros there
+    t, g = make_inputs(43, q_len=11, k_len=15, hidden=4, mlp=mlp)
+    if kind == "mask":
+        kw = dict(mask=torch.rand(2, 1, 11, 15, generator=g) > 0.3)
+        kw["mask"][0, :, :, 3:5] = False
+        kw["mask"][1, :, 6] = False
+        rows = {"B": (0, slice(None), slice(3, 5)), "A": (1, slice(None), 6)}
+    else:
+        kw = dict(causal=True)
+        rows = {"B": (slice(None), slice(None), slice(11, None))}
+    clean = {k: None if v is None else v.detach().clone().requires_grad_() for k, v in t.items()}
+    with torch.no_grad():
+        for name, index in rows.items():
+            t[name][index] = float("nan")
+    out = run(fn, t, activation=activation, block_size=(4, 4), **kw)
+    ref = run(fn, clean, activation=activation, block_size=(4, 4), **kw)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    grad_out = torch.randn(out.shape, generator=g)
+    for name, a, b in zip(
+        [k for k in ("A", "B", "V", "w", "W2", "b2") if t[k] is not None],
+        torch.autograd.grad(out, leaves(t), grad_out),
+        torch.autograd.grad(ref, leaves(clean), grad_out),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=lambda m, n=name: f"grad {n}: {m}")

@@ -293,3 +293,39 @@ def test_imports_only_torch_stdlib_and_flat_siblings():
             assert node.module.split(".")[0] in allowed, node.module
         elif isinstance(node, ast.Import):
             assert all(alias.name.split(".")[0] in allowed for alias in node.names)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("garbage", [1e6, float("nan")])
+def test_rows_no_pair_sees_do_not_matter(activation, garbage):
+    # padded / masked keys and fully masked queries may hold anything (a preallocated buffer): they must not move the
+    # centring of the signed-max form or the weight gradient; the reference sees zeros there
+    args = _inputs(2, 2, 37, 45, 4, seed=9)
+    mask = torch.ones(2, 1, 37, 45, dtype=torch.bool)
+    mask[0, :, :, 40:] = False  # padded keys of batch 0
+    mask[1, :, 5] = False  # a fully masked query of batch 1
+    clean = {k: v.detach().clone() for k, v in args.items()}
+    with torch.no_grad():
+        args["key_hidden"][0, :, 40:] = garbage
+        args["query_hidden"][1, :, 5] = garbage
+    out = neural_attention_fused_cpp(**args, activation=activation, mask=mask)
+    clean = {k: v.requires_grad_() for k, v in clean.items()}
+    ref = kernel_reference(*clean.values(), activation=activation, mask=mask)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad(out, list(args.values()), grad)
+    want = torch.autograd.grad(ref, list(clean.values()), grad.double())
+    for name, x, y in zip(args, got, want, strict=True):
+        assert torch.isfinite(x).all(), name
+        y = y.double()
+        torch.testing.assert_close(x.double(), y, atol=2e-5 * max(1.0, y.abs().max().item()), rtol=2e-5)
+
+
+def test_relu_subnormal_output_weights():
+    # |w| below the smallest normal float: the unit scores (practically) 0, and its weight gradient still needs the
+    # exact relu mask (scaled by a subnormal |w|, the operands would lose it)
+    args = _inputs(2, 2, 40, 40, 5, seed=11)
+    with torch.no_grad():
+        args["output_weight"][0, 1] = 3e-45
+        args["output_weight"][1, 2] = -3e-45
+    _check(args, causal=True)

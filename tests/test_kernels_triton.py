@@ -321,3 +321,37 @@ def test_weight_without_heads_dim_and_empty_query():
     assert g_flat.shape == w_flat.shape and torch.equal(g_flat, g[0])
     empty = neural_attention_triton(t["A"][:, :, :0], t["B"], t["V"], t["w"])
     assert empty.shape == (1, 2, 0, 5)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("garbage", [1e6, float("nan")])
+def test_rows_no_pair_sees_do_not_matter(activation, garbage):
+    # padded / masked keys, keys past the causal range and fully masked queries may hold anything (a preallocated
+    # buffer): they must not move the centring of the signed-max form or the weight gradient
+    t = make_inputs(b=2, h=2, lq=21, lk=27, hidden=4, vdim=3, seed=43)
+    mask = torch.ones(2, 1, 21, 27, dtype=torch.bool)
+    mask[0, :, :, 18:20] = False  # two masked keys of batch 0 (keys >= 21 are past the causal range anyway)
+    mask[1, :, 5] = False  # a fully masked query of batch 1
+    clean = {k: v.detach().clone().requires_grad_() for k, v in t.items()}
+    with torch.no_grad():
+        t["B"][0, :, 18:20] = garbage
+        t["B"][:, :, 21:] = garbage
+        t["A"][1, :, 5] = garbage
+    kw = dict(activation=activation, mask=mask.to(DEVICE), causal=True)
+    out = run_kernel(t, **kw)
+    ref = run_reference(clean, **kw)
+    assert_close(out, ref, FP32_TOL, "output")
+    go = torch.randn(ref.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    g, g_ref = grads(out, t, go.float()), grads(ref, clean, go)
+    for name in t:
+        assert_close(g[name], g_ref[name], FP32_TOL, f"grad {name}")
+
+
+def test_relu_subnormal_output_weights():
+    # |w| below the smallest normal float: the unit scores (practically) 0, and its weight gradient still needs the
+    # exact relu mask (scaled by a subnormal |w|, the operands would lose it)
+    t = make_inputs(b=1, h=2, lq=20, lk=20, hidden=5, vdim=3, seed=47)
+    with torch.no_grad():
+        t["w"][0, 1] = 3e-45
+        t["w"][1, 2] = -3e-45
+    check(t, causal=True, ref_kw=dict(causal=True))
