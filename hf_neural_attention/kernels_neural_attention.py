@@ -82,6 +82,15 @@ def _key_mean(B: Tensor, key_visible: Tensor | None) -> Tensor:
     return B.sum(dim=-2, keepdim=True) / key_visible.sum(dim=-2, keepdim=True).clamp_min(1)
 
 
+def _centred(A: Tensor, B: Tensor, query_visible: Tensor | None, key_visible: Tensor | None) -> tuple[Tensor, Tensor]:
+    """fp32 (A + mu, B - mu), mu the mean of B over the visible keys, rows no pair sees zero: pre = A + B unchanged,
+    large opposite offsets of A and B removed before anything multiplies or compares them."""
+    A = zero_invisible_rows(A.float(), query_visible)
+    B = zero_invisible_rows(B.float(), key_visible)
+    mu = _key_mean(B, key_visible)
+    return zero_invisible_rows(A + mu, query_visible), zero_invisible_rows(B - mu, key_visible)
+
+
 def relu_signed_max_operands(
     query_hidden: Tensor,
     key_hidden: Tensor,
@@ -106,10 +115,7 @@ def relu_signed_max_operands(
     """
     w = output_weight.float()
     w = torch.where(w.abs() < torch.finfo(torch.float32).tiny, 0.0, w)
-    A = zero_invisible_rows(query_hidden.float(), query_visible)
-    B = zero_invisible_rows(key_hidden.float(), key_visible)
-    mu = _key_mean(B, key_visible)
-    A, B = zero_invisible_rows(A + mu, query_visible), zero_invisible_rows(B - mu, key_visible)
+    A, B = _centred(query_hidden, key_hidden, query_visible, key_visible)
     w4 = w.view(1, -1, 1, w.shape[-1])
     scale = torch.where(w4 == 0, 1.0, w4.abs())
     return A * scale, B * -scale, torch.sign(w), (B * w4).sum(dim=-1)
@@ -132,10 +138,7 @@ def relu_weight_grad(
     B do not cancel in fp32; rows no pair sees (``visible_rows``; G and H are 0 there) are left out, so garbage in
     them does not reach dw. Returns ``(..., hidden)`` fp32.
     """
-    A = zero_invisible_rows(query_hidden.float(), query_visible)
-    B = zero_invisible_rows(key_hidden.float(), key_visible)
-    mu = _key_mean(B, key_visible)
-    A, B = zero_invisible_rows(A + mu, query_visible), zero_invisible_rows(B - mu, key_visible)
+    A, B = _centred(query_hidden, key_hidden, query_visible, key_visible)
     return (A * raw_query).sum(dim=-2) + (B * raw_key).sum(dim=-2)
 
 # Elements (fp32) of the largest hidden-sized temporary of one tile: ~4 MiB, so a handful of them sit in L2/L3.
