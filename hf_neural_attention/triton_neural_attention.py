@@ -700,6 +700,8 @@ def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, 
     for prefix, backward in (("", False), ("bwd_", True)):
         defaults = dict(zip(("block_m", "block_n", "num_warps", "unroll"),
                             _default_launch(authors, hidden, interp, backward, lean=lean, fp32=fp32), strict=True))
+        if not backward:  # decoding (q_len 1) and short prompts: no rows of pure padding (16: the MMA minimum)
+            defaults["block_m"] = min(defaults["block_m"], _pow2(q_len, 16))
         # backward: its own setting, else the caller's forward setting, else its default
         launch[prefix] = tuple(next((v for v in (cfg.get(prefix + key), cfg.get(key)) if v is not None), default)
                                for key, default in defaults.items())

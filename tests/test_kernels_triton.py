@@ -355,3 +355,17 @@ def test_relu_subnormal_output_weights():
         t["w"][0, 1] = 3e-45
         t["w"][1, 2] = -3e-45
     check(t, causal=True, ref_kw=dict(causal=True))
+
+
+def test_default_forward_tile_fits_short_queries(monkeypatch):
+    # decoding with a KV cache (q_len 1) must not run a 128-row tile of which one row is real: the default forward
+    # block shrinks to the next power of two >= q_len (16 at least, the tensor-core minimum); explicit choices stand
+    monkeypatch.setattr(tna, "_interpreting", lambda: False)  # the GPU defaults (host side only: nothing launches)
+    cfg = dict(activation="relu", causal=False, dot_scale=1.0, dropout_p=0.0, seed=0)
+    for q_len, expected in ((1, 16), (20, 32), (100, 128), (3000, 128)):
+        t = make_inputs(lq=q_len, lk=50, hidden=4, dtype=torch.bfloat16)
+        *_, launch = tna._launch_args(t["A"], t["B"], t["V"], t["w"], None, None, None, None, None, cfg)
+        assert launch[""][0] == expected and launch["bwd_"][0] == 128, (q_len, launch)
+    *_, launch = tna._launch_args(t["A"][:, :, :1], t["B"], t["V"], t["w"], None, None, None, None, None,
+                                  dict(cfg, block_m=64))  # fmt: skip
+    assert launch[""][0] == 64
