@@ -45,6 +45,8 @@ except ImportError:  # pragma: no cover - exercised only on machines without tri
 __all__ = ["TRITON_AVAILABLE", "neural_attention_triton", "triton_is_usable"]
 
 _ACTIVATIONS = {"relu": 0, "gelu": 1, "silu": 2, "tanh": 3}
+# authors' MLP: from this width on (d' > 8) its second layer runs as a tensor-core GEMM (see `_authors_layers`)
+_AUTHORS_GEMM_FROM = tl.constexpr(8) if TRITON_AVAILABLE else None
 
 
 def _interpreting() -> bool:
@@ -231,18 +233,47 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _authors_z(h1, W2_base, B2_base, r, HID: tl.constexpr, HIDP: tl.constexpr):
-        """Authors' second layer, unit r, before its relu: (z_r = W2[r] . h1 + b2[r]  (ROWS, COLS), W2[r]  (HIDP,))."""
+        """Authors' second layer, unit r, before its relu, on the CUDA cores: (z_r = W2[r] . h1 + b2[r]  (ROWS, COLS),
+        W2[r]  (HIDP,)); for narrow MLPs (see `_AUTHORS_GEMM_FROM`)."""
         offs_h = tl.arange(0, HIDP)
         w2r = tl.load(W2_base + r * HID + offs_h, mask=offs_h < HID, other=0.0).to(tl.float32)
         return tl.sum(h1 * w2r[None, None, :], axis=2) + tl.load(B2_base + r).to(tl.float32), w2r
 
     @triton.jit
+    def _authors_layers(A_base, B_base, W_base, W2_base, B2_base, offs_q, offs_k, Lq, Lk, ROWS: tl.constexpr,
+                        COLS: tl.constexpr, HID: tl.constexpr, HIDP: tl.constexpr, HID2: tl.constexpr,
+                        HID2P: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr, KEY_ROWS: tl.constexpr):
+        """Authors' MLP on the tile's ROWS * COLS pairs, its second layer as one tensor-core GEMM over the pairs.
+
+        Returns (h1 = relu(A_i + B_j)  (ROWS * COLS, HIDP), z = h1 W2^T + b2  (ROWS * COLS, HID2P), w3 (HID2P,),
+        W2 (HID2P, HIDP)), zero-padded (HIDP, HID2P >= 16: the MMA minimum). A pair costs HID * HID2 multiply-adds
+        here: on the CUDA cores, one unit at a time, they were most of the kernel's instructions from d' = 16 on
+        (sm_90 SASS, fwd + bwd per pair: 6025 -> 1463 at d' = 16; 1567 -> 1540 at d' = 8, 599 -> 1536 at d' = 4, where
+        the padding to 16 dominates: `_AUTHORS_GEMM_FROM` picks the form).
+        """
+        offs_h = tl.arange(0, HIDP)
+        offs_r = tl.arange(0, HID2P)
+        r_ok = offs_r < HID2
+        w3 = tl.load(W_base + offs_r, mask=r_ok, other=0.0)
+        w2 = tl.load(W2_base + offs_r[:, None] * HID + offs_h[None, :], mask=r_ok[:, None] & (offs_h[None, :] < HID),
+                     other=0.0)
+        b2 = tl.load(B2_base + offs_r, mask=r_ok, other=0.0)
+        h1 = tl.reshape(_authors_h1(A_base, B_base, offs_q, offs_k, Lq, Lk, HID, HIDP, KEY_ROWS), (ROWS * COLS, HIDP))
+        z = _mm(h1, tl.trans(w2), DOT_DTYPE, UPCAST) + b2[None, :]
+        return h1, z, w3, w2
+
+    @triton.jit
     def _tile_scores(A_base, B_base, Ck_base, W_base, W2_base, B2_base, q, k, offs_q, offs_k, Lq, Lk, LqP, LkP,
                      dot_scale, ROWS: tl.constexpr, COLS: tl.constexpr, HID: tl.constexpr, HIDP: tl.constexpr,
-                     HID2: tl.constexpr, AUTHORS: tl.constexpr, ACT: tl.constexpr, HAS_DOT: tl.constexpr,
-                     DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr, UNROLL: tl.constexpr, KEY_ROWS: tl.constexpr):
+                     HID2: tl.constexpr, HID2P: tl.constexpr, AUTHORS: tl.constexpr, ACT: tl.constexpr,
+                     HAS_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr, UNROLL: tl.constexpr,
+                     KEY_ROWS: tl.constexpr):
         """Unmasked fp32 scores of the (ROWS, COLS) tile: per-pair MLP (paper / authors) + dot_scale * q . k."""
-        if AUTHORS:  # (its (ROWS, COLS, HIDP) first layer picks its own layout)
+        if AUTHORS and HID > _AUTHORS_GEMM_FROM:
+            _h1, z, w3, _w2 = _authors_layers(A_base, B_base, W_base, W2_base, B2_base, offs_q, offs_k, Lq, Lk, ROWS,
+                                              COLS, HID, HIDP, HID2, HID2P, DOT_DTYPE, UPCAST, KEY_ROWS)
+            s = tl.reshape(tl.sum(tl.maximum(z, 0.0) * w3[None, :], axis=1), (ROWS, COLS))
+        elif AUTHORS:  # (its (ROWS, COLS, HIDP) first layer picks its own layout)
             s = tl.zeros((ROWS, COLS), dtype=tl.float32)
             h1 = _authors_h1(A_base, B_base, offs_q, offs_k, Lq, Lk, HID, HIDP, KEY_ROWS)
             for r in tl.static_range(HID2):
@@ -315,7 +346,8 @@ if TRITON_AVAILABLE:
     def _tile_probs_grad(A_base, B_base, Ck_base, W_base, W2_base, B2_base, Mask_base, smq, smk, q, k, v, do, lse,
                          delta, start_q, start_k, offs_q, offs_k, Lq, Lk, LqP, LkP, bh, dot_scale, dropout_p,
                          dropout_scale, seed, HID: tl.constexpr, HIDP: tl.constexpr, HID2: tl.constexpr,
-                         AUTHORS: tl.constexpr, ACT: tl.constexpr, HAS_DOT: tl.constexpr, HAS_MASK: tl.constexpr,
+                         HID2P: tl.constexpr, AUTHORS: tl.constexpr, ACT: tl.constexpr, HAS_DOT: tl.constexpr,
+                         HAS_MASK: tl.constexpr,
                          CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
                          UNROLL: tl.constexpr, KEY_ROWS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
                          ROWS: tl.constexpr, COLS: tl.constexpr):
@@ -324,8 +356,8 @@ if TRITON_AVAILABLE:
         (ROWS, COLS) = (BLOCK_K, BLOCK_Q) when KEY_ROWS, else (BLOCK_Q, BLOCK_K).
         """
         s = _tile_scores(A_base, B_base, Ck_base, W_base, W2_base, B2_base, q, k, offs_q, offs_k, Lq, Lk, LqP, LkP,
-                         dot_scale, ROWS, COLS, HID, HIDP, HID2, AUTHORS, ACT, HAS_DOT, DOT_DTYPE, UPCAST, UNROLL,
-                         KEY_ROWS)
+                         dot_scale, ROWS, COLS, HID, HIDP, HID2, HID2P, AUTHORS, ACT, HAS_DOT, DOT_DTYPE, UPCAST,
+                         UNROLL, KEY_ROWS)
         # rows with no visible key (and rows past Lq) have lse = +inf: p = 0 there without a mask
         s = _masked(s, float("-inf"), start_q, start_k, offs_q, offs_k, Lq, Lk, Mask_base, smq, smk, CAUSAL,
                     HAS_MASK, BLOCK_Q, BLOCK_K, KEY_ROWS)  # before exp: scores of padded keys may be large
@@ -350,7 +382,8 @@ if TRITON_AVAILABLE:
     def _tile_mlp_backward(ds, A_base, B_base, W_base, W2_base, B2_base, offs_q, offs_k, Lq, Lk, LqP, LkP, d_own,
                            dw, dw2, db2, HID: tl.constexpr, HIDP: tl.constexpr, HID2: tl.constexpr,
                            HID2P: tl.constexpr, AUTHORS: tl.constexpr, ACT: tl.constexpr, NEED_DW: tl.constexpr,
-                           UNROLL: tl.constexpr, KEY_ROWS: tl.constexpr):
+                           UNROLL: tl.constexpr, KEY_ROWS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+                           DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
         """Back-propagate dS of a (ROWS, COLS) tile through the per-pair MLP, accumulating into the given accumulators.
 
         d_own: (ROWS, HIDP), the gradient of the rows' own projection (dA in the query-side kernel, dB in the key-side
@@ -359,7 +392,18 @@ if TRITON_AVAILABLE:
         Paper MLP with relu: d_own is without the w_m factor and dw stays untouched (see `_relu_grads`).
         """
         offs_h = tl.arange(0, HIDP)
-        if AUTHORS:
+        if AUTHORS and HID > _AUTHORS_GEMM_FROM:  # GEMMs over the tile's pairs on the tensor cores
+            h1, z, w3, w2 = _authors_layers(A_base, B_base, W_base, W2_base, B2_base, offs_q, offs_k, Lq, Lk, ROWS,
+                                            COLS, HID, HIDP, HID2, HID2P, DOT_DTYPE, UPCAST, KEY_ROWS)
+            ds = tl.reshape(ds, (ROWS * COLS,))
+            g = tl.where(z > 0.0, ds[:, None] * w3[None, :], 0.0)  # dL/dz  (ROWS * COLS, HID2P)
+            if NEED_DW:
+                dw += tl.sum(ds[:, None] * tl.maximum(z, 0.0), axis=0)
+                db2 += tl.sum(g, axis=0)
+                dw2 += _mm(tl.trans(g), h1, DOT_DTYPE, UPCAST)
+            dpre = tl.where(h1 > 0.0, _mm(g, w2, DOT_DTYPE, UPCAST), 0.0)  # dL/d(A_i + B_j)
+            d_own += tl.sum(tl.reshape(dpre, (ROWS, COLS, HIDP)), axis=1)
+        elif AUTHORS:  # narrow MLPs: one second-layer unit at a time on the CUDA cores
             offs_r = tl.arange(0, HID2P)
             h1 = _authors_h1(A_base, B_base, offs_q, offs_k, Lq, Lk, HID, HIDP, KEY_ROWS)
             dh1 = tl.zeros_like(h1)
@@ -423,8 +467,8 @@ if TRITON_AVAILABLE:
             offs_n = start_n + tl.arange(0, BLOCK_N)
             k = _load_dot_tile(DK_base, offs_n, Lk, skl, BLOCK_N, DD, DDP, HAS_DOT)
             s = _tile_scores(A_base, B_base, Ck_base, W_base, W2_base, B2_base, q, k, offs_m, offs_n, Lq, Lk, LqP,
-                             LkP, dot_scale, BLOCK_M, BLOCK_N, HID, HIDP, HID2, AUTHORS, ACT, HAS_DOT, DOT_DTYPE,
-                             UPCAST, UNROLL, False)
+                             LkP, dot_scale, BLOCK_M, BLOCK_N, HID, HIDP, HID2, HID2P, AUTHORS, ACT, HAS_DOT,
+                             DOT_DTYPE, UPCAST, UNROLL, False)
             s = _masked(s, float("-inf"), pid_m * BLOCK_M, start_n, offs_m, offs_n, Lq, Lk, Mask_base, smq, smk,
                         CAUSAL, HAS_MASK, BLOCK_M, BLOCK_N, False)
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -490,7 +534,7 @@ if TRITON_AVAILABLE:
             lse, delta = _row_stats(LSE, Delta, bh, offs_m, Lq)
             pd, ds = _tile_probs_grad(A_base, B_base, Ck_base, W_base, W2_base, B2_base, Mask_base, smq, smk, q, k, v,
                                       do, lse, delta, start_m, pid_n * BLOCK_N, offs_m, offs_n, Lq, Lk, LqP, LkP, bh,
-                                      dot_scale, dropout_p, dropout_scale, seed, HID, HIDP, HID2, AUTHORS, ACT,
+                                      dot_scale, dropout_p, dropout_scale, seed, HID, HIDP, HID2, HID2P, AUTHORS, ACT,
                                       HAS_DOT, HAS_MASK, CAUSAL, DROPOUT, DOT_DTYPE, UPCAST, UNROLL, True, BLOCK_M,
                                       BLOCK_N, BLOCK_N, BLOCK_M)
             dv += _mm(pd, do, DOT_DTYPE, UPCAST)
@@ -498,7 +542,7 @@ if TRITON_AVAILABLE:
                 dk += _mm(ds, q, DOT_DTYPE, UPCAST)
             db, dw, dw2, db2 = _tile_mlp_backward(
                 ds, A_base, B_base, W_base, W2_base, B2_base, offs_m, offs_n, Lq, Lk, LqP, LkP, db, dw, dw2, db2,
-                HID, HIDP, HID2, HID2P, AUTHORS, ACT, True, UNROLL, True)
+                HID, HIDP, HID2, HID2P, AUTHORS, ACT, True, UNROLL, True, BLOCK_N, BLOCK_M, DOT_DTYPE, UPCAST)
 
         _store_tile(dV + bh * Lk * DV, offs_n, Lk, DV, dv, DV, DVP)
         if HAS_DOT:
@@ -551,14 +595,15 @@ if TRITON_AVAILABLE:
             k = _load_dot_tile(DK_base, offs_n, Lk, skl, BLOCK_N, DD, DDP, HAS_DOT)
             pd, ds = _tile_probs_grad(A_base, B_base, Ck_base, W_base, W2_base, B2_base, Mask_base, smq, smk, q, k, v,
                                       do, lse, delta, pid_m * BLOCK_M, start_n, offs_m, offs_n, Lq, Lk, LqP, LkP, bh,
-                                      dot_scale, dropout_p, dropout_scale, seed, HID, HIDP, HID2, AUTHORS, ACT,
+                                      dot_scale, dropout_p, dropout_scale, seed, HID, HIDP, HID2, HID2P, AUTHORS, ACT,
                                       HAS_DOT, HAS_MASK, CAUSAL, DROPOUT, DOT_DTYPE, UPCAST, UNROLL, False, BLOCK_M,
                                       BLOCK_N, BLOCK_M, BLOCK_N)
             if HAS_DOT:
                 dq += _mm(ds, k, DOT_DTYPE, UPCAST)
             da, dw_unused, dw2_unused, db2_unused = _tile_mlp_backward(
                 ds, A_base, B_base, W_base, W2_base, B2_base, offs_m, offs_n, Lq, Lk, LqP, LkP, da, dw_unused,
-                dw2_unused, db2_unused, HID, HIDP, HID2, HID2P, AUTHORS, ACT, False, UNROLL, False)
+                dw2_unused, db2_unused, HID, HIDP, HID2, HID2P, AUTHORS, ACT, False, UNROLL, False, BLOCK_M, BLOCK_N,
+                DOT_DTYPE, UPCAST)
 
         _store_tile(dA + bh * Lq * HID, offs_m, Lq, HID, da, HID, HIDP)
         if HAS_DOT:
@@ -593,19 +638,20 @@ def _default_launch(authors: bool, hidden: int, interpreting: bool, backward: bo
     without the residual dot term or a mask; ``fp32``: fp32 inputs (their dots run on CUDA cores and take more
     registers).
 
-    Authors' MLP: the tiles of the fastest ``benchmarks/bench_triton_gpu.py --tune`` launches on an H100 (bf16,
-    causal, n = 4096, 12 heads of 64; benchmarks/results/gpu_h100/run2; since then the key-side backward's tile is
-    transposed, same size). Paper MLP: not yet timed on a GPU in this form; chosen from the
-    sm_90 SASS (triton 3.6) as the fewest instructions per (pair, hidden unit) without register spills: 128 owned rows
-    give a thread 4 rows x 8 columns of the MMA layout (12 column loads per unit for 32 pairs; 64 rows: 10 for 16);
-    the heavier variants spill at 128 rows and take 64 (32 in fp32).
+    Authors' MLP up to d' = 8: the tiles of the fastest ``benchmarks/bench_triton_gpu.py --tune`` launches on an H100
+    (bf16, causal, n = 4096, 12 heads of 64; benchmarks/results/gpu_h100/run2; since then the key-side backward's
+    tile is transposed, same size); wider, the GEMM form's from the SASS (not yet timed). Paper MLP: not yet timed
+    on a GPU in this form; chosen from the sm_90 SASS (triton 3.6) as the fewest instructions per (pair, hidden
+    unit) without register spills: 128 owned rows give a thread 4 rows x 8 columns of the MMA layout (12 column loads
+    per unit for 32 pairs; 64 rows: 10 for 16); the heavier variants spill at 128 rows and take 64 (32 in fp32).
     """
     if interpreting:
         return 16, 16, 4, 1
     if authors:  # the authors' MLP keeps (BM, BN, hidden) tiles live: smaller tiles
-        if hidden <= 8:
+        if hidden <= _AUTHORS_GEMM_FROM.value:
             return 32, 32, 4, 1
-        return (16, 32, 8, 1) if backward else (32, 32, 8, 1)
+        # the GEMM form (sm_90 SASS, d' = 16: fewest instructions per pair; every backward tile spills a little)
+        return (16, 32, 4, 1) if backward else (32, 32, 8, 1)
     return (32 if fp32 else 128 if lean else 64), 32, 4, 2
 
 
@@ -742,8 +788,11 @@ def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, 
     dropout_p = float(cfg["dropout_p"])
     dropout_scale = 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
     low = V.dtype if V.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    # the authors' MLP from _AUTHORS_GEMM_FROM on multiplies (pairs, HIDP) by (HIDP, HID2P) on the tensor cores:
+    # dims of 16 at least
+    mma_pad = 16 if authors and hidden > _AUTHORS_GEMM_FROM.value else 1
     constexprs = dict(
-        HID=hidden, HIDP=hidden_pad, HID2=hidden2, HID2P=_pow2(hidden2), AUTHORS=authors,
+        HID=hidden, HIDP=max(hidden_pad, mma_pad), HID2=hidden2, HID2P=_pow2(hidden2, mma_pad), AUTHORS=authors,
         ACT=_ACTIVATIONS[cfg["activation"]], DV=v_dim, DVP=_pow2(v_dim, 16), DD=dd, DDP=_pow2(dd, 16),
         HAS_DOT=has_dot, HAS_MASK=mask is not None, CAUSAL=bool(cfg["causal"]), DROPOUT=dropout_p > 0.0,
         DOT_DTYPE=_TL_DTYPES[low], UPCAST=interp, UNROLL=min(unroll, hidden_pad), BLOCK_M=bm, BLOCK_N=bn,

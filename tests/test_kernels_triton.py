@@ -150,6 +150,24 @@ def test_authors_mlp(shared):
     check(t, causal=True)
 
 
+@pytest.mark.parametrize("hidden", [1, 16, 19])
+def test_authors_mlp_widths_mask_and_unequal_tiles(hidden):
+    # the second layer runs as a GEMM over the tile's pairs with both widths padded to >= 16: widths below, at and
+    # above 16 (19 pads to 32), a padding mask with a fully masked row, tiles whose rows and columns differ
+    t = make_inputs(b=2, h=2, lq=19, lk=23, hidden=hidden, vdim=3, authors=True, seed=60 + hidden)
+    mask = torch.rand(2, 1, 19, 23, generator=torch.Generator().manual_seed(3)) > 0.3
+    mask[0, 0, 7] = False
+    kw = dict(mask=mask.to(DEVICE), causal=True)
+    out = neural_attention_triton(t["A"], t["B"], t["V"], t["w"], t["w2"], t["b2"], block_m=16, block_n=32,
+                                  bwd_block_m=32, bwd_block_n=16, **kw)  # fmt: skip
+    ref = run_reference(t, **kw)
+    assert_close(out, ref, FP32_TOL, "output")
+    go = torch.randn(ref.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    g, g_ref = grads(out, t, go.float()), grads(ref, t, go)
+    for name in t:
+        assert_close(g[name], g_ref[name], FP32_TOL, f"grad {name}")
+
+
 def test_shared_weights_residual_dot_paper():
     t = make_inputs(b=2, h=3, lq=17, lk=19, hidden=2, vdim=6, shared=True, dot=8, seed=3)
     check(t, dot_scale=0.35)
