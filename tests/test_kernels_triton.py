@@ -107,19 +107,24 @@ FP16_TOL = 5e-3
 BF16_TOL = 3e-2  # bf16 inputs/outputs and bf16 MMA operands (P, dS rounded to bf16), fp32 accumulation
 
 
-def check(t, tol=FP32_TOL, ref_kw=None, **kw):
-    out = run_kernel(t, **kw)
+def compare(out, t, ref, t_ref=None, tol=FP32_TOL):
+    """The kernel's output (from inputs t) and every gradient against the reference's (from inputs t_ref, default t)."""
     assert out.dtype == t["V"].dtype
-    ref = run_reference(t, **(ref_kw if ref_kw is not None else kw))
     assert_close(out, ref, tol, "output")
     gen = torch.Generator().manual_seed(123)
     grad_out = torch.randn(ref.shape, generator=gen).to(DEVICE, out.dtype)  # the reference gets the same values
     g = grads(out, t, grad_out)
-    g_ref = grads(ref, t, grad_out.double())
+    g_ref = grads(ref, t if t_ref is None else t_ref, grad_out.double())
     for name in t:
         assert_close(g[name], g_ref[name], tol, f"grad {name}")
         assert g[name].dtype == t[name].dtype
-    return out, g
+    return g
+
+
+def check(t, tol=FP32_TOL, ref_kw=None, **kw):
+    out = run_kernel(t, **kw)
+    ref = run_reference(t, **(ref_kw if ref_kw is not None else kw))
+    return out, compare(out, t, ref, tol=tol)
 
 
 # ------------------------------------------------------------------------------------------------ tests
@@ -161,11 +166,7 @@ def test_authors_mlp_widths_mask_and_unequal_tiles(hidden):
     out = neural_attention_triton(t["A"], t["B"], t["V"], t["w"], t["w2"], t["b2"], block_m=16, block_n=32,
                                   bwd_block_m=32, bwd_block_n=16, **kw)  # fmt: skip
     ref = run_reference(t, **kw)
-    assert_close(out, ref, FP32_TOL, "output")
-    go = torch.randn(ref.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    g, g_ref = grads(out, t, go.float()), grads(ref, t, go)
-    for name in t:
-        assert_close(g[name], g_ref[name], FP32_TOL, f"grad {name}")
+    compare(out, t, ref)
 
 
 def test_shared_weights_residual_dot_paper():
@@ -181,11 +182,7 @@ def test_unequal_blocks_causal(bm, bn):
         bwd_block_m=bn, bwd_block_n=bm,
     )
     ref = run_reference(t, causal=True)
-    assert_close(out, ref, FP32_TOL, "output")
-    go = torch.randn(ref.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    g, g_ref = grads(out, t, go.float()), grads(ref, t, go)
-    for name in t:
-        assert_close(g[name], g_ref[name], FP32_TOL, f"grad {name}")
+    compare(out, t, ref)
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
@@ -358,11 +355,7 @@ def test_rows_no_pair_sees_do_not_matter(activation, garbage):
     kw = dict(activation=activation, mask=mask.to(DEVICE), causal=True)
     out = run_kernel(t, **kw)
     ref = run_reference(clean, **kw)
-    assert_close(out, ref, FP32_TOL, "output")
-    go = torch.randn(ref.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    g, g_ref = grads(out, t, go.float()), grads(ref, clean, go)
-    for name in t:
-        assert_close(g[name], g_ref[name], FP32_TOL, f"grad {name}")
+    compare(out, t, ref, clean)
 
 
 def test_relu_subnormal_output_weights():
