@@ -815,7 +815,8 @@ class _FusedFunction(torch.autograd.Function):
             a, b, sign, ck = relu_signed_max_operands(A, B, w.reshape(-1, hidden), q_vis, k_vis)
             kernel_w = sign.expand(heads, hidden).unsqueeze(0).expand(batch, heads, hidden).reshape(G, hidden)
             Ak, Bk, cvec = a.reshape(G, q_len, hidden), b.reshape(G, k_len, hidden), ck.reshape(G, k_len)
-            kernel_w, cvec = kernel_w.contiguous(), cvec.contiguous()
+            # (a reshape of a transposed view may stay strided; the C++ side wants contiguous fp32)
+            Ak, kernel_w, cvec = Ak.contiguous(), kernel_w.contiguous(), cvec.contiguous()
         else:
             Af = zero_invisible_rows(A, q_vis).reshape(G, q_len, hidden)
             Bf = zero_invisible_rows(B, k_vis).reshape(G, k_len, hidden)

@@ -54,7 +54,7 @@ def visible_rows(
     ``mask``: bool, broadcastable to ``(batch, heads, q_len, k_len)``, True = may attend (None: every pair);
     ``causal``: query i sees keys j <= i as well. Returns ``(query_visible, key_visible)``, bool ``(b|1, h|1, q_len,
     1)`` and ``(b|1, h|1, k_len, 1)`` (they broadcast against ``(batch, heads, len, hidden)``), or None where every
-    row is visible; on ``device`` (the mask's, where one is given). The other rows get no gradient and must not
+    row is visible; on ``device`` (default: the mask's). The other rows get no gradient and must not
     touch any visible one: the relu helpers below zero them, so garbage in a padded or masked row (even NaN) stays
     out of the centring and the weight gradient.
     """
@@ -64,6 +64,10 @@ def visible_rows(
         return None, (torch.arange(k_len, device=device) < q_len).view(1, 1, k_len, 1)
     while mask.dim() < 4:
         mask = mask.unsqueeze(0)
+    # an expanded view (stride 0) holds one slice per broadcast dim: reduce that, not the expansion
+    mask = mask[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in mask.stride())]
+    if device is not None:
+        mask = mask.to(device)
     pairs = mask.expand(*mask.shape[:2], q_len, k_len)
     if causal:
         pairs = pairs & torch.ones(q_len, k_len, dtype=torch.bool, device=mask.device).tril()

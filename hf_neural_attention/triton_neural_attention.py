@@ -136,6 +136,16 @@ if TRITON_AVAILABLE:
         return tl.dot(a, b, input_precision="ieee")
 
     @triton.jit
+    def _mm_fp32(a, b, UPCAST: tl.constexpr):
+        """a @ b at about fp32 precision on the tensor cores (three tf32 products: hi*hi + hi*lo + lo*hi), whatever
+        the inputs' dtype: for GEMMs inside the scorer, whose rounding to bf16 would move relu kinks."""
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+        if UPCAST:  # the interpreter multiplies in fp32
+            return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b, input_precision="tf32x3")
+
+    @triton.jit
     def _mma_zeros(ROWS: tl.constexpr, COLS: tl.constexpr, UPCAST: tl.constexpr):
         """fp32 zeros (ROWS, COLS) born from one small tensor-core dot, to start a score tile from.
 
@@ -248,8 +258,9 @@ if TRITON_AVAILABLE:
         Returns (h1 = relu(A_i + B_j)  (ROWS * COLS, HIDP), z = h1 W2^T + b2  (ROWS * COLS, HID2P), w3 (HID2P,),
         W2 (HID2P, HIDP)), zero-padded (HIDP, HID2P >= 16: the MMA minimum). A pair costs HID * HID2 multiply-adds
         here: on the CUDA cores, one unit at a time, they were most of the kernel's instructions from d' = 16 on
-        (sm_90 SASS, fwd + bwd per pair: 6025 -> 1463 at d' = 16; 1567 -> 1540 at d' = 8, 599 -> 1536 at d' = 4, where
-        the padding to 16 dominates: `_AUTHORS_GEMM_FROM` picks the form).
+        (sm_90 SASS, fwd + bwd per pair: 6025 -> 1909 at d' = 16; at d' = 4 the padding to 16 dominates, 599 -> 1536:
+        `_AUTHORS_GEMM_FROM` picks the form). z, which decides the relu kinks of the forward and both backward
+        kernels, is computed at fp32 precision (`_mm_fp32`); the gradient GEMMs round to the inputs' dtype.
         """
         offs_h = tl.arange(0, HIDP)
         offs_r = tl.arange(0, HID2P)
@@ -259,7 +270,7 @@ if TRITON_AVAILABLE:
                      other=0.0)
         b2 = tl.load(B2_base + offs_r, mask=r_ok, other=0.0)
         h1 = tl.reshape(_authors_h1(A_base, B_base, offs_q, offs_k, Lq, Lk, HID, HIDP, KEY_ROWS), (ROWS * COLS, HIDP))
-        z = _mm(h1, tl.trans(w2), DOT_DTYPE, UPCAST) + b2[None, :]
+        z = _mm_fp32(h1, tl.trans(w2), UPCAST) + b2[None, :]
         return h1, z, w3, w2
 
     @triton.jit
@@ -400,7 +411,7 @@ if TRITON_AVAILABLE:
             if NEED_DW:
                 dw += tl.sum(ds[:, None] * tl.maximum(z, 0.0), axis=0)
                 db2 += tl.sum(g, axis=0)
-                dw2 += _mm(tl.trans(g), h1, DOT_DTYPE, UPCAST)
+                dw2 += _mm(tl.trans(g), h1, DOT_DTYPE, UPCAST)  # gradients: the inputs' precision, like dV
             dpre = tl.where(h1 > 0.0, _mm(g, w2, DOT_DTYPE, UPCAST), 0.0)  # dL/d(A_i + B_j)
             d_own += tl.sum(tl.reshape(dpre, (ROWS, COLS, HIDP)), axis=1)
         elif AUTHORS:  # narrow MLPs: one second-layer unit at a time on the CUDA cores
@@ -650,7 +661,8 @@ def _default_launch(authors: bool, hidden: int, interpreting: bool, backward: bo
     if authors:  # the authors' MLP keeps (BM, BN, hidden) tiles live: smaller tiles
         if hidden <= _AUTHORS_GEMM_FROM.value:
             return 32, 32, 4, 1
-        # the GEMM form (sm_90 SASS, d' = 16: fewest instructions per pair; every backward tile spills a little)
+        # the GEMM form (sm_90 SASS, d' = 16: the fewest instructions per pair of the tiles tried; every backward
+        # tile spilled, this one ~1 KB in the key-side kernel: the first thing a GPU run should time)
         return (16, 32, 4, 1) if backward else (32, 32, 8, 1)
     return (32 if fp32 else 128 if lean else 64), 32, 4, 2
 
@@ -761,7 +773,8 @@ def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, 
             B2, b2_hs = torch.zeros(1, hidden2, device=V.device, dtype=torch.float32), 0
         else:
             B2, b2_hs = _head_weight(second_bias, heads, "second_bias", (hidden2,))
-        A, Bk = query_hidden.contiguous(), key_hidden.contiguous()
+        A = zero_invisible_rows(query_hidden, visible[0]).contiguous()
+        Bk = zero_invisible_rows(key_hidden, visible[1]).contiguous()
         Ck, q_pad, k_pad = W, q_len, k_len  # Ck: an unused dummy
         a_bs, b_bs = q_len * hidden, k_len * hidden
     else:
@@ -817,9 +830,8 @@ class _NeuralAttentionTriton(torch.autograd.Function):
                 mask, cfg):  # fmt: skip
         batch, heads, q_len, _ = query_hidden.shape
         paper = second_weight is None
-        # rows no pair sees are zeroed in the paper MLP's operands: garbage there must not reach visible rows or dw
-        visible = (visible_rows(mask, cfg["causal"], q_len, key_hidden.shape[2], value.device) if paper
-                   else (None, None))  # fmt: skip
+        # rows no pair sees are zeroed in the scorer's operands: garbage there must not reach visible rows or dw
+        visible = visible_rows(mask, cfg["causal"], q_len, key_hidden.shape[2], value.device)
         tensors, scalars, constexprs, launch = _launch_args(query_hidden, key_hidden, value, output_weight,
                                                             second_weight, second_bias, dot_query, dot_key, mask,
                                                             cfg, visible)  # fmt: skip

@@ -329,3 +329,16 @@ def test_relu_subnormal_output_weights():
         args["output_weight"][0, 1] = 3e-45
         args["output_weight"][1, 2] = -3e-45
     _check(args, causal=True)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_strided_inputs_from_the_attention_layout(activation):
+    # the usual hand-over from (batch, len, heads, dim) projections: batch 1, transposed views (not contiguous)
+    g = torch.Generator().manual_seed(13)
+    q = torch.randn(1, 33, 2, 4, generator=g).transpose(1, 2).requires_grad_()
+    k = torch.randn(1, 40, 2, 4, generator=g).transpose(1, 2).requires_grad_()
+    v = torch.randn(1, 40, 2, 8, generator=g).transpose(1, 2).requires_grad_()
+    w = torch.randn(2, 4, generator=g).requires_grad_()
+    args = {"query_hidden": q, "key_hidden": k, "value": v, "output_weight": w}
+    assert not q.is_contiguous()
+    _check(args, activation=activation, causal=True)

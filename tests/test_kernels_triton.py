@@ -277,9 +277,13 @@ def test_noncontiguous_inputs_and_2d_mask():
     check(t, mask=m)
 
 
-def test_bf16_authors():
-    t = make_inputs(lq=9, lk=17, hidden=4, vdim=8, authors=True, dtype=torch.bfloat16, seed=22)
-    check(t, tol=BF16_TOL)
+# d' = 4: the per-unit form; d' = 16: the tensor-core GEMM form. bf16 outputs make delta = rowsum(dO * O) inexact,
+# and the wide MLP's sharper scores amplify that into the gradients: 2-10% at d' = 16 over seeds 22-24, the same
+# for both forms to 3 digits (measured by moving _AUTHORS_GEMM_FROM); indexing errors would be O(1)
+@pytest.mark.parametrize("hidden,tol", [(4, BF16_TOL), (16, 0.15)])
+def test_bf16_authors(hidden, tol):
+    t = make_inputs(lq=9, lk=17, hidden=hidden, vdim=8, authors=True, dtype=torch.bfloat16, seed=22)
+    check(t, tol=tol)
 
 
 def test_dropout_matches_reference_with_recovered_mask():
@@ -338,12 +342,13 @@ def test_weight_without_heads_dim_and_empty_query():
     assert empty.shape == (1, 2, 0, 5)
 
 
-@pytest.mark.parametrize("activation", ["relu", "gelu"])
-@pytest.mark.parametrize("garbage", [1e6, float("nan")])
-def test_rows_no_pair_sees_do_not_matter(activation, garbage):
+@pytest.mark.parametrize("mlp,activation,hidden", [("paper", "relu", 4), ("paper", "gelu", 4), ("authors", "relu", 4),
+                                                   ("authors", "relu", 16)])
+@pytest.mark.parametrize("garbage", [1e6, float("nan"), float("inf")])
+def test_rows_no_pair_sees_do_not_matter(mlp, activation, hidden, garbage):
     # padded / masked keys, keys past the causal range and fully masked queries may hold anything (a preallocated
-    # buffer): they must not move the centring of the signed-max form or the weight gradient
-    t = make_inputs(b=2, h=2, lq=21, lk=27, hidden=4, vdim=3, seed=43)
+    # buffer): they must not move the centring of the signed-max form or any weight gradient (0 * inf is NaN)
+    t = make_inputs(b=2, h=2, lq=21, lk=27, hidden=hidden, vdim=3, authors=mlp == "authors", seed=43)
     mask = torch.ones(2, 1, 21, 27, dtype=torch.bool)
     mask[0, :, :, 18:20] = False  # two masked keys of batch 0 (keys >= 21 are past the causal range anyway)
     mask[1, :, 5] = False  # a fully masked query of batch 1
