@@ -661,9 +661,10 @@ def _default_launch(authors: bool, hidden: int, interpreting: bool, backward: bo
     if authors:  # the authors' MLP keeps (BM, BN, hidden) tiles live: smaller tiles
         if hidden <= _AUTHORS_GEMM_FROM.value:
             return 32, 32, 4, 1
-        # the GEMM form (sm_90 SASS, d' = 16: the fewest instructions per pair of the tiles tried; every backward
-        # tile spilled, this one ~1 KB in the key-side kernel: the first thing a GPU run should time)
-        return (16, 32, 4, 1) if backward else (32, 32, 8, 1)
+        # the GEMM form, from the SASS at d' = 16: the fewest instructions per pair of the tiles tried on sm_90 and
+        # sm_80 (wider forward tiles collapse to 32 registers and spill ~5-10 KB on sm_80); every backward tile
+        # spilled, this one ~1 KB in the key-side kernel: the first thing a GPU run should time
+        return 16, 32, 4, 1
     return (32 if fp32 else 128 if lean else 64), 32, 4, 2
 
 
