@@ -299,10 +299,10 @@ if TRITON_AVAILABLE:
                     w = tl.load(W_base + m0 + u)
                     a, b = _paper_unit(A_base, B_base, offs_q, offs_k, LqP, LkP, m0 + u, KEY_ROWS)
                     if ACT == 0:
-                        # signed-max form (see `_paper_operands`): 2 operations per pair instead of 3; the per-key
-                        # constant Ck is added once below
+                        # signed-max form (see `_paper_operands`; w here is sign(w)): 2 operations per pair instead
+                        # of 3; the per-key constant Ck is added once below
                         # (explicit fma: triton >= 3.10 stops contracting a * b + c by default)
-                        s = tl.fma(tl.where(w > 0.0, 1.0, tl.where(w < 0.0, -1.0, 0.0)), tl.maximum(a, b), s)
+                        s = tl.fma(w, tl.maximum(a, b), s)
                     else:
                         s = tl.fma(w, _act_fwd(a + b, ACT), s)
             if ACT == 0:
