@@ -436,7 +436,9 @@ if TRITON_AVAILABLE:
                     if ACT == 0:
                         # relu: d_own leaves out the factor w_m and no dw is reduced here; the host applies w_m
                         # and gets dw_m = sum_ij relu'(pre) ds (A_im + B_jm) from them (relu(x) = x relu'(x))
-                        dpre = tl.where(a > b, ds, 0.0)  # relu'(A + B) = [a > b] for the scaled copies
+                        # relu'(A + B) = [a > b] for the scaled copies; times the 0 / 1 float, the compare and
+                        # the sum's add compile to FSET + FFMA (sm_90), where tl.where costs FSETP + FSEL + FADD
+                        dpre = ds * (a > b).to(tl.float32)
                     else:
                         f, fp = _act_fwd_bwd(a + b, ACT)
                         if NEED_DW:
@@ -661,10 +663,11 @@ def _default_launch(authors: bool, hidden: int, interpreting: bool, backward: bo
     if authors:  # the authors' MLP keeps (BM, BN, hidden) tiles live: smaller tiles
         if hidden <= _AUTHORS_GEMM_FROM.value:
             return 32, 32, 4, 1
-        # the GEMM form, from the SASS at d' = 16: the fewest instructions per pair of the tiles tried on sm_90 and
-        # sm_80 (wider forward tiles collapse to 32 registers and spill ~5-10 KB on sm_80); every backward tile
-        # spilled, this one ~1 KB in the key-side kernel: the first thing a GPU run should time
-        return 16, 32, 4, 1
+        # the GEMM form, from the SASS (triton 3.6): 16 x 16 spills least of the tiles tried. Spill bytes per
+        # thread, forward / key-side / query-side backward: sm_90 d' = 16: 0 / 320 / 0 (16 x 32: 72 / 1232 / 584),
+        # d' = 32: 0 / 720 / 296 (544 / 1504 / 1112); sm_80 d' = 16: 208 / 376 / 0 (2304 / 2256 / 272). Instructions
+        # per pair within 5% of 16 x 32 (fewer at d' = 32). Not yet timed on a GPU.
+        return 16, 16, 4, 1
     return (32 if fp32 else 128 if lean else 64), 32, 4, 2
 
 
