@@ -132,8 +132,8 @@ def inputs(authors: bool, hidden: int, activation: str, dot: bool, mask: bool, d
     cfg = dict(activation=activation, causal=True, dot_scale=1.0, dropout_p=0.1 if dropout else 0.0, seed=0, **launch)
     tensors, scalars, ce, launches = tna._launch_args(q_h, k_h, v, w, w2, b2, dq, dk, m, cfg)
     ce["UPCAST"] = False
-    out, lse = torch.empty(b, h, n, dv, dtype=dtype), torch.empty(b * h, n)
-    d_out = torch.empty_like(out)
+    out, lse = torch.empty(b, h, n, dv), torch.empty(b * h, n)  # the forward writes fp32 (rounded on the host)
+    d_out = torch.empty(b, h, n, dv, dtype=dtype)
     lead = [*tensors, *scalars, d_out, *d_out.stride()[:3], lse, torch.empty(b * h, n)]
     f32 = torch.empty(b, h, n, max(hidden, dv))
     part = torch.empty(1)

@@ -32,6 +32,9 @@ _UNSUPPORTED_KWARGS = {
 }
 
 
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # Triton and the C++ kernel compute in fp32
+
+
 def _wants_attention_weights(kwargs: dict) -> bool:
     """Whether the caller collects attention probabilities (``output_attentions=True``).
 
@@ -128,7 +131,8 @@ def choose_backend(requested: str, query: torch.Tensor, *, needs_probabilities: 
     """The backend that will run: ``"eager"``, ``"tiled"``, ``"cpp"`` or ``"triton"``.
 
     ``auto`` takes the fused path that applies: Triton on CUDA when installed; on CPU the C++ kernel when it
-    builds (compiled once, then cached), else the pure PyTorch tiled kernel. Every backend falls back to
+    builds (compiled once, then cached), else the pure PyTorch tiled kernel; float64 inputs always take the tiled
+    kernel (the fused ones compute in fp32). Every backend falls back to
     ``eager`` for a call that must return probabilities or apply a real additive bias, since fused kernels never
     form the probability matrix.
     """
@@ -136,21 +140,32 @@ def choose_backend(requested: str, query: torch.Tensor, *, needs_probabilities: 
         return "eager"
     from .triton_neural_attention import triton_is_usable  # imports triton only when a fused path may run
 
+    fused_dtype = query.dtype in _FUSED_DTYPES
     if requested == "triton":
         if not triton_is_usable(query):
             raise RuntimeError(
                 "backend='triton' needs triton and a CUDA tensor (or TRITON_INTERPRET=1 for CPU tests); "
                 "install triton or use backend='auto'."
             )
+        if not fused_dtype:
+            raise ValueError(
+                f"backend='triton' takes float32 / bfloat16 / float16 inputs, got {query.dtype}; "
+                "use backend='tiled' (or 'auto', which picks it) for this dtype."
+            )
         return "triton"
+    if requested == "cpp" and query.device.type != "cpu":
+        raise ValueError(
+            f"backend='cpp' runs on CPU tensors, got a {query.device.type} tensor; use backend='auto' (Triton on "
+            "CUDA when installed, else 'tiled'), or move the model to the CPU."
+        )
     if requested == "auto":
         if query.is_cuda:
-            if triton_is_usable(query):
-                return "triton"
-            return "tiled"
-        from .cpp_neural_attention import cpp_available
+            return "triton" if fused_dtype and triton_is_usable(query) else "tiled"
+        from .fused_cpp_neural_attention import fused_cpp_available
 
-        return "cpp" if query.device.type == "cpu" and cpp_available() else "tiled"
+        # float64 (e.g. gradcheck) goes to the tiled kernel, which keeps its precision. Only the fused extension is
+        # built here (the one the paper MLP runs); the authors' MLP builds the tiled C++ scorer on its first call.
+        return "cpp" if query.device.type == "cpu" and fused_dtype and fused_cpp_available() else "tiled"
     return requested
 
 
@@ -206,6 +221,9 @@ def neural_attention_forward(
     """
     scorer = getattr(module, SCORER_ATTRIBUTE, None)
     if scorer is None:
+        if _wants_attention_weights(kwargs):
+            # SDPA returns no weights and transformers drops the Nones: attentions[i] would no longer be layer i
+            return _eager_fallback(module, query, key, value, attention_mask, **kwargs)
         return _fallback_function(module)(module, query, key, value, attention_mask, **kwargs)
 
     for name, feature in _UNSUPPORTED_KWARGS.items():

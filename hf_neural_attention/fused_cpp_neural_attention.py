@@ -44,6 +44,7 @@ from .cpp_neural_attention import (
 )
 from .kernels_neural_attention import (
     ACTIVATIONS,
+    autocast_off,
     relu_signed_max_operands,
     relu_weight_grad,
     visible_rows,
@@ -791,6 +792,14 @@ def _use_single_pass(groups: int) -> bool:
     return groups >= torch.get_num_threads()
 
 
+def _dropout_seed(dropout_p: float, generator_seed: int | None) -> int:
+    """The 63-bit seed of the dropout hash: ``generator_seed`` if given, else one draw from torch's default
+    generator -- only when dropout is on, so that calls without dropout leave the caller's random stream alone."""
+    if generator_seed is None:
+        generator_seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0
+    return int(generator_seed) & (2**63 - 1)
+
+
 class _FusedFunction(torch.autograd.Function):
     """Inputs are flattened to G = batch * heads groups: A (G, q_len, K) and Bt (G, K, k_len) for the kernels.
 
@@ -801,6 +810,7 @@ class _FusedFunction(torch.autograd.Function):
     """
 
     @staticmethod
+    @autocast_off
     def forward(ctx, A, B, V, w, dq, dk, mask, cfg):
         module = cfg["module"]
         batch, heads, q_len, hidden = A.shape
@@ -837,6 +847,7 @@ class _FusedFunction(torch.autograd.Function):
         return out.view(batch, heads, q_len, v_dim)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_out):
         Ak, Bt, Vf, kernel_w, dqf, dkf, mask, out, lse, w, cvec, A, B, wg, q_vis, k_vis = ctx.saved_tensors
         cfg = ctx.cfg
@@ -941,7 +952,8 @@ def neural_attention_fused_cpp(
         "block": BLOCK,
         "dropout_p": float(dropout_p),
         # the pair's keep decision hashes (seed, index): a 63-bit seed, drawn from torch's generator when not given
-        "seed": int(torch.randint(0, 2**62, (1,)).item() if generator_seed is None else generator_seed) & (2**63 - 1),
+        # and only with dropout on (a draw without dropout would shift the caller's random stream)
+        "seed": _dropout_seed(dropout_p, generator_seed),
     }
     # bf16 / fp16 (autocast) inputs run in fp32, the precision every backend accumulates in: the casts are O(n d),
     # the attention O(n^2); gradients flow back through them in the inputs' dtypes

@@ -24,6 +24,7 @@ This file travels with Hub checkpoints: it imports only torch and the standard l
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -419,8 +420,26 @@ def _dropout_keep(seed: int, tile: int, shape, p: float, dtype) -> Tensor:
 # --------------------------------------------------------------------------------------------------------------
 # the autograd function
 # --------------------------------------------------------------------------------------------------------------
+def autocast_off(method: Callable) -> Callable:
+    """Run an autograd Function's ``forward`` / ``backward`` with autocast disabled on its tensors' device.
+
+    The kernels choose their own compute dtype (fp32 accumulation); under ``torch.autocast`` the matmuls inside
+    them would otherwise be cast to bf16 / fp16 while their fp32 accumulators stay fp32, which makes in-place
+    ``baddbmm_`` fail and would change the numerics of the host-side GEMMs.
+    """
+
+    @functools.wraps(method)
+    def wrapper(ctx, *args):
+        device = next((a.device.type for a in args if isinstance(a, Tensor)), "cpu")
+        with torch.autocast(device_type=device, enabled=False):
+            return method(ctx, *args)
+
+    return wrapper
+
+
 class _NeuralAttentionFunction(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx, A, B, V, w, W2, b2, dq, dk, mask, cfg):
         batch, heads, q_len, hidden = A.shape
         k_len, v_dim = B.shape[2], V.shape[3]
@@ -486,6 +505,7 @@ class _NeuralAttentionFunction(torch.autograd.Function):
         return out.view(batch, heads, q_len, v_dim).to(V.dtype)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_out):
         A, B, V, w, W2, b2, dq, dk, out, lse = ctx.saved_tensors
         cfg = ctx.cfg

@@ -30,7 +30,13 @@ import os
 
 import torch
 
-from .kernels_neural_attention import relu_signed_max_operands, relu_weight_grad, visible_rows, zero_invisible_rows
+from .kernels_neural_attention import (
+    autocast_off,
+    relu_signed_max_operands,
+    relu_weight_grad,
+    visible_rows,
+    zero_invisible_rows,
+)
 
 try:  # triton is optional: importing this module must never fail without it
     import triton
@@ -830,6 +836,7 @@ def _backward_constexprs(constexprs: dict, launch: tuple[int, int, int, int]) ->
 
 class _NeuralAttentionTriton(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx, query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key,
                 mask, cfg):  # fmt: skip
         batch, heads, q_len, _ = query_hidden.shape
@@ -839,7 +846,10 @@ class _NeuralAttentionTriton(torch.autograd.Function):
         tensors, scalars, constexprs, launch = _launch_args(query_hidden, key_hidden, value, output_weight,
                                                             second_weight, second_bias, dot_query, dot_key, mask,
                                                             cfg, visible)  # fmt: skip
-        Out = torch.empty(batch, heads, q_len, value.shape[-1], device=value.device, dtype=value.dtype)
+        # the output is written in fp32 and rounded for the caller: the backward's delta = rowsum(dO * O) needs the
+        # unrounded O, or sum_j dS_ij = 0 breaks by O's rounding error (bf16: the scorer's bias gradients, which
+        # live on that cancellation, came out 2-100x further from the fp32 truth than the other backends' did)
+        Out = torch.empty(batch, heads, q_len, value.shape[-1], device=value.device, dtype=torch.float32)
         LSE = torch.empty(batch * heads, q_len, device=value.device, dtype=torch.float32)
         grid = (triton.cdiv(q_len, constexprs["BLOCK_M"]), batch * heads)
         _fwd_kernel[grid](*tensors, *scalars, Out, LSE, *Out.stride()[:3], num_warps=launch[""][2], **constexprs)
@@ -856,9 +866,10 @@ class _NeuralAttentionTriton(torch.autograd.Function):
         ctx.weight_meta = tuple(
             None if w is None else (w.dim(), w.shape[0], w.dtype) for w in (output_weight, second_weight, second_bias)
         )
-        return Out
+        return Out.to(value.dtype)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_out):
         saved = ctx.saved_tensors
         tensors, (Out, LSE) = saved[:10], saved[10:12]

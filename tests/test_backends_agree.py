@@ -79,3 +79,72 @@ def test_triton_backend_agrees_inside_gpt2():
     torch.testing.assert_close(results["triton"][0], results["eager"][0], rtol=1e-5, atol=1e-5)
     for name, grad in results["eager"][1].items():
         torch.testing.assert_close(results["triton"][1][name], grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mlp", ["paper", "authors"])
+def test_backends_under_autocast_are_as_accurate_as_eager(mlp):
+    """bf16 autocast (the recipes' --bf16 on CPU): every backend runs, and its scorer gradients are no further from
+    the fp32 gradients than the materialising eager path's under the same autocast.
+
+    Errors are measured against the largest scorer gradient of each layer: the scorer's bias gradients are sums
+    that cancel (softmax rows), so their own size says nothing about bf16 noise.
+    """
+    base = tiny_gpt2(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    ids = random_ids(2, 13)
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, :4] = 0
+
+    def run(backend, autocast):
+        model = _patched(base, backend, mlp).train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=ids, attention_mask=attention_mask, labels=ids).loss
+        loss.backward()
+        return loss.detach().float(), {k: p.grad.float() for k, p in scorer_parameters(model).items()}
+
+    loss_fp32, truth = run("eager", False)
+    layers = {name.split(".neural_scorer.")[0] for name in truth}
+    scale = {layer: max(g.norm() for n, g in truth.items() if n.startswith(layer + ".")) for layer in layers}
+
+    def worst_error(grads):
+        return max((grads[n] - g).norm() / scale[n.split(".neural_scorer.")[0]] for n, g in truth.items())
+
+    eager_error = worst_error(run("eager", True)[1])
+    for backend in BACKENDS[1:] + (["triton"] if HAS_TRITON else []):
+        loss, grads = run(backend, True)
+        torch.testing.assert_close(loss, loss_fp32, rtol=2e-3, atol=0, msg=backend)
+        assert worst_error(grads) <= 1.5 * eager_error + 0.01, (backend, worst_error(grads), eager_error)
+
+
+def test_auto_backend_keeps_float64_in_float64():
+    """backend="auto" sends float64 to the tiled kernel (the fused kernels compute in fp32): gradients at fp64
+    precision, close to the materialising eager path."""
+    base = tiny_gpt2(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0).double()
+    ids = random_ids(2, 11)
+    grads = {}
+    for backend in ("eager", "auto"):
+        model = _patched(base, backend, "paper").train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads[backend] = {k: p.grad for k, p in scorer_parameters(model).items()}
+    for name, grad in grads["eager"].items():
+        assert grads["auto"][name].dtype == torch.float64
+        torch.testing.assert_close(grads["auto"][name], grad, rtol=1e-10, atol=1e-13)
+
+
+def test_backend_choice():
+    from hf_neural_attention.backend_neural_attention import choose_backend
+    from hf_neural_attention.fused_cpp_neural_attention import fused_cpp_available
+
+    q32, q64 = torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4, dtype=torch.float64)
+    fused_cpu = "cpp" if fused_cpp_available() else "tiled"
+    assert choose_backend("auto", q32, needs_probabilities=False, has_bias=False) == fused_cpu
+    assert choose_backend("auto", q32.bfloat16(), needs_probabilities=False, has_bias=False) == fused_cpu
+    assert choose_backend("auto", q64, needs_probabilities=False, has_bias=False) == "tiled"
+    for backend in ("auto", "tiled", "cpp", "triton"):
+        assert choose_backend(backend, q32, needs_probabilities=True, has_bias=False) == "eager"
+        assert choose_backend(backend, q32, needs_probabilities=False, has_bias=True) == "eager"
+    with pytest.raises(ValueError, match="CPU tensors"):
+        choose_backend("cpp", q32.to("meta"), needs_probabilities=False, has_bias=False)
+    if HAS_TRITON:  # usable on CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py)
+        assert choose_backend("triton", q32, needs_probabilities=False, has_bias=False) == "triton"
+        with pytest.raises(ValueError, match="float32 / bfloat16 / float16"):
+            choose_backend("triton", q64, needs_probabilities=False, has_bias=False)

@@ -160,6 +160,18 @@ def test_dropout_seeded_deterministic_and_unbiased():
     assert (mean - plain).abs().max() < 0.15 * plain.abs().max()
 
 
+def test_draws_from_the_global_generator_only_with_dropout():
+    # a draw without dropout would shift the caller's random stream, so results would depend on whether a compiler
+    # was there (the tiled and eager paths draw nothing then)
+    args = _inputs(1, 2, 9, 9, 3, seed=22)
+    for dropout_p, draws in ((0.0, False), (0.3, True)):
+        torch.manual_seed(5)
+        expected = torch.rand(4)
+        torch.manual_seed(5)
+        neural_attention_fused_cpp(**args, causal=True, dropout_p=dropout_p)
+        assert torch.equal(torch.rand(4), expected) != draws, dropout_p
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_inputs_run_fused_in_fp32(monkeypatch, dtype):
     # autocast hands bf16 / fp16 projections and values with fp32 weights: the fused kernel takes them (no
