@@ -23,10 +23,10 @@ from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
 from .backend_neural_attention import SCORER_ATTRIBUTE
-from .configuration_neural_attention import PACKAGE_VERSION, NeuralAttentionConfig, _version_tuple, read_from_config
+from .configuration_neural_attention import PACKAGE_VERSION, NeuralAttentionConfig, _version_tuple
 from .hub_classes import STOCK_CLASS_FOR
 from .modeling_neural_attention import head_shape
-from .patching import find_attention_modules, patch_model, resolve_layers, unpatch_model
+from .patching import find_attention_modules, neural_settings, patch_model, resolve_layers, unpatch_model
 from .scoring_neural_attention import NeuralScorer
 
 WEIGHTS_NAME = "neural_adapter.safetensors"
@@ -66,7 +66,7 @@ def save_neural_adapter(
     Raises:
         ValueError: the model has no neural layers.
     """
-    recorded = read_from_config(model.config)
+    recorded = neural_settings(model)
     if recorded is None:
         raise ValueError("This model has no neural layers; patch it with patch_model(model, layers=...) first.")
     layers, settings = recorded
@@ -172,7 +172,7 @@ def load_neural_adapter(
         model = model_class.from_pretrained(name, **from_pretrained_kwargs)
     else:
         model = model_or_name
-    if read_from_config(model.config) is not None:
+    if neural_settings(model) is not None:
         raise ValueError("This model already has neural layers; load the adapter into the unpatched base model.")
 
     expected = _expected_shapes(model, layers, settings)

@@ -135,6 +135,21 @@ def set_fallback(model: nn.Module, fallback: str) -> None:
         setattr(module, FALLBACK_ATTRIBUTE, fallback)
 
 
+def keep_neural_attention(model: nn.Module, attn_implementation: str | dict | None) -> None:
+    """Apply an ``attn_implementation`` request to a model with neural layers without dropping them.
+
+    ``"sdpa"`` / ``"eager"`` become what the unpatched layers use; the model stays on ``"neural_attention"``.
+
+    Raises:
+        ValueError: for flash/flex/paged or other kernels, which would bypass the scorer.
+    """
+    requested = attn_implementation.get("") if isinstance(attn_implementation, dict) else attn_implementation
+    fallback = _requested_fallback(requested)
+    if requested in FALLBACK_IMPLEMENTATIONS:
+        set_fallback(model, fallback)
+    model.config._attn_implementation_internal = ATTENTION_NAME
+
+
 def _requested_fallback(requested: Any) -> str:
     """Map an ``attn_implementation`` request onto the fallback of unpatched layers; refuse fused kernels."""
     if isinstance(requested, dict):
@@ -191,11 +206,7 @@ class NeuralAttentionModelMixin:
         Raises:
             ValueError: for flash/flex/paged or other kernels, which would bypass the scorer.
         """
-        requested = attn_implementation.get("") if isinstance(attn_implementation, dict) else attn_implementation
-        fallback = _requested_fallback(requested)
-        if requested in FALLBACK_IMPLEMENTATIONS:
-            set_fallback(self, fallback)
-        self.config._attn_implementation_internal = ATTENTION_NAME
+        keep_neural_attention(self, attn_implementation)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> Any:

@@ -8,20 +8,22 @@ the implementation the model had before (SDPA or eager), bit for bit.
 
 from __future__ import annotations
 
+import copy
+import operator
 from collections.abc import Iterable
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from .backend_neural_attention import ATTENTION_NAME, FALLBACK_ATTRIBUTE, SCORER_ATTRIBUTE
-from .configuration_neural_attention import (
-    NeuralAttentionConfig,
-    clear_from_config,
-    read_from_config,
-    record_on_config,
+from .configuration_neural_attention import NeuralAttentionConfig, clear_from_config, record_on_config
+from .modeling_neural_attention import (
+    find_self_attention_modules,
+    head_shape,
+    keep_neural_attention,
+    scorer_state_names,
 )
-from .modeling_neural_attention import find_self_attention_modules, head_shape, scorer_state_names
 from .scoring_neural_attention import NeuralScorer
 
 SUPPORTED_FALLBACKS = ("sdpa", "eager")
@@ -42,15 +44,25 @@ def resolve_layers(layers: LayerSelection, num_layers: int) -> list[int]:
         if layers != "all":
             raise ValueError(f"layers={layers!r} is not valid; use an int, a list of ints, or 'all'.")
         return list(range(num_layers))
-    if isinstance(layers, bool) or not isinstance(layers, (int, Iterable)):
+    if isinstance(layers, bool) or not (isinstance(layers, Iterable) or hasattr(layers, "__index__")):
         raise TypeError(f"layers must be an int, a list of ints or 'all', got {type(layers).__name__}.")
-    requested = [layers] if isinstance(layers, int) else list(layers)
+    try:  # one integer-like (int, numpy / 0-d torch integer) or an iterable of them
+        requested = [operator.index(layers)]
+    except TypeError:
+        try:
+            requested = list(layers)
+        except TypeError:  # e.g. a 0-d float tensor
+            raise TypeError(f"layers must be an int, a list of ints or 'all', got {layers!r}.") from None
     if not requested:
         raise ValueError("layers is empty; choose at least one layer (e.g. layers=[0], the paper's default).")
     resolved = []
     for index in requested:
-        if isinstance(index, bool) or not isinstance(index, int):
-            raise TypeError(f"Layer indices must be ints, got {index!r}.")
+        try:  # ints and integer-likes (numpy / torch integers), never bools or floats
+            index = operator.index(index) if not isinstance(index, bool) else None
+        except TypeError:
+            index = None
+        if index is None:
+            raise TypeError(f"Layer indices must be ints, got {requested!r}.")
         if not -num_layers <= index < num_layers:
             raise ValueError(
                 f"Layer {index} is out of range: this model has {num_layers} self-attention layers "
@@ -121,17 +133,21 @@ def patch_model(
         )
     chosen = resolve_layers(layers, len(modules))
 
-    recorded = read_from_config(model.config)
-    already = [i for i in chosen if getattr(modules[i][1], SCORER_ATTRIBUTE, None) is not None]
+    # What is patched is what the modules carry: neural_attention_* fields on the config can be left over (a patched
+    # Llama saved, then reloaded as a stock LlamaForCausalLM, keeps them but not its scorers).
+    present = [i for i, (_, module) in enumerate(modules) if getattr(module, SCORER_ATTRIBUTE, None) is not None]
+    already = [i for i in chosen if i in present]
     if already:
         raise ValueError(
             f"Layers {already} are already patched; call unpatch_model(model) first to change them."
         )
-    if recorded is not None and recorded[1].to_dict() != config.to_dict():
-        raise ValueError(
-            f"Layers {recorded[0]} were patched with different settings ({recorded[1]}); all neural layers of a "
-            "model share one NeuralAttentionConfig. Unpatch first, or pass the same config."
-        )
+    if present:
+        existing = getattr(modules[present[0]][1], SCORER_ATTRIBUTE).settings
+        if existing.to_dict() != config.to_dict():
+            raise ValueError(
+                f"Layers {present} were patched with different settings ({existing}); all neural layers of a "
+                "model share one NeuralAttentionConfig. Unpatch first, or pass the same config."
+            )
 
     implementation = _current_implementation(model)
     if implementation == ATTENTION_NAME:
@@ -154,6 +170,7 @@ def patch_model(
             raise ValueError(f"Layer {index} ({name}): heads are not a multiple of its key/value groups.")
 
     # All checks passed: from here on the model is modified.
+    _give_model_its_own_config(model)
     for index in chosen:
         name, module = modules[index]
         head_dim, num_heads = head_shape(module, model.config)
@@ -171,10 +188,36 @@ def patch_model(
                 f"transformers refused to switch {type(model).__name__} to {ATTENTION_NAME!r}; "
                 "the scorer would be ignored."
             )
-    previous_layers = recorded[0] if recorded is not None else []
-    record_on_config(model.config, previous_layers + chosen, config)
+    record_on_config(model.config, present + chosen, config)
+    if _keep_neural_attention_hook not in model._forward_pre_hooks.values():
+        model.register_forward_pre_hook(_keep_neural_attention_hook)
     _adopt_hub_class(model)
     return model
+
+
+def _give_model_its_own_config(model: nn.Module) -> None:
+    """Replace ``model.config`` by a copy, re-pointing every submodule that holds it (or one of its sub-configs).
+
+    transformers hands one config object to every model built from it (``GPT2LMHeadModel(cfg)`` twice: one
+    config); patching writes to the config (layers, settings, attention implementation, class), which must not
+    reach the other models.
+    """
+    memo: dict[int, object] = {}
+    copy.deepcopy(model.config, memo)
+    for module in model.modules():
+        held = module.__dict__.get("config")
+        if isinstance(held, PretrainedConfig) and id(held) in memo:
+            module.__dict__["config"] = memo[id(held)]
+
+
+def _keep_neural_attention_hook(model: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of a patched model: a stock ``set_attn_implementation("sdpa" | "eager")`` (models without a
+    Hub class, e.g. Llama, BERT) would silently route every layer past its scorer; the request is applied to the
+    unpatched layers instead and the model switched back (flash / flex kernels raise ``ValueError``)."""
+    current = getattr(model.config, "_attn_implementation", None)
+    if current != ATTENTION_NAME and neural_layers(model):
+        keep_neural_attention(model, current)
+        model.set_attn_implementation(ATTENTION_NAME)
 
 
 def unpatch_model(model: PreTrainedModel) -> PreTrainedModel:
@@ -188,6 +231,9 @@ def unpatch_model(model: PreTrainedModel) -> PreTrainedModel:
         if hasattr(module, FALLBACK_ATTRIBUTE):
             delattr(module, FALLBACK_ATTRIBUTE)
     clear_from_config(model.config)
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if hook is _keep_neural_attention_hook:
+            del model._forward_pre_hooks[key]
     _restore_stock_class(model)
     if _current_implementation(model) == ATTENTION_NAME:
         model.set_attn_implementation(fallback)
@@ -201,6 +247,16 @@ def neural_layers(model: nn.Module) -> list[tuple[int, str]]:
         for index, (name, module) in enumerate(find_attention_modules(model))
         if getattr(module, SCORER_ATTRIBUTE, None) is not None
     ]
+
+
+def neural_settings(model: nn.Module) -> tuple[list[int], NeuralAttentionConfig] | None:
+    """``(patched layer indices, their shared settings)`` as the modules carry them, or ``None`` when no layer
+    carries a scorer (whatever ``neural_attention_*`` fields the config may still hold)."""
+    modules = find_attention_modules(model)
+    layers = [index for index, _ in neural_layers(model)]
+    if not layers:
+        return None
+    return layers, getattr(modules[layers[0]][1], SCORER_ATTRIBUTE).settings
 
 
 def scorer_parameters(model: nn.Module) -> dict[str, torch.Tensor]:

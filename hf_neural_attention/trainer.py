@@ -12,8 +12,8 @@ from typing import Any
 
 from transformers import Trainer
 
-from .configuration_neural_attention import read_from_config
 from .model_card import merge_training_card
+from .patching import neural_settings
 
 
 class NeuralAttentionTrainer(Trainer):
@@ -24,6 +24,6 @@ class NeuralAttentionTrainer(Trainer):
         if not self.is_world_process_zero():
             return
         model = self.accelerator.unwrap_model(self.model)
-        if read_from_config(model.config) is None:
+        if neural_settings(model) is None:
             return  # the dot-product arm of an A/B run: the stock card is right
         merge_training_card(model, os.path.join(self.args.output_dir, "README.md"), repo_id=self.hub_model_id)

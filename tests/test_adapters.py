@@ -116,3 +116,29 @@ def test_bad_adapters_leave_the_model_untouched(tmp_path, damage):
         load_neural_adapter(base, tmp_path)
     _assert_untouched(base, reference)
     assert type(base) is GPT2LMHeadModel and base.config._attn_implementation == "sdpa"
+
+
+def test_leftover_config_fields_do_not_count_as_neural_layers(tmp_path):
+    # a patched Llama (no Hub class) saved whole, then reloaded as the stock class: its scorers are dropped but the
+    # config keeps its neural_attention_* fields; what is patched is what the modules carry
+    from transformers import LlamaForCausalLM
+
+    from hf_neural_attention import neural_layers
+    from tests.models import random_ids, tiny_llama
+
+    model = patch_model(tiny_llama(), layers=[0], proj_dim=4, mode="residual")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".neural_scorer." in name:
+                param.add_(0.1)
+    save_neural_adapter(model, tmp_path / "adapter", base_model="me/llama")
+    model.save_pretrained(tmp_path / "full")
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "full").eval()
+    assert neural_layers(reloaded) == [] and reloaded.config.neural_attention_layers == [0]
+    with pytest.raises(ValueError, match="no neural layers"):
+        save_neural_adapter(reloaded, tmp_path / "nothing")
+    load_neural_adapter(reloaded, tmp_path / "adapter")
+    assert [i for i, _ in neural_layers(reloaded)] == [0] and reloaded.config.neural_attention_layers == [0]
+    ids = random_ids(2, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=1e-5)

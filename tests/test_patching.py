@@ -102,16 +102,21 @@ def test_gradients_reach_every_scorer_parameter(mode, mlp):
 @pytest.mark.parametrize("family", ["gpt2", "vit"])
 def test_output_attentions_returns_neural_probabilities(family):
     model = tiny_gpt2() if family == "gpt2" else tiny_vit()
+    stock = copy.deepcopy(model)
+    stock.set_attn_implementation("eager")
     inputs = random_ids(2, 7) if family == "gpt2" else random_pixels(2)
-    patch_model(model, layers=[1])
+    patch_model(model, layers=[1])  # on SDPA, which returns no probabilities
     with torch.no_grad():
         attentions = model(inputs, output_attentions=True).attentions
-    probabilities = [a for a in attentions if a is not None]
-    assert len(probabilities) == 1
-    rows = probabilities[0].sum(-1)
+        stock_attentions = stock(inputs, output_attentions=True).attentions
+    # one per layer, in layer order: attentions[i] is layer i (unpatched layers report their eager probabilities)
+    assert len(attentions) == len(stock_attentions) == 3
+    torch.testing.assert_close(attentions[0], stock_attentions[0], rtol=0, atol=1e-6)  # before the neural layer
+    assert not torch.allclose(attentions[1], stock_attentions[1], atol=1e-3)
+    rows = attentions[1].sum(-1)
     torch.testing.assert_close(rows, torch.ones_like(rows), rtol=0, atol=1e-5)
     if family == "gpt2":  # causal: nothing above the diagonal
-        assert probabilities[0].triu(1).abs().max() == 0
+        assert attentions[1].triu(1).abs().max() == 0
 
 
 def test_unpatch_restores_the_original_model_exactly():
@@ -253,3 +258,49 @@ def test_models_without_patchable_attention_are_refused():
         patch_model(ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1])), layers=[0])
     with pytest.raises(TypeError, match="PreTrainedModel"):
         patch_model(torch.nn.Linear(2, 2), layers=[0])
+
+
+def test_patching_leaves_a_config_shared_with_another_model_alone():
+    # transformers hands one config object to every model built from it (an A/B set-up does exactly this)
+    config = tiny_gpt2().config
+    neural, dot = GPT2LMHeadModel(config).eval(), GPT2LMHeadModel(config).eval()
+    assert neural.config is dot.config is config
+    before = config.to_dict()
+    patch_model(neural, layers=[0])
+    assert config.to_dict() == before and type(config).__name__ == "GPT2Config"
+    assert dot.config is config and type(dot) is GPT2LMHeadModel and neural_layers(dot) == []
+    assert neural.config is not config and neural.config.neural_attention_layers == [0]
+    assert all(module.config is neural.config for module in neural.modules() if "config" in module.__dict__)
+    patch_model(dot, layers=[1])  # its own layers and settings, not [0, 1]
+    assert dot.config.neural_attention_layers == [1] and neural.config.neural_attention_layers == [0]
+
+
+def test_set_attn_implementation_keeps_the_neural_layers_of_models_without_a_hub_class():
+    model = tiny_llama()
+    stock = copy.deepcopy(model)
+    ids = random_ids(2, 6)
+    patch_model(model, layers=[0], proj_dim=4)
+    with torch.no_grad():
+        patched = model(ids).logits
+        model.set_attn_implementation("eager")  # transformers' own method: would route every layer past the scorer
+        after = model(ids).logits
+        assert model.config._attn_implementation == ATTENTION_NAME
+        torch.testing.assert_close(after, patched, rtol=0, atol=1e-5)  # unpatched layer now eager: same numbers
+        assert not torch.allclose(after, stock(ids).logits, atol=1e-4)
+    assert all(getattr(m, "neural_attention_fallback", None) == "eager" for _, m in find_attention_modules(model))
+    model.set_attn_implementation("flex_attention")
+    with pytest.raises(ValueError, match="bypass the neural scorer"):
+        model(ids)
+    model.set_attn_implementation("sdpa")
+    unpatch_model(model)  # removes the guard: the stock model switches freely again
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        assert model.config._attn_implementation == "eager"
+        torch.testing.assert_close(model(ids).logits, stock(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_integer_like_layer_indices_are_accepted():
+    numpy = pytest.importorskip("numpy")
+    model = patch_model(tiny_gpt2(), layers=numpy.array([0, 2]))
+    patch_model(model, layers=torch.tensor(1))
+    assert model.config.neural_attention_layers == [0, 1, 2]
