@@ -28,7 +28,14 @@ from .modeling_neural_attention import (
     NeuralAttentionGPT2ForSequenceClassification,
     NeuralAttentionViTForImageClassification,
 )
-from .patching import find_attention_modules, neural_layers, patch_model, scorer_parameters, unpatch_model
+from .patching import (
+    find_attention_modules,
+    neural_layers,
+    patch_model,
+    scorer_parameters,
+    set_backend,
+    unpatch_model,
+)
 from .scoring_neural_attention import NeuralScorer
 from .trainer import NeuralAttentionTrainer
 
@@ -72,6 +79,7 @@ __all__ = [
     "restore_stock_class",
     "save_neural_adapter",
     "scorer_parameters",
+    "set_backend",
     "unpatch_model",
     "write_model_card",
 ]

@@ -259,6 +259,27 @@ def neural_settings(model: nn.Module) -> tuple[list[int], NeuralAttentionConfig]
     return layers, getattr(modules[layers[0]][1], SCORER_ATTRIBUTE).settings
 
 
+def set_backend(model: nn.Module, backend: str) -> None:
+    """Switch the scoring backend of every neural layer, in place (e.g. to compare kernels on one loaded model).
+
+    The scorers and the recorded ``neural_attention_backend`` field change together, so ``save_pretrained``
+    writes what runs. Weights are untouched.
+
+    Raises:
+        ValueError: the model has no neural layers, or ``backend`` is not one of ``NeuralAttentionConfig``'s.
+    """
+    recorded = neural_settings(model)
+    if recorded is None:
+        raise ValueError("This model has no neural layers; patch it with patch_model(model, layers=...) first.")
+    layers, settings = recorded
+    switched = NeuralAttentionConfig(**{**settings.to_dict(), "backend": backend})
+    switched.validate()
+    modules = find_attention_modules(model)
+    for index in layers:
+        getattr(modules[index][1], SCORER_ATTRIBUTE).settings = switched
+    record_on_config(model.config, layers, switched)
+
+
 def scorer_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every scorer parameter of a model, by its full name (what an adapter checkpoint stores)."""
     names = set(scorer_state_names(model))

@@ -304,3 +304,24 @@ def test_integer_like_layer_indices_are_accepted():
     model = patch_model(tiny_gpt2(), layers=numpy.array([0, 2]))
     patch_model(model, layers=torch.tensor(1))
     assert model.config.neural_attention_layers == [0, 1, 2]
+
+
+def test_set_backend_switches_every_neural_layer_and_the_recorded_setting(tmp_path):
+    from hf_neural_attention import set_backend
+
+    model = patch_model(tiny_gpt2(**NO_DROPOUT), layers=[0, 2], proj_dim=4)
+    ids = random_ids(2, 9)
+    with torch.no_grad():
+        auto = model(ids).logits
+        set_backend(model, "eager")
+        assert model.config.neural_attention_backend == "eager"
+        assert all(m.neural_scorer.settings.backend == "eager" for _, m in find_attention_modules(model)
+                   if hasattr(m, "neural_scorer"))  # fmt: skip
+        torch.testing.assert_close(model(ids).logits, auto, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    assert type(model).from_pretrained(tmp_path).config.neural_attention_backend == "eager"
+    with pytest.raises(ValueError, match="backend"):
+        set_backend(model, "cuda")
+    assert model.config.neural_attention_backend == "eager"  # a refused switch changes nothing
+    with pytest.raises(ValueError, match="no neural layers"):
+        set_backend(tiny_gpt2(), "tiled")
