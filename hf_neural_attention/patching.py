@@ -9,6 +9,8 @@ the implementation the model had before (SDPA or eager), bit for bit.
 from __future__ import annotations
 
 import copy
+import functools
+import gc
 import operator
 from collections.abc import Iterable
 
@@ -19,6 +21,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from .backend_neural_attention import ATTENTION_NAME, FALLBACK_ATTRIBUTE, SCORER_ATTRIBUTE
 from .configuration_neural_attention import NeuralAttentionConfig, clear_from_config, record_on_config
 from .modeling_neural_attention import (
+    NeuralAttentionModelMixin,
     find_self_attention_modules,
     head_shape,
     keep_neural_attention,
@@ -189,35 +192,70 @@ def patch_model(
                 "the scorer would be ignored."
             )
     record_on_config(model.config, present + chosen, config)
-    if _keep_neural_attention_hook not in model._forward_pre_hooks.values():
-        model.register_forward_pre_hook(_keep_neural_attention_hook)
     _adopt_hub_class(model)
+    if not isinstance(model, NeuralAttentionModelMixin):  # the Hub classes override the method themselves
+        model.__dict__["set_attn_implementation"] = functools.partial(_set_attn_implementation_keeping_neural, model)
     return model
 
 
 def _give_model_its_own_config(model: nn.Module) -> None:
-    """Replace ``model.config`` by a copy, re-pointing every submodule that holds it (or one of its sub-configs).
+    """Replace the config of ``model`` (and of the parents that share it) by a copy, re-pointing every module of
+    that tree which holds it or one of its sub-configs.
 
-    transformers hands one config object to every model built from it (``GPT2LMHeadModel(cfg)`` twice: one
-    config); patching writes to the config (layers, settings, attention implementation, class), which must not
-    reach the other models.
+    transformers hands one config object to every model built from it (``GPT2LMHeadModel(cfg)`` twice: one config);
+    patching writes to the config (layers, settings, attention implementation, class), which must not reach the
+    other models. A sub-model (``model.transformer``, a composite model's encoder) shares its config with its
+    parent, and keeps sharing it: the copy is made at the outermost parent whose config is or contains it.
     """
+    owner = _config_owner(model)
     memo: dict[int, object] = {}
-    copy.deepcopy(model.config, memo)
-    for module in model.modules():
+    copy.deepcopy(owner.__dict__["config"], memo)
+    for module in owner.modules():
         held = module.__dict__.get("config")
         if isinstance(held, PretrainedConfig) and id(held) in memo:
             module.__dict__["config"] = memo[id(held)]
 
 
-def _keep_neural_attention_hook(model: nn.Module, args: tuple) -> None:
-    """Forward pre-hook of a patched model: a stock ``set_attn_implementation("sdpa" | "eager")`` (models without a
-    Hub class, e.g. Llama, BERT) would silently route every layer past its scorer; the request is applied to the
-    unpatched layers instead and the model switched back (flash / flex kernels raise ``ValueError``)."""
-    current = getattr(model.config, "_attn_implementation", None)
-    if current != ATTENTION_NAME and neural_layers(model):
-        keep_neural_attention(model, current)
-        model.set_attn_implementation(ATTENTION_NAME)
+def _config_owner(model: nn.Module) -> nn.Module:
+    """The outermost module among ``model`` and its parents whose config is, or contains, ``model.config``."""
+    owner, target = model, model.config
+    parent = _parent_of(owner)
+    while parent is not None and _contains_config(parent.__dict__.get("config"), target):
+        owner, parent = parent, _parent_of(parent)
+    return owner
+
+
+def _parent_of(module: nn.Module) -> nn.Module | None:
+    """A module holding ``module`` as a child, ``None`` for a root. Modules keep no link to their parent: found
+    through the garbage collector's referrers (the parent's ``_modules`` dict), once per patch."""
+    for children in gc.get_referrers(module):  # the parent's _modules dict ...
+        if not isinstance(children, dict):
+            continue
+        for holder in gc.get_referrers(children):  # ... held by the parent's __dict__ (or the parent itself)
+            if isinstance(holder, nn.Module) and holder.__dict__.get("_modules") is children:
+                return holder
+            if isinstance(holder, dict) and holder.get("_modules") is children:
+                for parent in gc.get_referrers(holder):
+                    if isinstance(parent, nn.Module) and parent.__dict__ is holder:
+                        return parent
+    return None
+
+
+def _contains_config(config: object, target: PretrainedConfig, depth: int = 4) -> bool:
+    if config is target:
+        return True
+    if not isinstance(config, PretrainedConfig) or depth == 0:
+        return False
+    return any(_contains_config(value, target, depth - 1) for value in vars(config).values()
+               if isinstance(value, PretrainedConfig))  # fmt: skip
+
+
+def _set_attn_implementation_keeping_neural(model: nn.Module, attn_implementation: str | dict, *args, **kwargs):
+    """``set_attn_implementation`` of a patched model without a Hub class (Llama, BERT, GPT2Model, ...), installed on
+    the instance: the stock method would route every layer past its scorer. ``"sdpa"`` / ``"eager"`` set what the
+    unpatched layers use (as the Hub classes do); flash / flex kernels raise ``ValueError``. A ``functools.partial``
+    so that ``copy.deepcopy`` and pickling re-bind it to the copy."""
+    keep_neural_attention(model, attn_implementation)
 
 
 def unpatch_model(model: PreTrainedModel) -> PreTrainedModel:
@@ -230,13 +268,20 @@ def unpatch_model(model: PreTrainedModel) -> PreTrainedModel:
             delattr(module, SCORER_ATTRIBUTE)
         if hasattr(module, FALLBACK_ATTRIBUTE):
             delattr(module, FALLBACK_ATTRIBUTE)
-    clear_from_config(model.config)
-    for key, hook in list(model._forward_pre_hooks.items()):
-        if hook is _keep_neural_attention_hook:
-            del model._forward_pre_hooks[key]
+    # every (sub-)model of the tree: a sub-model may have been patched on its own (model.transformer)
+    cleared: set[int] = set()
+    for module in model.modules():
+        guard = module.__dict__.get("set_attn_implementation")
+        if isinstance(guard, functools.partial) and guard.func is _set_attn_implementation_keeping_neural:
+            del module.__dict__["set_attn_implementation"]
+        held = module.__dict__.get("config")
+        if isinstance(held, PretrainedConfig) and id(held) not in cleared:
+            clear_from_config(held)
+            cleared.add(id(held))
     _restore_stock_class(model)
-    if _current_implementation(model) == ATTENTION_NAME:
-        model.set_attn_implementation(fallback)
+    for module in model.modules():  # outermost first: its switch reaches the sub-configs
+        if isinstance(module, PreTrainedModel) and _current_implementation(module) == ATTENTION_NAME:
+            module.set_attn_implementation(fallback)
     return model
 
 

@@ -280,23 +280,43 @@ def test_set_attn_implementation_keeps_the_neural_layers_of_models_without_a_hub
     stock = copy.deepcopy(model)
     ids = random_ids(2, 6)
     patch_model(model, layers=[0], proj_dim=4)
+    twin = copy.deepcopy(model)  # the guard re-binds to the copy
     with torch.no_grad():
         patched = model(ids).logits
-        model.set_attn_implementation("eager")  # transformers' own method: would route every layer past the scorer
-        after = model(ids).logits
+        model.set_attn_implementation("eager")  # the stock method would route every layer past the scorer
         assert model.config._attn_implementation == ATTENTION_NAME
-        torch.testing.assert_close(after, patched, rtol=0, atol=1e-5)  # unpatched layer now eager: same numbers
-        assert not torch.allclose(after, stock(ids).logits, atol=1e-4)
+        torch.testing.assert_close(model(ids).logits, patched, rtol=0, atol=1e-5)  # unpatched layer now eager
+        assert not torch.allclose(model(ids).logits, stock(ids).logits, atol=1e-4)
     assert all(getattr(m, "neural_attention_fallback", None) == "eager" for _, m in find_attention_modules(model))
-    model.set_attn_implementation("flex_attention")
+    assert all(getattr(m, "neural_attention_fallback", None) == "sdpa" for _, m in find_attention_modules(twin))
     with pytest.raises(ValueError, match="bypass the neural scorer"):
-        model(ids)
-    model.set_attn_implementation("sdpa")
+        model.set_attn_implementation("flex_attention")
+    assert model.config._attn_implementation == ATTENTION_NAME and neural_layers(model)
     unpatch_model(model)  # removes the guard: the stock model switches freely again
     model.set_attn_implementation("eager")
     with torch.no_grad():
         assert model.config._attn_implementation == "eager"
         torch.testing.assert_close(model(ids).logits, stock(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_a_patched_sub_model_keeps_sharing_its_parents_config(tmp_path):
+    from hf_neural_attention import NeuralAttentionGPT2ForCausalLM
+
+    model = tiny_gpt2(**NO_DROPOUT)
+    reference = copy.deepcopy(model)
+    ids = random_ids(2, 7)
+    patch_model(model.transformer, layers=[0], proj_dim=4)
+    assert model.config is model.transformer.config and model.config.neural_attention_layers == [0]
+    assert model.config._attn_implementation == ATTENTION_NAME
+    model.save_pretrained(tmp_path)
+    loaded = NeuralAttentionGPT2ForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=1e-6)
+    unpatch_model(model)  # through the parent
+    assert model.config._attn_implementation == "sdpa"
+    assert not any(k.startswith("neural_attention") for k in model.config.to_dict())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
 
 
 def test_integer_like_layer_indices_are_accepted():
