@@ -9,7 +9,6 @@ the implementation the model had before (SDPA or eager), bit for bit.
 from __future__ import annotations
 
 import copy
-import functools
 import gc
 import operator
 from collections.abc import Iterable
@@ -21,10 +20,9 @@ from transformers import PretrainedConfig, PreTrainedModel
 from .backend_neural_attention import ATTENTION_NAME, FALLBACK_ATTRIBUTE, SCORER_ATTRIBUTE
 from .configuration_neural_attention import NeuralAttentionConfig, clear_from_config, record_on_config
 from .modeling_neural_attention import (
-    NeuralAttentionModelMixin,
     find_self_attention_modules,
     head_shape,
-    keep_neural_attention,
+    requested_fallback,
     scorer_state_names,
 )
 from .scoring_neural_attention import NeuralScorer
@@ -172,8 +170,11 @@ def patch_model(
         if num_heads % max(getattr(module, "num_key_value_groups", 1), 1):
             raise ValueError(f"Layer {index} ({name}): heads are not a multiple of its key/value groups.")
 
+    needs_own_config = _check_config_sharing(model)
+
     # All checks passed: from here on the model is modified.
-    _give_model_its_own_config(model)
+    if needs_own_config:
+        _give_model_its_own_config(model)
     for index in chosen:
         name, module = modules[index]
         head_dim, num_heads = head_shape(module, model.config)
@@ -192,56 +193,31 @@ def patch_model(
                 "the scorer would be ignored."
             )
     record_on_config(model.config, present + chosen, config)
+    if _keep_neural_attention_hook not in model._forward_pre_hooks.values():
+        model.register_forward_pre_hook(_keep_neural_attention_hook)
     _adopt_hub_class(model)
-    if not isinstance(model, NeuralAttentionModelMixin):  # the Hub classes override the method themselves
-        model.__dict__["set_attn_implementation"] = functools.partial(_set_attn_implementation_keeping_neural, model)
     return model
 
 
-def _give_model_its_own_config(model: nn.Module) -> None:
-    """Replace the config of ``model`` (and of the parents that share it) by a copy, re-pointing every module of
-    that tree which holds it or one of its sub-configs.
+def _other_config_holders(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """Modules outside ``model`` that hold its config, or a config containing it as a sub-config:
+    ``(parents, others)``, parents being those whose module tree contains ``model``.
 
-    transformers hands one config object to every model built from it (``GPT2LMHeadModel(cfg)`` twice: one config);
-    patching writes to the config (layers, settings, attention implementation, class), which must not reach the
-    other models. A sub-model (``model.transformer``, a composite model's encoder) shares its config with its
-    parent, and keeps sharing it: the copy is made at the outermost parent whose config is or contains it.
+    transformers hands one config object to every model built from it (``GPT2LMHeadModel(cfg)`` twice: one config),
+    and a sub-model (``model.transformer``, a composite model's encoder) shares its parent's. Modules keep no link to
+    their parent or to other holders: one pass over the garbage collector's objects finds them (once per patch).
     """
-    owner = _config_owner(model)
-    memo: dict[int, object] = {}
-    copy.deepcopy(owner.__dict__["config"], memo)
-    for module in owner.modules():
-        held = module.__dict__.get("config")
-        if isinstance(held, PretrainedConfig) and id(held) in memo:
-            module.__dict__["config"] = memo[id(held)]
-
-
-def _config_owner(model: nn.Module) -> nn.Module:
-    """The outermost module among ``model`` and its parents whose config is, or contains, ``model.config``."""
-    owner, target = model, model.config
-    parent = _parent_of(owner)
-    while parent is not None and _contains_config(parent.__dict__.get("config"), target):
-        owner, parent = parent, _parent_of(parent)
-    return owner
-
-
-def _parent_of(module: nn.Module) -> nn.Module | None:
-    """A module holding ``module`` as a child, ``None`` for a root. Modules keep no link to their parent: found
-    through the garbage collector's referrers (the parent's ``_modules`` dict), once per patch."""
-    for children in gc.get_referrers(module):  # the parent's _modules dict ...
-        if not isinstance(children, dict):
-            continue
-        for holder in gc.get_referrers(children):  # ... held by the parent's __dict__ (or the parent itself)
-            if isinstance(holder, nn.Module) and holder.__dict__.get("_modules") is children:
-                return holder
-            if isinstance(holder, dict) and holder.get("_modules") is children:
-                for parent in gc.get_referrers(holder):
-                    if isinstance(parent, nn.Module) and parent.__dict__ is holder:
-                        return parent
-    return None
+    target, inside = model.config, {id(module) for module in model.modules()}
+    holders = [obj for obj in gc.get_objects()  # type(), not isinstance: no __class__ lookups on arbitrary objects
+               if issubclass(type(obj), nn.Module) and id(obj) not in inside
+               and _contains_config(obj.__dict__.get("config"), target)]  # fmt: skip
+    parents = [h for h in holders if any(m is model for m in h.modules())]
+    others = [h for h in holders if not any(m is model for m in h.modules())]
+    return parents, others
 
 
 def _contains_config(config: object, target: PretrainedConfig, depth: int = 4) -> bool:
+    """Whether ``config`` is ``target`` or holds it as a sub-config (``encoder``, ``text_config``, ...)."""
     if config is target:
         return True
     if not isinstance(config, PretrainedConfig) or depth == 0:
@@ -250,12 +226,53 @@ def _contains_config(config: object, target: PretrainedConfig, depth: int = 4) -
                if isinstance(value, PretrainedConfig))  # fmt: skip
 
 
-def _set_attn_implementation_keeping_neural(model: nn.Module, attn_implementation: str | dict, *args, **kwargs):
-    """``set_attn_implementation`` of a patched model without a Hub class (Llama, BERT, GPT2Model, ...), installed on
-    the instance: the stock method would route every layer past its scorer. ``"sdpa"`` / ``"eager"`` set what the
-    unpatched layers use (as the Hub classes do); flash / flex kernels raise ``ValueError``. A ``functools.partial``
-    so that ``copy.deepcopy`` and pickling re-bind it to the copy."""
-    keep_neural_attention(model, attn_implementation)
+def _check_config_sharing(model: nn.Module) -> bool:
+    """Whether ``model`` needs a config of its own before patching writes to it (layers, settings, attention
+    implementation, class): yes when models other than its parents hold it (an A/B pair built from one config).
+
+    Raises:
+        ValueError: the config is shared both with parents and with other sub-models (siblings built from one
+            config): a copy would cut the model off from its parents, no copy would patch the siblings' config too.
+    """
+    parents, others = _other_config_holders(model)
+    if others and parents:
+        raise ValueError(
+            f"{type(model).__name__}'s config object is also held by {len(others)} other module(s) "
+            f"(e.g. {type(others[0]).__name__}) beside its parent {type(parents[0]).__name__}: patching would write "
+            "the neural-attention settings into their config too. Give the sub-model a config of its own first "
+            "(sub_model.config = copy.deepcopy(sub_model.config), and its submodules' .config likewise), or patch "
+            "the parent."
+        )
+    return bool(others)
+
+
+def _give_model_its_own_config(model: nn.Module) -> None:
+    """Replace ``model.config`` by a copy, re-pointing every module of ``model`` that holds it or a sub-config."""
+    memo: dict[int, object] = {}
+    copy.deepcopy(model.config, memo)
+    for module in model.modules():
+        held = module.__dict__.get("config")
+        if isinstance(held, PretrainedConfig) and id(held) in memo:
+            module.__dict__["config"] = memo[id(held)]
+
+
+def _keep_neural_attention_hook(model: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of a patched model: a stock ``set_attn_implementation("sdpa" | "eager")`` -- on a model
+    without a Hub class (Llama, BERT, GPT2Model), on a parent sharing the config, or on a sub-model -- would route
+    every layer past its scorer; the request is applied to the unpatched layers instead and the model switched back
+    (flash / flex kernels raise ``ValueError``). Runs on every forward: the common path is one attribute read, and
+    nothing in it stops torch.compile."""
+    config = model.config
+    current = config._attn_implementation
+    if current == ATTENTION_NAME:
+        return
+    if not any(getattr(module, SCORER_ATTRIBUTE, None) is not None for module in model.modules()):
+        return  # unpatched since
+    fallback = requested_fallback(current)
+    for module in model.modules():
+        if hasattr(module, FALLBACK_ATTRIBUTE):
+            setattr(module, FALLBACK_ATTRIBUTE, fallback)
+    config._attn_implementation_internal = ATTENTION_NAME
 
 
 def unpatch_model(model: PreTrainedModel) -> PreTrainedModel:
@@ -271,9 +288,9 @@ def unpatch_model(model: PreTrainedModel) -> PreTrainedModel:
     # every (sub-)model of the tree: a sub-model may have been patched on its own (model.transformer)
     cleared: set[int] = set()
     for module in model.modules():
-        guard = module.__dict__.get("set_attn_implementation")
-        if isinstance(guard, functools.partial) and guard.func is _set_attn_implementation_keeping_neural:
-            del module.__dict__["set_attn_implementation"]
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if hook is _keep_neural_attention_hook:
+                del module._forward_pre_hooks[key]
         held = module.__dict__.get("config")
         if isinstance(held, PretrainedConfig) and id(held) not in cleared:
             clear_from_config(held)

@@ -280,19 +280,23 @@ def test_set_attn_implementation_keeps_the_neural_layers_of_models_without_a_hub
     stock = copy.deepcopy(model)
     ids = random_ids(2, 6)
     patch_model(model, layers=[0], proj_dim=4)
-    twin = copy.deepcopy(model)  # the guard re-binds to the copy
+    twin = copy.deepcopy(model)
     with torch.no_grad():
         patched = model(ids).logits
-        model.set_attn_implementation("eager")  # the stock method would route every layer past the scorer
+        model.set_attn_implementation("eager")  # the stock method: would route every layer past the scorer
+        after = model(ids).logits
         assert model.config._attn_implementation == ATTENTION_NAME
-        torch.testing.assert_close(model(ids).logits, patched, rtol=0, atol=1e-5)  # unpatched layer now eager
-        assert not torch.allclose(model(ids).logits, stock(ids).logits, atol=1e-4)
-    assert all(getattr(m, "neural_attention_fallback", None) == "eager" for _, m in find_attention_modules(model))
+        torch.testing.assert_close(after, patched, rtol=0, atol=1e-5)  # the unpatched layer now eager
+        assert not torch.allclose(after, stock(ids).logits, atol=1e-4)
+        model.model.set_attn_implementation("sdpa")  # through the sub-model that shares the config
+        torch.testing.assert_close(model(ids).logits, patched, rtol=0, atol=1e-5)
+    assert all(getattr(m, "neural_attention_fallback", None) == "sdpa" for _, m in find_attention_modules(model))
     assert all(getattr(m, "neural_attention_fallback", None) == "sdpa" for _, m in find_attention_modules(twin))
+    model.set_attn_implementation("flex_attention")
     with pytest.raises(ValueError, match="bypass the neural scorer"):
-        model.set_attn_implementation("flex_attention")
-    assert model.config._attn_implementation == ATTENTION_NAME and neural_layers(model)
-    unpatch_model(model)  # removes the guard: the stock model switches freely again
+        model(ids)
+    model.set_attn_implementation("sdpa")
+    unpatch_model(model)  # removes the hook: the stock model switches freely again
     model.set_attn_implementation("eager")
     with torch.no_grad():
         assert model.config._attn_implementation == "eager"
@@ -305,9 +309,17 @@ def test_a_patched_sub_model_keeps_sharing_its_parents_config(tmp_path):
     model = tiny_gpt2(**NO_DROPOUT)
     reference = copy.deepcopy(model)
     ids = random_ids(2, 7)
+    probe = torch.nn.Sequential(model.transformer, torch.nn.Linear(32, 2))  # another holder, without a config
     patch_model(model.transformer, layers=[0], proj_dim=4)
     assert model.config is model.transformer.config and model.config.neural_attention_layers == [0]
-    assert model.config._attn_implementation == ATTENTION_NAME
+    assert model.config._attn_implementation == ATTENTION_NAME and probe[0] is model.transformer
+    with torch.no_grad():
+        patched = model(ids).logits
+        model.set_attn_implementation("eager")  # the parent's stock method, on the shared config
+        torch.testing.assert_close(model(ids).logits, patched, rtol=0, atol=1e-6)
+        assert model.config._attn_implementation == ATTENTION_NAME
+        model.set_attn_implementation("sdpa")  # and back, for the bit-exact comparisons below
+        torch.testing.assert_close(model(ids).logits, patched, rtol=0, atol=1e-6)
     model.save_pretrained(tmp_path)
     loaded = NeuralAttentionGPT2ForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
@@ -345,3 +357,28 @@ def test_set_backend_switches_every_neural_layer_and_the_recorded_setting(tmp_pa
     assert model.config.neural_attention_backend == "eager"  # a refused switch changes nothing
     with pytest.raises(ValueError, match="no neural layers"):
         set_backend(tiny_gpt2(), "tiled")
+
+
+def test_sub_models_sharing_one_config_with_their_parent_are_refused():
+    from transformers import BertConfig, BertModel, PreTrainedModel
+
+    class DualEncoder(PreTrainedModel):
+        config_class = BertConfig
+        _supports_sdpa = True
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.query, self.document = BertModel(config), BertModel(config)
+
+    dual = DualEncoder(tiny_bert().config).eval()
+    assert dual.query.config is dual.document.config is dual.config
+    with pytest.raises(ValueError, match="config of its own"):
+        patch_model(dual.query, layers=[0])
+    assert neural_layers(dual) == [] and not hasattr(dual.config, "neural_attention_layers")
+    dual.query.config = copy.deepcopy(dual.query.config)  # the fix the message names
+    for module in dual.query.modules():
+        if "config" in module.__dict__:
+            module.config = dual.query.config
+    patch_model(dual.query, layers=[0])
+    assert [i for i, _ in neural_layers(dual.query)] == [0] and neural_layers(dual.document) == []
+    assert not hasattr(dual.document.config, "neural_attention_layers")
