@@ -34,6 +34,11 @@ _UNSUPPORTED_KWARGS = {
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # Triton and the C++ kernel compute in fp32
 
+try:  # how transformers collects returned attention weights (read on every call of an unpatched layer too)
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:  # older/newer transformers without the collector
+    _active_collector = None
+
 
 def _wants_attention_weights(kwargs: dict) -> bool:
     """Whether the caller collects attention probabilities (``output_attentions=True``).
@@ -43,9 +48,7 @@ def _wants_attention_weights(kwargs: dict) -> bool:
     """
     if kwargs.get("output_attentions"):
         return True
-    try:
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:  # older/newer transformers without the collector
+    if _active_collector is None:
         return False
     collected = _active_collector.get()
     return isinstance(collected, dict) and "attentions" in collected

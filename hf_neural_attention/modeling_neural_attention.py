@@ -144,13 +144,17 @@ def keep_neural_attention(model: nn.Module, attn_implementation: str | dict | No
         ValueError: for flash/flex/paged or other kernels, which would bypass the scorer.
     """
     requested = attn_implementation.get("") if isinstance(attn_implementation, dict) else attn_implementation
-    fallback = requested_fallback(requested)
+    fallback = _requested_fallback(requested)
     if requested in FALLBACK_IMPLEMENTATIONS:
-        set_fallback(model, fallback)
+        # the attention modules of a patched model all carry the attribute: no walk through their source code,
+        # so the patch's forward pre-hook can call this under torch.compile
+        for module in model.modules():
+            if hasattr(module, FALLBACK_ATTRIBUTE):
+                setattr(module, FALLBACK_ATTRIBUTE, fallback)
     model.config._attn_implementation_internal = ATTENTION_NAME
 
 
-def requested_fallback(requested: Any) -> str:
+def _requested_fallback(requested: Any) -> str:
     """Map an ``attn_implementation`` request onto the fallback of unpatched layers; refuse fused kernels."""
     if isinstance(requested, dict):
         requested = requested.get("")
@@ -180,12 +184,12 @@ class NeuralAttentionModelMixin:
 
     def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
         # transformers checks the requested implementation in __init__: hand it the fallback, attach in post_init.
-        config._attn_implementation_internal = requested_fallback(config._attn_implementation)
+        config._attn_implementation_internal = _requested_fallback(config._attn_implementation)
         super().__init__(config, *args, **kwargs)
 
     def post_init(self) -> None:
         """Attach the scorers before transformers' init walk, so that the walk sees them."""
-        attach_scorers(self, requested_fallback(self.config._attn_implementation))
+        attach_scorers(self, _requested_fallback(self.config._attn_implementation))
         super().post_init()
 
     @torch.no_grad()

@@ -22,7 +22,7 @@ from .configuration_neural_attention import NeuralAttentionConfig, clear_from_co
 from .modeling_neural_attention import (
     find_self_attention_modules,
     head_shape,
-    requested_fallback,
+    keep_neural_attention,
     scorer_state_names,
 )
 from .scoring_neural_attention import NeuralScorer
@@ -211,8 +211,9 @@ def _other_config_holders(model: nn.Module) -> tuple[list[nn.Module], list[nn.Mo
     holders = [obj for obj in gc.get_objects()  # type(), not isinstance: no __class__ lookups on arbitrary objects
                if issubclass(type(obj), nn.Module) and id(obj) not in inside
                and _contains_config(obj.__dict__.get("config"), target)]  # fmt: skip
-    parents = [h for h in holders if any(m is model for m in h.modules())]
-    others = [h for h in holders if not any(m is model for m in h.modules())]
+    parents, others = [], []
+    for holder in holders:
+        (parents if any(m is model for m in holder.modules()) else others).append(holder)
     return parents, others
 
 
@@ -262,17 +263,11 @@ def _keep_neural_attention_hook(model: nn.Module, args: tuple) -> None:
     every layer past its scorer; the request is applied to the unpatched layers instead and the model switched back
     (flash / flex kernels raise ``ValueError``). Runs on every forward: the common path is one attribute read, and
     nothing in it stops torch.compile."""
-    config = model.config
-    current = config._attn_implementation
+    current = model.config._attn_implementation
     if current == ATTENTION_NAME:
         return
-    if not any(getattr(module, SCORER_ATTRIBUTE, None) is not None for module in model.modules()):
-        return  # unpatched since
-    fallback = requested_fallback(current)
-    for module in model.modules():
-        if hasattr(module, FALLBACK_ATTRIBUTE):
-            setattr(module, FALLBACK_ATTRIBUTE, fallback)
-    config._attn_implementation_internal = ATTENTION_NAME
+    if any(getattr(module, SCORER_ATTRIBUTE, None) is not None for module in model.modules()):  # not unpatched since
+        keep_neural_attention(model, current)
 
 
 def unpatch_model(model: PreTrainedModel) -> PreTrainedModel:
@@ -314,11 +309,12 @@ def neural_layers(model: nn.Module) -> list[tuple[int, str]]:
 def neural_settings(model: nn.Module) -> tuple[list[int], NeuralAttentionConfig] | None:
     """``(patched layer indices, their shared settings)`` as the modules carry them, or ``None`` when no layer
     carries a scorer (whatever ``neural_attention_*`` fields the config may still hold)."""
-    modules = find_attention_modules(model)
-    layers = [index for index, _ in neural_layers(model)]
+    scorers = [(index, getattr(module, SCORER_ATTRIBUTE, None)) for index, (_, module)
+               in enumerate(find_attention_modules(model))]  # fmt: skip
+    layers = [index for index, scorer in scorers if scorer is not None]
     if not layers:
         return None
-    return layers, getattr(modules[layers[0]][1], SCORER_ATTRIBUTE).settings
+    return layers, scorers[layers[0]][1].settings
 
 
 def set_backend(model: nn.Module, backend: str) -> None:
