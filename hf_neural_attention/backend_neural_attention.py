@@ -272,7 +272,8 @@ def neural_attention_forward(
         from .kernels_neural_attention import neural_attention_tiled as kernel
     query_hidden, key_hidden = scorer.first_layer(query, key)
     output_weight, second_weight, second_bias = scorer.output_side_weights()
-    seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else None
+    # a 0-d tensor, not an int: an .item() here would break a torch.compile graph
+    seed = torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0.0 else None
     out = kernel(
         query_hidden,
         key_hidden,

@@ -30,6 +30,7 @@ This file travels with Hub checkpoints: it imports only torch, the standard libr
 
 from __future__ import annotations
 
+import hashlib
 import threading
 
 import torch
@@ -45,8 +46,10 @@ from .cpp_neural_attention import (
 from .kernels_neural_attention import (
     ACTIVATIONS,
     autocast_off,
+    kernel_op,
     relu_signed_max_operands,
     relu_weight_grad,
+    seed_tensor,
     visible_rows,
     zero_invisible_rows,
 )
@@ -792,12 +795,52 @@ def _use_single_pass(groups: int) -> bool:
     return groups >= torch.get_num_threads()
 
 
-def _dropout_seed(dropout_p: float, generator_seed: int | None) -> int:
-    """The 63-bit seed of the dropout hash: ``generator_seed`` if given, else one draw from torch's default
-    generator -- only when dropout is on, so that calls without dropout leave the caller's random stream alone."""
-    if generator_seed is None:
-        generator_seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0
-    return int(generator_seed) & (2**63 - 1)
+# the ops' names carry the source's hash: a Hub checkpoint's copy of an older kernel must not reuse a newer op
+_OP_TAG = hashlib.sha256(_SOURCE.encode()).hexdigest()[:12]
+
+
+def _forward_fake(A, Bt, V, w, dq, dk, mask, cvec, batch, heads, causal, dot_scale, act, block, dropout_p, seed):
+    return V.new_empty(A.shape[0], A.shape[1], V.shape[2]), V.new_empty(A.shape[0], A.shape[1])
+
+
+@kernel_op(f"fused_cpp_forward_{_OP_TAG}", _forward_fake)
+def _fused_forward(
+    A: Tensor, Bt: Tensor, V: Tensor, w: Tensor, dq: Tensor | None, dk: Tensor | None, mask: Tensor | None,
+    cvec: Tensor, batch: int, heads: int, causal: bool, dot_scale: float, act: int, block: int, dropout_p: float,
+    seed: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """``(out, lse)``: ``(G, q_len, v_dim)`` and ``(G, q_len)`` fp32, for ``A`` ``(G, q_len, hidden)``, ``Bt``
+    ``(G, hidden, k_len)``, ``V`` ``(G, k_len, v_dim)`` (``G = batch * heads``)."""
+    out, lse = _module().fused_forward(
+        A, Bt, V, w, dq, dk, mask, cvec, batch, heads, causal, dot_scale, act, block, dropout_p, int(seed)
+    )
+    return out, lse
+
+
+def _backward_fake(A, At, B, Bt, V, w, dq, dk, mask, cvec, lse, dO, D, batch, heads, causal, dot_scale, act, block,
+                   dropout_p, seed):
+    G, q_len, hidden = A.shape
+    k_len, v_dim = B.shape[1], V.shape[2]
+    dd = dq.shape[-1] if dq is not None else 0
+    return (V.new_empty(G, q_len, hidden), V.new_empty(G, k_len, hidden), V.new_empty(G, k_len, v_dim),
+            V.new_empty(G, hidden), V.new_empty((G, q_len, dd) if dd else (0,)),
+            V.new_empty((G, k_len, dd) if dd else (0,)))  # fmt: skip
+
+
+@kernel_op(f"fused_cpp_backward_{_OP_TAG}", _backward_fake)
+def _fused_backward(
+    A: Tensor, At: Tensor, B: Tensor, Bt: Tensor, V: Tensor, w: Tensor, dq: Tensor | None, dk: Tensor | None,
+    mask: Tensor | None, cvec: Tensor, lse: Tensor, dO: Tensor, D: Tensor, batch: int, heads: int, causal: bool,
+    dot_scale: float, act: int, block: int, dropout_p: float, seed: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dA, dB, dV, dw, d dot_query, d dot_key)`` (the last two empty without the dot term); relu returns raw
+    sums instead of ``dA``, ``dB``, ``dw`` (see :class:`_FusedFunction`). The relu pass count is chosen here, from
+    the thread count at run time (which a traced graph cannot read)."""
+    grads = _module().fused_backward(
+        A, At, B, Bt, V, w, dq, dk, mask, cvec, lse, dO, D, batch, heads, causal, dot_scale, act, block,
+        _use_single_pass(A.shape[0]), dropout_p, int(seed),
+    )  # fmt: skip
+    return tuple(grads)
 
 
 class _FusedFunction(torch.autograd.Function):
@@ -812,7 +855,6 @@ class _FusedFunction(torch.autograd.Function):
     @staticmethod
     @autocast_off
     def forward(ctx, A, B, V, w, dq, dk, mask, cfg):
-        module = cfg["module"]
         batch, heads, q_len, hidden = A.shape
         k_len, v_dim = B.shape[2], V.shape[3]
         G = batch * heads
@@ -836,7 +878,7 @@ class _FusedFunction(torch.autograd.Function):
         Vf = V.reshape(G, k_len, v_dim).contiguous()
         dqf = dq.reshape(G, q_len, -1).contiguous() if dq is not None else None
         dkf = dk.reshape(G, k_len, -1).contiguous() if dk is not None else None
-        out, lse = module.fused_forward(
+        out, lse = _fused_forward(
             Ak, Bt, Vf, kernel_w, dqf, dkf, mask, cvec, batch, heads, cfg["causal"], cfg["dot_scale"], cfg["act"],
             cfg["block"], cfg["dropout_p"], cfg["seed"],
         )  # fmt: skip
@@ -857,9 +899,9 @@ class _FusedFunction(torch.autograd.Function):
         D = (dO * out).sum(-1).contiguous()
         At = Ak.transpose(1, 2).contiguous()
         Bk = Bt.transpose(1, 2).contiguous()
-        dA, dB, dV, dw, ddq, ddk = cfg["module"].fused_backward(
+        dA, dB, dV, dw, ddq, ddk = _fused_backward(
             Ak, At, Bk, Bt, Vf, kernel_w, dqf, dkf, mask, cvec, lse, dO, D, batch, heads, cfg["causal"],
-            cfg["dot_scale"], cfg["act"], cfg["block"], _use_single_pass(G), cfg["dropout_p"], cfg["seed"],
+            cfg["dot_scale"], cfg["act"], cfg["block"], cfg["dropout_p"], cfg["seed"],
         )  # fmt: skip
         if cfg["act"] == _ACT_CODE["relu"]:  # raw sums -> gradients (see the class docstring)
             raw_q, raw_k = dA.view(batch, heads, q_len, hidden), dB.view(batch, heads, k_len, hidden)
@@ -899,7 +941,7 @@ def neural_attention_fused_cpp(
     dot_key: Tensor | None = None,
     dot_scale: float = 1.0,
     dropout_p: float = 0.0,
-    generator_seed: int | None = None,
+    generator_seed: int | Tensor | None = None,
 ) -> Tensor:
     """The kernel contract of ``docs/design.md``, fully fused in C++ for ``mlp="paper"`` (fp32 arithmetic for
     fp32 / bf16 / fp16 inputs, dropout included); every other case runs
@@ -937,23 +979,20 @@ def neural_attention_fused_cpp(
         return delegate()
     if output_weight.shape[-1] != hidden or output_weight.numel() not in (hidden, heads * hidden):
         return delegate()
-    module = _module()
-    if module is None:
+    if not fused_cpp_available():
         return delegate()
     if mask is not None:
         while mask.dim() < 4:
             mask = mask.unsqueeze(0)
         mask = mask.expand(batch, heads, q_len, k_len)  # raises if not broadcastable; strides may be 0
     cfg = {
-        "module": module,
         "causal": bool(causal) and mask is None,
         "dot_scale": float(dot_scale),
         "act": _ACT_CODE[activation],
         "block": BLOCK,
         "dropout_p": float(dropout_p),
         # the pair's keep decision hashes (seed, index): a 63-bit seed, drawn from torch's generator when not given
-        # and only with dropout on (a draw without dropout would shift the caller's random stream)
-        "seed": _dropout_seed(dropout_p, generator_seed),
+        "seed": seed_tensor(dropout_p, generator_seed),
     }
     # bf16 / fp16 (autocast) inputs run in fp32, the precision every backend accumulates in: the casts are O(n d),
     # the attention O(n^2); gradients flow back through them in the inputs' dtypes

@@ -39,7 +39,9 @@ __all__ = [
     "choose_block_size",
     "neural_attention_tiled",
     "relu_signed_max_operands",
+    "kernel_op",
     "relu_weight_grad",
+    "seed_tensor",
     "visible_rows",
     "zero_invisible_rows",
 ]
@@ -369,6 +371,42 @@ class _AuthorsScorer:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# custom ops: what torch.compile must not trace into
+# --------------------------------------------------------------------------------------------------------------
+OP_NAMESPACE = "hf_neural_attention"
+
+
+def kernel_op(name: str, fake: Callable, mutates_args: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+    """Decorator: register the function as the torch custom op ``hf_neural_attention::<name>`` (schema inferred from
+    its type hints, ``fake`` giving its output shapes) and return a caller that runs the function directly in eager
+    mode and the op under torch.compile.
+
+    Why: a compiled C++ (pybind) function or a ``torch.Generator`` cannot be traced; as an op of known output shapes
+    the kernel becomes one opaque node, and ``torch.compile(fullgraph=True)`` gets through the model. Eager calls
+    skip the dispatcher, which would add its overhead to every tile of the tiled kernels.
+
+    ``name`` carries a version or source hash: the plugin and the copy of it a Hub checkpoint carries may both be
+    imported in one process; the second import reuses the op of an identical first one, and a changed kernel needs a
+    new name.
+    """
+
+    def wrap(impl: Callable) -> Callable:
+        namespace = getattr(torch.ops, OP_NAMESPACE)
+        if not hasattr(namespace, name):
+            torch.library.custom_op(f"{OP_NAMESPACE}::{name}", impl, mutates_args=mutates_args).register_fake(fake)
+        op = getattr(namespace, name).default
+
+        @functools.wraps(impl)
+        def call(*args):
+            return op(*args) if torch.compiler.is_compiling() else impl(*args)
+
+        call.op = op
+        return call
+
+    return wrap
+
+
+# --------------------------------------------------------------------------------------------------------------
 # masks per tile
 # --------------------------------------------------------------------------------------------------------------
 class _TileMasks:
@@ -401,20 +439,42 @@ class _TileMasks:
         m = self.mask
         m = m[:, :, i0:i1] if m.shape[2] > 1 else m
         m = m[:, :, :, j0:j1] if m.shape[3] > 1 else m
-        if not bool(m.any()):
-            return False
-        if bool(m.all()):
-            return None
+        if not torch.compiler.is_compiling():  # skipping needs the mask's values: a graph break under compile
+            if not bool(m.any()):
+                return False
+            if bool(m.all()):
+                return None
         if m.shape[0] == 1 and m.shape[1] == 1:
             return m[0]
         return m.expand(self.batch, self.heads, i1 - i0, j1 - j0).reshape(self.batch * self.heads, i1 - i0, j1 - j0)
 
 
-def _dropout_keep(seed: int, tile: int, shape, p: float, dtype) -> Tensor:
+def _dropout_keep_fake(seed: Tensor, tile: int, shape: list[int], p: float, dtype: torch.dtype) -> Tensor:
+    return seed.new_empty(shape, dtype=dtype)
+
+
+@kernel_op("tiled_dropout_keep_v1", _dropout_keep_fake)
+def _dropout_keep(seed: Tensor, tile: int, shape: list[int], p: float, dtype: torch.dtype) -> Tensor:
+    """The tile's scaled keep-mask ``(G, bq, bk)``: a ``torch.Generator`` seeded ``seed + tile`` (``seed`` a 0-d
+    int64 tensor, read here so that drawing it needs no ``.item()`` in the traced graph)."""
     gen = torch.Generator(device="cpu")
-    gen.manual_seed((seed + tile) % (1 << 63))
+    gen.manual_seed((int(seed) + tile) % (1 << 63))
     keep = torch.rand(shape, generator=gen, dtype=torch.float32) >= p
     return keep.to(dtype).mul_(1.0 / (1.0 - p))
+
+
+def seed_tensor(dropout_p: float, generator_seed: int | Tensor | None, bound: int = 1 << 62) -> Tensor:
+    """The dropout seed as a 0-d int64 CPU tensor: ``generator_seed`` (an int or a 0-d tensor, kept to 63 bits), else
+    one draw in ``[0, bound)`` from torch's default generator -- only when dropout is on, so that calls without
+    dropout leave the caller's random stream alone. A tensor, not an int: under torch.compile an int would need an
+    ``.item()``, which breaks the graph."""
+    if generator_seed is None:
+        if dropout_p > 0.0:
+            return torch.randint(0, bound, (), dtype=torch.int64)
+        return torch.zeros((), dtype=torch.int64)
+    if isinstance(generator_seed, Tensor):
+        return generator_seed.to(device="cpu", dtype=torch.int64).reshape(()) & ((1 << 63) - 1)
+    return torch.tensor(int(generator_seed) & ((1 << 63) - 1), dtype=torch.int64)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -631,15 +691,13 @@ def _check_and_run(
         block = (block_size, block_size)
     else:
         block = (int(block_size[0]), int(block_size[1]))
-    if dropout_p > 0.0 and generator_seed is None:
-        generator_seed = int(torch.randint(0, 1 << 62, (1,)).item())
     cfg = {
         "scorer_factory": scorer_factory,
         "activation": activation,
         "causal": bool(causal) and mask is None,
         "dot_scale": float(dot_scale),
         "dropout_p": float(dropout_p),
-        "seed": int(generator_seed or 0),
+        "seed": seed_tensor(dropout_p, generator_seed),
         "block": block,
     }
     # rows no pair sees get no gradient; zeroed (differentiably), garbage there (even NaN) cannot reach dw
@@ -666,7 +724,7 @@ def neural_attention_tiled(
     dot_key: Tensor | None = None,
     dot_scale: float = 1.0,
     dropout_p: float = 0.0,
-    generator_seed: int | None = None,
+    generator_seed: int | Tensor | None = None,
     block_size: int | tuple[int, int] | None = None,
     scorer_factory: ScorerFactory | None = None,
 ) -> Tensor:

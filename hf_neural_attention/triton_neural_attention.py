@@ -940,7 +940,7 @@ def neural_attention_triton(
     dot_key: torch.Tensor | None = None,
     dot_scale: float = 1.0,
     dropout_p: float = 0.0,
-    generator_seed: int | None = None,
+    generator_seed: int | torch.Tensor | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,

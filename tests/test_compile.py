@@ -1,0 +1,170 @@
+"""torch.compile: every CPU backend traces without a graph break (``fullgraph=True``), in training (dropout on,
+padded batch) and evaluation, and the compiled model computes what the uncompiled one does, gradients included.
+
+The C++ kernels and the tiled kernel's seeded dropout run as torch custom ops (``kernels_neural_attention.kernel_op``);
+``torch.library.opcheck`` checks each op's schema, fake (meta) function and mutation declarations on real inputs.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from hf_neural_attention import NeuralAttentionConfig, patch_model
+from hf_neural_attention import cpp_neural_attention as cpp
+from hf_neural_attention import fused_cpp_neural_attention as fused
+from hf_neural_attention import kernels_neural_attention as tiled
+from tests.models import random_ids, tiny_gpt2, tiny_vit
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    # every test compiles GPT-2's forward anew: without a reset the cache entries of the earlier tests count towards
+    # dynamo's recompile limit, which fullgraph=True turns into a hard failure
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+needs_cpp = pytest.mark.skipif(not cpp.cpp_available() or not fused.fused_cpp_available(),
+                               reason="C++ extensions not built (no compiler?)")
+
+
+def _padded_batch() -> dict:
+    ids = random_ids(2, 12, seed=3)
+    attention_mask = torch.ones_like(ids)
+    attention_mask[0, :4] = 0  # left padding: rows that see nothing but themselves, keys no query sees
+    return {"input_ids": ids, "attention_mask": attention_mask}
+
+
+def _loss_and_grads(model, inputs: dict, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # the same dropout draws in both runs
+    out = model(**inputs)
+    logits = out.logits
+    loss = logits.float().square().mean()
+    loss.backward()
+    grads = {name.removeprefix("_orig_mod."): p.grad.clone() for name, p in model.named_parameters()
+             if p.grad is not None}
+    return loss.detach(), grads
+
+
+def _assert_same_training_step(model, compiled, inputs: dict, *, atol: float) -> None:
+    loss, grads = _loss_and_grads(model, inputs, seed=11)
+    compiled_loss, compiled_grads = _loss_and_grads(compiled, inputs, seed=11)
+    torch.testing.assert_close(compiled_loss, loss, rtol=0, atol=atol)
+    assert compiled_grads.keys() == grads.keys()
+    scorer_grads = [name for name in grads if "neural_scorer" in name]
+    assert scorer_grads, "the neural scorer got no gradient"
+    for name, grad in grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["eager", "tiled", pytest.param("cpp", marks=needs_cpp)])
+@pytest.mark.parametrize("mlp", ["paper", "authors"])
+def test_fullgraph_training_step_matches_eager_mode(backend, mlp):
+    # training mode: GPT-2's attention dropout (0.1) runs inside the neural kernels, seeded from torch's generator;
+    # aot_eager traces exactly what inductor would (dynamo + AOT autograd, the ops' fake functions) and runs the
+    # traced graph op by op, so the two runs draw the same random numbers
+    model = patch_model(tiny_gpt2(seed=2), layers=[0, 2], config=NeuralAttentionConfig(backend=backend, mlp=mlp))
+    model.train()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    _assert_same_training_step(model, compiled, _padded_batch(), atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["tiled", pytest.param("cpp", marks=needs_cpp)])
+def test_fullgraph_vit_evaluation_matches_eager_mode(backend):
+    model = patch_model(tiny_vit(seed=4), layers=[0], config=NeuralAttentionConfig(backend=backend))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    pixels = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(pixel_values=pixels).logits, model(pixel_values=pixels).logits,
+                                   rtol=0, atol=1e-6)
+
+
+@needs_cpp
+def test_inductor_compiles_the_default_cpu_backend():
+    # the default compiler: generated C++ around the fused kernel, which stays one opaque call
+    model = patch_model(tiny_gpt2(seed=6), layers=[0])  # backend "auto": the fused C++ kernel on CPU
+    compiled = torch.compile(model, fullgraph=True)
+    _assert_same_training_step(model, compiled, _padded_batch(), atol=1e-5)
+
+
+# --- the custom ops themselves ----------------------------------------------------------------------------------
+def _rand(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@needs_cpp
+@pytest.mark.parametrize("act", [0, 1])  # relu (signed-max operands, cvec), gelu (plain operands)
+def test_fused_ops_pass_opcheck(act):
+    G, q_len, k_len, hidden, v_dim, batch, heads = 2, 9, 70, 4, 3, 1, 2
+    A, Bt, V = _rand(G, q_len, hidden, seed=1), _rand(G, hidden, k_len, seed=2), _rand(G, k_len, v_dim, seed=3)
+    w = _rand(G, hidden, seed=4)
+    cvec = _rand(G, k_len, seed=5) if act == 0 else torch.empty(0)
+    mask = torch.rand(batch, heads, q_len, k_len, generator=torch.Generator().manual_seed(6)) > 0.3
+    seed = torch.tensor(123, dtype=torch.int64)
+    forward_args = (A, Bt, V, w, None, None, mask, cvec, batch, heads, False, 1.0, act, 64, 0.25, seed)
+    torch.library.opcheck(fused._fused_forward.op, forward_args)
+    _, lse = fused._fused_forward(*forward_args)
+    dO, D = _rand(G, q_len, v_dim, seed=7), _rand(G, q_len, seed=8)
+    backward_args = (A, A.transpose(1, 2).contiguous(), Bt.transpose(1, 2).contiguous(), Bt, V, w, None, None, mask,
+                     cvec, lse, dO, D, batch, heads, False, 1.0, act, 64, 0.25, seed)
+    torch.library.opcheck(fused._fused_backward.op, backward_args)
+
+
+@needs_cpp
+def test_tile_ops_pass_opcheck():
+    G, hidden, q_len, k_len, hidden2 = 2, 5, 11, 13, 8
+    At, Bt = _rand(G, hidden, q_len, seed=1), _rand(G, hidden, k_len, seed=2)
+    w = _rand(G, hidden, seed=3)
+    tile = (2, 9, 3, 13)
+    ds = _rand(G, tile[1] - tile[0], tile[3] - tile[2], seed=4)
+    torch.library.opcheck(cpp._paper_scores.op, (At, Bt, w, 1, *tile))
+    # the backward adds into its accumulators: opcheck verifies the declared mutations
+    paper_acc = (torch.zeros_like(At), torch.zeros_like(Bt), torch.zeros_like(w))
+    torch.library.opcheck(cpp._paper_backward.op, (At, Bt, ds, *paper_acc, 1, *tile))
+    W2, b2, w3 = _rand(G, hidden2, hidden, seed=5), _rand(G, hidden2, seed=6), _rand(G, hidden2, seed=7)
+    torch.library.opcheck(cpp._authors_scores.op, (At, Bt, W2, b2, w3, *tile))
+    authors_acc = (torch.zeros_like(At), torch.zeros_like(Bt), torch.zeros_like(W2), torch.zeros_like(b2),
+                   torch.zeros_like(w3))
+    torch.library.opcheck(cpp._authors_backward.op, (At, Bt, W2, b2, w3, ds, *authors_acc, *tile))
+
+
+def test_tiled_dropout_op_passes_opcheck_and_is_seeded():
+    seed = torch.tensor(2**40 + 7, dtype=torch.int64)
+    torch.library.opcheck(tiled._dropout_keep.op, (seed, 3, [2, 5, 6], 0.3, torch.float32))
+    first = tiled._dropout_keep(seed, 3, [2, 5, 6], 0.3, torch.float32)
+    assert torch.equal(first, tiled._dropout_keep(seed.clone(), 3, [2, 5, 6], 0.3, torch.float32))
+    assert not torch.equal(first, tiled._dropout_keep(seed, 4, [2, 5, 6], 0.3, torch.float32))
+    assert set(first.unique().tolist()) == {0.0, torch.tensor(1 / 0.7).item()}
+
+
+def test_seed_tensor_draws_only_with_dropout():
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    assert int(tiled.seed_tensor(0.0, None)) == 0
+    assert torch.equal(torch.get_rng_state(), state)  # no dropout: the caller's random stream is untouched
+    drawn = tiled.seed_tensor(0.1, None)
+    assert drawn.dtype == torch.int64 and drawn.dim() == 0 and 0 <= int(drawn) < 2**62
+    assert int(tiled.seed_tensor(0.1, -1)) == 2**63 - 1  # kept to 63 bits, an int or a tensor alike
+    assert int(tiled.seed_tensor(0.1, torch.tensor(-1))) == 2**63 - 1
+
+
+@needs_cpp
+def test_a_hub_checkpoints_kernel_copies_reuse_the_registered_ops(tmp_path, monkeypatch):
+    # a process that loaded a checkpoint with trust_remote_code before importing the plugin holds two copies of the
+    # kernel files (transformers imports the checkpoint's as a package of its own); the copy's ops have the same
+    # names and must be reused, not registered twice (which torch refuses)
+    model = patch_model(tiny_gpt2(seed=8), layers=[0], config=NeuralAttentionConfig(backend="cpp"))
+    model.save_pretrained(tmp_path / "checkpoint_copy")
+    (tmp_path / "checkpoint_copy" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    copy = importlib.import_module("checkpoint_copy.fused_cpp_neural_attention")
+    assert copy is not fused and copy._fused_forward.op is fused._fused_forward.op
+    args = [_rand(1, 2, 9, 4, seed=s) for s in (1, 2, 3)] + [_rand(2, 4, seed=4)]
+    kwargs = {"causal": True, "dropout_p": 0.2, "generator_seed": 5}
+    torch.testing.assert_close(copy.neural_attention_fused_cpp(*args, **kwargs),
+                               fused.neural_attention_fused_cpp(*args, **kwargs), rtol=0, atol=0)
