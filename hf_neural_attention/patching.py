@@ -271,7 +271,25 @@ def _keep_neural_attention_hook(model: nn.Module, args: tuple) -> None:
 
 
 def unpatch_model(model: PreTrainedModel) -> PreTrainedModel:
-    """Remove every scorer and restore the model's previous attention implementation and class, in place."""
+    """Remove every scorer and restore the model's previous attention implementation and class, in place.
+
+    A sub-model (``model.transformer``) shares its parents' config: they are restored with it (class, config,
+    attention implementation), since the settings they would keep describe layers that no longer exist.
+
+    Raises:
+        ValueError: a parent sharing the config still has neural layers outside ``model``; unpatch the parent.
+    """
+    config = model.__dict__.get("config")
+    holders = _other_config_holders(model)[0] if isinstance(config, PretrainedConfig) else []
+    parents = [parent for parent in holders if parent.__dict__.get("config") is config]
+    inside = {id(module) for module in model.modules()}
+    for parent in parents:
+        if any(id(module) not in inside and getattr(module, SCORER_ATTRIBUTE, None) is not None
+               for module in parent.modules()):  # fmt: skip
+            raise ValueError(
+                f"{type(parent).__name__}, which shares this {type(model).__name__}'s config, has neural layers "
+                f"outside it; unpatch_model({type(parent).__name__}) instead (nothing was changed)."
+            )
     modules = find_attention_modules(model)
     fallback = "sdpa"
     for _, module in modules:
@@ -280,9 +298,9 @@ def unpatch_model(model: PreTrainedModel) -> PreTrainedModel:
             delattr(module, SCORER_ATTRIBUTE)
         if hasattr(module, FALLBACK_ATTRIBUTE):
             delattr(module, FALLBACK_ATTRIBUTE)
-    # every (sub-)model of the tree: a sub-model may have been patched on its own (model.transformer)
+    # every (sub-)model of the tree and its parents: a sub-model may have been patched on its own (model.transformer)
     cleared: set[int] = set()
-    for module in model.modules():
+    for module in [module for holder in [*parents, model] for module in holder.modules()]:
         for key, hook in list(module._forward_pre_hooks.items()):
             if hook is _keep_neural_attention_hook:
                 del module._forward_pre_hooks[key]
@@ -290,10 +308,13 @@ def unpatch_model(model: PreTrainedModel) -> PreTrainedModel:
         if isinstance(held, PretrainedConfig) and id(held) not in cleared:
             clear_from_config(held)
             cleared.add(id(held))
-    _restore_stock_class(model)
-    for module in model.modules():  # outermost first: its switch reaches the sub-configs
-        if isinstance(module, PreTrainedModel) and _current_implementation(module) == ATTENTION_NAME:
-            module.set_attn_implementation(fallback)
+    outermost_first = sorted(parents, key=lambda parent: -sum(1 for _ in parent.modules()))
+    for holder in [*outermost_first, model]:
+        _restore_stock_class(holder)
+    for holder in [*outermost_first, model]:
+        for module in holder.modules():  # outermost first: its switch reaches the sub-configs
+            if isinstance(module, PreTrainedModel) and _current_implementation(module) == ATTENTION_NAME:
+                module.set_attn_implementation(fallback)
     return model
 
 

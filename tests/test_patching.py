@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from transformers import GPT2LMHeadModel, ResNetConfig, ResNetModel
+from transformers import GPT2LMHeadModel, GPT2Model, ResNetConfig, ResNetModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from hf_neural_attention import (
@@ -329,6 +329,34 @@ def test_a_patched_sub_model_keeps_sharing_its_parents_config(tmp_path):
     assert not any(k.startswith("neural_attention") for k in model.config.to_dict())
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reference(ids).logits)
+
+
+@pytest.mark.parametrize("patched_through", ["parent", "sub-model"])
+def test_unpatching_a_sub_model_restores_its_parents(patched_through, tmp_path):
+    # the parent shares the sub-model's config: left with the Hub class and a cleared config it could not be saved
+    model = tiny_gpt2(**NO_DROPOUT)
+    reference = copy.deepcopy(model)
+    ids = random_ids(2, 7)
+    patch_model(model if patched_through == "parent" else model.transformer, layers=[0, 1], proj_dim=4)
+    unpatch_model(model.transformer)
+    assert type(model) is GPT2LMHeadModel and type(model.config) is type(reference.config)
+    assert model.config._attn_implementation == "sdpa" and not model._forward_pre_hooks
+    assert not any(k.startswith("neural_attention") for k in model.config.to_dict())
+    assert model.config.to_diff_dict() == reference.config.to_diff_dict()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+    model.save_pretrained(tmp_path)
+    assert type(GPT2LMHeadModel.from_pretrained(tmp_path)) is GPT2LMHeadModel
+
+
+def test_unpatching_a_sub_model_refuses_when_its_parent_has_other_neural_layers():
+    model = tiny_gpt2(n_layer=2)
+    model.side = GPT2Model(model.config)  # a second sub-model on the same config: layers 2 and 3 of the parent
+    patch_model(model, layers=[0, 3], proj_dim=4)
+    before = [m for m in model.modules() if getattr(m, "neural_scorer", None) is not None]
+    with pytest.raises(ValueError, match=r"unpatch_model\(NeuralAttentionGPT2ForCausalLM\) instead"):
+        unpatch_model(model.transformer)
+    assert [m for m in model.modules() if getattr(m, "neural_scorer", None) is not None] == before
 
 
 def test_integer_like_layer_indices_are_accepted():
