@@ -25,15 +25,19 @@ This file travels with Hub checkpoints: it imports only torch, stdlib, its flat 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+from pathlib import Path
 
 import torch
 
 from .kernels_neural_attention import (
     autocast_off,
+    kernel_op,
     relu_signed_max_operands,
     relu_weight_grad,
+    seed_tensor,
     visible_rows,
     zero_invisible_rows,
 )
@@ -834,83 +838,142 @@ def _backward_constexprs(constexprs: dict, launch: tuple[int, int, int, int]) ->
     return dict(query_side, BLOCK_M=step, BLOCK_N=own), query_side
 
 
+_LAUNCH_KEYS = ("block_m", "block_n", "num_warps", "unroll", "bwd_block_m", "bwd_block_n", "bwd_num_warps",
+                "bwd_unroll")
+# the ops' names carry this file's hash: a Hub checkpoint's copy of another version must not reuse them
+_OP_TAG = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+
+
+def _config(activation: str, causal: bool, dot_scale: float, dropout_p: float, seed: torch.Tensor,
+            launch: list[int]) -> dict:
+    """The host-side settings ``_launch_args`` reads; ``launch`` lists ``_LAUNCH_KEYS``, -1 for the default."""
+    tuning = {key: (None if value < 0 else value) for key, value in zip(_LAUNCH_KEYS, launch, strict=True)}
+    return dict(activation=activation, causal=causal, dot_scale=dot_scale, dropout_p=dropout_p, seed=int(seed),
+                **tuning)
+
+
+def _forward_fake(query_hidden, key_hidden, value, *args):
+    batch, heads, q_len, _ = query_hidden.shape
+    return (value.new_empty(batch, heads, q_len, value.shape[-1], dtype=torch.float32),
+            value.new_empty(batch * heads, q_len, dtype=torch.float32))  # fmt: skip
+
+
+@kernel_op(f"triton_forward_{_OP_TAG}", _forward_fake)
+def _triton_forward(
+    query_hidden: torch.Tensor, key_hidden: torch.Tensor, value: torch.Tensor, output_weight: torch.Tensor,
+    second_weight: torch.Tensor | None, second_bias: torch.Tensor | None, dot_query: torch.Tensor | None,
+    dot_key: torch.Tensor | None, mask: torch.Tensor | None, activation: str, causal: bool, dot_scale: float,
+    dropout_p: float, seed: torch.Tensor, launch: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)``: ``(batch, heads, q_len, v_dim)`` fp32 and ``(batch * heads, q_len)`` fp32.
+
+    The output stays fp32 (the caller rounds it): the backward's delta = rowsum(dO * O) needs the unrounded O, or
+    sum_j dS_ij = 0 breaks by O's rounding error (bf16: the scorer's bias gradients, which live on that
+    cancellation, came out several times (up to ~10x) further from the fp32 truth than the other backends' did under
+    bf16 autocast)."""
+    cfg = _config(activation, causal, dot_scale, dropout_p, seed, launch)
+    batch, heads, q_len, _ = query_hidden.shape
+    # rows no pair sees are zeroed in the scorer's operands: garbage there must not reach visible rows or dw
+    visible = visible_rows(mask, causal, q_len, key_hidden.shape[2], value.device)
+    tensors, scalars, constexprs, launch_ = _launch_args(query_hidden, key_hidden, value, output_weight, second_weight,
+                                                         second_bias, dot_query, dot_key, mask, cfg, visible)
+    Out = torch.empty(batch, heads, q_len, value.shape[-1], device=value.device, dtype=torch.float32)
+    LSE = torch.empty(batch * heads, q_len, device=value.device, dtype=torch.float32)
+    grid = (triton.cdiv(q_len, constexprs["BLOCK_M"]), batch * heads)
+    _fwd_kernel[grid](*tensors, *scalars, Out, LSE, *Out.stride()[:3], num_warps=launch_[""][2], **constexprs)
+    return Out, LSE
+
+
+def _like_or_empty(tensor: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0) if tensor is None else torch.empty_like(tensor, memory_format=torch.contiguous_format)
+
+
+def _backward_fake(query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key,
+                   *args):  # fmt: skip
+    return tuple(_like_or_empty(t, value) for t in (query_hidden, key_hidden, value, output_weight, second_weight,
+                                                   second_bias, dot_query, dot_key))  # fmt: skip
+
+
+@kernel_op(f"triton_backward_{_OP_TAG}", _backward_fake)
+def _triton_backward(
+    query_hidden: torch.Tensor, key_hidden: torch.Tensor, value: torch.Tensor, output_weight: torch.Tensor,
+    second_weight: torch.Tensor | None, second_bias: torch.Tensor | None, dot_query: torch.Tensor | None,
+    dot_key: torch.Tensor | None, mask: torch.Tensor | None, Out: torch.Tensor, LSE: torch.Tensor,
+    grad_out: torch.Tensor, activation: str, causal: bool, dot_scale: float, dropout_p: float, seed: torch.Tensor,
+    launch: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
+    """Gradients of the eight differentiable inputs, each shaped and typed like its input (empty for an absent
+    one). The kernels' operands are rebuilt from the inputs (O(n * hidden), as in the forward) rather than kept."""
+    cfg = _config(activation, causal, dot_scale, dropout_p, seed, launch)
+    batch, heads, q_len, _ = query_hidden.shape
+    k_len = key_hidden.shape[2]
+    visible = visible_rows(mask, causal, q_len, k_len, value.device)
+    tensors, scalars, constexprs, launch_ = _launch_args(query_hidden, key_hidden, value, output_weight, second_weight,
+                                                         second_bias, dot_query, dot_key, mask, cfg, visible)
+    V = tensors[3]
+    own, _, num_warps, _ = launch_["bwd_"]
+    kv_ce, ce = _backward_constexprs(constexprs, launch_["bwd_"])
+    authors, has_dot, hidden, hidden2, dd = ce["AUTHORS"], ce["HAS_DOT"], ce["HID"], ce["HID2"], ce["DD"]
+
+    dO = _last_dim_contiguous(grad_out.to(V.dtype))
+    delta = (dO.float() * Out.float()).sum(-1).reshape(batch * heads, q_len).contiguous()
+    n_blocks_n = triton.cdiv(k_len, own)
+    f32 = dict(device=V.device, dtype=torch.float32)
+    dA = torch.empty(batch, heads, q_len, hidden, **f32)
+    dB = torch.empty(batch, heads, k_len, hidden, **f32)
+    dV = torch.empty(batch, heads, k_len, ce["DV"], **f32)
+    dDQ = torch.empty(batch, heads, q_len, dd, **f32) if has_dot else dA
+    dDK = torch.empty(batch, heads, k_len, dd, **f32) if has_dot else dB
+    dW_part = torch.empty(batch * heads, n_blocks_n, hidden2 if authors else hidden, **f32)
+    dW2_part = torch.empty(batch * heads, n_blocks_n, hidden2, hidden, **f32) if authors else dW_part
+    dB2_part = torch.empty(batch * heads, n_blocks_n, hidden2, **f32) if authors else dW_part
+
+    lead = (*tensors, *scalars, dO, *dO.stride()[:3], LSE, delta)
+    parts = (dW_part, dW2_part, dB2_part)
+    _bwd_kv_kernel[(n_blocks_n, batch * heads)](*lead, dB, dV, dDK, *parts, n_blocks_n, num_warps=num_warps,
+                                                **kv_ce)  # fmt: skip
+    _bwd_q_kernel[(triton.cdiv(q_len, own), batch * heads)](*lead, dA, dDQ, num_warps=num_warps, **ce)
+
+    if not authors and activation == "relu":  # the relu weight gradient is finished here from the raw inputs
+        W = output_weight.detach().float().reshape(-1, hidden)  # (heads or 1, hidden)
+        dA, dB, dW_part = _relu_grads(query_hidden, key_hidden, dA, dB, W, heads, visible)
+
+    def meta(weight):
+        return (weight.dim(), weight.shape[0], weight.dtype)
+
+    # every output a fresh tensor: a custom op's outputs may not alias its inputs or each other
+    g_w = _reduce_weight_grad(dW_part, batch, heads, meta(output_weight))
+    g_w2 = _reduce_weight_grad(dW2_part, batch, heads, meta(second_weight)) if authors else value.new_empty(0)
+    g_b2 = (_reduce_weight_grad(dB2_part, batch, heads, meta(second_bias)) if second_bias is not None
+            else value.new_empty(0))  # fmt: skip
+    g_dq = dDQ.to(dot_query.dtype) if has_dot else value.new_empty(0)
+    g_dk = dDK.to(dot_key.dtype) if has_dot else value.new_empty(0)
+    return (dA.to(query_hidden.dtype), dB.to(key_hidden.dtype), dV.to(value.dtype), g_w.contiguous(),
+            g_w2.contiguous(), g_b2.contiguous(), g_dq, g_dk)  # fmt: skip
+
+
 class _NeuralAttentionTriton(torch.autograd.Function):
+    """The three Triton kernels as two custom ops (``_triton_forward``, ``_triton_backward``): torch.compile keeps
+    them as opaque calls instead of tracing the host-side launch code."""
+
     @staticmethod
     @autocast_off
     def forward(ctx, query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key,
                 mask, cfg):  # fmt: skip
-        batch, heads, q_len, _ = query_hidden.shape
-        paper = second_weight is None
-        # rows no pair sees are zeroed in the scorer's operands: garbage there must not reach visible rows or dw
-        visible = visible_rows(mask, cfg["causal"], q_len, key_hidden.shape[2], value.device)
-        tensors, scalars, constexprs, launch = _launch_args(query_hidden, key_hidden, value, output_weight,
-                                                            second_weight, second_bias, dot_query, dot_key, mask,
-                                                            cfg, visible)  # fmt: skip
-        # the output is written in fp32 and rounded for the caller: the backward's delta = rowsum(dO * O) needs the
-        # unrounded O, or sum_j dS_ij = 0 breaks by O's rounding error (bf16: the scorer's bias gradients, which
-        # live on that cancellation, came out several times (up to ~10x) further from the fp32 truth than the other
-        # backends' did under bf16 autocast)
-        Out = torch.empty(batch, heads, q_len, value.shape[-1], device=value.device, dtype=torch.float32)
-        LSE = torch.empty(batch * heads, q_len, device=value.device, dtype=torch.float32)
-        grid = (triton.cdiv(q_len, constexprs["BLOCK_M"]), batch * heads)
-        _fwd_kernel[grid](*tensors, *scalars, Out, LSE, *Out.stride()[:3], num_warps=launch[""][2], **constexprs)
-
-        # the relu weight gradient is finished on the host from the (uncentred, unpadded) inputs
-        relu_paper = paper and cfg["activation"] == "relu"
-        extra = (query_hidden, key_hidden, output_weight, *visible) if relu_paper else ()
-        ctx.save_for_backward(*tensors, Out, LSE, *extra)
-        ctx.relu_paper = relu_paper
-        ctx.scalars, ctx.constexprs, ctx.bwd_launch = scalars, constexprs, launch["bwd_"]
-        has_dot = dot_query is not None
-        ctx.dtypes = (query_hidden.dtype, key_hidden.dtype, value.dtype, dot_query.dtype if has_dot else None,
-                      dot_key.dtype if has_dot else None)  # fmt: skip
-        ctx.weight_meta = tuple(
-            None if w is None else (w.dim(), w.shape[0], w.dtype) for w in (output_weight, second_weight, second_bias)
-        )
+        inputs = (query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key)
+        settings = (cfg["activation"], cfg["causal"], cfg["dot_scale"], cfg["dropout_p"], cfg["seed"], cfg["launch"])
+        Out, LSE = _triton_forward(*inputs, mask, *settings)
+        ctx.save_for_backward(*inputs, mask, Out, LSE)
+        ctx.settings = settings
         return Out.to(value.dtype)
 
     @staticmethod
     @autocast_off
     def backward(ctx, grad_out):
-        saved = ctx.saved_tensors
-        tensors, (Out, LSE) = saved[:10], saved[10:12]
-        V = tensors[3]
-        own, _, num_warps, _ = ctx.bwd_launch
-        kv_ce, ce = _backward_constexprs(ctx.constexprs, ctx.bwd_launch)
-        authors, has_dot, hidden, hidden2, dd = ce["AUTHORS"], ce["HAS_DOT"], ce["HID"], ce["HID2"], ce["DD"]
-        batch, heads, q_len, k_len = Out.shape[0], ctx.scalars[0], ctx.scalars[1], ctx.scalars[2]
-
-        dO = _last_dim_contiguous(grad_out.to(V.dtype))
-        delta = (dO.float() * Out.float()).sum(-1).reshape(batch * heads, q_len).contiguous()
-        n_blocks_n = triton.cdiv(k_len, own)
-        f32 = dict(device=V.device, dtype=torch.float32)
-        dA = torch.empty(batch, heads, q_len, hidden, **f32)
-        dB = torch.empty(batch, heads, k_len, hidden, **f32)
-        dV = torch.empty(batch, heads, k_len, ce["DV"], **f32)
-        dDQ = torch.empty(batch, heads, q_len, dd, **f32) if has_dot else dA
-        dDK = torch.empty(batch, heads, k_len, dd, **f32) if has_dot else dB
-        dW_part = torch.empty(batch * heads, n_blocks_n, hidden2 if authors else hidden, **f32)
-        dW2_part = torch.empty(batch * heads, n_blocks_n, hidden2, hidden, **f32) if authors else dW_part
-        dB2_part = torch.empty(batch * heads, n_blocks_n, hidden2, **f32) if authors else dW_part
-
-        lead = (*tensors, *ctx.scalars, dO, *dO.stride()[:3], LSE, delta)
-        parts = (dW_part, dW2_part, dB2_part)
-        _bwd_kv_kernel[(n_blocks_n, batch * heads)](*lead, dB, dV, dDK, *parts, n_blocks_n, num_warps=num_warps,
-                                                    **kv_ce)  # fmt: skip
-        _bwd_q_kernel[(triton.cdiv(q_len, own), batch * heads)](*lead, dA, dDQ, num_warps=num_warps, **ce)
-
-        qh_dt, kh_dt, v_dt, dq_dt, dk_dt = ctx.dtypes
-        w_meta, w2_meta, b2_meta = ctx.weight_meta
-        if ctx.relu_paper:
-            query_hidden, key_hidden, output_weight, *visible = saved[12:]
-            W = output_weight.detach().float().reshape(-1, hidden)  # (heads or 1, hidden)
-            dA, dB, dW_part = _relu_grads(query_hidden, key_hidden, dA, dB, W, heads, visible)
-        g_w = _reduce_weight_grad(dW_part, batch, heads, w_meta)
-        g_w2 = _reduce_weight_grad(dW2_part, batch, heads, w2_meta) if authors else None
-        g_b2 = _reduce_weight_grad(dB2_part, batch, heads, b2_meta) if authors and b2_meta is not None else None
-        g_dq = dDQ.to(dq_dt) if has_dot else None
-        g_dk = dDK.to(dk_dt) if has_dot else None
-        return dA.to(qh_dt), dB.to(kh_dt), dV.to(v_dt), g_w, g_w2, g_b2, g_dq, g_dk, None, None
+        *inputs, mask, Out, LSE = ctx.saved_tensors
+        grads = _triton_backward(*inputs, mask, Out, LSE, grad_out, *ctx.settings)
+        return (*(None if t is None else g for t, g in zip(inputs, grads, strict=True)), None, None)
 
 
 def _empty_attention(tensors):
@@ -1004,10 +1067,8 @@ def neural_attention_triton(
     inputs = (query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key)
     if q_len == 0 or k_len == 0:
         return _empty_attention(inputs)
-    if dropout_p > 0.0 and generator_seed is None:
-        generator_seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    tuning = (block_m, block_n, num_warps, unroll, bwd_block_m, bwd_block_n, bwd_num_warps, bwd_unroll)
     cfg = dict(activation=activation, causal=bool(causal), dot_scale=float(dot_scale), dropout_p=float(dropout_p),
-               seed=int(generator_seed or 0) & 0x7FFFFFFFFFFFFFFF, block_m=block_m, block_n=block_n,
-               num_warps=num_warps, unroll=unroll, bwd_block_m=bwd_block_m, bwd_block_n=bwd_block_n,
-               bwd_num_warps=bwd_num_warps, bwd_unroll=bwd_unroll)  # fmt: skip
+               seed=seed_tensor(dropout_p, generator_seed, bound=2**31 - 1),
+               launch=[-1 if value is None else int(value) for value in tuning])  # fmt: skip
     return _NeuralAttentionTriton.apply(*inputs, mask, cfg)

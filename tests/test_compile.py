@@ -16,6 +16,7 @@ from hf_neural_attention import NeuralAttentionConfig, patch_model
 from hf_neural_attention import cpp_neural_attention as cpp
 from hf_neural_attention import fused_cpp_neural_attention as fused
 from hf_neural_attention import kernels_neural_attention as tiled
+from hf_neural_attention import triton_neural_attention as triton
 from tests.models import random_ids, tiny_gpt2, tiny_vit
 
 
@@ -28,6 +29,7 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
+needs_triton = pytest.mark.skipif(not triton.triton_is_usable(), reason="triton not installed")
 needs_cpp = pytest.mark.skipif(not cpp.cpp_available() or not fused.fused_cpp_available(),
                                reason="C++ extensions not built (no compiler?)")
 
@@ -62,7 +64,8 @@ def _assert_same_training_step(model, compiled, inputs: dict, *, atol: float) ->
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=atol, msg=name)
 
 
-@pytest.mark.parametrize("backend", ["eager", "tiled", pytest.param("cpp", marks=needs_cpp)])
+@pytest.mark.parametrize("backend", ["eager", "tiled", pytest.param("cpp", marks=needs_cpp),
+                                     pytest.param("triton", marks=needs_triton)])  # triton: its CPU interpreter
 @pytest.mark.parametrize("mlp", ["paper", "authors"])
 def test_fullgraph_training_step_matches_eager_mode(backend, mlp):
     # training mode: GPT-2's attention dropout (0.1) runs inside the neural kernels, seeded from torch's generator;
@@ -131,6 +134,24 @@ def test_tile_ops_pass_opcheck():
     authors_acc = (torch.zeros_like(At), torch.zeros_like(Bt), torch.zeros_like(W2), torch.zeros_like(b2),
                    torch.zeros_like(w3))
     torch.library.opcheck(cpp._authors_backward.op, (At, Bt, W2, b2, w3, ds, *authors_acc, *tile))
+
+
+@needs_triton
+@pytest.mark.parametrize("mlp", ["paper", "authors"])
+def test_triton_ops_pass_opcheck(mlp):
+    # the dot term, a mask and dropout: every optional input present; the authors' MLP adds its second layer
+    batch, heads, q_len, k_len, hidden, v_dim, head_dim = 1, 2, 5, 7, 4, 3, 6
+    inputs = [_rand(batch, heads, q_len, hidden, seed=1), _rand(batch, heads, k_len, hidden, seed=2),
+              _rand(batch, heads, k_len, v_dim, seed=3), _rand(heads, hidden, seed=4), None, None,
+              _rand(batch, heads, q_len, head_dim, seed=5), _rand(batch, heads, k_len, head_dim, seed=6)]
+    if mlp == "authors":
+        inputs[3:6] = [_rand(heads, 6, seed=7), _rand(heads, 6, hidden, seed=8), _rand(heads, 6, seed=9)]
+    mask = torch.rand(batch, 1, q_len, k_len, generator=torch.Generator().manual_seed(10)) > 0.3
+    settings = ("relu", False, 0.4, 0.2, torch.tensor(77), [-1] * 8)
+    torch.library.opcheck(triton._triton_forward.op, (*inputs, mask, *settings))
+    out, lse = triton._triton_forward(*inputs, mask, *settings)
+    grad_out = _rand(*out.shape, seed=11)
+    torch.library.opcheck(triton._triton_backward.op, (*inputs, mask, out, lse, grad_out, *settings))
 
 
 def test_tiled_dropout_op_passes_opcheck_and_is_seeded():
