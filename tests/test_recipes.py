@@ -20,6 +20,7 @@ sys.path.insert(0, str(REPO))
 
 from common import bundled  # noqa: E402
 from common.attention import resolve_layers  # noqa: E402
+from common.cli import parse_with_presets  # noqa: E402
 from common.metrics import load_metric  # noqa: E402
 from common.offline import OfflineResourceError, hub_reachable  # noqa: E402
 from common.report import FINAL_PREFIX, comparison_table  # noqa: E402
@@ -312,3 +313,18 @@ def test_ab_mode_runs_both_arms_and_prints_the_comparison(tmp_path, recipe):
     table = out[out.index("Neural vs dot-product attention"):]
     assert "| neural |" in table and "| dot |" in table and "| neural - dot |" in table
     assert (tmp_path / "neural").is_dir() and (tmp_path / "dot").is_dir()
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16", "fp16"])
+def test_the_accelerate_configs_mixed_precision_reaches_the_trainer(precision, monkeypatch, tmp_path):
+    # accelerate launch exports the config's mixed_precision; DeepSpeed refuses bf16.enabled against bf16=False and
+    # DDP / FSDP would silently train in fp32, so the recipes preset the matching flag (a user's flag still wins)
+    from transformers import TrainingArguments
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", precision)
+    (args,) = parse_with_presets((TrainingArguments,), [["--output_dir", str(tmp_path)]], ["--report_to", "none"])
+    assert (args.bf16, args.fp16) == (precision == "bf16", precision == "fp16")
+    if precision == "bf16":
+        (args,) = parse_with_presets((TrainingArguments,), [["--output_dir", str(tmp_path)]],
+                                     ["--report_to", "none", "--bf16", "False"])
+        assert not args.bf16

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from typing import Any
 
 from transformers import HfArgumentParser
@@ -33,7 +34,8 @@ def parse_with_presets(
 ) -> tuple[Any, ...]:
     """Parse ``argv`` after each preset's flags; argparse keeps the last value of a repeated flag.
 
-    TensorBoard reporting is switched on when installed, unless the user passes ``--report_to``. On a machine
+    TensorBoard reporting is switched on when installed, unless the user passes ``--report_to``. Under
+    ``accelerate launch`` the config's mixed precision (bf16 / fp16) presets ``--bf16`` / ``--fp16``. On a machine
     without an accelerator ``--use_cpu True`` is preset: Trainer then runs distributed over CPU processes (gloo)
     when started by ``accelerate launch`` / ``torchrun`` (without it, such a launch silently trains one
     independent copy per process).
@@ -42,6 +44,11 @@ def parse_with_presets(
     flat = [flag for preset in presets for flag in preset]
     if not accelerator_available():
         flat += ["--use_cpu", "True", "--dataloader_pin_memory", "False"]
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision in ("bf16", "fp16"):
+        # the accelerate config's mixed precision (set by `accelerate launch`): Trainer's flag must agree, or
+        # DeepSpeed refuses to start (bf16.enabled vs bf16=False) and DDP / FSDP silently train in fp32
+        flat += [f"--{precision}", "True"]
     if "report_to" not in given_flags(argv):
         flat += ["--report_to", "tensorboard" if tensorboard_available() else "none"]
     return parser.parse_args_into_dataclasses(args=flat + list(argv))
