@@ -27,7 +27,7 @@ import threading
 import torch
 from torch import Tensor
 
-from .kernels_neural_attention import ACTIVATIONS, kernel_op, neural_attention_tiled
+from .kernels_neural_attention import ACTIVATIONS, neural_attention_tiled, tiled_ops
 
 __all__ = ["cpp_available", "cpp_is_built", "neural_attention_cpp"]
 
@@ -692,53 +692,13 @@ def cpp_is_built() -> bool:
 # --------------------------------------------------------------------------------------------------------------
 # scorers (the interface of kernels_neural_attention: scores / scores_for_backward / backward / grads)
 # --------------------------------------------------------------------------------------------------------------
-# the tile kernels as custom ops (torch.compile keeps them as opaque nodes); names carry the source's hash
-_OP_TAG = hashlib.sha256((_CPP_SOURCE + _CPP_DECLS).encode()).hexdigest()[:12]
-
-
-def _tile_scores_fake(At: Tensor, Bt: Tensor, *args) -> Tensor:
-    i0, i1, j0, j1 = args[-4:]
-    return At.new_empty(At.shape[0], i1 - i0, j1 - j0)
-
-
-def _no_output_fake(*args) -> None:
-    return None
-
-
-@kernel_op(f"cpp_paper_scores_{_OP_TAG}", _tile_scores_fake)
-def _paper_scores(At: Tensor, Bt: Tensor, w: Tensor, act: int, i0: int, i1: int, j0: int, j1: int) -> Tensor:
-    """``(G, i1-i0, j1-j0)`` scores of one tile; ``At`` ``(G, hidden, q_len)``, ``Bt`` ``(G, hidden, k_len)``."""
-    return _cpp_module().paper_scores(At, Bt, w, act, i0, i1, j0, j1)
-
-
-@kernel_op(f"cpp_paper_backward_{_OP_TAG}", _no_output_fake, mutates_args=("GA", "GB", "dw"))
-def _paper_backward(At: Tensor, Bt: Tensor, dS: Tensor, GA: Tensor, GB: Tensor, dw: Tensor, act: int, i0: int,
-                    i1: int, j0: int, j1: int) -> None:
-    """Add the tile's gradient sums to ``GA`` / ``GB`` (shapes of ``At`` / ``Bt``) and ``dw`` ``(G, hidden)``."""
-    _cpp_module().paper_backward(At, Bt, dS, GA, GB, dw, act, i0, i1, j0, j1)
-
-
-@kernel_op(f"cpp_authors_scores_{_OP_TAG}", _tile_scores_fake)
-def _authors_scores(At: Tensor, Bt: Tensor, W2: Tensor, b2: Tensor, w3: Tensor, i0: int, i1: int, j0: int,
-                    j1: int) -> Tensor:
-    """``(G, i1-i0, j1-j0)`` scores of one tile of the authors' MLP."""
-    return _cpp_module().authors_scores(At, Bt, W2, b2, w3, i0, i1, j0, j1)
-
-
-@kernel_op(f"cpp_authors_backward_{_OP_TAG}", _no_output_fake, mutates_args=("GA", "GB", "dW2", "db2", "dw3"))
-def _authors_backward(At: Tensor, Bt: Tensor, W2: Tensor, b2: Tensor, w3: Tensor, dS: Tensor, GA: Tensor,
-                      GB: Tensor, dW2: Tensor, db2: Tensor, dw3: Tensor, i0: int, i1: int, j0: int, j1: int) -> None:
-    """Add the tile's gradient sums to ``GA``, ``GB``, ``dW2``, ``db2``, ``dw3``."""
-    _cpp_module().authors_backward(At, Bt, W2, b2, w3, dS, GA, GB, dW2, db2, dw3, i0, i1, j0, j1)
-
-
 class _CppPaperScorer:
     """``score_ij = sum_m w_m act(A_im + B_jm)``; ``At``/``Bt`` ``(G, hidden, len)``, ``w`` ``(G, hidden)``."""
 
     tile_width = 4  # no hidden-sized temporaries: tiles are sized for the softmax alone
 
-    def __init__(self, At: Tensor, Bt: Tensor, w: Tensor, activation: str, need_grad: bool):
-        self.At, self.Bt, self.w = At, Bt, w.contiguous()
+    def __init__(self, module, At: Tensor, Bt: Tensor, w: Tensor, activation: str, need_grad: bool):
+        self.m, self.At, self.Bt, self.w = module, At, Bt, w.contiguous()
         self.code = _ACT_CODE[activation]
         if need_grad:
             self.GA = torch.zeros_like(At)
@@ -747,14 +707,14 @@ class _CppPaperScorer:
 
     def scores(self, i0: int, i1: int, j0: int, j1: int) -> Tensor:
         """``(G, i1-i0, j1-j0)`` scores of one tile."""
-        return _paper_scores(self.At, self.Bt, self.w, self.code, i0, i1, j0, j1)
+        return self.m.paper_scores(self.At, self.Bt, self.w, self.code, i0, i1, j0, j1)
 
     def scores_for_backward(self, i0: int, i1: int, j0: int, j1: int) -> tuple[Tensor, None]:
         return self.scores(i0, i1, j0, j1), None
 
     def backward(self, cache: None, ds: Tensor, i0: int, i1: int, j0: int, j1: int) -> None:
         """Accumulate the tile's contribution given ``ds = dL/dscore`` ``(G, i1-i0, j1-j0)``."""
-        _paper_backward(self.At, self.Bt, ds.contiguous(), self.GA, self.GB, self.dw, self.code, i0, i1, j0, j1)
+        self.m.paper_backward(self.At, self.Bt, ds.contiguous(), self.GA, self.GB, self.dw, self.code, i0, i1, j0, j1)
 
     def grads(self) -> tuple[Tensor, Tensor, tuple[Tensor]]:
         """``(dAt, dBt, (dw,))`` with the shapes of ``At``, ``Bt``, ``w``."""
@@ -771,8 +731,8 @@ class _CppAuthorsScorer:
 
     tile_width = 4
 
-    def __init__(self, At: Tensor, Bt: Tensor, w3: Tensor, W2: Tensor, b2: Tensor, need_grad: bool):
-        self.At, self.Bt = At, Bt
+    def __init__(self, module, At: Tensor, Bt: Tensor, w3: Tensor, W2: Tensor, b2: Tensor, need_grad: bool):
+        self.m, self.At, self.Bt = module, At, Bt
         self.hidden2 = W2.shape[1]
         pad = -self.hidden2 % 4  # the kernel runs the second layer four units at a time: zero units add nothing
         self.w3 = torch.nn.functional.pad(w3, (0, pad)).contiguous()
@@ -786,13 +746,13 @@ class _CppAuthorsScorer:
             self.db2 = torch.zeros_like(self.b2)
 
     def scores(self, i0: int, i1: int, j0: int, j1: int) -> Tensor:
-        return _authors_scores(self.At, self.Bt, self.W2, self.b2, self.w3, i0, i1, j0, j1)
+        return self.m.authors_scores(self.At, self.Bt, self.W2, self.b2, self.w3, i0, i1, j0, j1)
 
     def scores_for_backward(self, i0: int, i1: int, j0: int, j1: int) -> tuple[Tensor, None]:
         return self.scores(i0, i1, j0, j1), None
 
     def backward(self, cache: None, ds: Tensor, i0: int, i1: int, j0: int, j1: int) -> None:
-        _authors_backward(
+        self.m.authors_backward(
             self.At, self.Bt, self.W2, self.b2, self.w3, ds.contiguous(),
             self.GA, self.GB, self.dW2, self.db2, self.dw3, i0, i1, j0, j1,
         )  # fmt: skip
@@ -807,13 +767,17 @@ def _cpp_scorer_factory(
 ):
     """Scorer hook for ``neural_attention_tiled``: a C++ scorer, or ``None`` (use the PyTorch one) when the
     extension is unavailable or the compute dtype is neither fp32 nor fp64."""
-    if At.dtype not in (torch.float32, torch.float64):
+    if At.dtype not in (torch.float32, torch.float64) or At.device.type != "cpu":
         return None
-    if not cpp_available():
+    module = _cpp_module()
+    if module is None:
         return None
     if W2 is not None:
-        return _CppAuthorsScorer(At, Bt, w, W2, b2, need_grad)
-    return _CppPaperScorer(At, Bt, w, activation, need_grad)
+        return _CppAuthorsScorer(module, At, Bt, w, W2, b2, need_grad)
+    return _CppPaperScorer(module, At, Bt, w, activation, need_grad)
+
+
+tiled_ops(_cpp_scorer_factory)  # its custom ops, registered at import (not while torch.compile traces a call)
 
 
 def neural_attention_cpp(

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -779,6 +780,7 @@ def _module():
     return load_extension(_PREFIX, _SOURCE, _FUNCTIONS, _state, _lock, _CFLAGS, _LDFLAGS)
 
 
+@torch.compiler.assume_constant_result  # torch.compile runs it (lock, build) once and keeps the answer
 def fused_cpp_available() -> bool:
     """Whether the fused C++ kernel can be used, compiling it on the first call unless it is cached."""
     return _module() is not None
@@ -795,8 +797,9 @@ def _use_single_pass(groups: int) -> bool:
     return groups >= torch.get_num_threads()
 
 
-# the ops' names carry the source's hash: a Hub checkpoint's copy of an older kernel must not reuse a newer op
-_OP_TAG = hashlib.sha256(_SOURCE.encode()).hexdigest()[:12]
+# the ops' names carry this file's and the kernel source's hash: a Hub checkpoint's copy of another version must not
+# reuse them
+_OP_TAG = hashlib.sha256(Path(__file__).read_bytes() + _SOURCE.encode()).hexdigest()[:12]
 
 
 def _forward_fake(A, Bt, V, w, dq, dk, mask, cvec, batch, heads, causal, dot_scale, act, block, dropout_p, seed):

@@ -25,8 +25,10 @@ This file travels with Hub checkpoints: it imports only torch and the standard l
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -42,6 +44,7 @@ __all__ = [
     "kernel_op",
     "relu_weight_grad",
     "seed_tensor",
+    "tiled_ops",
     "visible_rows",
     "zero_invisible_rows",
 ]
@@ -245,15 +248,15 @@ class _Scratch:
     """Hidden-sized tile buffers reused from tile to tile instead of a fresh multi-MiB tensor per tile and pass; with
     the in-place relu gradient, backward holds one ``(G, hidden, bq, bk)`` tile instead of two."""
 
-    def __init__(self, dtype: torch.dtype):
-        self.dtype, self.buffers = dtype, {}
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        self.dtype, self.device, self.buffers = dtype, device, {}
 
     def get(self, name: str, shape: tuple[int, ...]) -> Tensor:
         """An uninitialised contiguous tensor of ``shape``; valid until the next ``get`` of the same name."""
         numel = math.prod(shape)
         buffer = self.buffers.get(name)
         if buffer is None or buffer.numel() < numel:
-            buffer = self.buffers[name] = torch.empty(numel, dtype=self.dtype)
+            buffer = self.buffers[name] = torch.empty(numel, dtype=self.dtype, device=self.device)
         return buffer[:numel].view(shape)
 
 
@@ -262,7 +265,7 @@ class _PaperScorer:
 
     def __init__(self, At: Tensor, Bt: Tensor, w: Tensor, activation: str, need_grad: bool):
         self.At, self.Bt, self.act = At, Bt, activation
-        self.scratch = _Scratch(At.dtype)
+        self.scratch = _Scratch(At.dtype, At.device)
         self.w_row = w.unsqueeze(1)  # (G, 1, hidden)
         self.G, self.K = w.shape
         self.tile_width = self.K
@@ -376,14 +379,14 @@ class _AuthorsScorer:
 OP_NAMESPACE = "hf_neural_attention"
 
 
-def kernel_op(name: str, fake: Callable, mutates_args: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+def kernel_op(name: str, fake: Callable) -> Callable[[Callable], Callable]:
     """Decorator: register the function as the torch custom op ``hf_neural_attention::<name>`` (schema inferred from
-    its type hints, ``fake`` giving its output shapes) and return a caller that runs the function directly in eager
-    mode and the op under torch.compile.
+    its type hints, ``fake`` giving its output shapes; it must not mutate its inputs) and return a caller that runs
+    the function directly in eager mode and the op under torch.compile.
 
-    Why: a compiled C++ (pybind) function or a ``torch.Generator`` cannot be traced; as an op of known output shapes
-    the kernel becomes one opaque node, and ``torch.compile(fullgraph=True)`` gets through the model. Eager calls
-    skip the dispatcher, which would add its overhead to every tile of the tiled kernels.
+    Why: a compiled C++ (pybind) function, a Triton launch or a loop over tiles cannot be traced, or only into one
+    graph per sequence length; as an op of known output shapes the kernel becomes one opaque node, and
+    ``torch.compile(fullgraph=True)`` gets through the model. Eager calls skip the dispatcher (and its overhead).
 
     ``name`` carries a version or source hash: the plugin and the copy of it a Hub checkpoint carries may both be
     imported in one process; the second import reuses the op of an identical first one, and a changed kernel needs a
@@ -393,7 +396,7 @@ def kernel_op(name: str, fake: Callable, mutates_args: tuple[str, ...] = ()) -> 
     def wrap(impl: Callable) -> Callable:
         namespace = getattr(torch.ops, OP_NAMESPACE)
         if not hasattr(namespace, name):
-            torch.library.custom_op(f"{OP_NAMESPACE}::{name}", impl, mutates_args=mutates_args).register_fake(fake)
+            torch.library.custom_op(f"{OP_NAMESPACE}::{name}", impl, mutates_args=()).register_fake(fake)
         op = getattr(namespace, name).default
 
         @functools.wraps(impl)
@@ -413,16 +416,13 @@ class _TileMasks:
     """For a tile: ``False`` (skip: nothing visible), ``None`` (everything visible) or a bool tensor
     broadcastable to ``(G, bq, bk)``."""
 
-    def __init__(self, mask: Tensor | None, causal: bool, batch: int, heads: int, q_len: int, k_len: int):
+    def __init__(self, mask: Tensor | None, causal: bool, batch: int, heads: int, device: torch.device):
         self.causal = causal and mask is None
-        self.batch, self.heads = batch, heads
+        self.batch, self.heads, self.device = batch, heads, device
         self.mask = None
-        if mask is not None:
-            if mask.dtype != torch.bool:
-                raise TypeError(f"mask must be a bool tensor (True = may attend), got {mask.dtype}")
+        if mask is not None:  # bool, broadcastable to (batch, heads, q_len, k_len): checked by the entry point
             while mask.dim() < 4:
                 mask = mask.unsqueeze(0)
-            torch.broadcast_shapes(mask.shape, (batch, heads, q_len, k_len))  # raises if not broadcastable
             self.mask = mask
 
     def __call__(self, i0: int, i1: int, j0: int, j1: int):
@@ -431,36 +431,31 @@ class _TileMasks:
                 return False
             if j1 - 1 <= i0:
                 return None
-            rows = torch.arange(i0, i1).unsqueeze(1)
-            cols = torch.arange(j0, j1).unsqueeze(0)
+            rows = torch.arange(i0, i1, device=self.device).unsqueeze(1)
+            cols = torch.arange(j0, j1, device=self.device).unsqueeze(0)
             return (cols <= rows).unsqueeze(0)
         if self.mask is None:
             return None
         m = self.mask
         m = m[:, :, i0:i1] if m.shape[2] > 1 else m
         m = m[:, :, :, j0:j1] if m.shape[3] > 1 else m
-        if not torch.compiler.is_compiling():  # skipping needs the mask's values: a graph break under compile
-            if not bool(m.any()):
-                return False
-            if bool(m.all()):
-                return None
+        if not bool(m.any()):
+            return False
+        if bool(m.all()):
+            return None
         if m.shape[0] == 1 and m.shape[1] == 1:
             return m[0]
         return m.expand(self.batch, self.heads, i1 - i0, j1 - j0).reshape(self.batch * self.heads, i1 - i0, j1 - j0)
 
 
-def _dropout_keep_fake(seed: Tensor, tile: int, shape: list[int], p: float, dtype: torch.dtype) -> Tensor:
-    return seed.new_empty(shape, dtype=dtype)
-
-
-@kernel_op("tiled_dropout_keep_v1", _dropout_keep_fake)
-def _dropout_keep(seed: Tensor, tile: int, shape: list[int], p: float, dtype: torch.dtype) -> Tensor:
-    """The tile's scaled keep-mask ``(G, bq, bk)``: a ``torch.Generator`` seeded ``seed + tile`` (``seed`` a 0-d
-    int64 tensor, read here so that drawing it needs no ``.item()`` in the traced graph)."""
+def _dropout_keep(seed: int, tile: int, shape: tuple[int, ...], p: float, dtype: torch.dtype,
+                  device: torch.device) -> Tensor:
+    """The tile's scaled keep-mask: a CPU ``torch.Generator`` seeded ``seed + tile`` (the same pattern on every
+    device)."""
     gen = torch.Generator(device="cpu")
-    gen.manual_seed((int(seed) + tile) % (1 << 63))
+    gen.manual_seed((seed + tile) % (1 << 63))
     keep = torch.rand(shape, generator=gen, dtype=torch.float32) >= p
-    return keep.to(dtype).mul_(1.0 / (1.0 - p))
+    return keep.to(device=device, dtype=dtype).mul_(1.0 / (1.0 - p))
 
 
 def seed_tensor(dropout_p: float, generator_seed: int | Tensor | None, bound: int = 1 << 62) -> Tensor:
@@ -497,160 +492,231 @@ def autocast_off(method: Callable) -> Callable:
     return wrapper
 
 
+def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """fp64 when an input is fp64 (gradcheck), else fp32."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _operands(A, B, V, w, W2, b2, dq, dk, dot_scale: float, cdt: torch.dtype):
+    """The tiles' operands in the compute dtype: ``At`` ``(G, hidden, q_len)``, ``Bt`` ``(G, hidden, k_len)``,
+    ``Vf`` ``(G, k_len, v_dim)``, per-group weights ``(G, ...)`` and the scaled dot operands (or ``None``)."""
+    batch, heads, q_len, hidden = A.shape
+    k_len, v_dim = B.shape[2], V.shape[3]
+    G = batch * heads
+
+    def per_group(p):  # (heads or 1, ...) -> (G, ...)
+        return p.to(cdt).unsqueeze(0).expand(batch, heads, *p.shape[1:]).reshape(G, *p.shape[1:]).contiguous()
+
+    At = A.to(cdt).reshape(G, q_len, hidden).transpose(1, 2).contiguous()
+    Bt = B.to(cdt).reshape(G, k_len, hidden).transpose(1, 2).contiguous()
+    Vf = V.to(cdt).reshape(G, k_len, v_dim)
+    W2g = per_group(W2) if W2 is not None else None
+    b2g = per_group(b2) if b2 is not None else None
+    dqs = (dq.to(cdt) * dot_scale).reshape(G, q_len, -1) if dq is not None else None
+    dkf = dk.to(cdt).reshape(G, k_len, -1) if dk is not None else None
+    return At, Bt, Vf, per_group(w), W2g, b2g, dqs, dkf
+
+
+def _blocks(block: list[int], G: int, tile_width: int, q_len: int, k_len: int):
+    """The query and key blocks ``[(start, end), ...]``: ``block`` = ``[bq, bk]``, or ``[-1, -1]`` for automatic."""
+    bq, bk = block if block[0] > 0 else choose_block_size(G, tile_width, q_len, k_len)
+    q_blocks = [(i, min(i + bq, q_len)) for i in range(0, q_len, bq)]
+    return q_blocks, [(j, min(j + bk, k_len)) for j in range(0, k_len, bk)]
+
+
+def _tiled_forward(factory: ScorerFactory | None, A: Tensor, B: Tensor, V: Tensor, w: Tensor, W2: Tensor | None,
+                   b2: Tensor | None, dq: Tensor | None, dk: Tensor | None, mask: Tensor | None, activation: str,
+                   causal: bool, dot_scale: float, dropout_p: float, seed: Tensor,
+                   block: list[int]) -> tuple[Tensor, Tensor]:
+    """``(out, lse)``: ``(G, q_len, v_dim)`` and ``(G, q_len)`` in the compute dtype (``G = batch * heads``)."""
+    batch, heads, q_len, _ = A.shape
+    k_len, v_dim = B.shape[2], V.shape[3]
+    G, dev = batch * heads, A.device
+    cdt = _compute_dtype(A, B, V, w, W2, b2, dq, dk)
+    At, Bt, Vf, wg, W2g, b2g, dqs, dkf = _operands(A, B, V, w, W2, b2, dq, dk, dot_scale, cdt)
+    dot = dqs is not None
+    scorer = _make_scorer(factory, activation, At, Bt, wg, W2g, b2g, need_grad=False)
+    q_blocks, k_blocks = _blocks(block, G, scorer.tile_width, q_len, k_len)
+    tile_masks = _TileMasks(mask, causal, batch, heads, dev)
+    p, seed = dropout_p, int(seed)
+
+    out = torch.zeros(G, q_len, v_dim, dtype=cdt, device=dev)
+    lse = torch.full((G, q_len), math.inf, dtype=cdt, device=dev)
+    for qi, (i0, i1) in enumerate(q_blocks):
+        m = torch.full((G, i1 - i0), -math.inf, dtype=cdt, device=dev)
+        m_safe = torch.zeros_like(m)
+        denom = torch.zeros_like(m)
+        acc = torch.zeros(G, i1 - i0, v_dim, dtype=cdt, device=dev)
+        for kj, (j0, j1) in enumerate(k_blocks):
+            tm = tile_masks(i0, i1, j0, j1)
+            if tm is False:
+                continue
+            s = scorer.scores(i0, i1, j0, j1)
+            if dot:
+                s.baddbmm_(dqs[:, i0:i1], dkf[:, j0:j1].transpose(1, 2))
+            if tm is not None:
+                s.masked_fill_(~tm, -math.inf)
+            m_new = torch.maximum(m, s.amax(-1))
+            m_safe_new = m_new.masked_fill(m_new == -math.inf, 0.0)
+            pr = torch.exp_(s.sub_(m_safe_new.unsqueeze(-1)))
+            alpha = torch.exp(m_safe - m_safe_new).masked_fill_(m == -math.inf, 0.0)
+            denom = denom.mul_(alpha).add_(pr.sum(-1))
+            if p > 0.0:
+                pr = pr.mul_(_dropout_keep(seed, qi * len(k_blocks) + kj, pr.shape, p, cdt, dev))
+            acc = acc.mul_(alpha.unsqueeze(-1)).baddbmm_(pr, Vf[:, j0:j1])
+            m, m_safe = m_new, m_safe_new
+        visible = denom > 0
+        tiny = torch.finfo(cdt).tiny
+        out[:, i0:i1] = torch.where(visible.unsqueeze(-1), acc / denom.clamp_min(tiny).unsqueeze(-1), 0.0)
+        lse[:, i0:i1] = torch.where(visible, m_safe + torch.log(denom.clamp_min(tiny)), math.inf)
+    return out, lse
+
+
+def _tiled_backward(factory: ScorerFactory | None, A: Tensor, B: Tensor, V: Tensor, w: Tensor, W2: Tensor | None,
+                    b2: Tensor | None, dq: Tensor | None, dk: Tensor | None, mask: Tensor | None, out: Tensor,
+                    lse: Tensor, grad_out: Tensor, activation: str, causal: bool, dot_scale: float, dropout_p: float,
+                    seed: Tensor, block: list[int]) -> tuple[Tensor, ...]:
+    """Gradients of ``A, B, V, w, W2, b2, dq, dk``, each shaped and typed like its input (empty for an absent
+    one); the scores are recomputed tile by tile."""
+    batch, heads, q_len, hidden = A.shape
+    k_len, v_dim = B.shape[2], V.shape[3]
+    G, dev = batch * heads, A.device
+    cdt = out.dtype
+    At, Bt, Vf, wg, W2g, b2g, dqs, dkf = _operands(A, B, V, w, W2, b2, dq, dk, dot_scale, cdt)
+    dot = dqs is not None
+    dO = grad_out.to(cdt).reshape(G, q_len, v_dim)
+    D = (dO * out).sum(-1)  # (G, q_len)
+    scorer = _make_scorer(factory, activation, At, Bt, wg, W2g, b2g, need_grad=True)
+    q_blocks, k_blocks = _blocks(block, G, scorer.tile_width, q_len, k_len)
+    tile_masks = _TileMasks(mask, causal, batch, heads, dev)
+    p, seed = dropout_p, int(seed)
+
+    dV = torch.zeros(G, k_len, v_dim, dtype=cdt, device=dev)
+    ddq = torch.zeros_like(dqs) if dot else None
+    ddk = torch.zeros_like(dkf) if dot else None
+    for qi, (i0, i1) in enumerate(q_blocks):
+        dO_i, D_i, lse_i = dO[:, i0:i1], D[:, i0:i1, None], lse[:, i0:i1, None]
+        for kj, (j0, j1) in enumerate(k_blocks):
+            tm = tile_masks(i0, i1, j0, j1)
+            if tm is False:
+                continue
+            s, cache = scorer.scores_for_backward(i0, i1, j0, j1)
+            if dot:
+                s.baddbmm_(dqs[:, i0:i1], dkf[:, j0:j1].transpose(1, 2))
+            if tm is not None:
+                s.masked_fill_(~tm, -math.inf)
+            pr = torch.exp_(s.sub_(lse_i))
+            dp = torch.bmm(dO_i, Vf[:, j0:j1].transpose(1, 2))
+            if p > 0.0:
+                keep = _dropout_keep(seed, qi * len(k_blocks) + kj, pr.shape, p, cdt, dev)
+                dV[:, j0:j1].baddbmm_((pr * keep).transpose(1, 2), dO_i)
+                dp.mul_(keep)
+            else:
+                dV[:, j0:j1].baddbmm_(pr.transpose(1, 2), dO_i)
+            ds = pr.mul_(dp.sub_(D_i))
+            scorer.backward(cache, ds, i0, i1, j0, j1)
+            if dot:
+                ddq[:, i0:i1].baddbmm_(ds, dkf[:, j0:j1])
+                ddk[:, j0:j1].baddbmm_(ds.transpose(1, 2), dqs[:, i0:i1])
+
+    def per_param(g, like):  # (G, ...) -> (heads or 1, ...)
+        g = g.view(batch, heads, *g.shape[1:]).sum(0)
+        if like.shape[0] == 1 and heads != 1:
+            g = g.sum(0, keepdim=True)
+        return g.to(like.dtype).contiguous()
+
+    dAt, dBt, dparams = scorer.grads()
+    absent = [A.new_empty(0) for _ in range(4)]  # distinct tensors: an op's outputs may not alias each other
+    return (
+        dAt.transpose(1, 2).reshape(batch, heads, q_len, hidden).to(A.dtype).contiguous(),
+        dBt.transpose(1, 2).reshape(batch, heads, k_len, hidden).to(B.dtype).contiguous(),
+        dV.view(batch, heads, k_len, v_dim).to(V.dtype),
+        per_param(dparams[0], w),
+        per_param(dparams[1], W2) if W2 is not None else absent[0],
+        per_param(dparams[2], b2) if b2 is not None else absent[1],
+        (ddq * dot_scale).view(dq.shape).to(dq.dtype) if dot else absent[2],
+        ddk.view(dk.shape).to(dk.dtype).contiguous() if dot else absent[3],
+    )
+
+
+def _forward_fake(A, B, V, w, W2, b2, dq, dk, *args):
+    cdt = _compute_dtype(A, B, V, w, W2, b2, dq, dk)
+    G, q_len = A.shape[0] * A.shape[1], A.shape[2]
+    return V.new_empty(G, q_len, V.shape[3], dtype=cdt), V.new_empty(G, q_len, dtype=cdt)
+
+
+def _backward_fake(A, B, V, w, W2, b2, dq, dk, *args):
+    return tuple(A.new_empty(0) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
+                 for t in (A, B, V, w, W2, b2, dq, dk))  # fmt: skip
+
+
+_FILE_TAG = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+_TILED_OPS: dict[ScorerFactory | None, tuple[Callable, Callable]] = {}
+
+
+def tiled_ops(scorer_factory: ScorerFactory | None = None) -> tuple[Callable, Callable]:
+    """The forward and backward of the tiled kernel with ``scorer_factory``'s scorers, as custom ops (created once
+    per factory; ``cpp_neural_attention`` makes its own at import). Inside an op the tile loops run eagerly: under
+    torch.compile the kernel is one call, whatever the sequence lengths, instead of a graph unrolled per length."""
+    if scorer_factory not in _TILED_OPS:
+        name = "torch" if scorer_factory is None else f"{scorer_factory.__module__}.{scorer_factory.__qualname__}"
+        tag = hashlib.sha256(f"{_FILE_TAG}:{name}".encode()).hexdigest()[:12]
+
+        def forward(A: Tensor, B: Tensor, V: Tensor, w: Tensor, W2: Tensor | None, b2: Tensor | None,
+                    dq: Tensor | None, dk: Tensor | None, mask: Tensor | None, activation: str, causal: bool,
+                    dot_scale: float, dropout_p: float, seed: Tensor, block: list[int]) -> tuple[Tensor, Tensor]:
+            return _tiled_forward(scorer_factory, A, B, V, w, W2, b2, dq, dk, mask, activation, causal, dot_scale,
+                                  dropout_p, seed, block)  # fmt: skip
+
+        def backward(A: Tensor, B: Tensor, V: Tensor, w: Tensor, W2: Tensor | None, b2: Tensor | None,
+                     dq: Tensor | None, dk: Tensor | None, mask: Tensor | None, out: Tensor, lse: Tensor,
+                     grad_out: Tensor, activation: str, causal: bool, dot_scale: float, dropout_p: float, seed: Tensor,
+                     block: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+            return _tiled_backward(scorer_factory, A, B, V, w, W2, b2, dq, dk, mask, out, lse, grad_out, activation,
+                                   causal, dot_scale, dropout_p, seed, block)  # fmt: skip
+
+        _TILED_OPS[scorer_factory] = (kernel_op(f"tiled_forward_{tag}", _forward_fake)(forward),
+                                      kernel_op(f"tiled_backward_{tag}", _backward_fake)(backward))  # fmt: skip
+    return _TILED_OPS[scorer_factory]
+
+
+tiled_ops()  # the PyTorch scorers' ops, registered at import (not while torch.compile traces a call)
+
+
 class _NeuralAttentionFunction(torch.autograd.Function):
+    """Saves the inputs, the output and the log-sum-exp; both passes are custom ops (:func:`tiled_ops`)."""
+
     @staticmethod
     @autocast_off
     def forward(ctx, A, B, V, w, W2, b2, dq, dk, mask, cfg):
-        batch, heads, q_len, hidden = A.shape
-        k_len, v_dim = B.shape[2], V.shape[3]
-        G = batch * heads
-        floats = [t for t in (A, B, V, w, W2, b2, dq, dk) if t is not None]
-        cdt = torch.float64 if any(t.dtype == torch.float64 for t in floats) else torch.float32
-
-        def per_group(p):  # (heads or 1, ...) -> (G, ...)
-            return p.to(cdt).unsqueeze(0).expand(batch, heads, *p.shape[1:]).reshape(G, *p.shape[1:]).contiguous()
-
-        At = A.to(cdt).reshape(G, q_len, hidden).transpose(1, 2).contiguous()
-        Bt = B.to(cdt).reshape(G, k_len, hidden).transpose(1, 2).contiguous()
-        Vf = V.to(cdt).reshape(G, k_len, v_dim)
-        wg = per_group(w)
-        W2g = per_group(W2) if W2 is not None else None
-        b2g = per_group(b2) if b2 is not None else None
-        dot = dq is not None and dk is not None
-        dqs = (dq.to(cdt) * cfg["dot_scale"]).reshape(G, q_len, -1) if dot else None
-        dkf = dk.to(cdt).reshape(G, k_len, -1) if dot else None
-
-        scorer = _make_scorer(cfg, At, Bt, wg, W2g, b2g, need_grad=False)
-        bq, bk = cfg["block"] or choose_block_size(G, scorer.tile_width, q_len, k_len)
-        q_blocks = [(i, min(i + bq, q_len)) for i in range(0, q_len, bq)]
-        k_blocks = [(j, min(j + bk, k_len)) for j in range(0, k_len, bk)]
-        tile_masks = _TileMasks(mask, cfg["causal"], batch, heads, q_len, k_len)
-        p, seed = cfg["dropout_p"], cfg["seed"]
-
-        out = torch.zeros(G, q_len, v_dim, dtype=cdt)
-        lse = torch.full((G, q_len), math.inf, dtype=cdt)
-        for qi, (i0, i1) in enumerate(q_blocks):
-            m = torch.full((G, i1 - i0), -math.inf, dtype=cdt)
-            m_safe = torch.zeros_like(m)
-            denom = torch.zeros_like(m)
-            acc = torch.zeros(G, i1 - i0, v_dim, dtype=cdt)
-            for kj, (j0, j1) in enumerate(k_blocks):
-                tm = tile_masks(i0, i1, j0, j1)
-                if tm is False:
-                    continue
-                s = scorer.scores(i0, i1, j0, j1)
-                if dot:
-                    s.baddbmm_(dqs[:, i0:i1], dkf[:, j0:j1].transpose(1, 2))
-                if tm is not None:
-                    s.masked_fill_(~tm, -math.inf)
-                m_new = torch.maximum(m, s.amax(-1))
-                m_safe_new = m_new.masked_fill(m_new == -math.inf, 0.0)
-                pr = torch.exp_(s.sub_(m_safe_new.unsqueeze(-1)))
-                alpha = torch.exp(m_safe - m_safe_new).masked_fill_(m == -math.inf, 0.0)
-                denom = denom.mul_(alpha).add_(pr.sum(-1))
-                if p > 0.0:
-                    pr = pr.mul_(_dropout_keep(seed, qi * len(k_blocks) + kj, pr.shape, p, cdt))
-                acc = acc.mul_(alpha.unsqueeze(-1)).baddbmm_(pr, Vf[:, j0:j1])
-                m, m_safe = m_new, m_safe_new
-            visible = denom > 0
-            tiny = torch.finfo(cdt).tiny
-            out[:, i0:i1] = torch.where(visible.unsqueeze(-1), acc / denom.clamp_min(tiny).unsqueeze(-1), 0.0)
-            lse[:, i0:i1] = torch.where(visible, m_safe + torch.log(denom.clamp_min(tiny)), math.inf)
-
-        ctx.cfg = dict(cfg, block=(bq, bk), cdt=cdt, shape=(batch, heads, q_len, k_len, hidden, v_dim))
-        ctx.tile_masks = tile_masks
-        ctx.blocks = (q_blocks, k_blocks)
-        ctx.has = (W2 is not None, b2 is not None, dot)
-        ctx.save_for_backward(A, B, V, w, W2, b2, dq, dk, out, lse)
-        return out.view(batch, heads, q_len, v_dim).to(V.dtype)
+        inputs = (A, B, V, w, W2, b2, dq, dk)
+        settings = (cfg["activation"], cfg["causal"], cfg["dot_scale"], cfg["dropout_p"], cfg["seed"], cfg["block"])
+        forward_op, _ = cfg["ops"]
+        out, lse = forward_op(*inputs, mask, *settings)
+        ctx.save_for_backward(*inputs, mask, out, lse)
+        ctx.settings, ctx.ops = settings, cfg["ops"]
+        batch, heads, q_len, _ = A.shape
+        return out.view(batch, heads, q_len, V.shape[3]).to(V.dtype)
 
     @staticmethod
     @autocast_off
     def backward(ctx, grad_out):
-        A, B, V, w, W2, b2, dq, dk, out, lse = ctx.saved_tensors
-        cfg = ctx.cfg
-        cdt = cfg["cdt"]
-        batch, heads, q_len, k_len, hidden, v_dim = cfg["shape"]
-        G = batch * heads
-        q_blocks, k_blocks = ctx.blocks
-        tile_masks = ctx.tile_masks
-        has_w2, _, dot = ctx.has
-        p, seed = cfg["dropout_p"], cfg["seed"]
-
-        def per_group(t):
-            return t.to(cdt).unsqueeze(0).expand(batch, heads, *t.shape[1:]).reshape(G, *t.shape[1:]).contiguous()
-
-        def per_param(g, like):  # (G, ...) -> (heads or 1, ...)
-            g = g.view(batch, heads, *g.shape[1:]).sum(0)
-            if like.shape[0] == 1 and heads != 1:
-                g = g.sum(0, keepdim=True)
-            return g.to(like.dtype)
-
-        At = A.to(cdt).reshape(G, q_len, hidden).transpose(1, 2).contiguous()
-        Bt = B.to(cdt).reshape(G, k_len, hidden).transpose(1, 2).contiguous()
-        Vf = V.to(cdt).reshape(G, k_len, v_dim)
-        wg = per_group(w)
-        W2g = per_group(W2) if has_w2 else None
-        b2g = per_group(b2) if has_w2 else None
-        dqs = (dq.to(cdt) * cfg["dot_scale"]).reshape(G, q_len, -1) if dot else None
-        dkf = dk.to(cdt).reshape(G, k_len, -1) if dot else None
-        dO = grad_out.to(cdt).reshape(G, q_len, v_dim)
-        D = (dO * out).sum(-1)  # (G, q_len)
-
-        scorer = _make_scorer(cfg, At, Bt, wg, W2g, b2g, need_grad=True)
-        dV = torch.zeros(G, k_len, v_dim, dtype=cdt)
-        ddq = torch.zeros_like(dqs) if dot else None
-        ddk = torch.zeros_like(dkf) if dot else None
-        for qi, (i0, i1) in enumerate(q_blocks):
-            dO_i, D_i, lse_i = dO[:, i0:i1], D[:, i0:i1, None], lse[:, i0:i1, None]
-            for kj, (j0, j1) in enumerate(k_blocks):
-                tm = tile_masks(i0, i1, j0, j1)
-                if tm is False:
-                    continue
-                s, cache = scorer.scores_for_backward(i0, i1, j0, j1)
-                if dot:
-                    s.baddbmm_(dqs[:, i0:i1], dkf[:, j0:j1].transpose(1, 2))
-                if tm is not None:
-                    s.masked_fill_(~tm, -math.inf)
-                pr = torch.exp_(s.sub_(lse_i))
-                dp = torch.bmm(dO_i, Vf[:, j0:j1].transpose(1, 2))
-                if p > 0.0:
-                    keep = _dropout_keep(seed, qi * len(k_blocks) + kj, pr.shape, p, cdt)
-                    dV[:, j0:j1].baddbmm_((pr * keep).transpose(1, 2), dO_i)
-                    dp.mul_(keep)
-                else:
-                    dV[:, j0:j1].baddbmm_(pr.transpose(1, 2), dO_i)
-                ds = pr.mul_(dp.sub_(D_i))
-                scorer.backward(cache, ds, i0, i1, j0, j1)
-                if dot:
-                    ddq[:, i0:i1].baddbmm_(ds, dkf[:, j0:j1])
-                    ddk[:, j0:j1].baddbmm_(ds.transpose(1, 2), dqs[:, i0:i1])
-
-        dAt, dBt, dparams = scorer.grads()
-        dA = dAt.transpose(1, 2).reshape(batch, heads, q_len, hidden).to(A.dtype)
-        dB = dBt.transpose(1, 2).reshape(batch, heads, k_len, hidden).to(B.dtype)
-        dVo = dV.view(batch, heads, k_len, v_dim).to(V.dtype)
-        dw = per_param(dparams[0], w)
-        dW2 = per_param(dparams[1], W2) if has_w2 else None
-        db2 = per_param(dparams[2], b2) if has_w2 else None
-        ddq_o = (ddq * cfg["dot_scale"]).view(dq.shape).to(dq.dtype) if dot else None
-        ddk_o = ddk.view(dk.shape).to(dk.dtype) if dot else None
-        return dA, dB, dVo, dw, dW2, db2, ddq_o, ddk_o, None, None
+        *inputs, mask, out, lse = ctx.saved_tensors
+        _, backward_op = ctx.ops
+        grads = backward_op(*inputs, mask, out, lse, grad_out.contiguous(), *ctx.settings)
+        return (*(None if t is None else g for t, g in zip(inputs, grads, strict=True)), None, None)
 
 
-def _make_scorer(cfg: dict, At: Tensor, Bt: Tensor, wg: Tensor, W2g: Tensor | None, b2g: Tensor | None,
-                 need_grad: bool) -> TileScorer:
-    """The ``scorer_factory``'s scorer if it gives one, else the PyTorch scorer of the mlp."""
-    if W2g is not None and cfg["activation"] != "relu":
-        raise ValueError('mlp="authors" uses relu only')
-    factory = cfg["scorer_factory"]
+def _make_scorer(factory: ScorerFactory | None, activation: str, At: Tensor, Bt: Tensor, wg: Tensor,
+                 W2g: Tensor | None, b2g: Tensor | None, need_grad: bool) -> TileScorer:
+    """The ``factory``'s scorer if it gives one, else the PyTorch scorer of the mlp."""
     if factory is not None:
-        scorer = factory(At, Bt, wg, W2g, b2g, cfg["activation"], need_grad)
+        scorer = factory(At, Bt, wg, W2g, b2g, activation, need_grad)
         if scorer is not None:
             return scorer
     if W2g is not None:
         return _AuthorsScorer(At, Bt, wg, W2g, b2g, need_grad)
-    return _PaperScorer(At, Bt, wg, cfg["activation"], need_grad)
+    return _PaperScorer(At, Bt, wg, activation, need_grad)
 
 
 def _check_and_run(
@@ -681,18 +747,28 @@ def _check_and_run(
         raise ValueError("dot_query and dot_key go together (mode='residual')")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if second_weight is not None and activation != "relu":
+        raise ValueError('mlp="authors" uses relu only')
     batch, heads, q_len, _ = query_hidden.shape
     k_len = key_hidden.shape[2]
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor (True = may attend), got {mask.dtype}")
+        if mask.dim() > 4:
+            raise ValueError(f"mask must have at most 4 dims (batch, heads, q_len, k_len), got {mask.dim()}")
+        torch.broadcast_shapes(mask.shape, (batch, heads, q_len, k_len))  # raises if not broadcastable
     if q_len == 0 or k_len == 0 or batch * heads == 0:
         return value.new_zeros(batch, heads, q_len, value.shape[-1])
     if block_size is None:
-        block = None
+        block = [-1, -1]
     elif isinstance(block_size, int):
-        block = (block_size, block_size)
+        block = [int(block_size), int(block_size)]
     else:
-        block = (int(block_size[0]), int(block_size[1]))
+        block = [int(block_size[0]), int(block_size[1])]
+    if min(block) == 0 or (min(block) < 0 and block != [-1, -1]):
+        raise ValueError(f"block_size must be positive, got {block_size}")
     cfg = {
-        "scorer_factory": scorer_factory,
+        "ops": tiled_ops(scorer_factory),
         "activation": activation,
         "causal": bool(causal) and mask is None,
         "dot_scale": float(dot_scale),
