@@ -19,6 +19,11 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+# imported here, not where first used: importing a kernel file registers its custom ops, which must not happen while
+# torch.compile traces a first call (Triton's file is the exception: it imports triton, so it loads on demand)
+from .fused_cpp_neural_attention import fused_cpp_available, neural_attention_fused_cpp
+from .kernels_neural_attention import neural_attention_tiled
+
 ATTENTION_NAME = "neural_attention"
 SCORER_ATTRIBUTE = "neural_scorer"
 FALLBACK_ATTRIBUTE = "neural_attention_fallback"
@@ -164,7 +169,6 @@ def choose_backend(requested: str, query: torch.Tensor, *, needs_probabilities: 
     if requested == "auto":
         if query.is_cuda:
             return "triton" if fused_dtype and triton_is_usable(query) else "tiled"
-        from .fused_cpp_neural_attention import fused_cpp_available
 
         # float64 (e.g. gradcheck) goes to the tiled kernel, which keeps its precision. Only the fused extension is
         # built here (the one the paper MLP runs); the authors' MLP builds the tiled C++ scorer on its first call.
@@ -267,9 +271,9 @@ def neural_attention_forward(
         from .triton_neural_attention import neural_attention_triton as kernel
     elif backend == "cpp":
         # fully fused for the paper MLP (fp32 arithmetic, dropout included); the authors MLP goes to the tiled C++ path
-        from .fused_cpp_neural_attention import neural_attention_fused_cpp as kernel
+        kernel = neural_attention_fused_cpp
     else:
-        from .kernels_neural_attention import neural_attention_tiled as kernel
+        kernel = neural_attention_tiled
     query_hidden, key_hidden = scorer.first_layer(query, key)
     output_weight, second_weight, second_bias = scorer.output_side_weights()
     # a 0-d tensor, not an int: an .item() here would break a torch.compile graph

@@ -634,7 +634,7 @@ def _tiled_backward(factory: ScorerFactory | None, A: Tensor, B: Tensor, V: Tens
         per_param(dparams[0], w),
         per_param(dparams[1], W2) if W2 is not None else absent[0],
         per_param(dparams[2], b2) if b2 is not None else absent[1],
-        (ddq * dot_scale).view(dq.shape).to(dq.dtype) if dot else absent[2],
+        (ddq * dot_scale).view(dq.shape).to(dq.dtype).contiguous() if dot else absent[2],
         ddk.view(dk.shape).to(dk.dtype).contiguous() if dot else absent[3],
     )
 
@@ -656,10 +656,18 @@ _TILED_OPS: dict[ScorerFactory | None, tuple[Callable, Callable]] = {}
 
 def tiled_ops(scorer_factory: ScorerFactory | None = None) -> tuple[Callable, Callable]:
     """The forward and backward of the tiled kernel with ``scorer_factory``'s scorers, as custom ops (created once
-    per factory; ``cpp_neural_attention`` makes its own at import). Inside an op the tile loops run eagerly: under
-    torch.compile the kernel is one call, whatever the sequence lengths, instead of a graph unrolled per length."""
+    per factory object and kept for the process; ``cpp_neural_attention`` makes its own at import). Inside an op the
+    tile loops run eagerly: under torch.compile the kernel is one call, whatever the sequence lengths, instead of a
+    graph unrolled per length."""
     if scorer_factory not in _TILED_OPS:
-        name = "torch" if scorer_factory is None else f"{scorer_factory.__module__}.{scorer_factory.__qualname__}"
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                f"scorer_factory {scorer_factory!r} is first used inside torch.compile, which cannot register its "
+                "ops; call kernels_neural_attention.tiled_ops(scorer_factory) once before compiling."
+            )
+        # one op pair per factory object (two lambdas of one module must not share an op); the built-in scorers'
+        # name depends on this file only, so a Hub checkpoint's identical copy reuses their ops
+        name = "torch" if scorer_factory is None else f"factory-{id(scorer_factory)}"
         tag = hashlib.sha256(f"{_FILE_TAG}:{name}".encode()).hexdigest()[:12]
 
         def forward(A: Tensor, B: Tensor, V: Tensor, w: Tensor, W2: Tensor | None, b2: Tensor | None,
@@ -719,6 +727,16 @@ def _make_scorer(factory: ScorerFactory | None, activation: str, At: Tensor, Bt:
     return _PaperScorer(At, Bt, wg, activation, need_grad)
 
 
+def _with_heads_dim(name: str, weight: Tensor, heads: int, tail: tuple[int, ...]) -> Tensor:
+    """``weight`` as ``(heads or 1, *tail)`` (a view: gradients keep the caller's shape); else ``ValueError``."""
+    if weight.dim() == len(tail):
+        weight = weight.unsqueeze(0)
+    if weight.dim() != len(tail) + 1 or weight.shape[0] not in (1, heads) or tuple(weight.shape[1:]) != tail:
+        raise ValueError(f"{name} must have shape (heads or 1, {', '.join(map(str, tail))}) or "
+                         f"({', '.join(map(str, tail))}), got {tuple(weight.shape)}")
+    return weight
+
+
 def _check_and_run(
     scorer_factory,
     query_hidden,
@@ -749,8 +767,24 @@ def _check_and_run(
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if second_weight is not None and activation != "relu":
         raise ValueError('mlp="authors" uses relu only')
-    batch, heads, q_len, _ = query_hidden.shape
+    batch, heads, q_len, hidden = query_hidden.shape
     k_len = key_hidden.shape[2]
+    # shapes are checked here: the C++ scorers index the tensors directly, and a mismatch there corrupts memory
+    if key_hidden.shape[:2] != (batch, heads) or key_hidden.shape[3] != hidden:
+        raise ValueError(
+            f"key_hidden {tuple(key_hidden.shape)} does not match query_hidden {tuple(query_hidden.shape)}"
+        )
+    if value.shape[:3] != (batch, heads, k_len):
+        raise ValueError(f"value {tuple(value.shape)} does not match key_hidden {tuple(key_hidden.shape)}")
+    width = hidden if second_weight is None else second_weight.shape[-2]
+    if second_weight is not None:
+        second_weight = _with_heads_dim("second_weight", second_weight, heads, (width, hidden))
+        second_bias = _with_heads_dim("second_bias", second_bias, heads, (width,))
+    output_weight = _with_heads_dim("output_weight", output_weight, heads, (width,))
+    if dot_query is not None and (dot_query.shape[:3] != (batch, heads, q_len) or dot_key.shape[:3] != (
+            batch, heads, k_len) or dot_query.shape[3] != dot_key.shape[3]):  # fmt: skip
+        raise ValueError(f"dot_query {tuple(dot_query.shape)} / dot_key {tuple(dot_key.shape)} do not match "
+                         f"(batch, heads, q_len | k_len, head_dim) = ({batch}, {heads}, {q_len} | {k_len}, ...)")
     if mask is not None:
         if mask.dtype != torch.bool:
             raise TypeError(f"mask must be a bool tensor (True = may attend), got {mask.dtype}")

@@ -145,13 +145,15 @@ def _rand(*shape: int, seed: int) -> torch.Tensor:
 
 def _op_inputs(mlp: str) -> tuple[list[torch.Tensor | None], torch.Tensor]:
     """The kernel ops' eight differentiable inputs with the dot term (the authors' MLP with its second layer) and a
-    padding-like mask: every optional input present."""
+    padding-like mask: every optional input present. batch 1, where a transposed view keeps its odd strides."""
     batch, heads, q_len, k_len, hidden, v_dim, head_dim = 1, 2, 5, 7, 4, 3, 6
     inputs = [_rand(batch, heads, q_len, hidden, seed=1), _rand(batch, heads, k_len, hidden, seed=2),
               _rand(batch, heads, k_len, v_dim, seed=3), _rand(heads, hidden, seed=4), None, None,
               _rand(batch, heads, q_len, head_dim, seed=5), _rand(batch, heads, k_len, head_dim, seed=6)]
     if mlp == "authors":
         inputs[3:6] = [_rand(heads, 6, seed=7), _rand(heads, 6, hidden, seed=8), _rand(heads, 6, seed=9)]
+    # the dot query as transformers hands it over: (batch, q_len, heads, head_dim) transposed, not contiguous
+    inputs[6] = _rand(batch, q_len, heads, head_dim, seed=5).transpose(1, 2)
     return inputs, torch.rand(batch, 1, q_len, k_len, generator=torch.Generator().manual_seed(10)) > 0.3
 
 
@@ -194,6 +196,30 @@ def test_triton_ops_pass_opcheck(mlp):
     out, lse = triton._triton_forward(*inputs, mask, *settings)
     grad_out = _rand(*out.shape, seed=11)
     torch.library.opcheck(triton._triton_backward.op, (*inputs, mask, out, lse, grad_out, *settings))
+
+
+def test_user_scorer_factories_get_ops_of_their_own():
+    # two factories from one module (lambdas, closures) must not share an op: each op runs its own factory
+    def scaled(factor):
+        def factory(At, Bt, w, W2, b2, activation, need_grad):
+            return tiled._PaperScorer(At, Bt, w * factor, activation, need_grad)
+        return factory
+
+    inputs, mask = _op_inputs("paper")
+    args = [t.detach() if t is not None else None for t in inputs[:6]]
+    plain, doubled = scaled(1.0), scaled(2.0)
+    outs = {}
+    for name, factory in (("plain", plain), ("doubled", doubled)):
+        run = torch.compile(lambda *a, f=factory: tiled.neural_attention_tiled(*a, mask=mask, scorer_factory=f),
+                            fullgraph=True, backend="aot_eager")
+        tiled.tiled_ops(factory)  # registered outside the trace
+        outs[name] = run(*args)
+        torch.testing.assert_close(outs[name], tiled.neural_attention_tiled(*args, mask=mask, scorer_factory=factory))
+    assert not torch.allclose(outs["plain"], outs["doubled"])
+    unregistered = scaled(3.0)
+    with pytest.raises(Exception, match=r"tiled_ops\(scorer_factory\) once before compiling"):
+        torch.compile(lambda *a: tiled.neural_attention_tiled(*a, scorer_factory=unregistered), fullgraph=True,
+                      backend="aot_eager")(*args)
 
 
 def test_seed_tensor_draws_only_with_dropout():

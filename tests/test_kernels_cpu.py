@@ -335,6 +335,24 @@ def test_no_grad_and_validation():
     assert empty.shape == (2, 3, 0, 5)
 
 
+@pytest.mark.parametrize("kernel", [neural_attention_tiled, neural_attention_cpp])
+def test_weight_shapes_are_checked_before_any_kernel_runs(kernel):
+    # the C++ scorers index the weights directly: a mismatched authors' layer once corrupted the heap
+    g = torch.Generator().manual_seed(5)
+    A, B, V = torch.randn(1, 2, 5, 8, generator=g), torch.randn(1, 2, 6, 8, generator=g), torch.randn(1, 2, 6, 3)
+    w3, W2, b2 = torch.randn(2, 4, generator=g), torch.randn(2, 4, 8, generator=g), torch.randn(2, 4, generator=g)
+    for bad, match in (((w3, torch.randn(1, 8, 6), b2), "second_weight"), ((w3[:, :3], W2, b2), "output_weight"),
+                       ((w3, W2, torch.randn(3, 4)), "second_bias")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            kernel(A, B, V, *bad)
+    with pytest.raises(ValueError, match="output_weight"):
+        kernel(A, B, V, torch.randn(2, 7))
+    with pytest.raises(ValueError, match="value"):
+        kernel(A, B, V[:, :, :5], torch.randn(2, 8))
+    # weights without the heads dim are shared by every head, as with a leading 1
+    torch.testing.assert_close(kernel(A, B, V, w3[0], W2[0], b2[0]), kernel(A, B, V, w3[:1], W2[:1], b2[:1]))
+
+
 def test_choose_block_size():
     assert choose_block_size(12, 16, 1024, 1024) == (64, 64)
     bq, bk = choose_block_size(12, 2, 1, 4096)

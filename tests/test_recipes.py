@@ -317,14 +317,14 @@ def test_ab_mode_runs_both_arms_and_prints_the_comparison(tmp_path, recipe):
 
 @pytest.mark.parametrize("precision", ["no", "bf16", "fp16"])
 def test_the_accelerate_configs_mixed_precision_reaches_the_trainer(precision, monkeypatch, tmp_path):
-    # accelerate launch exports the config's mixed_precision; DeepSpeed refuses bf16.enabled against bf16=False and
-    # DDP / FSDP would silently train in fp32, so the recipes preset the matching flag (a user's flag still wins)
+    # accelerate launch exports the config's mixed_precision, which Trainer follows; DeepSpeed refuses to start when
+    # TrainingArguments' flag disagrees (bf16.enabled against bf16=False), so the recipes preset the matching flag
     from transformers import TrainingArguments
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", precision)
-    (args,) = parse_with_presets((TrainingArguments,), [["--output_dir", str(tmp_path)]], ["--report_to", "none"])
+    presets = [["--output_dir", str(tmp_path)]]
+    (args,) = parse_with_presets((TrainingArguments,), presets, ["--report_to", "none"])
     assert (args.bf16, args.fp16) == (precision == "bf16", precision == "fp16")
-    if precision == "bf16":
-        (args,) = parse_with_presets((TrainingArguments,), [["--output_dir", str(tmp_path)]],
-                                     ["--report_to", "none", "--bf16", "False"])
-        assert not args.bf16
+    if precision == "bf16":  # a flag the user gives replaces the preset (never both set: a ValueError)
+        (args,) = parse_with_presets((TrainingArguments,), presets, ["--report_to", "none", "--fp16", "True"])
+        assert (args.bf16, args.fp16) == (False, True)

@@ -35,7 +35,8 @@ def parse_with_presets(
     """Parse ``argv`` after each preset's flags; argparse keeps the last value of a repeated flag.
 
     TensorBoard reporting is switched on when installed, unless the user passes ``--report_to``. Under
-    ``accelerate launch`` the config's mixed precision (bf16 / fp16) presets ``--bf16`` / ``--fp16``. On a machine
+    ``accelerate launch`` the config's mixed precision (bf16 / fp16) presets ``--bf16`` / ``--fp16`` unless the user
+    passes either. On a machine
     without an accelerator ``--use_cpu True`` is preset: Trainer then runs distributed over CPU processes (gloo)
     when started by ``accelerate launch`` / ``torchrun`` (without it, such a launch silently trains one
     independent copy per process).
@@ -45,9 +46,9 @@ def parse_with_presets(
     if not accelerator_available():
         flat += ["--use_cpu", "True", "--dataloader_pin_memory", "False"]
     precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if precision in ("bf16", "fp16"):
-        # the accelerate config's mixed precision (set by `accelerate launch`): Trainer's flag must agree, or
-        # DeepSpeed refuses to start (bf16.enabled vs bf16=False) and DDP / FSDP silently train in fp32
+    if precision in ("bf16", "fp16") and not {"bf16", "fp16"} & given_flags(argv):
+        # the accelerate config's mixed precision (exported by `accelerate launch`), which Trainer follows anyway:
+        # its --bf16 / --fp16 flag must say the same, or DeepSpeed refuses to start (bf16.enabled vs bf16=False)
         flat += [f"--{precision}", "True"]
     if "report_to" not in given_flags(argv):
         flat += ["--report_to", "tensorboard" if tensorboard_available() else "none"]
