@@ -45,8 +45,8 @@ from .cpp_neural_attention import (
     neural_attention_cpp,
 )
 from .kernels_neural_attention import (
-    ACTIVATIONS,
     autocast_off,
+    check_kernel_inputs,
     kernel_op,
     relu_signed_max_operands,
     relu_weight_grad,
@@ -961,8 +961,12 @@ def neural_attention_fused_cpp(
             dot_scale=dot_scale, dropout_p=dropout_p, generator_seed=generator_seed,
         )  # fmt: skip
 
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    if query_hidden.dim() != 4 or key_hidden.dim() != 4 or value.dim() != 4:
+        return delegate()  # (which raises the error)
+    output_weight, second_weight, second_bias = check_kernel_inputs(
+        query_hidden, key_hidden, value, output_weight, second_weight, second_bias, activation, mask, dot_query,
+        dot_key, dropout_p,
+    )  # fmt: skip
     tensors = [query_hidden, key_hidden, value, output_weight, dot_query, dot_key]
     if (
         second_weight is not None

@@ -38,6 +38,7 @@ __all__ = [
     "ACTIVATIONS",
     "ScorerFactory",
     "TileScorer",
+    "check_kernel_inputs",
     "choose_block_size",
     "neural_attention_tiled",
     "relu_signed_max_operands",
@@ -656,18 +657,24 @@ _TILED_OPS: dict[ScorerFactory | None, tuple[Callable, Callable]] = {}
 
 def tiled_ops(scorer_factory: ScorerFactory | None = None) -> tuple[Callable, Callable]:
     """The forward and backward of the tiled kernel with ``scorer_factory``'s scorers, as custom ops (created once
-    per factory object and kept for the process; ``cpp_neural_attention`` makes its own at import). Inside an op the
-    tile loops run eagerly: under torch.compile the kernel is one call, whatever the sequence lengths, instead of a
-    graph unrolled per length."""
+    per factory and kept, with the factory, for the process: pass long-lived factories, not one made per call;
+    ``cpp_neural_attention`` makes its own at import). Inside an op the tile loops run eagerly: under torch.compile
+    the kernel is one call, whatever the sequence lengths, instead of a graph unrolled per length."""
     if scorer_factory not in _TILED_OPS:
         if torch.compiler.is_compiling():
             raise RuntimeError(
                 f"scorer_factory {scorer_factory!r} is first used inside torch.compile, which cannot register its "
                 "ops; call kernels_neural_attention.tiled_ops(scorer_factory) once before compiling."
             )
-        # one op pair per factory object (two lambdas of one module must not share an op); the built-in scorers'
-        # name depends on this file only, so a Hub checkpoint's identical copy reuses their ops
-        name = "torch" if scorer_factory is None else f"factory-{id(scorer_factory)}"
+        # one op pair per factory: module-level functions by name (stable across processes, for compile caches), any
+        # other object (lambdas and closures of one module share a name) by identity
+        qualname = getattr(scorer_factory, "__qualname__", "<object>")
+        if scorer_factory is None:
+            name = "torch"
+        elif "<" in qualname:
+            name = f"factory-{id(scorer_factory)}"
+        else:
+            name = f"{scorer_factory.__module__}.{qualname}"
         tag = hashlib.sha256(f"{_FILE_TAG}:{name}".encode()).hexdigest()[:12]
 
         def forward(A: Tensor, B: Tensor, V: Tensor, w: Tensor, W2: Tensor | None, b2: Tensor | None,
@@ -737,24 +744,22 @@ def _with_heads_dim(name: str, weight: Tensor, heads: int, tail: tuple[int, ...]
     return weight
 
 
-def _check_and_run(
-    scorer_factory,
-    query_hidden,
-    key_hidden,
-    value,
-    output_weight,
-    second_weight,
-    second_bias,
-    activation,
-    mask,
-    causal,
-    dot_query,
-    dot_key,
-    dot_scale,
-    dropout_p,
-    generator_seed,
-    block_size,
-):
+def check_kernel_inputs(
+    query_hidden: Tensor,
+    key_hidden: Tensor,
+    value: Tensor,
+    output_weight: Tensor,
+    second_weight: Tensor | None,
+    second_bias: Tensor | None,
+    activation: str,
+    mask: Tensor | None,
+    dot_query: Tensor | None,
+    dot_key: Tensor | None,
+    dropout_p: float,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Validate the kernel contract's inputs (``ValueError`` / ``TypeError`` naming the problem) and return the
+    weights as ``(heads or 1, ...)`` views. Every kernel calls it first: the C++ kernels index the tensors directly,
+    and a mismatch there reads or writes out of bounds."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
     if query_hidden.dim() != 4 or key_hidden.dim() != 4 or value.dim() != 4:
@@ -769,13 +774,16 @@ def _check_and_run(
         raise ValueError('mlp="authors" uses relu only')
     batch, heads, q_len, hidden = query_hidden.shape
     k_len = key_hidden.shape[2]
-    # shapes are checked here: the C++ scorers index the tensors directly, and a mismatch there corrupts memory
     if key_hidden.shape[:2] != (batch, heads) or key_hidden.shape[3] != hidden:
         raise ValueError(
             f"key_hidden {tuple(key_hidden.shape)} does not match query_hidden {tuple(query_hidden.shape)}"
         )
     if value.shape[:3] != (batch, heads, k_len):
         raise ValueError(f"value {tuple(value.shape)} does not match key_hidden {tuple(key_hidden.shape)}")
+    if second_weight is not None and second_weight.dim() not in (2, 3):
+        raise ValueError(
+            f"second_weight must have shape (heads or 1, hidden2, {hidden}), got {tuple(second_weight.shape)}"
+        )
     width = hidden if second_weight is None else second_weight.shape[-2]
     if second_weight is not None:
         second_weight = _with_heads_dim("second_weight", second_weight, heads, (width, hidden))
@@ -791,32 +799,7 @@ def _check_and_run(
         if mask.dim() > 4:
             raise ValueError(f"mask must have at most 4 dims (batch, heads, q_len, k_len), got {mask.dim()}")
         torch.broadcast_shapes(mask.shape, (batch, heads, q_len, k_len))  # raises if not broadcastable
-    if q_len == 0 or k_len == 0 or batch * heads == 0:
-        return value.new_zeros(batch, heads, q_len, value.shape[-1])
-    if block_size is None:
-        block = [-1, -1]
-    elif isinstance(block_size, int):
-        block = [int(block_size), int(block_size)]
-    else:
-        block = [int(block_size[0]), int(block_size[1])]
-    if min(block) == 0 or (min(block) < 0 and block != [-1, -1]):
-        raise ValueError(f"block_size must be positive, got {block_size}")
-    cfg = {
-        "ops": tiled_ops(scorer_factory),
-        "activation": activation,
-        "causal": bool(causal) and mask is None,
-        "dot_scale": float(dot_scale),
-        "dropout_p": float(dropout_p),
-        "seed": seed_tensor(dropout_p, generator_seed),
-        "block": block,
-    }
-    # rows no pair sees get no gradient; zeroed (differentiably), garbage there (even NaN) cannot reach dw
-    query_visible, key_visible = visible_rows(mask, cfg["causal"], q_len, k_len, query_hidden.device)
-    query_hidden = zero_invisible_rows(query_hidden, query_visible)
-    key_hidden = zero_invisible_rows(key_hidden, key_visible)
-    return _NeuralAttentionFunction.apply(
-        query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key, mask, cfg
-    )
+    return output_weight, second_weight, second_bias
 
 
 def neural_attention_tiled(
@@ -845,22 +828,36 @@ def neural_attention_tiled(
     overrides the automatic ``(block_q, block_k)`` (an int sets both); the dropout pattern depends on it.
     ``scorer_factory`` supplies another implementation of the per-pair MLP (see :data:`ScorerFactory`).
     """
-    return _check_and_run(
-        scorer_factory,
-        query_hidden,
-        key_hidden,
-        value,
-        output_weight,
-        second_weight,
-        second_bias,
-        activation,
-        mask,
-        causal,
-        dot_query,
-        dot_key,
-        dot_scale,
-        dropout_p,
-        generator_seed,
-        block_size,
+    output_weight, second_weight, second_bias = check_kernel_inputs(
+        query_hidden, key_hidden, value, output_weight, second_weight, second_bias, activation, mask, dot_query,
+        dot_key, dropout_p,
+    )  # fmt: skip
+    batch, heads, q_len, _ = query_hidden.shape
+    k_len = key_hidden.shape[2]
+    if q_len == 0 or k_len == 0 or batch * heads == 0:
+        return value.new_zeros(batch, heads, q_len, value.shape[-1])
+    if block_size is None:
+        block = [-1, -1]
+    elif isinstance(block_size, int):
+        block = [int(block_size), int(block_size)]
+    else:
+        block = [int(block_size[0]), int(block_size[1])]
+    if min(block) == 0 or (min(block) < 0 and block != [-1, -1]):
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    cfg = {
+        "ops": tiled_ops(scorer_factory),
+        "activation": activation,
+        "causal": bool(causal) and mask is None,
+        "dot_scale": float(dot_scale),
+        "dropout_p": float(dropout_p),
+        "seed": seed_tensor(dropout_p, generator_seed),
+        "block": block,
+    }
+    # rows no pair sees get no gradient; zeroed (differentiably), garbage there (even NaN) cannot reach dw
+    query_visible, key_visible = visible_rows(mask, cfg["causal"], q_len, k_len, query_hidden.device)
+    query_hidden = zero_invisible_rows(query_hidden, query_visible)
+    key_hidden = zero_invisible_rows(key_hidden, key_visible)
+    return _NeuralAttentionFunction.apply(
+        query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key, mask, cfg
     )
 

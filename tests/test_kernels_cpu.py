@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from hf_neural_attention.cpp_neural_attention import cpp_available, cpp_is_built, neural_attention_cpp
+from hf_neural_attention.fused_cpp_neural_attention import neural_attention_fused_cpp
 from hf_neural_attention.kernels_neural_attention import choose_block_size, neural_attention_tiled
 
 torch.set_num_threads(1)
@@ -335,7 +336,7 @@ def test_no_grad_and_validation():
     assert empty.shape == (2, 3, 0, 5)
 
 
-@pytest.mark.parametrize("kernel", [neural_attention_tiled, neural_attention_cpp])
+@pytest.mark.parametrize("kernel", [neural_attention_tiled, neural_attention_cpp, neural_attention_fused_cpp])
 def test_weight_shapes_are_checked_before_any_kernel_runs(kernel):
     # the C++ scorers index the weights directly: a mismatched authors' layer once corrupted the heap
     g = torch.Generator().manual_seed(5)
@@ -349,6 +350,10 @@ def test_weight_shapes_are_checked_before_any_kernel_runs(kernel):
         kernel(A, B, V, torch.randn(2, 7))
     with pytest.raises(ValueError, match="value"):
         kernel(A, B, V[:, :, :5], torch.randn(2, 8))
+    with pytest.raises(ValueError, match="second_weight"):
+        kernel(A, B, V, w3, torch.randn(8), b2)
+    with pytest.raises(ValueError, match="dot_query"):  # the fused kernel once read past the end of dot_key
+        kernel(A, B, V, torch.randn(2, 8), dot_query=torch.randn(1, 2, 5, 7), dot_key=torch.randn(1, 2, 6, 3))
     # weights without the heads dim are shared by every head, as with a leading 1
     torch.testing.assert_close(kernel(A, B, V, w3[0], W2[0], b2[0]), kernel(A, B, V, w3[:1], W2[:1], b2[:1]))
 

@@ -325,6 +325,10 @@ def test_the_accelerate_configs_mixed_precision_reaches_the_trainer(precision, m
     presets = [["--output_dir", str(tmp_path)]]
     (args,) = parse_with_presets((TrainingArguments,), presets, ["--report_to", "none"])
     assert (args.bf16, args.fp16) == (precision == "bf16", precision == "fp16")
-    if precision == "bf16":  # a flag the user gives replaces the preset (never both set: a ValueError)
-        (args,) = parse_with_presets((TrainingArguments,), presets, ["--report_to", "none", "--fp16", "True"])
+    if precision == "bf16":  # the other precision asked for replaces the preset (both set would be a ValueError)
+        for flag in (["--fp16", "True"], ["--fp16"], ["--fp16=true"]):
+            (args,) = parse_with_presets((TrainingArguments,), presets, ["--report_to", "none", *flag])
+            assert (args.bf16, args.fp16) == (False, True), flag
+    if precision == "fp16":  # --bf16 False says nothing about fp16: the preset stays
+        (args,) = parse_with_presets((TrainingArguments,), presets, ["--report_to", "none", "--bf16", "False"])
         assert (args.bf16, args.fp16) == (False, True)

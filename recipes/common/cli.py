@@ -14,6 +14,18 @@ def given_flags(argv: list[str]) -> set[str]:
     return {arg[2:].split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")}
 
 
+def _flag_is_true(argv: list[str], name: str) -> bool:
+    """Whether ``argv`` sets the boolean ``--name`` true (``--name``, ``--name True``, ``--name=true``, ...)."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == f"--{name}":
+            following = argv[i + 1] if i + 1 < len(argv) else ""
+            value = "true" if following.startswith("--") or not following else following
+        elif arg.startswith(f"--{name}="):
+            value = arg.split("=", 1)[1]
+    return value is not None and value.lower() in ("true", "1", "yes", "y", "t")
+
+
 def tensorboard_available() -> bool:
     """Whether TensorBoard logging can be enabled (``tensorboard`` or ``tensorboardX`` importable)."""
     return any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
@@ -36,7 +48,7 @@ def parse_with_presets(
 
     TensorBoard reporting is switched on when installed, unless the user passes ``--report_to``. Under
     ``accelerate launch`` the config's mixed precision (bf16 / fp16) presets ``--bf16`` / ``--fp16`` unless the user
-    passes either. On a machine
+    asks for the other one. On a machine
     without an accelerator ``--use_cpu True`` is preset: Trainer then runs distributed over CPU processes (gloo)
     when started by ``accelerate launch`` / ``torchrun`` (without it, such a launch silently trains one
     independent copy per process).
@@ -46,9 +58,11 @@ def parse_with_presets(
     if not accelerator_available():
         flat += ["--use_cpu", "True", "--dataloader_pin_memory", "False"]
     precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if precision in ("bf16", "fp16") and not {"bf16", "fp16"} & given_flags(argv):
+    other = {"bf16": "fp16", "fp16": "bf16"}.get(precision)
+    if other is not None and not _flag_is_true(argv, other):
         # the accelerate config's mixed precision (exported by `accelerate launch`), which Trainer follows anyway:
-        # its --bf16 / --fp16 flag must say the same, or DeepSpeed refuses to start (bf16.enabled vs bf16=False)
+        # its --bf16 / --fp16 flag must say the same, or DeepSpeed refuses to start (bf16.enabled vs bf16=False).
+        # Only the other precision asked for explicitly (--fp16 True under bf16) replaces it.
         flat += [f"--{precision}", "True"]
     if "report_to" not in given_flags(argv):
         flat += ["--report_to", "tensorboard" if tensorboard_available() else "none"]
