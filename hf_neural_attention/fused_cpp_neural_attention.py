@@ -961,32 +961,22 @@ def neural_attention_fused_cpp(
             dot_scale=dot_scale, dropout_p=dropout_p, generator_seed=generator_seed,
         )  # fmt: skip
 
-    if query_hidden.dim() != 4 or key_hidden.dim() != 4 or value.dim() != 4:
-        return delegate()  # (which raises the error)
+    # shapes, dtypes of masks and the dropout range: checked once, here (ValueError / TypeError)
     output_weight, second_weight, second_bias = check_kernel_inputs(
         query_hidden, key_hidden, value, output_weight, second_weight, second_bias, activation, mask, dot_query,
         dot_key, dropout_p,
     )  # fmt: skip
+    batch, heads, q_len, _ = query_hidden.shape
+    k_len = key_hidden.shape[2]
     tensors = [query_hidden, key_hidden, value, output_weight, dot_query, dot_key]
     if (
-        second_weight is not None
-        or second_bias is not None
-        or not 0.0 <= dropout_p < 1.0
-        or (dot_query is None) != (dot_key is None)
-        or query_hidden.dim() != 4
-        or key_hidden.dim() != 4
-        or value.dim() != 4
+        second_weight is not None  # the authors' MLP
         or any(t is not None and (t.dtype not in _FLOAT_DTYPES or t.device.type != "cpu") for t in tensors)
-        or (mask is not None and (mask.dtype != torch.bool or mask.dim() > 4))
+        or q_len == 0
+        or k_len == 0
+        or batch * heads == 0
+        or not fused_cpp_available()
     ):
-        return delegate()
-    batch, heads, q_len, hidden = query_hidden.shape
-    k_len = key_hidden.shape[2]
-    if q_len == 0 or k_len == 0 or batch * heads == 0:
-        return delegate()
-    if output_weight.shape[-1] != hidden or output_weight.numel() not in (hidden, heads * hidden):
-        return delegate()
-    if not fused_cpp_available():
         return delegate()
     if mask is not None:
         while mask.dim() < 4:
