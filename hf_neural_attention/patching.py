@@ -270,11 +270,12 @@ def _keep_neural_attention_hook(model: nn.Module, args: tuple) -> None:
         keep_neural_attention(model, current)
 
 
-def unpatch_model(model: PreTrainedModel) -> PreTrainedModel:
+def unpatch_model(model: nn.Module) -> nn.Module:
     """Remove every scorer and restore the model's previous attention implementation and class, in place.
 
     A sub-model (``model.transformer``) shares its parents' config: they are restored with it (class, config,
-    attention implementation), since the settings they would keep describe layers that no longer exist.
+    attention implementation), since the settings they would keep describe layers that no longer exist. ``model``
+    may also be any module holding patched models (a user's wrapper): every model inside it is restored.
 
     Raises:
         ValueError: a parent sharing the config still has neural layers outside ``model``; unpatch the parent.
@@ -309,7 +310,8 @@ def unpatch_model(model: PreTrainedModel) -> PreTrainedModel:
             clear_from_config(held)
             cleared.add(id(held))
     outermost_first = sorted(parents, key=lambda parent: -sum(1 for _ in parent.modules()))
-    for holder in [*outermost_first, model]:
+    # model.modules() too (outermost first): a plain nn.Module wrapping a patched model has no class of its own
+    for holder in [*outermost_first, *model.modules()]:
         _restore_stock_class(holder)
     for holder in [*outermost_first, model]:
         for module in holder.modules():  # outermost first: its switch reaches the sub-configs

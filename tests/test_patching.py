@@ -349,6 +349,25 @@ def test_unpatching_a_sub_model_restores_its_parents(patched_through, tmp_path):
     assert type(GPT2LMHeadModel.from_pretrained(tmp_path)) is GPT2LMHeadModel
 
 
+def test_unpatching_a_wrapper_restores_every_model_inside_it(tmp_path):
+    # a user's plain nn.Module around patched models: each inner model gets its stock class and config back
+    wrapper = torch.nn.ModuleDict({"lm": tiny_gpt2(**NO_DROPOUT), "vision": tiny_vit()})
+    reference = copy.deepcopy(wrapper)
+    patch_model(wrapper["lm"], layers=[0], proj_dim=4)
+    patch_model(wrapper["vision"], layers=[1], proj_dim=4)
+    unpatch_model(wrapper)
+    for name in ("lm", "vision"):
+        model, stock = wrapper[name], reference[name]
+        assert type(model) is type(stock) and type(model.config) is type(stock.config)
+        assert model.config.to_diff_dict() == stock.config.to_diff_dict()
+    ids, pixels = random_ids(2, 7), random_pixels(2)
+    with torch.no_grad():
+        assert torch.equal(wrapper["lm"](ids).logits, reference["lm"](ids).logits)
+        assert torch.equal(wrapper["vision"](pixels).logits, reference["vision"](pixels).logits)
+    wrapper["lm"].save_pretrained(tmp_path)
+    assert type(GPT2LMHeadModel.from_pretrained(tmp_path)) is GPT2LMHeadModel
+
+
 def test_unpatching_a_sub_model_refuses_when_its_parent_has_other_neural_layers():
     model = tiny_gpt2(n_layer=2)
     model.side = GPT2Model(model.config)  # a second sub-model on the same config: layers 2 and 3 of the parent
