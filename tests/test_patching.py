@@ -155,6 +155,26 @@ def test_attention_dropout_is_applied_in_training_only():
     assert torch.equal(c, d)
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("backend", ["auto", "eager", "tiled", "cpp"])
+def test_gradient_checkpointing_replays_the_same_dropout(backend, use_reentrant):
+    # the recomputed forward must draw the dropout pattern of the first one, or the gradients are of another model
+    ids, results = random_ids(2, 11), []
+    for checkpointing in (False, True):
+        model = patch_model(tiny_gpt2(attn_pdrop=0.3, resid_pdrop=0.0, embd_pdrop=0.0), layers=[0, 2],
+                            backend=backend).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        torch.manual_seed(3)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {name: p.grad for name, p in model.named_parameters()}))
+    (loss, grads), (checkpointed_loss, checkpointed_grads) = results
+    assert torch.equal(loss, checkpointed_loss)
+    for name, grad in grads.items():
+        torch.testing.assert_close(checkpointed_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_bfloat16_model_runs_and_tracks_float32():
     reference = patch_model(tiny_gpt2(), layers=[0])
     model = copy.deepcopy(reference).to(torch.bfloat16)
