@@ -30,7 +30,6 @@ FALLBACK_ATTRIBUTE = "neural_attention_fallback"
 """Set by the patcher on every attention module: the implementation unpatched modules keep (``sdpa``/``eager``)."""
 
 _UNSUPPORTED_KWARGS = {
-    "sliding_window": "sliding-window attention",
     "softcap": "logit soft-capping",
     "s_aux": "attention sinks",
     "sinks": "attention sinks",
@@ -97,6 +96,32 @@ def _causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
     """Upper-left aligned causal mask ``(1, 1, q_len, k_len)``: key j visible to query i iff j <= i."""
     rows = torch.arange(q_len, device=device)[:, None]
     return (torch.arange(k_len, device=device)[None, :] <= rows)[None, None]
+
+
+def _apply_sliding_window(
+    window: int, mask: torch.Tensor | None, causal: bool, q_len: int, k_len: int, device: torch.device
+) -> tuple[torch.Tensor | None, bool]:
+    """``(mask, causal)`` for a layer with a sliding window (Mistral, Gemma 2/3, ...).
+
+    transformers draws the window into the 4-D mask it builds for the layer (the mask SDPA obeys too) and hands
+    ``None`` only when the window cannot cut anything; a given mask is therefore used as is. Without one, a causal
+    layer with ``q_len == k_len`` gets the band ``i - window < j <= i`` (transformers' definition).
+
+    Raises:
+        NotImplementedError: no mask, a window that would cut, and a layer that is bidirectional or has
+            ``q_len != k_len``: which keys the window keeps is then not defined by the call alone.
+    """
+    if mask is not None or window >= max(q_len, k_len):
+        return mask, causal
+    if not (causal and q_len == k_len):
+        raise NotImplementedError(
+            f"A sliding window of {window} with no attention mask, q_len={q_len}, k_len={k_len} and "
+            f"{'causal' if causal else 'no causal'} masking: pass the 4-D mask transformers builds for the layer "
+            "(models do this themselves)."
+        )
+    rows = torch.arange(q_len, device=device)[:, None]
+    band = torch.arange(k_len, device=device)[None, :] > rows - window
+    return _causal_mask(q_len, k_len, device) & band[None, None], False
 
 
 # --- the materialising path -----------------------------------------------------------------------------------
@@ -239,10 +264,6 @@ def neural_attention_forward(
                 f"Neural attention does not support {feature} (`{name}` was passed by {type(module).__name__}); "
                 "do not patch layers that use it."
             )
-    if getattr(module, "sliding_window", None) is not None:
-        raise NotImplementedError(
-            f"{type(module).__name__} uses sliding-window attention, which neural attention does not support."
-        )
 
     num_groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, num_groups), repeat_kv(value, num_groups)
@@ -253,6 +274,9 @@ def neural_attention_forward(
     if is_causal is None:
         is_causal = getattr(module, "is_causal", False)
     mask, causal, bias = _normalise_mask(attention_mask, query, key, is_causal)
+    if kwargs.get("sliding_window") is not None:
+        mask, causal = _apply_sliding_window(int(kwargs["sliding_window"]), mask, causal, query.shape[-2],
+                                             key.shape[-2], query.device)
     position_bias = kwargs.get("position_bias")
     if position_bias is not None:
         bias = position_bias if bias is None else bias + position_bias

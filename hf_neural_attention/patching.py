@@ -93,6 +93,16 @@ def _restore_stock_class(model: nn.Module) -> None:
     restore_stock_class(model)
 
 
+def _unsupported_feature(module: nn.Module) -> str | None:
+    """What an attention module does that the neural scorer cannot (Gemma 2's soft-capping, gpt-oss' sinks), or
+    ``None``. Sliding windows are supported: transformers draws them into the layer's mask."""
+    if getattr(module, "sinks", None) is not None:
+        return "attention sinks"
+    if getattr(module, "attn_logit_softcapping", None) is not None:
+        return "logit soft-capping"
+    return None
+
+
 def patch_model(
     model: PreTrainedModel,
     layers: LayerSelection = 0,
@@ -163,9 +173,10 @@ def patch_model(
 
     for index in chosen:
         name, module = modules[index]
-        if getattr(module, "sliding_window", None) is not None:
-            raise ValueError(f"Layer {index} ({name}) uses sliding-window attention, which neural attention does "
-                             "not support; choose another layer.")
+        unsupported = _unsupported_feature(module)
+        if unsupported is not None:
+            raise ValueError(f"Layer {index} ({name}) uses {unsupported}, which neural attention does not support; "
+                             "choose another layer.")
         head_dim, num_heads = head_shape(module, model.config)
         if num_heads % max(getattr(module, "num_key_value_groups", 1), 1):
             raise ValueError(f"Layer {index} ({name}): heads are not a multiple of its key/value groups.")

@@ -6,10 +6,14 @@ import torch
 from transformers import (
     BertConfig,
     BertModel,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     ViTConfig,
     ViTForImageClassification,
 )
@@ -48,6 +52,25 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                          bos_token_id=0, eos_token_id=0, pad_token_id=0)
     return LlamaForCausalLM(config).eval()
+
+
+def tiny_mistral(seed: int = 0, sliding_window: int = 4, layers: int = 1) -> MistralForCausalLM:
+    """Sliding-window attention in every layer (and grouped-query attention)."""
+    torch.manual_seed(seed)
+    config = MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                           sliding_window=sliding_window, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return MistralForCausalLM(config).eval()
+
+
+def tiny_gemma3(seed: int = 0) -> Gemma3ForCausalLM:
+    """Layer 0 slides over 4 tokens, layer 1 attends to everything (Gemma 3's interleaving)."""
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                              sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                              bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return Gemma3ForCausalLM(config).eval()
 
 
 def tiny_bert(seed: int = 0) -> BertModel:

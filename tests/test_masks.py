@@ -72,7 +72,7 @@ def test_real_additive_bias_goes_through_the_materialising_path():
 def test_unsupported_features_raise_not_implemented():
     layer = _layer("eager")
     query, key, value = _inputs(1, 2, 3, 3)
-    for kwargs in ({"sliding_window": 2}, {"softcap": 30.0}, {"s_aux": torch.zeros(2)}):
+    for kwargs in ({"softcap": 30.0}, {"s_aux": torch.zeros(2)}):
         with pytest.raises(NotImplementedError, match="does not support"):
             neural_attention_forward(layer, query, key, value, None, **kwargs)
 
