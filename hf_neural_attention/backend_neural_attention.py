@@ -85,6 +85,11 @@ def _normalise_mask(
     attention_mask = attention_mask[..., :k_len]
     if attention_mask.dtype == torch.bool:
         return attention_mask, False, None
+    if not attention_mask.is_floating_point():
+        raise TypeError(
+            f"A 4-D attention mask must be bool (True = may attend) or additive float, got {attention_mask.dtype}; "
+            "pass the model a 2-D (batch, k_len) 0/1 mask and let it build the 4-D one, or convert with mask.bool()."
+        )
     visible = attention_mask > torch.finfo(attention_mask.dtype).min / 2
     bias = attention_mask.masked_fill(~visible, 0)
     if not bias.any():  # the usual 0 / dtype-min mask: a plain visibility mask

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .cpp_neural_attention import (
     _CPP_SOURCE,
@@ -47,6 +48,7 @@ from .cpp_neural_attention import (
 from .kernels_neural_attention import (
     autocast_off,
     check_kernel_inputs,
+    fold_causal_into_mask,
     kernel_op,
     relu_signed_max_operands,
     relu_weight_grad,
@@ -892,6 +894,7 @@ class _FusedFunction(torch.autograd.Function):
         return out.view(batch, heads, q_len, v_dim)
 
     @staticmethod
+    @once_differentiable  # the C++ backward is not differentiable: a second derivative must raise, not be wrong
     @autocast_off
     def backward(ctx, grad_out):
         Ak, Bt, Vf, kernel_w, dqf, dkf, mask, out, lse, w, cvec, A, B, wg, q_vis, k_vis = ctx.saved_tensors
@@ -978,12 +981,13 @@ def neural_attention_fused_cpp(
         or not fused_cpp_available()
     ):
         return delegate()
+    mask, causal = fold_causal_into_mask(mask, causal, q_len, k_len)
     if mask is not None:
         while mask.dim() < 4:
             mask = mask.unsqueeze(0)
         mask = mask.expand(batch, heads, q_len, k_len)  # raises if not broadcastable; strides may be 0
     cfg = {
-        "causal": bool(causal) and mask is None,
+        "causal": bool(causal),
         "dot_scale": float(dot_scale),
         "act": _ACT_CODE[activation],
         "block": BLOCK,

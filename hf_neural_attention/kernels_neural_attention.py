@@ -33,13 +33,17 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "ACTIVATIONS",
     "ScorerFactory",
     "TileScorer",
+    "centre_hidden",
     "check_kernel_inputs",
     "choose_block_size",
+    "empty_attention",
+    "fold_causal_into_mask",
     "neural_attention_tiled",
     "relu_signed_max_operands",
     "kernel_op",
@@ -81,6 +85,42 @@ def visible_rows(
     return pairs.any(-1).unsqueeze(-1), pairs.any(-2).unsqueeze(-1)
 
 
+def empty_attention(tensors: tuple[Tensor | None, ...]) -> Tensor:
+    """Output of a call with ``q_len``, ``k_len`` or ``batch * heads`` zero: ``(batch, heads, q_len, v_dim)`` zeros,
+    kept in the autograd graph (every input that requires grad gets a zero gradient, not ``None``: DDP's unused
+    parameter check and ``autograd.grad`` expect one). ``tensors``: ``(query_hidden, key_hidden, value, *optional
+    differentiable inputs or None)``."""
+    query_hidden, _, value = tensors[:3]
+    batch, heads, q_len, _ = query_hidden.shape
+    out = value.new_zeros(batch, heads, q_len, value.shape[-1])
+    anchor = sum((t.sum() * 0).to(out.dtype) for t in tensors if t is not None and t.requires_grad)
+    return out + anchor if torch.is_tensor(anchor) else out
+
+
+def fold_causal_into_mask(
+    mask: Tensor | None, causal: bool, q_len: int, k_len: int
+) -> tuple[Tensor | None, bool]:
+    """``(mask, causal)`` with both constraints in the mask when a caller passes both (the contract applies both);
+    unchanged otherwise. The mask broadcasts to ``(batch|1, heads|1, q_len, k_len)``."""
+    if mask is None or not causal:
+        return mask, causal
+    rows = torch.arange(q_len, device=mask.device)[:, None]
+    return mask & (torch.arange(k_len, device=mask.device)[None, :] <= rows), False
+
+
+def centre_hidden(
+    query_hidden: Tensor, key_hidden: Tensor, query_visible: Tensor | None, key_visible: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Differentiable ``(A + mu, B - mu)``, mu the mean of B over the visible keys (per batch, head, unit), in the
+    inputs' dtype (fp64 stays fp64); rows no pair sees stay zero. Every pre-activation ``A_i + B_j`` is unchanged,
+    and so are the gradients of A and B (their sums over the pairs are equal), but large opposite offsets of A and B
+    no longer cancel in fp32 inside the kernels (the relu scorer's max and per-key constant, and dw)."""
+    A = zero_invisible_rows(query_hidden, query_visible)
+    B = zero_invisible_rows(key_hidden, key_visible)
+    mu = _key_mean(B, key_visible)
+    return zero_invisible_rows(A + mu, query_visible), zero_invisible_rows(B - mu, key_visible)
+
+
 def zero_invisible_rows(x: Tensor, visible: Tensor | None) -> Tensor:
     """x (..., len, hidden) with the rows ``visible`` (from :func:`visible_rows`; None: all) marks False set to 0."""
     return x if visible is None else torch.where(visible, x, 0.0)
@@ -96,10 +136,7 @@ def _key_mean(B: Tensor, key_visible: Tensor | None) -> Tensor:
 def _centred(A: Tensor, B: Tensor, query_visible: Tensor | None, key_visible: Tensor | None) -> tuple[Tensor, Tensor]:
     """fp32 (A + mu, B - mu), mu the mean of B over the visible keys, rows no pair sees zero: pre = A + B unchanged,
     large opposite offsets of A and B removed before anything multiplies or compares them."""
-    A = zero_invisible_rows(A.float(), query_visible)
-    B = zero_invisible_rows(B.float(), key_visible)
-    mu = _key_mean(B, key_visible)
-    return zero_invisible_rows(A + mu, query_visible), zero_invisible_rows(B - mu, key_visible)
+    return centre_hidden(A.float(), B.float(), query_visible, key_visible)
 
 
 def relu_signed_max_operands(
@@ -714,6 +751,7 @@ class _NeuralAttentionFunction(torch.autograd.Function):
         return out.view(batch, heads, q_len, V.shape[3]).to(V.dtype)
 
     @staticmethod
+    @once_differentiable  # the backward op is not differentiable: a second derivative must raise, not be wrong
     @autocast_off
     def backward(ctx, grad_out):
         *inputs, mask, out, lse = ctx.saved_tensors
@@ -835,7 +873,9 @@ def neural_attention_tiled(
     batch, heads, q_len, _ = query_hidden.shape
     k_len = key_hidden.shape[2]
     if q_len == 0 or k_len == 0 or batch * heads == 0:
-        return value.new_zeros(batch, heads, q_len, value.shape[-1])
+        return empty_attention((query_hidden, key_hidden, value, output_weight, second_weight, second_bias,
+                                dot_query, dot_key))  # fmt: skip
+    mask, causal = fold_causal_into_mask(mask, causal, q_len, k_len)
     if block_size is None:
         block = [-1, -1]
     elif isinstance(block_size, int):
@@ -855,8 +895,8 @@ def neural_attention_tiled(
     }
     # rows no pair sees get no gradient; zeroed (differentiably), garbage there (even NaN) cannot reach dw
     query_visible, key_visible = visible_rows(mask, cfg["causal"], q_len, k_len, query_hidden.device)
-    query_hidden = zero_invisible_rows(query_hidden, query_visible)
-    key_hidden = zero_invisible_rows(key_hidden, key_visible)
+    cdt = _compute_dtype(query_hidden, key_hidden)  # centred after the cast: bf16 offsets would round first
+    query_hidden, key_hidden = centre_hidden(query_hidden.to(cdt), key_hidden.to(cdt), query_visible, key_visible)
     return _NeuralAttentionFunction.apply(
         query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key, mask, cfg
     )

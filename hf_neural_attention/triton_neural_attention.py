@@ -31,9 +31,12 @@ import os
 from pathlib import Path
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .kernels_neural_attention import (
     autocast_off,
+    check_kernel_inputs,
+    empty_attention,
     kernel_op,
     relu_signed_max_operands,
     relu_weight_grad,
@@ -969,23 +972,12 @@ class _NeuralAttentionTriton(torch.autograd.Function):
         return Out.to(value.dtype)
 
     @staticmethod
+    @once_differentiable  # the backward kernels are not differentiable: a second derivative must raise
     @autocast_off
     def backward(ctx, grad_out):
         *inputs, mask, Out, LSE = ctx.saved_tensors
         grads = _triton_backward(*inputs, mask, Out, LSE, grad_out, *ctx.settings)
         return (*(None if t is None else g for t, g in zip(inputs, grads, strict=True)), None, None)
-
-
-def _empty_attention(tensors):
-    """q_len == 0 or k_len == 0: every row is fully masked -> zeros (kept in the autograd graph).
-
-    tensors: (query_hidden, key_hidden, value, *optional differentiable inputs or None).
-    """
-    query_hidden, _, value = tensors[:3]
-    batch, heads, q_len, _ = query_hidden.shape
-    out = value.new_zeros(batch, heads, q_len, value.shape[-1])
-    anchor = sum((t.sum() * 0).to(out.dtype) for t in tensors if t is not None and t.requires_grad)
-    return out + anchor if torch.is_tensor(anchor) else out
 
 
 def neural_attention_triton(
@@ -1024,37 +1016,11 @@ def neural_attention_triton(
     """
     if not TRITON_AVAILABLE:
         raise RuntimeError("neural_attention_triton needs the `triton` package (pip install triton)")
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}; got {activation!r}")
-    authors = second_weight is not None
-    if authors and activation != "relu":
-        raise ValueError('mlp="authors" (second_weight given) uses relu activations only')
-    if query_hidden.dim() != 4 or key_hidden.dim() != 4 or value.dim() != 4:
-        raise ValueError("query_hidden, key_hidden and value must be 4-D (batch, heads, len, dim)")
+    # shapes, mask dtype, dropout range: the contract's checks, shared with every kernel (ValueError / TypeError)
+    check_kernel_inputs(query_hidden, key_hidden, value, output_weight, second_weight, second_bias, activation, mask,
+                        dot_query, dot_key, dropout_p)  # fmt: skip
     batch, heads, q_len, hidden = query_hidden.shape
-    if key_hidden.shape[:2] != (batch, heads) or key_hidden.shape[-1] != hidden:
-        raise ValueError(
-            f"key_hidden shape {tuple(key_hidden.shape)} does not match query_hidden {tuple(query_hidden.shape)}"
-        )
     k_len = key_hidden.shape[2]
-    if value.shape[:3] != (batch, heads, k_len):
-        raise ValueError(f"value shape {tuple(value.shape)} does not match key_hidden {tuple(key_hidden.shape)}")
-    if (dot_query is None) != (dot_key is None):
-        raise ValueError("dot_query and dot_key must be given together")
-    if dot_query is not None and (
-        dot_query.shape[:3] != (batch, heads, q_len)
-        or dot_key.shape[:3] != (batch, heads, k_len)
-        or dot_query.shape[-1] != dot_key.shape[-1]
-    ):
-        raise ValueError("dot_query / dot_key shapes do not match (batch, heads, q_len|k_len, head_dim)")
-    if mask is not None:
-        if mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor (True = may attend); got {mask.dtype}")
-        if mask.dim() > 4:
-            raise ValueError("mask must be broadcastable to (batch, heads, q_len, k_len)")
-        torch.broadcast_shapes(mask.shape, (batch, heads, q_len, k_len))
-    if not (0.0 <= dropout_p <= 1.0):
-        raise ValueError(f"dropout_p must be in [0, 1]; got {dropout_p}")
     if value.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"value dtype {value.dtype} is not supported (float32, bfloat16, float16)")
     for bs in (block_m, block_n, bwd_block_m, bwd_block_n):
@@ -1065,8 +1031,8 @@ def neural_attention_triton(
             raise ValueError("unroll must be a power of two >= 1")
 
     inputs = (query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key)
-    if q_len == 0 or k_len == 0:
-        return _empty_attention(inputs)
+    if q_len == 0 or k_len == 0 or batch * heads == 0:
+        return empty_attention(inputs)
     tuning = (block_m, block_n, num_warps, unroll, bwd_block_m, bwd_block_n, bwd_num_warps, bwd_unroll)
     cfg = dict(activation=activation, causal=bool(causal), dot_scale=float(dot_scale), dropout_p=float(dropout_p),
                seed=seed_tensor(dropout_p, generator_seed, bound=2**31 - 1),

@@ -1,0 +1,123 @@
+"""Edges of the kernel contract, the same for every fused kernel: second derivatives, empty inputs, a mask together
+with ``causal``, the dropout range, and A / B with large opposite offsets (fp32 cancellation)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from hf_neural_attention import neural_attention_forward
+from hf_neural_attention.cpp_neural_attention import neural_attention_cpp
+from hf_neural_attention.fused_cpp_neural_attention import neural_attention_fused_cpp
+from hf_neural_attention.kernels_neural_attention import neural_attention_tiled
+from tests.reference import causal_visible, kernel_reference
+from tests.test_masks import _inputs as _masks_inputs
+from tests.test_masks import _layer
+
+KERNELS = {"tiled": neural_attention_tiled, "cpp": neural_attention_cpp, "fused-cpp": neural_attention_fused_cpp}
+if importlib.util.find_spec("triton") is not None:  # under TRITON_INTERPRET=1 (conftest) on CPU tensors
+    from hf_neural_attention.triton_neural_attention import neural_attention_triton
+
+    KERNELS["triton"] = neural_attention_triton
+NAMES = ("query_hidden", "key_hidden", "value", "output_weight", "second_weight", "second_bias")
+
+
+def _inputs(batch=1, heads=2, q_len=6, k_len=9, hidden=4, authors=False, seed=None):
+    g = torch.Generator().manual_seed(torch.seed() % 2**31 if seed is None else seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).requires_grad_()
+
+    args = {"query_hidden": rnd(batch, heads, q_len, hidden), "key_hidden": rnd(batch, heads, k_len, hidden),
+            "value": rnd(batch, heads, k_len, 5)}  # fmt: skip
+    if authors:
+        args.update(output_weight=rnd(heads, hidden // 2), second_weight=rnd(heads, hidden // 2, hidden),
+                    second_bias=rnd(heads, hidden // 2))  # fmt: skip
+    else:
+        args["output_weight"] = rnd(heads, hidden)
+    return args
+
+
+def _reference(args, **kw):
+    return kernel_reference(*(args.get(name) for name in NAMES), **kw)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("authors", [False, True])
+def test_a_second_derivative_raises_instead_of_being_wrong(kernel, authors):
+    # the backward passes are kernels autograd cannot differentiate; a gradient penalty must not train on garbage
+    args = _inputs(authors=authors)
+    out = KERNELS[kernel](**args, causal=True)
+    (grad_query,) = torch.autograd.grad((out**2).sum(), args["query_hidden"], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad_query.square().sum().backward()
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("empty", ["q_len", "k_len", "batch"])
+def test_empty_inputs_stay_in_the_graph_with_zero_gradients(kernel, empty):
+    args = _inputs(**{empty: 0})
+    out = KERNELS[kernel](**args)
+    assert out.shape == (*args["query_hidden"].shape[:3], 5) and out.requires_grad
+    grads = torch.autograd.grad(out.sum(), list(args.values()))
+    for (name, tensor), grad in zip(args.items(), grads, strict=True):
+        assert grad.shape == tensor.shape and not grad.any(), name
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_mask_and_causal_together_apply_both(kernel):
+    args = _inputs(batch=2, q_len=7, k_len=7)
+    mask = torch.rand(2, 1, 7, 7, generator=torch.Generator().manual_seed(3)) > 0.3
+    out = KERNELS[kernel](**args, mask=mask, causal=True)
+    expected = _reference(args, mask=mask & causal_visible(7, 7))
+    torch.testing.assert_close(out.double(), expected, rtol=2e-5, atol=2e-6)
+    gradient = torch.randn(out.shape, dtype=torch.float64)
+    got = torch.autograd.grad(out, list(args.values()), gradient.float())
+    want = torch.autograd.grad(expected, list(args.values()), gradient)
+    for name, x, y in zip(args, got, want, strict=True):
+        torch.testing.assert_close(x.double(), y.double(), rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dropout_p", [1.0, -0.1, 1.5])
+def test_dropout_outside_zero_to_one_is_refused(kernel, dropout_p):
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+        KERNELS[kernel](**_inputs(), dropout_p=dropout_p)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("offset", [1e3, 1e5])
+def test_large_opposite_offsets_of_a_and_b_do_not_cancel(kernel, offset):
+    # pre = A + B stays O(1) while A and B are huge: uncentred fp32 arithmetic loses |offset| * 2^-24 per operation
+    args = _inputs(q_len=16, k_len=16)
+    with torch.no_grad():
+        args["query_hidden"] += offset
+        args["key_hidden"] -= offset
+    out = KERNELS[kernel](**args, causal=True)
+    expected = _reference(args, causal=True)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=2e-6)
+    gradient = torch.randn(out.shape, dtype=torch.float64)
+    got = torch.autograd.grad(out, list(args.values()), gradient.float())
+    want = torch.autograd.grad(expected, list(args.values()), gradient)
+    for name, x, y in zip(args, got, want, strict=True):
+        torch.testing.assert_close(x.double(), y.double(), rtol=1e-4, atol=1e-5 * y.abs().max().item(), msg=name)
+
+
+def test_the_materialising_backend_has_second_derivatives():
+    # what the error above points to: backend="eager" builds the scores with autograd, so gradient penalties work
+    layer = _layer("eager", causal=True)
+    query, key, value = (t.requires_grad_() for t in _masks_inputs(1, 2, 4, 4))
+
+    def attention(query, key, value):
+        return neural_attention_forward(layer, query, key, value, None)[0]
+
+    assert torch.autograd.gradgradcheck(attention, (query, key, value))
+
+
+def test_an_integer_four_d_mask_is_refused_with_the_fix():
+    layer = _layer("auto")
+    query, key, value = _masks_inputs(1, 2, 3, 3)
+    with pytest.raises(TypeError, match=r"bool .* or additive float, got torch.int64.*mask.bool\(\)"):
+        neural_attention_forward(layer, query, key, value, torch.ones(1, 1, 3, 3, dtype=torch.long))
