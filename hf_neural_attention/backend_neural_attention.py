@@ -303,8 +303,7 @@ def neural_attention_forward(
         kernel = neural_attention_fused_cpp
     else:
         kernel = neural_attention_tiled
-    query_hidden, key_hidden = scorer.first_layer(query, key)
-    output_weight, second_weight, second_bias = scorer.output_side_weights()
+    query_hidden, key_hidden, output_weight, second_weight, second_bias = scorer(query, key)  # a call: module hooks
     # a 0-d tensor, not an int: an .item() here would break a torch.compile graph
     seed = torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0.0 else None
     out = kernel(

@@ -40,6 +40,10 @@ def _linear_default_bound(fan_in: int) -> float:
     return 1.0 / math.sqrt(fan_in)
 
 
+ScorerOperands = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+"""``(query_hidden A, key_hidden B, output_weight, second_weight, second_bias)``: see ``NeuralScorer.forward``."""
+
+
 class NeuralScorer(nn.Module):
     """Scores every query/key pair of one attention layer with a small MLP.
 
@@ -151,8 +155,23 @@ class NeuralScorer(nn.Module):
             output_weight = output_weight * self.gate[:, None]
         return output_weight, self.second_weight, self.second_bias
 
-    def pair_scores(self, pre_activation: torch.Tensor) -> torch.Tensor:
-        """The MLP after its first layer, applied to materialised pairs.
+    def forward(self, query: torch.Tensor, key: torch.Tensor) -> ScorerOperands:
+        """The operands every backend consumes: ``(A, B, output_weight, second_weight, second_bias)``.
+
+        ``A``, ``B`` as in :meth:`first_layer`, the weights as in :meth:`output_side_weights`. Backends go through
+        this call rather than reading the parameters: module hooks (accelerate's offloading brings offloaded weights
+        in around ``forward``) then see every use of them.
+        """
+        return (*self.first_layer(query, key), *self.output_side_weights())
+
+    def pair_scores(
+        self,
+        pre_activation: torch.Tensor,
+        output_weight: torch.Tensor,
+        second_weight: torch.Tensor | None,
+        second_bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The MLP after its first layer, applied to materialised pairs, with the weights :meth:`forward` returned.
 
         Args:
             pre_activation: ``(batch, heads, q_len, k_len, hidden)``, i.e. ``A_i + B_j``.
@@ -160,7 +179,6 @@ class NeuralScorer(nn.Module):
         Returns:
             Neural scores ``(batch, heads, q_len, k_len)`` (gate included in residual mode).
         """
-        output_weight, second_weight, second_bias = self.output_side_weights()
         hidden = ACTIVATION_FUNCTIONS[self.activation_name](pre_activation)
         if second_weight is not None:
             batch, heads, q_len, k_len, width = hidden.shape
@@ -179,8 +197,8 @@ class NeuralScorer(nn.Module):
         Returns:
             ``(batch, heads, q_len, k_len)`` logits in fp32 (or fp64 for fp64 inputs), before masking.
         """
-        query_hidden, key_hidden = self.first_layer(query, key)
-        logits = self.pair_scores(query_hidden[:, :, :, None, :] + key_hidden[:, :, None, :, :])
+        query_hidden, key_hidden, *weights = self(query, key)
+        logits = self.pair_scores(query_hidden[:, :, :, None, :] + key_hidden[:, :, None, :, :], *weights)
         if self.residual:
             compute_dtype = logits.dtype
             logits = logits + scaling * (query.to(compute_dtype) @ key.to(compute_dtype).transpose(-1, -2))

@@ -200,6 +200,20 @@ def test_save_load_round_trip(kind, tmp_path):
     assert all(torch.equal(original[k], reloaded[k]) for k in original)
 
 
+@pytest.mark.parametrize("backend", ["auto", "eager"])
+def test_a_neural_layer_offloaded_by_accelerate_is_brought_in_for_its_forward(backend, tmp_path):
+    # accelerate moves offloaded weights in around a module's forward: the scorer must be called, not read
+    model = patched("gpt2-lm", layers=[0], backend=backend)
+    expected = logits(model, "gpt2-lm")
+    model.save_pretrained(tmp_path / "saved")
+    device_map = {"transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.drop": "cpu",
+                  "transformer.h.0": "disk", "transformer.h.1": "cpu", "transformer.ln_f": "cpu", "lm_head": "cpu"}
+    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", device_map=device_map,
+                                                     offload_folder=tmp_path / "offload").eval()
+    assert scorers(offloaded)[0].hidden_weight.is_meta  # really offloaded
+    assert torch.equal(logits(offloaded, "gpt2-lm"), expected)
+
+
 def test_travelling_files_import_only_torch_transformers_and_siblings():
     allowed = {"torch", "transformers", "huggingface_hub", "triton"} | set(sys.stdlib_module_names)
     for name in TRAVELLING:
