@@ -66,6 +66,7 @@ def save_neural_adapter(
     Raises:
         ValueError: the model has no neural layers.
     """
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: record the model's own class
     recorded = neural_settings(model)
     if recorded is None:
         raise ValueError("This model has no neural layers; patch it with patch_model(model, layers=...) first.")
@@ -167,7 +168,11 @@ def load_neural_adapter(
         name = str(model_or_name or metadata.get("base_model") or "")
         if not name:
             raise ValueError("The adapter names no base model; pass the model or its Hub id.")
-        model_class = getattr(transformers, metadata.get("model_class") or "", None) or transformers.AutoModel
+        recorded_class = metadata.get("model_class")
+        model_class = getattr(transformers, recorded_class, None) if recorded_class else transformers.AutoModel
+        if model_class is None:  # falling back to AutoModel would silently drop the task head
+            raise ValueError(f"The adapter was saved from a {recorded_class}, which transformers does not provide; "
+                             "load the base model yourself and pass it: load_neural_adapter(model, directory).")
         from_pretrained_kwargs.setdefault("revision", metadata.get("base_model_revision"))
         model = model_class.from_pretrained(name, **from_pretrained_kwargs)
     else:

@@ -127,6 +127,8 @@ def attach_scorers(model: PreTrainedModel, fallback: str) -> None:
         setattr(module, SCORER_ATTRIBUTE, scorer)
     set_fallback(model, fallback)
     model.config._attn_implementation_internal = ATTENTION_NAME
+    # a stock parent's or sub-model's set_attn_implementation("sdpa") would otherwise route past the scorers
+    register_keep_neural_attention_hook(model)
 
 
 def set_fallback(model: nn.Module, fallback: str) -> None:
@@ -152,6 +154,31 @@ def keep_neural_attention(model: nn.Module, attn_implementation: str | dict | No
             if hasattr(module, FALLBACK_ATTRIBUTE):
                 setattr(module, FALLBACK_ATTRIBUTE, fallback)
     model.config._attn_implementation_internal = ATTENTION_NAME
+
+
+def _keep_neural_attention_hook(model: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of a patched model: a stock ``set_attn_implementation("sdpa" | "eager")`` -- on a model
+    without a Hub class (Llama, BERT, GPT2Model), on a parent sharing the config, or on a sub-model -- would route
+    every layer past its scorer; the request is applied to the unpatched layers instead and the model switched back
+    (flash / flex kernels raise ``ValueError``). Runs on every forward: the common path is one attribute read, and
+    nothing in it stops torch.compile."""
+    current = model.config._attn_implementation
+    if current == ATTENTION_NAME:
+        return
+    if any(getattr(module, SCORER_ATTRIBUTE, None) is not None for module in model.modules()):  # not unpatched since
+        keep_neural_attention(model, current)
+
+
+def register_keep_neural_attention_hook(model: nn.Module) -> None:
+    """Register :func:`_keep_neural_attention_hook` on ``model`` once (``patch_model`` and every Hub-class build)."""
+    if not any(is_keep_neural_attention_hook(hook) for hook in model._forward_pre_hooks.values()):
+        model.register_forward_pre_hook(_keep_neural_attention_hook)
+
+
+def is_keep_neural_attention_hook(hook: Any) -> bool:
+    """Whether ``hook`` is that hook, from this file or from a Hub checkpoint's copy of it (remote code)."""
+    return getattr(hook, "__name__", None) == _keep_neural_attention_hook.__name__ and getattr(
+        hook, "__module__", "").endswith("modeling_neural_attention")
 
 
 def _requested_fallback(requested: Any) -> str:

@@ -22,7 +22,8 @@ from .configuration_neural_attention import NeuralAttentionConfig, clear_from_co
 from .modeling_neural_attention import (
     find_self_attention_modules,
     head_shape,
-    keep_neural_attention,
+    is_keep_neural_attention_hook,
+    register_keep_neural_attention_hook,
     scorer_state_names,
 )
 from .scoring_neural_attention import NeuralScorer
@@ -204,8 +205,7 @@ def patch_model(
                 "the scorer would be ignored."
             )
     record_on_config(model.config, present + chosen, config)
-    if _keep_neural_attention_hook not in model._forward_pre_hooks.values():
-        model.register_forward_pre_hook(_keep_neural_attention_hook)
+    register_keep_neural_attention_hook(model)
     _adopt_hub_class(model)
     return model
 
@@ -268,19 +268,6 @@ def _give_model_its_own_config(model: nn.Module) -> None:
             module.__dict__["config"] = memo[id(held)]
 
 
-def _keep_neural_attention_hook(model: nn.Module, args: tuple) -> None:
-    """Forward pre-hook of a patched model: a stock ``set_attn_implementation("sdpa" | "eager")`` -- on a model
-    without a Hub class (Llama, BERT, GPT2Model), on a parent sharing the config, or on a sub-model -- would route
-    every layer past its scorer; the request is applied to the unpatched layers instead and the model switched back
-    (flash / flex kernels raise ``ValueError``). Runs on every forward: the common path is one attribute read, and
-    nothing in it stops torch.compile."""
-    current = model.config._attn_implementation
-    if current == ATTENTION_NAME:
-        return
-    if any(getattr(module, SCORER_ATTRIBUTE, None) is not None for module in model.modules()):  # not unpatched since
-        keep_neural_attention(model, current)
-
-
 def unpatch_model(model: nn.Module) -> nn.Module:
     """Remove every scorer and restore the model's previous attention implementation and class, in place.
 
@@ -292,7 +279,19 @@ def unpatch_model(model: nn.Module) -> nn.Module:
         ValueError: a parent sharing the config still has neural layers outside ``model``; unpatch the parent.
     """
     config = model.__dict__.get("config")
-    holders = _other_config_holders(model)[0] if isinstance(config, PretrainedConfig) else []
+    holders, others = _other_config_holders(model) if isinstance(config, PretrainedConfig) else ([], [])
+    inside_parents = {id(module) for parent in holders for module in parent.modules()}  # checked with the parents
+    others = [other for other in others if id(other) not in inside_parents]
+    if others:  # another model built from the same config object keeps its neural layers, and so its config
+        if holders:
+            raise ValueError(
+                f"{type(model).__name__}'s config object is held by its parent {type(holders[0]).__name__} and by "
+                f"{len(others)} other module(s) (e.g. {type(others[0]).__name__}); unpatching would strip their "
+                "settings too. Give the model a config of its own first (copy.deepcopy), or unpatch the parent "
+                "(nothing was changed)."
+            )
+        _give_model_its_own_config(model)
+        config = model.config
     parents = [parent for parent in holders if parent.__dict__.get("config") is config]
     inside = {id(module) for module in model.modules()}
     for parent in parents:
@@ -314,7 +313,7 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     cleared: set[int] = set()
     for module in [module for holder in [*parents, model] for module in holder.modules()]:
         for key, hook in list(module._forward_pre_hooks.items()):
-            if hook is _keep_neural_attention_hook:
+            if is_keep_neural_attention_hook(hook):
                 del module._forward_pre_hooks[key]
         held = module.__dict__.get("config")
         if isinstance(held, PretrainedConfig) and id(held) not in cleared:

@@ -70,6 +70,24 @@ def test_adapter_loaded_by_name_uses_the_recorded_class(tmp_path):
     assert torch.equal(output(restored), output(model))
 
 
+def test_adapter_of_a_compiled_model_records_the_model_class(tmp_path):
+    model = patch_model(tiny_gpt2(), layers=[1], proj_dim=4)
+    save_neural_adapter(torch.compile(model), tmp_path / "adapter", base_model="me/base")
+    assert json.loads((tmp_path / "adapter" / CONFIG_NAME).read_text())["model_class"] == "GPT2LMHeadModel"
+    tiny_gpt2().save_pretrained(tmp_path / "base")
+    restored = load_neural_adapter(str(tmp_path / "base"), tmp_path / "adapter", revision=None)
+    assert type(restored).__name__ == "NeuralAttentionGPT2ForCausalLM"  # the LM head was kept
+    assert torch.equal(output(restored), output(model))
+
+
+def test_adapter_naming_a_class_transformers_lacks_is_refused_by_name(tmp_path):
+    trained_adapter(tmp_path / "adapter")
+    config_path = tmp_path / "adapter" / CONFIG_NAME
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "model_class": "MyCustomLM"}))
+    with pytest.raises(ValueError, match="saved from a MyCustomLM.*load_neural_adapter\\(model, directory\\)"):
+        load_neural_adapter(str(tmp_path / "base"), tmp_path / "adapter")
+
+
 def test_adapter_for_vit(tmp_path):
     torch.manual_seed(0)
     config = ViTConfig(image_size=8, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

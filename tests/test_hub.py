@@ -214,6 +214,22 @@ def test_a_neural_layer_offloaded_by_accelerate_is_brought_in_for_its_forward(ba
     assert torch.equal(logits(offloaded, "gpt2-lm"), expected)
 
 
+@pytest.mark.parametrize("switched", ["sub-model", "shared config"])
+def test_a_loaded_model_keeps_its_scorers_when_a_stock_relative_switches_attention(switched, tmp_path):
+    # from_pretrained builds the Hub class without patch_model: it must guard its forward the same way. A stock
+    # parent (an encoder-decoder holding it) switches by writing the shared config, as the second case does.
+    patched("gpt2-lm").save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    expected = logits(loaded, "gpt2-lm")
+    if switched == "sub-model":
+        loaded.transformer.set_attn_implementation("sdpa")
+    else:
+        loaded.config._attn_implementation_internal = "sdpa"
+    assert loaded.config._attn_implementation == "sdpa"
+    assert torch.equal(logits(loaded, "gpt2-lm"), expected)
+    assert loaded.config._attn_implementation == hna.ATTENTION_NAME
+
+
 def test_travelling_files_import_only_torch_transformers_and_siblings():
     allowed = {"torch", "transformers", "huggingface_hub", "triton"} | set(sys.stdlib_module_names)
     for name in TRAVELLING:

@@ -11,6 +11,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from hf_neural_attention import (
     ATTENTION_NAME,
+    NeuralAttentionGPT2Config,
+    NeuralAttentionGPT2ForCausalLM,
     find_attention_modules,
     neural_attention_forward,
     neural_layers,
@@ -18,7 +20,7 @@ from hf_neural_attention import (
     scorer_parameters,
     unpatch_model,
 )
-from tests.models import random_ids, random_pixels, tiny_bert, tiny_gpt2, tiny_llama, tiny_vit
+from tests.models import random_ids, random_pixels, tiny_bert, tiny_gpt2, tiny_gpt2_config, tiny_llama, tiny_vit
 
 NO_DROPOUT = dict(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
 
@@ -386,6 +388,23 @@ def test_unpatching_a_wrapper_restores_every_model_inside_it(tmp_path):
         assert torch.equal(wrapper["vision"](pixels).logits, reference["vision"](pixels).logits)
     wrapper["lm"].save_pretrained(tmp_path)
     assert type(GPT2LMHeadModel.from_pretrained(tmp_path)) is GPT2LMHeadModel
+
+
+def test_unpatching_one_of_two_models_built_from_one_config_leaves_the_other_alone(tmp_path):
+    config = NeuralAttentionGPT2Config(**tiny_gpt2_config(**NO_DROPOUT).to_dict(), neural_attention_layers=[0],
+                                       neural_attention_proj_dim=4)
+    first, second = NeuralAttentionGPT2ForCausalLM(config).eval(), NeuralAttentionGPT2ForCausalLM(config).eval()
+    assert first.config is second.config  # transformers hands both the one object
+    ids = random_ids(2, 7)
+    with torch.no_grad():
+        before = second(ids).logits
+    unpatch_model(first)
+    assert type(first) is GPT2LMHeadModel and first.config is not config
+    assert type(second.config) is NeuralAttentionGPT2Config and second.config.neural_attention_layers == [0]
+    with torch.no_grad():
+        assert torch.equal(second(ids).logits, before)
+    second.save_pretrained(tmp_path)
+    assert torch.equal(NeuralAttentionGPT2ForCausalLM.from_pretrained(tmp_path).eval()(ids).logits, before)
 
 
 def test_unpatching_a_sub_model_refuses_when_its_parent_has_other_neural_layers():
