@@ -165,6 +165,11 @@ def materialised_neural_attention(
 
 
 # --- backend choice -------------------------------------------------------------------------------------------
+_SWITCH_BACKEND = (" (a checkpoint keeps the backend it was saved with: load it with from_pretrained(..., "
+                   "neural_attention_backend='auto'), or switch a model with hf_neural_attention.set_backend(model, "
+                   "'auto'))")
+
+
 def choose_backend(requested: str, query: torch.Tensor, *, needs_probabilities: bool, has_bias: bool) -> str:
     """The backend that will run: ``"eager"``, ``"tiled"``, ``"cpp"`` or ``"triton"``.
 
@@ -183,7 +188,7 @@ def choose_backend(requested: str, query: torch.Tensor, *, needs_probabilities: 
         if not triton_is_usable(query):
             raise RuntimeError(
                 "backend='triton' needs triton and a CUDA tensor (or TRITON_INTERPRET=1 for CPU tests); "
-                "install triton or use backend='auto'."
+                f"install triton or use backend='auto'{_SWITCH_BACKEND}."
             )
         if not fused_dtype:
             raise ValueError(
@@ -194,7 +199,7 @@ def choose_backend(requested: str, query: torch.Tensor, *, needs_probabilities: 
     if requested == "cpp" and query.device.type != "cpu":
         raise ValueError(
             f"backend='cpp' runs on CPU tensors, got a {query.device.type} tensor; use backend='auto' (Triton on "
-            "CUDA when installed, else 'tiled'), or move the model to the CPU."
+            f"CUDA when installed, else 'tiled'){_SWITCH_BACKEND}, or move the model to the CPU."
         )
     if requested == "auto":
         if query.is_cuda:

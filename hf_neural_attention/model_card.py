@@ -4,6 +4,7 @@ Installed as the model card writer of the Hub classes when hf-neural-attention i
 and ``push_to_hub`` write it. Not copied with checkpoints.
 """
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -12,6 +13,8 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from .configuration_neural_attention import CONFIG_PREFIX, NeuralAttentionConfig, read_from_config
+
+logger = logging.getLogger(__name__)
 
 TAGS = ["neural-attention", "hf-neural-attention"]
 PAPER_ID = "2502.17206"
@@ -100,9 +103,25 @@ model = {auto_class}.from_pretrained("{repo}")
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
+def is_our_card(path: str | os.PathLike) -> bool:
+    """Whether the README.md at ``path`` is a card this package wrote (tagged ``hf-neural-attention``)."""
+    try:
+        return "hf-neural-attention" in (ModelCard.load(path).data.tags or [])
+    except Exception:  # unreadable metadata: somebody else's file
+        return False
+
+
 def write_model_card(model: Any, save_directory: str | os.PathLike, repo_id: str | None = None) -> Path:
-    """Write ``README.md`` into ``save_directory``; returns its path."""
+    """Write ``README.md`` into ``save_directory``; returns its path.
+
+    A README.md already there that is not one of our cards (the user's own) is kept, with a warning: stock
+    ``save_pretrained`` never touches it either. ``build_model_card(model)`` gives ours to merge by hand.
+    """
     path = Path(save_directory) / "README.md"
+    if path.is_file() and not is_our_card(path):
+        logger.warning("%s is not a model card of hf-neural-attention; kept it (build_model_card(model) gives ours).",
+                       path)
+        return path
     build_model_card(model, repo_id=repo_id).save(path)
     return path
 

@@ -11,6 +11,7 @@ siblings, so a reader without hf-neural-attention installed can load the model.
 """
 
 import inspect
+import os
 from collections.abc import Callable
 from functools import cache
 from typing import Any
@@ -27,6 +28,7 @@ from transformers import (
 from .backend_neural_attention import ATTENTION_NAME, FALLBACK_ATTRIBUTE, SCORER_ATTRIBUTE
 from .configuration_neural_attention import (
     CONFIG_PREFIX,
+    PACKAGE_VERSION,
     NeuralAttentionGPT2Config,
     NeuralAttentionViTConfig,
     read_from_config,
@@ -261,7 +263,25 @@ class NeuralAttentionModelMixin:
         return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> None:
-        """``PreTrainedModel.save_pretrained`` plus README.md (when hf-neural-attention is installed)."""
+        """``PreTrainedModel.save_pretrained`` plus README.md (when hf-neural-attention is installed).
+
+        ``push_to_hub=True`` uploads through :meth:`push_to_hub`, so the Hub gets our card too (transformers would
+        upload its generic one). A README.md already in the folder that is not a card of ours is kept.
+
+        Raises:
+            ValueError: ``config.neural_attention_*`` no longer describes the scorers (edited by hand): the
+                checkpoint would not load. Nothing is written.
+        """
+        check_config_describes_scorers(self)
+        if kwargs.pop("push_to_hub", False) and _model_card_writer is not None:
+            repo_id = kwargs.pop("repo_id", os.fspath(save_directory).split(os.path.sep)[-1])
+            push = {key: kwargs.pop(key) for key in _PUSH_ARGUMENTS if key in kwargs}
+            if "max_shard_size" in kwargs:
+                push["max_shard_size"] = kwargs["max_shard_size"]
+            self.save_pretrained(save_directory, *args, **kwargs)
+            if kwargs.get("is_main_process", True):
+                self.push_to_hub(repo_id, **push)
+            return
         super().save_pretrained(save_directory, *args, **kwargs)
         if _model_card_writer is not None and kwargs.get("is_main_process", True):
             _model_card_writer(self, save_directory)
@@ -280,6 +300,28 @@ class NeuralAttentionModelMixin:
         return _push_with_card(self, repo_id, _model_card_writer, **kwargs)
 
 
+def check_config_describes_scorers(model: nn.Module) -> None:
+    """Raise ``ValueError`` when ``config.neural_attention_*`` (what a checkpoint records) differs from the scorers
+    the layers carry -- a hand-edited config field, which would write a checkpoint that does not load."""
+    recorded = read_from_config(model.config)
+    carried = [(index, getattr(module, SCORER_ATTRIBUTE, None))
+               for index, (_, module) in enumerate(find_self_attention_modules(model))]  # fmt: skip
+    carried = [(index, scorer) for index, scorer in carried if scorer is not None]
+    layers = [index for index, _ in carried]
+    recorded_layers, recorded_settings = recorded if recorded is not None else ([], None)
+    problems = [] if sorted(recorded_layers) == layers else [f"layers {sorted(recorded_layers)} (scorers in {layers})"]
+    if carried and recorded_settings is not None:
+        settings = carried[0][1].settings.to_dict()
+        problems += [f"{name}={value!r} (the scorers have {settings[name]!r})"
+                     for name, value in recorded_settings.to_dict().items() if settings[name] != value]
+    if problems:
+        raise ValueError(
+            f"config.{CONFIG_PREFIX}* no longer describes the scorers: " + "; ".join(problems) + ". Editing the "
+            "config does not rebuild them; restore the field, or use set_backend(model, ...) / unpatch_model and "
+            "patch_model from hf_neural_attention. Nothing was saved."
+        )
+
+
 def _check_loaded_scorers(model: nn.Module, info: dict, source: Any, from_neural_checkpoint: bool) -> None:
     names = set(scorer_state_names(model))
     missing = sorted(k for k in info.get("missing_keys", ()) if k in names)
@@ -287,10 +329,17 @@ def _check_loaded_scorers(model: nn.Module, info: dict, source: Any, from_neural
     mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys", ())
                         if f".{SCORER_ATTRIBUTE}." in f".{k[0] if isinstance(k, tuple) else k}")
     problems = []
-    if from_neural_checkpoint and missing:
+    # some scorer weights but not all: a broken neural checkpoint, whatever config the caller passed
+    if missing and (from_neural_checkpoint or len(missing) < len(names)):
         problems.append(f"scorer weights missing from the checkpoint: {missing}")
-    if unexpected:
-        problems.append(f"scorer weights for layers the config does not name: {unexpected}")
+    scorer_prefixes = {name.rsplit(".", 1)[0] for name in names}
+    unknown = [k for k in unexpected if k.rsplit(".", 1)[0] in scorer_prefixes]
+    if unknown:
+        problems.append(f"scorer parameters this hf-neural-attention ({PACKAGE_VERSION}) does not know: {unknown} "
+                        "(a checkpoint from a newer version? upgrade hf-neural-attention)")
+    if len(unknown) < len(unexpected):
+        problems.append("scorer weights for layers the config does not name: "
+                        f"{[k for k in unexpected if k not in unknown]}")
     if mismatched:
         problems.append(f"scorer weights whose shapes do not match the config: {mismatched}")
     bad_values = [name for name, p in model.named_parameters()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import logging
 import operator
 from collections.abc import Iterable
 
@@ -19,6 +20,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from .backend_neural_attention import ATTENTION_NAME, FALLBACK_ATTRIBUTE, SCORER_ATTRIBUTE
 from .configuration_neural_attention import NeuralAttentionConfig, clear_from_config, record_on_config
+from .hub_classes import STOCK_CLASS_FOR, adopt_hub_class, hub_class_for, restore_stock_class
 from .modeling_neural_attention import (
     find_self_attention_modules,
     head_shape,
@@ -27,6 +29,8 @@ from .modeling_neural_attention import (
     scorer_state_names,
 )
 from .scoring_neural_attention import NeuralScorer
+
+logger = logging.getLogger(__name__)
 
 SUPPORTED_FALLBACKS = ("sdpa", "eager")
 LayerSelection = int | str | Iterable[int]
@@ -81,17 +85,6 @@ def _current_implementation(model: PreTrainedModel) -> str | None:
     return getattr(model.config, "_attn_implementation", None)
 
 
-def _adopt_hub_class(model: nn.Module) -> None:
-    """Switch a stock model instance to its Hub class (so save_pretrained writes a loadable checkpoint)."""
-    from .hub_classes import adopt_hub_class
-
-    adopt_hub_class(model)
-
-
-def _restore_stock_class(model: nn.Module) -> None:
-    from .hub_classes import restore_stock_class
-
-    restore_stock_class(model)
 
 
 def _unsupported_feature(module: nn.Module) -> str | None:
@@ -206,7 +199,12 @@ def patch_model(
             )
     record_on_config(model.config, present + chosen, config)
     register_keep_neural_attention_hook(model)
-    _adopt_hub_class(model)
+    adopt_hub_class(model)
+    if not present and hub_class_for(type(model)) is None and type(model) not in STOCK_CLASS_FOR:
+        logger.warning(
+            "%s has no neural-attention Hub class: its save_pretrained writes the scorer weights, but loading the "
+            "checkpoint with %s.from_pretrained drops them (reported as unexpected keys). Save and load the scorers "
+            "with save_neural_adapter / load_neural_adapter.", type(model).__name__, type(model).__name__)
     return model
 
 
@@ -322,7 +320,7 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     outermost_first = sorted(parents, key=lambda parent: -sum(1 for _ in parent.modules()))
     # model.modules() too (outermost first): a plain nn.Module wrapping a patched model has no class of its own
     for holder in [*outermost_first, *model.modules()]:
-        _restore_stock_class(holder)
+        restore_stock_class(holder)
     for holder in [*outermost_first, model]:
         for module in holder.modules():  # outermost first: its switch reaches the sub-configs
             if isinstance(module, PreTrainedModel) and _current_implementation(module) == ATTENTION_NAME:

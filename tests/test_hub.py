@@ -38,7 +38,9 @@ from hf_neural_attention import (
     patch_model,
     unpatch_model,
 )
+from hf_neural_attention.backend_neural_attention import choose_backend
 from hf_neural_attention.modeling_neural_attention import find_self_attention_modules
+from tests.models import tiny_llama
 
 PACKAGE_DIR = Path(hna.__file__).parent
 TRAVELLING = {
@@ -228,6 +230,15 @@ def test_a_loaded_model_keeps_its_scorers_when_a_stock_relative_switches_attenti
     assert loaded.config._attn_implementation == "sdpa"
     assert torch.equal(logits(loaded, "gpt2-lm"), expected)
     assert loaded.config._attn_implementation == hna.ATTENTION_NAME
+
+
+def test_a_saved_backend_that_cannot_run_here_names_the_load_time_override(tmp_path):
+    patched("gpt2-lm", backend="cpp").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"from_pretrained\(\.\.\., neural_attention_backend='auto'\)"):
+        choose_backend("cpp", torch.empty(1, device="meta"), needs_probabilities=False, has_bias=False)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, neural_attention_backend="auto")
+    assert {scorer.settings.backend for scorer in scorers(loaded)} == {"auto"}
+    assert loaded.config.neural_attention_backend == "auto"
 
 
 def test_travelling_files_import_only_torch_transformers_and_siblings():
@@ -469,3 +480,65 @@ def test_trainer_checkpoints_load_and_resume_exactly(tmp_path):
     assert resumed.state.global_step == trainer.state.global_step == 4
     assert final.keys() == resumed_final.keys()
     assert all(torch.equal(final[k], resumed_final[k]) for k in final)
+
+
+def test_newer_scorer_parameters_and_a_caller_built_config_fail_clearly(tmp_path):
+    model = patched("gpt2-lm")
+    model.save_pretrained(tmp_path / "newer")
+    added = "transformer.h.0.attn.neural_scorer.temperature"  # a parameter a later version might add
+    _edit_weights(tmp_path / "newer", lambda w: w.update({added: torch.ones(4)}))
+    with pytest.raises(ValueError, match=rf"does not know: \['{added}'\].*upgrade"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "newer")
+
+    model.save_pretrained(tmp_path / "partial")
+    _edit_weights(tmp_path / "partial", lambda w: w.pop("transformer.h.0.attn.neural_scorer.hidden_weight"))
+    saved = json.loads((tmp_path / "partial" / "config.json").read_text())
+    config = NeuralAttentionGPT2Config(**{k: v for k, v in saved.items() if k not in ("model_type", "auto_map")})
+    assert getattr(config, "_neural_attention_source_type", None) is None  # the caller's own config object
+    with pytest.raises(ValueError, match="scorer weights missing from the checkpoint"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "partial", config=config)
+
+
+def test_a_hand_edited_config_is_refused_at_save_and_nothing_is_written(tmp_path):
+    model = patched("gpt2-lm")
+    model.config.neural_attention_proj_dim = 8  # does not rebuild the scorers (proj_dim 4)
+    with pytest.raises(ValueError, match=r"proj_dim=8 \(the scorers have 4\).*Nothing was saved"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    model.config.neural_attention_proj_dim = 4
+    model.config.neural_attention_layers = [0, 1]
+    with pytest.raises(ValueError, match=r"layers \[0, 1\] \(scorers in \[0\]\)"):
+        model.save_pretrained(tmp_path / "out")
+
+
+def test_save_pretrained_keeps_a_readme_of_the_users_and_renews_its_own(tmp_path, caplog):
+    model = patched("gpt2-lm")
+    (tmp_path / "README.md").write_text("# My model\n\nHand-written evaluation and license.\n")
+    with caplog.at_level(logging.WARNING):
+        model.save_pretrained(tmp_path)
+    assert "Hand-written" in (tmp_path / "README.md").read_text() and "kept it" in caplog.text
+    (tmp_path / "README.md").unlink()
+    model.save_pretrained(tmp_path)
+    model.config.neural_attention_base_model = "me/other-base"
+    model.save_pretrained(tmp_path)  # our own card is rewritten with the new settings
+    assert ModelCard.load(tmp_path / "README.md").data.base_model == "me/other-base"
+
+
+def test_save_pretrained_with_push_to_hub_uploads_our_card(tmp_path, monkeypatch):
+    model = patched("gpt2-lm")
+    uploaded = fake_hub_upload(monkeypatch, tmp_path / "hub")
+    model.save_pretrained(tmp_path / "local", push_to_hub=True, repo_id="me/gpt2-neural", commit_message="first")
+    assert sorted(uploaded) == sorted(p.name for p in (tmp_path / "local").iterdir())
+    for folder in (tmp_path / "hub", tmp_path / "local"):
+        card = ModelCard.load(folder / "README.md")
+        assert "neural-attention" in card.data.tags and "arXiv:2502.17206" in card.text
+
+
+def test_patching_a_model_without_a_hub_class_says_how_to_save_it(caplog):
+    with caplog.at_level(logging.WARNING):
+        patch_model(tiny_llama(), layers=[0])
+    assert "LlamaForCausalLM has no neural-attention Hub class" in caplog.text and "save_neural_adapter" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        patched("gpt2-lm")
+    assert "Hub class" not in caplog.text
