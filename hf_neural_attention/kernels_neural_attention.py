@@ -112,13 +112,14 @@ def centre_hidden(
     query_hidden: Tensor, key_hidden: Tensor, query_visible: Tensor | None, key_visible: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     """Differentiable ``(A + mu, B - mu)``, mu the mean of B over the visible keys (per batch, head, unit), in the
-    inputs' dtype (fp64 stays fp64); rows no pair sees stay zero. Every pre-activation ``A_i + B_j`` is unchanged,
-    and so are the gradients of A and B (their sums over the pairs are equal), but large opposite offsets of A and B
-    no longer cancel in fp32 inside the kernels (the relu scorer's max and per-key constant, and dw)."""
+    inputs' dtype (fp64 stays fp64). Every pre-activation ``A_i + B_j`` is unchanged, and so are the gradients of A
+    and B (their sums over the pairs are equal), but large opposite offsets of A and B no longer cancel in fp32
+    inside the kernels (the relu scorer's max and per-key constant, and dw). Rows no pair sees are zeroed first, so
+    garbage there (even NaN) cannot reach mu; they come out as the finite ``+-mu`` and get no gradient."""
     A = zero_invisible_rows(query_hidden, query_visible)
     B = zero_invisible_rows(key_hidden, key_visible)
     mu = _key_mean(B, key_visible)
-    return zero_invisible_rows(A + mu, query_visible), zero_invisible_rows(B - mu, key_visible)
+    return A + mu, B - mu
 
 
 def zero_invisible_rows(x: Tensor, visible: Tensor | None) -> Tensor:
@@ -136,7 +137,8 @@ def _key_mean(B: Tensor, key_visible: Tensor | None) -> Tensor:
 def _centred(A: Tensor, B: Tensor, query_visible: Tensor | None, key_visible: Tensor | None) -> tuple[Tensor, Tensor]:
     """fp32 (A + mu, B - mu), mu the mean of B over the visible keys, rows no pair sees zero: pre = A + B unchanged,
     large opposite offsets of A and B removed before anything multiplies or compares them."""
-    return centre_hidden(A.float(), B.float(), query_visible, key_visible)
+    A, B = centre_hidden(A.float(), B.float(), query_visible, key_visible)
+    return zero_invisible_rows(A, query_visible), zero_invisible_rows(B, key_visible)
 
 
 def relu_signed_max_operands(
@@ -895,7 +897,8 @@ def neural_attention_tiled(
     }
     # rows no pair sees get no gradient; zeroed (differentiably), garbage there (even NaN) cannot reach dw
     query_visible, key_visible = visible_rows(mask, cfg["causal"], q_len, k_len, query_hidden.device)
-    cdt = _compute_dtype(query_hidden, key_hidden)  # centred after the cast: bf16 offsets would round first
+    # centred in the kernel's compute dtype (after the cast: bf16 offsets would round first; fp64 if any input is)
+    cdt = _compute_dtype(query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key)
     query_hidden, key_hidden = centre_hidden(query_hidden.to(cdt), key_hidden.to(cdt), query_visible, key_visible)
     return _NeuralAttentionFunction.apply(
         query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key, mask, cfg

@@ -265,26 +265,44 @@ class NeuralAttentionModelMixin:
     def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> None:
         """``PreTrainedModel.save_pretrained`` plus README.md (when hf-neural-attention is installed).
 
-        ``push_to_hub=True`` uploads through :meth:`push_to_hub`, so the Hub gets our card too (transformers would
-        upload its generic one). A README.md already in the folder that is not a card of ours is kept.
+        A README.md already in the folder that is not a card of ours is kept. With ``push_to_hub=True``
+        transformers uploads (from the saving rank, with every saving option); the upload carries the README.md the
+        folder ends with, instead of transformers' generic card.
 
         Raises:
-            ValueError: ``config.neural_attention_*`` no longer describes the scorers (edited by hand): the
-                checkpoint would not load. Nothing is written.
+            ValueError: ``config.neural_attention_*`` no longer describes the scorers' weights (edited by hand): the
+                checkpoint would not load as saved. Nothing is written.
         """
         check_config_describes_scorers(self)
-        if kwargs.pop("push_to_hub", False) and _model_card_writer is not None:
-            repo_id = kwargs.pop("repo_id", os.fspath(save_directory).split(os.path.sep)[-1])
-            push = {key: kwargs.pop(key) for key in _PUSH_ARGUMENTS if key in kwargs}
-            if "max_shard_size" in kwargs:
-                push["max_shard_size"] = kwargs["max_shard_size"]
-            self.save_pretrained(save_directory, *args, **kwargs)
-            if kwargs.get("is_main_process", True):
-                self.push_to_hub(repo_id, **push)
-            return
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if _model_card_writer is not None and kwargs.get("is_main_process", True):
+        readme = os.path.join(os.fspath(save_directory), "README.md")
+        # transformers writes its generic card over README.md just before a push: keep what was there to restore
+        self._readme_before_push = None
+        if kwargs.get("push_to_hub") and _model_card_writer is not None and os.path.isfile(readme):
+            with open(readme, encoding="utf-8") as handle:
+                self._readme_before_push = handle.read()
+        try:
+            super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self._readme_before_push = None
+        is_main_process = kwargs.get("is_main_process", args[0] if args else True)
+        saves_here = getattr(self, "should_save_on_this_rank", lambda main: main)(is_main_process)
+        if _model_card_writer is not None and saves_here and not kwargs.get("push_to_hub"):
             _model_card_writer(self, save_directory)
+
+    def _upload_modified_files(self, working_dir: Any, *args: Any, **kwargs: Any) -> Any:
+        """transformers' upload step (``push_to_hub``, ``save_pretrained(push_to_hub=True)``), with our README.md:
+        the folder's own README from before the save when it was somebody else's, else our card."""
+        if _model_card_writer is not None:
+            readme = os.path.join(os.fspath(working_dir), "README.md")
+            previous = getattr(self, "_readme_before_push", None)
+            if previous is not None:
+                with open(readme, "w", encoding="utf-8") as handle:
+                    handle.write(previous)
+            elif os.path.isfile(readme):
+                os.remove(readme)  # transformers' generic card: ours replaces it
+            repo_id = args[0] if args else kwargs.get("repo_id")
+            _model_card_writer(self, working_dir, repo_id=repo_id)
+        return super()._upload_modified_files(working_dir, *args, **kwargs)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
         """``PreTrainedModel.push_to_hub`` whose README.md is our model card (settings, loading, citation).
@@ -301,8 +319,9 @@ class NeuralAttentionModelMixin:
 
 
 def check_config_describes_scorers(model: nn.Module) -> None:
-    """Raise ``ValueError`` when ``config.neural_attention_*`` (what a checkpoint records) differs from the scorers
-    the layers carry -- a hand-edited config field, which would write a checkpoint that does not load."""
+    """Raise ``ValueError`` when ``config.neural_attention_*`` (what a checkpoint records) describes other weights
+    than the scorers the layers carry -- a hand-edited field, which would write a checkpoint that does not load as
+    saved. Fields compare resolved (``proj_dim=None`` is ``head_dim // 32``); the backend only picks a kernel."""
     recorded = read_from_config(model.config)
     carried = [(index, getattr(module, SCORER_ATTRIBUTE, None))
                for index, (_, module) in enumerate(find_self_attention_modules(model))]  # fmt: skip
@@ -310,10 +329,11 @@ def check_config_describes_scorers(model: nn.Module) -> None:
     layers = [index for index, _ in carried]
     recorded_layers, recorded_settings = recorded if recorded is not None else ([], None)
     problems = [] if sorted(recorded_layers) == layers else [f"layers {sorted(recorded_layers)} (scorers in {layers})"]
-    if carried and recorded_settings is not None:
-        settings = carried[0][1].settings.to_dict()
-        problems += [f"{name}={value!r} (the scorers have {settings[name]!r})"
-                     for name, value in recorded_settings.to_dict().items() if settings[name] != value]
+    if carried and recorded_settings is not None:  # what shapes or uses the weights, resolved (None = default)
+        scorer = carried[0][1]
+        actual = scorer.layout()
+        problems += [f"{name}={value!r} (the scorers have {actual[name]!r})" for name, value
+                     in NeuralScorer.weight_layout(recorded_settings, scorer.head_dim).items() if value != actual[name]]
     if problems:
         raise ValueError(
             f"config.{CONFIG_PREFIX}* no longer describes the scorers: " + "; ".join(problems) + ". Editing the "
@@ -335,8 +355,9 @@ def _check_loaded_scorers(model: nn.Module, info: dict, source: Any, from_neural
     scorer_prefixes = {name.rsplit(".", 1)[0] for name in names}
     unknown = [k for k in unexpected if k.rsplit(".", 1)[0] in scorer_prefixes]
     if unknown:
-        problems.append(f"scorer parameters this hf-neural-attention ({PACKAGE_VERSION}) does not know: {unknown} "
-                        "(a checkpoint from a newer version? upgrade hf-neural-attention)")
+        problems.append(f"scorer parameters the configured scorers do not have: {unknown} (settings overridden at "
+                        "load, e.g. neural_attention_mode, that differ from the checkpoint's? Else a checkpoint of a "
+                        f"newer hf-neural-attention than {PACKAGE_VERSION}: upgrade)")
     if len(unknown) < len(unexpected):
         problems.append("scorer weights for layers the config does not name: "
                         f"{[k for k in unexpected if k not in unknown]}")

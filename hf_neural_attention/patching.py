@@ -300,9 +300,9 @@ def unpatch_model(model: nn.Module) -> nn.Module:
                 f"outside it; unpatch_model({type(parent).__name__}) instead (nothing was changed)."
             )
     modules = find_attention_modules(model)
-    fallback = "sdpa"
+    # each model goes back to its own fallback (a wrapper may hold a GPT-2 on eager beside a Llama on sdpa)
+    fallbacks = {id(module): getattr(module, FALLBACK_ATTRIBUTE, "sdpa") for _, module in modules}
     for _, module in modules:
-        fallback = getattr(module, FALLBACK_ATTRIBUTE, fallback)
         if getattr(module, SCORER_ATTRIBUTE, None) is not None:
             delattr(module, SCORER_ATTRIBUTE)
         if hasattr(module, FALLBACK_ATTRIBUTE):
@@ -324,7 +324,8 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     for holder in [*outermost_first, model]:
         for module in holder.modules():  # outermost first: its switch reaches the sub-configs
             if isinstance(module, PreTrainedModel) and _current_implementation(module) == ATTENTION_NAME:
-                module.set_attn_implementation(fallback)
+                module.set_attn_implementation(next(
+                    (fallbacks[id(inner)] for inner in module.modules() if id(inner) in fallbacks), "sdpa"))
     return model
 
 

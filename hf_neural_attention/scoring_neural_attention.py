@@ -19,6 +19,7 @@ This file travels with Hub checkpoints: it imports only torch, transformers and 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +90,22 @@ class NeuralScorer(nn.Module):
             self.register_parameter("gate", None)
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
+
+    @staticmethod
+    def weight_layout(settings: NeuralAttentionConfig, head_dim: int) -> dict[str, Any]:
+        """What ``settings`` make of a scorer's weights for heads of ``head_dim``, defaults resolved."""
+        return {
+            "proj_dim": settings.resolved_proj_dim(head_dim),
+            "hidden_dims": settings.resolved_hidden_dims(head_dim),
+            "share_across_heads": settings.resolved_share_across_heads(),
+            "mlp": settings.mlp,
+            "activation": "relu" if settings.mlp == "authors" else settings.activation,
+            "mode": settings.mode,
+        }
+
+    def layout(self) -> dict[str, Any]:
+        """:meth:`weight_layout` of this scorer (the same keys, in the same order)."""
+        return self.weight_layout(self.settings, self.head_dim)
 
     # --- initialisation -------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -487,7 +487,7 @@ def test_newer_scorer_parameters_and_a_caller_built_config_fail_clearly(tmp_path
     model.save_pretrained(tmp_path / "newer")
     added = "transformer.h.0.attn.neural_scorer.temperature"  # a parameter a later version might add
     _edit_weights(tmp_path / "newer", lambda w: w.update({added: torch.ones(4)}))
-    with pytest.raises(ValueError, match=rf"does not know: \['{added}'\].*upgrade"):
+    with pytest.raises(ValueError, match=rf"scorers do not have: \['{added}'\].*upgrade"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "newer")
 
     model.save_pretrained(tmp_path / "partial")
@@ -497,6 +497,17 @@ def test_newer_scorer_parameters_and_a_caller_built_config_fail_clearly(tmp_path
     assert getattr(config, "_neural_attention_source_type", None) is None  # the caller's own config object
     with pytest.raises(ValueError, match="scorer weights missing from the checkpoint"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "partial", config=config)
+
+
+def test_config_edits_that_describe_the_same_weights_still_save(tmp_path):
+    torch.manual_seed(0)  # head_dim 8: proj_dim None resolves to 2, per-head weights
+    model = patch_model(GPT2LMHeadModel(gpt2_config()).eval(), layers=[0])
+    model.config.neural_attention_proj_dim = 2
+    model.config.neural_attention_share_across_heads = False
+    model.config.neural_attention_backend = "tiled"  # picks a kernel, not weights
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)  # runs the tiled kernel now: equal up to rounding
+    torch.testing.assert_close(logits(loaded, "gpt2-lm"), logits(model, "gpt2-lm"), rtol=1e-5, atol=1e-6)
 
 
 def test_a_hand_edited_config_is_refused_at_save_and_nothing_is_written(tmp_path):
@@ -524,14 +535,25 @@ def test_save_pretrained_keeps_a_readme_of_the_users_and_renews_its_own(tmp_path
     assert ModelCard.load(tmp_path / "README.md").data.base_model == "me/other-base"
 
 
-def test_save_pretrained_with_push_to_hub_uploads_our_card(tmp_path, monkeypatch):
+def test_save_pretrained_with_push_to_hub_uploads_what_it_saved_with_our_card(tmp_path, monkeypatch):
     model = patched("gpt2-lm")
     uploaded = fake_hub_upload(monkeypatch, tmp_path / "hub")
-    model.save_pretrained(tmp_path / "local", push_to_hub=True, repo_id="me/gpt2-neural", commit_message="first")
+    model.save_pretrained(tmp_path / "local", push_to_hub=True, repo_id="me/gpt2-neural", max_shard_size="40KB")
     assert sorted(uploaded) == sorted(p.name for p in (tmp_path / "local").iterdir())
+    assert sum(name.endswith(".safetensors") for name in uploaded) > 1  # the saving options reached the upload
     for folder in (tmp_path / "hub", tmp_path / "local"):
         card = ModelCard.load(folder / "README.md")
         assert "neural-attention" in card.data.tags and "arXiv:2502.17206" in card.text
+
+    (tmp_path / "own").mkdir()
+    (tmp_path / "own" / "README.md").write_text("# My own card\n")
+    model.save_pretrained(tmp_path / "own", push_to_hub=True, repo_id="me/own")  # kept, and what is uploaded
+    assert (tmp_path / "own" / "README.md").read_text() == "# My own card\n"
+    assert (tmp_path / "hub" / "README.md").read_text() == "# My own card\n"
+
+    uploaded.clear()
+    model.save_pretrained(tmp_path / "other-rank", False, push_to_hub=True, repo_id="me/x")  # is_main_process=False
+    assert uploaded == [] and not (tmp_path / "other-rank" / "README.md").exists()
 
 
 def test_patching_a_model_without_a_hub_class_says_how_to_save_it(caplog):

@@ -121,3 +121,14 @@ def test_an_integer_four_d_mask_is_refused_with_the_fix():
     query, key, value = _masks_inputs(1, 2, 3, 3)
     with pytest.raises(TypeError, match=r"bool .* or additive float, got torch.int64.*mask.bool\(\)"):
         neural_attention_forward(layer, query, key, value, torch.ones(1, 1, 3, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("kernel", ["tiled", "cpp"])
+def test_fp64_values_or_weights_keep_fp64_precision_with_fp32_hidden_inputs(kernel):
+    # the kernel computes in fp64 when any input is fp64: centring A and B must not round them to fp32 first
+    args = _inputs(q_len=9, k_len=9)
+    args["value"] = args["value"].detach().double().requires_grad_()
+    args["output_weight"] = args["output_weight"].detach().double().requires_grad_()
+    out = KERNELS[kernel](**args, causal=True)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, _reference(args, causal=True), rtol=1e-12, atol=1e-13)

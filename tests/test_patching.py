@@ -374,6 +374,7 @@ def test_unpatching_a_sub_model_restores_its_parents(patched_through, tmp_path):
 def test_unpatching_a_wrapper_restores_every_model_inside_it(tmp_path):
     # a user's plain nn.Module around patched models: each inner model gets its stock class and config back
     wrapper = torch.nn.ModuleDict({"lm": tiny_gpt2(**NO_DROPOUT), "vision": tiny_vit()})
+    wrapper["lm"].set_attn_implementation("eager")  # each model returns to its own implementation
     reference = copy.deepcopy(wrapper)
     patch_model(wrapper["lm"], layers=[0], proj_dim=4)
     patch_model(wrapper["vision"], layers=[1], proj_dim=4)
@@ -382,6 +383,7 @@ def test_unpatching_a_wrapper_restores_every_model_inside_it(tmp_path):
         model, stock = wrapper[name], reference[name]
         assert type(model) is type(stock) and type(model.config) is type(stock.config)
         assert model.config.to_diff_dict() == stock.config.to_diff_dict()
+        assert model.config._attn_implementation == stock.config._attn_implementation
     ids, pixels = random_ids(2, 7), random_pixels(2)
     with torch.no_grad():
         assert torch.equal(wrapper["lm"](ids).logits, reference["lm"](ids).logits)
