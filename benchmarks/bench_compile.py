@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import platform
 import statistics
 import sys
@@ -24,7 +23,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_end_to_end import gpt2_small, make_variant, percentile, train_step  # noqa: E402
+from bench_end_to_end import gpt2_small, make_variant, percentile, report, train_step  # noqa: E402
 
 
 def loss_and_grads(model: torch.nn.Module, ids: torch.Tensor, bf16: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -66,6 +65,7 @@ def main() -> None:
     models, compile_s, checks = {}, {}, {}
     for arm in ("sdpa", f"neural_d{args.proj_dim}"):
         eager = make_variant(base, arm, args.backend).to(args.device)
+        eager.loss_type = "ForCausalLM"  # else transformers logs a warning inside forward: a graph break
         compiled = torch.compile(copy.deepcopy(eager), fullgraph=True)
         start = time.perf_counter()
         compiled_loss, compiled_grads = loss_and_grads(compiled, ids, args.bf16)  # compiles forward and backward
@@ -103,20 +103,12 @@ def main() -> None:
             "grad_gap_rel": f"{grad_gap:.2e}" if grad_gap != "" else "",
             "device": device, "torch": torch.__version__, "transformers": transformers.__version__,
         })  # fmt: skip
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    with args.output.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"GPT-2-small shape, {args.layers} layers, batch {args.batch} x {args.seq_len} tokens, neural attention in "
-          f"layer 0 (d'={args.proj_dim}, backend={args.backend}), {args.steps} interleaved steps, {device}")
-    print("| arm | mode | median s/step | p20 | p80 | tokens/s | vs eager | compile s | loss gap | grad gap (rel) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['arm']} | {r['mode']} | {r['median_s']} | {r['p20_s']} | {r['p80_s']} | {r['tokens_per_s']} | "
-              f"{r['speedup_vs_eager']} | {r['compile_s']} | {r['loss_gap']} | {r['grad_gap_rel']} |")
-    print(f"wrote {args.output}")
-
+    report(rows, args.output, f"GPT-2-small shape, {args.layers} layers, batch {args.batch} x {args.seq_len} tokens, "
+           f"neural attention in layer 0 (d'={args.proj_dim}, backend={args.backend}), {args.steps} interleaved "
+           f"steps, {device}",
+           {"arm": "arm", "mode": "mode", "median s/step": "median_s", "p20": "p20_s", "p80": "p80_s",
+            "tokens/s": "tokens_per_s", "vs eager": "speedup_vs_eager", "compile s": "compile_s",
+            "loss gap": "loss_gap", "grad gap (rel)": "grad_gap_rel"})
 
 if __name__ == "__main__":
     main()

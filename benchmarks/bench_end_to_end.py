@@ -73,6 +73,21 @@ def train_step(model: GPT2LMHeadModel, optimizer: torch.optim.Optimizer, ids: to
     return time.perf_counter() - start
 
 
+def report(rows: list[dict], output: Path, title: str, columns: dict[str, str]) -> None:
+    """Write ``rows`` to the CSV ``output`` and print them as a markdown table (``columns``: header -> key)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with output.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(title)
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(str(row[key]) for key in columns.values()) + " |")
+    print(f"wrote {output}")
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
@@ -162,20 +177,10 @@ def main() -> None:
             "device": device,
             "torch": torch.__version__, "transformers": transformers.__version__,
         })
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    with args.output.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"GPT-2-small shape, {args.layers} layers, batch {args.batch} x {args.seq_len} tokens, "
-          f"neural attention in layer 0 (backend={args.backend}), {args.steps} interleaved steps, {device}")
-    print("| variant | median s/step | p20 | p80 | tokens/s | vs SDPA | peak extra MB |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['variant']} | {r['median_s']} | {r['p20_s']} | {r['p80_s']} | {r['tokens_per_s']} | "
-              f"{r['throughput_vs_sdpa']} | {r['peak_extra_mb']} |")
-    print(f"wrote {args.output}")
-
+    report(rows, args.output, f"GPT-2-small shape, {args.layers} layers, batch {args.batch} x {args.seq_len} tokens, "
+           f"neural attention in layer 0 (backend={args.backend}), {args.steps} interleaved steps, {device}",
+           {"variant": "variant", "median s/step": "median_s", "p20": "p20_s", "p80": "p80_s",
+            "tokens/s": "tokens_per_s", "vs SDPA": "throughput_vs_sdpa", "peak extra MB": "peak_extra_mb"})
 
 if __name__ == "__main__":
     main()
