@@ -294,9 +294,10 @@ def markdown(rows, env):
             lines.append(f"| {r['mode']} | {r['batch']} | {r['n']} | {r['d']} | {r['backend']} | {r['status']} | | | |")
             continue
         mem = r.get("peak_extra_mb")
+        ratio = "" if r["x_sdpa"] is None else f"{r['x_sdpa']:.2f}"  # no sdpa row in this run: no ratio
         lines.append(
             f"| {r['mode']} | {r['batch']} | {r['n']} | {r['d']} | {r['backend']} | {r['median_ms']:.1f} | "
-            f"{r['p20_ms']:.1f}-{r['p80_ms']:.1f} | {r['x_sdpa']:.2f} | {'' if mem is None else f'{mem:.0f}'} |"
+            f"{r['p20_ms']:.1f}-{r['p80_ms']:.1f} | {ratio} | {'' if mem is None else f'{mem:.0f}'} |"
         )
     return "\n".join(lines)
 
@@ -337,22 +338,23 @@ def plots(rows, out_dir: Path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="n in {256, 1024}, d' in {2, 16}, forward+backward, 3 reps")
-    p.add_argument("--seq-lens", type=int, nargs="+", default=[128, 256, 512, 1024, 2048, 4096])
-    p.add_argument("--dims", type=int, nargs="+", default=[2, 8, 16], help="d' (hidden = d')")
-    p.add_argument("--batches", type=int, nargs="+", default=[1])
+    p.add_argument("--seq-lens", type=int, nargs="+", default=None, help="default: 128 256 512 1024 2048 4096")
+    p.add_argument("--dims", type=int, nargs="+", default=None, help="d' (hidden = d'); default: 2 8 16")
+    p.add_argument("--batches", type=int, nargs="+", default=None, help="default: 1")
     modes = ["forward", "forward+backward"]
-    p.add_argument("--modes", nargs="+", default=modes, choices=modes)
+    p.add_argument("--modes", nargs="+", default=None, choices=modes, help="default: both")
     p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--reps", type=int, default=None, help="default: 7 (3 with --quick)")
     p.add_argument("--bidirectional", action="store_true", help="no causal mask (default: causal, GPT-2)")
     p.add_argument("--dropout", type=float, default=0.0, help="attention dropout probability of every variant")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="inputs and weights")
     p.add_argument("--eager-cap-gb", type=float, default=8.0, help="skip eager where predicted memory exceeds this")
     p.add_argument("--no-memory", action="store_true", help="skip the subprocess memory probes")
-    p.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--output", type=Path, default=None,
+                   help="default: benchmarks/results/ (benchmarks/results/quick/ with --quick)")
     # internal: memory probe
     p.add_argument("--probe", choices=BACKENDS, help=argparse.SUPPRESS)
     p.add_argument("--seq-len", type=int, help=argparse.SUPPRESS)
@@ -366,9 +368,15 @@ def main(argv=None):
     DROPOUT_P, DTYPE = args.dropout, getattr(torch, args.dtype)
     if args.probe:
         return memory_probe(args)
+    # --quick fills in only what was not given (an explicit flag always wins), and writes apart from the kept results
+    defaults = dict(seq_lens=[128, 256, 512, 1024, 2048, 4096], dims=[2, 8, 16], batches=[1], reps=7, modes=modes,
+                    output=ROOT / "benchmarks" / "results")
     if args.quick:
-        args.seq_lens, args.dims, args.batches, args.reps = [256, 1024], [2, 16], [1], 3
-        args.modes = ["forward+backward"]
+        defaults.update(seq_lens=[256, 1024], dims=[2, 16], reps=3, modes=["forward+backward"],
+                        output=ROOT / "benchmarks" / "results" / "quick")
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     torch.set_num_threads(args.threads)
     env = {
         "cpu": platform.processor() or platform.machine(),

@@ -43,20 +43,26 @@ def worst_relative_gradient_gap(eager: list[torch.Tensor], compiled: list[torch.
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--seq-len", type=int, default=None, help="default: 1024 (256 with --quick)")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--layers", type=int, default=None, help="default: 12 (2 with --quick)")
+    parser.add_argument("--steps", type=int, default=None, help="default: 6 (4 with --quick)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--backend", default="auto", help="the neural layer's backend (auto, cpp, tiled, triton)")
     parser.add_argument("--proj-dim", type=int, default=8)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights)")
     parser.add_argument("--quick", action="store_true", help="seq 256, 2 layers, 4 steps")
-    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "compile.csv")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="default: results/compile.csv (results/compile_quick.csv with --quick)")
     args = parser.parse_args()
-    if args.quick:
-        args.seq_len, args.layers, args.steps = 256, 2, 4
+    # --quick fills in only what was not given (an explicit flag wins), and writes apart from the kept results
+    sizes = dict(seq_len=256, layers=2, steps=4) if args.quick else dict(seq_len=1024, layers=12, steps=6)
+    for name, value in sizes.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.output is None:
+        args.output = Path(__file__).parent / "results" / ("compile_quick.csv" if args.quick else "compile.csv")
     torch.set_num_threads(args.threads)
 
     base = gpt2_small(args.seq_len, args.layers)

@@ -125,24 +125,30 @@ def memory_probe(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--seq-len", type=int, default=None, help="default: 1024 (512 with --quick)")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--layers", type=int, default=None, help="default: 12 (4 with --quick)")
+    parser.add_argument("--steps", type=int, default=None, help="default: 8 (5 with --quick)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--quick", action="store_true", help="seq 512, 4 layers, 5 steps")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights)")
-    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "end_to_end.csv")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="default: results/end_to_end.csv (results/end_to_end_quick.csv with --quick)")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_probe:
         memory_probe(args)
         return
-    if args.quick:
-        args.seq_len, args.layers, args.steps = 512, 4, 5
+    # --quick fills in only what was not given (an explicit flag wins), and writes apart from the kept results
+    sizes = dict(seq_len=512, layers=4, steps=5) if args.quick else dict(seq_len=1024, layers=12, steps=8)
+    for name, value in sizes.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.output is None:
+        args.output = Path(__file__).parent / "results" / ("end_to_end_quick.csv" if args.quick else "end_to_end.csv")
     torch.set_num_threads(args.threads)
 
     base = gpt2_small(args.seq_len, args.layers)

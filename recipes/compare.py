@@ -30,6 +30,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from common.cli import with_arm_hub_id  # noqa: E402
 from common.report import HEADLINE_METRICS, comparison_table, read_results, summarize  # noqa: E402
 
 RECIPES = {"clm": "run_clm", "image": "run_image_classification"}
@@ -62,9 +63,14 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def run_one(args: argparse.Namespace, recipe_args: list[str], arm: str, seed: int) -> dict[str, Any]:
     """One recipe run (in process or through the launcher); returns its results record."""
     out = Path(args.output_dir) / arm / f"seed_{seed}"
+    run_args = with_arm_hub_id(recipe_args, f"{arm}-seed{seed}") + ["--attention", arm, "--seed", str(seed),
+                                                                      "--output_dir", str(out)]
     if not args.overwrite and (out / "recipe_results.json").is_file():
-        return read_results(out)
-    run_args = recipe_args + ["--attention", arm, "--seed", str(seed), "--output_dir", str(out)]
+        previous = read_results(out)
+        if previous.get("argv") != run_args:  # results of other settings must not enter this table
+            raise SystemExit(f"{out} holds results of other recipe arguments ({shlex.join(previous.get('argv') or [])}"
+                             f"); pass --overwrite to rerun, or another --output_dir.")
+        return previous
     if args.launcher:
         script = Path(__file__).resolve().parent / f"{RECIPES[args.recipe]}.py"
         launcher = shlex.split(args.launcher)

@@ -142,7 +142,7 @@ SCRATCH_SIZES = [  # only when no --model_name_or_path gives the sizes
 SCRATCH_PRESET = [
     "--learning_rate", "2e-3", "--warmup_steps", "30", "--lr_scheduler_type", "cosine", "--weight_decay", "0.1",
     "--max_steps", "600", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "32",
-    "--eval_steps", "100", "--logging_steps", "50", "--save_strategy", "no",
+    "--eval_steps", "100", "--logging_steps", "50",
 ]
 PRETRAINED_PRESET = ["--learning_rate", "5e-5", "--num_train_epochs", "1", "--eval_steps", "500"]
 SMOKE_SIZES = ["--n_layer", "2", "--n_embd", "32", "--n_head", "2", "--tokenizer_vocab_size", "300"]
@@ -300,7 +300,12 @@ def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
     if name is None:
         return AutoTokenizer.from_pretrained(bundled.gpt2_tokenizer_dir())
     check_model_reachable(name, "pass a local folder with --tokenizer_name / --model_name_or_path")
-    return AutoTokenizer.from_pretrained(name)
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if len(tokenizer) < 2:  # transformers builds an empty tokenizer from a folder without tokenizer files
+        flag = "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path"
+        raise ValueError(f"{flag} {name} holds no usable tokenizer ({len(tokenizer)} token(s)); pass a folder or Hub "
+                         "id that has one with --tokenizer_name.")
+    return tokenizer
 
 
 def base_config(model_args: ModelArguments) -> transformers.PretrainedConfig:
@@ -363,6 +368,7 @@ def run(argv: list[str]) -> dict[str, Any]:
                                         model_args.tokenizer_vocab_size, training_args)
     max_positions = getattr(config, "n_positions", 1024)
     block_size = data_args.block_size or min(max_positions, 1024)
+    check_data_limits(data_args, block_size)
     if model_args.model_name_or_path and not model_args.from_scratch and block_size > max_positions:
         raise ValueError(f"--block_size {block_size} exceeds the model's {max_positions} positions.")
     data = tokenize_and_group(raw, tokenizer, data_args, block_size, training_args)
@@ -407,11 +413,30 @@ def run(argv: list[str]) -> dict[str, Any]:
     return run_steps.publish(trainer, training_args, record, card)
 
 
+def test_stride(data_args: DataArguments, block_size: int) -> int:
+    """The test sliding window's stride: ``--sliding_window_stride``, default half a block."""
+    stride = data_args.sliding_window_stride
+    return max(block_size // 2, 1) if stride is None else stride
+
+
+def check_data_limits(data_args: DataArguments, block_size: int) -> None:
+    """Refuse, before anything trains, the limits that could only fail after it (``ValueError`` naming the flag)."""
+    stride = test_stride(data_args, block_size)
+    if not 0 < stride < block_size:
+        raise ValueError(f"--sliding_window_stride {stride} must be in 1..{block_size - 1} (below --block_size "
+                         f"{block_size}: every scored token needs its predecessor inside the window).")
+    for flag, value, least in (("--max_test_tokens", data_args.max_test_tokens, 2),
+                               ("--max_train_samples", data_args.max_train_samples, 1),
+                               ("--max_eval_samples", data_args.max_eval_samples, 1)):  # fmt: skip
+        if value is not None and value < least:
+            raise ValueError(f"{flag} {value} leaves nothing to use; give at least {least} (or leave it out).")
+
+
 def sliding_window_metrics(
     trainer: NeuralAttentionTrainer, test_ids: torch.Tensor, block_size: int, data_args: DataArguments, split: str
 ) -> dict[str, float]:
     """Strided sliding-window perplexity over the test stream, windows sharded across processes."""
-    stride = data_args.sliding_window_stride or max(block_size // 2, 1)
+    stride = test_stride(data_args, block_size)
     args = trainer.args
     nll, tokens = sliding_window_nll(
         trainer.model_wrapped, test_ids, max_length=block_size, stride=stride,

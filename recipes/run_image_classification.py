@@ -126,7 +126,8 @@ SCRATCH_SIZES = [  # only when no --model_name_or_path gives the sizes
 SCRATCH_PRESET = [
     "--learning_rate", "3e-3", "--warmup_steps", "0.05", "--lr_scheduler_type", "cosine", "--weight_decay", "0.1",
     "--num_train_epochs", "80", "--per_device_train_batch_size", "64", "--per_device_eval_batch_size", "128",
-    "--eval_strategy", "epoch", "--logging_strategy", "epoch", "--save_strategy", "no",
+    "--eval_strategy", "epoch", "--logging_strategy", "epoch", "--save_strategy", "steps", "--save_steps", "500",
+    "--save_total_limit", "2",
 ]
 PRETRAINED_PRESET = ["--learning_rate", "5e-5", "--num_train_epochs", "3", "--eval_strategy", "epoch",
                      "--save_strategy", "epoch", "--save_total_limit", "2"]
@@ -163,6 +164,10 @@ def prepare_splits(raw: datasets.DatasetDict, data_args: DataArguments) -> datas
         held = splits["train"].train_test_split(test_size=data_args.validation_split_percentage / 100, seed=0,
                                                 stratify_by_column=None)
         splits["train"], splits["validation"] = held["train"], held["test"]
+    for flag, limit in (("--max_train_samples", data_args.max_train_samples),
+                        ("--max_eval_samples", data_args.max_eval_samples)):  # fmt: skip
+        if limit is not None and limit < 1:
+            raise ValueError(f"{flag} {limit} leaves nothing to use; give at least 1 (or leave it out).")
     limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples,
               "test": data_args.max_eval_samples}
     for split, limit in limits.items():

@@ -146,6 +146,18 @@ def test_clm_input_errors(tmp_path, no_training):
         run_clm.run(base + ["--train_file", str(bad)])
     with pytest.raises(OfflineResourceError, match="needs the network.*--train_file"):
         run_clm.run(base + ["--dataset_name", "someone/not-a-cached-dataset"])
+    # limits that used to fail only after training (its results lost) or be replaced silently
+    for flags, message in ((["--sliding_window_stride", "32"], r"--sliding_window_stride 32 must be in 1\.\.31"),
+                           (["--sliding_window_stride", "0"], r"--sliding_window_stride 0 must be in 1\.\.31"),
+                           (["--max_test_tokens", "1"], "--max_test_tokens 1 leaves nothing"),
+                           (["--max_train_samples", "0"], "--max_train_samples 0 leaves nothing")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            run_clm.run(base + flags)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2)).save_pretrained(tmp_path / "no_tokenizer")
+    with pytest.raises(ValueError, match="holds no usable tokenizer.*--tokenizer_name"):
+        run_clm.run(base + ["--model_name_or_path", str(tmp_path / "no_tokenizer")])
 
 
 def test_image_input_errors(tmp_path, no_training):
@@ -167,6 +179,9 @@ def test_image_input_errors(tmp_path, no_training):
         run_image.run(base + ["--train_dir", str(flat)])
     with pytest.raises(OfflineResourceError, match="needs the network.*--train_dir"):
         run_image.run(base + ["--dataset_name", "someone/not-a-cached-dataset"])
+    for flag in ("--max_train_samples", "--max_eval_samples"):
+        with pytest.raises(ValueError, match=f"{flag} 0 leaves nothing"):
+            run_image.run(base + [flag, "0"])
 
 
 # --- end to end ----------------------------------------------------------------------------------------------------
@@ -235,6 +250,38 @@ def test_compare_two_seeds_writes_csv_table_and_plots(tmp_path):
             assert image.format == "PNG" and image.size[0] > 100
 
 
+def test_compare_refuses_results_of_other_arguments_and_arms_get_their_own_hub_repos(tmp_path):
+    import compare
+    from common.cli import with_arm_hub_id
+
+    out = tmp_path / "cmp"
+    arguments = ["--recipe", "image", "--seeds", "0", "--arms", "dot", "--output_dir", str(out), "--", "--smoke",
+                 "--max_steps", "1", "--do_predict", "False", "--report_to", "none"]
+    compare.main(arguments)
+    compare.main(arguments)  # the same arguments: the stored results are reused
+    with pytest.raises(SystemExit, match="holds results of other recipe arguments.*--overwrite"):
+        compare.main(arguments[:-6] + ["--max_steps", "2", "--do_predict", "False", "--report_to", "none"])
+    assert with_arm_hub_id(["--smoke", "--hub_model_id", "me/a"], "dot") == ["--smoke", "--hub_model_id", "me/a-dot"]
+    assert with_arm_hub_id(["--hub_model_id=me/run"], "neural-seed0") == ["--hub_model_id", "me/run-neural-seed0"]
+    assert with_arm_hub_id(["--smoke"], "dot") == ["--smoke"]
+
+
+def test_resume_latest_without_checkpoints_names_the_save_strategy(tmp_path):
+    import run_image_classification as run_image
+
+    with pytest.raises(ValueError, match="no checkpoint in .*--save_strategy steps\\|epoch; this run's is 'no'"):
+        run_image.run(["--smoke", "--output_dir", str(tmp_path / "out"), "--save_strategy", "no",
+                       "--resume_from_checkpoint", "latest", "--report_to", "none"])
+
+
+def test_bench_attention_without_the_sdpa_row_writes_every_output(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_attention.py"), "--seq-lens", "64",
+                           "--dims", "2", "--reps", "1", "--modes", "forward", "--backends", "tiled", "--no-memory",
+                           "--output", str(tmp_path)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {"bench_attention.csv", "bench_attention.md", "environment.json"} <= {p.name for p in tmp_path.iterdir()}
+
+
 def test_push_to_hub_uploads_hub_classes_and_model_card(tmp_path, monkeypatch):
     """--push_to_hub: intercept only the Hub calls, then load the folder that would have been uploaded."""
     import run_image_classification as run_image
@@ -249,6 +296,13 @@ def test_push_to_hub_uploads_hub_classes_and_model_card(tmp_path, monkeypatch):
 
         def upload_folder(self, repo_id, folder_path, **kwargs):
             uploads.append({"repo_id": repo_id, "files": sorted(os.listdir(folder_path)), "path": folder_path})
+            if kwargs.get("run_as_future"):  # the Trainer's push of each saved checkpoint runs in the background
+                from concurrent.futures import Future
+
+                done = Future()
+                done.set_result(None)
+                return done
+            return None
 
     monkeypatch.setattr(transformers.trainer, "hf_api", lambda: FakeApi())
     out = tmp_path / "push"

@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from common.cli import strip_flag
+from common.cli import strip_flag, with_arm_hub_id
 from common.report import HEADLINE_METRICS, comparison_table
 
 Record = dict[str, Any]
@@ -20,7 +20,8 @@ def run_ab(argv: list[str], run: Callable[[list[str]], Record], parse_args: Call
     """
     *_, training_args = parse_args(argv)
     base = strip_flag(strip_flag(argv, "attention"), "output_dir")
-    records = [run(base + ["--attention", arm, "--output_dir", os.path.join(training_args.output_dir, arm)])
+    records = [run(with_arm_hub_id(base, arm) + ["--attention", arm, "--output_dir",
+                                                 os.path.join(training_args.output_dir, arm)])
                for arm in ("neural", "dot")]
     if training_args.process_index == 0:
         print(f"\nNeural vs dot-product attention ({task}, same seed and data):\n", flush=True)

@@ -84,3 +84,23 @@ def strip_flag(argv: list[str], name: str, takes_value: bool = True) -> list[str
             continue
         out.append(arg)
     return out
+
+
+def flag_value(argv: list[str], name: str) -> str | None:
+    """The value of ``--name VALUE`` / ``--name=VALUE`` in ``argv`` (the last one), or ``None``."""
+    value = None
+    for index, arg in enumerate(argv):
+        if arg == f"--{name}" and index + 1 < len(argv):
+            value = argv[index + 1]
+        elif arg.startswith(f"--{name}="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def with_arm_hub_id(argv: list[str], suffix: str) -> list[str]:
+    """``argv`` whose ``--hub_model_id`` (if any) gets ``-<suffix>``: each arm of an A/B pushes to a repo of its
+    own (without an id, transformers names the repo after the arm's output folder)."""
+    hub_id = flag_value(argv, "hub_model_id")
+    if hub_id is None:
+        return argv
+    return strip_flag(argv, "hub_model_id") + ["--hub_model_id", f"{hub_id}-{suffix}"]

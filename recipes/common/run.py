@@ -17,7 +17,8 @@ def train(trainer: Trainer, training_args: TrainingArguments) -> dict[str, Any]:
         resume = get_last_checkpoint(training_args.output_dir)
         if resume is None:
             raise ValueError(f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: no checkpoint "
-                             f"in {training_args.output_dir}.")
+                             f"in {training_args.output_dir} (checkpoints are written by --save_strategy steps|epoch; "
+                             f"this run's is {training_args.save_strategy.value!r}).")
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()  # safetensors; a patched model saves as the Hub class
     trainer.save_state()
