@@ -23,7 +23,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_end_to_end import gpt2_small, make_variant, percentile, report, train_step  # noqa: E402
+from bench_end_to_end import fill_defaults, gpt2_small, make_variant, percentile, report, train_step  # noqa: E402
 
 
 def loss_and_grads(model: torch.nn.Module, ids: torch.Tensor, bf16: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -56,13 +56,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=None,
                         help="default: results/compile.csv (results/compile_quick.csv with --quick)")
     args = parser.parse_args()
-    # --quick fills in only what was not given (an explicit flag wins), and writes apart from the kept results
-    sizes = dict(seq_len=256, layers=2, steps=4) if args.quick else dict(seq_len=1024, layers=12, steps=6)
-    for name, value in sizes.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    if args.output is None:
-        args.output = Path(__file__).parent / "results" / ("compile_quick.csv" if args.quick else "compile.csv")
+    fill_defaults(args, dict(seq_len=256, layers=2, steps=4), dict(seq_len=1024, layers=12, steps=6), "compile")
     torch.set_num_threads(args.threads)
 
     base = gpt2_small(args.seq_len, args.layers)

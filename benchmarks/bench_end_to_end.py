@@ -73,6 +73,16 @@ def train_step(model: GPT2LMHeadModel, optimizer: torch.optim.Optimizer, ids: to
     return time.perf_counter() - start
 
 
+def fill_defaults(args: argparse.Namespace, quick: dict, full: dict, name: str) -> None:
+    """Sizes the user did not give: ``quick`` with ``--quick``, else ``full``; an explicit flag always wins. The
+    output defaults to ``results/<name>.csv``, or ``results/<name>_quick.csv`` so a quick run keeps the results."""
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.output is None:
+        args.output = Path(__file__).parent / "results" / f"{name}{'_quick' if args.quick else ''}.csv"
+
+
 def report(rows: list[dict], output: Path, title: str, columns: dict[str, str]) -> None:
     """Write ``rows`` to the CSV ``output`` and print them as a markdown table (``columns``: header -> key)."""
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -142,13 +152,7 @@ def main() -> None:
     if args.memory_probe:
         memory_probe(args)
         return
-    # --quick fills in only what was not given (an explicit flag wins), and writes apart from the kept results
-    sizes = dict(seq_len=512, layers=4, steps=5) if args.quick else dict(seq_len=1024, layers=12, steps=8)
-    for name, value in sizes.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    if args.output is None:
-        args.output = Path(__file__).parent / "results" / ("end_to_end_quick.csv" if args.quick else "end_to_end.csv")
+    fill_defaults(args, dict(seq_len=512, layers=4, steps=5), dict(seq_len=1024, layers=12, steps=8), "end_to_end")
     torch.set_num_threads(args.threads)
 
     base = gpt2_small(args.seq_len, args.layers)
