@@ -290,8 +290,10 @@ class NeuralAttentionModelMixin:
             _model_card_writer(self, save_directory)
 
     def _upload_modified_files(self, working_dir: Any, *args: Any, **kwargs: Any) -> Any:
-        """transformers' upload step (``push_to_hub``, ``save_pretrained(push_to_hub=True)``), with our README.md:
-        the folder's own README from before the save when it was somebody else's, else our card."""
+        """transformers' upload step (``push_to_hub``, ``save_pretrained(push_to_hub=True)``), with the README.md
+        it should carry: the folder's own from before the save, else the repository's existing card (which
+        transformers fetched, as for a stock model), else our card instead of transformers' generic one. Our own
+        cards are renewed; anybody else's is kept (``write_model_card``)."""
         if _model_card_writer is not None:
             readme = os.path.join(os.fspath(working_dir), "README.md")
             previous = getattr(self, "_readme_before_push", None)
@@ -299,7 +301,10 @@ class NeuralAttentionModelMixin:
                 with open(readme, "w", encoding="utf-8") as handle:
                     handle.write(previous)
             elif os.path.isfile(readme):
-                os.remove(readme)  # transformers' generic card: ours replaces it
+                with open(readme, encoding="utf-8") as handle:
+                    generic = _GENERIC_CARD_TEXT in handle.read()
+                if generic:
+                    os.remove(readme)
             repo_id = args[0] if args else kwargs.get("repo_id")
             _model_card_writer(self, working_dir, repo_id=repo_id)
         return super()._upload_modified_files(working_dir, *args, **kwargs)
@@ -374,6 +379,9 @@ def _check_loaded_scorers(model: nn.Module, info: dict, source: Any, from_neural
             "fresh scorers (from_pretrained(base_checkpoint, neural_attention_layers=[...]))."
         )
 
+
+_GENERIC_CARD_TEXT = "This model card has been automatically generated."
+"""In the card transformers writes before a push when the repository has none (``create_and_tag_model_card``)."""
 
 _PUSH_ARGUMENTS = {"commit_message", "commit_description", "private", "token", "revision", "create_pr",
                    "max_shard_size", "tags"}

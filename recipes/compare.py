@@ -30,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common.cli import with_arm_hub_id  # noqa: E402
+from common.cli import canonical_flags, flag_is_true, flag_value, with_arm_hub_id  # noqa: E402
 from common.report import HEADLINE_METRICS, comparison_table, read_results, summarize  # noqa: E402
 
 RECIPES = {"clm": "run_clm", "image": "run_image_classification"}
@@ -63,13 +63,18 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def run_one(args: argparse.Namespace, recipe_args: list[str], arm: str, seed: int) -> dict[str, Any]:
     """One recipe run (in process or through the launcher); returns its results record."""
     out = Path(args.output_dir) / arm / f"seed_{seed}"
+    if flag_is_true(recipe_args, "push_to_hub") and flag_value(recipe_args, "hub_model_id") is None:
+        # transformers would name every arm's repo after its folder, seed_<N>: the arms would overwrite each other
+        recipe_args = recipe_args + ["--hub_model_id", Path(args.output_dir).resolve().name]
     run_args = with_arm_hub_id(recipe_args, f"{arm}-seed{seed}") + ["--attention", arm, "--seed", str(seed),
                                                                       "--output_dir", str(out)]
     if not args.overwrite and (out / "recipe_results.json").is_file():
         previous = read_results(out)
-        if previous.get("argv") != run_args:  # results of other settings must not enter this table
-            raise SystemExit(f"{out} holds results of other recipe arguments ({shlex.join(previous.get('argv') or [])}"
-                             f"); pass --overwrite to rerun, or another --output_dir.")
+        if "argv" not in previous or canonical_flags(previous["argv"]) != canonical_flags(run_args):
+            # results of other settings must not enter this table
+            made_with = shlex.join(previous["argv"]) if "argv" in previous else "arguments it did not record"
+            raise SystemExit(f"{out} holds results made with other recipe arguments ({made_with}); pass --overwrite "
+                             "to rerun, or another --output_dir.")
         return previous
     if args.launcher:
         script = Path(__file__).resolve().parent / f"{RECIPES[args.recipe]}.py"

@@ -368,7 +368,7 @@ def run(argv: list[str]) -> dict[str, Any]:
                                         model_args.tokenizer_vocab_size, training_args)
     max_positions = getattr(config, "n_positions", 1024)
     block_size = data_args.block_size or min(max_positions, 1024)
-    check_data_limits(data_args, block_size)
+    check_data_limits(data_args, block_size, training_args)
     if model_args.model_name_or_path and not model_args.from_scratch and block_size > max_positions:
         raise ValueError(f"--block_size {block_size} exceeds the model's {max_positions} positions.")
     data = tokenize_and_group(raw, tokenizer, data_args, block_size, training_args)
@@ -419,16 +419,19 @@ def test_stride(data_args: DataArguments, block_size: int) -> int:
     return max(block_size // 2, 1) if stride is None else stride
 
 
-def check_data_limits(data_args: DataArguments, block_size: int) -> None:
-    """Refuse, before anything trains, the limits that could only fail after it (``ValueError`` naming the flag)."""
+def check_data_limits(data_args: DataArguments, block_size: int, training_args: TrainingArguments) -> None:
+    """Refuse, before anything trains, the limits that could only fail after it (``ValueError`` naming the flag);
+    limits of a pass that does not run (``--do_predict False``, ...) are left alone."""
     stride = test_stride(data_args, block_size)
-    if not 0 < stride < block_size:
+    if training_args.do_predict and not 0 < stride < block_size:
         raise ValueError(f"--sliding_window_stride {stride} must be in 1..{block_size - 1} (below --block_size "
                          f"{block_size}: every scored token needs its predecessor inside the window).")
-    for flag, value, least in (("--max_test_tokens", data_args.max_test_tokens, 2),
-                               ("--max_train_samples", data_args.max_train_samples, 1),
-                               ("--max_eval_samples", data_args.max_eval_samples, 1)):  # fmt: skip
-        if value is not None and value < least:
+    for flag, value, least, used in (
+        ("--max_test_tokens", data_args.max_test_tokens, 2, training_args.do_predict),
+        ("--max_train_samples", data_args.max_train_samples, 1, training_args.do_train),
+        ("--max_eval_samples", data_args.max_eval_samples, 1, training_args.do_eval),
+    ):
+        if used and value is not None and value < least:
             raise ValueError(f"{flag} {value} leaves nothing to use; give at least {least} (or leave it out).")
 
 

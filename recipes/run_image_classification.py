@@ -166,7 +166,7 @@ def prepare_splits(raw: datasets.DatasetDict, data_args: DataArguments) -> datas
         splits["train"], splits["validation"] = held["train"], held["test"]
     for flag, limit in (("--max_train_samples", data_args.max_train_samples),
                         ("--max_eval_samples", data_args.max_eval_samples)):  # fmt: skip
-        if limit is not None and limit < 1:
+        if limit is not None and limit < 1:  # an empty split breaks the pass that reads it (train, eval or test)
             raise ValueError(f"{flag} {limit} leaves nothing to use; give at least 1 (or leave it out).")
     limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples,
               "test": data_args.max_eval_samples}

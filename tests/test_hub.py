@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import transformers.utils.hub
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import StrictDataclassError
 from safetensors.torch import load_file, save_file
@@ -554,6 +555,16 @@ def test_save_pretrained_with_push_to_hub_uploads_what_it_saved_with_our_card(tm
     uploaded.clear()
     model.save_pretrained(tmp_path / "other-rank", False, push_to_hub=True, repo_id="me/x")  # is_main_process=False
     assert uploaded == [] and not (tmp_path / "other-rank" / "README.md").exists()
+
+    # a repository that already has a card of somebody else's keeps it, as a stock model's push does
+    curated, load_file_card = "---\nlicense: mit\n---\n# Curated card\n", ModelCard.load
+
+    def load(repo_id_or_path, *args, **kwargs):  # the repository's card; local files as usual
+        return load_file_card(repo_id_or_path) if Path(repo_id_or_path).exists() else ModelCard(curated)
+
+    monkeypatch.setattr(transformers.utils.hub.ModelCard, "load", load)
+    model.save_pretrained(tmp_path / "curated", push_to_hub=True, repo_id="me/curated")
+    assert "# Curated card" in (tmp_path / "hub" / "README.md").read_text()
 
 
 def test_patching_a_model_without_a_hub_class_says_how_to_save_it(caplog):

@@ -147,6 +147,8 @@ def test_clm_input_errors(tmp_path, no_training):
     with pytest.raises(OfflineResourceError, match="needs the network.*--train_file"):
         run_clm.run(base + ["--dataset_name", "someone/not-a-cached-dataset"])
     # limits that used to fail only after training (its results lost) or be replaced silently
+    with pytest.raises(AssertionError, match="training started"):  # no test pass: its stride is not checked
+        run_clm.run(base + ["--sliding_window_stride", "32", "--do_predict", "False"])
     for flags, message in ((["--sliding_window_stride", "32"], r"--sliding_window_stride 32 must be in 1\.\.31"),
                            (["--sliding_window_stride", "0"], r"--sliding_window_stride 0 must be in 1\.\.31"),
                            (["--max_test_tokens", "1"], "--max_test_tokens 1 leaves nothing"),
@@ -250,18 +252,31 @@ def test_compare_two_seeds_writes_csv_table_and_plots(tmp_path):
             assert image.format == "PNG" and image.size[0] > 100
 
 
-def test_compare_refuses_results_of_other_arguments_and_arms_get_their_own_hub_repos(tmp_path):
+def test_compare_refuses_results_of_other_arguments_and_arms_get_their_own_hub_repos(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
     import compare
-    from common.cli import with_arm_hub_id
+    from common.cli import canonical_flags, flag_value, with_arm_hub_id
 
     out = tmp_path / "cmp"
     arguments = ["--recipe", "image", "--seeds", "0", "--arms", "dot", "--output_dir", str(out), "--", "--smoke",
                  "--max_steps", "1", "--do_predict", "False", "--report_to", "none"]
     compare.main(arguments)
     compare.main(arguments)  # the same arguments: the stored results are reused
-    with pytest.raises(SystemExit, match="holds results of other recipe arguments.*--overwrite"):
+    respelled = arguments[:-6] + ["--report_to=none", "--do_predict", "False", "--max_steps=1"]
+    compare.main(respelled)  # the same settings spelled otherwise: reused too
+    with pytest.raises(SystemExit, match="holds results made with other recipe arguments.*--overwrite"):
         compare.main(arguments[:-6] + ["--max_steps", "2", "--do_predict", "False", "--report_to", "none"])
     assert with_arm_hub_id(["--smoke", "--hub_model_id", "me/a"], "dot") == ["--smoke", "--hub_model_id", "me/a-dot"]
+    assert canonical_flags(["--neural_layers", "0", "-1", "--smoke"]) == {"neural_layers": "0 -1", "smoke": "True"}
+    # --push_to_hub without an id: transformers would name both arms' repos after their folder, seed_<N>
+    pushed = []
+    monkeypatch.setattr(compare.importlib, "import_module", lambda name: SimpleNamespace(run=pushed.append))
+    monkeypatch.setattr(compare, "read_results", lambda out: {})
+    settings = SimpleNamespace(recipe="clm", output_dir=str(tmp_path / "exp"), overwrite=False, launcher=None)
+    for arm in ("neural", "dot"):
+        compare.run_one(settings, ["--push_to_hub"], arm, 3)
+    assert [flag_value(argv, "hub_model_id") for argv in pushed] == ["exp-neural-seed3", "exp-dot-seed3"]
     assert with_arm_hub_id(["--hub_model_id=me/run"], "neural-seed0") == ["--hub_model_id", "me/run-neural-seed0"]
     assert with_arm_hub_id(["--smoke"], "dot") == ["--smoke"]
 
@@ -269,7 +284,7 @@ def test_compare_refuses_results_of_other_arguments_and_arms_get_their_own_hub_r
 def test_resume_latest_without_checkpoints_names_the_save_strategy(tmp_path):
     import run_image_classification as run_image
 
-    with pytest.raises(ValueError, match="no checkpoint in .*--save_strategy steps\\|epoch; this run's is 'no'"):
+    with pytest.raises(ValueError, match="no checkpoint in .*--save_strategy steps\\|epoch; this run saves with 'no'"):
         run_image.run(["--smoke", "--output_dir", str(tmp_path / "out"), "--save_strategy", "no",
                        "--resume_from_checkpoint", "latest", "--report_to", "none"])
 

@@ -14,7 +14,7 @@ def given_flags(argv: list[str]) -> set[str]:
     return {arg[2:].split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")}
 
 
-def _flag_is_true(argv: list[str], name: str) -> bool:
+def flag_is_true(argv: list[str], name: str) -> bool:
     """Whether ``argv`` sets the boolean ``--name`` true (``--name``, ``--name True``, ``--name=true``, ...)."""
     value = None
     for i, arg in enumerate(argv):
@@ -59,7 +59,7 @@ def parse_with_presets(
         flat += ["--use_cpu", "True", "--dataloader_pin_memory", "False"]
     precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     other = {"bf16": "fp16", "fp16": "bf16"}.get(precision)
-    if other is not None and not _flag_is_true(argv, other):
+    if other is not None and not flag_is_true(argv, other):
         # the accelerate config's mixed precision (exported by `accelerate launch`), which Trainer follows anyway:
         # its --bf16 / --fp16 flag must say the same, or DeepSpeed refuses to start (bf16.enabled vs bf16=False).
         # Only the other precision asked for explicitly (--fp16 True under bf16) replaces it.
@@ -104,3 +104,21 @@ def with_arm_hub_id(argv: list[str], suffix: str) -> list[str]:
     if hub_id is None:
         return argv
     return strip_flag(argv, "hub_model_id") + ["--hub_model_id", f"{hub_id}-{suffix}"]
+
+
+def canonical_flags(argv: list[str]) -> dict[str, str]:
+    """``argv`` as ``{flag: value}`` (last one wins), whatever the spelling: ``--a=1`` / ``--a 1``, any order, ``-`` or
+    ``_``; a flag without a value reads ``"True"``, several values (``--neural_layers 0 -1``) read ``"0 -1"``. Two
+    command lines that set the same things compare equal."""
+    flags: dict[str, str] = {}
+    name = None
+    for arg in argv:
+        if arg.startswith("--"):
+            name, separator, value = arg[2:].partition("=")
+            name = name.replace("-", "_")
+            flags[name] = value if separator else "True"
+            if separator:
+                name = None  # the value came with the flag
+        elif name is not None:
+            flags[name] = arg if flags[name] == "True" else f"{flags[name]} {arg}"
+    return flags

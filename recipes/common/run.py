@@ -16,9 +16,11 @@ def train(trainer: Trainer, training_args: TrainingArguments) -> dict[str, Any]:
     if resume in ("True", "true", "latest"):
         resume = get_last_checkpoint(training_args.output_dir)
         if resume is None:
+            strategy = training_args.save_strategy.value
+            every = f" every {training_args.save_steps} steps" if strategy == "steps" else ""
             raise ValueError(f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: no checkpoint "
-                             f"in {training_args.output_dir} (checkpoints are written by --save_strategy steps|epoch; "
-                             f"this run's is {training_args.save_strategy.value!r}).")
+                             f"in {training_args.output_dir}. Checkpoints are written by --save_strategy steps|epoch; "
+                             f"this run saves with {strategy!r}{every}, so a shorter earlier run wrote none.")
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()  # safetensors; a patched model saves as the Hub class
     trainer.save_state()
