@@ -22,7 +22,7 @@ from transformers.masking_utils import sdpa_mask
 # imported here, not where first used: importing a kernel file registers its custom ops, which must not happen while
 # torch.compile traces a first call (Triton's file is the exception: it imports triton, so it loads on demand)
 from .fused_cpp_neural_attention import fused_cpp_available, neural_attention_fused_cpp
-from .kernels_neural_attention import neural_attention_tiled
+from .kernels_neural_attention import causal_mask, neural_attention_tiled
 
 ATTENTION_NAME = "neural_attention"
 SCORER_ATTRIBUTE = "neural_scorer"
@@ -99,8 +99,7 @@ def _normalise_mask(
 
 def _causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
     """Upper-left aligned causal mask ``(1, 1, q_len, k_len)``: key j visible to query i iff j <= i."""
-    rows = torch.arange(q_len, device=device)[:, None]
-    return (torch.arange(k_len, device=device)[None, :] <= rows)[None, None]
+    return causal_mask(q_len, k_len, device)[None, None]
 
 
 def _apply_sliding_window(

@@ -39,6 +39,7 @@ __all__ = [
     "ACTIVATIONS",
     "ScorerFactory",
     "TileScorer",
+    "causal_mask",
     "centre_hidden",
     "check_kernel_inputs",
     "choose_block_size",
@@ -81,7 +82,7 @@ def visible_rows(
         mask = mask.to(device)
     pairs = mask.expand(*mask.shape[:2], q_len, k_len)
     if causal:
-        pairs = pairs & torch.ones(q_len, k_len, dtype=torch.bool, device=mask.device).tril()
+        pairs = pairs & causal_mask(q_len, k_len, mask.device)
     return pairs.any(-1).unsqueeze(-1), pairs.any(-2).unsqueeze(-1)
 
 
@@ -104,8 +105,13 @@ def fold_causal_into_mask(
     unchanged otherwise. The mask broadcasts to ``(batch|1, heads|1, q_len, k_len)``."""
     if mask is None or not causal:
         return mask, causal
-    rows = torch.arange(q_len, device=mask.device)[:, None]
-    return mask & (torch.arange(k_len, device=mask.device)[None, :] <= rows), False
+    return mask & causal_mask(q_len, k_len, mask.device), False
+
+
+def causal_mask(q_len: int, k_len: int, device: torch.device | str | None = None) -> Tensor:
+    """Upper-left aligned causal visibility ``(q_len, k_len)``: key j visible to query i iff j <= i."""
+    rows = torch.arange(q_len, device=device)[:, None]
+    return torch.arange(k_len, device=device)[None, :] <= rows
 
 
 def centre_hidden(

@@ -336,7 +336,7 @@ def check_config_describes_scorers(model: nn.Module) -> None:
     problems = [] if sorted(recorded_layers) == layers else [f"layers {sorted(recorded_layers)} (scorers in {layers})"]
     if carried and recorded_settings is not None:  # what shapes or uses the weights, resolved (None = default)
         scorer = carried[0][1]
-        actual = scorer.layout()
+        actual = NeuralScorer.weight_layout(scorer.settings, scorer.head_dim)
         problems += [f"{name}={value!r} (the scorers have {actual[name]!r})" for name, value
                      in NeuralScorer.weight_layout(recorded_settings, scorer.head_dim).items() if value != actual[name]]
     if problems:

@@ -103,10 +103,6 @@ class NeuralScorer(nn.Module):
             "mode": settings.mode,
         }
 
-    def layout(self) -> dict[str, Any]:
-        """:meth:`weight_layout` of this scorer (the same keys, in the same order)."""
-        return self.weight_layout(self.settings, self.head_dim)
-
     # --- initialisation -------------------------------------------------------------------------------------
     @torch.no_grad()
     def reset_parameters(self) -> None:

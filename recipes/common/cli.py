@@ -9,21 +9,37 @@ from typing import Any
 from transformers import HfArgumentParser
 
 
+def canonical_flags(argv: list[str]) -> dict[str, str]:
+    """``argv`` as ``{flag: value}`` (last one wins), whatever the spelling: ``--a=1`` / ``--a 1``, any order, ``-`` or
+    ``_``; a flag without a value reads ``"True"``, several values (``--neural_layers 0 -1``) read ``"0 -1"``. Two
+    command lines that set the same things compare equal."""
+    flags: dict[str, str] = {}
+    name = None
+    for arg in argv:
+        if arg.startswith("--"):
+            name, separator, value = arg[2:].partition("=")
+            name = name.replace("-", "_")
+            flags[name] = value if separator else "True"
+            if separator:
+                name = None  # the value came with the flag
+        elif name is not None:
+            flags[name] = arg if flags[name] == "True" else f"{flags[name]} {arg}"
+    return flags
+
+
 def given_flags(argv: list[str]) -> set[str]:
     """Names of the ``--flags`` present in ``argv`` (``--a=1`` and ``--a 1`` both give ``"a"``)."""
-    return {arg[2:].split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")}
+    return set(canonical_flags(argv))
 
 
 def flag_is_true(argv: list[str], name: str) -> bool:
     """Whether ``argv`` sets the boolean ``--name`` true (``--name``, ``--name True``, ``--name=true``, ...)."""
-    value = None
-    for i, arg in enumerate(argv):
-        if arg == f"--{name}":
-            following = argv[i + 1] if i + 1 < len(argv) else ""
-            value = "true" if following.startswith("--") or not following else following
-        elif arg.startswith(f"--{name}="):
-            value = arg.split("=", 1)[1]
-    return value is not None and value.lower() in ("true", "1", "yes", "y", "t")
+    return canonical_flags(argv).get(name, "").lower() in ("true", "1", "yes", "y", "t")
+
+
+def flag_value(argv: list[str], name: str) -> str | None:
+    """The value of ``--name VALUE`` / ``--name=VALUE`` in ``argv`` (the last one), or ``None``."""
+    return canonical_flags(argv).get(name)
 
 
 def tensorboard_available() -> bool:
@@ -86,17 +102,6 @@ def strip_flag(argv: list[str], name: str, takes_value: bool = True) -> list[str
     return out
 
 
-def flag_value(argv: list[str], name: str) -> str | None:
-    """The value of ``--name VALUE`` / ``--name=VALUE`` in ``argv`` (the last one), or ``None``."""
-    value = None
-    for index, arg in enumerate(argv):
-        if arg == f"--{name}" and index + 1 < len(argv):
-            value = argv[index + 1]
-        elif arg.startswith(f"--{name}="):
-            value = arg.split("=", 1)[1]
-    return value
-
-
 def with_arm_hub_id(argv: list[str], suffix: str) -> list[str]:
     """``argv`` whose ``--hub_model_id`` (if any) gets ``-<suffix>``: each arm of an A/B pushes to a repo of its
     own (without an id, transformers names the repo after the arm's output folder)."""
@@ -104,21 +109,3 @@ def with_arm_hub_id(argv: list[str], suffix: str) -> list[str]:
     if hub_id is None:
         return argv
     return strip_flag(argv, "hub_model_id") + ["--hub_model_id", f"{hub_id}-{suffix}"]
-
-
-def canonical_flags(argv: list[str]) -> dict[str, str]:
-    """``argv`` as ``{flag: value}`` (last one wins), whatever the spelling: ``--a=1`` / ``--a 1``, any order, ``-`` or
-    ``_``; a flag without a value reads ``"True"``, several values (``--neural_layers 0 -1``) read ``"0 -1"``. Two
-    command lines that set the same things compare equal."""
-    flags: dict[str, str] = {}
-    name = None
-    for arg in argv:
-        if arg.startswith("--"):
-            name, separator, value = arg[2:].partition("=")
-            name = name.replace("-", "_")
-            flags[name] = value if separator else "True"
-            if separator:
-                name = None  # the value came with the flag
-        elif name is not None:
-            flags[name] = arg if flags[name] == "True" else f"{flags[name]} {arg}"
-    return flags
