@@ -1023,9 +1023,11 @@ def neural_attention_triton(
     k_len = key_hidden.shape[2]
     if value.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"value dtype {value.dtype} is not supported (float32, bfloat16, float16)")
-    for bs in (block_m, block_n, bwd_block_m, bwd_block_n):
-        if bs is not None and (bs < 16 or bs & (bs - 1)):
-            raise ValueError("block sizes must be powers of two >= 16")
+    blocks = {"block_m": block_m, "block_n": block_n, "bwd_block_m": bwd_block_m, "bwd_block_n": bwd_block_n}
+    for name, size in blocks.items():
+        if size is not None and (size < 16 or size & (size - 1)):
+            raise ValueError(f"{name}={size}: block sizes must be powers of two >= 16 (16, 32, 64, ...), or None for "
+                             "the tuned default")
     for u in (unroll, bwd_unroll):
         if u is not None and (u < 1 or u & (u - 1)):
             raise ValueError("unroll must be a power of two >= 1")

@@ -60,14 +60,20 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, recipe_args
 
 
-def run_one(args: argparse.Namespace, recipe_args: list[str], arm: str, seed: int) -> dict[str, Any]:
-    """One recipe run (in process or through the launcher); returns its results record."""
-    out = Path(args.output_dir) / arm / f"seed_{seed}"
+def arm_arguments(output_dir: str, recipe_args: list[str], arm: str, seed: int) -> tuple[list[str], Path]:
+    """The recipe arguments of one arm and seed, and the folder they write to."""
+    out = Path(output_dir) / arm / f"seed_{seed}"
     if flag_is_true(recipe_args, "push_to_hub") and flag_value(recipe_args, "hub_model_id") is None:
         # transformers would name every arm's repo after its folder, seed_<N>: the arms would overwrite each other
-        recipe_args = recipe_args + ["--hub_model_id", Path(args.output_dir).resolve().name]
+        recipe_args = recipe_args + ["--hub_model_id", Path(output_dir).resolve().name]
     run_args = with_arm_hub_id(recipe_args, f"{arm}-seed{seed}") + ["--attention", arm, "--seed", str(seed),
                                                                       "--output_dir", str(out)]
+    return run_args, out
+
+
+def run_one(args: argparse.Namespace, recipe_args: list[str], arm: str, seed: int) -> dict[str, Any]:
+    """One recipe run (in process or through the launcher); returns its results record."""
+    run_args, out = arm_arguments(args.output_dir, recipe_args, arm, seed)
     if not args.overwrite and (out / "recipe_results.json").is_file():
         previous = read_results(out)
         if "argv" not in previous or canonical_flags(previous["argv"]) != canonical_flags(run_args):

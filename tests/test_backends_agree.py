@@ -81,6 +81,9 @@ def test_triton_backend_agrees_inside_gpt2():
         torch.testing.assert_close(results["triton"][1][name], grad, rtol=1e-4, atol=1e-5)
 
 
+EAGER_AUTOCAST_ERROR = {"paper": 0.03, "authors": 0.3}
+
+
 @pytest.mark.parametrize("mlp", ["paper", "authors"])
 def test_backends_under_autocast_are_as_accurate_as_eager(mlp):
     """bf16 autocast (the recipes' --bf16 on CPU): every backend runs, and its scorer gradients are no further from
@@ -108,7 +111,12 @@ def test_backends_under_autocast_are_as_accurate_as_eager(mlp):
     def worst_error(grads):
         return max((grads[n] - g).norm() / scale[n.split(".neural_scorer.")[0]] for n, g in truth.items())
 
-    eager_error = worst_error(run("eager", True)[1])
+    eager_loss, eager_grads = run("eager", True)
+    torch.testing.assert_close(eager_loss, loss_fp32, rtol=2e-3, atol=0, msg="eager")
+    eager_error = worst_error(eager_grads)
+    # measured: 0.010 (paper), 0.145 (authors: bf16 moves the kinks of the second relu layer); a broken eager path
+    # would be near 1, and would loosen the bound of every backend below
+    assert eager_error < EAGER_AUTOCAST_ERROR[mlp], eager_error
     for backend in BACKENDS[1:] + (["triton"] if HAS_TRITON else []):
         loss, grads = run(backend, True)
         torch.testing.assert_close(loss, loss_fp32, rtol=2e-3, atol=0, msg=backend)

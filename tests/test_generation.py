@@ -1,6 +1,9 @@
-"""KV-cache decoding: one query against every cached key, dynamic and static caches, padded batches."""
+"""KV-cache decoding: one query against every cached key, several new queries against a cache, dynamic and static
+caches, padded batches, every backend (Triton interpreted on CPU)."""
 
 from __future__ import annotations
+
+import importlib.util
 
 import pytest
 import torch
@@ -8,7 +11,7 @@ import torch
 from hf_neural_attention import NeuralAttentionConfig, patch_model
 from tests.models import random_ids, tiny_gpt2, tiny_llama
 
-BACKENDS = ["eager", "tiled", "cpp"]
+BACKENDS = ["eager", "tiled", "cpp"] + (["triton"] if importlib.util.find_spec("triton") is not None else [])
 
 
 def _generate(model, ids, **kwargs):
@@ -19,8 +22,10 @@ def _generate(model, ids, **kwargs):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_generate_with_cache_equals_without(backend):
-    model = patch_model(tiny_gpt2(), layers=[0, -1], config=NeuralAttentionConfig(backend=backend, proj_dim=4))
+@pytest.mark.parametrize("mlp", ["paper", "authors"])
+def test_generate_with_cache_equals_without(backend, mlp):
+    model = patch_model(tiny_gpt2(), layers=[0, -1],
+                        config=NeuralAttentionConfig(backend=backend, proj_dim=4, mlp=mlp))
     ids = random_ids(2, 6)
     cached, cached_scores = _generate(model, ids, use_cache=True)
     uncached, uncached_scores = _generate(model, ids, use_cache=False)
@@ -38,16 +43,39 @@ def test_static_cache_equals_dynamic_cache(backend):
     torch.testing.assert_close(dynamic_scores, static_scores, rtol=1e-5, atol=1e-5)
 
 
-def test_left_padded_batch_generates_like_single_prompts():
-    model = patch_model(tiny_gpt2(), layers=[0])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_left_padded_batch_generates_like_single_prompts(backend):
+    model = patch_model(tiny_gpt2(), layers=[0, -1], config=NeuralAttentionConfig(backend=backend, proj_dim=4))
     short, long = random_ids(1, 3, seed=5), random_ids(1, 6, seed=6)
     batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1), long])
     attention_mask = (torch.arange(6) >= torch.tensor([[3], [0]])).long()
-    with torch.no_grad():
-        together = model.generate(batch, attention_mask=attention_mask, max_new_tokens=6, do_sample=False,
-                                  pad_token_id=0)
-        alone = model.generate(short, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    together, together_scores = _generate(model, batch, attention_mask=attention_mask)
+    alone, alone_scores = _generate(model, short)
     assert torch.equal(together[0, 3:], alone[0])
+    # the scores, not just the greedy tokens: a dropped padding mask barely moves the argmax of a tiny model
+    torch.testing.assert_close(together_scores[:, 0], alone_scores[:, 0], rtol=1e-5, atol=1e-5)
+    long_alone, long_alone_scores = _generate(model, long)
+    torch.testing.assert_close(together_scores[:, 1], long_alone_scores[:, 0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_several_new_tokens_against_a_cache(backend):
+    """Prefill, then 4 tokens at once against the cache (``q_len = 4 < k_len``, as in speculative decoding or a
+    chunked prompt), with left padding: the logits of a single forward pass over everything."""
+    model = patch_model(tiny_gpt2(), layers=[0, -1], config=NeuralAttentionConfig(backend=backend, proj_dim=4))
+    ids = random_ids(2, 11, seed=8)
+    attention_mask = torch.ones_like(ids)
+    attention_mask[0, :3] = 0
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        full = model(ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        prefill = model(ids[:, :7], attention_mask=attention_mask[:, :7], position_ids=position_ids[:, :7],
+                        use_cache=True)
+        more = model(ids[:, 7:], attention_mask=attention_mask, position_ids=position_ids[:, 7:],
+                     past_key_values=prefill.past_key_values, use_cache=True).logits
+    real = attention_mask.bool()
+    torch.testing.assert_close(prefill.logits[real[:, :7]], full[:, :7][real[:, :7]], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(more, full[:, 7:], rtol=1e-5, atol=1e-5)
 
 
 def test_grouped_query_attention_decoding_llama():

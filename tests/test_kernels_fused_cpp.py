@@ -287,7 +287,7 @@ def test_delegates_unsupported_cases(monkeypatch):
 def test_empty_and_bad_activation():
     args = _inputs(1, 2, 0, 5, 3)
     assert neural_attention_fused_cpp(**args).shape == (1, 2, 0, 16)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="swish"):
         neural_attention_fused_cpp(**_inputs(1, 1, 3, 3, 2), activation="swish")
 
 

@@ -277,13 +277,12 @@ def test_noncontiguous_inputs_and_2d_mask():
     check(t, mask=m)
 
 
-# d' = 4: the per-unit form; d' = 16: the tensor-core GEMM form. bf16 outputs make delta = rowsum(dO * O) inexact,
-# and the wide MLP's sharper scores amplify that into the gradients: 2-10% at d' = 16 over seeds 22-24, the same
-# for both forms to 3 digits (measured by moving _AUTHORS_GEMM_FROM); indexing errors would be O(1)
-@pytest.mark.parametrize("hidden,tol", [(4, BF16_TOL), (16, 0.15)])
-def test_bf16_authors(hidden, tol):
+# d' = 4: the per-unit form; d' = 16: the tensor-core GEMM form. Both within 1e-2 over seeds 22-26 since the forward
+# writes an fp32 output for delta = rowsum(dO * O) (with the bf16 output, d' = 16 needed 0.15)
+@pytest.mark.parametrize("hidden", [4, 16])
+def test_bf16_authors(hidden):
     t = make_inputs(lq=9, lk=17, hidden=hidden, vdim=8, authors=True, dtype=torch.bfloat16, seed=22)
-    check(t, tol=tol)
+    check(t, tol=BF16_TOL)
 
 
 def test_dropout_matches_reference_with_recovered_mask():
@@ -321,11 +320,11 @@ def test_backward_bitwise_deterministic():
 
 def test_input_validation():
     t = make_inputs()
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="bool"):
         run_kernel(t, mask=torch.ones(1, 1, 5, 7, device=DEVICE))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="swish"):
         run_kernel(t, activation="swish")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="block_m"):
         neural_attention_triton(t["A"], t["B"], t["V"], t["w"], block_m=24)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hf_neural_attention import NeuralAttentionConfig, NeuralScorer, neural_attention_forward, patch_model
-from tests.models import random_ids, tiny_gpt2
+from tests.models import random_ids, tiny_bert, tiny_gpt2
 from tests.reference import attention_from_scores, causal_visible, paper_scores
 from tests.test_scorer_math import ScoredLayer, reference_weights
 
@@ -19,7 +19,9 @@ def _layer(backend: str, heads: int = 2, head_dim: int = 8, causal: bool = False
 
 
 def _inputs(batch: int, heads: int, q_len: int, k_len: int, head_dim: int = 8):
-    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    seed = torch.seed() % 2**31
+    print(f"random inputs: seed {seed}")  # shown with a failure, to reproduce it
+    g = torch.Generator().manual_seed(seed)
     return [torch.randn(batch, heads, n, head_dim, generator=g, dtype=torch.float64) for n in (q_len, k_len, k_len)]
 
 
@@ -52,10 +54,17 @@ def test_fully_masked_rows_are_finite_zeros_with_finite_gradients(backend):
     visible[1] = False  # a whole sample sees nothing
     out, _ = neural_attention_forward(layer, query, key, value, visible)
     assert torch.isfinite(out).all()
-    assert out[0, 1].abs().max() == 0 and out[1].abs().max() == 0
-    grads = torch.autograd.grad(out.sum(), [query, key, value, *layer.neural_scorer.parameters()])
-    assert all(torch.isfinite(g).all() for g in grads)
+    assert out[0, 1].abs().max() == 0 and out[1].abs().max() == 0  # out is (batch, q_len, heads, v_dim)
+    leaves = [query, key, value, *layer.neural_scorer.parameters()]
+    upstream = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, upstream)
     assert grads[0][1].abs().max() == 0  # nothing flows into queries that saw nothing
+    expected, _ = attention_from_scores(paper_scores(query, key, reference_weights(layer.neural_scorer), "relu"),
+                                        value, visible)
+    torch.testing.assert_close(out.transpose(1, 2), expected, rtol=1e-9, atol=1e-10)
+    want = torch.autograd.grad(expected, leaves, upstream.transpose(1, 2))
+    for index, (got, reference) in enumerate(zip(grads, want, strict=True)):
+        torch.testing.assert_close(got, reference, rtol=1e-8, atol=1e-10, msg=lambda m, i=index: f"leaf {i}: {m}")
 
 
 def test_real_additive_bias_goes_through_the_materialising_path():
@@ -90,7 +99,7 @@ def test_causality_future_tokens_never_change_past_logits(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("side", ["left", "right"])  # right: pads come after every real token (and stay unseen)
 def test_padding_gives_the_unpadded_logits_on_real_tokens(backend, side):
     model = patch_model(tiny_gpt2(), layers=[0, 2], config=NeuralAttentionConfig(backend=backend))
     short, long = random_ids(1, 5, seed=3), random_ids(1, 9, seed=4)
@@ -105,4 +114,18 @@ def test_padding_gives_the_unpadded_logits_on_real_tokens(backend, side):
         alone_long = model(long).logits
     assert torch.isfinite(batched).all()
     torch.testing.assert_close(batched[0, mask], alone_short[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batched[1], alone_long[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bidirectional_padding_gives_the_unpadded_outputs(backend):
+    """BERT-style (every token sees every other): a dropped padding mask would let real tokens see the pads."""
+    model = patch_model(tiny_bert(), layers=[0, 1], config=NeuralAttentionConfig(backend=backend))
+    short, long = random_ids(1, 5, seed=3), random_ids(1, 9, seed=4)
+    padded = torch.cat([short, torch.zeros(1, 4, dtype=torch.long)], 1)
+    attention_mask = torch.stack([(torch.arange(9) < 5).long(), torch.ones(9, dtype=torch.long)])
+    with torch.no_grad():
+        batched = model(torch.cat([padded, long]), attention_mask=attention_mask).last_hidden_state
+        alone_short, alone_long = model(short).last_hidden_state, model(long).last_hidden_state
+    torch.testing.assert_close(batched[0, :5], alone_short[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(batched[1], alone_long[0], rtol=1e-5, atol=1e-5)

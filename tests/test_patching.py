@@ -177,15 +177,26 @@ def test_gradient_checkpointing_replays_the_same_dropout(backend, use_reentrant)
         torch.testing.assert_close(checkpointed_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_bfloat16_model_runs_and_tracks_float32():
-    reference = patch_model(tiny_gpt2(), layers=[0])
-    model = copy.deepcopy(reference).to(torch.bfloat16)
+@pytest.mark.parametrize("backend", ["eager", "tiled", "cpp"])
+def test_bfloat16_model_tracks_float64(backend):
+    """A patched model cast to bf16: the neural layer's output is within 2e-2 (of its largest entry) of the same
+    layer in float64 on the same input, forward and input gradient; the whole model trains with finite gradients.
+    (The model's logits are no test of the layer: in a tiny random GPT-2 bf16 rounding elsewhere outweighs it.)"""
+    model = patch_model(tiny_gpt2(), layers=[0], backend=backend).to(torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in scorer_parameters(model).values())
+    attention = model.transformer.h[0].attn
+    attention64 = copy.deepcopy(attention).double()
+    hidden = torch.randn(2, 13, 32, generator=torch.Generator().manual_seed(5)).bfloat16().requires_grad_()
+    hidden64 = hidden.detach().double().requires_grad_()
+    out, out64 = attention(hidden)[0], attention64(hidden64)[0]
+    assert out.dtype == torch.bfloat16
+    assert (out.double() - out64).abs().max() < 2e-2 * out64.abs().max()
+    upstream = torch.randn(out64.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    (grad,) = torch.autograd.grad(out, [hidden], upstream.bfloat16())
+    (grad64,) = torch.autograd.grad(out64, [hidden64], upstream)
+    assert (grad.double() - grad64).abs().max() < 2e-2 * grad64.abs().max()
+
     ids = random_ids(2, 12)
-    with torch.no_grad():
-        low, high = model(ids).logits, reference(ids).logits
-    assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
-    torch.testing.assert_close(low.float(), high, rtol=0, atol=0.1)
     model.train()
     model(ids, labels=ids).loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in scorer_parameters(model).values())

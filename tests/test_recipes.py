@@ -252,9 +252,7 @@ def test_compare_two_seeds_writes_csv_table_and_plots(tmp_path):
             assert image.format == "PNG" and image.size[0] > 100
 
 
-def test_compare_refuses_results_of_other_arguments_and_arms_get_their_own_hub_repos(tmp_path, monkeypatch):
-    from types import SimpleNamespace
-
+def test_compare_refuses_results_of_other_arguments_and_arms_get_their_own_hub_repos(tmp_path):
     import compare
     from common.cli import canonical_flags, flag_value, with_arm_hub_id
 
@@ -270,13 +268,8 @@ def test_compare_refuses_results_of_other_arguments_and_arms_get_their_own_hub_r
     assert with_arm_hub_id(["--smoke", "--hub_model_id", "me/a"], "dot") == ["--smoke", "--hub_model_id", "me/a-dot"]
     assert canonical_flags(["--neural_layers", "0", "-1", "--smoke"]) == {"neural_layers": "0 -1", "smoke": "True"}
     # --push_to_hub without an id: transformers would name both arms' repos after their folder, seed_<N>
-    pushed = []
-    monkeypatch.setattr(compare.importlib, "import_module", lambda name: SimpleNamespace(run=pushed.append))
-    monkeypatch.setattr(compare, "read_results", lambda out: {})
-    settings = SimpleNamespace(recipe="clm", output_dir=str(tmp_path / "exp"), overwrite=False, launcher=None)
-    for arm in ("neural", "dot"):
-        compare.run_one(settings, ["--push_to_hub"], arm, 3)
-    assert [flag_value(argv, "hub_model_id") for argv in pushed] == ["exp-neural-seed3", "exp-dot-seed3"]
+    arms = [compare.arm_arguments(str(tmp_path / "exp"), ["--push_to_hub"], arm, 3)[0] for arm in ("neural", "dot")]
+    assert [flag_value(argv, "hub_model_id") for argv in arms] == ["exp-neural-seed3", "exp-dot-seed3"]
     assert with_arm_hub_id(["--hub_model_id=me/run"], "neural-seed0") == ["--hub_model_id", "me/run-neural-seed0"]
     assert with_arm_hub_id(["--smoke"], "dot") == ["--smoke"]
 
