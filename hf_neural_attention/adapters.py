@@ -26,7 +26,14 @@ from .backend_neural_attention import SCORER_ATTRIBUTE
 from .configuration_neural_attention import PACKAGE_VERSION, NeuralAttentionConfig, _version_tuple
 from .hub_classes import STOCK_CLASS_FOR
 from .modeling_neural_attention import head_shape
-from .patching import find_attention_modules, neural_settings, patch_model, resolve_layers, unpatch_model
+from .patching import (
+    find_attention_modules,
+    neural_settings,
+    patch_model,
+    resolve_layers,
+    unpatch_model,
+    unwrap_model,
+)
 from .scoring_neural_attention import NeuralScorer
 
 WEIGHTS_NAME = "neural_adapter.safetensors"
@@ -39,13 +46,29 @@ def _base(model: PreTrainedModel) -> torch.nn.Module:
     return getattr(model, "base_model", model)
 
 
+def _active_scorer(scorer: torch.nn.Module) -> torch.nn.Module:
+    """The scorer that runs: PEFT's ``modules_to_save=["neural_scorer"]`` wraps it with the frozen original and one
+    trained copy per adapter (``original_module``, ``modules_to_save[<adapter>]``)."""
+    copies = getattr(scorer, "modules_to_save", None)
+    if not isinstance(copies, torch.nn.ModuleDict):
+        return scorer
+    active = getattr(scorer, "active_adapter", None)
+    active = active[0] if isinstance(active, list | tuple) and active else active
+    if getattr(scorer, "disable_adapters", False) or active not in copies:
+        return scorer.original_module
+    return copies[active]
+
+
 def adapter_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
-    """Scorer parameters of ``model`` named relative to its base model (detached, contiguous, on CPU)."""
-    return {
-        name: param.detach().contiguous().cpu()
-        for name, param in _base(model).named_parameters()
-        if f".{SCORER_ATTRIBUTE}." in f".{name}"
-    }
+    """Scorer parameters of ``model`` named relative to its base model (detached, contiguous, on CPU); through
+    torch.compile's and PEFT's wrappers, the weights of the scorers that run."""
+    state = {}
+    for name, module in find_attention_modules(_base(unwrap_model(model))):
+        scorer = getattr(module, SCORER_ATTRIBUTE, None)
+        if scorer is not None:
+            for param_name, param in _active_scorer(scorer).named_parameters():
+                state[f"{name}.{SCORER_ATTRIBUTE}.{param_name}"] = param.detach().contiguous().cpu()
+    return state
 
 
 def save_neural_adapter(
@@ -66,7 +89,7 @@ def save_neural_adapter(
     Raises:
         ValueError: the model has no neural layers.
     """
-    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: record the model's own class
+    model = unwrap_model(model)  # torch.compile's or PEFT's wrapper: record the model's own class
     recorded = neural_settings(model)
     if recorded is None:
         raise ValueError("This model has no neural layers; patch it with patch_model(model, layers=...) first.")
@@ -177,6 +200,7 @@ def load_neural_adapter(
         model = model_class.from_pretrained(name, **from_pretrained_kwargs)
     else:
         model = model_or_name
+    given, model = model, unwrap_model(model)  # a PEFT / compiled model: its transformers model
     if neural_settings(model) is not None:
         raise ValueError("This model already has neural layers; load the adapter into the unpatched base model.")
 
@@ -206,4 +230,4 @@ def load_neural_adapter(
     if getattr(model.config, "neural_attention_base_model", None) is None and metadata.get("base_model"):
         if hasattr(type(model.config), "neural_attention_base_model"):
             model.config.neural_attention_base_model = metadata["base_model"]
-    return model
+    return given

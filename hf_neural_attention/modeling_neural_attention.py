@@ -59,11 +59,15 @@ def _goes_through_attention_interface(cls: type) -> bool:
     return "ALL_ATTENTION_FUNCTIONS" in source
 
 
+# module names of cross-attention (BERT/GPT-2 crossattention, Whisper/BART encoder_attn, T5-family EncDecAttention)
+_CROSS_ATTENTION_NAMES = ("crossattention", "cross_attention", "cross_attn", "encoder_attn", "encdecattention")
+
+
 def _is_cross_attention(name: str, module: nn.Module) -> bool:
     if getattr(module, "is_cross_attention", False):
         return True
     lowered = name.lower()
-    return "crossattention" in lowered or "cross_attn" in lowered or "encoder_attn" in lowered
+    return any(part in lowered for part in _CROSS_ATTENTION_NAMES)
 
 
 def find_self_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -172,9 +176,13 @@ def _keep_neural_attention_hook(model: nn.Module, args: tuple) -> None:
 
 
 def register_keep_neural_attention_hook(model: nn.Module) -> None:
-    """Register :func:`_keep_neural_attention_hook` on ``model`` once (``patch_model`` and every Hub-class build)."""
-    if not any(is_keep_neural_attention_hook(hook) for hook in model._forward_pre_hooks.values()):
-        model.register_forward_pre_hook(_keep_neural_attention_hook)
+    """Register :func:`_keep_neural_attention_hook` once on ``model`` and on every model inside it (``patch_model``
+    and every Hub-class build): a sub-model (``llama.model``) may be called on its own after a stock
+    ``set_attn_implementation`` on its parent."""
+    for module in model.modules():
+        if module is model or isinstance(module, PreTrainedModel):
+            if not any(is_keep_neural_attention_hook(hook) for hook in module._forward_pre_hooks.values()):
+                module.register_forward_pre_hook(_keep_neural_attention_hook)
 
 
 def is_keep_neural_attention_hook(hook: Any) -> bool:

@@ -81,6 +81,22 @@ def resolve_layers(layers: LayerSelection, num_layers: int) -> list[int]:
     return sorted(resolved)
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside ``torch.compile``'s, PEFT's or (Distributed)DataParallel's wrappers, or
+    ``model`` itself: the model whose class, config and layers ``patch_model`` changes (the wrappers keep no class
+    or config of their own that a checkpoint would record)."""
+    while not isinstance(model, PreTrainedModel):
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        elif isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif callable(getattr(model, "get_base_model", None)):  # peft.PeftModel
+            model = model.get_base_model()
+        else:
+            break
+    return model
+
+
 def _current_implementation(model: PreTrainedModel) -> str | None:
     return getattr(model.config, "_attn_implementation", None)
 
@@ -122,6 +138,12 @@ def patch_model(
     """
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise TypeError(f"patch_model expects a transformers PreTrainedModel, got {type(model).__name__}.")
+    _patch(unwrap_model(model), layers, config, settings)
+    return model
+
+
+def _patch(model: nn.Module, layers: LayerSelection, config: NeuralAttentionConfig | None, settings: dict) -> None:
+    """``patch_model`` on the unwrapped model."""
     if config is None:
         config = NeuralAttentionConfig(**settings)
     elif not isinstance(config, NeuralAttentionConfig):
@@ -205,7 +227,6 @@ def patch_model(
             "%s has no neural-attention Hub class: its save_pretrained writes the scorer weights, but loading the "
             "checkpoint with %s.from_pretrained drops them (reported as unexpected keys). Save and load the scorers "
             "with save_neural_adapter / load_neural_adapter.", type(model).__name__, type(model).__name__)
-    return model
 
 
 def _other_config_holders(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
@@ -238,7 +259,9 @@ def _contains_config(config: object, target: PretrainedConfig, depth: int = 4) -
 
 def _check_config_sharing(model: nn.Module) -> bool:
     """Whether ``model`` needs a config of its own before patching writes to it (layers, settings, attention
-    implementation, class): yes when models other than its parents hold it (an A/B pair built from one config).
+    implementation, class): yes unless its parents hold it (a sub-model patched alone must change its parents'
+    config). A top model always gets a copy: the caller may hold the config to build another model from it (an A/B
+    pair), which must stay a stock model.
 
     Raises:
         ValueError: the config is shared both with parents and with other sub-models (siblings built from one
@@ -253,7 +276,7 @@ def _check_config_sharing(model: nn.Module) -> bool:
             "(sub_model.config = copy.deepcopy(sub_model.config), and its submodules' .config likewise), or patch "
             "the parent."
         )
-    return bool(others)
+    return not parents
 
 
 def _give_model_its_own_config(model: nn.Module) -> None:
@@ -358,6 +381,7 @@ def set_backend(model: nn.Module, backend: str) -> None:
     Raises:
         ValueError: the model has no neural layers, or ``backend`` is not one of ``NeuralAttentionConfig``'s.
     """
+    model = unwrap_model(model)
     recorded = neural_settings(model)
     if recorded is None:
         raise ValueError("This model has no neural layers; patch it with patch_model(model, layers=...) first.")

@@ -80,6 +80,27 @@ def test_adapter_of_a_compiled_model_records_the_model_class(tmp_path):
     assert torch.equal(output(restored), output(model))
 
 
+def test_adapter_of_a_peft_model_holds_the_trained_scorers_under_base_model_names(tmp_path):
+    """LoRA with ``modules_to_save=["neural_scorer"]``: PEFT trains a copy of each scorer beside the frozen original;
+    the adapter holds the copy, named as for the bare model, and loads into a plain base model."""
+    peft = pytest.importorskip("peft")
+    plain = patch_model(tiny_gpt2(), layers=[1], proj_dim=4)
+    save_neural_adapter(plain, tmp_path / "plain")
+    wrapped = peft.get_peft_model(patch_model(tiny_gpt2(), layers=[1], proj_dim=4),
+                                  peft.LoraConfig(target_modules=["c_attn"], modules_to_save=["neural_scorer"]))
+    with torch.no_grad():  # what training does: only the adapter's copy moves
+        for name, param in wrapped.named_parameters():
+            if ".neural_scorer.modules_to_save." in name:
+                param.add_(0.1)
+    save_neural_adapter(wrapped, tmp_path / "peft")
+    metadata = json.loads((tmp_path / "peft" / CONFIG_NAME).read_text())
+    assert metadata["model_class"] == "GPT2LMHeadModel" and metadata["layers"] == [1]
+    assert sorted(load_file(tmp_path / "peft" / WEIGHTS_NAME)) == sorted(load_file(tmp_path / "plain" / WEIGHTS_NAME))
+    restored = load_neural_adapter(tiny_gpt2(), tmp_path / "peft")
+    torch.testing.assert_close(output(restored), output(wrapped), rtol=0, atol=1e-6)  # LoRA starts at zero
+    assert not torch.allclose(output(restored), output(plain), atol=1e-4)
+
+
 def test_adapter_naming_a_class_transformers_lacks_is_refused_by_name(tmp_path):
     trained_adapter(tmp_path / "adapter")
     config_path = tmp_path / "adapter" / CONFIG_NAME

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from transformers import GPT2LMHeadModel, GPT2Model, ResNetConfig, ResNetModel
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, GPT2Model, ResNetConfig, ResNetModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from hf_neural_attention import (
@@ -20,6 +20,7 @@ from hf_neural_attention import (
     scorer_parameters,
     unpatch_model,
 )
+from hf_neural_attention.patching import unwrap_model
 from tests.models import random_ids, random_pixels, tiny_bert, tiny_gpt2, tiny_gpt2_config, tiny_llama, tiny_vit
 
 NO_DROPOUT = dict(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
@@ -306,6 +307,61 @@ def test_patching_leaves_a_config_shared_with_another_model_alone():
     assert all(module.config is neural.config for module in neural.modules() if "config" in module.__dict__)
     patch_model(dot, layers=[1])  # its own layers and settings, not [0, 1]
     assert dot.config.neural_attention_layers == [1] and neural.config.neural_attention_layers == [0]
+
+
+def test_patching_copies_a_config_that_only_the_caller_holds(tmp_path):
+    # the A/B set-up written in the other order: the dot-product model is built from the config after patching
+    config = tiny_gpt2_config()
+    before = config.to_dict()
+    neural = patch_model(GPT2LMHeadModel(config), layers=[0])
+    assert neural.config is not config and type(config) is GPT2Config and config.to_dict() == before
+    dot = GPT2LMHeadModel(config).eval()
+    dot.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(reloaded) is GPT2LMHeadModel
+    ids = random_ids(1, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, dot(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("wrapper", ["compile", "peft"])
+def test_patching_a_wrapped_model_patches_the_model_inside(tmp_path, wrapper):
+    """torch.compile's and PEFT's wrappers: the transformers model inside gets the Hub class, so its checkpoint
+    reloads with its scorers."""
+    model = tiny_gpt2()
+    if wrapper == "compile":
+        wrapped = torch.compile(model)
+    else:
+        peft = pytest.importorskip("peft")
+        wrapped = peft.get_peft_model(model, peft.LoraConfig(target_modules=["c_attn"]))
+    assert patch_model(wrapped, layers=[0]) is wrapped
+    assert unwrap_model(wrapped) is model and type(model).__name__ == "NeuralAttentionGPT2ForCausalLM"
+    saved = wrapped.merge_and_unload() if wrapper == "peft" else model
+    saved.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(reloaded) is type(model) and neural_layers(reloaded) == [(0, "transformer.h.0.attn")]
+    ids = random_ids(1, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, saved.eval()(ids).logits, rtol=0, atol=1e-6)
+
+
+def test_t5_cross_attention_is_not_a_layer():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    model = T5ForConditionalGeneration(T5Config(vocab_size=97, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                                num_decoder_layers=3, num_heads=4))
+    names = [name for name, _ in find_attention_modules(model)]
+    assert len(names) == 5 and all(name.endswith("SelfAttention") for name in names), names
+
+
+def test_a_sub_model_called_alone_after_a_stock_switch_keeps_its_scorers():
+    model = patch_model(tiny_llama(), layers=[0], proj_dim=4)
+    ids = random_ids(2, 6)
+    with torch.no_grad():
+        patched = model.model(ids).last_hidden_state
+        model.set_attn_implementation("sdpa")  # then the sub-model first, before any call of the parent
+        torch.testing.assert_close(model.model(ids).last_hidden_state, patched, rtol=0, atol=1e-6)
+    assert model.config._attn_implementation == ATTENTION_NAME
 
 
 def test_set_attn_implementation_keeps_the_neural_layers_of_models_without_a_hub_class():

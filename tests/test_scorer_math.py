@@ -148,13 +148,13 @@ def test_residual_mode_adds_scaled_dot_product(backend):
         torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-10)
 
 
-FUSED_BACKENDS = CPU_BACKENDS + (["triton"] if importlib.util.find_spec("triton") is not None else [])
+ALL_BACKENDS = CPU_BACKENDS + (["triton"] if importlib.util.find_spec("triton") is not None else [])
 # bf16: inputs and weights rounded to bf16, the float64 reference computed from those very values; errors are taken
 # relative to the largest entry of each tensor (a gradient's small entries are sums that cancel).
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("mlp", ["paper", "authors"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_float32_and_bfloat16_match_float64_reference(backend, mlp, dtype):
@@ -200,7 +200,7 @@ def test_float32_and_bfloat16_match_float64_reference(backend, mlp, dtype):
     upstream = torch.randn(out.shape, dtype=torch.float64)
     got = torch.autograd.grad(out, [query, key, value, *ours], upstream.to(dtype))
     want = torch.autograd.grad(expected, [*inputs64, *reference_params], upstream)
-    for name, g, w in zip(["query", "key", "value"], got[:3], want[:3], strict=False):
+    for name, g, w in zip(["query", "key", "value"], got[:3], want[:3], strict=True):
         assert g.dtype == dtype
         assert_near(g, w, f"gradient of {name}")
     # a scorer bias's gradient sums terms that cancel across a softmax row: measured against the layer's largest
