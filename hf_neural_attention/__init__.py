@@ -7,6 +7,7 @@ registers the Hub config/model classes with transformers' Auto classes (so check
 
 from transformers import (
     AutoConfig,
+    AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageClassification,
     AutoModelForSequenceClassification,
@@ -26,6 +27,7 @@ from .model_card import build_model_card, write_model_card
 from .modeling_neural_attention import (
     NeuralAttentionGPT2ForCausalLM,
     NeuralAttentionGPT2ForSequenceClassification,
+    NeuralAttentionGPT2Model,
     NeuralAttentionViTForImageClassification,
 )
 from .patching import (
@@ -50,6 +52,7 @@ def _register_auto_classes() -> None:
         (AutoModelForCausalLM, NeuralAttentionGPT2ForCausalLM),
         (AutoModelForSequenceClassification, NeuralAttentionGPT2ForSequenceClassification),
         (AutoModelForImageClassification, NeuralAttentionViTForImageClassification),
+        (AutoModel, NeuralAttentionGPT2Model),
     ):
         auto_class.register(model_class.config_class, model_class, exist_ok=True)
 
@@ -63,6 +66,7 @@ __all__ = [
     "NeuralAttentionGPT2Config",
     "NeuralAttentionGPT2ForCausalLM",
     "NeuralAttentionGPT2ForSequenceClassification",
+    "NeuralAttentionGPT2Model",
     "NeuralAttentionTrainer",
     "NeuralAttentionViTConfig",
     "NeuralAttentionViTForImageClassification",

@@ -3,8 +3,8 @@
 ``patch_model`` calls ``adopt_hub_class`` so that a patched ``GPT2LMHeadModel`` *is* a
 ``NeuralAttentionGPT2ForCausalLM`` (and its config a ``NeuralAttentionGPT2Config``): ``save_pretrained`` and
 ``push_to_hub`` then write ``model_type: neural_attention_gpt2``, ``auto_map`` and the code files. ``unpatch_model``
-calls ``restore_stock_class``. Classes without a Hub class (``GPT2Model``, Llama, BERT, subclasses of the stock
-classes, ...) keep their class; ``save_neural_adapter`` covers those.
+calls ``restore_stock_class``. Classes without a Hub class (Llama, BERT, subclasses of the stock classes, ...) keep
+their class; ``save_neural_adapter`` covers those.
 """
 
 from torch import nn
@@ -12,6 +12,7 @@ from transformers import (
     GPT2Config,
     GPT2ForSequenceClassification,
     GPT2LMHeadModel,
+    GPT2Model,
     ViTConfig,
     ViTForImageClassification,
 )
@@ -20,12 +21,14 @@ from .configuration_neural_attention import PACKAGE_VERSION, NeuralAttentionGPT2
 from .modeling_neural_attention import (
     NeuralAttentionGPT2ForCausalLM,
     NeuralAttentionGPT2ForSequenceClassification,
+    NeuralAttentionGPT2Model,
     NeuralAttentionViTForImageClassification,
 )
 
 HUB_CLASS_FOR: dict[type, type] = {
     GPT2LMHeadModel: NeuralAttentionGPT2ForCausalLM,
     GPT2ForSequenceClassification: NeuralAttentionGPT2ForSequenceClassification,
+    GPT2Model: NeuralAttentionGPT2Model,
     ViTForImageClassification: NeuralAttentionViTForImageClassification,
 }
 STOCK_CLASS_FOR: dict[type, type] = {hub: stock for stock, hub in HUB_CLASS_FOR.items()}

@@ -21,6 +21,7 @@ from torch import nn
 from transformers import (
     GPT2ForSequenceClassification,
     GPT2LMHeadModel,
+    GPT2Model,
     PreTrainedModel,
     ViTForImageClassification,
 )
@@ -164,7 +165,7 @@ def keep_neural_attention(model: nn.Module, attn_implementation: str | dict | No
 
 def _keep_neural_attention_hook(model: nn.Module, args: tuple) -> None:
     """Forward pre-hook of a patched model: a stock ``set_attn_implementation("sdpa" | "eager")`` -- on a model
-    without a Hub class (Llama, BERT, GPT2Model), on a parent sharing the config, or on a sub-model -- would route
+    without a Hub class (Llama, BERT), on a parent sharing the config, or on a sub-model -- would route
     every layer past its scorer; the request is applied to the unpatched layers instead and the model switched back
     (flash / flex kernels raise ``ValueError``). Runs on every forward: the common path is one attribute read, and
     nothing in it stops torch.compile."""
@@ -282,6 +283,10 @@ class NeuralAttentionModelMixin:
                 checkpoint would not load as saved. Nothing is written.
         """
         check_config_describes_scorers(self)
+        bare = _BARE_MODEL_FOR.get(type(self.config))
+        if bare is not None and self._auto_class is not None:  # remote code's AutoModel reads the body of any head
+            auto_map = getattr(self.config, "auto_map", None) or {}
+            self.config.auto_map = {**auto_map, "AutoModel": f"{bare.__module__.split('.')[-1]}.{bare.__name__}"}
         readme = os.path.join(os.fspath(save_directory), "README.md")
         # transformers writes its generic card over README.md just before a push: keep what was there to restore
         self._readme_before_push = None
@@ -440,8 +445,20 @@ class NeuralAttentionViTForImageClassification(NeuralAttentionModelMixin, ViTFor
     config_class = NeuralAttentionViTConfig
 
 
+class NeuralAttentionGPT2Model(NeuralAttentionModelMixin, GPT2Model):
+    """The bare GPT-2 (hidden states; ``AutoModel``, feature extraction) with neural attention in
+    ``config.neural_attention_layers``; loads the body of any neural GPT-2 checkpoint."""
+
+    config_class = NeuralAttentionGPT2Config
+
+
+# what AutoModel loads from a checkpoint of any head (save_pretrained writes it into auto_map for remote code). Not
+# ViT: transformers 5.24 renames a ViT head checkpoint's keys when ViTModel loads it under another model_type
+_BARE_MODEL_FOR = {NeuralAttentionGPT2Config: NeuralAttentionGPT2Model}
+
 NeuralAttentionGPT2Config.register_for_auto_class()
 NeuralAttentionViTConfig.register_for_auto_class()
+NeuralAttentionGPT2Model.register_for_auto_class("AutoModel")
 NeuralAttentionGPT2ForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 NeuralAttentionGPT2ForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
 NeuralAttentionViTForImageClassification.register_for_auto_class("AutoModelForImageClassification")

@@ -20,7 +20,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from .backend_neural_attention import ATTENTION_NAME, FALLBACK_ATTRIBUTE, SCORER_ATTRIBUTE
 from .configuration_neural_attention import NeuralAttentionConfig, clear_from_config, record_on_config
-from .hub_classes import STOCK_CLASS_FOR, adopt_hub_class, hub_class_for, restore_stock_class
+from .hub_classes import STOCK_CLASS_FOR, adopt_hub_class, restore_stock_class
 from .modeling_neural_attention import (
     find_self_attention_modules,
     head_shape,
@@ -197,10 +197,10 @@ def _patch(model: nn.Module, layers: LayerSelection, config: NeuralAttentionConf
         if num_heads % max(getattr(module, "num_key_value_groups", 1), 1):
             raise ValueError(f"Layer {index} ({name}): heads are not a multiple of its key/value groups.")
 
-    needs_own_config = _check_config_sharing(model)
+    parents = _check_config_sharing(model)
 
     # All checks passed: from here on the model is modified.
-    if needs_own_config:
+    if not parents:  # a top model: the caller may hold the config to build a stock model from it (an A/B pair)
         _give_model_its_own_config(model)
     for index in chosen:
         name, module = modules[index]
@@ -221,12 +221,20 @@ def _patch(model: nn.Module, layers: LayerSelection, config: NeuralAttentionConf
             )
     record_on_config(model.config, present + chosen, config)
     register_keep_neural_attention_hook(model)
-    adopt_hub_class(model)
-    if not present and hub_class_for(type(model)) is None and type(model) not in STOCK_CLASS_FOR:
-        logger.warning(
-            "%s has no neural-attention Hub class: its save_pretrained writes the scorer weights, but loading the "
-            "checkpoint with %s.from_pretrained drops them (reported as unexpected keys). Save and load the scorers "
-            "with save_neural_adapter / load_neural_adapter.", type(model).__name__, type(model).__name__)
+    # a sub-model patched alone (llm.transformer) keeps its class: its parent holds the very config object, whose class
+    # it is (a composite's decoder, whose config is a sub-config, does switch: the composite rebuilds it from that)
+    parent_model = next((parent for parent in parents if isinstance(parent, PreTrainedModel)
+                         and parent.__dict__.get("config") is model.config), None)  # fmt: skip
+    if parent_model is None:
+        adopt_hub_class(model)
+    if present or type(model) in STOCK_CLASS_FOR:  # adding layers, or now a Hub class
+        return
+    reason = (f"a sub-model of {type(parent_model).__name__}, which shares its config" if parent_model is not None
+              else "no neural-attention Hub class")
+    logger.warning(
+        "%s keeps its class (%s): its save_pretrained writes the scorer weights, but loading the checkpoint with "
+        "%s.from_pretrained drops them (reported as unexpected keys). Save and load the scorers with "
+        "save_neural_adapter / load_neural_adapter.", type(model).__name__, reason, type(model).__name__)
 
 
 def _other_config_holders(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
@@ -257,11 +265,11 @@ def _contains_config(config: object, target: PretrainedConfig, depth: int = 4) -
                if isinstance(value, PretrainedConfig))  # fmt: skip
 
 
-def _check_config_sharing(model: nn.Module) -> bool:
-    """Whether ``model`` needs a config of its own before patching writes to it (layers, settings, attention
-    implementation, class): yes unless its parents hold it (a sub-model patched alone must change its parents'
-    config). A top model always gets a copy: the caller may hold the config to build another model from it (an A/B
-    pair), which must stay a stock model.
+def _check_config_sharing(model: nn.Module) -> list[nn.Module]:
+    """The modules holding ``model``'s config whose module tree contains ``model`` (its parents: a sub-model's,
+    PEFT's wrappers). Patching writes to the config (layers, settings, attention implementation, class): a model
+    without parents gets a copy first, since the caller may hold the config to build a stock model from it (an A/B
+    pair); a model with parents must change theirs.
 
     Raises:
         ValueError: the config is shared both with parents and with other sub-models (siblings built from one
@@ -276,7 +284,7 @@ def _check_config_sharing(model: nn.Module) -> bool:
             "(sub_model.config = copy.deepcopy(sub_model.config), and its submodules' .config likewise), or patch "
             "the parent."
         )
-    return not parents
+    return parents
 
 
 def _give_model_its_own_config(model: nn.Module) -> None:

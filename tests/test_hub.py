@@ -20,12 +20,14 @@ from huggingface_hub.errors import StrictDataclassError
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoConfig,
+    AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageClassification,
     AutoModelForSequenceClassification,
     GPT2Config,
     GPT2ForSequenceClassification,
     GPT2LMHeadModel,
+    GPT2Model,
     ViTConfig,
     ViTForImageClassification,
 )
@@ -34,6 +36,7 @@ import hf_neural_attention as hna
 from hf_neural_attention import (
     NeuralAttentionGPT2Config,
     NeuralAttentionGPT2ForCausalLM,
+    NeuralAttentionGPT2Model,
     NeuralAttentionViTConfig,
     NeuralScorer,
     patch_model,
@@ -41,7 +44,7 @@ from hf_neural_attention import (
 )
 from hf_neural_attention.backend_neural_attention import choose_backend
 from hf_neural_attention.modeling_neural_attention import find_self_attention_modules
-from tests.models import tiny_llama
+from tests.models import tiny_gpt2, tiny_llama
 
 PACKAGE_DIR = Path(hna.__file__).parent
 TRAVELLING = {
@@ -192,7 +195,8 @@ def test_save_load_round_trip(kind, tmp_path):
     assert {p.name for p in tmp_path.iterdir()} == written_files(kind)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == model.config.model_type and config["neural_attention_layers"] == [1]
-    assert set(config["auto_map"]) == {"AutoConfig", STOCK[kind][2].__name__}
+    bare = {"AutoModel"} if kind != "vit" else set()
+    assert set(config["auto_map"]) == {"AutoConfig", STOCK[kind][2].__name__} | bare
 
     loaded = STOCK[kind][2].from_pretrained(tmp_path).eval()
     assert type(loaded) is type(model)
@@ -201,6 +205,29 @@ def test_save_load_round_trip(kind, tmp_path):
     original, reloaded = model.state_dict(), loaded.state_dict()
     assert original.keys() == reloaded.keys()
     assert all(torch.equal(original[k], reloaded[k]) for k in original)
+
+
+def test_automodel_loads_the_body_of_a_neural_gpt2_and_a_patched_gpt2model_is_a_hub_class(tmp_path):
+    model = patched("gpt2-lm", layers=[1])
+    model.save_pretrained(tmp_path / "head")
+    body = AutoModel.from_pretrained(tmp_path / "head").eval()
+    assert type(body) is NeuralAttentionGPT2Model and len(scorers(body)) == 1
+    inputs = make_inputs("gpt2")
+    with torch.no_grad():
+        torch.testing.assert_close(body(**inputs).last_hidden_state, model.transformer(**inputs).last_hidden_state,
+                                   rtol=0, atol=0)
+    # a bare GPT2Model patched on its own gets the Hub class too, and comes back stock when unpatched
+    torch.manual_seed(0)
+    bare = patch_model(GPT2Model(gpt2_config()).eval(), layers=[0], proj_dim=4)
+    assert type(bare) is NeuralAttentionGPT2Model
+    bare.save_pretrained(tmp_path / "bare")
+    reloaded = AutoModel.from_pretrained(tmp_path / "bare").eval()
+    assert type(reloaded) is NeuralAttentionGPT2Model
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).last_hidden_state, bare(**inputs).last_hidden_state,
+                                   rtol=0, atol=0)
+    unpatch_model(bare)
+    assert type(bare) is GPT2Model and "auto_map" not in bare.config.to_dict()
 
 
 @pytest.mark.parametrize("backend", ["auto", "eager"])
@@ -315,7 +342,8 @@ REMOTE_LOADER = textwrap.dedent("""
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         assert model.config._attn_implementation == "neural_attention"
         with torch.no_grad():
-            out = model(**load_file(job["inputs"])).logits
+            out = model(**load_file(job["inputs"]))
+        out = out.logits if job["auto"] != "AutoModel" else out.last_hidden_state
         save_file({"logits": out.contiguous()}, job["out"])
     assert not any(name.startswith("hf_neural_attention") for name in sys.modules)
 """)
@@ -375,13 +403,17 @@ def test_load_without_the_plugin_in_a_fresh_process(tmp_path, monkeypatch):
         torch.save(logits(model, kind), tmp_path / f"{kind}-expected.pt")
         jobs.append({"dir": str(folder), "auto": STOCK[kind][2].__name__,
                      "inputs": str(tmp_path / f"{kind}-in.safetensors"), "out": str(tmp_path / f"{kind}-out.st")})
+        if kind == "gpt2-lm":  # the body alone, through AutoModel
+            with torch.no_grad():
+                torch.save(model.transformer(**inputs).last_hidden_state, tmp_path / "gpt2-body-expected.pt")
+            jobs.append({**jobs[-1], "auto": "AutoModel", "out": str(tmp_path / "gpt2-body-out.st")})
     env = {key: value for key, value in os.environ.items() if not key.startswith(("PYTHON", "HF_"))}
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), HF_MODULES_CACHE=str(tmp_path / "modules"),
                OMP_NUM_THREADS="1", PYTHONNOUSERSITE="1")
     result = subprocess.run([sys.executable, "-c", REMOTE_LOADER, json.dumps(jobs)], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    for job, kind in zip(jobs, ("gpt2-lm", "vit"), strict=True):
+    for job, kind in zip(jobs, ("gpt2-lm", "gpt2-body", "vit"), strict=True):
         expected = torch.load(tmp_path / f"{kind}-expected.pt", weights_only=True)
         assert torch.equal(load_file(job["out"])["logits"], expected), kind
 
@@ -570,8 +602,14 @@ def test_save_pretrained_with_push_to_hub_uploads_what_it_saved_with_our_card(tm
 def test_patching_a_model_without_a_hub_class_says_how_to_save_it(caplog):
     with caplog.at_level(logging.WARNING):
         patch_model(tiny_llama(), layers=[0])
-    assert "LlamaForCausalLM has no neural-attention Hub class" in caplog.text and "save_neural_adapter" in caplog.text
+    assert "LlamaForCausalLM keeps its class (no neural-attention Hub class)" in caplog.text
+    assert "save_neural_adapter" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         patched("gpt2-lm")
-    assert "Hub class" not in caplog.text
+    assert "keeps its class" not in caplog.text
+    parent = tiny_gpt2()
+    with caplog.at_level(logging.WARNING):
+        patch_model(parent.transformer, layers=[0])  # the sub-model alone: the parent keeps its stock class
+    assert type(parent).__name__ == "GPT2LMHeadModel" and type(parent.transformer).__name__ == "GPT2Model"
+    assert "GPT2Model keeps its class (a sub-model of GPT2LMHeadModel, which shares its config)" in caplog.text
