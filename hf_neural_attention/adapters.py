@@ -53,8 +53,8 @@ def _active_scorer(scorer: torch.nn.Module) -> torch.nn.Module:
     if not isinstance(copies, torch.nn.ModuleDict):
         return scorer
     active = getattr(scorer, "active_adapter", None)
-    active = active[0] if isinstance(active, list | tuple) and active else active
-    if getattr(scorer, "disable_adapters", False) or active not in copies:
+    active = active[0] if isinstance(active, list | tuple) and active else active  # PEFT's [] means "none active"
+    if getattr(scorer, "disable_adapters", False) or not isinstance(active, str) or active not in copies:
         return scorer.original_module
     return copies[active]
 

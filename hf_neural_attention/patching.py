@@ -82,19 +82,29 @@ def resolve_layers(layers: LayerSelection, num_layers: int) -> list[int]:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside ``torch.compile``'s, PEFT's or (Distributed)DataParallel's wrappers, or
+    """The transformers model inside ``torch.compile``'s, PEFT's or a distributed wrapper (DDP, FSDP, DeepSpeed), or
     ``model`` itself: the model whose class, config and layers ``patch_model`` changes (the wrappers keep no class
     or config of their own that a checkpoint would record)."""
     while not isinstance(model, PreTrainedModel):
         if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
             model = model._orig_mod
-        elif isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
-            model = model.module
         elif callable(getattr(model, "get_base_model", None)):  # peft.PeftModel
             model = model.get_base_model()
+        elif hasattr(model, "peft_config") and isinstance(getattr(model, "model", None), nn.Module):  # LoraModel
+            model = model.model
+        elif _distributed_wrapper(model) is not None:
+            model = getattr(model, "_fsdp_wrapped_module", None) or model.module
         else:
             break
     return model
+
+
+def _distributed_wrapper(model: nn.Module) -> str | None:
+    """The name of the data-parallel wrapper ``model`` is (DDP, DataParallel, FSDP v1, DeepSpeed), or ``None``."""
+    if isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel) or hasattr(
+            model, "_fsdp_wrapped_module") or type(model).__name__ in ("DeepSpeedEngine", "PipelineEngine"):
+        return type(model).__name__
+    return None
 
 
 def _current_implementation(model: PreTrainedModel) -> str | None:
@@ -136,6 +146,10 @@ def patch_model(
         ValueError / TypeError: bad layers, settings or a model without patchable attention; patching a layer
         that is already patched; settings different from those of layers patched earlier.
     """
+    wrapper = _distributed_wrapper(model) if isinstance(model, nn.Module) else None
+    if wrapper is not None:  # its gradient sync / shards were set up for the parameters that existed then
+        raise ValueError(f"patch_model got a model already wrapped in {wrapper}, which would not synchronise or shard "
+                         "the new scorers; patch the model first, then wrap it (or let Trainer / accelerate do it).")
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise TypeError(f"patch_model expects a transformers PreTrainedModel, got {type(model).__name__}.")
     _patch(unwrap_model(model), layers, config, settings)

@@ -99,6 +99,12 @@ def test_adapter_of_a_peft_model_holds_the_trained_scorers_under_base_model_name
     restored = load_neural_adapter(tiny_gpt2(), tmp_path / "peft")
     torch.testing.assert_close(output(restored), output(wrapped), rtol=0, atol=1e-6)  # LoRA starts at zero
     assert not torch.allclose(output(restored), output(plain), atol=1e-4)
+    # a second adapter without scorer copies made active: PEFT runs the original scorers, and so does the adapter
+    wrapped.add_adapter("other", peft.LoraConfig(target_modules=["c_attn"]))
+    wrapped.set_adapter("other")
+    save_neural_adapter(wrapped, tmp_path / "other")
+    original, saved = load_file(tmp_path / "plain" / WEIGHTS_NAME), load_file(tmp_path / "other" / WEIGHTS_NAME)
+    assert saved.keys() == original.keys() and all(torch.equal(saved[name], original[name]) for name in saved)
 
 
 def test_adapter_naming_a_class_transformers_lacks_is_refused_by_name(tmp_path):

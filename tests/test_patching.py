@@ -324,7 +324,7 @@ def test_patching_copies_a_config_that_only_the_caller_holds(tmp_path):
         torch.testing.assert_close(reloaded(ids).logits, dot(ids).logits, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("wrapper", ["compile", "peft"])
+@pytest.mark.parametrize("wrapper", ["compile", "peft", "peft-tuner"])
 def test_patching_a_wrapped_model_patches_the_model_inside(tmp_path, wrapper):
     """torch.compile's and PEFT's wrappers: the transformers model inside gets the Hub class, so its checkpoint
     reloads with its scorers."""
@@ -334,15 +334,23 @@ def test_patching_a_wrapped_model_patches_the_model_inside(tmp_path, wrapper):
     else:
         peft = pytest.importorskip("peft")
         wrapped = peft.get_peft_model(model, peft.LoraConfig(target_modules=["c_attn"]))
-    assert patch_model(wrapped, layers=[0]) is wrapped
+    patched_wrapper = wrapped.base_model if wrapper == "peft-tuner" else wrapped  # PeftModel or its LoraModel
+    assert patch_model(patched_wrapper, layers=[0]) is patched_wrapper
     assert unwrap_model(wrapped) is model and type(model).__name__ == "NeuralAttentionGPT2ForCausalLM"
-    saved = wrapped.merge_and_unload() if wrapper == "peft" else model
+    saved = wrapped.merge_and_unload() if wrapper != "compile" else model
     saved.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(reloaded) is type(model) and neural_layers(reloaded) == [(0, "transformer.h.0.attn")]
     ids = random_ids(1, 6)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, saved.eval()(ids).logits, rtol=0, atol=1e-6)
+
+
+def test_patching_a_data_parallel_wrapper_is_refused_with_the_order_to_follow():
+    wrapped = torch.nn.DataParallel(tiny_gpt2())
+    with pytest.raises(ValueError, match="already wrapped in DataParallel.*patch the model first, then wrap it"):
+        patch_model(wrapped, layers=[0])
+    assert neural_layers(wrapped.module) == [] and type(wrapped.module) is GPT2LMHeadModel
 
 
 def test_t5_cross_attention_is_not_a_layer():
