@@ -177,11 +177,13 @@ def _keep_neural_attention_hook(model: nn.Module, args: tuple) -> None:
 
 
 def register_keep_neural_attention_hook(model: nn.Module) -> None:
-    """Register :func:`_keep_neural_attention_hook` once on ``model`` and on every model inside it (``patch_model``
-    and every Hub-class build): a sub-model (``llama.model``) may be called on its own after a stock
-    ``set_attn_implementation`` on its parent."""
+    """Register :func:`_keep_neural_attention_hook` once on ``model`` and on every model inside it that holds neural
+    layers (``patch_model`` and every Hub-class build): a sub-model (``llama.model``) may be called on its own after
+    a stock ``set_attn_implementation`` on its parent. A sub-model without scorers (a composite's unpatched vision
+    tower) gets none: its hook would search it for scorers on every forward."""
     for module in model.modules():
-        if module is model or isinstance(module, PreTrainedModel):
+        if module is model or (isinstance(module, PreTrainedModel) and any(
+                getattr(inner, SCORER_ATTRIBUTE, None) is not None for inner in module.modules())):
             if not any(is_keep_neural_attention_hook(hook) for hook in module._forward_pre_hooks.values()):
                 module.register_forward_pre_hook(_keep_neural_attention_hook)
 
