@@ -8,7 +8,8 @@ One short run (a few minutes on an H100) that
 2. times forward and forward+backward of ``neural_attention_triton`` against
    ``torch.nn.functional.scaled_dot_product_attention`` (flash backend, bf16) for n = 1024 .. 8192,
    d' in (2, 16), 12 heads of 64, batch = tokens // n (constant tokens per step), median of repeats with
-   CUDA events, peak memory with ``torch.cuda.max_memory_allocated``;
+   CUDA events, peak memory with ``torch.cuda.max_memory_allocated``; the paper MLP also with ``half_mlp=True``
+   (kind ``neural_paper_half``: the scores' MLP in packed fp16, unroll 8; its error is in the check above);
 3. writes a CSV (default ``$OUT/bench_triton_gpu.csv`` or ``./bench_triton_gpu.csv``) and prints a markdown table.
 
 Usage::
@@ -49,6 +50,12 @@ def correctness_check(fn, dev: str = DEVICE, det_len: int = 300) -> bool:
         # the default launch of the common case (relu, bf16, no dot term) owns 128 rows: lengths past one block
         ("paper relu causal bf16", 2, 3, 300, 333, 16, 64, False, False, 0, torch.bfloat16, dict(causal=True), 5e-2),
         ("paper relu mask bf16", 1, 2, 150, 97, 2, 64, False, True, 0, torch.bfloat16, dict(), 5e-2),
+        # half_mlp: the same shapes as the bf16 rows above, so their errors compare side by side
+        ("paper relu causal half", 2, 3, 300, 333, 16, 64, False, False, 0, torch.bfloat16,
+         dict(causal=True, half_mlp=True), 5e-2),
+        ("paper relu mask half", 1, 2, 150, 97, 2, 64, False, True, 0, torch.bfloat16, dict(half_mlp=True), 5e-2),
+        ("paper relu causal fp32 half", 2, 3, 77, 131, 16, 64, False, False, 0, torch.float32,
+         dict(causal=True, half_mlp=True), 5e-3),
         ("paper gelu mask fp32", 2, 2, 65, 70, 16, 40, False, True, 0, torch.float32, dict(activation="gelu"), 1e-4),
         (
             "paper silu dot bf16",
@@ -104,7 +111,8 @@ def correctness_check(fn, dev: str = DEVICE, det_len: int = 300) -> bool:
             kw = dict(kw, mask=m.to(dev))
         args = (t["A"], t["B"], t["V"], t["w"], t.get("w2"), t.get("b2"))
         out = fn(*args, dot_query=t.get("dq"), dot_key=t.get("dk"), **kw)
-        ref = kernel_reference(*args, dot_query=t.get("dq"), dot_key=t.get("dk"), **kw)
+        ref_kw = {k: v for k, v in kw.items() if k != "half_mlp"}  # a kernel setting, not part of the math
+        ref = kernel_reference(*args, dot_query=t.get("dq"), dot_key=t.get("dk"), **ref_kw)
         go = torch.randn(ref.shape, generator=g).to(dev, out.dtype)  # same values for both
         names = list(t)
         g_k = torch.autograd.grad(out, [t[n] for n in names], go)
@@ -188,7 +196,8 @@ def peak_mib(fn) -> float:
 def bench_case(kind, n, batch, heads, head_dim, hidden, causal, repeats, warmup, fn=None, launch=None):
     """(forward ms, forward+backward ms, peak MiB of forward+backward) of one case, bf16 inputs.
 
-    kind: "sdpa_flash", "neural_paper" or "neural_authors"; launch: block / warp keywords for ``fn``.
+    kind: "sdpa_flash", "neural_paper", "neural_paper_half" or "neural_authors"; launch: block / warp keywords for
+    ``fn`` (``neural_paper_half`` adds half_mlp=True and unroll 8).
     """
     launch = launch or {}
     dev, dt = DEVICE, torch.bfloat16
@@ -215,6 +224,9 @@ def bench_case(kind, n, batch, heads, head_dim, hidden, causal, repeats, warmup,
             w = torch.randn(heads, hidden, device=dev, requires_grad=True)
             w2 = b2 = None
             params = (A, B, v, w)
+
+        if kind.endswith("_half"):
+            launch = dict(launch, half_mlp=True, unroll=8, bwd_unroll=8)
 
         def fwd():
             return fn(A, B, v, w, w2, b2, causal=causal, **launch)
@@ -349,7 +361,8 @@ def main() -> int:
     rows = []
     for n in args.lengths:
         batch = max(1, args.tokens // n)
-        cases = [("sdpa_flash", 0)] + [(f"neural_{m}", h) for m in args.mlp for h in args.hidden]
+        kinds = [f"neural_{m}" for m in args.mlp] + (["neural_paper_half"] if "paper" in args.mlp else [])
+        cases = [("sdpa_flash", 0)] + [(kind, h) for kind in kinds for h in args.hidden]
         for kind, hidden in cases:
             try:
                 t_fwd, t_fb, mem = bench_case(
@@ -363,14 +376,16 @@ def main() -> int:
                     args.repeats,
                     args.warmup,
                     neural_attention_triton,
-                    launches.get((kind.split("_")[-1], hidden)),
+                    launches.get((kind.split("_")[1], hidden)),
                 )
                 err = ""
             except torch.OutOfMemoryError as e:  # keep going: report the row
                 t_fwd = t_fb = mem = float("nan")
                 err = f"OOM: {str(e).splitlines()[0][:80]}"
                 torch.cuda.empty_cache()
-            launch = launches.get((kind.split("_")[-1], hidden), {})
+            launch = launches.get((kind.split("_")[1], hidden), {})
+            if kind.endswith("_half"):
+                launch = dict(launch, half_mlp=True, unroll=8, bwd_unroll=8)
             row = dict(
                 kind=kind,
                 n=n,

@@ -15,6 +15,7 @@ Usage::
     python benchmarks/triton_sass_report.py --variants           # + every variant at its default launch (spills)
     python benchmarks/triton_sass_report.py --quick --variants   # default launches only (tests/test_triton_compile.py)
     python benchmarks/triton_sass_report.py --csv sass.csv --arch 90
+    python benchmarks/triton_sass_report.py --quick --hidden 8 16 --half-mlp   # fp32 vs packed fp16 scores
 
 Needs ``triton`` with its NVIDIA backend (the pip wheel); no GPU, no CUDA toolkit.
 """
@@ -155,11 +156,13 @@ def report(authors, hidden, activation, dot, mask, dropout, dtype, launch, arch)
         iterations = 1 if authors else math.ceil(hidden / ce["UNROLL"])
         per_pair = tile_loop_instructions(kernel, iterations) * warps * 32 / (rows_ * cols_)
         rows.append(dict(kernel=name, mlp="authors" if authors else "paper", hidden=hidden, activation=activation,
-                         dot=dot, mask=mask, dropout=dropout, dtype=str(dtype).removeprefix("torch."), rows=rows_,
+                         dot=dot, mask=mask, dropout=dropout, dtype=str(dtype).removeprefix("torch."),
+                         half_mlp=bool(launch.get("half_mlp")), rows=rows_,
                          cols=cols_, num_warps=warps, unroll=ce["UNROLL"], registers=regs, spill_bytes=spill,
                          instructions_per_pair=round(per_pair, 1)))  # fmt: skip
         print(f"{name:7s} {rows[-1]['mlp']:7s} d'={hidden:2d} {activation:4s} dot={dot:d} mask={mask:d} "
-              f"dropout={dropout:d} {rows[-1]['dtype']:8s} tile {rows_}x{cols_} warps {warps} unroll {ce['UNROLL']}: "
+              f"dropout={dropout:d} {rows[-1]['dtype']:8s}{' half_mlp' if launch.get('half_mlp') else ''} "
+              f"tile {rows_}x{cols_} warps {warps} unroll {ce['UNROLL']}: "
               f"{regs:3d} registers, {spill:4d} B spilled, {per_pair:6.1f} instructions / pair", flush=True)
     return rows
 
@@ -170,6 +173,7 @@ def main() -> int:
     ap.add_argument("--hidden", type=int, nargs="+", default=[2, 16])
     ap.add_argument("--variants", action="store_true", help="also every MLP / feature / dtype at its default launch")
     ap.add_argument("--quick", action="store_true", help="only the default launch (no candidate tiles)")
+    ap.add_argument("--half-mlp", action="store_true", help="also each launch with half_mlp=True (packed fp16 scores)")
     ap.add_argument("--csv", default=None)
     args = ap.parse_args()
 
@@ -178,17 +182,20 @@ def main() -> int:
     for hidden in args.hidden:
         for tile in tiles:
             launch = {} if tile is None else dict(zip(("block_m", "block_n", "num_warps", "unroll"), tile, strict=True))
-            rows += report(False, hidden, "relu", False, False, False, torch.bfloat16, launch, args.arch)
+            for half in (False, True) if args.half_mlp else (False,):
+                rows += report(False, hidden, "relu", False, False, False, torch.bfloat16,
+                               dict(launch, half_mlp=1) if half else launch, args.arch)
     if args.variants:
-        for variant in [
-            (False, 16, "gelu", False, False, False, torch.bfloat16),
-            (False, 16, "relu", True, True, True, torch.bfloat16),
-            (False, 8, "tanh", True, False, True, torch.float16),
-            (False, 2, "relu", False, True, False, torch.float32),
-            (True, 2, "relu", False, False, False, torch.bfloat16),
-            (True, 16, "relu", False, True, False, torch.bfloat16),
+        for *variant, launch in [
+            (False, 16, "relu", False, False, False, torch.bfloat16, {"half_mlp": 1}),  # packed fp16 scores
+            (False, 16, "gelu", False, False, False, torch.bfloat16, {}),
+            (False, 16, "relu", True, True, True, torch.bfloat16, {}),
+            (False, 8, "tanh", True, False, True, torch.float16, {}),
+            (False, 2, "relu", False, True, False, torch.float32, {}),
+            (True, 2, "relu", False, False, False, torch.bfloat16, {}),
+            (True, 16, "relu", False, True, False, torch.bfloat16, {}),
         ]:
-            rows += report(*variant, {}, args.arch)
+            rows += report(*variant, launch, args.arch)
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -229,13 +229,24 @@ if TRITON_AVAILABLE:
 
     # ---------------------------------------------------------------------------------------- per-pair MLP
     @triton.jit
-    def _paper_unit(A_base, B_base, offs_q, offs_k, LqP, LkP, m, KEY_ROWS: tl.constexpr):
+    def _to_fp32_opaque(x):
+        """fp16 -> fp32 as inline PTX (a plain cast the compiler folds into the compare after it, which is then an
+        fp16 compare and a select per pair instead of one FSET)."""
+        return tl.inline_asm_elementwise("cvt.f32.f16 $0, $1;", "=r,h", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+    @triton.jit
+    def _paper_unit(A_base, B_base, offs_q, offs_k, LqP, LkP, m, KEY_ROWS: tl.constexpr, FP32: tl.constexpr = False,
+                    UPCAST: tl.constexpr = False):
         """Hidden unit m's operands on the tile: (A[i, m], B[j, m]) expanded to broadcast against each other.
 
         Unmasked loads: the copies are padded to whole blocks and HIDP units (see `_paper_operands`).
         """
         a = tl.load(A_base + m * LqP + offs_q)
         b = tl.load(B_base + m * LkP + offs_k)
+        if FP32 and UPCAST:  # (the interpreter runs no PTX)
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        elif FP32:  # before the broadcast: one conversion per loaded value, not per pair
+            a, b = _to_fp32_opaque(a), _to_fp32_opaque(b)
         if KEY_ROWS:
             a, b = a[None, :], b[:, None]
         else:
@@ -288,11 +299,16 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _tile_scores(A_base, B_base, Ck_base, W_base, W2_base, B2_base, q, k, offs_q, offs_k, Lq, Lk, LqP, LkP,
-                     dot_scale, ROWS: tl.constexpr, COLS: tl.constexpr, HID: tl.constexpr, HIDP: tl.constexpr,
-                     HID2: tl.constexpr, HID2P: tl.constexpr, AUTHORS: tl.constexpr, ACT: tl.constexpr,
-                     HAS_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr, UNROLL: tl.constexpr,
-                     KEY_ROWS: tl.constexpr):
-        """Unmasked fp32 scores of the (ROWS, COLS) tile: per-pair MLP (paper / authors) + dot_scale * q . k."""
+                     dot_scale, mlp_inv, ROWS: tl.constexpr, COLS: tl.constexpr, HID: tl.constexpr,
+                     HIDP: tl.constexpr, HID2: tl.constexpr, HID2P: tl.constexpr, AUTHORS: tl.constexpr,
+                     ACT: tl.constexpr, HAS_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+                     UNROLL: tl.constexpr, HALF: tl.constexpr, KEY_ROWS: tl.constexpr):
+        """Unmasked fp32 scores of the (ROWS, COLS) tile: per-pair MLP (paper / authors) + dot_scale * q . k.
+
+        HALF (paper MLP, relu): the fp16 operands of `_paper_operands`, scaled by 1 / mlp_inv; each loop iteration's
+        UNROLL units are summed in fp16, two pairs per instruction (HMNMX2 + HFMA2 on sm_90), the iterations in
+        fp32.
+        """
         if AUTHORS and HID > _AUTHORS_GEMM_FROM:
             _h1, z, w3, _w2 = _authors_layers(A_base, B_base, W_base, W2_base, B2_base, offs_q, offs_k, Lq, Lk, ROWS,
                                               COLS, HID, HIDP, HID2, HID2P, DOT_DTYPE, UPCAST, KEY_ROWS)
@@ -303,6 +319,22 @@ if TRITON_AVAILABLE:
             for r in tl.static_range(HID2):
                 z, _w2r = _authors_z(h1, W2_base, B2_base, r, HID, HIDP)
                 s += tl.load(W_base + r).to(tl.float32) * tl.maximum(z, 0.0)
+        elif HALF:
+            s = _mma_zeros(ROWS, COLS, UPCAST)
+            for m0 in range(0, HID, UNROLL):
+                for u in tl.static_range(UNROLL):
+                    w = tl.load(W_base + m0 + u).to(tl.float16)
+                    a, b = _paper_unit(A_base, B_base, offs_q, offs_k, LqP, LkP, m0 + u, KEY_ROWS)
+                    if u == 0:
+                        part = w * tl.maximum(a, b)
+                    else:
+                        part = tl.fma(w, tl.maximum(a, b), part)
+                s += part.to(tl.float32)
+            ck = tl.load(Ck_base + offs_k)
+            if KEY_ROWS:
+                s = tl.fma(s, mlp_inv, ck[:, None])
+            else:
+                s = tl.fma(s, mlp_inv, ck[None, :])
         else:
             s = _mma_zeros(ROWS, COLS, UPCAST)
             # a runtime loop, UNROLL units per iteration: fully unrolled, the hoisted column loads spill registers;
@@ -368,20 +400,21 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _tile_probs_grad(A_base, B_base, Ck_base, W_base, W2_base, B2_base, Mask_base, smq, smk, q, k, v, do, lse,
-                         delta, start_q, start_k, offs_q, offs_k, Lq, Lk, LqP, LkP, bh, dot_scale, dropout_p,
-                         dropout_scale, seed, HID: tl.constexpr, HIDP: tl.constexpr, HID2: tl.constexpr,
+                         delta, start_q, start_k, offs_q, offs_k, Lq, Lk, LqP, LkP, bh, dot_scale, mlp_inv,
+                         dropout_p, dropout_scale, seed, HID: tl.constexpr, HIDP: tl.constexpr, HID2: tl.constexpr,
                          HID2P: tl.constexpr, AUTHORS: tl.constexpr, ACT: tl.constexpr, HAS_DOT: tl.constexpr,
                          HAS_MASK: tl.constexpr,
                          CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
-                         UNROLL: tl.constexpr, KEY_ROWS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+                         UNROLL: tl.constexpr, HALF: tl.constexpr, KEY_ROWS: tl.constexpr, BLOCK_Q: tl.constexpr,
+                         BLOCK_K: tl.constexpr,
                          ROWS: tl.constexpr, COLS: tl.constexpr):
         """Recompute P of one (ROWS, COLS) tile from the stored log-sum-exp; return (P after dropout, dS = dL/dscores).
 
         (ROWS, COLS) = (BLOCK_K, BLOCK_Q) when KEY_ROWS, else (BLOCK_Q, BLOCK_K).
         """
         s = _tile_scores(A_base, B_base, Ck_base, W_base, W2_base, B2_base, q, k, offs_q, offs_k, Lq, Lk, LqP, LkP,
-                         dot_scale, ROWS, COLS, HID, HIDP, HID2, HID2P, AUTHORS, ACT, HAS_DOT, DOT_DTYPE, UPCAST,
-                         UNROLL, KEY_ROWS)
+                         dot_scale, mlp_inv, ROWS, COLS, HID, HIDP, HID2, HID2P, AUTHORS, ACT, HAS_DOT, DOT_DTYPE,
+                         UPCAST, UNROLL, HALF, KEY_ROWS)
         # rows with no visible key (and rows past Lq) have lse = +inf: p = 0 there without a mask
         s = _masked(s, float("-inf"), start_q, start_k, offs_q, offs_k, Lq, Lk, Mask_base, smq, smk, CAUSAL,
                     HAS_MASK, BLOCK_Q, BLOCK_K, KEY_ROWS)  # before exp: scores of padded keys may be large
@@ -406,8 +439,8 @@ if TRITON_AVAILABLE:
     def _tile_mlp_backward(ds, A_base, B_base, W_base, W2_base, B2_base, offs_q, offs_k, Lq, Lk, LqP, LkP, d_own,
                            dw, dw2, db2, HID: tl.constexpr, HIDP: tl.constexpr, HID2: tl.constexpr,
                            HID2P: tl.constexpr, AUTHORS: tl.constexpr, ACT: tl.constexpr, NEED_DW: tl.constexpr,
-                           UNROLL: tl.constexpr, KEY_ROWS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
-                           DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+                           UNROLL: tl.constexpr, HALF: tl.constexpr, KEY_ROWS: tl.constexpr, ROWS: tl.constexpr,
+                           COLS: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
         """Back-propagate dS of a (ROWS, COLS) tile through the per-pair MLP, accumulating into the given accumulators.
 
         d_own: (ROWS, HIDP), the gradient of the rows' own projection (dA in the query-side kernel, dB in the key-side
@@ -441,6 +474,16 @@ if TRITON_AVAILABLE:
                     dw2 += tl.where(offs_r[:, None] == r, row[None, :], 0.0)
                 dh1 += g[:, :, None] * w2r[None, None, :]
             d_own += tl.sum(tl.where(h1 > 0.0, dh1, 0.0), axis=1)
+        elif HALF:
+            # fp16 operands, fp32 arithmetic: a packed fp16 compare has no packed cast to 1.0 / 0.0 (triton emits a
+            # compare, two selects and a byte permute; inline PTX set.gt.f16x2 needs the broadcast operand repacked
+            # per pair): more instructions than FSET + FFMA (sm_90 SASS)
+            for m0 in range(0, HID, UNROLL):
+                for u in tl.static_range(UNROLL):
+                    m = m0 + u
+                    a, b = _paper_unit(A_base, B_base, offs_q, offs_k, LqP, LkP, m, KEY_ROWS, True, UPCAST)
+                    dpre = ds * (a > b).to(tl.float32)
+                    d_own = tl.fma((offs_h[None, :] == m).to(tl.float32), tl.sum(dpre, axis=1)[:, None], d_own)
         else:
             for m0 in range(0, HID, UNROLL):  # as in _tile_scores; tail units (m >= HID) are zero padding
                 for u in tl.static_range(UNROLL):
@@ -463,14 +506,14 @@ if TRITON_AVAILABLE:
 
     # ---------------------------------------------------------------------------------------- kernels
     @triton.jit
-    def _fwd_kernel(A, B, Ck, V, W, W2, B2, DQ, DK, Mask, H, Lq, Lk, LqP, LkP, sab, sbb, svb, svh, svl, sqb, sqh, sql,
-                    skb, skh, skl, smb, smh, smq, smk, w_hs, w2_hs, b2_hs, dot_scale, dropout_p, dropout_scale, seed,
-                    Out, LSE, sob, soh, sol,
+    def _fwd_kernel(A, B, Ck, V, W, W2, B2, DQ, DK, Mask, Scale, H, Lq, Lk, LqP, LkP, sab, sbb, svb, svh, svl, sqb,
+                    sqh, sql, skb, skh, skl, smb, smh, smq, smk, w_hs, w2_hs, b2_hs, dot_scale, dropout_p,
+                    dropout_scale, seed, Out, LSE, sob, soh, sol,
                     HID: tl.constexpr, HIDP: tl.constexpr, HID2: tl.constexpr, HID2P: tl.constexpr,
                     AUTHORS: tl.constexpr, ACT: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
                     DD: tl.constexpr, DDP: tl.constexpr, HAS_DOT: tl.constexpr, HAS_MASK: tl.constexpr,
                     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
-                    UNROLL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    UNROLL: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Forward. Grid (cdiv(Lq, BLOCK_M), batch*heads): one program per BLOCK_M query rows of one head.
 
         Loops over key blocks (causal: only up to the diagonal) with an online fp32 softmax. Writes Out
@@ -482,6 +525,7 @@ if TRITON_AVAILABLE:
             b2_hs)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         q = _load_dot_tile(DQ_base, offs_m, Lq, sql, BLOCK_M, DD, DDP, HAS_DOT)
+        mlp_inv = tl.load(Scale)
 
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -493,8 +537,8 @@ if TRITON_AVAILABLE:
             offs_n = start_n + tl.arange(0, BLOCK_N)
             k = _load_dot_tile(DK_base, offs_n, Lk, skl, BLOCK_N, DD, DDP, HAS_DOT)
             s = _tile_scores(A_base, B_base, Ck_base, W_base, W2_base, B2_base, q, k, offs_m, offs_n, Lq, Lk, LqP,
-                             LkP, dot_scale, BLOCK_M, BLOCK_N, HID, HIDP, HID2, HID2P, AUTHORS, ACT, HAS_DOT,
-                             DOT_DTYPE, UPCAST, UNROLL, False)
+                             LkP, dot_scale, mlp_inv, BLOCK_M, BLOCK_N, HID, HIDP, HID2, HID2P, AUTHORS, ACT, HAS_DOT,
+                             DOT_DTYPE, UPCAST, UNROLL, HALF, False)
             s = _masked(s, float("-inf"), pid_m * BLOCK_M, start_n, offs_m, offs_n, Lq, Lk, Mask_base, smq, smk,
                         CAUSAL, HAS_MASK, BLOCK_M, BLOCK_N, False)
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -517,14 +561,15 @@ if TRITON_AVAILABLE:
         _store_tile(Out + b * sob + h * soh, offs_m, Lq, sol, out, DV, DVP)
 
     @triton.jit
-    def _bwd_kv_kernel(A, B, Ck, V, W, W2, B2, DQ, DK, Mask, H, Lq, Lk, LqP, LkP, sab, sbb, svb, svh, svl, sqb, sqh,
-                       sql, skb, skh, skl, smb, smh, smq, smk, w_hs, w2_hs, b2_hs, dot_scale, dropout_p, dropout_scale,
-                       seed, DO, sdob, sdoh, sdol, LSE, Delta, dB, dV, dDK, dW_part, dW2_part, dB2_part, n_blocks_n,
+    def _bwd_kv_kernel(A, B, Ck, V, W, W2, B2, DQ, DK, Mask, Scale, H, Lq, Lk, LqP, LkP, sab, sbb, svb, svh, svl, sqb,
+                       sqh, sql, skb, skh, skl, smb, smh, smq, smk, w_hs, w2_hs, b2_hs, dot_scale, dropout_p,
+                       dropout_scale, seed, DO, sdob, sdoh, sdol, LSE, Delta, dB, dV, dDK, dW_part, dW2_part, dB2_part,
+                       n_blocks_n,
                        HID: tl.constexpr, HIDP: tl.constexpr, HID2: tl.constexpr, HID2P: tl.constexpr,
                        AUTHORS: tl.constexpr, ACT: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
                        DD: tl.constexpr, DDP: tl.constexpr, HAS_DOT: tl.constexpr, HAS_MASK: tl.constexpr,
                        CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
-                       UNROLL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                       UNROLL: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Backward, key side. Grid (n_blocks_n = cdiv(Lk, BLOCK_N), batch*heads): one program per key block.
 
         Loops over query blocks (causal: from the diagonal on), recomputing P^T as (BLOCK_N keys, BLOCK_M queries)
@@ -537,6 +582,7 @@ if TRITON_AVAILABLE:
             A, B, Ck, V, W, W2, B2, DQ, DK, Mask, H, LkP, sab, sbb, svb, svh, sqb, sqh, skb, skh, smb, smh, w_hs, w2_hs,
             b2_hs)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mlp_inv = tl.load(Scale)
         v = _load_tile(V_base, offs_n, Lk, svl, DV, DVP)
         k = _load_dot_tile(DK_base, offs_n, Lk, skl, BLOCK_N, DD, DDP, HAS_DOT)
 
@@ -560,15 +606,15 @@ if TRITON_AVAILABLE:
             lse, delta = _row_stats(LSE, Delta, bh, offs_m, Lq)
             pd, ds = _tile_probs_grad(A_base, B_base, Ck_base, W_base, W2_base, B2_base, Mask_base, smq, smk, q, k, v,
                                       do, lse, delta, start_m, pid_n * BLOCK_N, offs_m, offs_n, Lq, Lk, LqP, LkP, bh,
-                                      dot_scale, dropout_p, dropout_scale, seed, HID, HIDP, HID2, HID2P, AUTHORS, ACT,
-                                      HAS_DOT, HAS_MASK, CAUSAL, DROPOUT, DOT_DTYPE, UPCAST, UNROLL, True, BLOCK_M,
-                                      BLOCK_N, BLOCK_N, BLOCK_M)
+                                      dot_scale, mlp_inv, dropout_p, dropout_scale, seed, HID, HIDP, HID2, HID2P,
+                                      AUTHORS, ACT, HAS_DOT, HAS_MASK, CAUSAL, DROPOUT, DOT_DTYPE, UPCAST, UNROLL, HALF,
+                                      True, BLOCK_M, BLOCK_N, BLOCK_N, BLOCK_M)
             dv += _mm(pd, do, DOT_DTYPE, UPCAST)
             if HAS_DOT:
                 dk += _mm(ds, q, DOT_DTYPE, UPCAST)
             db, dw, dw2, db2 = _tile_mlp_backward(
                 ds, A_base, B_base, W_base, W2_base, B2_base, offs_m, offs_n, Lq, Lk, LqP, LkP, db, dw, dw2, db2,
-                HID, HIDP, HID2, HID2P, AUTHORS, ACT, True, UNROLL, True, BLOCK_N, BLOCK_M, DOT_DTYPE, UPCAST)
+                HID, HIDP, HID2, HID2P, AUTHORS, ACT, True, UNROLL, HALF, True, BLOCK_N, BLOCK_M, DOT_DTYPE, UPCAST)
 
         _store_tile(dV + bh * Lk * DV, offs_n, Lk, DV, dv, DV, DVP)
         if HAS_DOT:
@@ -585,14 +631,14 @@ if TRITON_AVAILABLE:
             tl.store(dW_part + slot * HID + offs_h, dw, mask=offs_h < HID)
 
     @triton.jit
-    def _bwd_q_kernel(A, B, Ck, V, W, W2, B2, DQ, DK, Mask, H, Lq, Lk, LqP, LkP, sab, sbb, svb, svh, svl, sqb, sqh,
-                      sql, skb, skh, skl, smb, smh, smq, smk, w_hs, w2_hs, b2_hs, dot_scale, dropout_p, dropout_scale,
-                      seed, DO, sdob, sdoh, sdol, LSE, Delta, dA, dDQ,
+    def _bwd_q_kernel(A, B, Ck, V, W, W2, B2, DQ, DK, Mask, Scale, H, Lq, Lk, LqP, LkP, sab, sbb, svb, svh, svl, sqb,
+                      sqh, sql, skb, skh, skl, smb, smh, smq, smk, w_hs, w2_hs, b2_hs, dot_scale, dropout_p,
+                      dropout_scale, seed, DO, sdob, sdoh, sdol, LSE, Delta, dA, dDQ,
                       HID: tl.constexpr, HIDP: tl.constexpr, HID2: tl.constexpr, HID2P: tl.constexpr,
                       AUTHORS: tl.constexpr, ACT: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
                       DD: tl.constexpr, DDP: tl.constexpr, HAS_DOT: tl.constexpr, HAS_MASK: tl.constexpr,
                       CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
-                      UNROLL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                      UNROLL: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Backward, query side. Grid (cdiv(Lq, BLOCK_M), batch*heads): one program per query block.
 
         Loops over key blocks (causal: up to the diagonal), recomputing P. Writes fp32 dA (batch*heads, Lq, HID)
@@ -606,6 +652,7 @@ if TRITON_AVAILABLE:
         q = _load_dot_tile(DQ_base, offs_m, Lq, sql, BLOCK_M, DD, DDP, HAS_DOT)
         do = _load_tile(DO + b * sdob + h * sdoh, offs_m, Lq, sdol, DV, DVP)
         lse, delta = _row_stats(LSE, Delta, bh, offs_m, Lq)
+        mlp_inv = tl.load(Scale)
 
         dq = tl.zeros((BLOCK_M, DDP), dtype=tl.float32)
         da = tl.zeros((BLOCK_M, HIDP), dtype=tl.float32)
@@ -621,15 +668,15 @@ if TRITON_AVAILABLE:
             k = _load_dot_tile(DK_base, offs_n, Lk, skl, BLOCK_N, DD, DDP, HAS_DOT)
             pd, ds = _tile_probs_grad(A_base, B_base, Ck_base, W_base, W2_base, B2_base, Mask_base, smq, smk, q, k, v,
                                       do, lse, delta, pid_m * BLOCK_M, start_n, offs_m, offs_n, Lq, Lk, LqP, LkP, bh,
-                                      dot_scale, dropout_p, dropout_scale, seed, HID, HIDP, HID2, HID2P, AUTHORS, ACT,
-                                      HAS_DOT, HAS_MASK, CAUSAL, DROPOUT, DOT_DTYPE, UPCAST, UNROLL, False, BLOCK_M,
-                                      BLOCK_N, BLOCK_M, BLOCK_N)
+                                      dot_scale, mlp_inv, dropout_p, dropout_scale, seed, HID, HIDP, HID2, HID2P,
+                                      AUTHORS, ACT, HAS_DOT, HAS_MASK, CAUSAL, DROPOUT, DOT_DTYPE, UPCAST, UNROLL, HALF,
+                                      False, BLOCK_M, BLOCK_N, BLOCK_M, BLOCK_N)
             if HAS_DOT:
                 dq += _mm(ds, k, DOT_DTYPE, UPCAST)
             da, dw_unused, dw2_unused, db2_unused = _tile_mlp_backward(
                 ds, A_base, B_base, W_base, W2_base, B2_base, offs_m, offs_n, Lq, Lk, LqP, LkP, da, dw_unused,
-                dw2_unused, db2_unused, HID, HIDP, HID2, HID2P, AUTHORS, ACT, False, UNROLL, False, BLOCK_M, BLOCK_N,
-                DOT_DTYPE, UPCAST)
+                dw2_unused, db2_unused, HID, HIDP, HID2, HID2P, AUTHORS, ACT, False, UNROLL, HALF, False, BLOCK_M,
+                BLOCK_N, DOT_DTYPE, UPCAST)
 
         _store_tile(dA + bh * Lq * HID, offs_m, Lq, HID, da, HID, HIDP)
         if HAS_DOT:
@@ -722,7 +769,7 @@ def _relu_grads(A, Bk, dA_raw, dB_raw, W, heads, visible=(None, None)):
     return dA_raw * w, dB_raw * w, dw.reshape(batch * heads, 1, hidden)
 
 
-def _paper_operands(query_hidden, key_hidden, W, relu, hidden_pad, length_pad, visible=(None, None)):
+def _paper_operands(query_hidden, key_hidden, W, relu, hidden_pad, length_pad, visible=(None, None), half=False):
     """Kernel operands of the paper MLP: fp32 column-major A / B copies, the per-key constant and the kernel's w.
 
     query_hidden A (batch, heads, q_len, hidden), key_hidden B (batch, heads, k_len, hidden), W (heads or 1, hidden)
@@ -731,7 +778,10 @@ def _paper_operands(query_hidden, key_hidden, W, relu, hidden_pad, length_pad, v
     ``length_pad`` (so the kernels' per-unit column loads need no masks), Ck (batch*heads, LkP) and W_kernel (heads
     or 1, hidden_pad). relu: a, b, Ck and sign(w) of ``relu_signed_max_operands`` (the kernels compute
     sign(w) max(a, b) + Ck and read relu' = [a > b]); other activations: a = A, b = B, W itself, Ck empty. Rows no
-    pair sees are zero. O(n * hidden) memory.
+    pair sees are zero. O(n * hidden) memory. ``half`` (relu only): a and b are fp16, multiplied by a power of two
+    that puts their largest magnitude in (2^11, 2^12] (fp16 sums of up to 8 units cannot overflow, and small
+    operands stay normal). The fifth item is that factor's inverse (1 without ``half``), a 1-element fp32 tensor:
+    the kernels unscale on the device, no host sync.
     """
     batch, heads, q_len, hidden = query_hidden.shape
     k_len = key_hidden.shape[2]
@@ -741,24 +791,31 @@ def _paper_operands(query_hidden, key_hidden, W, relu, hidden_pad, length_pad, v
     else:
         A = zero_invisible_rows(query_hidden.float(), q_visible)
         B = zero_invisible_rows(key_hidden.float(), k_visible)
+    inverse = A.new_ones(1)
+    if half:
+        largest = torch.maximum(A.abs().amax(), B.abs().amax()).reshape(1) if A.numel() and B.numel() else inverse
+        exponent = torch.where(largest > 0, torch.ceil(torch.log2(largest)) - 12, 0.0)
+        A, B, inverse = A * torch.exp2(-exponent), B * torch.exp2(-exponent), torch.exp2(exponent)
     rounded = lambda n: -(-n // length_pad) * length_pad  # noqa: E731
-    a = A.new_zeros(batch * heads, hidden_pad, rounded(q_len))
-    b = A.new_zeros(batch * heads, hidden_pad, rounded(k_len))
+    dtype = torch.float16 if half else torch.float32
+    a = A.new_zeros(batch * heads, hidden_pad, rounded(q_len), dtype=dtype)
+    b = A.new_zeros(batch * heads, hidden_pad, rounded(k_len), dtype=dtype)
     a[:, :hidden, :q_len] = A.transpose(-1, -2).reshape(batch * heads, hidden, q_len)
     b[:, :hidden, :k_len] = B.transpose(-1, -2).reshape(batch * heads, hidden, k_len)
     Ck = A.new_zeros(batch * heads, b.shape[-1] if relu else 1)
     if relu:
         Ck[:, :k_len] = ck.reshape(batch * heads, k_len)
     W = torch.nn.functional.pad(W, (0, hidden_pad - hidden))  # zero weights for the padding units
-    return a, b, Ck, W
+    return a, b, Ck, W, inverse
 
 
 def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key,
                  mask, cfg, visible=(None, None)):
     """Kernel-ready tensors, the leading scalar arguments shared by the three kernels, and the constexprs.
 
-    Returns (tensors, scalars, constexprs, launch): tensors = (A, B, Ck, V, W, W2, B2, DQ, DK, Mask) with fp32
-    per-head weights and dummies (never read) for absent optional inputs; scalars = (H, Lq, Lk, LqP, LkP, A / B
+    Returns (tensors, scalars, constexprs, launch): tensors = (A, B, Ck, V, W, W2, B2, DQ, DK, Mask, Scale) with
+    fp32 per-head weights and dummies (never read) for absent optional inputs (Scale: see ``half``
+    of `_paper_operands`); scalars = (H, Lq, Lk, LqP, LkP, A / B
     per-(batch, head) strides, V/DQ/DK/Mask strides, per-head weight strides, dot_scale, dropout_p, dropout_scale,
     seed); launch = {"": forward, "bwd_": backward} (BLOCK_M, BLOCK_N, num_warps, unroll), the user's choice or the
     defaults. Paper MLP: A, B, Ck from `_paper_operands` (LqP / LkP the padded lengths) and W padded to HIDP units;
@@ -767,6 +824,11 @@ def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, 
     batch, heads, q_len, hidden = query_hidden.shape
     k_len, v_dim = key_hidden.shape[2], value.shape[-1]
     authors, has_dot = second_weight is not None, dot_query is not None
+    half = bool(cfg.get("half_mlp"))
+    if half and (authors or cfg["activation"] != "relu"):
+        what = "the authors' MLP" if authors else f"activation={cfg['activation']!r}"
+        raise ValueError(f"half_mlp=True packs the paper MLP's relu units (its signed-max form); it does not apply to "
+                         f"{what}: leave half_mlp unset")
     interp = _interpreting()
     # the widest tiles only where they do not spill registers (sm_90): relu without the dot term or a mask
     lean = cfg["activation"] == "relu" and not has_dot and mask is None
@@ -777,9 +839,14 @@ def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, 
                             _default_launch(authors, hidden, interp, backward, lean=lean, fp32=fp32), strict=True))
         if not backward:  # decoding (q_len 1) and short prompts: no rows of pure padding (16: the MMA minimum)
             defaults["block_m"] = min(defaults["block_m"], _pow2(q_len, 16))
+        if half and not interp:  # each loop iteration converts its fp16 sum to fp32: amortised over 8 units
+            defaults["unroll"] = 8
         # backward: its own setting, else the caller's forward setting, else its default
         launch[prefix] = tuple(next((v for v in (cfg.get(prefix + key), cfg.get(key)) if v is not None), default)
                                for key, default in defaults.items())
+    if half and max(launch[""][3], launch["bwd_"][3]) > 8:
+        raise ValueError(f"half_mlp=True sums at most 8 units in fp16 (its operands reach 2^12); got unroll "
+                         f"{launch[''][3]} / bwd_unroll {launch['bwd_'][3]}: pass unroll <= 8")
     hidden_pad = _pow2(hidden)
     V = _last_dim_contiguous(value)
     if authors:
@@ -793,13 +860,14 @@ def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, 
         A = zero_invisible_rows(query_hidden, visible[0]).contiguous()
         Bk = zero_invisible_rows(key_hidden, visible[1]).contiguous()
         Ck, q_pad, k_pad = W, q_len, k_len  # Ck: an unused dummy
+        Scale = torch.ones(1, device=V.device, dtype=torch.float32)
         a_bs, b_bs = q_len * hidden, k_len * hidden
     else:
         hidden2 = 1
         W, w_hs = _head_weight(output_weight, heads, "output_weight", (hidden,))
         length_pad = max(max(launch[""][:2]), max(launch["bwd_"][:2]))  # every block the kernels step by
-        A, Bk, Ck, W = _paper_operands(query_hidden, key_hidden, W, cfg["activation"] == "relu", hidden_pad,
-                                       length_pad, visible)  # fmt: skip
+        A, Bk, Ck, W, Scale = _paper_operands(query_hidden, key_hidden, W, cfg["activation"] == "relu", hidden_pad,
+                                              length_pad, visible, half)  # fmt: skip
         w_hs = 0 if w_hs == 0 else hidden_pad
         W2, w2_hs, B2, b2_hs = W, 0, W, 0  # unused dummies
         q_pad, k_pad = A.shape[-1], Bk.shape[-1]
@@ -825,11 +893,11 @@ def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, 
         HID=hidden, HIDP=max(hidden_pad, mma_pad), HID2=hidden2, HID2P=_pow2(hidden2, mma_pad), AUTHORS=authors,
         ACT=_ACTIVATIONS[cfg["activation"]], DV=v_dim, DVP=_pow2(v_dim, 16), DD=dd, DDP=_pow2(dd, 16),
         HAS_DOT=has_dot, HAS_MASK=mask is not None, CAUSAL=bool(cfg["causal"]), DROPOUT=dropout_p > 0.0,
-        DOT_DTYPE=_TL_DTYPES[low], UPCAST=interp, UNROLL=min(unroll, hidden_pad), BLOCK_M=bm, BLOCK_N=bn,
+        DOT_DTYPE=_TL_DTYPES[low], UPCAST=interp, UNROLL=min(unroll, hidden_pad), HALF=half, BLOCK_M=bm, BLOCK_N=bn,
     )  # fmt: skip
     scalars = (heads, q_len, k_len, q_pad, k_pad, a_bs, b_bs, *V.stride()[:3], *dot_strides, *mstrides, w_hs, w2_hs,
                b2_hs, float(cfg["dot_scale"]), dropout_p, dropout_scale, int(cfg["seed"]))  # fmt: skip
-    return (A, Bk, Ck, V, W, W2, B2, DQ, DK, Mask), scalars, constexprs, launch
+    return (A, Bk, Ck, V, W, W2, B2, DQ, DK, Mask, Scale), scalars, constexprs, launch
 
 
 def _backward_constexprs(constexprs: dict, launch: tuple[int, int, int, int]) -> tuple[dict, dict]:
@@ -842,7 +910,7 @@ def _backward_constexprs(constexprs: dict, launch: tuple[int, int, int, int]) ->
 
 
 _LAUNCH_KEYS = ("block_m", "block_n", "num_warps", "unroll", "bwd_block_m", "bwd_block_n", "bwd_num_warps",
-                "bwd_unroll")
+                "bwd_unroll", "half_mlp")
 # the ops' names carry this file's hash: a Hub checkpoint's copy of another version must not reuse them
 _OP_TAG = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
 
@@ -1004,6 +1072,7 @@ def neural_attention_triton(
     bwd_block_n: int | None = None,
     bwd_num_warps: int | None = None,
     bwd_unroll: int | None = None,
+    half_mlp: bool = False,
 ) -> torch.Tensor:
     """Fused Triton Neural Attention (see the KERNEL CONTRACT in docs/design.md).
 
@@ -1012,6 +1081,10 @@ def neural_attention_triton(
     forward kernel; ``bwd_*`` the same for the two backward kernels (``None``: the forward setting where one is
     given; a backward program owns ``bwd_block_m`` positions -- queries in the query-side kernel, keys in the key-side
     one -- and steps over the other side by ``bwd_block_n``). ``None``: the default for this MLP and d'.
+    ``half_mlp`` (paper MLP with relu): run the per-pair MLP in fp16, two pairs per instruction (the forward's
+    units summed in fp16 per loop iteration, dS rounded to fp16 with a per-row power-of-two scale in backward);
+    the softmax, ``P @ V`` and every accumulator stay fp32. Fewer instructions per pair, at fp16 precision of the
+    scores (see benchmarks/README.md for the measured error).
     Returns (batch, heads, q_len, v_dim) in value's dtype.
     """
     if not TRITON_AVAILABLE:
@@ -1035,7 +1108,8 @@ def neural_attention_triton(
     inputs = (query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key)
     if q_len == 0 or k_len == 0 or batch * heads == 0:
         return empty_attention(inputs)
-    tuning = (block_m, block_n, num_warps, unroll, bwd_block_m, bwd_block_n, bwd_num_warps, bwd_unroll)
+    tuning = (block_m, block_n, num_warps, unroll, bwd_block_m, bwd_block_n, bwd_num_warps, bwd_unroll,
+              1 if half_mlp else None)
     cfg = dict(activation=activation, causal=bool(causal), dot_scale=float(dot_scale), dropout_p=float(dropout_p),
                seed=seed_tensor(dropout_p, generator_seed, bound=2**31 - 1),
                launch=[-1 if value is None else int(value) for value in tuning])  # fmt: skip

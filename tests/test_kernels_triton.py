@@ -384,3 +384,72 @@ def test_default_forward_tile_fits_short_queries(monkeypatch):
     *_, launch = tna._launch_args(t["A"][:, :, :1], t["B"], t["V"], t["w"], None, None, None, None, None,
                                   dict(cfg, block_m=64))  # fmt: skip
     assert launch[""][0] == 64
+
+
+# ------------------------------------------------------------------------------ half_mlp (fp16 score arithmetic)
+def _fp16_exact_inputs(seed, dtype, b=2, h=2, lq=19, lk=19, hidden=8, vdim=5):
+    """Inputs whose scorer operands and fp16 partial sums are exact in fp16 (and bf16): A, B multiples of 1/8 in
+    [-4, 4], each key-side column of B summing to zero (the centring then moves nothing), w = +-2^k. The half MLP
+    must then match the float64 reference to fp32 precision, forward and every gradient: no relu kink moves, so a
+    wrong sign, scale, per-key constant or mask anywhere in it shows."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randint(-32, 33, (b, h, lq, hidden), generator=g) / 8
+    B = torch.randint(-32, 33, (b, h, lk, hidden), generator=g) / 8
+    B[:, :, -1] -= B.sum(dim=2)  # column sums 0 (the last key can leave [-4, 4]: still exact)
+    w = torch.randint(-3, 1, (h, hidden), generator=g).float().exp2()
+    w = w * (torch.randint(0, 2, (h, hidden), generator=g) * 2 - 1)
+    V = torch.randn(b, h, lk, vdim, generator=g)
+    return {name: x.to(DEVICE, dtype if name != "w" else torch.float32).requires_grad_()
+            for name, x in dict(A=A, B=B, V=V, w=w).items()}  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masking", ["causal", "padding"])
+def test_half_mlp_matches_reference_on_fp16_exact_operands(dtype, masking):
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"seed {seed}")
+    t = _fp16_exact_inputs(seed, dtype)
+    if masking == "causal":
+        kw = dict(causal=True)
+    else:  # every key visible to some query (the centring's mean stays 0), a fully masked query row
+        m = torch.rand(2, 1, 19, 19, generator=torch.Generator().manual_seed(seed)) > 0.4
+        m[:, :, 0] = True
+        m[1, :, 7] = False
+        kw = dict(mask=m.to(DEVICE))
+    # unroll 4: the fp16 sums of 4 units (2 loop iterations over 8 units), as a GPU launch sums 8
+    out, g = check(t, tol=FP32_TOL if dtype == torch.float32 else BF16_TOL, ref_kw=kw, half_mlp=True, unroll=4,
+                   bwd_unroll=2, **kw)  # fmt: skip
+    if masking == "padding":
+        assert (out[1, :, 7] == 0).all() and (g["A"][1, :, 7] == 0).all()
+
+
+def test_half_mlp_rescales_operands_beyond_fp16_range():
+    # |a| up to 2^20: fp16 overflows at 65504 unless the operands are scaled into range (and unscaled after)
+    t = _fp16_exact_inputs(11, torch.float32, b=1, lq=9, lk=9)
+    with torch.no_grad():
+        t["w"] *= 2.0**18
+    out = run_kernel(t, half_mlp=True, unroll=4)
+    assert_close(out, run_reference(t), FP32_TOL, "output")
+
+
+def test_half_mlp_gaussian_inputs_within_fp16_rounding():
+    # generic operands round to fp16 (relative 2^-11) and so do the sums of 4 units: the output moves by that much.
+    # Only the forward pass is compared: a pair whose relu input is within that rounding of 0 may flip its
+    # relu'(.) in backward, a jump of dS_ij w_m in one gradient entry that max-error tolerances cannot bound.
+    t = make_inputs(b=2, h=2, lq=21, lk=23, hidden=8, vdim=5, seed=43)
+    out = run_kernel(t, causal=True, half_mlp=True, unroll=4)
+    ref = run_reference(t, causal=True)
+    assert_close(out, ref, FP16_TOL, "output")
+    # fp16 arithmetic did run: the fp32 kernel (errors ~1e-7 here) is further from it than fp32 rounding
+    assert (out - run_kernel(t, causal=True)).abs().max() > 1e-5
+
+
+def test_half_mlp_input_validation():
+    t = make_inputs(hidden=4)
+    with pytest.raises(ValueError, match="activation='gelu'"):
+        run_kernel(t, activation="gelu", half_mlp=True)
+    with pytest.raises(ValueError, match="unroll <= 8"):
+        run_kernel(t, half_mlp=True, unroll=16)
+    ta = make_inputs(hidden=4, authors=True)
+    with pytest.raises(ValueError, match="authors' MLP"):
+        run_kernel(ta, half_mlp=True)
