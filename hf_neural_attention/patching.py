@@ -107,6 +107,16 @@ def _distributed_wrapper(model: nn.Module) -> str | None:
     return None
 
 
+def _fully_sharded(model: nn.Module) -> bool:
+    """Whether FSDP2's ``fully_shard`` has been applied to ``model`` or to a module inside it (it swaps their classes
+    in place instead of wrapping: no wrapper to find, but shards that new parameters would not join)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed support
+        return False
+    return any(isinstance(module, FSDPModule) for module in model.modules())
+
+
 def _current_implementation(model: PreTrainedModel) -> str | None:
     return getattr(model.config, "_attn_implementation", None)
 
@@ -147,6 +157,8 @@ def patch_model(
         that is already patched; settings different from those of layers patched earlier.
     """
     wrapper = _distributed_wrapper(model) if isinstance(model, nn.Module) else None
+    if wrapper is None and isinstance(model, nn.Module) and _fully_sharded(model):
+        wrapper = "FSDP2 (fully_shard)"
     if wrapper is not None:  # its gradient sync / shards were set up for the parameters that existed then
         raise ValueError(f"patch_model got a model already wrapped in {wrapper}, which would not synchronise or shard "
                          "the new scorers; patch the model first, then wrap it (or let Trainer / accelerate do it).")

@@ -353,6 +353,29 @@ def test_patching_a_data_parallel_wrapper_is_refused_with_the_order_to_follow():
     assert neural_layers(wrapped.module) == [] and type(wrapped.module) is GPT2LMHeadModel
 
 
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="torch.distributed with gloo")
+def test_patching_a_fully_sharded_model_is_refused():
+    # FSDP2 swaps the classes of the modules it shards instead of wrapping them: no wrapper to see, but new
+    # parameters inside a sharded block would be left out of its shards and its gradient reduction
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already set up in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = tiny_gpt2()
+        mesh = init_device_mesh("cpu", (1,))
+        fully_shard(model.transformer.h[1], mesh=mesh)  # one block: the model itself keeps its class
+        with pytest.raises(ValueError, match=r"FSDP2 \(fully_shard\).*patch the model first, then wrap it"):
+            patch_model(model, layers=[0])
+        assert neural_layers(model) == [] and type(model) is GPT2LMHeadModel
+    finally:
+        dist.destroy_process_group()
+
+
 def test_t5_cross_attention_is_not_a_layer():
     from transformers import T5Config, T5ForConditionalGeneration
 
