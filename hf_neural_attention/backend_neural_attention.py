@@ -103,19 +103,22 @@ def _causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
 
 
 def _apply_sliding_window(
-    window: int, mask: torch.Tensor | None, causal: bool, q_len: int, k_len: int, device: torch.device
+    window: int, mask: torch.Tensor | None, causal: bool, q_len: int, k_len: int, device: torch.device,
+    causal_layer: bool,
 ) -> tuple[torch.Tensor | None, bool]:
     """``(mask, causal)`` for a layer with a sliding window (Mistral, Gemma 2/3, ...).
 
-    transformers draws the window into the 4-D mask it builds for the layer (the mask SDPA obeys too) and hands
-    ``None`` only when the window cannot cut anything; a given mask is therefore used as is. Without one, a causal
-    layer with ``q_len == k_len`` gets the band ``i - window < j <= i`` (transformers' definition).
+    transformers draws the window into the 4-D mask it builds for the layer (the mask SDPA obeys too); a given mask
+    is therefore used as is. Without one, a causal layer with ``q_len == k_len`` gets the band
+    ``i - window < j <= i`` (transformers' definition); a bidirectional layer (``causal_layer=False``) sees every
+    key, as under eager and SDPA, which take the window from the mask only (DiffusionGemma's decoder hands ``None``
+    for attention over all keys).
 
     Raises:
-        NotImplementedError: no mask, a window that would cut, and a layer that is bidirectional or has
-            ``q_len != k_len``: which keys the window keeps is then not defined by the call alone.
+        NotImplementedError: no mask, a window that would cut, and a causal layer called with ``q_len != k_len``
+            (``causal`` is then False for a single query): which keys the window keeps is not defined by the call.
     """
-    if mask is not None or window >= max(q_len, k_len):
+    if mask is not None or window >= max(q_len, k_len) or not causal_layer:
         return mask, causal
     if not (causal and q_len == k_len):
         raise NotImplementedError(
@@ -285,7 +288,7 @@ def neural_attention_forward(
     mask, causal, bias = _normalise_mask(attention_mask, query, key, is_causal)
     if kwargs.get("sliding_window") is not None:
         mask, causal = _apply_sliding_window(int(kwargs["sliding_window"]), mask, causal, query.shape[-2],
-                                             key.shape[-2], query.device)
+                                             key.shape[-2], query.device, bool(is_causal))
     position_bias = kwargs.get("position_bias")
     if position_bias is not None:
         bias = position_bias if bias is None else bias + position_bias

@@ -314,13 +314,15 @@ def _check_config_sharing(model: nn.Module) -> list[nn.Module]:
 
 
 def _give_model_its_own_config(model: nn.Module) -> None:
-    """Replace ``model.config`` by a copy, re-pointing every module of ``model`` that holds it or a sub-config."""
+    """Replace ``model.config`` by a copy, re-pointing every module of ``model`` that holds it or a sub-config, under
+    any attribute name (DiffusionGemma's decoder builds its masks from ``self.text_config``: left on the old object,
+    it would build them for the old attention implementation)."""
     memo: dict[int, object] = {}
     copy.deepcopy(model.config, memo)
     for module in model.modules():
-        held = module.__dict__.get("config")
-        if isinstance(held, PretrainedConfig) and id(held) in memo:
-            module.__dict__["config"] = memo[id(held)]
+        for name, held in list(module.__dict__.items()):
+            if isinstance(held, PretrainedConfig) and id(held) in memo:
+                module.__dict__[name] = memo[id(held)]
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:

@@ -14,6 +14,7 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    PreTrainedModel,
     ViTConfig,
     ViTForImageClassification,
 )
@@ -71,6 +72,21 @@ def tiny_gemma3(seed: int = 0) -> Gemma3ForCausalLM:
                               sliding_window=4, layer_types=["sliding_attention", "full_attention"],
                               bos_token_id=0, eos_token_id=0, pad_token_id=0)
     return Gemma3ForCausalLM(config).eval()
+
+
+def tiny_diffusion_gemma(seed: int = 0) -> PreTrainedModel:
+    """DiffusionGemmaForBlockDiffusion: a causal encoder and a decoder attending to every key (its mask is ``None``
+    although its layers pass a sliding window), a 1-layer vision tower; the decoder keeps ``self.text_config``."""
+    from transformers.models.diffusion_gemma import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+    torch.manual_seed(seed)
+    text = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, max_position_embeddings=64, sliding_window=4,
+                layer_types=["sliding_attention", "full_attention"], num_experts=2, top_k_experts=1,
+                moe_intermediate_size=16)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=2, head_dim=8)
+    return DiffusionGemmaForBlockDiffusion(DiffusionGemmaConfig(text_config=text, vision_config=vision)).eval()
 
 
 def tiny_bert(seed: int = 0) -> BertModel:

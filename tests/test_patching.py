@@ -6,7 +6,15 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, GPT2Model, ResNetConfig, ResNetModel
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPT2Model,
+    PretrainedConfig,
+    ResNetConfig,
+    ResNetModel,
+)
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from hf_neural_attention import (
@@ -21,7 +29,16 @@ from hf_neural_attention import (
     unpatch_model,
 )
 from hf_neural_attention.patching import unwrap_model
-from tests.models import random_ids, random_pixels, tiny_bert, tiny_gpt2, tiny_gpt2_config, tiny_llama, tiny_vit
+from tests.models import (
+    random_ids,
+    random_pixels,
+    tiny_bert,
+    tiny_diffusion_gemma,
+    tiny_gpt2,
+    tiny_gpt2_config,
+    tiny_llama,
+    tiny_vit,
+)
 
 NO_DROPOUT = dict(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
 
@@ -374,6 +391,38 @@ def test_patching_a_fully_sharded_model_is_refused():
         assert neural_layers(model) == [] and type(model) is GPT2LMHeadModel
     finally:
         dist.destroy_process_group()
+
+
+def test_every_reference_to_the_config_moves_to_the_models_copy():
+    # DiffusionGemma's decoder builds its masks from self.text_config, a second reference to a sub-config: left on
+    # the caller's config it would describe the old attention implementation; the model must still compute what it
+    # computed (residual mode starts at the stock model), padding and the decoder's all-keys attention included
+    model = tiny_diffusion_gemma()
+    stock_config = model.config
+    ids, canvas = random_ids(2, 8), random_ids(2, 6, seed=2)
+    padding = torch.ones(2, 8, dtype=torch.long)
+    padding[1, :3] = 0
+    decoder_padding = torch.cat([padding, torch.ones(2, 6, dtype=torch.long)], dim=1)
+    inputs = dict(input_ids=ids, attention_mask=padding, decoder_input_ids=canvas,
+                  decoder_attention_mask=decoder_padding)
+    unpadded = dict(input_ids=ids, decoder_input_ids=canvas)  # the decoder's mask is None: every key
+    with torch.no_grad():
+        stock, stock_unpadded = model(**inputs).logits, model(**unpadded).logits
+    names = [name for name, _ in find_attention_modules(model)]
+    layers = [i for i, name in enumerate(names) if "vision" not in name]
+    patch_model(model, layers=layers, proj_dim=4, mode="residual")
+    assert [name for _, name in neural_layers(model)] == [names[i] for i in layers]
+    tree = {id(model.config), *(id(value) for value in vars(model.config).values())}
+    held = [(name, attr) for name, module in model.named_modules() for attr, value in vars(module).items()
+            if isinstance(value, PretrainedConfig)]
+    assert ("model.decoder", "text_config") in held
+    for name, attr in held:
+        assert id(getattr(model.get_submodule(name), attr)) in tree, f"{name}.{attr} still holds the caller's config"
+    assert model.model.decoder.text_config._attn_implementation == ATTENTION_NAME
+    assert stock_config.text_config._attn_implementation != ATTENTION_NAME
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, stock, rtol=0, atol=1e-5)
+        torch.testing.assert_close(model(**unpadded).logits, stock_unpadded, rtol=0, atol=1e-5)
 
 
 def test_t5_cross_attention_is_not_a_layer():

@@ -80,6 +80,20 @@ def test_a_direct_call_without_mask_applies_the_band(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_bidirectional_layer_without_mask_sees_every_key(backend):
+    # as under eager and SDPA, which take the window from the mask only (DiffusionGemma's decoder passes None for
+    # attention over every key while its layers pass a window; tests/test_patching.py runs that model)
+    layer = _layer(backend, causal=False)
+    query, key, value = _inputs(2, 2, 5, 9)
+    windowed, _ = neural_attention_forward(layer, query, key, value, None, sliding_window=3)
+    full, _ = neural_attention_forward(layer, query, key, value, None)
+    torch.testing.assert_close(windowed, full, rtol=0, atol=0)
+    band = torch.ones(1, 1, 5, 9, dtype=torch.bool).triu(-2).tril(2)  # a window drawn into a mask still applies
+    banded, _ = neural_attention_forward(layer, query, key, value, band, sliding_window=3)
+    assert (banded - full).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cache_implementation", [None, "static"])
 def test_decoding_past_the_window_equals_recomputing_everything(backend, cache_implementation):
     # 6 prompt tokens + 8 new ones: the sliding caches drop keys the window no longer sees
