@@ -42,6 +42,9 @@ from tests.reference import kernel_reference  # noqa: E402  (float64 materialisi
 DEVICE = "cuda"
 
 
+HALF_GRAD_TOL = 5e-2  # norm-wise; interpreter, the fp32 case's shape: 3e-3 to 1.7e-2 (a flipped relu')
+
+
 def correctness_check(fn, dev: str = DEVICE, det_len: int = 300) -> bool:
     g = torch.Generator(device="cpu").manual_seed(0)
     cases = [
@@ -117,14 +120,23 @@ def correctness_check(fn, dev: str = DEVICE, det_len: int = 300) -> bool:
         names = list(t)
         g_k = torch.autograd.grad(out, [t[n] for n in names], go)
         g_r = torch.autograd.grad(ref, [t[n] for n in names], go.double())
-        errs = {}
+        # half_mlp: the operands round to fp16, so a pair whose relu input lies within that rounding of 0 may flip
+        # its relu' in backward, moving one gradient entry by dS_ij w_m (interpreter: up to 0.11 of the largest
+        # entry): its gradients are compared norm-wise, |g - g_ref| / |g_ref|, against HALF_GRAD_TOL
+        half = kw.get("half_mlp", False)
+        errs, limits = {}, {}
         for n, a, e in [("out", out, ref), *zip(names, g_k, g_r, strict=True)]:
-            err = (a.double() - e).abs().max().item() / max(1.0, e.abs().max().item())
+            if half and n != "out":
+                err, limits[n] = (a.double() - e).norm().item() / max(e.norm().item(), 1e-30), HALF_GRAD_TOL
+            else:
+                err, limits[n] = (a.double() - e).abs().max().item() / max(1.0, e.abs().max().item()), tol
             errs[n] = err if torch.isfinite(a).all() else math.inf
-        worst = max(errs, key=errs.get)
-        passed = errs[worst] <= tol
+        worst = max(errs, key=lambda n: errs[n] / limits[n])
+        passed = all(errs[n] <= limits[n] for n in errs)
         ok &= passed
-        print(f"[check] {'PASS' if passed else 'FAIL'} {name:24s} worst={worst}:{errs[worst]:.2e} (tol {tol:.0e})")
+        print(f"[check] {'PASS' if passed else 'FAIL'} {name:28s} worst={worst}:{errs[worst]:.2e} "
+              f"(tol {limits[worst]:.0e}{', norm-wise' if half and worst != 'out' else ''}) "
+              + " ".join(f"{n}={e:.1e}" for n, e in errs.items()))
     # determinism of the backward pass
     A = torch.randn(2, 4, det_len, 8, device=dev, requires_grad=True)
     B = torch.randn(2, 4, det_len, 8, device=dev, requires_grad=True)

@@ -525,7 +525,7 @@ if TRITON_AVAILABLE:
             b2_hs)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         q = _load_dot_tile(DQ_base, offs_m, Lq, sql, BLOCK_M, DD, DDP, HAS_DOT)
-        mlp_inv = tl.load(Scale)
+        mlp_inv = tl.load(Scale + bh)
 
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -582,7 +582,7 @@ if TRITON_AVAILABLE:
             A, B, Ck, V, W, W2, B2, DQ, DK, Mask, H, LkP, sab, sbb, svb, svh, sqb, sqh, skb, skh, smb, smh, w_hs, w2_hs,
             b2_hs)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mlp_inv = tl.load(Scale)
+        mlp_inv = tl.load(Scale + bh)
         v = _load_tile(V_base, offs_n, Lk, svl, DV, DVP)
         k = _load_dot_tile(DK_base, offs_n, Lk, skl, BLOCK_N, DD, DDP, HAS_DOT)
 
@@ -652,7 +652,7 @@ if TRITON_AVAILABLE:
         q = _load_dot_tile(DQ_base, offs_m, Lq, sql, BLOCK_M, DD, DDP, HAS_DOT)
         do = _load_tile(DO + b * sdob + h * sdoh, offs_m, Lq, sdol, DV, DVP)
         lse, delta = _row_stats(LSE, Delta, bh, offs_m, Lq)
-        mlp_inv = tl.load(Scale)
+        mlp_inv = tl.load(Scale + bh)
 
         dq = tl.zeros((BLOCK_M, DDP), dtype=tl.float32)
         da = tl.zeros((BLOCK_M, HIDP), dtype=tl.float32)
@@ -769,6 +769,11 @@ def _relu_grads(A, Bk, dA_raw, dB_raw, W, heads, visible=(None, None)):
     return dA_raw * w, dB_raw * w, dw.reshape(batch * heads, 1, hidden)
 
 
+def _finite_abs_max(x: torch.Tensor) -> torch.Tensor:
+    """max |x| over the finite entries of each (batch, head): ``(batch, heads, len, hidden)`` -> ``(batch, heads)``."""
+    return torch.where(torch.isfinite(x), x.abs(), 0.0).amax(dim=(2, 3))
+
+
 def _paper_operands(query_hidden, key_hidden, W, relu, hidden_pad, length_pad, visible=(None, None), half=False):
     """Kernel operands of the paper MLP: fp32 column-major A / B copies, the per-key constant and the kernel's w.
 
@@ -778,10 +783,11 @@ def _paper_operands(query_hidden, key_hidden, W, relu, hidden_pad, length_pad, v
     ``length_pad`` (so the kernels' per-unit column loads need no masks), Ck (batch*heads, LkP) and W_kernel (heads
     or 1, hidden_pad). relu: a, b, Ck and sign(w) of ``relu_signed_max_operands`` (the kernels compute
     sign(w) max(a, b) + Ck and read relu' = [a > b]); other activations: a = A, b = B, W itself, Ck empty. Rows no
-    pair sees are zero. O(n * hidden) memory. ``half`` (relu only): a and b are fp16, multiplied by a power of two
-    that puts their largest magnitude in (2^11, 2^12] (fp16 sums of up to 8 units cannot overflow, and small
-    operands stay normal). The fifth item is that factor's inverse (1 without ``half``), a 1-element fp32 tensor:
-    the kernels unscale on the device, no host sync.
+    pair sees are zero. O(n * hidden) memory. ``half`` (relu only): a and b are fp16, each (batch, head) multiplied
+    by a power of two that puts its largest finite magnitude in (2^11, 2^12] (fp16 sums of up to 8 units cannot
+    overflow; an inf or NaN stays in its own head, as in fp32, and one head's large operands do not push another's
+    towards fp16's subnormals). The fifth item is that factor's inverse per (batch, head) (1 without ``half``), a
+    (batch*heads,) fp32 tensor: the kernels unscale on the device, no host sync.
     """
     batch, heads, q_len, hidden = query_hidden.shape
     k_len = key_hidden.shape[2]
@@ -791,11 +797,13 @@ def _paper_operands(query_hidden, key_hidden, W, relu, hidden_pad, length_pad, v
     else:
         A = zero_invisible_rows(query_hidden.float(), q_visible)
         B = zero_invisible_rows(key_hidden.float(), k_visible)
-    inverse = A.new_ones(1)
+    inverse = A.new_ones(batch * heads)
     if half:
-        largest = torch.maximum(A.abs().amax(), B.abs().amax()).reshape(1) if A.numel() and B.numel() else inverse
-        exponent = torch.where(largest > 0, torch.ceil(torch.log2(largest)) - 12, 0.0)
-        A, B, inverse = A * torch.exp2(-exponent), B * torch.exp2(-exponent), torch.exp2(exponent)
+        largest = torch.maximum(_finite_abs_max(A), _finite_abs_max(B))  # (batch, heads)
+        # clamped: 2^±exponent stays a normal fp32 number (all-subnormal operands are ~0 in fp16 anyway)
+        exponent = torch.where(largest > 0, torch.ceil(torch.log2(largest)) - 12, 0.0).clamp(-110, 116)
+        scale = torch.exp2(-exponent)[:, :, None, None]
+        A, B, inverse = A * scale, B * scale, torch.exp2(exponent).reshape(-1)
     rounded = lambda n: -(-n // length_pad) * length_pad  # noqa: E731
     dtype = torch.float16 if half else torch.float32
     a = A.new_zeros(batch * heads, hidden_pad, rounded(q_len), dtype=dtype)
@@ -844,10 +852,11 @@ def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, 
         # backward: its own setting, else the caller's forward setting, else its default
         launch[prefix] = tuple(next((v for v in (cfg.get(prefix + key), cfg.get(key)) if v is not None), default)
                                for key, default in defaults.items())
-    if half and max(launch[""][3], launch["bwd_"][3]) > 8:
-        raise ValueError(f"half_mlp=True sums at most 8 units in fp16 (its operands reach 2^12); got unroll "
-                         f"{launch[''][3]} / bwd_unroll {launch['bwd_'][3]}: pass unroll <= 8")
     hidden_pad = _pow2(hidden)
+    for prefix in ("", "bwd_"):  # the kernels unroll at most hidden_pad units
+        if half and min(launch[prefix][3], hidden_pad) > 8:
+            raise ValueError(f"half_mlp=True sums at most 8 units in fp16 (its operands reach 2^12); got "
+                             f"{prefix}unroll={launch[prefix][3]} with d'={hidden}: pass {prefix}unroll <= 8")
     V = _last_dim_contiguous(value)
     if authors:
         hidden2 = second_weight.shape[-2]
@@ -860,7 +869,7 @@ def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, 
         A = zero_invisible_rows(query_hidden, visible[0]).contiguous()
         Bk = zero_invisible_rows(key_hidden, visible[1]).contiguous()
         Ck, q_pad, k_pad = W, q_len, k_len  # Ck: an unused dummy
-        Scale = torch.ones(1, device=V.device, dtype=torch.float32)
+        Scale = torch.ones(batch * heads, device=V.device, dtype=torch.float32)
         a_bs, b_bs = q_len * hidden, k_len * hidden
     else:
         hidden2 = 1
@@ -1081,9 +1090,9 @@ def neural_attention_triton(
     forward kernel; ``bwd_*`` the same for the two backward kernels (``None``: the forward setting where one is
     given; a backward program owns ``bwd_block_m`` positions -- queries in the query-side kernel, keys in the key-side
     one -- and steps over the other side by ``bwd_block_n``). ``None``: the default for this MLP and d'.
-    ``half_mlp`` (paper MLP with relu): run the per-pair MLP in fp16, two pairs per instruction (the forward's
-    units summed in fp16 per loop iteration, dS rounded to fp16 with a per-row power-of-two scale in backward);
-    the softmax, ``P @ V`` and every accumulator stay fp32. Fewer instructions per pair, at fp16 precision of the
+    ``half_mlp`` (paper MLP with relu): compute the scores' per-pair MLP in fp16, two pairs per instruction (each
+    loop iteration's units summed in fp16, forward and the backward's recompute); the relu-mask gradient sums, the
+    softmax, ``P @ V`` and every accumulator stay fp32. Fewer instructions per pair, at fp16 precision of the
     scores (see benchmarks/README.md for the measured error).
     Returns (batch, heads, q_len, v_dim) in value's dtype.
     """

@@ -389,13 +389,17 @@ def test_default_forward_tile_fits_short_queries(monkeypatch):
 # ------------------------------------------------------------------------------ half_mlp (fp16 score arithmetic)
 def _fp16_exact_inputs(seed, dtype, b=2, h=2, lq=19, lk=19, hidden=8, vdim=5):
     """Inputs whose scorer operands and fp16 partial sums are exact in fp16 (and bf16): A, B multiples of 1/8 in
-    [-4, 4], each key-side column of B summing to zero (the centring then moves nothing), w = +-2^k. The half MLP
-    must then match the float64 reference to fp32 precision, forward and every gradient: no relu kink moves, so a
-    wrong sign, scale, per-key constant or mask anywhere in it shows."""
+    [-4, 4], each key-side column of B summing to zero (the centring then moves nothing), w = +-2^k, k in -3..0.
+    The operands |w| A are multiples of 2^-6 below 4 in magnitude, a sum of 4 units stays within 16, where fp16's
+    spacing is at most 2^-6: every fp16 sum of up to 4 units is exact. The half MLP must then match the float64
+    reference to fp32 precision, forward and every gradient: no relu kink moves, so a wrong sign, scale, per-key
+    constant or mask anywhere in it shows."""
     g = torch.Generator().manual_seed(seed)
     A = torch.randint(-32, 33, (b, h, lq, hidden), generator=g) / 8
     B = torch.randint(-32, 33, (b, h, lk, hidden), generator=g) / 8
-    B[:, :, -1] -= B.sum(dim=2)  # column sums 0 (the last key can leave [-4, 4]: still exact)
+    B[:, :, 1::2] = -B[:, :, 0:lk - 1:2]  # mirrored pairs: column sums 0 (an odd last key is made 0)
+    if lk % 2:
+        B[:, :, -1] = 0.0
     w = torch.randint(-3, 1, (h, hidden), generator=g).float().exp2()
     w = w * (torch.randint(0, 2, (h, hidden), generator=g) * 2 - 1)
     V = torch.randn(b, h, lk, vdim, generator=g)
@@ -423,13 +427,34 @@ def test_half_mlp_matches_reference_on_fp16_exact_operands(dtype, masking):
         assert (out[1, :, 7] == 0).all() and (g["A"][1, :, 7] == 0).all()
 
 
-def test_half_mlp_rescales_operands_beyond_fp16_range():
-    # |a| up to 2^20: fp16 overflows at 65504 unless the operands are scaled into range (and unscaled after)
-    t = _fp16_exact_inputs(11, torch.float32, b=1, lq=9, lk=9)
+def test_half_mlp_scales_each_head_into_fp16_range_on_its_own():
+    # head 0's operands reach 2^32 (fp16 overflows at 65504 unless they are scaled into range and unscaled after);
+    # head 1's stay below 4: one scale for both would put their 2^-6 steps at 2^-28, below fp16's smallest subnormal
+    # (head 0's scores reach ~1e10: its softmax is one-hot, and fp32 resolves its gradients no better than 1e-2, with
+    # or without half_mlp; they are left out)
+    t = _fp16_exact_inputs(11, torch.float32, b=2, lq=9, lk=9)
     with torch.no_grad():
-        t["w"] *= 2.0**18
+        t["w"][0] *= 2.0**30
+    out = run_kernel(t, half_mlp=True, unroll=4, bwd_unroll=2)
+    ref = run_reference(t)
+    assert_close(out, ref, FP32_TOL, "output")
+    head1 = torch.zeros_like(ref)
+    head1[:, 1] = torch.randn(head1[:, 1].shape, generator=torch.Generator().manual_seed(3))
+    g, g_ref = grads(out, t, head1), grads(ref, t, head1.double())
+    for name in ("A", "B", "V", "w"):
+        assert_close(g[name][:, 1] if name != "w" else g[name][1], g_ref[name][:, 1] if name != "w" else g_ref[name][1],
+                     FP32_TOL, f"head 1 grad {name}")
+
+
+def test_half_mlp_keeps_a_non_finite_operand_in_its_own_head():
+    # the scales come from the finite operands of each (batch, head): an inf in batch 1 leaves batch 0 as it was
+    t = _fp16_exact_inputs(12, torch.float32, b=2, lq=9, lk=9)
+    clean = run_kernel(t, half_mlp=True, unroll=4)
+    with torch.no_grad():
+        t["A"][1, 0, 3, 2] = float("inf")
     out = run_kernel(t, half_mlp=True, unroll=4)
-    assert_close(out, run_reference(t), FP32_TOL, "output")
+    assert torch.equal(out[0], clean[0]) and torch.equal(out[1, 1], clean[1, 1])
+    torch.testing.assert_close(out[1, 0], run_kernel(t, unroll=4)[1, 0], rtol=0, atol=FP16_TOL, equal_nan=True)
 
 
 def test_half_mlp_gaussian_inputs_within_fp16_rounding():
@@ -448,8 +473,11 @@ def test_half_mlp_input_validation():
     t = make_inputs(hidden=4)
     with pytest.raises(ValueError, match="activation='gelu'"):
         run_kernel(t, activation="gelu", half_mlp=True)
-    with pytest.raises(ValueError, match="unroll <= 8"):
-        run_kernel(t, half_mlp=True, unroll=16)
+    with pytest.raises(ValueError, match="unroll=16 with d'=16: pass unroll <= 8"):
+        run_kernel(make_inputs(hidden=16), half_mlp=True, unroll=16)
+    with pytest.raises(ValueError, match="bwd_unroll=16 with d'=9: pass bwd_unroll <= 8"):
+        run_kernel(make_inputs(hidden=9), half_mlp=True, unroll=8, bwd_unroll=16)
+    run_kernel(t, half_mlp=True, unroll=16)  # d' = 4: the kernels unroll 4 units at most
     ta = make_inputs(hidden=4, authors=True)
     with pytest.raises(ValueError, match="authors' MLP"):
         run_kernel(ta, half_mlp=True)
