@@ -188,10 +188,11 @@ def test_tiled_ops_pass_opcheck(scorers, mlp):
 
 
 @needs_triton
-@pytest.mark.parametrize("mlp", ["paper", "authors"])
-def test_triton_ops_pass_opcheck(mlp):
+@pytest.mark.parametrize("mlp,half_mlp", [("paper", False), ("paper", True), ("authors", False)])
+def test_triton_ops_pass_opcheck(mlp, half_mlp):
     inputs, mask = _op_inputs(mlp)
-    settings = ("relu", False, 0.4, 0.2, torch.tensor(77), [-1] * 8)
+    launch = [-1] * (len(triton._LAUNCH_KEYS) - 1) + [1 if half_mlp else -1]  # defaults; the last: half_mlp
+    settings = ("relu", False, 0.4, 0.2, torch.tensor(77), launch)
     torch.library.opcheck(triton._triton_forward.op, (*inputs, mask, *settings))
     out, lse = triton._triton_forward(*inputs, mask, *settings)
     grad_out = _rand(*out.shape, seed=11)
