@@ -113,30 +113,34 @@ def correctness_check(fn, dev: str = DEVICE, det_len: int = 300) -> bool:
             m[0, 0, 5] = False  # a fully masked row
             kw = dict(kw, mask=m.to(dev))
         args = (t["A"], t["B"], t["V"], t["w"], t.get("w2"), t.get("b2"))
-        out = fn(*args, dot_query=t.get("dq"), dot_key=t.get("dk"), **kw)
-        ref_kw = {k: v for k, v in kw.items() if k != "half_mlp"}  # a kernel setting, not part of the math
-        ref = kernel_reference(*args, dot_query=t.get("dq"), dot_key=t.get("dk"), **ref_kw)
-        go = torch.randn(ref.shape, generator=g).to(dev, out.dtype)  # same values for both
-        names = list(t)
-        g_k = torch.autograd.grad(out, [t[n] for n in names], go)
-        g_r = torch.autograd.grad(ref, [t[n] for n in names], go.double())
-        # half_mlp: the operands round to fp16, so a pair whose relu input lies within that rounding of 0 may flip
-        # its relu' in backward, moving one gradient entry by dS_ij w_m (interpreter: up to 0.11 of the largest
-        # entry): its gradients are compared norm-wise, |g - g_ref| / |g_ref|, against HALF_GRAD_TOL
-        half = kw.get("half_mlp", False)
-        errs, limits = {}, {}
-        for n, a, e in [("out", out, ref), *zip(names, g_k, g_r, strict=True)]:
-            if half and n != "out":
-                err, limits[n] = (a.double() - e).norm().item() / max(e.norm().item(), 1e-30), HALF_GRAD_TOL
-            else:
-                err, limits[n] = (a.double() - e).abs().max().item() / max(1.0, e.abs().max().item()), tol
-            errs[n] = err if torch.isfinite(a).all() else math.inf
-        worst = max(errs, key=lambda n: errs[n] / limits[n])
-        passed = all(errs[n] <= limits[n] for n in errs)
-        ok &= passed
-        print(f"[check] {'PASS' if passed else 'FAIL'} {name:28s} worst={worst}:{errs[worst]:.2e} "
-              f"(tol {limits[worst]:.0e}{', norm-wise' if half and worst != 'out' else ''}) "
-              + " ".join(f"{n}={e:.1e}" for n, e in errs.items()))
+        try:  # a case that raises (a compile error, say) fails and the others still run
+            out = fn(*args, dot_query=t.get("dq"), dot_key=t.get("dk"), **kw)
+            ref_kw = {k: v for k, v in kw.items() if k != "half_mlp"}  # a kernel setting, not part of the math
+            ref = kernel_reference(*args, dot_query=t.get("dq"), dot_key=t.get("dk"), **ref_kw)
+            go = torch.randn(ref.shape, generator=g).to(dev, out.dtype)  # same values for both
+            names = list(t)
+            g_k = torch.autograd.grad(out, [t[n] for n in names], go)
+            g_r = torch.autograd.grad(ref, [t[n] for n in names], go.double())
+            # half_mlp: the operands round to fp16, so a pair whose relu input lies within that rounding of 0 may flip
+            # its relu' in backward, moving one gradient entry by dS_ij w_m (interpreter: up to 0.11 of the largest
+            # entry): its gradients are compared norm-wise, |g - g_ref| / |g_ref|, against HALF_GRAD_TOL
+            half = kw.get("half_mlp", False)
+            errs, limits = {}, {}
+            for n, a, e in [("out", out, ref), *zip(names, g_k, g_r, strict=True)]:
+                if half and n != "out":
+                    err, limits[n] = (a.double() - e).norm().item() / max(e.norm().item(), 1e-30), HALF_GRAD_TOL
+                else:
+                    err, limits[n] = (a.double() - e).abs().max().item() / max(1.0, e.abs().max().item()), tol
+                errs[n] = err if torch.isfinite(a).all() else math.inf
+            worst = max(errs, key=lambda n: errs[n] / limits[n])
+            passed = all(errs[n] <= limits[n] for n in errs)
+            ok &= passed
+            print(f"[check] {'PASS' if passed else 'FAIL'} {name:28s} worst={worst}:{errs[worst]:.2e} "
+                  f"(tol {limits[worst]:.0e}{', norm-wise' if half and worst != 'out' else ''}) "
+                  + " ".join(f"{n}={e:.1e}" for n, e in errs.items()))
+        except Exception as e:  # noqa: BLE001
+            ok = False
+            print(f"[check] FAIL {name:28s} {type(e).__name__}: {str(e).splitlines()[0][:160]}")
     # determinism of the backward pass
     A = torch.randn(2, 4, det_len, 8, device=dev, requires_grad=True)
     B = torch.randn(2, 4, det_len, 8, device=dev, requires_grad=True)
@@ -395,6 +399,10 @@ def main() -> int:
                 t_fwd = t_fb = mem = float("nan")
                 err = f"OOM: {str(e).splitlines()[0][:80]}"
                 torch.cuda.empty_cache()
+            except Exception as e:  # noqa: BLE001  (one kernel failing must not cost the other rows)
+                t_fwd = t_fb = mem = float("nan")
+                err = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+                ok = False
             launch = launches.get((kind.split("_")[1], hidden), {})
             if kind.endswith("_half"):
                 launch = dict(launch, half_mlp=True, unroll=8, bwd_unroll=8)
