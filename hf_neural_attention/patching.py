@@ -107,14 +107,14 @@ def _distributed_wrapper(model: nn.Module) -> str | None:
     return None
 
 
-def _fully_sharded(model: nn.Module) -> bool:
-    """Whether FSDP2's ``fully_shard`` has been applied to ``model`` or to a module inside it (it swaps their classes
-    in place instead of wrapping: no wrapper to find, but shards that new parameters would not join)."""
+def _fully_sharded(model: nn.Module) -> str | None:
+    """``"FSDP2 (fully_shard)"`` if FSDP2 has sharded ``model`` or a module inside it, else ``None``: it swaps their
+    classes in place instead of wrapping (no wrapper to find), but new parameters would not join the shards."""
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # torch built without distributed support
-        return False
-    return any(isinstance(module, FSDPModule) for module in model.modules())
+        return None
+    return "FSDP2 (fully_shard)" if any(isinstance(m, FSDPModule) for m in model.modules()) else None
 
 
 def _current_implementation(model: PreTrainedModel) -> str | None:
@@ -156,9 +156,7 @@ def patch_model(
         ValueError / TypeError: bad layers, settings or a model without patchable attention; patching a layer
         that is already patched; settings different from those of layers patched earlier.
     """
-    wrapper = _distributed_wrapper(model) if isinstance(model, nn.Module) else None
-    if wrapper is None and isinstance(model, nn.Module) and _fully_sharded(model):
-        wrapper = "FSDP2 (fully_shard)"
+    wrapper = (_distributed_wrapper(model) or _fully_sharded(model)) if isinstance(model, nn.Module) else None
     if wrapper is not None:  # its gradient sync / shards were set up for the parameters that existed then
         raise ValueError(f"patch_model got a model already wrapped in {wrapper}, which would not synchronise or shard "
                          "the new scorers; patch the model first, then wrap it (or let Trainer / accelerate do it).")

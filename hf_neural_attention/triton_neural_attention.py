@@ -474,21 +474,15 @@ if TRITON_AVAILABLE:
                     dw2 += tl.where(offs_r[:, None] == r, row[None, :], 0.0)
                 dh1 += g[:, :, None] * w2r[None, None, :]
             d_own += tl.sum(tl.where(h1 > 0.0, dh1, 0.0), axis=1)
-        elif HALF:
-            # fp16 operands, fp32 arithmetic: a packed fp16 compare has no packed cast to 1.0 / 0.0 (triton emits a
-            # compare, two selects and a byte permute; inline PTX set.gt.f16x2 needs the broadcast operand repacked
-            # per pair): more instructions than FSET + FFMA (sm_90 SASS)
-            for m0 in range(0, HID, UNROLL):
-                for u in tl.static_range(UNROLL):
-                    m = m0 + u
-                    a, b = _paper_unit(A_base, B_base, offs_q, offs_k, LqP, LkP, m, KEY_ROWS, True, UPCAST)
-                    dpre = ds * (a > b).to(tl.float32)
-                    d_own = tl.fma((offs_h[None, :] == m).to(tl.float32), tl.sum(dpre, axis=1)[:, None], d_own)
         else:
             for m0 in range(0, HID, UNROLL):  # as in _tile_scores; tail units (m >= HID) are zero padding
                 for u in tl.static_range(UNROLL):
                     m = m0 + u
-                    a, b = _paper_unit(A_base, B_base, offs_q, offs_k, LqP, LkP, m, KEY_ROWS)
+                    # HALF (relu only): the fp16 operands back in fp32, the arithmetic as without HALF: a packed fp16
+                    # compare has no packed cast to 1.0 / 0.0 (triton emits a compare, two selects and a byte
+                    # permute; inline PTX set.gt.f16x2 needs the broadcast operand repacked per pair): more
+                    # instructions than FSET + FFMA (sm_90 SASS)
+                    a, b = _paper_unit(A_base, B_base, offs_q, offs_k, LqP, LkP, m, KEY_ROWS, HALF, UPCAST)
                     if ACT == 0:
                         # relu: d_own leaves out the factor w_m and no dw is reduced here; the host applies w_m
                         # and gets dw_m = sum_ij relu'(pre) ds (A_im + B_jm) from them (relu(x) = x relu'(x))
