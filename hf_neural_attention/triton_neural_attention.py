@@ -60,6 +60,11 @@ __all__ = ["TRITON_AVAILABLE", "neural_attention_triton", "triton_is_usable"]
 _ACTIVATIONS = {"relu": 0, "gelu": 1, "silu": 2, "tanh": 3}
 # authors' MLP: from this width on (d' > 8) its second layer runs as a tensor-core GEMM (see `_authors_layers`)
 _AUTHORS_GEMM_FROM = tl.constexpr(8) if TRITON_AVAILABLE else None
+# half_mlp with 16-bit inputs: for d' in [_HALF_MMA_FROM, _HALF_MMA_UNTIL] the backward sums its relu masks on the
+# tensor cores (see `_tile_mlp_backward`). Narrower, the per-unit MMAs cost more than the reductions they replace
+# (sm_90 SASS); wider, the d' one-hots of (cols, d') each that stay in shared memory outgrow it (d' = 64: 284 KB).
+_HALF_MMA_FROM = tl.constexpr(8) if TRITON_AVAILABLE else None
+_HALF_MMA_UNTIL = tl.constexpr(16) if TRITON_AVAILABLE else None
 
 
 def _interpreting() -> bool:
@@ -157,6 +162,25 @@ if TRITON_AVAILABLE:
         if UPCAST:  # the interpreter multiplies in fp32
             return tl.dot(a, b, input_precision="ieee")
         return tl.dot(a, b, input_precision="tf32x3")
+
+    @triton.jit
+    def _bf16_operand(x, UPCAST: tl.constexpr):
+        """x rounded to bf16, an MMA operand (UPCAST, the interpreter: held in fp32, see `_mm`)."""
+        if UPCAST:
+            return x.to(tl.bfloat16).to(tl.float32)
+        return x.to(tl.bfloat16)
+
+    @triton.jit
+    def _relu_masked(a, b, x, UPCAST: tl.constexpr):
+        """where(a > b, x, 0) for fp16 operands a, b and 16-bit x, broadcast to (ROWS, COLS).
+
+        As PTX, one packed compare (all ones / zeros per half) and one AND per two pairs: tl.where compiles to a
+        packed compare, a select per pair and a byte permute per two (sm_90 SASS).
+        """
+        if UPCAST:  # (the interpreter runs no PTX)
+            return tl.where(a > b, x, 0.0)
+        return tl.inline_asm_elementwise("{ .reg .b32 m; set.gt.u32.f16x2 m, $1, $2; and.b32 $0, m, $3; }",
+                                         "=r,r,r,r", [a, b, x], dtype=x.dtype, is_pure=True, pack=2)
 
     @triton.jit
     def _mma_zeros(ROWS: tl.constexpr, COLS: tl.constexpr, UPCAST: tl.constexpr):
@@ -474,14 +498,27 @@ if TRITON_AVAILABLE:
                     dw2 += tl.where(offs_r[:, None] == r, row[None, :], 0.0)
                 dh1 += g[:, :, None] * w2r[None, None, :]
             d_own += tl.sum(tl.where(h1 > 0.0, dh1, 0.0), axis=1)
+        elif HALF and HID >= _HALF_MMA_FROM and HID <= _HALF_MMA_UNTIL and DOT_DTYPE != tl.float32:
+            # Per unit m, the masked dS tile times a (COLS, HIDP) one-hot of column m on the tensor cores: the sum
+            # along the tile's columns and its placement into column m of d_own in one MMA (otherwise a multiply-add
+            # per pair, a cross-lane reduction and a one-hot update of d_own per unit). relu'(A_i + B_j) = [a > b] on
+            # the fp16 operands: the forward's own compare. dS enters as bf16: rounded once for bf16 inputs (relative
+            # 2^-8, as flash attention rounds it for its dq / dk, and this kernel for the dot term's), as hi + lo
+            # parts (16 bits) for fp16 inputs; 1.0 * part is exact and the sums are fp32. (fp32 inputs keep the
+            # exact fp32 sums below.) The unit loop unrolls at compile time, so its one-hots are constants.
+            ds_hi = _bf16_operand(ds, UPCAST)
+            ds_lo = _bf16_operand(ds - ds_hi.to(tl.float32), UPCAST)
+            for m in tl.static_range(HID):
+                a, b = _paper_unit(A_base, B_base, offs_q, offs_k, LqP, LkP, m, KEY_ROWS)
+                onehot = _bf16_operand(tl.broadcast_to((offs_h[None, :] == m).to(tl.float32), (COLS, HIDP)), UPCAST)
+                d_own = tl.dot(_relu_masked(a, b, ds_hi, UPCAST), onehot, d_own, input_precision="ieee")
+                if DOT_DTYPE == tl.float16:
+                    d_own = tl.dot(_relu_masked(a, b, ds_lo, UPCAST), onehot, d_own, input_precision="ieee")
         else:
             for m0 in range(0, HID, UNROLL):  # as in _tile_scores; tail units (m >= HID) are zero padding
                 for u in tl.static_range(UNROLL):
                     m = m0 + u
-                    # HALF (relu only): the fp16 operands back in fp32, the arithmetic as without HALF: a packed fp16
-                    # compare has no packed cast to 1.0 / 0.0 (triton emits a compare, two selects and a byte
-                    # permute; inline PTX set.gt.f16x2 needs the broadcast operand repacked per pair): more
-                    # instructions than FSET + FFMA (sm_90 SASS)
+                    # HALF (relu, d' < _HALF_MMA_FROM): the fp16 operands back in fp32, the arithmetic as without HALF
                     a, b = _paper_unit(A_base, B_base, offs_q, offs_k, LqP, LkP, m, KEY_ROWS, HALF, UPCAST)
                     if ACT == 0:
                         # relu: d_own leaves out the factor w_m and no dw is reduced here; the host applies w_m
@@ -889,9 +926,12 @@ def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, 
     dropout_p = float(cfg["dropout_p"])
     dropout_scale = 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
     low = V.dtype if V.dtype in (torch.bfloat16, torch.float16) else torch.float32
-    # the authors' MLP from _AUTHORS_GEMM_FROM on multiplies (pairs, HIDP) by (HIDP, HID2P) on the tensor cores:
-    # dims of 16 at least
-    mma_pad = 16 if authors and hidden > _AUTHORS_GEMM_FROM.value else 1
+    # tensor-core products need dims of 16 at least: the authors' MLP from _AUTHORS_GEMM_FROM on multiplies (pairs,
+    # HIDP) by (HIDP, HID2P), the half MLP's backward (16-bit inputs, d' in [_HALF_MMA_FROM, _HALF_MMA_UNTIL]) its
+    # masked dS (rows, cols) by (cols, HIDP)
+    half_mma = half and _HALF_MMA_FROM.value <= hidden <= _HALF_MMA_UNTIL.value and low != torch.float32
+    mma_sums = (authors and hidden > _AUTHORS_GEMM_FROM.value) or half_mma
+    mma_pad = 16 if mma_sums else 1
     constexprs = dict(
         HID=hidden, HIDP=max(hidden_pad, mma_pad), HID2=hidden2, HID2P=_pow2(hidden2, mma_pad), AUTHORS=authors,
         ACT=_ACTIVATIONS[cfg["activation"]], DV=v_dim, DVP=_pow2(v_dim, 16), DD=dd, DDP=_pow2(dd, 16),
@@ -908,7 +948,8 @@ def _backward_constexprs(constexprs: dict, launch: tuple[int, int, int, int]) ->
     unroll): each kernel owns blocks of ``own`` positions (keys / queries) and steps over the other side by ``step``;
     the kernels name the query block BLOCK_M and the key block BLOCK_N."""
     own, step, _, unroll = launch
-    query_side = dict(constexprs, BLOCK_M=own, BLOCK_N=step, UNROLL=min(unroll, constexprs["HIDP"]))
+    # (at most the units the operands are padded to: HIDP may be wider, padded for the tensor cores)
+    query_side = dict(constexprs, BLOCK_M=own, BLOCK_N=step, UNROLL=min(unroll, _pow2(constexprs["HID"])))
     return dict(query_side, BLOCK_M=step, BLOCK_N=own), query_side
 
 
@@ -1085,9 +1126,11 @@ def neural_attention_triton(
     given; a backward program owns ``bwd_block_m`` positions -- queries in the query-side kernel, keys in the key-side
     one -- and steps over the other side by ``bwd_block_n``). ``None``: the default for this MLP and d'.
     ``half_mlp`` (paper MLP with relu): compute the scores' per-pair MLP in fp16, two pairs per instruction (each
-    loop iteration's units summed in fp16, forward and the backward's recompute); the relu-mask gradient sums, the
-    softmax, ``P @ V`` and every accumulator stay fp32. Fewer instructions per pair, at fp16 precision of the
-    scores (see benchmarks/README.md for the measured error).
+    loop iteration's units summed in fp16, forward and the backward's recompute); with bf16 / fp16 inputs and
+    8 <= d' <= 16 the backward's relu-mask gradient sums run on the tensor cores (per unit, the masked dS tile times
+    a one-hot column, dS rounded to bf16: once for bf16 inputs, as hi + lo parts for fp16), otherwise in fp32. The
+    softmax, ``P @ V`` and every accumulator stay fp32. Fewer instructions per pair, at fp16 precision of the scores
+    (see benchmarks/README.md for the measured error).
     Returns (batch, heads, q_len, v_dim) in value's dtype.
     """
     if not TRITON_AVAILABLE:
