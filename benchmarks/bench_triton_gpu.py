@@ -46,6 +46,22 @@ DEVICE = "cuda"
 HALF_GRAD_TOL = 5e-2  # norm-wise; interpreter, the fp32 case's shape: 3e-3 to 1.7e-2 (a flipped relu')
 
 
+def half_launch(launch: dict) -> dict:
+    """``launch`` with half_mlp=True and its unroll of 8 (each loop iteration's fp16 sum amortised over 8 units)."""
+    return dict(launch, half_mlp=True, unroll=8, bwd_unroll=8)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor, norm_wise: bool = False) -> float:
+    """max |a - e| / max(1, max |e|), or norm-wise |a - e| / |e| (half_mlp gradients: a relu' that fp16 rounding
+    flips moves one entry by dS_ij w_m); inf when ``actual`` is not finite."""
+    if not torch.isfinite(actual).all():
+        return math.inf
+    diff = actual.double() - expected
+    if norm_wise:
+        return diff.norm().item() / max(expected.norm().item(), 1e-30)
+    return diff.abs().max().item() / max(1.0, expected.abs().max().item())
+
+
 def correctness_check(fn, dev: str = DEVICE, det_len: int = 300) -> bool:
     g = torch.Generator(device="cpu").manual_seed(0)
     cases = [
@@ -131,11 +147,8 @@ def correctness_check(fn, dev: str = DEVICE, det_len: int = 300) -> bool:
             half = kw.get("half_mlp", False)
             errs, limits = {}, {}
             for n, a, e in [("out", out, ref), *zip(names, g_k, g_r, strict=True)]:
-                if half and n != "out":
-                    err, limits[n] = (a.double() - e).norm().item() / max(e.norm().item(), 1e-30), HALF_GRAD_TOL
-                else:
-                    err, limits[n] = (a.double() - e).abs().max().item() / max(1.0, e.abs().max().item()), tol
-                errs[n] = err if torch.isfinite(a).all() else math.inf
+                norm_wise = half and n != "out"
+                errs[n], limits[n] = relative_error(a, e, norm_wise), HALF_GRAD_TOL if norm_wise else tol
             worst = max(errs, key=lambda n: errs[n] / limits[n])
             passed = all(errs[n] <= limits[n] for n in errs)
             ok &= passed
@@ -168,7 +181,7 @@ def launch_check(fn, mlp: str, hidden: int, launch: dict, n: int = 300) -> bool:
     g = torch.Generator(device="cpu").manual_seed(1)
     half = mlp == "paper_half"
     if half:
-        launch = dict(launch, half_mlp=True, unroll=8, bwd_unroll=8)
+        launch = half_launch(launch)
 
     def r(*shape, dtype=torch.bfloat16, scale=1.0):
         return (torch.randn(*shape, generator=g) * scale).to(DEVICE, dtype).requires_grad_()
@@ -186,13 +199,8 @@ def launch_check(fn, mlp: str, hidden: int, launch: dict, n: int = 300) -> bool:
     go = torch.randn(ref.shape, generator=g).to(DEVICE, out.dtype)
     g_k = torch.autograd.grad(out, list(t.values()), go)
     g_r = torch.autograd.grad(ref, list(t.values()), go.double())
-    worst = 0.0
-    for i, (a, e) in enumerate([(out, ref), *zip(g_k, g_r, strict=True)]):
-        if half and i:
-            err = (a.double() - e).norm().item() / max(e.norm().item(), 1e-30)
-        else:
-            err = (a.double() - e).abs().max().item() / max(1.0, e.abs().max().item())
-        worst = max(worst, err if torch.isfinite(a).all() else math.inf)
+    worst = max(relative_error(a, e, norm_wise=half and i > 0)
+                for i, (a, e) in enumerate([(out, ref), *zip(g_k, g_r, strict=True)]))
     passed = worst <= 5e-2
     print(f"[check] {'PASS' if passed else 'FAIL'} tuned {mlp} d'={hidden} {launch} worst={worst:.2e} (tol 5e-02)")
     return passed
@@ -257,7 +265,7 @@ def bench_case(kind, n, batch, heads, head_dim, hidden, causal, repeats, warmup,
             params = (A, B, v, w)
 
         if kind.endswith("_half"):
-            launch = dict(launch, half_mlp=True, unroll=8, bwd_unroll=8)
+            launch = half_launch(launch)
 
         def fwd():
             return fn(A, B, v, w, w2, b2, causal=causal, **launch)
@@ -423,7 +431,7 @@ def main() -> int:
                 ok = False
             launch = launches.get((kind.removeprefix("neural_"), hidden), {})
             if kind.endswith("_half"):
-                launch = dict(launch, half_mlp=True, unroll=8, bwd_unroll=8)
+                launch = half_launch(launch)
             row = dict(
                 kind=kind,
                 n=n,
