@@ -38,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peak_memory import peak_extra_mb  # noqa: E402
 
 VARIANTS = ("sdpa", "neural_d2", "neural_d8", "neural_d16")
+FP16_MLP_VARIANTS = ("neural_d8_fp16", "neural_d16_fp16")
+"""mlp_precision="fp16": the Triton kernel's packed fp16 MLP (on CPU the same as without the suffix)."""
 
 
 def gpt2_small(seq_len: int, layers: int) -> GPT2LMHeadModel:
@@ -51,8 +53,9 @@ def gpt2_small(seq_len: int, layers: int) -> GPT2LMHeadModel:
 def make_variant(base: GPT2LMHeadModel, variant: str, backend: str) -> GPT2LMHeadModel:
     model = copy.deepcopy(base)
     if variant != "sdpa":
-        proj_dim = int(variant.split("_d")[1])
-        patch_model(model, layers=[0], config=NeuralAttentionConfig(proj_dim=proj_dim, backend=backend))
+        proj_dim, _, precision = variant.removeprefix("neural_d").partition("_")
+        patch_model(model, layers=[0], config=NeuralAttentionConfig(proj_dim=int(proj_dim), backend=backend,
+                                                                    mlp_precision=precision or "fp32"))
     return model
 
 
@@ -141,7 +144,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="default: 8 (5 with --quick)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--backend", default="auto")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS + FP16_MLP_VARIANTS)
     parser.add_argument("--quick", action="store_true", help="seq 512, 4 layers, 5 steps")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights)")

@@ -32,7 +32,8 @@ if [ "${COMPILE_TIMEOUT:-150}" != 0 ]; then  # torch.compile(fullgraph) with the
 fi
 if [ "${E2E_TIMEOUT:-150}" != 0 ]; then
   timeout "${E2E_TIMEOUT:-150}" python3 benchmarks/bench_end_to_end.py --device cuda --bf16 --backend triton \
-    --seq-len 1024 --batch 16 --steps 10 --output "$OUT/end_to_end_gpu.csv" 2>&1 | tee "$OUT/end_to_end_gpu.log" \
+    --seq-len 1024 --batch 16 --steps 10 --variants sdpa neural_d2 neural_d8 neural_d16 neural_d16_fp16 \
+    --output "$OUT/end_to_end_gpu.csv" 2>&1 | tee "$OUT/end_to_end_gpu.log" \
     || status=1
 fi
 exit $status

@@ -303,8 +303,11 @@ def neural_attention_forward(
         )
         return out.transpose(1, 2).contiguous(), probabilities if needs_probabilities else None
 
+    options = {}
     if backend == "triton":
         from .triton_neural_attention import neural_attention_triton as kernel
+
+        options["half_mlp"] = scorer.settings.mlp_precision == "fp16"
     elif backend == "cpp":
         # fully fused for the paper MLP (fp32 arithmetic, dropout included); the authors MLP goes to the tiled C++ path
         kernel = neural_attention_fused_cpp
@@ -328,6 +331,7 @@ def neural_attention_forward(
         dot_scale=scaling,
         dropout_p=dropout_p,
         generator_seed=seed,
+        **options,
     )
     return out.transpose(1, 2).contiguous(), None
 

@@ -25,6 +25,7 @@ MLP_VARIANTS = ("paper", "authors")
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
 MODES = ("replace", "residual")
 BACKENDS = ("auto", "eager", "tiled", "cpp", "triton")
+MLP_PRECISIONS = ("fp32", "fp16")
 
 
 @dataclass
@@ -53,6 +54,12 @@ class NeuralAttentionConfig:
             once on first use, about a minute; set ``NEURAL_ATTENTION_NO_CPP=1`` to skip it), else the pure
             PyTorch ``"tiled"`` kernel; the materialising ``"eager"`` path only where attention probabilities are
             requested. ``"eager"``, ``"tiled"``, ``"cpp"`` or ``"triton"`` force one.
+        mlp_precision: ``"fp32"`` (default): every backend evaluates the per-pair MLP in fp32. ``"fp16"`` (paper MLP
+            with relu only) lets the Triton kernel evaluate it in packed fp16, two pairs per instruction, and, for
+            bf16 / fp16 inputs at 8 <= d' <= 16, sum the backward's relu masks on the tensor cores (dS rounded to
+            bf16 there, as flash attention's backward rounds it); softmax, ``P @ V`` and every accumulator stay
+            fp32. Fewer GPU instructions per pair, at fp16 precision of the scores (``benchmarks/README.md``). The
+            other backends always compute in fp32.
     """
 
     proj_dim: int | None = None
@@ -62,6 +69,7 @@ class NeuralAttentionConfig:
     share_across_heads: bool | None = None
     mode: str = "replace"
     backend: str = "auto"
+    mlp_precision: str = "fp32"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -77,7 +85,7 @@ class NeuralAttentionConfig:
             if value < 1:
                 raise ValueError(f"NeuralAttentionConfig.{name} must be >= 1 (or None for the default), got {value}.")
         for name, allowed in (("mlp", MLP_VARIANTS), ("activation", ACTIVATIONS), ("mode", MODES),
-                              ("backend", BACKENDS)):
+                              ("backend", BACKENDS), ("mlp_precision", MLP_PRECISIONS)):
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"NeuralAttentionConfig.{name}={value!r} is not supported; choose one of {allowed}.")
@@ -94,6 +102,12 @@ class NeuralAttentionConfig:
                 )
             if self.activation != "relu":
                 raise ValueError("mlp='authors' uses ReLU only; set activation='relu' or use mlp='paper'.")
+        if self.mlp_precision == "fp16" and (self.mlp != "paper" or self.activation != "relu"):
+            raise ValueError(
+                f"NeuralAttentionConfig.mlp_precision='fp16' packs the relu units of the paper MLP; it does not apply "
+                f"to mlp={self.mlp!r} with activation={self.activation!r}. Use mlp_precision='fp32', or mlp='paper' "
+                "with activation='relu'."
+            )
 
     # --- resolved sizes -------------------------------------------------------------------------------------
     def resolved_proj_dim(self, head_dim: int) -> int:
@@ -196,8 +210,9 @@ class NeuralAttentionConfigMixin:
     Attributes:
         neural_attention_layers: indices of the self-attention layers that score neurally (sorted, non-negative);
             the paper uses ``[0]``.
-        neural_attention_proj_dim .. neural_attention_backend: the ``NeuralAttentionConfig`` fields, one by one
-            (see its docstring): d', hidden width, MLP variant, activation, weight sharing, mode, backend.
+        neural_attention_proj_dim .. neural_attention_mlp_precision: the ``NeuralAttentionConfig`` fields, one by
+            one (see its docstring): d', hidden width, MLP variant, activation, weight sharing, mode, backend, the
+            precision of the per-pair MLP on GPU.
         neural_attention_base_model: Hub id (or path) of the plain checkpoint the model started from, if known; the
             model card names it as ``base_model``.
         neural_attention_version: version of hf-neural-attention that wrote the config. A config written by a newer
@@ -213,6 +228,7 @@ class NeuralAttentionConfigMixin:
     neural_attention_share_across_heads: bool | None = None
     neural_attention_mode: str = "replace"
     neural_attention_backend: str = "auto"
+    neural_attention_mlp_precision: str = "fp32"
     neural_attention_base_model: str | None = None
     neural_attention_version: str = PACKAGE_VERSION
 

@@ -406,22 +406,25 @@ def neural_settings(model: nn.Module) -> tuple[list[int], NeuralAttentionConfig]
     return layers, scorers[layers[0]][1].settings
 
 
-def set_backend(model: nn.Module, backend: str) -> None:
+def set_backend(model: nn.Module, backend: str, *, mlp_precision: str | None = None) -> None:
     """Switch the scoring backend of every neural layer, in place (e.g. to compare kernels on one loaded model).
 
-    The scorers and the recorded ``neural_attention_backend`` field change together, so ``save_pretrained``
-    writes what runs. Weights are untouched.
+    ``mlp_precision`` (``"fp32"`` / ``"fp16"``, see ``NeuralAttentionConfig``) switches the Triton kernel's
+    per-pair arithmetic too; ``None`` keeps it. The scorers and the recorded ``neural_attention_backend`` /
+    ``neural_attention_mlp_precision`` fields change together, so ``save_pretrained`` writes what runs. Weights are
+    untouched.
 
     Raises:
-        ValueError: the model has no neural layers, or ``backend`` is not one of ``NeuralAttentionConfig``'s.
+        ValueError: the model has no neural layers, or the settings are not valid ``NeuralAttentionConfig`` ones;
+            the model is then unchanged.
     """
     model = unwrap_model(model)
     recorded = neural_settings(model)
     if recorded is None:
         raise ValueError("This model has no neural layers; patch it with patch_model(model, layers=...) first.")
     layers, settings = recorded
-    switched = NeuralAttentionConfig(**{**settings.to_dict(), "backend": backend})
-    switched.validate()
+    changes = {"backend": backend} if mlp_precision is None else {"backend": backend, "mlp_precision": mlp_precision}
+    switched = NeuralAttentionConfig(**{**settings.to_dict(), **changes})
     modules = find_attention_modules(model)
     for index in layers:
         getattr(modules[index][1], SCORER_ATTRIBUTE).settings = switched

@@ -287,6 +287,9 @@ def test_bad_layer_selections_are_refused_and_leave_the_model_untouched(layers, 
         (dict(backend="cuda"), ValueError, "backend"),
         (dict(mlp="authors", hidden_dim=4), ValueError, "hidden_dim"),
         (dict(share_across_heads="yes"), TypeError, "share_across_heads"),
+        (dict(mlp_precision="bf16"), ValueError, "mlp_precision"),
+        (dict(mlp_precision="fp16", activation="gelu"), ValueError, r"mlp_precision='fp16'.*activation='gelu'"),
+        (dict(mlp_precision="fp16", mlp="authors"), ValueError, r"mlp_precision='fp16'.*mlp='authors'"),
     ],
 )
 def test_bad_settings_are_refused(settings, error, message):
@@ -592,6 +595,26 @@ def test_set_backend_switches_every_neural_layer_and_the_recorded_setting(tmp_pa
     assert model.config.neural_attention_backend == "eager"  # a refused switch changes nothing
     with pytest.raises(ValueError, match="no neural layers"):
         set_backend(tiny_gpt2(), "tiled")
+
+
+def test_set_backend_switches_the_mlp_precision_with_the_backend(tmp_path):
+    from hf_neural_attention import set_backend
+
+    model = patch_model(tiny_gpt2(), layers=[0, 2], proj_dim=4)
+    set_backend(model, "tiled", mlp_precision="fp16")
+    assert model.config.neural_attention_mlp_precision == "fp16" and model.config.neural_attention_backend == "tiled"
+    assert {m.neural_scorer.settings.mlp_precision for _, m in find_attention_modules(model)
+            if hasattr(m, "neural_scorer")} == {"fp16"}  # fmt: skip
+    set_backend(model, "eager")  # None keeps the precision
+    assert model.config.neural_attention_mlp_precision == "fp16"
+    model.save_pretrained(tmp_path)
+    assert type(model).from_pretrained(tmp_path).config.neural_attention_mlp_precision == "fp16"
+
+    authors = patch_model(tiny_gpt2(), layers=[0], proj_dim=4, mlp="authors")
+    with pytest.raises(ValueError, match=r"mlp_precision='fp16'.*mlp='authors'"):
+        set_backend(authors, "triton", mlp_precision="fp16")
+    assert authors.config.neural_attention_mlp_precision == "fp32"  # a refused switch changes nothing
+    assert authors.config.neural_attention_backend == "auto"
 
 
 def test_sub_models_sharing_one_config_with_their_parent_are_refused():

@@ -152,7 +152,9 @@ def test_clm_input_errors(tmp_path, no_training):
     for flags, message in ((["--sliding_window_stride", "32"], r"--sliding_window_stride 32 must be in 1\.\.31"),
                            (["--sliding_window_stride", "0"], r"--sliding_window_stride 0 must be in 1\.\.31"),
                            (["--max_test_tokens", "1"], "--max_test_tokens 1 leaves nothing"),
-                           (["--max_train_samples", "0"], "--max_train_samples 0 leaves nothing")):  # fmt: skip
+                           (["--max_train_samples", "0"], "--max_train_samples 0 leaves nothing"),
+                           (["--mlp", "authors", "--mlp_precision", "fp16"], r"mlp_precision='fp16'.*mlp='authors'"),
+                           ):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             run_clm.run(base + flags)
     from transformers import GPT2Config, GPT2LMHeadModel

@@ -44,6 +44,12 @@ class AttentionArguments:
                   "choices": ["replace", "residual"]},
     )
     neural_backend: str = field(default="auto", metadata={"choices": ["auto", "eager", "tiled", "cpp", "triton"]})
+    mlp_precision: str = field(
+        default="fp32",
+        metadata={"help": "fp16: the Triton kernel scores pairs in packed fp16 (paper MLP with relu; GPU only, "
+                          "faster at d' 8..16); the other backends always compute in fp32.",
+                  "choices": ["fp32", "fp16"]},
+    )
 
 
 def resolve_layers(spec: list[str] | str, num_layers: int) -> list[int]:
@@ -78,6 +84,7 @@ def neural_config_kwargs(args: AttentionArguments) -> dict[str, Any]:
         "share_across_heads": args.share_across_heads,
         "mode": args.neural_mode,
         "backend": args.neural_backend,
+        "mlp_precision": args.mlp_precision,
     }
 
 
