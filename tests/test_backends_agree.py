@@ -15,24 +15,46 @@ BACKENDS = ["eager", "tiled", "cpp"]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
-def _patched(base, backend: str, mlp: str):
+SHARPEN = 50.0
+"""Factor on the scorers' down-projections P_q, P_k. The tiny models' queries and keys (init std 0.02) are so small
+that freshly initialised scorers see almost only their biases: every relu unit then has one sign across a whole row,
+and the bias gradients of the units (sums of dS over a softmax row) cancel to rounding noise. Scaled, the scores
+depend on q and k, kinks fall inside rows, and every scorer gradient is well above its rounding."""
+
+
+def _patched(base, backend: str, mlp: str, **settings):
     torch.manual_seed(123)  # the same scorer initialisation for every backend
-    return patch_model(copy.deepcopy(base), layers=[0, -1],
-                       config=NeuralAttentionConfig(proj_dim=4, mlp=mlp, backend=backend))
+    model = patch_model(copy.deepcopy(base), layers=[0, -1],
+                        config=NeuralAttentionConfig(proj_dim=4, mlp=mlp, backend=backend, **settings))
+    with torch.no_grad():
+        for name, parameter in scorer_parameters(model).items():
+            if name.endswith("down_weight"):
+                parameter.mul_(SHARPEN)
+    return model
 
 
-def _train(model, inputs, steps: int = 3) -> list[torch.Tensor]:
+def assert_gradients_close(got: dict, want: dict, rel: float, what: str) -> None:
+    """Every gradient in ``want`` matched by ``got`` to ``rel`` of its own largest entry (max-wise, tensor by tensor:
+    a small gradient is not hidden behind the largest one of its layer)."""
+    for name, expected in want.items():
+        scale = expected.abs().max()
+        assert scale > 0, f"{what}: the gradient of {name} is zero, so this test would not see it"
+        error = ((got[name] - expected).abs().max() / scale).item()
+        assert error <= rel, f"{what}: {name} is off by {error:.2e} of its largest entry (tolerance {rel})"
+
+
+def _train(model, inputs, steps: int = 3) -> list[tuple[torch.Tensor, dict]]:
+    """``steps`` SGD steps; (loss, scorer gradients) of each."""
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    history = []
     for _ in range(steps):
         optimizer.zero_grad()
-        if "pixel_values" in inputs:
-            loss = model(**inputs).loss
-        else:
-            loss = model(**inputs, labels=inputs["input_ids"]).loss
+        loss = model(**inputs).loss
         loss.backward()
+        history.append((loss.detach(), {k: p.grad.clone() for k, p in scorer_parameters(model).items()}))
         optimizer.step()
-    return [p.detach().clone() for p in model.parameters()]
+    return history
 
 
 @pytest.mark.parametrize("family", ["gpt2", "vit"])
@@ -43,7 +65,7 @@ def test_backends_agree_on_logits_and_training(family, mlp):
         ids = random_ids(2, 21)
         attention_mask = torch.ones_like(ids)
         attention_mask[0, :5] = 0  # padding, so the mask path is exercised too
-        inputs = {"input_ids": ids, "attention_mask": attention_mask}
+        inputs = {"input_ids": ids, "attention_mask": attention_mask, "labels": ids}
     else:
         base = tiny_vit(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         inputs = {"pixel_values": random_pixels(3), "labels": torch.tensor([1, 4, 7])}
@@ -51,13 +73,19 @@ def test_backends_agree_on_logits_and_training(family, mlp):
     models = {backend: _patched(base, backend, mlp) for backend in BACKENDS}
     with torch.no_grad():
         logits = {b: m.eval()(**inputs).logits for b, m in models.items()}
+        stock = base(**inputs).logits
+    assert (logits["eager"] - stock).abs().max() > 1e-3  # the neural layers move the logits (by 3e-3 to 6e-2)
     for backend in BACKENDS[1:]:
         torch.testing.assert_close(logits[backend], logits["eager"], rtol=1e-5, atol=1e-5)
 
+    # every step's gradients (1.5e-6 of each tensor's largest entry at most, measured): a wrong gradient in the first
+    # step shows there, and the later steps run from the parameters it moved
     trained = {b: _train(m, inputs) for b, m in models.items()}
     for backend in BACKENDS[1:]:
-        for got, want in zip(trained[backend], trained["eager"], strict=True):
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        for step, ((loss, grads), (eager_loss, eager_grads)) in enumerate(zip(trained[backend], trained["eager"],
+                                                                              strict=True)):
+            torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+            assert_gradients_close(grads, eager_grads, 1e-4, f"{backend}, step {step}")
     fresh = scorer_parameters(_patched(base, "tiled", mlp))
     assert any(not torch.equal(p, fresh[name]) for name, p in scorer_parameters(models["tiled"]).items())
 
@@ -77,8 +105,7 @@ def test_triton_backend_agrees_inside_gpt2():
         loss.backward()
         results[backend] = (loss.detach(), {k: p.grad for k, p in scorer_parameters(model).items()})
     torch.testing.assert_close(results["triton"][0], results["eager"][0], rtol=1e-5, atol=1e-5)
-    for name, grad in results["eager"][1].items():
-        torch.testing.assert_close(results["triton"][1][name], grad, rtol=1e-4, atol=1e-5)
+    assert_gradients_close(results["triton"][1], results["eager"][1], 1e-4, "triton")
 
 
 @pytest.mark.triton
@@ -93,37 +120,33 @@ def test_mlp_precision_fp16_reaches_the_triton_kernel_inside_gpt2():
     results = {}
     for name, backend, precision in (("eager", "eager", "fp32"), ("triton", "triton", "fp32"),
                                      ("triton fp16", "triton", "fp16"), ("cpp fp16", "cpp", "fp16")):
-        torch.manual_seed(123)
-        model = patch_model(copy.deepcopy(base), layers=[0, -1], config=NeuralAttentionConfig(
-            proj_dim=4, backend=backend, mlp_precision=precision)).train()
-        with torch.no_grad():  # scores of order 10, not the init's 0.1: their fp16 rounding then shows
-            for parameter_name, parameter in scorer_parameters(model).items():
-                if parameter_name.endswith("output_weight"):
-                    parameter.mul_(100.0)
+        model = _patched(base, backend, "paper", mlp_precision=precision).train()
         loss = model(input_ids=ids, attention_mask=attention_mask, labels=ids).loss
         loss.backward()
         results[name] = (loss.detach(), {k: p.grad for k, p in scorer_parameters(model).items()})
     eager_loss, eager_grads = results["eager"]
     torch.testing.assert_close(results["cpp fp16"][0], eager_loss, rtol=1e-5, atol=1e-5)
+    assert_gradients_close(results["cpp fp16"][1], eager_grads, 1e-4, "cpp fp16")
+    assert_gradients_close(results["triton"][1], eager_grads, 1e-4, "triton")
     half_loss, half_grads = results["triton fp16"]
     torch.testing.assert_close(half_loss, eager_loss, rtol=1e-4, atol=1e-4)
-    # gradients (norm-wise: a relu kink within fp16 rounding of 0 may flip): within fp16 rounding of eager (7e-5 to
-    # 9e-5 measured), and off the fp32 kernel by more than fp32 rounding (its own error is below 6e-6)
+    # gradients, norm-wise (a relu kink within fp16 rounding of 0 may flip): within fp16 rounding of eager (3.7e-5 to
+    # 1.4e-4 measured), and off the fp32 kernel's by more than that kernel's own rounding (2.2e-7 to 6.5e-7)
     for name, grad in eager_grads.items():
         assert (half_grads[name] - grad).norm() <= 1e-3 * grad.norm(), name
         assert (half_grads[name] - results["triton"][1][name]).norm() > 1e-5 * grad.norm(), name
 
 
-EAGER_AUTOCAST_ERROR = {"paper": 0.03, "authors": 0.3}
+EAGER_AUTOCAST_ERROR = {"paper": 0.1, "authors": 0.5}
 
 
 @pytest.mark.parametrize("mlp", ["paper", "authors"])
 def test_backends_under_autocast_are_as_accurate_as_eager(mlp):
-    """bf16 autocast (the recipes' --bf16 on CPU): every backend runs, and its scorer gradients are no further from
-    the fp32 gradients than the materialising eager path's under the same autocast.
+    """bf16 autocast (the recipes' --bf16 on CPU): every backend runs, and none of its scorer gradients is much further
+    from the fp32 gradients than the materialising eager path's under the same autocast.
 
-    Errors are measured against the largest scorer gradient of each layer: the scorer's bias gradients are sums
-    that cancel (softmax rows), so their own size says nothing about bf16 noise.
+    Errors are norm-wise, tensor by tensor. bf16 moves relu kinks (the authors' second layer most), so a backend's
+    error on one tensor may exceed eager's: each may be twice eager's, or 0.1.
     """
     base = tiny_gpt2(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
     ids = random_ids(2, 13)
@@ -138,22 +161,21 @@ def test_backends_under_autocast_are_as_accurate_as_eager(mlp):
         return loss.detach().float(), {k: p.grad.float() for k, p in scorer_parameters(model).items()}
 
     loss_fp32, truth = run("eager", False)
-    layers = {name.split(".neural_scorer.")[0] for name in truth}
-    scale = {layer: max(g.norm() for n, g in truth.items() if n.startswith(layer + ".")) for layer in layers}
 
-    def worst_error(grads):
-        return max((grads[n] - g).norm() / scale[n.split(".neural_scorer.")[0]] for n, g in truth.items())
+    def errors(grads):
+        return {name: ((grads[name] - g).norm() / g.norm()).item() for name, g in truth.items()}
 
     eager_loss, eager_grads = run("eager", True)
     torch.testing.assert_close(eager_loss, loss_fp32, rtol=2e-3, atol=0, msg="eager")
-    eager_error = worst_error(eager_grads)
-    # measured: 0.010 (paper), 0.145 (authors: bf16 moves the kinks of the second relu layer); a broken eager path
-    # would be near 1, and would loosen the bound of every backend below
-    assert eager_error < EAGER_AUTOCAST_ERROR[mlp], eager_error
+    eager_errors = errors(eager_grads)
+    # measured, worst tensor: 0.059 (paper), 0.30 (authors: bf16 moves the kinks of the second relu layer); a broken
+    # eager path would be near 1, and would loosen the bound of every backend below
+    assert max(eager_errors.values()) < EAGER_AUTOCAST_ERROR[mlp], eager_errors
     for backend in BACKENDS[1:] + (["triton"] if HAS_TRITON else []):
         loss, grads = run(backend, True)
         torch.testing.assert_close(loss, loss_fp32, rtol=2e-3, atol=0, msg=backend)
-        assert worst_error(grads) <= 1.5 * eager_error + 0.01, (backend, worst_error(grads), eager_error)
+        for name, error in errors(grads).items():  # measured: 1.7x eager's at most (tiled, authors: 0.46 / 0.28)
+            assert error <= max(2 * eager_errors[name], 0.1), (backend, name, error, eager_errors[name])
 
 
 def test_auto_backend_keeps_float64_in_float64():
