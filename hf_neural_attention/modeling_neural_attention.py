@@ -88,13 +88,29 @@ def head_shape(module: nn.Module, model_config: Any) -> tuple[int, int]:
         or getattr(getattr(module, "config", None), "num_attention_heads", None)
         or getattr(model_config, "num_attention_heads", None)
     )
-    head_dim = getattr(module, "head_dim", None) or getattr(module, "attention_head_size", None)
+    # qk_head_dim first: under multi-head latent attention (DeepSeek-V2/V3, ...) head_dim is the value's or the
+    # rotary part's size, not the queries' and keys'
+    head_dim = (getattr(module, "qk_head_dim", None) or getattr(module, "head_dim", None)
+                or getattr(module, "attention_head_size", None))
     if head_dim is None and num_heads:
         hidden = getattr(model_config, "hidden_size", None)
         head_dim = hidden // num_heads if hidden else None
     if not head_dim or not num_heads:
         raise ValueError(f"Cannot tell the head shape of {type(module).__name__} (no head_dim/num_heads).")
     return int(head_dim), int(num_heads)
+
+
+def scorer_placement(module: nn.Module, model: nn.Module) -> dict[str, Any]:
+    """``device`` and ``dtype`` for the scorer of an attention module: its parameters' device, and the dtype of its
+    first 16-bit-or-wider floating parameter. Quantized projections (bitsandbytes' uint8, fp8 checkpoints) are
+    storage, not a compute dtype: the model's first such parameter, else torch's default dtype, is taken instead."""
+    first = next(module.parameters(), None)
+    placement = {"device": first.device} if first is not None else {}
+    for parameters in (module.parameters(), model.parameters()):
+        computable = next((p for p in parameters if p.is_floating_point() and p.element_size() >= 2), None)
+        if computable is not None:
+            return {**placement, "dtype": computable.dtype}
+    return {**placement, "dtype": torch.get_default_dtype()}
 
 
 def attach_scorers(model: PreTrainedModel, fallback: str) -> None:
@@ -127,10 +143,7 @@ def attach_scorers(model: PreTrainedModel, fallback: str) -> None:
         if getattr(module, SCORER_ATTRIBUTE, None) is not None:
             continue
         head_dim, num_heads = head_shape(module, model.config)
-        scorer = NeuralScorer(head_dim, num_heads, settings)
-        reference = next(module.parameters(), None)
-        if reference is not None:
-            scorer = scorer.to(device=reference.device, dtype=reference.dtype)
+        scorer = NeuralScorer(head_dim, num_heads, settings).to(**scorer_placement(module, model))
         setattr(module, SCORER_ATTRIBUTE, scorer)
     set_fallback(model, fallback)
     model.config._attn_implementation_internal = ATTENTION_NAME

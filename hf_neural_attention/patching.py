@@ -26,6 +26,7 @@ from .modeling_neural_attention import (
     head_shape,
     is_keep_neural_attention_hook,
     register_keep_neural_attention_hook,
+    scorer_placement,
     scorer_state_names,
 )
 from .scoring_neural_attention import NeuralScorer
@@ -123,6 +124,26 @@ def _current_implementation(model: PreTrainedModel) -> str | None:
 
 
 
+def _module_fallback(module: nn.Module, name: str, model_implementation: str | None) -> str:
+    """The implementation an attention module keeps while it is not patched: the one of the (sub-)config it runs
+    under (a composite's towers may differ: a vision tower on eager beside a language model on sdpa), SDPA when none
+    is set.
+
+    Raises:
+        ValueError: a flash / flex / paged kernel, which the attention function cannot fall back to.
+    """
+    if model_implementation == ATTENTION_NAME or getattr(module, FALLBACK_ATTRIBUTE, None) is not None:
+        return getattr(module, FALLBACK_ATTRIBUTE, "sdpa")  # patched before
+    own = getattr(getattr(module, "config", None), "_attn_implementation", None) or model_implementation
+    if own is None or own in SUPPORTED_FALLBACKS:
+        return own or "sdpa"
+    where = "the model" if own == model_implementation else f"{name}"
+    raise ValueError(
+        f"patch_model needs the model on 'sdpa' or 'eager' attention, got {own!r} for {where} (flash/flex/paged "
+        "kernels would bypass the scorer). Call model.set_attn_implementation('sdpa') first."
+    )
+
+
 def _unsupported_feature(module: nn.Module) -> str | None:
     """What an attention module does that the neural scorer cannot (Gemma 2's soft-capping, gpt-oss' sinks), or
     ``None``. Sliding windows are supported: transformers draws them into the layer's mask."""
@@ -168,13 +189,10 @@ def patch_model(
 
 def _patch(model: nn.Module, layers: LayerSelection, config: NeuralAttentionConfig | None, settings: dict) -> None:
     """``patch_model`` on the unwrapped model."""
-    if config is None:
-        config = NeuralAttentionConfig(**settings)
-    elif not isinstance(config, NeuralAttentionConfig):
+    if config is not None and not isinstance(config, NeuralAttentionConfig):
         raise TypeError(f"config must be a NeuralAttentionConfig, got {type(config).__name__}.")
-    elif settings:
-        config = NeuralAttentionConfig(**{**config.to_dict(), **settings})
-    config.validate()
+    # always a copy: the scorers must not follow later edits of the caller's object (the next arm of a sweep)
+    config = NeuralAttentionConfig(**{**(config.to_dict() if config is not None else {}), **settings})
 
     modules = find_attention_modules(model)
     if not modules:
@@ -201,15 +219,7 @@ def _patch(model: nn.Module, layers: LayerSelection, config: NeuralAttentionConf
             )
 
     implementation = _current_implementation(model)
-    if implementation == ATTENTION_NAME:
-        fallback = getattr(modules[0][1], FALLBACK_ATTRIBUTE, "sdpa")
-    elif implementation in SUPPORTED_FALLBACKS or implementation is None:
-        fallback = implementation or "sdpa"
-    else:
-        raise ValueError(
-            f"patch_model needs the model on 'sdpa' or 'eager' attention, got {implementation!r} "
-            "(flash/flex/paged kernels would bypass the scorer). Call model.set_attn_implementation('sdpa') first."
-        )
+    fallbacks = [_module_fallback(module, name, implementation) for name, module in modules]
 
     for index in chosen:
         name, module = modules[index]
@@ -229,12 +239,9 @@ def _patch(model: nn.Module, layers: LayerSelection, config: NeuralAttentionConf
     for index in chosen:
         name, module = modules[index]
         head_dim, num_heads = head_shape(module, model.config)
-        reference = next(module.parameters(), None)
-        scorer = NeuralScorer(head_dim, num_heads, config)
-        if reference is not None:
-            scorer = scorer.to(device=reference.device, dtype=reference.dtype)
+        scorer = NeuralScorer(head_dim, num_heads, config).to(**scorer_placement(module, model))
         setattr(module, SCORER_ATTRIBUTE, scorer)
-    for _, module in modules:
+    for (_, module), fallback in zip(modules, fallbacks, strict=True):
         setattr(module, FALLBACK_ATTRIBUTE, fallback)
     if implementation != ATTENTION_NAME:
         model.set_attn_implementation(ATTENTION_NAME)
@@ -379,10 +386,15 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     for holder in [*outermost_first, *model.modules()]:
         restore_stock_class(holder)
     for holder in [*outermost_first, model]:
-        for module in holder.modules():  # outermost first: its switch reaches the sub-configs
-            if isinstance(module, PreTrainedModel) and _current_implementation(module) == ATTENTION_NAME:
-                module.set_attn_implementation(next(
-                    (fallbacks[id(inner)] for inner in module.modules() if id(inner) in fallbacks), "sdpa"))
+        # outermost first: its switch reaches the sub-configs; a sub-model whose layers kept another implementation
+        # (a composite's towers) is switched back after it
+        for module in holder.modules():
+            if not isinstance(module, PreTrainedModel):
+                continue
+            own = [fallbacks[id(inner)] for inner in module.modules() if id(inner) in fallbacks]
+            current = _current_implementation(module)
+            if own and (current == ATTENTION_NAME or (len(set(own)) == 1 and current != own[0])):
+                module.set_attn_implementation(own[0])
     return model
 
 

@@ -19,6 +19,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from hf_neural_attention import (
     ATTENTION_NAME,
+    NeuralAttentionConfig,
     NeuralAttentionGPT2Config,
     NeuralAttentionGPT2ForCausalLM,
     find_attention_modules,
@@ -242,6 +243,76 @@ def test_grouped_query_attention_llama_matches_repeated_keys():
         assert (model(ids).logits - reference(ids).logits).abs().max() > 1e-4
 
 
+def test_multi_head_latent_attention_scores_queries_of_qk_head_dim():
+    """DeepSeek-V3's attention: queries and keys of qk_nope + qk_rope = 12 channels, values of 6, head_dim (4)
+    neither; the fused backends agree with eager on logits and gradients."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(0)
+    config = DeepseekV3Config(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=4,
+                              intermediate_size=64, moe_intermediate_size=16, vocab_size=97, q_lora_rank=16,
+                              kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=6, head_dim=4,
+                              n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+                              n_group=1, topk_group=1)
+    reference = DeepseekV3ForCausalLM(config).eval()
+    ids = random_ids(2, 7)
+    results = {}
+    for backend in ("eager", "tiled", "cpp"):
+        torch.manual_seed(1)
+        model = patch_model(copy.deepcopy(reference), layers=[0], proj_dim=4, backend=backend)
+        assert find_attention_modules(model)[0][1].neural_scorer.head_dim == 12
+        logits = model(ids).logits
+        logits.square().mean().backward()
+        results[backend] = logits.detach(), {k: p.grad for k, p in scorer_parameters(model).items()}
+    with torch.no_grad():
+        assert (results["eager"][0] - reference(ids).logits).abs().max() > 1e-4
+    for backend in ("tiled", "cpp"):
+        torch.testing.assert_close(results[backend][0], results["eager"][0], rtol=1e-5, atol=1e-6)
+        for name, grad in results["eager"][1].items():
+            torch.testing.assert_close(results[backend][1][name], grad, rtol=1e-4, atol=1e-4 * grad.abs().max())
+
+
+@pytest.mark.parametrize("storage", [torch.uint8, torch.float8_e4m3fn])
+def test_scorers_of_quantized_projections_compute_in_the_models_floating_dtype(storage):
+    """bitsandbytes / fp8 checkpoints hold q_proj's weight as uint8 / fp8: storage, not a dtype to train a scorer in."""
+    for dtype in (torch.float32, torch.bfloat16):
+        model = tiny_llama().to(dtype)
+        for _, module in find_attention_modules(model):  # the module keeps no floating parameter: the model's dtype
+            for projection in (module.q_proj, module.k_proj, module.v_proj, module.o_proj):
+                projection.weight = torch.nn.Parameter(projection.weight.detach().to(storage), requires_grad=False)
+        patch_model(model, layers=[0, 1], proj_dim=4)
+        assert {p.dtype for p in scorer_parameters(model).values()} == {dtype}
+
+
+def test_the_towers_of_a_composite_model_keep_their_own_implementations():
+    """Llava with its vision tower on eager and its language model on sdpa: patching a language layer leaves the
+    vision layers on eager (bit for bit), and unpatching restores both."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=8, patch_size=4, projection_dim=32)
+    text = LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                       intermediate_size=64, vocab_size=100, pad_token_id=0)
+    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_id=99,
+                                                      vision_feature_layer=-1)).eval()
+    model.set_attn_implementation({"vision_config": "eager", "text_config": "sdpa"})
+
+    def implementations():
+        return model.config.vision_config._attn_implementation, model.config.text_config._attn_implementation
+
+    pixels = torch.randn(1, 3, 8, 8)
+    tower = model.model.vision_tower
+    with torch.no_grad():
+        before = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
+    patch_model(model, layers=[2], proj_dim=4)  # the language model's first layer
+    assert {m.neural_attention_fallback for _, m in find_attention_modules(tower)} == {"eager"}
+    with torch.no_grad():
+        assert torch.equal(tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-1], before)
+    unpatch_model(model)
+    assert implementations() == ("eager", "sdpa")
+
+
 def test_bert_encoder_is_bidirectional_and_trains():
     model = patch_model(tiny_bert(), layers=[0]).train()
     ids = random_ids(2, 8)
@@ -295,6 +366,15 @@ def test_bad_layer_selections_are_refused_and_leave_the_model_untouched(layers, 
 def test_bad_settings_are_refused(settings, error, message):
     with pytest.raises(error, match=message):
         patch_model(tiny_gpt2(), layers=[0], **settings)
+
+
+def test_the_settings_object_passed_in_is_copied():
+    settings = NeuralAttentionConfig(proj_dim=4)
+    model = patch_model(tiny_gpt2(), layers=[0], config=settings)
+    settings.proj_dim, settings.backend = 8, "eager"  # the next arm of a sweep
+    scorer = find_attention_modules(model)[0][1].neural_scorer
+    assert (scorer.settings.proj_dim, scorer.settings.backend) == (4, "auto")
+    assert model.config.neural_attention_proj_dim == 4
 
 
 def test_patching_a_patched_layer_again_is_an_error_but_other_layers_can_be_added():
