@@ -12,6 +12,7 @@ supports, including those without a Hub class.
 """
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,8 @@ WEIGHTS_NAME = "neural_adapter.safetensors"
 CONFIG_NAME = "neural_adapter_config.json"
 FORMAT = "hf-neural-attention-adapter"
 FORMAT_VERSION = 1
+
+logger = logging.getLogger(__name__)
 
 
 def _base(model: PreTrainedModel) -> torch.nn.Module:
@@ -130,11 +133,16 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
                          f"({PACKAGE_VERSION}) reads format {FORMAT_VERSION}. Upgrade hf-neural-attention.")
     written_by = metadata.get("neural_attention_version", "0")
     if _version_tuple(written_by)[:2] > _version_tuple(PACKAGE_VERSION)[:2]:
-        import logging
-
-        logging.getLogger(__name__).warning(
-            "Adapter written by hf-neural-attention %s, newer than the installed %s.", written_by, PACKAGE_VERSION)
-    metadata["settings"] = NeuralAttentionConfig.from_dict(metadata.get("settings", {}))
+        logger.warning("Adapter written by hf-neural-attention %s, newer than the installed %s.", written_by,
+                       PACKAGE_VERSION)
+    settings = metadata.get("settings", {})
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: 'settings' must be a JSON object, got {settings!r}; the adapter is corrupt.")
+    unknown = sorted(set(settings) - set(NeuralAttentionConfig.field_names()))
+    if unknown:  # settings a newer version added, as for a Hub config: they cannot be honoured here
+        logger.warning("Ignoring adapter setting(s) %s unknown to hf-neural-attention %s (written by %s); upgrade "
+                       "hf-neural-attention to use them.", unknown, PACKAGE_VERSION, written_by)
+    metadata["settings"] = NeuralAttentionConfig(**{k: v for k, v in settings.items() if k not in unknown})
     return metadata
 
 

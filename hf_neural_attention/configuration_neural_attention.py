@@ -188,7 +188,7 @@ def clear_from_config(model_config: Any) -> None:
 # Below: transformers config classes for checkpoints that carry neural layers. They subclass the model's own config
 # with a *unique* ``model_type``: re-using "gpt2"/"vit" would make a load without remote code silently return a stock
 # model and drop the scorer weights.
-PACKAGE_VERSION = "0.1.0"
+PACKAGE_VERSION = "0.2.0"
 """Version of hf-neural-attention; stamped on every saved config as ``neural_attention_version``."""
 
 _logger = logging.getLogger(__name__)

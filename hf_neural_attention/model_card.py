@@ -13,6 +13,7 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from .configuration_neural_attention import CONFIG_PREFIX, NeuralAttentionConfig, read_from_config
+from .hub_classes import STOCK_CLASS_FOR
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,6 @@ def build_model_card(model: Any, repo_id: str | None = None) -> ModelCard:
         pipeline_tag=_PIPELINE_TAGS.get(suffix) if suffix else None,
     )
     repo = repo_id or "<repo-id>"
-    auto_class = _AUTO_CLASSES.get(suffix, "AutoModel") if suffix else "AutoModel"
     rows = "\n".join(f"| `{name}` | `{value!r}` |" for name, value in settings.to_dict().items())
     body = f"""
 # {repo.split("/")[-1]}
@@ -79,7 +79,23 @@ self-attention layers listed below, a small MLP scores every query/key pair inst
 
 ## How to load
 
-Without hf-neural-attention installed (the code ships with the checkpoint):
+{_loading_section(model, repo, suffix)}
+
+## Citation
+
+```bibtex
+{CITATION}
+```
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def _loading_section(model: Any, repo: str, suffix: str | None) -> str:
+    """How to load the checkpoint: through the Auto classes for a Hub class (remote code without the plugin), else
+    through the adapter files that ``NeuralAttentionTrainer`` saves beside the weights."""
+    if type(model) in STOCK_CLASS_FOR:  # a Hub class: its checkpoint rebuilds the neural layers
+        auto_class = _AUTO_CLASSES.get(suffix, "AutoModel") if suffix else "AutoModel"
+        return f"""Without hf-neural-attention installed (the code ships with the checkpoint):
 
 ```python
 from transformers import {auto_class}
@@ -92,15 +108,21 @@ With hf-neural-attention installed (`pip install hf-neural-attention`), no remot
 import hf_neural_attention  # registers the classes with the Auto classes
 from transformers import {auto_class}
 model = {auto_class}.from_pretrained("{repo}")
-```
+```"""
+    name = type(model).__name__
+    return f"""{name} has no neural-attention model class, so `{name}.from_pretrained` alone loads this checkpoint
+without its neural layers (it reports their weights as unexpected keys). The scorers also ship as an adapter
+(`neural_adapter.safetensors`, `neural_adapter_config.json`); with hf-neural-attention installed
+(`pip install hf-neural-attention`):
 
-## Citation
+```python
+from huggingface_hub import snapshot_download
+from transformers import {name}
+from hf_neural_attention import load_neural_adapter
 
-```bibtex
-{CITATION}
-```
-"""
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+model = load_neural_adapter({name}.from_pretrained("{repo}"),
+                            snapshot_download("{repo}", allow_patterns=["neural_adapter*"]))
+```"""
 
 
 def is_our_card(path: str | os.PathLike) -> bool:

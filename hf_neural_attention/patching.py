@@ -12,7 +12,7 @@ import copy
 import gc
 import logging
 import operator
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -51,7 +51,7 @@ def resolve_layers(layers: LayerSelection, num_layers: int) -> list[int]:
         if layers != "all":
             raise ValueError(f"layers={layers!r} is not valid; use an int, a list of ints, or 'all'.")
         return list(range(num_layers))
-    if isinstance(layers, bool) or not (isinstance(layers, Iterable) or hasattr(layers, "__index__")):
+    if isinstance(layers, bool | Mapping) or not (isinstance(layers, Iterable) or hasattr(layers, "__index__")):
         raise TypeError(f"layers must be an int, a list of ints or 'all', got {type(layers).__name__}.")
     try:  # one integer-like (int, numpy / 0-d torch integer) or an iterable of them
         requested = [operator.index(layers)]
@@ -340,6 +340,8 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     Raises:
         ValueError: a parent sharing the config still has neural layers outside ``model``; unpatch the parent.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"unpatch_model expects a model (an nn.Module), got {type(model).__name__}.")
     config = model.__dict__.get("config")
     holders, others = _other_config_holders(model) if isinstance(config, PretrainedConfig) else ([], [])
     inside_parents = {id(module) for parent in holders for module in parent.modules()}  # checked with the parents

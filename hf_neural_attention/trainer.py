@@ -1,23 +1,42 @@
-"""``NeuralAttentionTrainer``: a ``Trainer`` whose model card keeps the neural-attention sections.
+"""``NeuralAttentionTrainer``: a ``Trainer`` whose checkpoints and model card keep the neural layers loadable.
 
 ``Trainer.push_to_hub`` writes its own README.md (results, hyper-parameters) over the card that the model's
 ``save_pretrained`` wrote. This subclass merges the two, so ``trainer.push_to_hub()`` uploads one card with the
-settings, loading instructions and citation as well as the training summary.
+settings, loading instructions and citation as well as the training summary. A model without a neural-attention Hub
+class (Llama, BERT, ...) is saved by its stock ``save_pretrained``, from which its own class cannot rebuild the neural
+layers: every save then also writes the scorers as an adapter (``save_neural_adapter``), which the card's loading
+instructions use.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 from transformers import Trainer
 
+from .adapters import save_neural_adapter
+from .hub_classes import STOCK_CLASS_FOR
 from .model_card import merge_training_card
-from .patching import neural_settings
+from .patching import neural_settings, scorer_parameters, unwrap_model
+
+logger = logging.getLogger(__name__)
 
 
 class NeuralAttentionTrainer(Trainer):
-    """A ``transformers.Trainer``; only ``create_model_card`` differs (see the module docstring)."""
+    """A ``transformers.Trainer``; ``_save`` and ``create_model_card`` differ (see the module docstring)."""
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict=state_dict)
+        model = unwrap_model(self.accelerator.unwrap_model(self.model))
+        if not self.args.should_save or neural_settings(model) is None or type(model) in STOCK_CLASS_FOR:
+            return  # the dot-product arm, or a Hub class, whose checkpoint rebuilds its neural layers
+        if any(p.numel() == 0 for p in scorer_parameters(model).values()):
+            logger.warning("The scorers are sharded (DeepSpeed ZeRO-3): no adapter was written beside the weights; "
+                           "after training, save_neural_adapter(trainer.model, ...) writes one.")
+            return
+        save_neural_adapter(model, output_dir if output_dir is not None else self.args.output_dir)
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         super().create_model_card(*args, **kwargs)

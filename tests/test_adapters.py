@@ -163,6 +163,18 @@ def test_bad_adapters_leave_the_model_untouched(tmp_path, damage):
     assert type(base) is GPT2LMHeadModel and base.config._attn_implementation == "sdpa"
 
 
+def test_settings_of_a_newer_version_are_ignored_with_a_warning(tmp_path, caplog):
+    model = trained_adapter(tmp_path)
+    metadata = json.loads((tmp_path / CONFIG_NAME).read_text())
+    metadata["settings"]["future_knob"] = 3
+    metadata["neural_attention_version"] = "9.0.0"
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(metadata))
+    with caplog.at_level("WARNING", logger="hf_neural_attention.adapters"):
+        restored = load_neural_adapter(tiny_gpt2(), tmp_path)
+    assert "Ignoring adapter setting(s) ['future_knob']" in caplog.text and "newer than the installed" in caplog.text
+    assert torch.equal(output(restored), output(model.eval()))
+
+
 def test_leftover_config_fields_do_not_count_as_neural_layers(tmp_path):
     # a patched Llama (no Hub class) saved whole, then reloaded as the stock class: its scorers are dropped but the
     # config keeps its neural_attention_* fields; what is patched is what the modules carry

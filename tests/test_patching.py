@@ -336,6 +336,7 @@ def test_bert_encoder_is_bidirectional_and_trains():
         ("first", ValueError, "'all'"),
         (1.0, TypeError, "int"),
         ([0, "1"], TypeError, "ints"),
+        ({0: 1}, TypeError, "int"),
     ],
 )
 def test_bad_layer_selections_are_refused_and_leave_the_model_untouched(layers, error, message):
@@ -392,6 +393,9 @@ def test_models_without_patchable_attention_are_refused():
         patch_model(ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1])), layers=[0])
     with pytest.raises(TypeError, match="PreTrainedModel"):
         patch_model(torch.nn.Linear(2, 2), layers=[0])
+    for not_a_model in ("gpt2", None):
+        with pytest.raises(TypeError, match="unpatch_model expects a model"):
+            unpatch_model(not_a_model)
 
 
 def test_patching_leaves_a_config_shared_with_another_model_alone():

@@ -53,3 +53,39 @@ def test_trainer_push_to_hub_keeps_the_neural_attention_card(tmp_path, monkeypat
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hub").eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model.eval()(ids).logits, rtol=0, atol=0)
+
+
+def test_a_model_without_a_hub_class_is_pushed_with_its_adapter_and_a_card_that_loads_it(tmp_path, monkeypatch):
+    """A patched Llama keeps its stock class, whose checkpoint cannot rebuild the neural layers: every save also
+    writes the scorers as an adapter, and the card's loading instructions (followed here on the uploaded files)
+    give back the trained model."""
+    from transformers import LlamaForCausalLM
+
+    from hf_neural_attention import load_neural_adapter
+    from tests.models import tiny_llama
+
+    uploaded = fake_hub_upload(monkeypatch, tmp_path / "hub")
+    monkeypatch.setattr(HfApi, "upload_folder", fake_upload_folder(tmp_path / "hub", uploaded))
+    model = patch_model(tiny_llama(), layers=[0], proj_dim=4, backend="eager")
+    ids = random_ids(8, 12)
+    rows = [{"input_ids": row, "labels": row} for row in ids]
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4,
+                             learning_rate=1e-2, report_to=[], save_strategy="steps", save_steps=1, use_cpu=True,
+                             push_to_hub=True, hub_model_id="me/llama-neural", hub_strategy="end", disable_tqdm=True)
+    trainer = NeuralAttentionTrainer(model=model.train(), args=args, train_dataset=_ListDataset(rows))
+    trainer.train()
+    assert (tmp_path / "out" / "checkpoint-1" / "neural_adapter.safetensors").is_file()  # every checkpoint too
+    trainer.push_to_hub()
+
+    assert {"README.md", "model.safetensors", "neural_adapter.safetensors", "neural_adapter_config.json"} <= set(
+        uploaded)
+    card = ModelCard.load(tmp_path / "hub" / "README.md").text
+    assert "trust_remote_code" not in card and "## Training" in card
+    for text in ('load_neural_adapter(LlamaForCausalLM.from_pretrained("me/llama-neural"),',
+                 'snapshot_download("me/llama-neural", allow_patterns=["neural_adapter*"]))'):
+        assert text in card, text
+    loaded = load_neural_adapter(LlamaForCausalLM.from_pretrained(tmp_path / "hub"), tmp_path / "hub").eval()
+    with torch.no_grad():
+        trained = model.eval()(ids).logits
+        assert (trained - tiny_llama()(ids).logits).abs().max() > 1e-3  # trained: the scorers moved from their init
+        torch.testing.assert_close(loaded(ids).logits, trained, rtol=0, atol=0)
