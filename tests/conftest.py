@@ -21,3 +21,9 @@ logging.set_verbosity_error()
 def _seed_everything():
     torch.manual_seed(0)
     yield
+
+
+def pytest_report_header() -> str:
+    from tests.reference import SEED_OFFSET
+
+    return f"random inputs of the kernel tests: TEST_SEED={SEED_OFFSET} (set it to replay them)"

@@ -102,3 +102,21 @@ def random_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
 
 def random_pixels(batch: int, seed: int = 1, channels: int = 1, size: int = 8) -> torch.Tensor:
     return torch.randn(batch, channels, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+SHARPEN = 50.0
+
+
+def sharpen_scorers(model: torch.nn.Module, factor: float = SHARPEN) -> torch.nn.Module:
+    """Scale every scorer's down-projections P_q, P_k by ``factor`` (in place; returns the model).
+
+    The tiny models' queries and keys (init std 0.02) are so small that freshly initialised scorers see almost only
+    their biases: every relu unit has one sign across a whole row, the scores hardly depend on q and k, and the bias
+    gradients of the units (sums of dS over a softmax row) cancel to rounding noise. Scaled, the scores depend on q and
+    k, kinks fall inside rows, and the neural layers move a model's outputs well beyond rounding.
+    """
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".neural_scorer." in f".{name}" and name.endswith("down_weight"):
+                parameter.mul_(factor)
+    return model

@@ -4,11 +4,21 @@ formulation as ``nn.Linear`` layers over a materialised ``(batch, heads, q_len, 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
+
+SEED_OFFSET = int(os.environ.get("TEST_SEED") or int.from_bytes(os.urandom(3), "little"))
+"""Drawn per test session (pytest prints it in its header): ``TEST_SEED=<n>`` replays a session's inputs."""
+
+
+def fresh_seed(seed: int) -> int:
+    """A test's own ``seed`` moved by this session's ``SEED_OFFSET``: fresh inputs every run, reproducible."""
+    return seed + 1000 * SEED_OFFSET
 
 
 def paper_scores(query: torch.Tensor, key: torch.Tensor, weights: dict[str, torch.Tensor], activation: str
@@ -44,13 +54,25 @@ class AuthorsScorer(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(2 * proj_dim, proj_dim), nn.ReLU(), nn.Linear(proj_dim, second), nn.ReLU(),
                                  nn.Linear(second, 1))
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    def pairs(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """``[q'_i ; k'_j]`` for every pair: ``(b, h, lq, lk, 2d')``."""
         q_proj, k_proj = self.query_projection(query), self.key_projection(key)
         lq, lk = q_proj.shape[2], k_proj.shape[2]
-        pairs = torch.cat(
+        return torch.cat(
             [q_proj.unsqueeze(3).expand(-1, -1, -1, lk, -1), k_proj.unsqueeze(2).expand(-1, -1, lq, -1, -1)], dim=-1
         )
-        return self.mlp(pairs).squeeze(-1)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.pairs(query, key)).squeeze(-1)
+
+    def second_layer_mixed_rows(self, query: torch.Tensor, key: torch.Tensor, visible: torch.Tensor | None = None
+                                ) -> torch.Tensor:
+        """Per second-layer unit, the fraction of query rows on whose visible keys (``visible`` broadcastable to
+        ``(b, h, lq, lk)``, default all) it is active on some and not on others (only there does it change attention:
+        softmax ignores a shift of a whole row): ``(d'/2,)``."""
+        active = self.mlp[:3](self.pairs(query, key)) > 0  # (b, h, lq, lk, d'/2)
+        seen = torch.ones_like(active) if visible is None else visible[..., None].expand_as(active)
+        return ((active & seen).any(-2) & (~active & seen).any(-2)).double().flatten(0, -2).mean(0)
 
 
 def attention_from_scores(scores: torch.Tensor, value: torch.Tensor, visible: torch.Tensor | None

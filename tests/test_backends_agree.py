@@ -9,28 +9,16 @@ import pytest
 import torch
 
 from hf_neural_attention import NeuralAttentionConfig, patch_model, scorer_parameters
-from tests.models import random_ids, random_pixels, tiny_gpt2, tiny_vit
+from tests.models import random_ids, random_pixels, sharpen_scorers, tiny_gpt2, tiny_vit
 
 BACKENDS = ["eager", "tiled", "cpp"]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
-SHARPEN = 50.0
-"""Factor on the scorers' down-projections P_q, P_k. The tiny models' queries and keys (init std 0.02) are so small
-that freshly initialised scorers see almost only their biases: every relu unit then has one sign across a whole row,
-and the bias gradients of the units (sums of dS over a softmax row) cancel to rounding noise. Scaled, the scores
-depend on q and k, kinks fall inside rows, and every scorer gradient is well above its rounding."""
-
-
 def _patched(base, backend: str, mlp: str, **settings):
     torch.manual_seed(123)  # the same scorer initialisation for every backend
-    model = patch_model(copy.deepcopy(base), layers=[0, -1],
-                        config=NeuralAttentionConfig(proj_dim=4, mlp=mlp, backend=backend, **settings))
-    with torch.no_grad():
-        for name, parameter in scorer_parameters(model).items():
-            if name.endswith("down_weight"):
-                parameter.mul_(SHARPEN)
-    return model
+    return sharpen_scorers(patch_model(copy.deepcopy(base), layers=[0, -1],
+                                       config=NeuralAttentionConfig(proj_dim=4, mlp=mlp, backend=backend, **settings)))
 
 
 def assert_gradients_close(got: dict, want: dict, rel: float, what: str) -> None:

@@ -109,7 +109,7 @@ def test_large_opposite_offsets_of_a_and_b_do_not_cancel(kernel, offset):
 
 def test_the_materialising_backend_has_second_derivatives():
     # what the error above points to: backend="eager" builds the scores with autograd, so gradient penalties work
-    layer = _layer("eager", causal=True)
+    layer = _layer("eager", torch.float64, causal=True)
     query, key, value = (t.requires_grad_() for t in _masks_inputs(1, 2, 4, 4))
 
     def attention(query, key, value):
@@ -119,7 +119,7 @@ def test_the_materialising_backend_has_second_derivatives():
 
 
 def test_an_integer_four_d_mask_is_refused_with_the_fix():
-    layer = _layer("auto")
+    layer = _layer("auto", torch.float64)
     query, key, value = _masks_inputs(1, 2, 3, 3)
     with pytest.raises(TypeError, match=r"bool .* or additive float, got torch.int64.*mask.bool\(\)"):
         neural_attention_forward(layer, query, key, value, torch.ones(1, 1, 3, 3, dtype=torch.long))

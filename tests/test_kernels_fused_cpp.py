@@ -7,7 +7,7 @@ import torch
 
 from hf_neural_attention import cpp_neural_attention, fused_cpp_neural_attention
 from hf_neural_attention.fused_cpp_neural_attention import BLOCK, neural_attention_fused_cpp
-from tests.reference import kernel_reference
+from tests.reference import fresh_seed, kernel_reference
 
 pytestmark = pytest.mark.skipif(
     not fused_cpp_neural_attention.fused_cpp_available(), reason="fused C++ extension not built (no compiler?)"
@@ -17,7 +17,7 @@ ACTS = ("relu", "gelu", "silu", "tanh")
 
 
 def _inputs(b, h, lq, lk, hidden, v_dim=16, per_head=True, dot=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(fresh_seed(seed))
 
     def rnd(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g) * scale).requires_grad_()

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from tests.reference import kernel_reference
+from tests.reference import fresh_seed, kernel_reference
 
 _CUDA = torch.cuda.is_available()
 _MODULE = "hf_neural_attention.triton_neural_attention"
@@ -48,7 +48,7 @@ def _interpret_env(monkeypatch):
 def make_inputs(
     b=1, h=2, lq=5, lk=7, hidden=3, vdim=5, *, authors=False, shared=False, dot=0, dtype=torch.float32, seed=0
 ):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(fresh_seed(seed))
 
     def r(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g) * scale).to(DEVICE, dtype).requires_grad_()
@@ -93,12 +93,14 @@ def grads(out, t, grad_out):
 
 
 def assert_close(actual, expected, tol, what):
-    """max |actual - expected| <= tol * max(1, max |expected|)  (scale-aware absolute tolerance)."""
+    """max |actual - expected| <= tol * max(max |expected|, 0.05): relative to the tensor's largest entry (a gradient's
+    small entries are sums that cancel). The inputs are O(1): a gradient that is zero in exact arithmetic (a query
+    that sees a single key) comes out as rounding noise of O(1) terms, hence the floor."""
     assert actual is not None, f"{what}: no gradient"
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert torch.isfinite(actual).all(), f"{what}: non-finite values"
     err = (actual.double() - expected.double()).abs().max().item()
-    scale = max(1.0, expected.double().abs().max().item())
+    scale = max(expected.double().abs().max().item(), 0.05)
     assert err <= tol * scale, f"{what}: max abs err {err:.3e} > {tol:.1e} * {scale:.3g}"
 
 

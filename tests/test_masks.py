@@ -2,74 +2,82 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from hf_neural_attention import NeuralAttentionConfig, NeuralScorer, neural_attention_forward, patch_model
 from tests.models import random_ids, tiny_bert, tiny_gpt2
 from tests.reference import attention_from_scores, causal_visible, paper_scores
-from tests.test_scorer_math import ScoredLayer, reference_weights
+from tests.test_scorer_math import HAS_TRITON, KERNEL_CASES, ScoredLayer, assert_matches, reference_weights
 
-BACKENDS = ["eager", "tiled", "cpp"]
+BACKENDS = ["eager", "tiled", "cpp"] + (["triton"] if HAS_TRITON else [])  # the models are float32
 
 
-def _layer(backend: str, heads: int = 2, head_dim: int = 8, causal: bool = False) -> ScoredLayer:
-    return ScoredLayer(NeuralScorer(head_dim, heads, NeuralAttentionConfig(proj_dim=3, backend=backend)).double(),
+def _layer(backend: str, dtype: torch.dtype, heads: int = 2, head_dim: int = 8, causal: bool = False) -> ScoredLayer:
+    return ScoredLayer(NeuralScorer(head_dim, heads, NeuralAttentionConfig(proj_dim=3, backend=backend)).to(dtype),
                        is_causal=causal)
 
 
-def _inputs(batch: int, heads: int, q_len: int, k_len: int, head_dim: int = 8):
+def _inputs(batch: int, heads: int, q_len: int, k_len: int, head_dim: int = 8, dtype: torch.dtype = torch.float64):
     seed = torch.seed() % 2**31
     print(f"random inputs: seed {seed}")  # shown with a failure, to reproduce it
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(batch, heads, n, head_dim, generator=g, dtype=torch.float64) for n in (q_len, k_len, k_len)]
+    return [torch.randn(batch, heads, n, head_dim, generator=g, dtype=torch.float64).to(dtype)
+            for n in (q_len, k_len, k_len)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_bool_additive_and_none_masks_agree(backend):
-    layer = _layer(backend, causal=True)
-    query, key, value = _inputs(2, 2, 6, 6)
+def _expected(layer: ScoredLayer, query, key, value, visible):
+    """The float64 reference from the very values the kernel saw: ``(out (batch, heads, q_len, v_dim), leaves)``."""
+    scorer = copy.deepcopy(layer.neural_scorer).double()
+    leaves = [t.detach().double().requires_grad_() for t in (query, key, value)]
+    expected, _ = attention_from_scores(paper_scores(*leaves[:2], reference_weights(scorer), "relu"), leaves[2],
+                                        visible)
+    return expected, leaves + list(scorer.parameters())
+
+
+@pytest.mark.parametrize(("backend", "dtype"), KERNEL_CASES)
+def test_bool_additive_and_none_masks_agree(backend, dtype):
+    layer = _layer(backend, dtype, causal=True)
+    query, key, value = _inputs(2, 2, 6, 6, dtype=dtype)
     visible = causal_visible(6, 6).expand(2, 1, 6, 6).clone()
     visible[0, :, :, :2] = False  # left padding on sample 0
     visible[0, :, :2, 0] = True  # keep every row non-empty for the float/bool comparison below
-    additive = torch.zeros(visible.shape, dtype=torch.float64).masked_fill(~visible, torch.finfo(torch.float64).min)
+    additive = torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)
     out_bool, _ = neural_attention_forward(layer, query, key, value, visible)
     out_float, _ = neural_attention_forward(layer, query, key, value, additive)
-    torch.testing.assert_close(out_bool, out_float, rtol=0, atol=1e-12)
-    expected, _ = attention_from_scores(paper_scores(query, key, reference_weights(layer.neural_scorer), "relu"),
-                                        value, visible)
-    torch.testing.assert_close(out_bool.transpose(1, 2), expected, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(out_bool, out_float, rtol=0, atol=0)
+    assert_matches(out_bool.transpose(1, 2), _expected(layer, query, key, value, visible)[0], "output")
     # No mask on a causal module means causal (SDPA's is_causal), equal to the explicit causal bool mask.
     out_none, _ = neural_attention_forward(layer, query, key, value, None)
     out_causal, _ = neural_attention_forward(layer, query, key, value, causal_visible(6, 6)[None, None])
     torch.testing.assert_close(out_none, out_causal, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_fully_masked_rows_are_finite_zeros_with_finite_gradients(backend):
-    layer = _layer(backend)
-    query, key, value = (t.requires_grad_() for t in _inputs(2, 2, 5, 7))
+@pytest.mark.parametrize(("backend", "dtype"), KERNEL_CASES)
+def test_fully_masked_rows_are_finite_zeros_with_finite_gradients(backend, dtype):
+    layer = _layer(backend, dtype)
+    query, key, value = (t.requires_grad_() for t in _inputs(2, 2, 5, 7, dtype=dtype))
     visible = torch.ones(2, 1, 5, 7, dtype=torch.bool)
     visible[0, :, 1] = False  # one query row sees nothing
     visible[1] = False  # a whole sample sees nothing
     out, _ = neural_attention_forward(layer, query, key, value, visible)
     assert torch.isfinite(out).all()
     assert out[0, 1].abs().max() == 0 and out[1].abs().max() == 0  # out is (batch, q_len, heads, v_dim)
-    leaves = [query, key, value, *layer.neural_scorer.parameters()]
-    upstream = torch.randn_like(out)
-    grads = torch.autograd.grad(out, leaves, upstream)
+    upstream = torch.randn(out.shape, dtype=torch.float64)
+    grads = torch.autograd.grad(out, [query, key, value, *layer.neural_scorer.parameters()], upstream.to(dtype))
     assert grads[0][1].abs().max() == 0  # nothing flows into queries that saw nothing
-    expected, _ = attention_from_scores(paper_scores(query, key, reference_weights(layer.neural_scorer), "relu"),
-                                        value, visible)
-    torch.testing.assert_close(out.transpose(1, 2), expected, rtol=1e-9, atol=1e-10)
+    expected, leaves = _expected(layer, query, key, value, visible)
+    assert_matches(out.transpose(1, 2), expected, "output")
     want = torch.autograd.grad(expected, leaves, upstream.transpose(1, 2))
     for index, (got, reference) in enumerate(zip(grads, want, strict=True)):
-        torch.testing.assert_close(got, reference, rtol=1e-8, atol=1e-10, msg=lambda m, i=index: f"leaf {i}: {m}")
+        assert_matches(got, reference, f"leaf {index}")
 
 
 def test_real_additive_bias_goes_through_the_materialising_path():
     """A float mask with finite non-zero entries (e.g. ALiBi) is a bias, added to the scores."""
-    layer = _layer("auto")
+    layer = _layer("auto", torch.float64)
     query, key, value = _inputs(1, 2, 4, 4)
     bias = torch.randn(1, 2, 4, 4, dtype=torch.float64)
     out, _ = neural_attention_forward(layer, query, key, value, bias)
@@ -79,7 +87,7 @@ def test_real_additive_bias_goes_through_the_materialising_path():
 
 
 def test_unsupported_features_raise_not_implemented():
-    layer = _layer("eager")
+    layer = _layer("eager", torch.float64)
     query, key, value = _inputs(1, 2, 3, 3)
     for kwargs in ({"softcap": 30.0}, {"s_aux": torch.zeros(2)}):
         with pytest.raises(NotImplementedError, match="does not support"):

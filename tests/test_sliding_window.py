@@ -11,9 +11,9 @@ from transformers import Gemma2Config, Gemma2ForCausalLM, GptOssConfig, GptOssFo
 from hf_neural_attention import NeuralAttentionConfig, neural_attention_forward, patch_model, set_backend
 from tests.models import random_ids, tiny_gemma3, tiny_mistral
 from tests.test_generation import _generate
-from tests.test_masks import _inputs, _layer
+from tests.test_masks import BACKENDS, _inputs, _layer
+from tests.test_scorer_math import HAS_TRITON, KERNEL_CASES
 
-BACKENDS = ["eager", "tiled", "cpp"]
 WINDOW = 4
 
 
@@ -46,7 +46,7 @@ def test_neural_probabilities_cover_exactly_the_keys_the_stock_model_attends_to(
     assert not (neural[0] > 0)[..., 5:, :1].any()  # the window really cuts
 
 
-@pytest.mark.parametrize("backend", ["tiled", "cpp"])
+@pytest.mark.parametrize("backend", ["tiled", "cpp"] + (["triton"] if HAS_TRITON else []))
 def test_fused_backends_equal_the_materialising_one_in_training(backend):
     base = patch_model(tiny_mistral(sliding_window=WINDOW, layers=2), layers=[0, 1], backend="eager")
     models = {"eager": base, backend: copy.deepcopy(base)}
@@ -62,10 +62,10 @@ def test_fused_backends_equal_the_materialising_one_in_training(backend):
         torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_a_direct_call_without_mask_applies_the_band(backend):
-    layer = _layer(backend, causal=True)
-    query, key, value = _inputs(2, 2, 7, 7)
+@pytest.mark.parametrize(("backend", "dtype"), KERNEL_CASES)
+def test_a_direct_call_without_mask_applies_the_band(backend, dtype):
+    layer = _layer(backend, dtype, causal=True)
+    query, key, value = _inputs(2, 2, 7, 7, dtype=dtype)
     rows, cols = torch.arange(7)[:, None], torch.arange(7)[None, :]
     band = ((cols <= rows) & (cols > rows - 3))[None, None]
     out, _ = neural_attention_forward(layer, query, key, value, None, sliding_window=3)
@@ -79,12 +79,12 @@ def test_a_direct_call_without_mask_applies_the_band(backend):
         neural_attention_forward(layer, query[:, :, -1:], key, value, None, sliding_window=3)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_a_bidirectional_layer_without_mask_sees_every_key(backend):
+@pytest.mark.parametrize(("backend", "dtype"), KERNEL_CASES)
+def test_a_bidirectional_layer_without_mask_sees_every_key(backend, dtype):
     # as under eager and SDPA, which take the window from the mask only (DiffusionGemma's decoder passes None for
     # attention over every key while its layers pass a window; tests/test_patching.py runs that model)
-    layer = _layer(backend, causal=False)
-    query, key, value = _inputs(2, 2, 5, 9)
+    layer = _layer(backend, dtype, causal=False)
+    query, key, value = _inputs(2, 2, 5, 9, dtype=dtype)
     windowed, _ = neural_attention_forward(layer, query, key, value, None, sliding_window=3)
     full, _ = neural_attention_forward(layer, query, key, value, None)
     torch.testing.assert_close(windowed, full, rtol=0, atol=0)
