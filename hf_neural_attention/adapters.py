@@ -108,7 +108,9 @@ def save_neural_adapter(
         "base_model_revision": revision,
         "model_class": model_class.__name__,
         "layers": layers,
-        "settings": settings.to_dict(),
+        # settings added after 0.1.0 only where they differ from their default: 0.1.0 refuses unknown ones
+        "settings": {name: value for name, value in settings.to_dict().items()
+                     if not (name == "mlp_precision" and value == "fp32")},
     }
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -122,8 +122,6 @@ def _current_implementation(model: PreTrainedModel) -> str | None:
     return getattr(model.config, "_attn_implementation", None)
 
 
-
-
 def _module_fallback(module: nn.Module, name: str, model_implementation: str | None) -> str:
     """The implementation an attention module keeps while it is not patched: the one of the (sub-)config it runs
     under (a composite's towers may differ: a vision tower on eager beside a language model on sdpa), SDPA when none

@@ -14,7 +14,7 @@ import logging
 import os
 from typing import Any
 
-from transformers import Trainer
+from transformers import PreTrainedModel, Trainer
 
 from .adapters import save_neural_adapter
 from .hub_classes import STOCK_CLASS_FOR
@@ -30,11 +30,13 @@ class NeuralAttentionTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict=state_dict)
         model = unwrap_model(self.accelerator.unwrap_model(self.model))
-        if not self.args.should_save or neural_settings(model) is None or type(model) in STOCK_CLASS_FOR:
-            return  # the dot-product arm, or a Hub class, whose checkpoint rebuilds its neural layers
+        if (not self.args.should_save or not isinstance(model, PreTrainedModel) or neural_settings(model) is None
+                or type(model) in STOCK_CLASS_FOR):
+            return  # a user's own module, the dot-product arm, or a Hub class (its checkpoint rebuilds the layers)
         if any(p.numel() == 0 for p in scorer_parameters(model).values()):
-            logger.warning("The scorers are sharded (DeepSpeed ZeRO-3): no adapter was written beside the weights; "
-                           "after training, save_neural_adapter(trainer.model, ...) writes one.")
+            logger.warning("The scorers are sharded (DeepSpeed ZeRO-3): no adapter was written beside the weights. "
+                           "Save one with save_neural_adapter inside deepspeed.zero.GatheredParameters(scorer "
+                           "parameters), or from a model loaded from the saved checkpoint.")
             return
         save_neural_adapter(model, output_dir if output_dir is not None else self.args.output_dir)
 
@@ -42,7 +44,7 @@ class NeuralAttentionTrainer(Trainer):
         super().create_model_card(*args, **kwargs)
         if not self.is_world_process_zero():
             return
-        model = self.accelerator.unwrap_model(self.model)
+        model = unwrap_model(self.accelerator.unwrap_model(self.model))  # the model _save wrote an adapter for
         if neural_settings(model) is None:
             return  # the dot-product arm of an A/B run: the stock card is right
         merge_training_card(model, os.path.join(self.args.output_dir, "README.md"), repo_id=self.hub_model_id)

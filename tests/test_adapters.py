@@ -163,6 +163,17 @@ def test_bad_adapters_leave_the_model_untouched(tmp_path, damage):
     assert type(base) is GPT2LMHeadModel and base.config._attn_implementation == "sdpa"
 
 
+def test_settings_added_after_0_1_are_written_only_off_their_default(tmp_path):
+    """hf-neural-attention 0.1.0 refuses an adapter with settings it does not know: a default one is left out."""
+    trained_adapter(tmp_path / "fp32")
+    assert "mlp_precision" not in json.loads((tmp_path / "fp32" / CONFIG_NAME).read_text())["settings"]
+    model = patch_model(tiny_gpt2(), layers=[1], proj_dim=4, mlp_precision="fp16")
+    save_neural_adapter(model, tmp_path / "fp16")
+    assert json.loads((tmp_path / "fp16" / CONFIG_NAME).read_text())["settings"]["mlp_precision"] == "fp16"
+    restored = load_neural_adapter(tiny_gpt2(), tmp_path / "fp16")
+    assert restored.config.neural_attention_mlp_precision == "fp16"
+
+
 def test_settings_of_a_newer_version_are_ignored_with_a_warning(tmp_path, caplog):
     model = trained_adapter(tmp_path)
     metadata = json.loads((tmp_path / CONFIG_NAME).read_text())

@@ -89,3 +89,28 @@ def test_a_model_without_a_hub_class_is_pushed_with_its_adapter_and_a_card_that_
         trained = model.eval()(ids).logits
         assert (trained - tiny_llama()(ids).logits).abs().max() > 1e-3  # trained: the scorers moved from their init
         torch.testing.assert_close(loaded(ids).logits, trained, rtol=0, atol=0)
+
+
+def test_a_users_own_module_around_a_patched_model_trains_and_saves(tmp_path):
+    """Trainer on a plain nn.Module (a custom head around a patched GPT2Model): its checkpoints are Trainer's own
+    state dicts, with no adapter to write (there is no transformers model at the top to record)."""
+    from torch import nn
+    from transformers import GPT2Config, GPT2Model
+
+    class Classifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = patch_model(GPT2Model(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50)), layers=[0],
+                                    proj_dim=2, backend="tiled")
+            self.head = nn.Linear(32, 3)
+
+        def forward(self, input_ids, labels):
+            logits = self.head(self.body(input_ids).last_hidden_state[:, -1])
+            return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+    rows = [{"input_ids": torch.randint(0, 50, (8,)), "labels": torch.tensor(1)} for _ in range(4)]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, save_steps=1,
+                             report_to=[], use_cpu=True, disable_tqdm=True)
+    NeuralAttentionTrainer(model=Classifier(), args=args, train_dataset=_ListDataset(rows)).train()
+    saved = {path.name for path in (tmp_path / "checkpoint-1").iterdir()}
+    assert "model.safetensors" in saved and "neural_adapter.safetensors" not in saved
