@@ -248,6 +248,13 @@ def _patch(model: nn.Module, layers: LayerSelection, config: NeuralAttentionConf
                 f"transformers refused to switch {type(model).__name__} to {ATTENTION_NAME!r}; "
                 "the scorer would be ignored."
             )
+    # a module dispatches on the config it holds, which the switch may miss: EncoderDecoderModel gives its encoder a
+    # config object of its own and leaves the encoder's layers holding the old one. Switched here too (unpatch_model
+    # switches them back), or those layers would skip their scorers without a word.
+    for _, module in modules:
+        held = getattr(module, "config", None)
+        if getattr(held, "_attn_implementation", ATTENTION_NAME) != ATTENTION_NAME:
+            held._attn_implementation_internal = ATTENTION_NAME
     record_on_config(model.config, present + chosen, config)
     register_keep_neural_attention_hook(model)
     # a sub-model patched alone (llm.transformer) keeps its class: its parent holds the very config object, whose class
@@ -395,6 +402,10 @@ def unpatch_model(model: nn.Module) -> nn.Module:
             current = _current_implementation(module)
             if own and (current == ATTENTION_NAME or (len(set(own)) == 1 and current != own[0])):
                 module.set_attn_implementation(own[0])
+    for _, module in modules:  # configs only the layers hold (see _patch)
+        held = getattr(module, "config", None)
+        if getattr(held, "_attn_implementation", None) == ATTENTION_NAME:
+            held._attn_implementation_internal = fallbacks[id(module)]
     return model
 
 

@@ -33,6 +33,7 @@ from hf_neural_attention.patching import unwrap_model
 from tests.models import (
     random_ids,
     random_pixels,
+    sharpen_scorers,
     tiny_bert,
     tiny_diffusion_gemma,
     tiny_gpt2,
@@ -311,6 +312,30 @@ def test_the_towers_of_a_composite_model_keep_their_own_implementations():
         assert torch.equal(tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-1], before)
     unpatch_model(model)
     assert implementations() == ("eager", "sdpa")
+
+
+def test_encoder_layers_holding_a_config_of_their_own_are_switched_too():
+    """EncoderDecoderModel(encoder=..., decoder=...) gives its encoder a new config object and leaves the encoder's
+    layers holding the old one: set_attn_implementation misses them, and a patched encoder layer skipped its scorer
+    (the logits did not move). unpatch_model switches them back."""
+    from transformers import BertConfig, BertModel, EncoderDecoderModel, GPT2Config
+
+    torch.manual_seed(0)
+    encoder = BertModel(BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=32,
+                                   vocab_size=50))
+    decoder = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, add_cross_attention=True))
+    model = EncoderDecoderModel(encoder=encoder, decoder=decoder).eval()
+    layer = find_attention_modules(model)[0][1]
+    assert layer.config is not model.encoder.config  # the situation under test
+    ids = random_ids(1, 5)
+    with torch.no_grad():
+        before = model(input_ids=ids, decoder_input_ids=ids).logits
+        sharpen_scorers(patch_model(model, layers=[0], proj_dim=2))
+        assert layer.config._attn_implementation == "neural_attention"
+        assert (model(input_ids=ids, decoder_input_ids=ids).logits - before).abs().max() > 1e-5  # 3e-4; bypassed: 0
+        unpatch_model(model)
+        assert layer.config._attn_implementation == "sdpa"
+        assert torch.equal(model(input_ids=ids, decoder_input_ids=ids).logits, before)
 
 
 def test_bert_encoder_is_bidirectional_and_trains():
