@@ -135,7 +135,7 @@ def _module_fallback(module: nn.Module, name: str, model_implementation: str | N
     own = getattr(getattr(module, "config", None), "_attn_implementation", None) or model_implementation
     if own is None or own in SUPPORTED_FALLBACKS:
         return own or "sdpa"
-    where = "the model" if own == model_implementation else f"{name}"
+    where = "the model" if own == model_implementation else name
     raise ValueError(
         f"patch_model needs the model on 'sdpa' or 'eager' attention, got {own!r} for {where} (flash/flex/paged "
         "kernels would bypass the scorer). Call model.set_attn_implementation('sdpa') first."

@@ -8,6 +8,13 @@ from typing import Any
 import torch
 
 from hf_neural_attention import NeuralAttentionConfig, patch_model, scorer_parameters
+from hf_neural_attention.configuration_neural_attention import (
+    ACTIVATIONS,
+    BACKENDS,
+    MLP_PRECISIONS,
+    MLP_VARIANTS,
+    MODES,
+)
 from hf_neural_attention.cpp_neural_attention import cpp_available
 from hf_neural_attention.fused_cpp_neural_attention import fused_cpp_available
 
@@ -35,20 +42,20 @@ class AttentionArguments:
         default=None, metadata={"help": "d' (query/key projection size); default head_dim // 32, at least 2."}
     )
     hidden_dim: int | None = field(default=None, metadata={"help": "Hidden width of the paper MLP (default d')."})
-    mlp: str = field(default="paper", metadata={"choices": ["paper", "authors"]})
-    activation: str = field(default="relu", metadata={"choices": ["relu", "gelu", "silu", "tanh"]})
+    mlp: str = field(default="paper", metadata={"choices": list(MLP_VARIANTS)})
+    activation: str = field(default="relu", metadata={"choices": list(ACTIVATIONS)})
     share_across_heads: bool | None = field(default=None, metadata={"help": "One scorer for all heads."})
     neural_mode: str = field(
         default="replace",
         metadata={"help": "replace (the paper) or residual (q.k + MLP, starts equal to the base model).",
-                  "choices": ["replace", "residual"]},
+                  "choices": list(MODES)},
     )
-    neural_backend: str = field(default="auto", metadata={"choices": ["auto", "eager", "tiled", "cpp", "triton"]})
+    neural_backend: str = field(default="auto", metadata={"choices": list(BACKENDS)})
     mlp_precision: str = field(
         default="fp32",
         metadata={"help": "fp16: the Triton kernel scores pairs in packed fp16 (paper MLP with relu; GPU only, "
                           "faster at d' 8..16); the other backends always compute in fp32.",
-                  "choices": ["fp32", "fp16"]},
+                  "choices": list(MLP_PRECISIONS)},
     )
 
 
