@@ -324,7 +324,9 @@ def test_cpp_matches_tiled():
         t, g = make_inputs(101, q_len=70, k_len=133, hidden=7, dot=True)
         a = run(neural_attention_tiled, t, activation=act, causal=True, block_size=(16, 64))
         b = run(neural_attention_cpp, t, activation=act, causal=True, block_size=(16, 64))
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        # two fp32 summation orders over 133 keys of outputs up to ~4 differ by up to ~1.5e-6 (200 seeds): the
+        # fp32 tolerance both kernels meet against the float64 reference, not a tighter one that fails on seeds
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_no_grad_and_validation():
