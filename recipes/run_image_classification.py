@@ -85,7 +85,9 @@ class ModelArguments:
     hidden_size: int | None = field(default=None, metadata={"help": "From scratch: width."})
     num_hidden_layers: int | None = field(default=None, metadata={"help": "From scratch: encoder layers."})
     num_attention_heads: int | None = field(default=None, metadata={"help": "From scratch: heads."})
-    intermediate_size: int | None = field(default=None, metadata={"help": "From scratch: MLP width (4x)."})
+    intermediate_size: int | None = field(
+        default=None, metadata={"help": "From scratch: MLP width (default 4x --hidden_size)."}
+    )
 
 
 @dataclass
@@ -140,6 +142,15 @@ SMOKE_PRESET = [
 ]
 
 
+def _sizes_for(sizes: list[str], flags: set[str]) -> list[str]:
+    """``sizes`` without its ``--intermediate_size`` when the user sets ``--hidden_size`` alone: the MLP width then
+    follows the width (4x, ``scratch_config``) instead of staying at the preset's."""
+    if "hidden_size" not in flags or "intermediate_size" in flags:
+        return sizes
+    at = sizes.index("--intermediate_size")
+    return sizes[:at] + sizes[at + 2 :]
+
+
 def parse_args(argv: list[str]) -> tuple[Any, ...]:
     """Parse ``argv`` over the recipe's presets (base, then regime, then smoke); user flags win."""
     flags = given_flags(argv)
@@ -148,9 +159,9 @@ def parse_args(argv: list[str]) -> tuple[Any, ...]:
     pretrained = "model_name_or_path" in flags and "from_scratch" not in flags
     presets = [base, PRETRAINED_PRESET if pretrained else SCRATCH_PRESET]
     if "model_name_or_path" not in flags:
-        presets.append(SCRATCH_SIZES)
+        presets.append(_sizes_for(SCRATCH_SIZES, flags))
     if "smoke" in flags:
-        presets.append(SMOKE_PRESET + ([] if "model_name_or_path" in flags else SMOKE_SIZES))
+        presets.append(SMOKE_PRESET + ([] if "model_name_or_path" in flags else _sizes_for(SMOKE_SIZES, flags)))
     types = (ModelArguments, DataArguments, AttentionArguments, RecipeArguments, TrainingArguments)
     return parse_with_presets(types, presets, argv)
 

@@ -396,3 +396,17 @@ def test_the_accelerate_configs_mixed_precision_reaches_the_trainer(precision, m
     if precision == "fp16":  # --bf16 False says nothing about fp16: the preset stays
         (args,) = parse_with_presets((TrainingArguments,), presets, ["--report_to", "none", "--bf16", "False"])
         assert (args.bf16, args.fp16) == (False, True)
+
+
+@pytest.mark.parametrize(
+    ("argv", "hidden", "intermediate"),
+    [([], 64, 128), (["--hidden_size", "512"], 512, 2048), (["--hidden_size", "512", "--intermediate_size", "300"],
+     512, 300), (["--smoke"], 16, 32), (["--smoke", "--hidden_size", "24"], 24, 96)],
+)
+def test_image_scratch_sizes_follow_a_given_width(argv, hidden, intermediate):
+    # the documented CIFAR-100 command gives --hidden_size 512 alone: its MLP is 4x wide, not the preset's 128
+    import run_image_classification as run_image
+
+    model_args = run_image.parse_args(["--report_to", "none", *argv])[0]
+    config = run_image.scratch_config(model_args, native_size=32, labels=["a", "b"])
+    assert (config.hidden_size, config.intermediate_size) == (hidden, intermediate)
