@@ -221,10 +221,17 @@ def _fallback_function(module: nn.Module) -> Callable:
     return sdpa_attention_forward
 
 
+def _is_causal(module: nn.Module, kwargs: dict) -> bool:
+    """The call's ``is_causal`` where the model passes one (CLIP's attention serves a causal text tower and a
+    bidirectional vision tower, so it says per call), else the module's attribute (GPT-2, Llama)."""
+    is_causal = kwargs.get("is_causal")
+    return bool(getattr(module, "is_causal", False) if is_causal is None else is_causal)
+
+
 def _eager_fallback(module, query, key, value, attention_mask, **kwargs):
     """Run the model's own eager function with the additive mask it would have received."""
     q_len, k_len = query.shape[-2], key.shape[-2]
-    mask, causal, _ = _normalise_mask(attention_mask, query, key, getattr(module, "is_causal", False))
+    mask, causal, _ = _normalise_mask(attention_mask, query, key, _is_causal(module, kwargs))
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         additive = attention_mask
     else:
@@ -282,13 +289,11 @@ def neural_attention_forward(
     scaling = kwargs.get("scaling")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    is_causal = kwargs.get("is_causal")
-    if is_causal is None:
-        is_causal = getattr(module, "is_causal", False)
+    is_causal = _is_causal(module, kwargs)
     mask, causal, bias = _normalise_mask(attention_mask, query, key, is_causal)
     if kwargs.get("sliding_window") is not None:
         mask, causal = _apply_sliding_window(int(kwargs["sliding_window"]), mask, causal, query.shape[-2],
-                                             key.shape[-2], query.device, bool(is_causal))
+                                             key.shape[-2], query.device, is_causal)
     position_bias = kwargs.get("position_bias")
     if position_bias is not None:
         bias = position_bias if bias is None else bias + position_bias

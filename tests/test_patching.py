@@ -104,6 +104,27 @@ def test_residual_mode_at_init_equals_the_unpatched_model(family):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
+def test_unpatched_layers_keep_causality_the_model_passes_per_call():
+    # CLIP's attention class serves the causal text tower and the bidirectional vision tower, so it passes
+    # is_causal=True per call (no module attribute) and, without padding, no mask: the eager fallback once built
+    # no causal mask from it and let the text tower's unpatched layers see future tokens
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    config = CLIPTextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=16, attn_implementation="eager")
+    stock = CLIPTextModel(config).eval()
+    model = patch_model(copy.deepcopy(stock), layers=[0], mode="residual")  # residual at init: the stock function
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = stock(ids, output_attentions=True)
+        got = model(ids, output_attentions=True)
+    torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, rtol=0, atol=1e-6)
+    for layer in range(2):
+        assert got.attentions[layer].triu(1).abs().max() == 0, layer
+    torch.testing.assert_close(got.attentions[1], want.attentions[1], rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize(("mode", "mlp"), [("replace", "paper"), ("residual", "paper"), ("replace", "authors")])
 def test_gradients_reach_every_scorer_parameter(mode, mlp):
     # proj_dim 8: the authors' last hidden layer has 4 ReLU units (at d'=2 it has one, which can start dead).
