@@ -3,7 +3,8 @@
 For large base models there is no need to store (or push) the whole model: ``save_neural_adapter`` writes
 
 - ``neural_adapter.safetensors``: every scorer parameter, named relative to the base model
-  (``model.base_model``: ``h.0.attn.neural_scorer.query_down_weight`` for any GPT-2 head), and
+  (``model.base_model``: ``h.0.attn.neural_scorer.query_down_weight`` for any GPT-2 head), or to the whole model
+  where a task head holds attention layers of its own (ViTMAE's pre-training decoder), and
 - ``neural_adapter_config.json``: layers, settings, base model id and revision, model class, package version.
 
 ``load_neural_adapter`` patches a base model with those settings and loads the weights, after checking everything
@@ -41,12 +42,28 @@ WEIGHTS_NAME = "neural_adapter.safetensors"
 CONFIG_NAME = "neural_adapter_config.json"
 FORMAT = "hf-neural-attention-adapter"
 FORMAT_VERSION = 1
+# names relative to the whole model: written as format 2, so that a version reading only format 1 refuses it clearly
+WHOLE_MODEL_FORMAT_VERSION = 2
 
 logger = logging.getLogger(__name__)
 
 
 def _base(model: PreTrainedModel) -> torch.nn.Module:
     return getattr(model, "base_model", model)
+
+
+def _names_root(model: PreTrainedModel) -> tuple[torch.nn.Module, bool]:
+    """``(module the scorer names and layer indices are relative to, whether it is the whole model)``: the base
+    model, so that an adapter fits every head on it, unless a patched layer lies in a task head (ViTMAE's
+    pre-training decoder); then the whole model, or its scorer would be left out."""
+    base = _base(model)
+    in_base = [module for _, module in find_attention_modules(base)]
+    everywhere = [module for _, module in find_attention_modules(model)]
+    # the base model's layers come first, so a layer's index is the same counted in either
+    outside = everywhere[len(in_base):] if everywhere[: len(in_base)] == in_base else everywhere
+    if base is model or not any(getattr(module, SCORER_ATTRIBUTE, None) is not None for module in outside):
+        return base, False
+    return model, True
 
 
 def _active_scorer(scorer: torch.nn.Module) -> torch.nn.Module:
@@ -63,10 +80,11 @@ def _active_scorer(scorer: torch.nn.Module) -> torch.nn.Module:
 
 
 def adapter_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
-    """Scorer parameters of ``model`` named relative to its base model (detached, contiguous, on CPU); through
-    torch.compile's and PEFT's wrappers, the weights of the scorers that run."""
+    """Scorer parameters of ``model`` named relative to its base model (or the whole model, see ``_names_root``;
+    detached, contiguous, on CPU); through torch.compile's and PEFT's wrappers, the weights of the scorers that
+    run."""
     state = {}
-    for name, module in find_attention_modules(_base(unwrap_model(model))):
+    for name, module in find_attention_modules(_names_root(unwrap_model(model))[0]):
         scorer = getattr(module, SCORER_ATTRIBUTE, None)
         if scorer is not None:
             for param_name, param in _active_scorer(scorer).named_parameters():
@@ -100,9 +118,10 @@ def save_neural_adapter(
     base_model = (base_model or getattr(model.config, "neural_attention_base_model", None)
                   or getattr(model.config, "_name_or_path", None) or None)
     model_class = STOCK_CLASS_FOR.get(type(model), type(model))
+    whole_model = _names_root(model)[1]
     metadata = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": WHOLE_MODEL_FORMAT_VERSION if whole_model else FORMAT_VERSION,
         "neural_attention_version": PACKAGE_VERSION,
         "base_model": base_model,
         "base_model_revision": revision,
@@ -112,6 +131,8 @@ def save_neural_adapter(
         "settings": {name: value for name, value in settings.to_dict().items()
                      if not (name == "mlp_precision" and value == "fp32")},
     }
+    if whole_model:
+        metadata["names_relative_to"] = "model"
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file(adapter_state_dict(model), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -130,9 +151,13 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid JSON ({error}); the adapter is corrupt.") from error
     if metadata.get("format") != FORMAT or not isinstance(metadata.get("layers"), list):
         raise ValueError(f"{path} is not a {FORMAT} config (format={metadata.get('format')!r}).")
-    if metadata.get("format_version", 0) > FORMAT_VERSION:
+    if metadata.get("format_version", 0) > WHOLE_MODEL_FORMAT_VERSION:
         raise ValueError(f"{path} uses adapter format {metadata['format_version']}; this hf-neural-attention "
-                         f"({PACKAGE_VERSION}) reads format {FORMAT_VERSION}. Upgrade hf-neural-attention.")
+                         f"({PACKAGE_VERSION}) reads formats up to {WHOLE_MODEL_FORMAT_VERSION}. Upgrade "
+                         "hf-neural-attention.")
+    if metadata.get("names_relative_to", "base_model") not in ("base_model", "model"):
+        raise ValueError(f"{path}: names_relative_to must be 'base_model' or 'model', got "
+                         f"{metadata['names_relative_to']!r}; the adapter is corrupt.")
     written_by = metadata.get("neural_attention_version", "0")
     if _version_tuple(written_by)[:2] > _version_tuple(PACKAGE_VERSION)[:2]:
         logger.warning("Adapter written by hf-neural-attention %s, newer than the installed %s.", written_by,
@@ -158,10 +183,15 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} cannot be read ({error}); the adapter weights are corrupt.") from error
 
 
-def _expected_shapes(model: PreTrainedModel, layers: list[int], settings: NeuralAttentionConfig
-                     ) -> dict[str, torch.Size]:
-    """Names and shapes the scorers of ``layers`` will have, relative to the base model (nothing is modified)."""
-    modules = find_attention_modules(_base(model))
+def _names_module(model: PreTrainedModel, metadata: dict[str, Any]) -> torch.nn.Module:
+    """The module an adapter's names are relative to, in ``model`` (see ``_names_root``)."""
+    return model if metadata.get("names_relative_to") == "model" else _base(model)
+
+
+def _expected_shapes(model: PreTrainedModel, root: torch.nn.Module, layers: list[int],
+                     settings: NeuralAttentionConfig) -> dict[str, torch.Size]:
+    """Names and shapes the scorers of ``layers`` will have, relative to ``root`` (nothing is modified)."""
+    modules = find_attention_modules(root)
     chosen = resolve_layers(layers, len(modules))
     expected = {}
     for index in chosen:
@@ -214,7 +244,8 @@ def load_neural_adapter(
     if neural_settings(model) is not None:
         raise ValueError("This model already has neural layers; load the adapter into the unpatched base model.")
 
-    expected = _expected_shapes(model, layers, settings)
+    root = _names_module(model, metadata)
+    expected = _expected_shapes(model, root, layers, settings)
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     mismatched = sorted(k for k in set(expected) & set(weights) if weights[k].shape != expected[k])
@@ -230,7 +261,7 @@ def load_neural_adapter(
 
     patch_model(model, layers=layers, config=settings)
     try:
-        params = dict(_base(model).named_parameters())
+        params = dict(root.named_parameters())
         with torch.no_grad():
             for name, tensor in weights.items():
                 params[name].copy_(tensor.to(device=params[name].device, dtype=params[name].dtype))

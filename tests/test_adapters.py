@@ -46,6 +46,7 @@ def test_adapter_round_trip(tmp_path, model_class):
     assert metadata["base_model"] == "me/base" and metadata["base_model_revision"] == "abc123"
     assert metadata["layers"] == [1] and metadata["settings"]["mode"] == "residual"
     assert metadata["model_class"] == model_class.__name__
+    assert metadata["format_version"] == 1 and "names_relative_to" not in metadata  # readable by 0.1.0
     weights = load_file(tmp_path / WEIGHTS_NAME)
     assert weights and all(".neural_scorer." in k and not k.startswith("transformer.") for k in weights)
 
@@ -126,6 +127,63 @@ def test_adapter_for_vit(tmp_path):
     pixels = torch.randn(1, 3, 8, 8)
     with torch.no_grad():
         assert torch.equal(restored(pixels).logits, model(pixels).logits)
+
+
+def _tiny_vit_mae():
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    torch.manual_seed(0)
+    config = ViTMAEConfig(image_size=8, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=64, decoder_hidden_size=32, decoder_num_hidden_layers=2,
+                          decoder_num_attention_heads=4, decoder_intermediate_size=64, mask_ratio=0.5)
+    return ViTMAEForPreTraining(config).eval()
+
+
+def test_adapter_holds_scorers_of_a_task_head_with_attention_layers(tmp_path):
+    # ViTMAE's pre-training decoder lies outside model.base_model (the encoder): its scorers were once left out of
+    # the adapter without a word, and the adapter then named a layer the base model does not have
+    model = patch_model(_tiny_vit_mae(), layers=[0, -1], proj_dim=4)
+    with torch.no_grad():  # stand-in for training: weights that a fresh patch would not give
+        for name, param in model.named_parameters():
+            if ".neural_scorer." in name:
+                param.add_(0.1)
+    save_neural_adapter(model, tmp_path)
+    metadata = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert metadata["layers"] == [0, 3] and metadata["names_relative_to"] == "model"
+    assert metadata["format_version"] == 2  # a reader of format 1 only refuses it instead of misreading the names
+    names = sorted(load_file(tmp_path / WEIGHTS_NAME))
+    assert names and {k.split(".")[0] for k in names} == {"vit", "decoder"}
+
+    restored = load_neural_adapter(_tiny_vit_mae(), tmp_path)
+    pixels, noise = torch.randn(2, 3, 8, 8), torch.rand(2, 4)  # noise fixes which patches are masked
+    with torch.no_grad():
+        want, got = model(pixels, noise=noise), restored(pixels, noise=noise)
+    assert torch.equal(got.logits, want.logits)
+    original, loaded = model.state_dict(), restored.state_dict()
+    assert original.keys() == loaded.keys() and all(torch.equal(original[k], loaded[k]) for k in original)
+
+    # only the encoder patched: names relative to the base model, as for any other model (format 1)
+    encoder_patched = patch_model(_tiny_vit_mae(), layers=[1], proj_dim=4)
+    save_neural_adapter(encoder_patched, tmp_path / "encoder")
+    metadata = json.loads((tmp_path / "encoder" / CONFIG_NAME).read_text())
+    assert metadata["format_version"] == 1 and "names_relative_to" not in metadata
+    bare = type(encoder_patched.vit)(encoder_patched.config).eval()  # the base model alone, same weights
+    bare.load_state_dict({k: v for k, v in encoder_patched.vit.state_dict().items() if ".neural_scorer." not in k})
+    load_neural_adapter(bare, tmp_path / "encoder")
+    with torch.no_grad():
+        torch.testing.assert_close(bare(pixels, noise=noise).last_hidden_state,
+                                   encoder_patched.vit(pixels, noise=noise).last_hidden_state, rtol=0, atol=0)
+
+
+def test_adapter_of_a_newer_format_is_refused_by_name(tmp_path):
+    trained_adapter(tmp_path)
+    metadata = json.loads((tmp_path / CONFIG_NAME).read_text())
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({**metadata, "format_version": 3}))
+    with pytest.raises(ValueError, match="format 3.*Upgrade hf-neural-attention"):
+        load_neural_adapter(tiny_gpt2(), tmp_path)
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({**metadata, "names_relative_to": "head"}))
+    with pytest.raises(ValueError, match="names_relative_to"):
+        load_neural_adapter(tiny_gpt2(), tmp_path)
 
 
 def _assert_untouched(model, reference_state):
