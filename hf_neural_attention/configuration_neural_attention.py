@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import json
 import logging
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,8 +82,13 @@ class NeuralAttentionConfig:
             value = getattr(self, name)
             if value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"NeuralAttentionConfig.{name} must be an int or None, got {value!r}.")
+            try:  # numpy / 0-d tensor integers too, stored as a plain int (they go into JSON configs)
+                if isinstance(value, bool):
+                    raise TypeError
+                value = operator.index(value)
+            except TypeError:
+                raise TypeError(f"NeuralAttentionConfig.{name} must be an int or None, got {value!r}.") from None
+            object.__setattr__(self, name, value)
             if value < 1:
                 raise ValueError(f"NeuralAttentionConfig.{name} must be >= 1 (or None for the default), got {value}.")
         for name, allowed in (("mlp", MLP_VARIANTS), ("activation", ACTIVATIONS), ("mode", MODES),

@@ -9,6 +9,7 @@ the implementation the model had before (SDPA or eager), bit for bit.
 from __future__ import annotations
 
 import copy
+import difflib
 import gc
 import logging
 import operator
@@ -189,6 +190,13 @@ def _patch(model: nn.Module, layers: LayerSelection, config: NeuralAttentionConf
     """``patch_model`` on the unwrapped model."""
     if config is not None and not isinstance(config, NeuralAttentionConfig):
         raise TypeError(f"config must be a NeuralAttentionConfig, got {type(config).__name__}.")
+    unknown = sorted(set(settings) - set(NeuralAttentionConfig.field_names()))
+    if unknown:
+        hints = [difflib.get_close_matches(name, NeuralAttentionConfig.field_names(), n=1) for name in unknown]
+        guesses = "".join(f" ({name}: did you mean {hint[0]}?)" for name, hint in zip(unknown, hints, strict=True)
+                          if hint)  # fmt: skip
+        raise TypeError(f"patch_model got unknown setting(s) {unknown}{guesses}; the settings are "
+                        f"NeuralAttentionConfig's fields: {', '.join(NeuralAttentionConfig.field_names())}.")
     # always a copy: the scorers must not follow later edits of the caller's object (the next arm of a sweep)
     config = NeuralAttentionConfig(**{**(config.to_dict() if config is not None else {}), **settings})
 
@@ -410,10 +418,11 @@ def unpatch_model(model: nn.Module) -> nn.Module:
 
 
 def neural_layers(model: nn.Module) -> list[tuple[int, str]]:
-    """``(layer index, module name)`` of every patched layer."""
+    """``(layer index, module name)`` of every patched layer; names in the transformers model inside
+    ``torch.compile``'s or PEFT's wrapper (``unwrap_model``), the model ``patch_model`` patched."""
     return [
         (index, name)
-        for index, (name, module) in enumerate(find_attention_modules(model))
+        for index, (name, module) in enumerate(find_attention_modules(unwrap_model(model)))
         if getattr(module, SCORER_ATTRIBUTE, None) is not None
     ]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -58,6 +59,8 @@ def test_patch_is_in_place_and_selects_the_layers():
     assert model.config.neural_attention_layers == [0, 2]
     assert model.config.neural_attention_proj_dim is None and model.config.neural_attention_mlp == "paper"
     assert [i for i, _ in neural_layers(patch_model(tiny_vit(), layers="all"))] == [0, 1, 2]
+    # through torch.compile's wrapper: names in the model inside (no _orig_mod. prefix)
+    assert neural_layers(torch.compile(model)) == [(0, "transformer.h.0.attn"), (2, "transformer.h.2.attn")]
 
 
 def test_unpatched_layers_are_bit_identical_to_the_unpatched_model():
@@ -408,11 +411,24 @@ def test_bad_layer_selections_are_refused_and_leave_the_model_untouched(layers, 
         (dict(mlp_precision="bf16"), ValueError, "mlp_precision"),
         (dict(mlp_precision="fp16", activation="gelu"), ValueError, r"mlp_precision='fp16'.*activation='gelu'"),
         (dict(mlp_precision="fp16", mlp="authors"), ValueError, r"mlp_precision='fp16'.*mlp='authors'"),
+        (dict(proj_dim=True), TypeError, "proj_dim"),
+        (dict(proj_dims=8), TypeError, r"unknown setting\(s\) \['proj_dims'\].*did you mean proj_dim\?"),
     ],
 )
 def test_bad_settings_are_refused(settings, error, message):
+    model = tiny_gpt2()
     with pytest.raises(error, match=message):
-        patch_model(tiny_gpt2(), layers=[0], **settings)
+        patch_model(model, layers=[0], **settings)
+    assert type(model) is GPT2LMHeadModel and not neural_layers(model)
+
+
+def test_integer_settings_of_other_integer_types_are_stored_as_int():
+    import numpy as np
+
+    model = patch_model(tiny_gpt2(), layers=[0], proj_dim=np.int64(4), hidden_dim=torch.tensor(3))
+    assert model.config.neural_attention_proj_dim == 4 and type(model.config.neural_attention_proj_dim) is int
+    assert type(model.config.neural_attention_hidden_dim) is int
+    assert json.loads(model.config.to_json_string())["neural_attention_hidden_dim"] == 3
 
 
 def test_the_settings_object_passed_in_is_copied():
