@@ -218,10 +218,14 @@ def _patch(model: nn.Module, layers: LayerSelection, config: NeuralAttentionConf
         )
     if present:
         existing = getattr(modules[present[0]][1], SCORER_ATTRIBUTE).settings
-        if existing.to_dict() != config.to_dict():
+        before, now = existing.to_dict(), config.to_dict()
+        if before != now:
+            differences = ", ".join(f"{name}={before[name]!r}, not {now[name]!r}" for name in before
+                                    if before[name] != now[name])  # fmt: skip
             raise ValueError(
-                f"Layers {present} were patched with different settings ({existing}); all neural layers of a "
-                "model share one NeuralAttentionConfig. Unpatch first, or pass the same config."
+                f"Layers {present} were patched with different settings ({differences}); all neural layers of a "
+                "model share one NeuralAttentionConfig, stored as given (None is not resolved). Unpatch first, or "
+                "pass the same settings."
             )
 
     implementation = _current_implementation(model)

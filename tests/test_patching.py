@@ -444,7 +444,7 @@ def test_patching_a_patched_layer_again_is_an_error_but_other_layers_can_be_adde
     model = patch_model(tiny_gpt2(), layers=[0])
     with pytest.raises(ValueError, match="already patched"):
         patch_model(model, layers=[0, 1])
-    with pytest.raises(ValueError, match="different settings"):
+    with pytest.raises(ValueError, match=r"different settings \(proj_dim=None, not 8\)"):
         patch_model(model, layers=[1], proj_dim=8)
     patch_model(model, layers=[1])
     assert [i for i, _ in neural_layers(model)] == [0, 1] and model.config.neural_attention_layers == [0, 1]
