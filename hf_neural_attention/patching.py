@@ -35,6 +35,7 @@ from .scoring_neural_attention import NeuralScorer
 logger = logging.getLogger(__name__)
 
 SUPPORTED_FALLBACKS = ("sdpa", "eager")
+PREVIOUS_IMPLEMENTATION_ATTRIBUTE = "_neural_attention_previous_implementation"  # on the patched model
 LayerSelection = int | str | Iterable[int]
 
 
@@ -254,6 +255,8 @@ def _patch(model: nn.Module, layers: LayerSelection, config: NeuralAttentionConf
     for (_, module), fallback in zip(modules, fallbacks, strict=True):
         setattr(module, FALLBACK_ATTRIBUTE, fallback)
     if implementation != ATTENTION_NAME:
+        # what unpatch_model restores on this config: a composite's own value need not be any tower's
+        model.__dict__[PREVIOUS_IMPLEMENTATION_ATTRIBUTE] = implementation
         model.set_attn_implementation(ATTENTION_NAME)
         if _current_implementation(model) != ATTENTION_NAME:
             raise RuntimeError(
@@ -414,6 +417,12 @@ def unpatch_model(model: nn.Module) -> nn.Module:
             current = _current_implementation(module)
             if own and (current == ATTENTION_NAME or (len(set(own)) == 1 and current != own[0])):
                 module.set_attn_implementation(own[0])
+    for module in [module for holder in [*outermost_first, model] for module in holder.modules()]:
+        previous = module.__dict__.pop(PREVIOUS_IMPLEMENTATION_ATTRIBUTE, None)
+        # the towers got theirs above; a composite's own value goes back as it was (Llava's follows its language
+        # model, not the vision tower the loop above met first)
+        if previous is not None and isinstance(module, PreTrainedModel) and _current_implementation(module) != previous:
+            module.config._attn_implementation_internal = previous
     for _, module in modules:  # configs only the layers hold (see _patch)
         held = getattr(module, "config", None)
         if getattr(held, "_attn_implementation", None) == ATTENTION_NAME:

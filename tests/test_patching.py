@@ -336,6 +336,7 @@ def test_the_towers_of_a_composite_model_keep_their_own_implementations():
         assert torch.equal(tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-1], before)
     unpatch_model(model)
     assert implementations() == ("eager", "sdpa")
+    assert model.config._attn_implementation == "sdpa"  # Llava's own value (its language model's), as before
 
 
 def test_encoder_layers_holding_a_config_of_their_own_are_switched_too():
