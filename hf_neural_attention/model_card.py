@@ -43,12 +43,14 @@ def _task_suffix(model: Any) -> str | None:
     return next((suffix for suffix in _PIPELINE_TAGS if type(model).__name__.endswith(suffix)), None)
 
 
-def build_model_card(model: Any, repo_id: str | None = None) -> ModelCard:
+def build_model_card(model: Any, repo_id: str | None = None, peft: bool = False) -> ModelCard:
     """The card of a neural-attention model (Hub class or patched model).
 
     Args:
         model: the model; its config records the neural layers and settings.
         repo_id: where it is pushed, used in the loading snippets (``"<repo-id>"`` when unknown).
+        peft: the checkpoint is a PEFT adapter beside a neural-attention adapter (``NeuralAttentionTrainer`` on a
+            PEFT model), not the model's weights.
     """
     recorded = read_from_config(model.config)
     layers, settings = recorded if recorded is not None else ([], NeuralAttentionConfig())
@@ -79,7 +81,7 @@ self-attention layers listed below, a small MLP scores every query/key pair inst
 
 ## How to load
 
-{_loading_section(model, repo, suffix)}
+{_loading_section(model, repo, suffix, peft)}
 
 ## Citation
 
@@ -90,9 +92,28 @@ self-attention layers listed below, a small MLP scores every query/key pair inst
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
-def _loading_section(model: Any, repo: str, suffix: str | None) -> str:
+def _loading_section(model: Any, repo: str, suffix: str | None, peft: bool = False) -> str:
     """How to load the checkpoint: through the Auto classes for a Hub class (remote code without the plugin), else
-    through the adapter files that ``NeuralAttentionTrainer`` saves beside the weights."""
+    through the adapter files that ``NeuralAttentionTrainer`` saves beside the weights; for a PEFT checkpoint, the
+    base model patched by the neural adapter, then PEFT's adapter on top."""
+    if peft:
+        base = _hub_id(getattr(model.config, "_name_or_path", None)) or "<base-model>"
+        stock = STOCK_CLASS_FOR.get(type(model), type(model)).__name__
+        return f"""This repository holds a PEFT adapter (`adapter_model.safetensors`) and the neural-attention scorers
+(`neural_adapter.safetensors`, `neural_adapter_config.json`), not the base model's weights. With hf-neural-attention
+and PEFT installed (`pip install hf-neural-attention peft`), patch the base model with the scorers, then put PEFT's
+adapter on top:
+
+```python
+from huggingface_hub import snapshot_download
+from peft import PeftModel
+from transformers import {stock}
+from hf_neural_attention import load_neural_adapter
+
+model = load_neural_adapter({stock}.from_pretrained("{base}"),
+                            snapshot_download("{repo}", allow_patterns=["neural_adapter*"]))
+model = PeftModel.from_pretrained(model, "{repo}")
+```"""
     if type(model) in STOCK_CLASS_FOR:  # a Hub class: its checkpoint rebuilds the neural layers
         auto_class = _AUTO_CLASSES.get(suffix, "AutoModel") if suffix else "AutoModel"
         return f"""Without hf-neural-attention installed (the code ships with the checkpoint):
@@ -156,14 +177,15 @@ def _as_subsection(text: str) -> str:
     return "\n".join("#" + line if line.startswith("#") else line for line in lines).strip()
 
 
-def merge_training_card(model: Any, readme_path: str | os.PathLike, repo_id: str | None = None) -> Path:
+def merge_training_card(model: Any, readme_path: str | os.PathLike, repo_id: str | None = None,
+                        peft: bool = False) -> Path:
     """Fold the card ``Trainer.create_model_card`` wrote at ``readme_path`` into ours, in place.
 
     Keeps our metadata and sections (settings, how to load, citation) and appends the Trainer's text (results,
     hyper-parameters) under "Training"; metadata only the Trainer knows (datasets, model-index, …) is kept too.
     """
     path = Path(readme_path)
-    ours = build_model_card(model, repo_id=repo_id)
+    ours = build_model_card(model, repo_id=repo_id, peft=peft)
     if path.is_file():
         theirs = ModelCard.load(path)
         merged = ours.data.to_dict()

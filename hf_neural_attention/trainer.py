@@ -5,7 +5,8 @@
 settings, loading instructions and citation as well as the training summary. A model without a neural-attention Hub
 class (Llama, BERT, ...) is saved by its stock ``save_pretrained``, from which its own class cannot rebuild the neural
 layers: every save then also writes the scorers as an adapter (``save_neural_adapter``), which the card's loading
-instructions use.
+instructions use. So does every save of a PEFT model (even of a Hub class): PEFT saves only its own adapter, without
+the scorers unless they are in ``modules_to_save``, and a fresh patch would draw other initial weights.
 """
 
 from __future__ import annotations
@@ -24,14 +25,21 @@ from .patching import neural_settings, scorer_parameters, unwrap_model
 logger = logging.getLogger(__name__)
 
 
+def _is_peft_model(model: Any) -> bool:
+    """Whether ``model`` is PEFT's wrapper (``PeftModel`` or a tuner such as ``LoraModel``), whose
+    ``save_pretrained`` writes only the PEFT adapter."""
+    return callable(getattr(model, "get_base_model", None)) or hasattr(model, "peft_config")
+
+
 class NeuralAttentionTrainer(Trainer):
     """A ``transformers.Trainer``; ``_save`` and ``create_model_card`` differ (see the module docstring)."""
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict=state_dict)
-        model = unwrap_model(self.accelerator.unwrap_model(self.model))
+        wrapped = self.accelerator.unwrap_model(self.model)
+        model = unwrap_model(wrapped)
         if (not self.args.should_save or not isinstance(model, PreTrainedModel) or neural_settings(model) is None
-                or type(model) in STOCK_CLASS_FOR):
+                or (type(model) in STOCK_CLASS_FOR and not _is_peft_model(wrapped))):
             return  # a user's own module, the dot-product arm, or a Hub class (its checkpoint rebuilds the layers)
         if any(p.numel() == 0 for p in scorer_parameters(model).values()):
             logger.warning("The scorers are sharded (DeepSpeed ZeRO-3): no adapter was written beside the weights. "
@@ -44,7 +52,9 @@ class NeuralAttentionTrainer(Trainer):
         super().create_model_card(*args, **kwargs)
         if not self.is_world_process_zero():
             return
-        model = unwrap_model(self.accelerator.unwrap_model(self.model))  # the model _save wrote an adapter for
+        wrapped = self.accelerator.unwrap_model(self.model)
+        model = unwrap_model(wrapped)  # the model _save wrote an adapter for
         if neural_settings(model) is None:
             return  # the dot-product arm of an A/B run: the stock card is right
-        merge_training_card(model, os.path.join(self.args.output_dir, "README.md"), repo_id=self.hub_model_id)
+        merge_training_card(model, os.path.join(self.args.output_dir, "README.md"), repo_id=self.hub_model_id,
+                            peft=_is_peft_model(wrapped))

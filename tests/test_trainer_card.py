@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
@@ -114,3 +115,44 @@ def test_a_users_own_module_around_a_patched_model_trains_and_saves(tmp_path):
     NeuralAttentionTrainer(model=Classifier(), args=args, train_dataset=_ListDataset(rows)).train()
     saved = {path.name for path in (tmp_path / "checkpoint-1").iterdir()}
     assert "model.safetensors" in saved and "neural_adapter.safetensors" not in saved
+
+
+@pytest.mark.parametrize("modules_to_save", [None, ["neural_scorer"]], ids=["frozen-scorers", "trained-scorers"])
+def test_a_peft_model_is_pushed_with_the_scorers_and_a_card_that_loads_base_scorers_and_lora(
+    tmp_path, monkeypatch, modules_to_save
+):
+    """PEFT's save writes only its adapter: without modules_to_save the (frozen, randomly initialised) scorers were in
+    no file at all, and the card told to load a Hub-class checkpoint the repo does not hold. Every save now writes
+    the neural adapter too, and the card's recipe (followed here on the uploaded files) gives back the model."""
+    peft = pytest.importorskip("peft")
+    from transformers import GPT2LMHeadModel
+
+    from hf_neural_attention import load_neural_adapter
+
+    tiny_gpt2().save_pretrained(tmp_path / "base")  # the base checkpoint, as on the Hub
+    uploaded = fake_hub_upload(monkeypatch, tmp_path / "hub")
+    monkeypatch.setattr(HfApi, "upload_folder", fake_upload_folder(tmp_path / "hub", uploaded))
+    base = patch_model(GPT2LMHeadModel.from_pretrained(tmp_path / "base"), layers=[0], proj_dim=4, backend="eager")
+    model = peft.get_peft_model(base, peft.LoraConfig(target_modules=["c_attn"], modules_to_save=modules_to_save))
+    ids = random_ids(8, 12)
+    rows = [{"input_ids": row, "labels": row} for row in ids]
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4,
+                             learning_rate=5e-2, report_to=[], save_strategy="no", use_cpu=True, push_to_hub=True,
+                             hub_model_id="me/gpt2-lora-neural", hub_strategy="end", disable_tqdm=True)
+    trainer = NeuralAttentionTrainer(model=model.train(), args=args, train_dataset=_ListDataset(rows))
+    trainer.train()
+    trainer.push_to_hub()
+
+    assert {"README.md", "adapter_model.safetensors", "neural_adapter.safetensors"} <= set(uploaded)
+    card = ModelCard.load(tmp_path / "hub" / "README.md").text
+    assert "trust_remote_code" not in card and "## Training" in card
+    for text in ('load_neural_adapter(GPT2LMHeadModel.from_pretrained("<base-model>"),',
+                 'snapshot_download("me/gpt2-lora-neural", allow_patterns=["neural_adapter*"]))',
+                 'PeftModel.from_pretrained(model, "me/gpt2-lora-neural")'):
+        assert text in card, text
+    loaded = load_neural_adapter(GPT2LMHeadModel.from_pretrained(tmp_path / "base"), tmp_path / "hub")
+    loaded = peft.PeftModel.from_pretrained(loaded, tmp_path / "hub").eval()
+    with torch.no_grad():
+        trained = model.eval()(ids).logits
+        assert (trained - GPT2LMHeadModel.from_pretrained(tmp_path / "base")(ids).logits).abs().max() > 1e-3
+        torch.testing.assert_close(loaded(ids).logits, trained, rtol=0, atol=0)
