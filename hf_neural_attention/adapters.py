@@ -79,22 +79,58 @@ def _active_scorer(scorer: torch.nn.Module) -> torch.nn.Module:
     return copies[active]
 
 
-def adapter_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+def _is_sharded(param: torch.Tensor) -> bool:
+    """A parameter whose full value this process does not hold: DeepSpeed ZeRO-3's partition (an empty tensor
+    with ``ds_shape``), or FSDP2's DTensor shard."""
+    return hasattr(param, "ds_shape") and param.numel() == 0 or hasattr(param, "full_tensor")
+
+
+def adapter_state_dict(model: PreTrainedModel, state_dict: dict[str, torch.Tensor] | None = None
+                       ) -> dict[str, torch.Tensor]:
     """Scorer parameters of ``model`` named relative to its base model (or the whole model, see ``_names_root``;
     detached, contiguous, on CPU); through torch.compile's and PEFT's wrappers, the weights of the scorers that
-    run."""
+    run.
+
+    Args:
+        state_dict: the full state dict of ``model`` (keys as in ``model.state_dict()``): the source of the values
+            where the parameters are sharded (DeepSpeed ZeRO-3: ``accelerator.get_state_dict(model)``, which
+            ``Trainer`` passes to ``_save``).
+
+    Raises:
+        ValueError: a scorer parameter is sharded and no ``state_dict`` is given, or ``state_dict`` lacks it.
+    """
+    # the names state_dict() gives: FSDP's and activation checkpointing's wrappers drop their prefixes there
+    full_names = {id(param): name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+                  for name, param in model.named_parameters(remove_duplicate=False)}
     state = {}
     for name, module in find_attention_modules(_names_root(unwrap_model(model))[0]):
         scorer = getattr(module, SCORER_ATTRIBUTE, None)
-        if scorer is not None:
-            for param_name, param in _active_scorer(scorer).named_parameters():
-                state[f"{name}.{SCORER_ATTRIBUTE}.{param_name}"] = param.detach().contiguous().cpu()
+        if scorer is None:
+            continue
+        for param_name, param in _active_scorer(scorer).named_parameters():
+            key = f"{name}.{SCORER_ATTRIBUTE}.{param_name}"
+            if state_dict is None:
+                if _is_sharded(param):
+                    raise ValueError(
+                        f"Scorer parameter {key} is sharded (DeepSpeed ZeRO-3 or FSDP2): this process does not "
+                        "hold its value. Pass the gathered state dict, save_neural_adapter(model, directory, "
+                        "state_dict=accelerator.get_state_dict(model)), or save inside "
+                        "deepspeed.zero.GatheredParameters(scorer parameters). Nothing was written."
+                    )
+                value = param
+            else:
+                full_name = full_names.get(id(param))
+                if full_name not in state_dict:
+                    raise ValueError(f"The state dict given has no entry {full_name!r} for scorer parameter {key} "
+                                     "(frozen parameters left out?); nothing was written.")
+                value = state_dict[full_name]
+            state[key] = value.detach().contiguous().cpu()
     return state
 
 
 def save_neural_adapter(
     model: PreTrainedModel, save_directory: str | os.PathLike, base_model: str | None = None,
-    revision: str | None = None,
+    revision: str | None = None, *, state_dict: dict[str, torch.Tensor] | None = None,
 ) -> list[Path]:
     """Write the scorer weights and settings of a patched model to ``save_directory``.
 
@@ -103,13 +139,16 @@ def save_neural_adapter(
         base_model: Hub id or path of the base checkpoint; default: the config's ``neural_attention_base_model`` or
             ``_name_or_path``.
         revision: revision (commit, tag, branch) of the base checkpoint the adapter was trained from.
+        state_dict: the full state dict of ``model`` (keys as in ``model.state_dict()``), where its parameters are
+            sharded (DeepSpeed ZeRO-3, FSDP2); see ``adapter_state_dict``.
 
     Returns:
         The two files written.
 
     Raises:
-        ValueError: the model has no neural layers.
+        ValueError: the model has no neural layers; a scorer is sharded and no ``state_dict`` holds it.
     """
+    weights = adapter_state_dict(model, state_dict)  # before anything is written: it may refuse
     model = unwrap_model(model)  # torch.compile's or PEFT's wrapper: record the model's own class
     recorded = neural_settings(model)
     if recorded is None:
@@ -135,7 +174,7 @@ def save_neural_adapter(
         metadata["names_relative_to"] = "model"
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(adapter_state_dict(model), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    save_file(weights, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
     return [directory / WEIGHTS_NAME, directory / CONFIG_NAME]
 

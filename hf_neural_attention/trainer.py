@@ -20,7 +20,7 @@ from transformers import PreTrainedModel, Trainer
 from .adapters import save_neural_adapter
 from .hub_classes import STOCK_CLASS_FOR
 from .model_card import merge_training_card
-from .patching import neural_settings, scorer_parameters, unwrap_model
+from .patching import neural_settings, unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -41,12 +41,19 @@ class NeuralAttentionTrainer(Trainer):
         if (not self.args.should_save or not isinstance(model, PreTrainedModel) or neural_settings(model) is None
                 or (type(model) in STOCK_CLASS_FOR and not _is_peft_model(wrapped))):
             return  # a user's own module, the dot-product arm, or a Hub class (its checkpoint rebuilds the layers)
-        if any(p.numel() == 0 for p in scorer_parameters(model).values()):
-            logger.warning("The scorers are sharded (DeepSpeed ZeRO-3): no adapter was written beside the weights. "
-                           "Save one with save_neural_adapter inside deepspeed.zero.GatheredParameters(scorer "
-                           "parameters), or from a model loaded from the saved checkpoint.")
+        # Trainer hands _save the gathered state dict where the parameters are sharded (DeepSpeed ZeRO-3, FSDP's
+        # full state dict), keyed as `wrapped`'s; {} when ZeRO-3 was told not to gather (a sharded checkpoint)
+        if state_dict is not None and not state_dict:
+            logger.warning("The weights were saved as a sharded DeepSpeed checkpoint (stage3_gather_16bit_weights_on_"
+                           "model_save is false): no adapter was written beside them. Save one with "
+                           "save_neural_adapter(model, directory, state_dict=...) from the gathered weights, or from "
+                           "a model loaded from the checkpoint.")
             return
-        save_neural_adapter(model, output_dir if output_dir is not None else self.args.output_dir)
+        try:
+            save_neural_adapter(wrapped, output_dir if output_dir is not None else self.args.output_dir,
+                                state_dict=state_dict)
+        except ValueError as error:  # the weights are saved: a missing adapter must not end the training run
+            logger.warning("No adapter was written beside the weights: %s", error)
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         super().create_model_card(*args, **kwargs)

@@ -36,10 +36,13 @@ def test_zero_stages_train_a_patched_model_like_plain_data_parallelism():
     reference = _train(0)
     largest_update = max(abs(x) for values in reference["scorer_updates"].values() for x in values)
     assert reference["losses"][-1] < reference["losses"][0] and largest_update > 0  # it trained, the scorer too
-    assert not reference["partitioned"]
+    assert not reference["partitioned"] and not reference["refused_without_state_dict"]
     for stage in (2, 3):
         report = _train(stage)
         assert report["partitioned"] == (stage == 3), stage
+        # ZeRO-3: the adapter comes from the gathered state dict; without it, save_neural_adapter refuses
+        assert report["refused_without_state_dict"] == report["sharded_at_save"] == (stage == 3), stage
+        assert report["adapter_updates"] == report["scorer_updates"], stage
         for loss, expected in zip(report["losses"], reference["losses"], strict=True):
             assert abs(loss - expected) <= 1e-5 * abs(expected), (stage, report["losses"], reference["losses"])
         for name, expected in reference["scorer_updates"].items():
