@@ -298,10 +298,11 @@ class NeuralAttentionModelMixin:
                 checkpoint would not load as saved. Nothing is written.
         """
         check_config_describes_scorers(self)
-        bare = _BARE_MODEL_FOR.get(type(self.config))
-        if bare is not None and self._auto_class is not None:  # remote code's AutoModel reads the body of any head
+        siblings = _AUTO_MAP_FOR.get(type(self.config), {})
+        if siblings and self._auto_class is not None:  # remote code loads any head (or the body) of the checkpoint
             auto_map = getattr(self.config, "auto_map", None) or {}
-            self.config.auto_map = {**auto_map, "AutoModel": f"{bare.__module__.split('.')[-1]}.{bare.__name__}"}
+            self.config.auto_map = {**auto_map, **{auto: f"{cls.__module__.split('.')[-1]}.{cls.__name__}"
+                                                   for auto, cls in siblings.items()}}
         readme = os.path.join(os.fspath(save_directory), "README.md")
         # transformers writes its generic card over README.md just before a push: keep what was there to restore
         self._readme_before_push = None
@@ -467,9 +468,14 @@ class NeuralAttentionGPT2Model(NeuralAttentionModelMixin, GPT2Model):
     config_class = NeuralAttentionGPT2Config
 
 
-# what AutoModel loads from a checkpoint of any head (save_pretrained writes it into auto_map for remote code). Not
+# what each Auto class loads from a checkpoint of any head (save_pretrained writes them into auto_map for remote code,
+# as the installed plugin registers them): a GPT-2 LM checkpoint gives a classifier, and the other way round. Not
 # ViT: transformers 5.24 renames a ViT head checkpoint's keys when ViTModel loads it under another model_type
-_BARE_MODEL_FOR = {NeuralAttentionGPT2Config: NeuralAttentionGPT2Model}
+_AUTO_MAP_FOR = {NeuralAttentionGPT2Config: {
+    "AutoModel": NeuralAttentionGPT2Model,
+    "AutoModelForCausalLM": NeuralAttentionGPT2ForCausalLM,
+    "AutoModelForSequenceClassification": NeuralAttentionGPT2ForSequenceClassification,
+}}
 
 NeuralAttentionGPT2Config.register_for_auto_class()
 NeuralAttentionViTConfig.register_for_auto_class()

@@ -195,8 +195,8 @@ def test_save_load_round_trip(kind, tmp_path):
     assert {p.name for p in tmp_path.iterdir()} == written_files(kind)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == model.config.model_type and config["neural_attention_layers"] == [1]
-    bare = {"AutoModel"} if kind != "vit" else set()
-    assert set(config["auto_map"]) == {"AutoConfig", STOCK[kind][2].__name__} | bare
+    gpt2_heads = {"AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification"}
+    assert set(config["auto_map"]) == {"AutoConfig", STOCK[kind][2].__name__} | (gpt2_heads if kind != "vit" else set())
 
     loaded = STOCK[kind][2].from_pretrained(tmp_path).eval()
     assert type(loaded) is type(model)
@@ -338,12 +338,12 @@ REMOTE_LOADER = textwrap.dedent("""
             raise SystemExit("loaded without trust_remote_code")
         except ValueError as error:
             assert "trust_remote_code" in str(error), error
-        model = auto.from_pretrained(job["dir"], trust_remote_code=True).eval()
+        model = auto.from_pretrained(job["dir"], trust_remote_code=True, **job.get("kwargs", {})).eval()
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         assert model.config._attn_implementation == "neural_attention"
         with torch.no_grad():
-            out = model(**load_file(job["inputs"]))
-        out = out.logits if job["auto"] != "AutoModel" else out.last_hidden_state
+            out = model(**load_file(job["inputs"]), output_hidden_states=True)
+        out = out.hidden_states[-1] if job["read"] == "body" else getattr(out, job["read"])
         save_file({"logits": out.contiguous()}, job["out"])
     assert not any(name.startswith("hf_neural_attention") for name in sys.modules)
 """)
@@ -401,19 +401,22 @@ def test_load_without_the_plugin_in_a_fresh_process(tmp_path, monkeypatch):
         inputs = make_inputs("vit" if kind == "vit" else "gpt2")
         save_file(inputs, str(tmp_path / f"{kind}-in.safetensors"))
         torch.save(logits(model, kind), tmp_path / f"{kind}-expected.pt")
-        jobs.append({"dir": str(folder), "auto": STOCK[kind][2].__name__,
+        jobs.append({"dir": str(folder), "auto": STOCK[kind][2].__name__, "read": "logits",
                      "inputs": str(tmp_path / f"{kind}-in.safetensors"), "out": str(tmp_path / f"{kind}-out.st")})
-        if kind == "gpt2-lm":  # the body alone, through AutoModel
+        if kind == "gpt2-lm":  # the body alone, through AutoModel, and under another head (a new classifier)
             with torch.no_grad():
                 torch.save(model.transformer(**inputs).last_hidden_state, tmp_path / "gpt2-body-expected.pt")
-            jobs.append({**jobs[-1], "auto": "AutoModel", "out": str(tmp_path / "gpt2-body-out.st")})
+            lm = jobs[-1]
+            jobs.append({**lm, "auto": "AutoModel", "read": "last_hidden_state", "out": str(tmp_path / "body.st")})
+            jobs.append({**lm, "auto": "AutoModelForSequenceClassification", "read": "body",
+                         "kwargs": {"pad_token_id": 0}, "out": str(tmp_path / "cls-body.st")})
     env = {key: value for key, value in os.environ.items() if not key.startswith(("PYTHON", "HF_"))}
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), HF_MODULES_CACHE=str(tmp_path / "modules"),
                OMP_NUM_THREADS="1", PYTHONNOUSERSITE="1")
     result = subprocess.run([sys.executable, "-c", REMOTE_LOADER, json.dumps(jobs)], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    for job, kind in zip(jobs, ("gpt2-lm", "gpt2-body", "vit"), strict=True):
+    for job, kind in zip(jobs, ("gpt2-lm", "gpt2-body", "gpt2-body", "vit"), strict=True):
         expected = torch.load(tmp_path / f"{kind}-expected.pt", weights_only=True)
         assert torch.equal(load_file(job["out"])["logits"], expected), kind
 
