@@ -26,7 +26,7 @@ from transformers import PreTrainedModel
 
 from .backend_neural_attention import SCORER_ATTRIBUTE
 from .configuration_neural_attention import PACKAGE_VERSION, NeuralAttentionConfig, _version_tuple
-from .hub_classes import STOCK_CLASS_FOR
+from .hub_classes import stock_class_of
 from .modeling_neural_attention import head_shape
 from .patching import (
     find_attention_modules,
@@ -156,7 +156,7 @@ def save_neural_adapter(
     layers, settings = recorded
     base_model = (base_model or getattr(model.config, "neural_attention_base_model", None)
                   or getattr(model.config, "_name_or_path", None) or None)
-    model_class = STOCK_CLASS_FOR.get(type(model), type(model))
+    model_class = stock_class_of(type(model)) or type(model)
     whole_model = _names_root(model)[1]
     metadata = {
         "format": FORMAT,

@@ -36,6 +36,11 @@ STOCK_CLASS_BY_NAME: dict[str, str] = {hub.__name__: stock.__name__ for stock, h
 HUB_CONFIG_FOR: dict[type, type] = {GPT2Config: NeuralAttentionGPT2Config, ViTConfig: NeuralAttentionViTConfig}
 STOCK_CONFIG_FOR: dict[type, type] = {hub: stock for stock, hub in HUB_CONFIG_FOR.items()}
 
+# a checkpoint's remote code defines its own copies of our classes (in transformers_modules.<repo>.
+# modeling_neural_attention): a model loaded that way before the plugin is imported is one of ours all the same
+_OUR_FILES = (".modeling_neural_attention", ".configuration_neural_attention")
+_OURS_BY_NAME: dict[str, type] = {cls.__name__: cls for cls in [*STOCK_CLASS_FOR, *STOCK_CONFIG_FOR]}
+
 _STASH = "_neural_attention_stock_model_type"
 """Where an instance-level ``model_type`` (set by transformers when a config is read from a file) waits while
 the config wears the Hub class, whose class-level ``model_type`` must show through."""
@@ -45,6 +50,23 @@ _HUB_ONLY_FIELDS = ("neural_attention_base_model", "neural_attention_version", "
 def hub_class_for(model_class: type) -> type | None:
     """The Hub class of a stock model class, or ``None``."""
     return HUB_CLASS_FOR.get(model_class)
+
+
+def _canonical(cls: type) -> type:
+    """Our class for a remote-code copy of it (same name, from a file of the same name), else ``cls``."""
+    if cls.__module__.endswith(_OUR_FILES):
+        return _OURS_BY_NAME.get(cls.__name__, cls)
+    return cls
+
+
+def stock_class_of(model_class: type) -> type | None:
+    """The stock class of a Hub class (or of a remote-code copy of one), or ``None`` for any other class."""
+    return STOCK_CLASS_FOR.get(_canonical(model_class))
+
+
+def is_hub_class(model_class: type) -> bool:
+    """Whether ``model_class`` is one of the Hub classes (the plugin's or a checkpoint's remote-code copy)."""
+    return stock_class_of(model_class) is not None
 
 
 def adopt_hub_class(model: nn.Module) -> bool:
@@ -77,11 +99,11 @@ def restore_stock_class(model: nn.Module) -> bool:
     Returns:
         Whether the model was switched back.
     """
-    stock_class = STOCK_CLASS_FOR.get(type(model))
+    stock_class = stock_class_of(type(model))
     if stock_class is None:
         return False
     config = model.config
-    stock_config = STOCK_CONFIG_FOR.get(type(config))
+    stock_config = STOCK_CONFIG_FOR.get(_canonical(type(config)))
     if stock_config is not None:
         for name in _HUB_ONLY_FIELDS:
             config.__dict__.pop(name, None)

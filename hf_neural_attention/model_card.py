@@ -13,7 +13,7 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from .configuration_neural_attention import CONFIG_PREFIX, NeuralAttentionConfig, read_from_config
-from .hub_classes import STOCK_CLASS_FOR
+from .hub_classes import is_hub_class, stock_class_of
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def _loading_section(model: Any, repo: str, suffix: str | None, peft: bool = Fal
     base model patched by the neural adapter, then PEFT's adapter on top."""
     if peft:
         base = _hub_id(getattr(model.config, "_name_or_path", None)) or "<base-model>"
-        stock = STOCK_CLASS_FOR.get(type(model), type(model)).__name__
+        stock = (stock_class_of(type(model)) or type(model)).__name__
         return f"""This repository holds a PEFT adapter (`adapter_model.safetensors`) and the neural-attention scorers
 (`neural_adapter.safetensors`, `neural_adapter_config.json`), not the base model's weights. With hf-neural-attention
 and PEFT installed (`pip install hf-neural-attention peft`), patch the base model with the scorers, then put PEFT's
@@ -114,7 +114,7 @@ model = load_neural_adapter({stock}.from_pretrained("{base}"),
                             snapshot_download("{repo}", allow_patterns=["neural_adapter*"]))
 model = PeftModel.from_pretrained(model, "{repo}")
 ```"""
-    if type(model) in STOCK_CLASS_FOR:  # a Hub class: its checkpoint rebuilds the neural layers
+    if is_hub_class(type(model)):  # a Hub class: its checkpoint rebuilds the neural layers
         auto_class = _AUTO_CLASSES.get(suffix, "AutoModel") if suffix else "AutoModel"
         return f"""Without hf-neural-attention installed (the code ships with the checkpoint):
 

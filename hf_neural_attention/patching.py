@@ -21,7 +21,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from .backend_neural_attention import ATTENTION_NAME, FALLBACK_ATTRIBUTE, SCORER_ATTRIBUTE
 from .configuration_neural_attention import NeuralAttentionConfig, clear_from_config, record_on_config
-from .hub_classes import STOCK_CLASS_FOR, adopt_hub_class, restore_stock_class
+from .hub_classes import adopt_hub_class, is_hub_class, restore_stock_class
 from .modeling_neural_attention import (
     find_self_attention_modules,
     head_shape,
@@ -278,7 +278,7 @@ def _patch(model: nn.Module, layers: LayerSelection, config: NeuralAttentionConf
                          and parent.__dict__.get("config") is model.config), None)  # fmt: skip
     if parent_model is None:
         adopt_hub_class(model)
-    if present or type(model) in STOCK_CLASS_FOR:  # adding layers, or now a Hub class
+    if present or is_hub_class(type(model)):  # adding layers, or now a Hub class
         return
     reason = (f"a sub-model of {type(parent_model).__name__}, which shares its config" if parent_model is not None
               else "no neural-attention Hub class")

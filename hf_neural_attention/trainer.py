@@ -18,7 +18,7 @@ from typing import Any
 from transformers import PreTrainedModel, Trainer
 
 from .adapters import save_neural_adapter
-from .hub_classes import STOCK_CLASS_FOR
+from .hub_classes import is_hub_class
 from .model_card import merge_training_card
 from .patching import neural_settings, unwrap_model
 
@@ -39,7 +39,7 @@ class NeuralAttentionTrainer(Trainer):
         wrapped = self.accelerator.unwrap_model(self.model)
         model = unwrap_model(wrapped)
         if (not self.args.should_save or not isinstance(model, PreTrainedModel) or neural_settings(model) is None
-                or (type(model) in STOCK_CLASS_FOR and not _is_peft_model(wrapped))):
+                or (is_hub_class(type(model)) and not _is_peft_model(wrapped))):
             return  # a user's own module, the dot-product arm, or a Hub class (its checkpoint rebuilds the layers)
         # Trainer hands _save the gathered state dict where the parameters are sharded (DeepSpeed ZeRO-3, FSDP's
         # full state dict), keyed as `wrapped`'s; {} when ZeRO-3 was told not to gather (a sharded checkpoint)

@@ -421,6 +421,47 @@ def test_load_without_the_plugin_in_a_fresh_process(tmp_path, monkeypatch):
         assert torch.equal(load_file(job["out"])["logits"], expected), kind
 
 
+REMOTE_THEN_PLUGIN = textwrap.dedent("""
+    import importlib.abc, sys
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "hf_neural_attention":
+                raise ModuleNotFoundError("hf_neural_attention is blocked until the model is loaded")
+    blocker = Block()
+    sys.meta_path.insert(0, blocker)
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2LMHeadModel
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    sys.meta_path.remove(blocker)
+    import hf_neural_attention as hna  # imported after the remote-code load: the model is one of its Hub classes
+    from hf_neural_attention.hub_classes import is_hub_class
+    assert is_hub_class(type(model)), type(model)
+    assert "trust_remote_code=True" in hna.build_model_card(model).text
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    hna.unpatch_model(model)
+    assert type(model) is GPT2LMHeadModel and type(model.config).__name__ == "GPT2Config", type(model)
+    model.save_pretrained(sys.argv[2])
+    stock = GPT2LMHeadModel.from_pretrained(sys.argv[2]).eval()
+    with torch.no_grad():
+        assert torch.equal(stock(ids).logits, model(ids).logits)
+    print("ok")
+""")
+
+
+@pytest.mark.slow
+def test_a_model_loaded_by_remote_code_before_the_plugin_is_imported_is_one_of_its_hub_classes(tmp_path):
+    # the card's first snippet, then `import hf_neural_attention`: the model's classes are remote-code copies of ours,
+    # which the plugin once did not recognise (wrong card, and unpatch_model left a Hub class that could not save)
+    patched("gpt2-lm").save_pretrained(tmp_path / "neural")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("HF_")}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), HF_MODULES_CACHE=str(tmp_path / "modules"),
+               OMP_NUM_THREADS="1")
+    command = [sys.executable, "-c", REMOTE_THEN_PLUGIN, str(tmp_path / "neural"), str(tmp_path / "stock")]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
 # --- bad inputs ----------------------------------------------------------------------------------------------------
 def _edit_config(folder: Path, **changes) -> None:
     data = json.loads((folder / "config.json").read_text())
