@@ -43,12 +43,15 @@ def _task_suffix(model: Any) -> str | None:
     return next((suffix for suffix in _PIPELINE_TAGS if type(model).__name__.endswith(suffix)), None)
 
 
-def build_model_card(model: Any, repo_id: str | None = None, peft: bool = False) -> ModelCard:
+def build_model_card(model: Any, repo_id: str | None = None, peft: bool = False, title: str | None = None
+                     ) -> ModelCard:
     """The card of a neural-attention model (Hub class or patched model).
 
     Args:
         model: the model; its config records the neural layers and settings.
         repo_id: where it is pushed, used in the loading snippets (``"<repo-id>"`` when unknown).
+        title: the card's heading when ``repo_id`` is unknown (``write_model_card``: the folder's name); default
+            the model's class.
         peft: the checkpoint is a PEFT adapter beside a neural-attention adapter (``NeuralAttentionTrainer`` on a
             PEFT model), not the model's weights.
     """
@@ -66,7 +69,7 @@ def build_model_card(model: Any, repo_id: str | None = None, peft: bool = False)
     repo = repo_id or "<repo-id>"
     rows = "\n".join(f"| `{name}` | `{value!r}` |" for name, value in settings.to_dict().items())
     body = f"""
-# {repo.split("/")[-1]}
+# {repo_id.split("/")[-1] if repo_id else title or type(model).__name__}
 
 {type(model).__name__} with **Neural Attention** ([arXiv:{PAPER_ID}](https://arxiv.org/abs/{PAPER_ID})): in the
 self-attention layers listed below, a small MLP scores every query/key pair instead of the dot product.
@@ -165,7 +168,7 @@ def write_model_card(model: Any, save_directory: str | os.PathLike, repo_id: str
         logger.warning("%s is not a model card of hf-neural-attention; kept it (build_model_card(model) gives ours).",
                        path)
         return path
-    build_model_card(model, repo_id=repo_id).save(path)
+    build_model_card(model, repo_id=repo_id, title=Path(save_directory).resolve().name).save(path)
     return path
 
 

@@ -385,7 +385,9 @@ def _check_loaded_scorers(model: nn.Module, info: dict, source: Any, from_neural
     problems = []
     # some scorer weights but not all: a broken neural checkpoint, whatever config the caller passed
     if missing and (from_neural_checkpoint or len(missing) < len(names)):
-        problems.append(f"scorer weights missing from the checkpoint: {missing}")
+        problems.append(f"scorer weights missing from the checkpoint: {missing} (neural_attention_layers or other "
+                        "settings overridden at load, naming scorers the checkpoint does not have? Else the "
+                        "checkpoint is incomplete)")
     scorer_prefixes = {name.rsplit(".", 1)[0] for name in names}
     unknown = [k for k in unexpected if k.rsplit(".", 1)[0] in scorer_prefixes]
     if unknown:
@@ -404,7 +406,8 @@ def _check_loaded_scorers(model: nn.Module, info: dict, source: Any, from_neural
     if problems:
         raise ValueError(
             f"Cannot load {source!r} as {type(model).__name__}: " + "; ".join(problems) + ". The checkpoint is "
-            "incomplete or does not match its config.json; re-save it, or start from the base model with "
+            "incomplete or does not match its config.json, or settings passed to from_pretrained differ from it; "
+            "drop those, re-save it, or start from the base model with "
             "fresh scorers (from_pretrained(base_checkpoint, neural_attention_layers=[...]))."
         )
 

@@ -607,6 +607,8 @@ def test_save_pretrained_keeps_a_readme_of_the_users_and_renews_its_own(tmp_path
     assert "Hand-written" in (tmp_path / "README.md").read_text() and "kept it" in caplog.text
     (tmp_path / "README.md").unlink()
     model.save_pretrained(tmp_path)
+    text = ModelCard.load(tmp_path / "README.md").text  # no repo id yet: the folder's name heads the card
+    assert f"\n# {tmp_path.name}\n" in text and 'from_pretrained("<repo-id>"' in text
     model.config.neural_attention_base_model = "me/other-base"
     model.save_pretrained(tmp_path)  # our own card is rewritten with the new settings
     assert ModelCard.load(tmp_path / "README.md").data.base_model == "me/other-base"
