@@ -36,7 +36,6 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .cpp_neural_attention import (
     _CPP_SOURCE,
@@ -50,6 +49,7 @@ from .kernels_neural_attention import (
     check_kernel_inputs,
     fold_causal_into_mask,
     kernel_op,
+    once_differentiable_always,
     relu_signed_max_operands,
     relu_weight_grad,
     seed_tensor,
@@ -894,7 +894,7 @@ class _FusedFunction(torch.autograd.Function):
         return out.view(batch, heads, q_len, v_dim)
 
     @staticmethod
-    @once_differentiable  # the C++ backward is not differentiable: a second derivative must raise, not be wrong
+    @once_differentiable_always  # the C++ backward is not differentiable: a second derivative must raise
     @autocast_off
     def backward(ctx, grad_out):
         Ak, Bt, Vf, kernel_w, dqf, dkf, mask, out, lse, w, cvec, A, B, wg, q_vis, k_vis = ctx.saved_tensors

@@ -48,6 +48,7 @@ __all__ = [
     "neural_attention_tiled",
     "relu_signed_max_operands",
     "kernel_op",
+    "once_differentiable_always",
     "relu_weight_grad",
     "seed_tensor",
     "tiled_ops",
@@ -743,6 +744,32 @@ def tiled_ops(scorer_factory: ScorerFactory | None = None) -> tuple[Callable, Ca
 tiled_ops()  # the PyTorch scorers' ops, registered at import (not while torch.compile traces a call)
 
 
+def once_differentiable_always(backward: Callable) -> Callable:
+    """``once_differentiable``, also when the incoming gradient does not depend on the output.
+
+    ``once_differentiable`` marks the gradients it returns as non-differentiable only when some incoming gradient
+    requires grad: for ``out.sum()`` under ``create_graph=True`` they came back outside the graph, so a gradient
+    penalty silently lost its second-order term. Here every gradient of a ``create_graph=True`` backward carries the
+    error node, and differentiating it raises.
+    """
+    inner = once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def wrapper(ctx: Any, *grad_outputs: Any) -> Any:
+        grads = inner(ctx, *grad_outputs)
+        if not torch.is_grad_enabled() or any(isinstance(g, Tensor) and g.requires_grad for g in grad_outputs):
+            return grads  # first order only, or once_differentiable has already attached its error node
+        outputs = grads if isinstance(grads, tuple) else (grads,)
+        error = torch._C._functions.DelayedError(
+            b"trying to differentiate twice a function that was marked with @once_differentiable (neural attention's "
+            b"fused kernels have no second derivative; use backend='eager')", len(outputs))
+        marked = error(*[None if g is None else g.detach().requires_grad_() for g in outputs])
+        marked = marked if isinstance(marked, tuple) else (marked,)
+        return marked if isinstance(grads, tuple) else marked[0]
+
+    return wrapper
+
+
 class _NeuralAttentionFunction(torch.autograd.Function):
     """Saves the inputs, the output and the log-sum-exp; both passes are custom ops (:func:`tiled_ops`)."""
 
@@ -759,7 +786,7 @@ class _NeuralAttentionFunction(torch.autograd.Function):
         return out.view(batch, heads, q_len, V.shape[3]).to(V.dtype)
 
     @staticmethod
-    @once_differentiable  # the backward op is not differentiable: a second derivative must raise, not be wrong
+    @once_differentiable_always  # the backward op is not differentiable: a second derivative must raise
     @autocast_off
     def backward(ctx, grad_out):
         *inputs, mask, out, lse = ctx.saved_tensors

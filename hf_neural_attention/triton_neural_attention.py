@@ -31,13 +31,13 @@ import os
 from pathlib import Path
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .kernels_neural_attention import (
     autocast_off,
     check_kernel_inputs,
     empty_attention,
     kernel_op,
+    once_differentiable_always,
     relu_signed_max_operands,
     relu_weight_grad,
     seed_tensor,
@@ -1084,7 +1084,7 @@ class _NeuralAttentionTriton(torch.autograd.Function):
         return Out.to(value.dtype)
 
     @staticmethod
-    @once_differentiable  # the backward kernels are not differentiable: a second derivative must raise
+    @once_differentiable_always  # the backward kernels are not differentiable: a second derivative must raise
     @autocast_off
     def backward(ctx, grad_out):
         *inputs, mask, Out, LSE = ctx.saved_tensors

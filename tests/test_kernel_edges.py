@@ -52,9 +52,17 @@ def test_a_second_derivative_raises_instead_of_being_wrong(kernel, authors):
     # the backward passes are kernels autograd cannot differentiate; a gradient penalty must not train on garbage
     args = _inputs(authors=authors)
     out = KERNELS[kernel](**args, causal=True)
-    (grad_query,) = torch.autograd.grad((out**2).sum(), args["query_hidden"], create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
-        grad_query.square().sum().backward()
+    # a loss whose gradient does depend on the output, and one whose gradient does not (out.sum(): the incoming
+    # gradient is constant, and once_differentiable alone returned gradients outside the graph, silently)
+    for loss in ((out**2).sum(), out.sum()):
+        (grad_query,) = torch.autograd.grad(loss, args["query_hidden"], create_graph=True, retain_graph=True)
+        assert grad_query.requires_grad
+        with pytest.raises(RuntimeError, match="once_differentiable"):
+            grad_query.square().sum().backward()
+    # first order, the gradients are what they were
+    (plain,) = torch.autograd.grad(out.sum(), args["query_hidden"], retain_graph=True)
+    (marked,) = torch.autograd.grad(out.sum(), args["query_hidden"], create_graph=True)
+    assert not plain.requires_grad and torch.equal(plain, marked.detach())
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
