@@ -316,10 +316,6 @@ class _PaperScorer:
         self.w_row = w.unsqueeze(1)  # (G, 1, hidden)
         self.G, self.K = w.shape
         self.tile_width = self.K
-        if activation == "relu":
-            # w * relu(a + b) = w * max(a, -b) + w * b: the last term is a per-key constant (2 passes, not 3)
-            self.nBt = -Bt
-            self.key_const = torch.bmm(self.w_row, Bt).squeeze(1)  # (G, k_len)
         if need_grad:
             self.GA = torch.zeros_like(At)
             self.GB = torch.zeros_like(Bt)
@@ -336,10 +332,9 @@ class _PaperScorer:
         return torch.bmm(self.w_row, h.view(G, K, bq * bk)).view(G, bq, bk)
 
     def scores(self, i0: int, i1: int, j0: int, j1: int) -> Tensor:
-        if self.act == "relu":
-            x = self.scratch.get("pre", (self.G, self.K, i1 - i0, j1 - j0))
-            torch.maximum(self.At[:, :, i0:i1, None], self.nBt[:, :, None, j0:j1], out=x)
-            return self._project(x).add_(self.key_const[:, None, j0:j1])
+        # the very arithmetic of scores_for_backward: backward's P = exp(s - lse) must meet forward's lse exactly.
+        # (The signed-max form, w max(a, -b) + w b, saves a pass but cancels on large scores: dV was off by 5e-4
+        # relative at |s| ~ 3000; the fused kernels use it in both passes, centred.)
         return self._project(_act_(self._pre("pre", i0, i1, j0, j1), self.act))
 
     def scores_for_backward(self, i0: int, i1: int, j0: int, j1: int):
