@@ -880,9 +880,11 @@ class _FusedFunction(torch.autograd.Function):
             cvec = wg.new_empty(0)
             kernel_w, Ak, Bk = wg, Af.contiguous(), Bf
         Bt = Bk.transpose(1, 2).contiguous()
-        Vf = V.reshape(G, k_len, v_dim).contiguous()
-        dqf = dq.reshape(G, q_len, -1).contiguous() if dq is not None else None
-        dkf = dk.reshape(G, k_len, -1).contiguous() if dk is not None else None
+        # also values no query sees (a fully masked row's P @ V would take 0 * NaN) and the dot operands' rows
+        # (dS^T @ dot_query would carry a masked query's garbage into every key's gradient)
+        Vf = zero_invisible_rows(V, k_vis).reshape(G, k_len, v_dim).contiguous()
+        dqf = zero_invisible_rows(dq, q_vis).reshape(G, q_len, -1).contiguous() if dq is not None else None
+        dkf = zero_invisible_rows(dk, k_vis).reshape(G, k_len, -1).contiguous() if dk is not None else None
         out, lse = _fused_forward(
             Ak, Bt, Vf, kernel_w, dqf, dkf, mask, cvec, batch, heads, cfg["causal"], cfg["dot_scale"], cfg["act"],
             cfg["block"], cfg["dropout_p"], cfg["seed"],

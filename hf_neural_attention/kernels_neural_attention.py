@@ -928,6 +928,9 @@ def neural_attention_tiled(
     # centred in the kernel's compute dtype (after the cast: bf16 offsets would round first; fp64 if any input is)
     cdt = _compute_dtype(query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key)
     query_hidden, key_hidden = centre_hidden(query_hidden.to(cdt), key_hidden.to(cdt), query_visible, key_visible)
+    value = zero_invisible_rows(value, key_visible)  # P @ V would take 0 * NaN from keys no query sees
+    if dot_query is not None:  # dS^T @ dot_query would carry a masked query's garbage into every key's gradient
+        dot_query, dot_key = zero_invisible_rows(dot_query, query_visible), zero_invisible_rows(dot_key, key_visible)
     return _NeuralAttentionFunction.apply(
         query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key, mask, cfg
     )

@@ -888,7 +888,7 @@ def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, 
         if half and min(launch[prefix][3], hidden_pad) > 8:
             raise ValueError(f"half_mlp=True sums at most 8 units in fp16 (its operands reach 2^12); got "
                              f"{prefix}unroll={launch[prefix][3]} with d'={hidden}: pass {prefix}unroll <= 8")
-    V = _last_dim_contiguous(value)
+    V = _last_dim_contiguous(zero_invisible_rows(value, visible[1]))  # P @ V would take 0 * NaN from unseen keys
     if authors:
         hidden2 = second_weight.shape[-2]
         W, w_hs = _head_weight(output_weight, heads, "output_weight", (hidden2,))
@@ -914,8 +914,9 @@ def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, 
         a_bs, b_bs = hidden_pad * q_pad, hidden_pad * k_pad
     DQ, DK, dd, dot_strides = A, A, 1, (0,) * 6  # dummies, never read
     if has_dot:
-        DQ = _last_dim_contiguous(dot_query)
-        DK = _last_dim_contiguous(dot_key.to(DQ.dtype))
+        # rows no pair sees zeroed here too: dS^T @ dot_query would carry a masked query's garbage into every key
+        DQ = _last_dim_contiguous(zero_invisible_rows(dot_query, visible[0]))
+        DK = _last_dim_contiguous(zero_invisible_rows(dot_key.to(DQ.dtype), visible[1]))
         dd, dot_strides = DQ.shape[-1], (*DQ.stride()[:3], *DK.stride()[:3])
     Mask, mstrides = A, (0, 0, 0, 0)
     if mask is not None:

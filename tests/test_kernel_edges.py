@@ -115,6 +115,41 @@ def test_large_opposite_offsets_of_a_and_b_do_not_cancel(kernel, offset):
         torch.testing.assert_close(x.double(), y.double(), rtol=1e-4, atol=1e-5 * y.abs().max().item(), msg=name)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_garbage_in_rows_no_pair_sees_stays_there(kernel):
+    # padded queries and keys may hold anything (NaN): they must not reach a visible row or a gradient, and a fully
+    # masked query gives exact zeros. The fused kernel once returned NaN there (0 * NaN in P @ V), and every backend
+    # let a masked row of the dot operands into all keys' gradients (dS^T @ dot_query)
+    args = _inputs(q_len=6, k_len=9)
+    g = torch.Generator().manual_seed(3)
+    args["dot_query"] = torch.randn(1, 2, 6, 3, generator=g).requires_grad_()
+    args["dot_key"] = torch.randn(1, 2, 9, 3, generator=g).requires_grad_()
+    mask = torch.rand(1, 1, 6, 9, generator=g) > 0.3
+    mask[..., 2, :] = False  # query 2 sees nothing
+    mask[..., :, 6:] = False  # keys 6.. are seen by nobody
+    mask[..., :, 0] = True
+    mask[..., 2, 0] = False
+    masked_query, unseen_keys = (slice(None), slice(None), 2), (slice(None), slice(None), slice(6, None))
+    rows = {"query_hidden": masked_query, "dot_query": masked_query, "key_hidden": unseen_keys, "value": unseen_keys,
+            "dot_key": unseen_keys}
+    dirty = {name: tensor.detach().clone() for name, tensor in args.items()}
+    for name, index in rows.items():
+        dirty[name][index] = float("nan")
+    dirty = {name: tensor.requires_grad_() for name, tensor in dirty.items()}
+    out = KERNELS[kernel](**dirty, mask=mask)
+    clean = KERNELS[kernel](**args, mask=mask)
+    assert torch.isfinite(out).all() and not out[:, :, 2].any()
+    torch.testing.assert_close(out, clean, rtol=1e-6, atol=1e-6)
+    gradient = torch.randn(out.shape, generator=g)
+    got = dict(zip(dirty, torch.autograd.grad(out, list(dirty.values()), gradient), strict=True))
+    want = dict(zip(args, torch.autograd.grad(clean, list(args.values()), gradient), strict=True))
+    for name in args:
+        assert torch.isfinite(got[name]).all(), name
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=name)
+        if name in rows:
+            assert not got[name][rows[name]].any(), name
+
+
 def test_the_materialising_backend_has_second_derivatives():
     # what the error above points to: backend="eager" builds the scores with autograd, so gradient penalties work
     layer = _layer("eager", torch.float64, causal=True)
