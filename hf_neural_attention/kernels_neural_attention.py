@@ -840,8 +840,21 @@ def check_kernel_inputs(
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if second_weight is not None and activation != "relu":
         raise ValueError('mlp="authors" uses relu only')
+    tensors = {"query_hidden": query_hidden, "key_hidden": key_hidden, "value": value, "output_weight": output_weight,
+               "second_weight": second_weight, "second_bias": second_bias, "dot_query": dot_query, "dot_key": dot_key,
+               "mask": mask}
+    for name, tensor in tensors.items():
+        if tensor is None:
+            continue
+        if tensor.device != value.device:  # the C++ kernels would read a device pointer on the host
+            raise ValueError(f"{name} is on {tensor.device} but value is on {value.device}; move every input to "
+                             "one device")
+        if name != "mask" and not tensor.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor (fp32, bf16, fp16 or fp64), got {tensor.dtype}")
     batch, heads, q_len, hidden = query_hidden.shape
     k_len = key_hidden.shape[2]
+    if hidden == 0:
+        raise ValueError("query_hidden and key_hidden have 0 hidden units; the scorer needs at least 1")
     if key_hidden.shape[:2] != (batch, heads) or key_hidden.shape[3] != hidden:
         raise ValueError(
             f"key_hidden {tuple(key_hidden.shape)} does not match query_hidden {tuple(query_hidden.shape)}"
@@ -866,7 +879,11 @@ def check_kernel_inputs(
             raise TypeError(f"mask must be a bool tensor (True = may attend), got {mask.dtype}")
         if mask.dim() > 4:
             raise ValueError(f"mask must have at most 4 dims (batch, heads, q_len, k_len), got {mask.dim()}")
-        torch.broadcast_shapes(mask.shape, (batch, heads, q_len, k_len))  # raises if not broadcastable
+        full = (batch, heads, q_len, k_len)
+        padded = (1,) * (4 - mask.dim()) + tuple(mask.shape)
+        if any(size not in (1, want) for size, want in zip(padded, full, strict=True)):
+            raise ValueError(f"mask {tuple(mask.shape)} does not broadcast to (batch, heads, q_len, k_len) = {full}; "
+                             "each dim must be 1 or that size")
     return output_weight, second_weight, second_bias
 
 

@@ -150,6 +150,24 @@ def test_garbage_in_rows_no_pair_sees_stays_there(kernel):
             assert not got[name][rows[name]].any(), name
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_inputs_that_do_not_fit_are_refused_by_name(kernel):
+    # checked before any kernel runs: a larger mask once passed the check and failed deep inside (reshape / expand),
+    # hidden 0 worked in some kernels and not others, and the C++ kernels would read another device's pointer
+    args = {name: tensor.detach() for name, tensor in _inputs(batch=1, q_len=6, k_len=9).items()}
+    for shape in ((3, 1, 6, 9), (2, 2, 6, 9), (1, 2, 6, 8)):
+        with pytest.raises(ValueError, match=r"mask .* does not broadcast"):
+            KERNELS[kernel](**args, mask=torch.ones(shape, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mask is on meta"):
+        KERNELS[kernel](**args, mask=torch.ones(1, 1, 6, 9, dtype=torch.bool, device="meta"))
+    with pytest.raises(ValueError, match="0 hidden units"):
+        KERNELS[kernel](**{**args, "query_hidden": args["query_hidden"][..., :0], "key_hidden": args["key_hidden"][
+            ..., :0], "output_weight": args["output_weight"][..., :0]})  # fmt: skip
+    for dtype in (torch.int64, torch.complex64):
+        with pytest.raises(TypeError, match="value must be a floating-point tensor"):
+            KERNELS[kernel](**{**args, "value": args["value"].to(dtype)})
+
+
 def test_the_materialising_backend_has_second_derivatives():
     # what the error above points to: backend="eager" builds the scores with autograd, so gradient penalties work
     layer = _layer("eager", torch.float64, causal=True)
