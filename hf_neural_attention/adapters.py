@@ -118,12 +118,14 @@ def adapter_state_dict(model: PreTrainedModel, state_dict: dict[str, torch.Tenso
                         "deepspeed.zero.GatheredParameters(scorer parameters). Nothing was written."
                     )
                 value = param
+            elif full_names.get(id(param)) in state_dict:
+                value = state_dict[full_names[id(param)]]
+            elif not _is_sharded(param):  # left out of it (Trainer's ZeRO-3 save of a PEFT model drops frozen
+                value = param              # parameters), but whole here: small ones stay whole under ZeRO-3
             else:
-                full_name = full_names.get(id(param))
-                if full_name not in state_dict:
-                    raise ValueError(f"The state dict given has no entry {full_name!r} for scorer parameter {key} "
-                                     "(frozen parameters left out?); nothing was written.")
-                value = state_dict[full_name]
+                raise ValueError(f"The state dict given has no entry {full_names.get(id(param))!r} for scorer "
+                                 f"parameter {key}, which is sharded here (frozen parameters left out?); nothing "
+                                 "was written.")
             state[key] = value.detach().contiguous().cpu()
     return state
 

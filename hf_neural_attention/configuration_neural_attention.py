@@ -15,6 +15,7 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from huggingface_hub.dataclasses import strict  # a dependency of transformers, present wherever it is
 from huggingface_hub.errors import StrictDataclassError
 from transformers import GPT2Config, ViTConfig
@@ -83,7 +84,7 @@ class NeuralAttentionConfig:
             if value is None:
                 continue
             try:  # numpy / 0-d tensor integers too, stored as a plain int (they go into JSON configs)
-                if isinstance(value, bool):
+                if isinstance(value, bool) or getattr(value, "dtype", None) == torch.bool:
                     raise TypeError
                 value = operator.index(value)
             except TypeError:

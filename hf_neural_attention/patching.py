@@ -255,14 +255,15 @@ def _patch(model: nn.Module, layers: LayerSelection, config: NeuralAttentionConf
     for (_, module), fallback in zip(modules, fallbacks, strict=True):
         setattr(module, FALLBACK_ATTRIBUTE, fallback)
     if implementation != ATTENTION_NAME:
-        # what unpatch_model restores on this config: a composite's own value need not be any tower's
-        model.__dict__[PREVIOUS_IMPLEMENTATION_ATTRIBUTE] = implementation
         model.set_attn_implementation(ATTENTION_NAME)
         if _current_implementation(model) != ATTENTION_NAME:
             raise RuntimeError(
                 f"transformers refused to switch {type(model).__name__} to {ATTENTION_NAME!r}; "
                 "the scorer would be ignored."
             )
+        # what unpatch_model restores on this config where its towers differ: a composite's own value need not be
+        # any tower's
+        model.__dict__[PREVIOUS_IMPLEMENTATION_ATTRIBUTE] = implementation
     # a module dispatches on the config it holds, which the switch may miss: EncoderDecoderModel gives its encoder a
     # config object of its own and leaves the encoder's layers holding the old one. Switched here too (unpatch_model
     # switches them back), or those layers would skip their scorers without a word.
@@ -419,9 +420,13 @@ def unpatch_model(model: nn.Module) -> nn.Module:
                 module.set_attn_implementation(own[0])
     for module in [module for holder in [*outermost_first, model] for module in holder.modules()]:
         previous = module.__dict__.pop(PREVIOUS_IMPLEMENTATION_ATTRIBUTE, None)
-        # the towers got theirs above; a composite's own value goes back as it was (Llava's follows its language
-        # model, not the vision tower the loop above met first)
-        if previous is not None and isinstance(module, PreTrainedModel) and _current_implementation(module) != previous:
+        if previous is None or not isinstance(module, PreTrainedModel):
+            continue
+        # where the towers' fallbacks differ (they got theirs above), a composite's own value goes back as it was:
+        # Llava's follows its language model, not the vision tower the loop above met first. Where they agree, the
+        # loop's value stands: it is the one a set_attn_implementation after patching asked for
+        own = {fallbacks[id(inner)] for inner in module.modules() if id(inner) in fallbacks}
+        if len(own) > 1 and _current_implementation(module) != previous:
             module.config._attn_implementation_internal = previous
     for _, module in modules:  # configs only the layers hold (see _patch)
         held = getattr(module, "config", None)

@@ -108,6 +108,25 @@ def test_adapter_of_a_peft_model_holds_the_trained_scorers_under_base_model_name
     assert saved.keys() == original.keys() and all(torch.equal(saved[name], original[name]) for name in saved)
 
 
+def test_adapter_from_a_state_dict_without_the_frozen_scorers_takes_them_from_the_model(tmp_path):
+    # Trainer's ZeRO-3 save of a PEFT model gathers only the trainable parameters (exclude_frozen_parameters): frozen
+    # scorers, whole on every rank, come from the model (they were once refused, and no adapter was written)
+    peft = pytest.importorskip("peft")
+    wrapped = peft.get_peft_model(patch_model(tiny_gpt2(), layers=[1], proj_dim=4),
+                                  peft.LoraConfig(target_modules=["c_attn"]))
+    trainable = {name: p.detach() for name, p in wrapped.named_parameters() if p.requires_grad}
+    assert trainable and not any(".neural_scorer." in name for name in trainable)
+    save_neural_adapter(wrapped, tmp_path / "partial", state_dict=trainable)
+    save_neural_adapter(wrapped, tmp_path / "whole")
+    partial, whole = load_file(tmp_path / "partial" / WEIGHTS_NAME), load_file(tmp_path / "whole" / WEIGHTS_NAME)
+    assert partial.keys() == whole.keys() and all(torch.equal(partial[k], whole[k]) for k in whole)
+    # a state dict's own values win where it has them (it is the gathered copy of sharded ones)
+    name = next(n for n, _ in wrapped.named_parameters() if ".neural_scorer." in n)
+    save_neural_adapter(wrapped, tmp_path / "given", state_dict={name: torch.full_like(dict(
+        wrapped.named_parameters())[name], 7.0)})  # fmt: skip
+    assert any(torch.all(t == 7.0) for t in load_file(tmp_path / "given" / WEIGHTS_NAME).values())
+
+
 def test_adapter_naming_a_class_transformers_lacks_is_refused_by_name(tmp_path):
     trained_adapter(tmp_path / "adapter")
     config_path = tmp_path / "adapter" / CONFIG_NAME

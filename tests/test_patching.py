@@ -413,6 +413,7 @@ def test_bad_layer_selections_are_refused_and_leave_the_model_untouched(layers, 
         (dict(mlp_precision="fp16", activation="gelu"), ValueError, r"mlp_precision='fp16'.*activation='gelu'"),
         (dict(mlp_precision="fp16", mlp="authors"), ValueError, r"mlp_precision='fp16'.*mlp='authors'"),
         (dict(proj_dim=True), TypeError, "proj_dim"),
+        (dict(proj_dim=torch.tensor(True)), TypeError, "proj_dim"),
         (dict(proj_dims=8), TypeError, r"unknown setting\(s\) \['proj_dims'\].*did you mean proj_dim\?"),
     ],
 )
@@ -620,6 +621,16 @@ def test_set_attn_implementation_keeps_the_neural_layers_of_models_without_a_hub
     with torch.no_grad():
         assert model.config._attn_implementation == "eager"
         torch.testing.assert_close(model(ids).logits, stock(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_unpatch_keeps_the_implementation_set_after_patching():
+    # README: set_attn_implementation after patching sets what the unpatched layers use; unpatching keeps it (a
+    # composite's own value restored by unpatch_model once overrode it with the value from before patching)
+    model = patch_model(tiny_gpt2(), layers=[0])
+    assert model.config._attn_implementation == ATTENTION_NAME
+    model.set_attn_implementation("eager")
+    unpatch_model(model)
+    assert type(model) is GPT2LMHeadModel and model.config._attn_implementation == "eager"
 
 
 def test_a_patched_sub_model_keeps_sharing_its_parents_config(tmp_path):
