@@ -410,3 +410,28 @@ def test_image_scratch_sizes_follow_a_given_width(argv, hidden, intermediate):
     model_args = run_image.parse_args(["--report_to", "none", *argv])[0]
     config = run_image.scratch_config(model_args, native_size=32, labels=["a", "b"])
     assert (config.hidden_size, config.intermediate_size) == (hidden, intermediate)
+
+
+def test_clm_eval_loss_is_the_mean_next_token_loss(tmp_path):
+    # a model built as GPT2LMHeadModel(config) names no loss type, and Trainer then divided the summed loss by the
+    # unshifted label count: every loss came out (T - 1) / T too low, unlike the same weights reloaded
+    from types import SimpleNamespace
+
+    import run_clm
+    from transformers import GPT2Config, Trainer, TrainingArguments
+
+    class Vocabulary(SimpleNamespace):  # what build_model reads of a tokenizer
+        def __len__(self) -> int:
+            return 50
+
+    model_args = run_clm.parse_args(["--report_to", "none", "--smoke"])[0]
+    torch.manual_seed(0)
+    model = run_clm.build_model(model_args, GPT2Config(n_layer=1, n_embd=16, n_head=2), Vocabulary(eos_token_id=0),
+                                block_size=8).eval()  # fmt: skip
+    ids = torch.randint(0, 50, (4, 8), generator=torch.Generator().manual_seed(2))
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, per_device_eval_batch_size=4)
+    eval_loss = Trainer(model=model, args=args).evaluate([{"input_ids": row, "labels": row} for row in ids])
+    with torch.no_grad():
+        logits = model(ids).logits
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    assert eval_loss["eval_loss"] == pytest.approx(expected.item(), rel=1e-5)
