@@ -221,6 +221,17 @@ def test_smoke_end_to_end_then_two_process_resume(tmp_path, script, auto_class, 
     assert json.loads((single / "trainer_state.json").read_text())["global_step"] == 4
     _check_saved(single, auto_class, hub_class)
 
+    # the saved neural checkpoint evaluated again: it keeps its neural layers (patching them again once failed deep
+    # inside) and gives the final evaluation's loss; the dot arm refuses it instead of reporting it as dot-product
+    again = final_metrics(launch([str(RECIPES / script), "--smoke", "--output_dir", str(tmp_path / "again"),
+                                  "--model_name_or_path", str(single), "--do_train", "False", "--do_predict", "False"]))
+    assert again["eval_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-6)
+    assert again["n_scorer_parameters"] == metrics["n_scorer_parameters"]
+    refused = subprocess.run([sys.executable, str(RECIPES / script), "--smoke", "--output_dir", str(tmp_path / "dot"),
+                              "--model_name_or_path", str(single), "--attention", "dot"], cwd=REPO, env=ENV,
+                             capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert refused.returncode != 0 and "needs a stock checkpoint" in refused.stderr, refused.stderr[-2000:]
+
     # 2 processes (gloo), resuming the single run's step-2 checkpoint, training on to step 6.
     ddp = tmp_path / "ddp"
     out = launch([str(RECIPES / script), "--smoke", "--output_dir", str(ddp), "--max_steps", "6",

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from hf_neural_attention import NeuralAttentionConfig, patch_model, scorer_parameters
+from hf_neural_attention import NeuralAttentionConfig, neural_layers, patch_model, scorer_parameters, set_backend
 from hf_neural_attention.configuration_neural_attention import (
     ACTIVATIONS,
     BACKENDS,
@@ -17,6 +18,9 @@ from hf_neural_attention.configuration_neural_attention import (
 )
 from hf_neural_attention.cpp_neural_attention import cpp_available
 from hf_neural_attention.fused_cpp_neural_attention import fused_cpp_available
+from hf_neural_attention.patching import neural_settings
+
+logger = logging.getLogger(__name__)
 
 ARMS = ("neural", "dot")
 
@@ -104,11 +108,26 @@ def validate_attention_args(args: AttentionArguments, num_layers: int) -> list[i
 
 
 def apply_attention(model: Any, args: AttentionArguments, layers: list[int]) -> Any:
-    """Patch ``layers`` with neural attention for the neural arm; the dot arm keeps the stock model."""
+    """Patch ``layers`` with neural attention for the neural arm; the dot arm keeps the stock model.
+
+    A neural checkpoint (``--model_name_or_path`` saved by a neural run) keeps its own neural layers and settings
+    in the neural arm (only ``--neural_backend`` applies); the dot arm refuses it, which would otherwise train and
+    report a neural model as dot-product.
+    """
+    present = [index for index, _ in neural_layers(model)]
+    if present and args.attention != "neural":
+        raise ValueError(f"The model given by --model_name_or_path has neural layers {present}; the dot-product arm "
+                         "needs a stock checkpoint. Evaluate or continue it with --attention neural.")
     if args.attention != "neural":
         return model
     settings = NeuralAttentionConfig(**neural_config_kwargs(args))
-    model = patch_model(model, layers=layers, config=settings)
+    if present:
+        logger.warning("The model already has neural layers %s: kept with the checkpoint's settings (--neural_layers "
+                       "and the scorer flags are not applied; --neural_backend %s is).", present, settings.backend)
+        set_backend(model, settings.backend)
+        settings = neural_settings(model)[1]
+    else:
+        model = patch_model(model, layers=layers, config=settings)
     if settings.backend in ("auto", "cpp") and not torch.cuda.is_available():
         # build (first run on a machine) or load the C++ kernel now: 10-60 s that would otherwise be counted in the
         # neural arm's train_runtime and not in the dot arm's
