@@ -157,6 +157,16 @@ def test_clm_input_errors(tmp_path, no_training):
                            ):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             run_clm.run(base + flags)
+    with pytest.raises(ValueError, match=r"/nope/model does not exist \(a local path, not a Hub id\)"):
+        run_clm.run(base + ["--model_name_or_path", str(tmp_path / "nope" / "model")])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--neural_backend triton needs a CUDA GPU.*--neural_backend auto"):
+            run_clm.run(base + ["--neural_backend", "triton"])
+    from common.ab import run_ab
+
+    with pytest.raises(ValueError, match="names one arm's checkpoint.*--resume_from_checkpoint latest"):
+        run_ab(base + ["--attention", "ab", "--resume_from_checkpoint", str(tmp_path / "out" / "neural" / "ckpt")],
+               run_clm.run, run_clm.parse_args, "clm", "language modelling")
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2)).save_pretrained(tmp_path / "no_tokenizer")

@@ -19,6 +19,11 @@ def run_ab(argv: list[str], run: Callable[[list[str]], Record], parse_args: Call
     ``recipe`` picks the headline metrics (``"clm"`` / ``"image"``); ``task`` names it in the printed title.
     """
     *_, training_args = parse_args(argv)
+    resume = training_args.resume_from_checkpoint
+    if resume not in (None, "latest"):  # one checkpoint holds one arm: the other's optimizer state would not fit
+        raise ValueError(f"--resume_from_checkpoint {resume} names one arm's checkpoint, and --attention ab runs two; "
+                         "use --resume_from_checkpoint latest (each arm resumes from its own folder), or resume one "
+                         "arm with --attention neural / dot and its --output_dir.")
     base = strip_flag(strip_flag(argv, "attention"), "output_dir")
     records = [run(with_arm_hub_id(base, arm) + ["--attention", arm, "--output_dir",
                                                  os.path.join(training_args.output_dir, arm)])

@@ -104,6 +104,9 @@ def validate_attention_args(args: AttentionArguments, num_layers: int) -> list[i
     layers = resolve_layers(args.neural_layers, num_layers)
     if args.attention == "neural":
         NeuralAttentionConfig(**neural_config_kwargs(args))  # raises with the bad setting named
+        if args.neural_backend == "triton" and not torch.cuda.is_available():
+            raise ValueError("--neural_backend triton needs a CUDA GPU, and this machine has none; use "
+                             "--neural_backend auto (the fused C++ kernel on CPU).")
     return layers
 
 

@@ -73,8 +73,13 @@ def load_named_dataset(name: str, config_name: str | None, local_hint: str, **kw
 
 
 def check_model_reachable(name_or_path: str, local_hint: str) -> None:
-    """Fail early when a Hub model id cannot be fetched: offline and absent from the local cache."""
-    if _is_local(name_or_path) or hub_reachable():
+    """Fail early when a Hub model id cannot be fetched: offline and absent from the local cache; or when a local
+    path (absolute, ``./``, ``~``, or with more than one ``/``, which no Hub id has) does not exist."""
+    if _is_local(name_or_path):
+        return
+    if os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1:
+        raise ValueError(f"{name_or_path} does not exist (a local path, not a Hub id); {local_hint}.")
+    if hub_reachable():
         return
     from huggingface_hub import try_to_load_from_cache
 
