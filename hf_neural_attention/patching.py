@@ -418,16 +418,12 @@ def unpatch_model(model: nn.Module) -> nn.Module:
             current = _current_implementation(module)
             if own and (current == ATTENTION_NAME or (len(set(own)) == 1 and current != own[0])):
                 module.set_attn_implementation(own[0])
-    for module in [module for holder in [*outermost_first, model] for module in holder.modules()]:
-        previous = module.__dict__.pop(PREVIOUS_IMPLEMENTATION_ATTRIBUTE, None)
-        if previous is None or not isinstance(module, PreTrainedModel):
-            continue
-        # where the towers' fallbacks differ (they got theirs above), a composite's own value goes back as it was:
-        # Llava's follows its language model, not the vision tower the loop above met first. Where they agree, the
-        # loop's value stands: it is the one a set_attn_implementation after patching asked for
-        own = {fallbacks[id(inner)] for inner in module.modules() if id(inner) in fallbacks}
-        if len(own) > 1 and _current_implementation(module) != previous:
-            module.config._attn_implementation_internal = previous
+            # where the towers' fallbacks differ (each gets its own after this), a composite's own value goes back
+            # as it was: Llava's follows its language model, not the first tower's own[0]. Where they agree, own[0]
+            # stands: it is what a set_attn_implementation after patching asked for
+            previous = module.__dict__.pop(PREVIOUS_IMPLEMENTATION_ATTRIBUTE, None)
+            if previous is not None and len(set(own)) > 1 and _current_implementation(module) != previous:
+                module.config._attn_implementation_internal = previous
     for _, module in modules:  # configs only the layers hold (see _patch)
         held = getattr(module, "config", None)
         if getattr(held, "_attn_implementation", None) == ATTENTION_NAME:

@@ -50,7 +50,7 @@ from common.attention import (  # noqa: E402
     count_scorer_parameters,
     validate_attention_args,
 )
-from common.cli import given_flags, parse_with_presets  # noqa: E402
+from common.cli import given_flags, parse_with_presets, strip_flag  # noqa: E402
 from common.images import (  # noqa: E402
     IMAGE_COLUMNS,
     LABEL_COLUMNS,
@@ -147,8 +147,7 @@ def _sizes_for(sizes: list[str], flags: set[str]) -> list[str]:
     follows the width (4x, ``scratch_config``) instead of staying at the preset's."""
     if "hidden_size" not in flags or "intermediate_size" in flags:
         return sizes
-    at = sizes.index("--intermediate_size")
-    return sizes[:at] + sizes[at + 2 :]
+    return strip_flag(sizes, "intermediate_size")
 
 
 def parse_args(argv: list[str]) -> tuple[Any, ...]:
