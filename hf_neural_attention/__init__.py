@@ -29,6 +29,7 @@ from .modeling_neural_attention import (
     NeuralAttentionGPT2ForSequenceClassification,
     NeuralAttentionGPT2Model,
     NeuralAttentionViTForImageClassification,
+    NeuralAttentionViTModel,
 )
 from .patching import (
     find_attention_modules,
@@ -53,6 +54,7 @@ def _register_auto_classes() -> None:
         (AutoModelForSequenceClassification, NeuralAttentionGPT2ForSequenceClassification),
         (AutoModelForImageClassification, NeuralAttentionViTForImageClassification),
         (AutoModel, NeuralAttentionGPT2Model),
+        (AutoModel, NeuralAttentionViTModel),
     ):
         auto_class.register(model_class.config_class, model_class, exist_ok=True)
 
@@ -70,6 +72,7 @@ __all__ = [
     "NeuralAttentionTrainer",
     "NeuralAttentionViTConfig",
     "NeuralAttentionViTForImageClassification",
+    "NeuralAttentionViTModel",
     "NeuralScorer",
     "__version__",
     "adopt_hub_class",

@@ -15,6 +15,7 @@ from transformers import (
     GPT2Model,
     ViTConfig,
     ViTForImageClassification,
+    ViTModel,
 )
 
 from .configuration_neural_attention import PACKAGE_VERSION, NeuralAttentionGPT2Config, NeuralAttentionViTConfig
@@ -23,6 +24,7 @@ from .modeling_neural_attention import (
     NeuralAttentionGPT2ForSequenceClassification,
     NeuralAttentionGPT2Model,
     NeuralAttentionViTForImageClassification,
+    NeuralAttentionViTModel,
 )
 
 HUB_CLASS_FOR: dict[type, type] = {
@@ -30,6 +32,7 @@ HUB_CLASS_FOR: dict[type, type] = {
     GPT2ForSequenceClassification: NeuralAttentionGPT2ForSequenceClassification,
     GPT2Model: NeuralAttentionGPT2Model,
     ViTForImageClassification: NeuralAttentionViTForImageClassification,
+    ViTModel: NeuralAttentionViTModel,
 }
 STOCK_CLASS_FOR: dict[type, type] = {hub: stock for stock, hub in HUB_CLASS_FOR.items()}
 STOCK_CLASS_BY_NAME: dict[str, str] = {hub.__name__: stock.__name__ for stock, hub in HUB_CLASS_FOR.items()}
@@ -88,6 +91,7 @@ def adopt_hub_class(model: nn.Module) -> bool:
     config.neural_attention_base_model = name
     config.neural_attention_version = PACKAGE_VERSION
     model.__class__ = hub_class
+    _register_output_capture(model)
     return True
 
 
@@ -116,7 +120,23 @@ def restore_stock_class(model: nn.Module) -> bool:
             ]
         config.__class__ = stock_config
     model.__class__ = stock_class
+    _register_output_capture(model)
     return True
+
+
+def _register_output_capture(model: nn.Module) -> None:
+    """Let ``output_hidden_states`` / ``output_attentions`` work on a model whose class was switched in place.
+
+    transformers records which outputs a model can capture in a registry keyed by the class's name, filled by
+    ``post_init`` when an instance is built; a class an instance was switched to may never have been built, and a bare
+    model (``GPT2Model``, ``ViTModel``) then silently returns ``hidden_states=None``.
+    """
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # a transformers without the registry captures outputs otherwise
+        return
+    # dict.__setitem__: the key is the class's str() in every version (5.24 wraps the assignment, 5.20 does not)
+    dict.__setitem__(_CAN_RECORD_REGISTRY, str(type(model)), getattr(model, "_can_record_outputs", None))
 
 
 def _drop_our_auto_map(config: object) -> None:

@@ -1,10 +1,11 @@
 """Hub model classes: GPT-2 and ViT whose chosen self-attention layers score query/key pairs neurally.
 
-``NeuralAttentionGPT2ForCausalLM``, ``NeuralAttentionGPT2ForSequenceClassification`` and
-``NeuralAttentionViTForImageClassification`` are the stock classes plus one ``NeuralScorer`` per layer named by
-``config.neural_attention_layers``. Every way of building them ends with the scorers in place and the model on
-the ``"neural_attention"`` implementation: ``__init__`` from a config, ``from_pretrained`` of one of our checkpoints
-or of a plain GPT-2/ViT checkpoint (scorers freshly initialised, pretrained weights untouched), ``from_config``.
+``NeuralAttentionGPT2ForCausalLM``, ``NeuralAttentionGPT2ForSequenceClassification``,
+``NeuralAttentionViTForImageClassification`` and the bare ``NeuralAttentionGPT2Model`` / ``NeuralAttentionViTModel`` are
+the stock classes plus one ``NeuralScorer`` per layer named by ``config.neural_attention_layers``. Every way of
+building them ends with the scorers in place and the model on the ``"neural_attention"`` implementation: ``__init__``
+from a config, ``from_pretrained`` of one of our checkpoints or of a plain GPT-2/ViT checkpoint (scorers freshly
+initialised, pretrained weights untouched), ``from_config``.
 
 This file travels with Hub checkpoints (``trust_remote_code``): it imports only torch, transformers and flat
 siblings, so a reader without hf-neural-attention installed can load the model.
@@ -24,6 +25,7 @@ from transformers import (
     GPT2Model,
     PreTrainedModel,
     ViTForImageClassification,
+    ViTModel,
 )
 
 from .backend_neural_attention import ATTENTION_NAME, FALLBACK_ATTRIBUTE, SCORER_ATTRIBUTE
@@ -471,14 +473,49 @@ class NeuralAttentionGPT2Model(NeuralAttentionModelMixin, GPT2Model):
     config_class = NeuralAttentionGPT2Config
 
 
-# what each Auto class loads from a checkpoint of any head (save_pretrained writes them into auto_map for remote code,
-# as the installed plugin registers them): a GPT-2 LM checkpoint gives a classifier, and the other way round. Not
-# ViT: transformers 5.24 renames a ViT head checkpoint's keys when ViTModel loads it under another model_type
-_AUTO_MAP_FOR = {NeuralAttentionGPT2Config: {
-    "AutoModel": NeuralAttentionGPT2Model,
-    "AutoModelForCausalLM": NeuralAttentionGPT2ForCausalLM,
-    "AutoModelForSequenceClassification": NeuralAttentionGPT2ForSequenceClassification,
-}}
+class NeuralAttentionViTModel(NeuralAttentionModelMixin, ViTModel):
+    """The bare ViT (patch features; ``AutoModel``, backbones) with neural attention in
+    ``config.neural_attention_layers``; loads the body of any neural ViT checkpoint."""
+
+    config_class = NeuralAttentionViTConfig
+
+
+def _share_stock_weight_renaming(hub_class: type, stock_class: type) -> None:
+    """Give ``hub_class`` the checkpoint key renaming transformers keeps for ``stock_class`` by class name.
+
+    transformers (5.20+) renames legacy ViT keys (``encoder.layer.0.attention.attention.query``) to its current layout
+    (``layers.0.attention.q_proj``) by looking up the class name ``ViTModel``: a ViT head finds it through its ``vit``
+    sub-model, but the bare ``NeuralAttentionViTModel`` is the root and has another name. Registering it also covers
+    the remote-code copy of the class (transformers applies user-registered mappings to custom code).
+    """
+    try:
+        from transformers.conversion_mapping import (
+            get_checkpoint_conversion_mapping,
+            register_checkpoint_conversion_mapping,
+        )
+    except ImportError:  # a transformers without conversion mappings has no renaming to share
+        return
+    mapping = get_checkpoint_conversion_mapping(stock_class.__name__)
+    if mapping is not None:
+        register_checkpoint_conversion_mapping(hub_class.__name__, mapping, overwrite=True)
+
+
+_share_stock_weight_renaming(NeuralAttentionViTModel, ViTModel)
+
+# what each Auto class loads from a checkpoint of any head or of the bare model (save_pretrained writes them into
+# auto_map for remote code, as the installed plugin registers them): a GPT-2 LM checkpoint gives a classifier, a ViT
+# classifier checkpoint a backbone, and the other way round
+_AUTO_MAP_FOR = {
+    NeuralAttentionGPT2Config: {
+        "AutoModel": NeuralAttentionGPT2Model,
+        "AutoModelForCausalLM": NeuralAttentionGPT2ForCausalLM,
+        "AutoModelForSequenceClassification": NeuralAttentionGPT2ForSequenceClassification,
+    },
+    NeuralAttentionViTConfig: {
+        "AutoModel": NeuralAttentionViTModel,
+        "AutoModelForImageClassification": NeuralAttentionViTForImageClassification,
+    },
+}
 
 NeuralAttentionGPT2Config.register_for_auto_class()
 NeuralAttentionViTConfig.register_for_auto_class()
@@ -486,3 +523,4 @@ NeuralAttentionGPT2Model.register_for_auto_class("AutoModel")
 NeuralAttentionGPT2ForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 NeuralAttentionGPT2ForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
 NeuralAttentionViTForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+NeuralAttentionViTModel.register_for_auto_class("AutoModel")

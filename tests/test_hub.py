@@ -30,6 +30,7 @@ from transformers import (
     GPT2Model,
     ViTConfig,
     ViTForImageClassification,
+    ViTModel,
 )
 
 import hf_neural_attention as hna
@@ -38,6 +39,7 @@ from hf_neural_attention import (
     NeuralAttentionGPT2ForCausalLM,
     NeuralAttentionGPT2Model,
     NeuralAttentionViTConfig,
+    NeuralAttentionViTModel,
     NeuralScorer,
     patch_model,
     unpatch_model,
@@ -73,9 +75,9 @@ def vit_config(**overrides) -> ViTConfig:
     return ViTConfig(**{**values, **overrides})
 
 
-def make_inputs(kind: str) -> dict[str, torch.Tensor]:
+def make_inputs(family: str) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
-    if kind == "vit":
+    if family == "vit":
         return {"pixel_values": torch.randn(2, 3, 8, 8, generator=generator)}
     return {"input_ids": torch.randint(1, 100, (2, SEQ), generator=generator)}
 
@@ -84,6 +86,11 @@ STOCK = {
     "gpt2-lm": (GPT2LMHeadModel, gpt2_config, AutoModelForCausalLM),
     "gpt2-cls": (GPT2ForSequenceClassification, gpt2_config, AutoModelForSequenceClassification),
     "vit": (ViTForImageClassification, vit_config, AutoModelForImageClassification),
+    "vit-body": (ViTModel, vit_config, AutoModel),
+}
+FAMILY_HEADS = {  # the Auto classes a checkpoint of either family names in auto_map (any head loads from any other)
+    "gpt2": {"AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification"},
+    "vit": {"AutoConfig", "AutoModel", "AutoModelForImageClassification"},
 }
 
 
@@ -95,8 +102,10 @@ def patched(kind: str, layers=(0,), **settings) -> torch.nn.Module:
 
 
 def logits(model, kind: str) -> torch.Tensor:
+    """The model's output on fixed inputs: logits of a head, the last hidden state of a bare model."""
     with torch.no_grad():
-        return model(**make_inputs("vit" if kind == "vit" else "gpt2")).logits
+        out = model(**make_inputs(kind.split("-")[0]))
+    return out.logits if "logits" in out else out.last_hidden_state
 
 
 def scorers(model) -> list[NeuralScorer]:
@@ -139,7 +148,7 @@ def test_config_from_newer_version_warns_and_ignores_unknown_keys(tmp_path, capl
 
 
 # --- construction paths --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["gpt2-lm", "gpt2-cls", "vit"])
+@pytest.mark.parametrize("kind", ["gpt2-lm", "gpt2-cls", "vit", "vit-body"])
 def test_every_construction_path_has_the_scorer(kind):
     stock_class, config_fn, auto_class = STOCK[kind]
     hub_class = hna.hub_class_for(stock_class)
@@ -187,7 +196,27 @@ def test_patch_switches_class_in_place_and_unpatch_restores_the_stock_model():
 
 
 # --- round trips ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["gpt2-lm", "gpt2-cls", "vit"])
+@pytest.mark.parametrize("family", ["gpt2", "vit"])
+def test_a_bare_model_switched_in_place_still_returns_hidden_states_and_attentions(family):
+    # transformers looks up what a model can capture by its class's name, registered when an instance is built: the
+    # Hub class a patched bare model switches to (and the stock class it is unpatched to) may never have been built
+    from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+
+    head_kind, _, bare_class, bare_hub_class, _ = BODIES[family]
+    layers = STOCK[head_kind][1]().num_hidden_layers
+    model = bare_class._from_config(STOCK[head_kind][1](), attn_implementation="eager").eval()  # eager: attentions
+    for switch_to, switch in ((bare_hub_class, lambda m: patch_model(m, layers=[0], proj_dim=4)),
+                              (bare_class, unpatch_model)):
+        dict.pop(_CAN_RECORD_REGISTRY, str(switch_to), None)  # as in a process that never built one
+        switch(model)
+        assert type(model) is switch_to
+        with torch.no_grad():
+            out = model(**make_inputs(family), output_hidden_states=True, output_attentions=True)
+        assert out.hidden_states is not None and len(out.hidden_states) == layers + 1, switch_to
+        assert out.attentions is not None and len(out.attentions) == layers, switch_to
+
+
+@pytest.mark.parametrize("kind", ["gpt2-lm", "gpt2-cls", "vit", "vit-body"])
 def test_save_load_round_trip(kind, tmp_path):
     model = patched(kind, layers=[1])
     expected = logits(model, kind)
@@ -195,8 +224,7 @@ def test_save_load_round_trip(kind, tmp_path):
     assert {p.name for p in tmp_path.iterdir()} == written_files(kind)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == model.config.model_type and config["neural_attention_layers"] == [1]
-    gpt2_heads = {"AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification"}
-    assert set(config["auto_map"]) == {"AutoConfig", STOCK[kind][2].__name__} | (gpt2_heads if kind != "vit" else set())
+    assert set(config["auto_map"]) == FAMILY_HEADS[kind.split("-")[0]]
 
     loaded = STOCK[kind][2].from_pretrained(tmp_path).eval()
     assert type(loaded) is type(model)
@@ -207,27 +235,39 @@ def test_save_load_round_trip(kind, tmp_path):
     assert all(torch.equal(original[k], reloaded[k]) for k in original)
 
 
-def test_automodel_loads_the_body_of_a_neural_gpt2_and_a_patched_gpt2model_is_a_hub_class(tmp_path):
-    model = patched("gpt2-lm", layers=[1])
+BODIES = {  # family: (a head's kind, its body's attribute, bare stock class, bare Hub class, the head loaded from bare)
+    "gpt2": ("gpt2-lm", "transformer", GPT2Model, NeuralAttentionGPT2Model, "gpt2-cls"),
+    "vit": ("vit", "vit", ViTModel, NeuralAttentionViTModel, "vit"),
+}
+
+
+@pytest.mark.parametrize("family", BODIES)
+def test_automodel_loads_the_body_of_a_neural_head_and_a_head_loads_a_patched_bare_model(family, tmp_path):
+    head_kind, body_attribute, bare_class, bare_hub_class, other_head = BODIES[family]
+    model = patched(head_kind, layers=[1])
     model.save_pretrained(tmp_path / "head")
     body = AutoModel.from_pretrained(tmp_path / "head").eval()
-    assert type(body) is NeuralAttentionGPT2Model and len(scorers(body)) == 1
-    inputs = make_inputs("gpt2")
+    assert type(body) is bare_hub_class and len(scorers(body)) == 1
+    inputs = make_inputs(family)
     with torch.no_grad():
-        torch.testing.assert_close(body(**inputs).last_hidden_state, model.transformer(**inputs).last_hidden_state,
-                                   rtol=0, atol=0)
-    # a bare GPT2Model patched on its own gets the Hub class too, and comes back stock when unpatched
+        torch.testing.assert_close(body(**inputs).last_hidden_state,
+                                   getattr(model, body_attribute)(**inputs).last_hidden_state, rtol=0, atol=0)
+    # a bare model patched on its own gets the Hub class too, loads back, loads under a head, and comes back stock
+    # when unpatched
     torch.manual_seed(0)
-    bare = patch_model(GPT2Model(gpt2_config()).eval(), layers=[0], proj_dim=4)
-    assert type(bare) is NeuralAttentionGPT2Model
+    bare = patch_model(bare_class(STOCK[head_kind][1]()).eval(), layers=[0], proj_dim=4)
+    assert type(bare) is bare_hub_class
     bare.save_pretrained(tmp_path / "bare")
     reloaded = AutoModel.from_pretrained(tmp_path / "bare").eval()
-    assert type(reloaded) is NeuralAttentionGPT2Model
+    assert type(reloaded) is bare_hub_class
+    head = STOCK[other_head][2].from_pretrained(tmp_path / "bare").eval()
+    assert type(head) is hna.hub_class_for(STOCK[other_head][0]) and len(scorers(head)) == 1
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(**inputs).last_hidden_state, bare(**inputs).last_hidden_state,
-                                   rtol=0, atol=0)
+        expected = bare(**inputs).last_hidden_state
+        torch.testing.assert_close(reloaded(**inputs).last_hidden_state, expected, rtol=0, atol=0)
+        torch.testing.assert_close(getattr(head, body_attribute)(**inputs).last_hidden_state, expected, rtol=0, atol=0)
     unpatch_model(bare)
-    assert type(bare) is GPT2Model and "auto_map" not in bare.config.to_dict()
+    assert type(bare) is bare_class and "auto_map" not in bare.config.to_dict()
 
 
 @pytest.mark.parametrize("backend", ["auto", "eager"])
@@ -338,7 +378,7 @@ REMOTE_LOADER = textwrap.dedent("""
             raise SystemExit("loaded without trust_remote_code")
         except ValueError as error:
             assert "trust_remote_code" in str(error), error
-        model = auto.from_pretrained(job["dir"], trust_remote_code=True, **job.get("kwargs", {})).eval()
+        model = auto.from_pretrained(job["dir"], trust_remote_code=True, **job["kwargs"]).eval()
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         assert model.config._attn_implementation == "neural_attention"
         with torch.no_grad():
@@ -389,36 +429,44 @@ def test_push_to_hub_uploads_what_save_pretrained_writes(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_load_without_the_plugin_in_a_fresh_process(tmp_path, monkeypatch):
-    jobs = []
-    for kind in ("gpt2-lm", "vit"):
-        model = patched(kind, layers=[0, 1])
-        folder = tmp_path / kind
-        if kind == "gpt2-lm":  # what push_to_hub uploads, loaded back
+    jobs, expected = [], []  # each job loads a folder under an Auto class in the fresh process; `read` picks the output
+
+    def job(folder: Path, family: str, auto: str, read: str, want: torch.Tensor, **kwargs) -> None:
+        jobs.append({"dir": str(folder), "auto": auto, "read": read, "kwargs": kwargs,
+                     "inputs": str(tmp_path / f"{family}-in.safetensors"), "out": str(tmp_path / f"{len(jobs)}.st")})
+        expected.append((f"{auto} from {folder.name}", want))
+
+    def body_output(model, family: str) -> torch.Tensor:  # the last layer's hidden states, before any final norm
+        with torch.no_grad():
+            return model(**make_inputs(family), output_hidden_states=True).hidden_states[-1]
+
+    for family in ("gpt2", "vit"):
+        save_file(make_inputs(family), str(tmp_path / f"{family}-in.safetensors"))
+        head_kind = BODIES[family][0]
+        model = patched(head_kind, layers=[0, 1])
+        folder = tmp_path / head_kind
+        if family == "gpt2":  # what push_to_hub uploads, loaded back
             fake_hub_upload(monkeypatch, folder)
             model.push_to_hub("me/neural")
         else:
             model.save_pretrained(folder)
-        inputs = make_inputs("vit" if kind == "vit" else "gpt2")
-        save_file(inputs, str(tmp_path / f"{kind}-in.safetensors"))
-        torch.save(logits(model, kind), tmp_path / f"{kind}-expected.pt")
-        jobs.append({"dir": str(folder), "auto": STOCK[kind][2].__name__, "read": "logits",
-                     "inputs": str(tmp_path / f"{kind}-in.safetensors"), "out": str(tmp_path / f"{kind}-out.st")})
-        if kind == "gpt2-lm":  # the body alone, through AutoModel, and under another head (a new classifier)
-            with torch.no_grad():
-                torch.save(model.transformer(**inputs).last_hidden_state, tmp_path / "gpt2-body-expected.pt")
-            lm = jobs[-1]
-            jobs.append({**lm, "auto": "AutoModel", "read": "last_hidden_state", "out": str(tmp_path / "body.st")})
-            jobs.append({**lm, "auto": "AutoModelForSequenceClassification", "read": "body",
-                         "kwargs": {"pad_token_id": 0}, "out": str(tmp_path / "cls-body.st")})
+        job(folder, family, STOCK[head_kind][2].__name__, "logits", logits(model, head_kind))
+        job(folder, family, "AutoModel", "body", body_output(model, family))  # the body alone
+        # a bare model's checkpoint under a (new) head
+        torch.manual_seed(0)
+        bare = patch_model(BODIES[family][2](STOCK[head_kind][1]()).eval(), layers=[1], proj_dim=4)
+        bare.save_pretrained(tmp_path / f"{family}-bare")
+        other = BODIES[family][4]
+        job(tmp_path / f"{family}-bare", family, STOCK[other][2].__name__, "body", body_output(bare, family),
+            **({"pad_token_id": 0} if family == "gpt2" else {}))
     env = {key: value for key, value in os.environ.items() if not key.startswith(("PYTHON", "HF_"))}
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), HF_MODULES_CACHE=str(tmp_path / "modules"),
                OMP_NUM_THREADS="1", PYTHONNOUSERSITE="1")
     result = subprocess.run([sys.executable, "-c", REMOTE_LOADER, json.dumps(jobs)], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    for job, kind in zip(jobs, ("gpt2-lm", "gpt2-body", "gpt2-body", "vit"), strict=True):
-        expected = torch.load(tmp_path / f"{kind}-expected.pt", weights_only=True)
-        assert torch.equal(load_file(job["out"])["logits"], expected), kind
+    for job_spec, (what, want) in zip(jobs, expected, strict=True):
+        assert torch.equal(load_file(job_spec["out"])["logits"], want), what
 
 
 REMOTE_THEN_PLUGIN = textwrap.dedent("""
