@@ -176,8 +176,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if int(os.environ.get("RANK", "0")) != 0:
         return {"records": records}
     output_dir.mkdir(parents=True, exist_ok=True)
-    metrics = args.metrics or HEADLINE_METRICS[records[0]["recipe"]]
     write_csv(records, output_dir / "results.csv")
+    reported = {k for r in records for k, v in r["metrics"].items() if isinstance(v, (int, float))}
+    # the headline's test_* columns exist only when the runs had a test pass
+    metrics = args.metrics or [m for m in HEADLINE_METRICS[records[0]["recipe"]] if m in reported]
+    unknown = [m for m in metrics if m not in reported]
+    if unknown:  # a typo would fill its column with nan; the runs are saved, so a corrected rerun reuses them
+        raise SystemExit(f"--metrics {' '.join(unknown)}: no run reported {'it' if len(unknown) == 1 else 'them'}. "
+                         f"The runs report: {', '.join(sorted(reported))}. Rerun with those names (the finished "
+                         f"runs are reused; all their metrics are in {output_dir / 'results.csv'}).")
     text = write_markdown(records, metrics, output_dir / "results.md",
                           f"{args.recipe}: neural vs dot-product attention, seeds {args.seeds}")
     plots = plot_curves(records, output_dir)

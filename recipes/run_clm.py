@@ -66,6 +66,7 @@ from common.metrics import (  # noqa: E402
 )
 from common.offline import check_model_reachable, load_named_dataset  # noqa: E402
 from common.sliding_window import sliding_window_nll  # noqa: E402
+from common.splits import hold_out_validation  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -212,8 +213,9 @@ def load_raw_text(data_args: DataArguments) -> datasets.DatasetDict:
     if data_args.max_train_lines is not None:
         raw["train"] = raw["train"].select(range(min(data_args.max_train_lines, len(raw["train"]))))
     if "validation" not in raw:
-        parts = raw["train"].train_test_split(test_size=data_args.validation_split_percentage / 100, seed=0)
-        raw["train"], raw["validation"] = parts["train"], parts["test"]
+        raw["train"], raw["validation"] = hold_out_validation(
+            raw["train"], data_args.validation_split_percentage, "--validation_file"
+        )
     return raw
 
 
@@ -300,11 +302,17 @@ def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
     if name is None:
         return AutoTokenizer.from_pretrained(bundled.gpt2_tokenizer_dir())
     check_model_reachable(name, "pass a local folder with --tokenizer_name / --model_name_or_path")
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    if len(tokenizer) < 2:  # transformers builds an empty tokenizer from a folder without tokenizer files
-        flag = "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path"
-        raise ValueError(f"{flag} {name} holds no usable tokenizer ({len(tokenizer)} token(s)); pass a folder or Hub "
-                         "id that has one with --tokenizer_name.")
+    flag = "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path"
+    no_tokenizer = f"{flag} {name} holds no usable tokenizer"
+    fix = "pass a folder or Hub id that has one with --tokenizer_name."
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        if not os.path.isdir(name):  # a Hub id: transformers' own message says what is wrong
+            raise
+        raise ValueError(f"{no_tokenizer} ({type(error).__name__}: {str(error).splitlines()[0]}); {fix}") from error
+    if len(tokenizer) < 2:  # transformers builds an empty tokenizer from a folder with a config but no vocabulary
+        raise ValueError(f"{no_tokenizer} ({len(tokenizer)} token(s)); {fix}")
     return tokenizer
 
 

@@ -63,6 +63,7 @@ from common.images import (  # noqa: E402
 )
 from common.metrics import classification_metrics  # noqa: E402
 from common.offline import check_model_reachable  # noqa: E402
+from common.splits import hold_out_validation  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -171,9 +172,9 @@ def prepare_splits(raw: datasets.DatasetDict, data_args: DataArguments) -> datas
         raise ValueError(f"The data set has no 'train' split (splits: {sorted(raw)}).")
     splits = datasets.DatasetDict(raw)
     if "validation" not in splits:
-        held = splits["train"].train_test_split(test_size=data_args.validation_split_percentage / 100, seed=0,
-                                                stratify_by_column=None)
-        splits["train"], splits["validation"] = held["train"], held["test"]
+        splits["train"], splits["validation"] = hold_out_validation(
+            splits["train"], data_args.validation_split_percentage, "--validation_dir"
+        )
     for flag, limit in (("--max_train_samples", data_args.max_train_samples),
                         ("--max_eval_samples", data_args.max_eval_samples)):  # fmt: skip
         if limit is not None and limit < 1:  # an empty split breaks the pass that reads it (train, eval or test)

@@ -172,6 +172,19 @@ def test_clm_input_errors(tmp_path, no_training):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2)).save_pretrained(tmp_path / "no_tokenizer")
     with pytest.raises(ValueError, match="holds no usable tokenizer.*--tokenizer_name"):
         run_clm.run(base + ["--model_name_or_path", str(tmp_path / "no_tokenizer")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="--tokenizer_name .*/empty holds no usable tokenizer"):
+        run_clm.run(base + ["--tokenizer_name", str(tmp_path / "empty")])
+    # too little training data to hold out a validation split, or a share that holds out nothing / everything
+    one_line = tmp_path / "one_line.txt"
+    one_line.write_text("a single line of training text\n")
+    with pytest.raises(ValueError, match=r"has 1 row\(s\): too few to hold out 5% .*--validation_file"):
+        run_clm.run(base + ["--train_file", str(one_line)])
+    lines = tmp_path / "lines.txt"
+    lines.write_text("a line of training text\n" * 20)
+    for share in ("0", "100"):
+        with pytest.raises(ValueError, match=f"--validation_split_percentage {share} must lie strictly between"):
+            run_clm.run(base + ["--train_file", str(lines), "--validation_split_percentage", share])
 
 
 def test_image_input_errors(tmp_path, no_training):
@@ -196,6 +209,13 @@ def test_image_input_errors(tmp_path, no_training):
     for flag in ("--max_train_samples", "--max_eval_samples"):
         with pytest.raises(ValueError, match=f"{flag} 0 leaves nothing"):
             run_image.run(base + [flag, "0"])
+    labelled = tmp_path / "labelled"  # class folders, no validation folder: validation is held out of train
+    for label in ("a", "b"):
+        (labelled / label).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(labelled / label / f"{i}.png")
+    with pytest.raises(ValueError, match="--validation_split_percentage 0 must lie strictly between.*--validation_dir"):
+        run_image.run(base + ["--train_dir", str(labelled), "--validation_split_percentage", "0"])
 
 
 # --- end to end ----------------------------------------------------------------------------------------------------
@@ -286,6 +306,8 @@ def test_compare_refuses_results_of_other_arguments_and_arms_get_their_own_hub_r
     compare.main(arguments)  # the same arguments: the stored results are reused
     respelled = arguments[:-6] + ["--report_to=none", "--do_predict", "False", "--max_steps=1"]
     compare.main(respelled)  # the same settings spelled otherwise: reused too
+    with pytest.raises(SystemExit, match="--metrics eval_acuracy: no run reported it.*eval_accuracy"):
+        compare.main(arguments[:8] + ["--metrics", "eval_loss", "eval_acuracy"] + arguments[8:])
     with pytest.raises(SystemExit, match="holds results made with other recipe arguments.*--overwrite"):
         compare.main(arguments[:-6] + ["--max_steps", "2", "--do_predict", "False", "--report_to", "none"])
     assert with_arm_hub_id(["--smoke", "--hub_model_id", "me/a"], "dot") == ["--smoke", "--hub_model_id", "me/a-dot"]
@@ -311,6 +333,19 @@ def test_bench_attention_without_the_sdpa_row_writes_every_output(tmp_path):
                            "--output", str(tmp_path)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert {"bench_attention.csv", "bench_attention.md", "environment.json"} <= {p.name for p in tmp_path.iterdir()}
+
+
+@pytest.mark.parametrize("script, flags, message", [
+    ("bench_attention.py", ["--reps", "0"], "argument --reps: 0 must be at least 1"),
+    ("bench_end_to_end.py", ["--steps", "0"], "argument --steps: 0 must be at least 1"),
+    ("bench_compile.py", ["--device", "gpu"], "--device gpu: not a device name"),
+    pytest.param("bench_end_to_end.py", ["--device", "cuda"], "sees no CUDA GPU; use --device cpu",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")),
+])
+def test_benchmarks_refuse_bad_flags_before_running(script, flags, message):
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *flags], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and message in done.stderr, done.stderr[-3000:]  # argparse's usage-error status
 
 
 def test_push_to_hub_uploads_hub_classes_and_model_card(tmp_path, monkeypatch):
