@@ -46,6 +46,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_args import positive_int  # noqa: E402
 from peak_memory import peak_extra_mb  # noqa: E402
 
 
@@ -338,16 +339,16 @@ def plots(rows, out_dir: Path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="n in {256, 1024}, d' in {2, 16}, forward+backward, 3 reps")
-    p.add_argument("--seq-lens", type=int, nargs="+", default=None, help="default: 128 256 512 1024 2048 4096")
-    p.add_argument("--dims", type=int, nargs="+", default=None, help="d' (hidden = d'); default: 2 8 16")
-    p.add_argument("--batches", type=int, nargs="+", default=None, help="default: 1")
+    p.add_argument("--seq-lens", type=positive_int, nargs="+", default=None, help="default: 128 256 512 1024 2048 4096")
+    p.add_argument("--dims", type=positive_int, nargs="+", default=None, help="d' (hidden = d'); default: 2 8 16")
+    p.add_argument("--batches", type=positive_int, nargs="+", default=None, help="default: 1")
     modes = ["forward", "forward+backward"]
     p.add_argument("--modes", nargs="+", default=None, choices=modes, help="default: both")
     p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--reps", type=int, default=None, help="default: 7 (3 with --quick)")
+    p.add_argument("--heads", type=positive_int, default=12)
+    p.add_argument("--head-dim", type=positive_int, default=64)
+    p.add_argument("--threads", type=positive_int, default=2)
+    p.add_argument("--reps", type=positive_int, default=None, help="default: 7 (3 with --quick)")
     p.add_argument("--bidirectional", action="store_true", help="no causal mask (default: causal, GPT-2)")
     p.add_argument("--dropout", type=float, default=0.0, help="attention dropout probability of every variant")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="inputs and weights")

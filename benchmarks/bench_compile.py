@@ -23,6 +23,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_args import check_device, positive_int  # noqa: E402
 from bench_end_to_end import fill_defaults, gpt2_small, make_variant, percentile, report, train_step  # noqa: E402
 
 
@@ -43,19 +44,20 @@ def worst_relative_gradient_gap(eager: list[torch.Tensor], compiled: list[torch.
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seq-len", type=int, default=None, help="default: 1024 (256 with --quick)")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--layers", type=int, default=None, help="default: 12 (2 with --quick)")
-    parser.add_argument("--steps", type=int, default=None, help="default: 6 (4 with --quick)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seq-len", type=positive_int, default=None, help="default: 1024 (256 with --quick)")
+    parser.add_argument("--batch", type=positive_int, default=1)
+    parser.add_argument("--layers", type=positive_int, default=None, help="default: 12 (2 with --quick)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="default: 6 (4 with --quick)")
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--backend", default="auto", help="the neural layer's backend (auto, cpp, tiled, triton)")
-    parser.add_argument("--proj-dim", type=int, default=8)
+    parser.add_argument("--proj-dim", type=positive_int, default=8)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights)")
     parser.add_argument("--quick", action="store_true", help="seq 256, 2 layers, 4 steps")
     parser.add_argument("--output", type=Path, default=None,
                         help="default: results/compile.csv (results/compile_quick.csv with --quick)")
     args = parser.parse_args()
+    check_device(parser, args.device)
     fill_defaults(args, dict(seq_len=256, layers=2, steps=4), dict(seq_len=1024, layers=12, steps=6), "compile")
     torch.set_num_threads(args.threads)
 

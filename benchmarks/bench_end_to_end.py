@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hf_neural_attention import NeuralAttentionConfig, patch_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_args import check_device, positive_int  # noqa: E402
 from peak_memory import peak_extra_mb  # noqa: E402
 
 VARIANTS = ("sdpa", "neural_d2", "neural_d8", "neural_d16")
@@ -138,11 +139,11 @@ def memory_probe(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seq-len", type=int, default=None, help="default: 1024 (512 with --quick)")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--layers", type=int, default=None, help="default: 12 (4 with --quick)")
-    parser.add_argument("--steps", type=int, default=None, help="default: 8 (5 with --quick)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seq-len", type=positive_int, default=None, help="default: 1024 (512 with --quick)")
+    parser.add_argument("--batch", type=positive_int, default=1)
+    parser.add_argument("--layers", type=positive_int, default=None, help="default: 12 (4 with --quick)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="default: 8 (5 with --quick)")
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS + FP16_MLP_VARIANTS)
     parser.add_argument("--quick", action="store_true", help="seq 512, 4 layers, 5 steps")
@@ -152,6 +153,7 @@ def main() -> None:
                         help="default: results/end_to_end.csv (results/end_to_end_quick.csv with --quick)")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    check_device(parser, args.device)
     if args.memory_probe:
         memory_probe(args)
         return

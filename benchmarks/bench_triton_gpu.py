@@ -40,6 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root: the p
 
 from tests.reference import kernel_reference  # noqa: E402  (float64 materialising reference)
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_args import positive_int  # noqa: E402
+
 DEVICE = "cuda"
 
 
@@ -338,18 +341,18 @@ def tune(fn, mlp, hidden, n, batch, heads, head_dim, causal, repeats, warmup):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
-    ap.add_argument("--hidden", type=int, nargs="+", default=[2, 16], help="d' (= MLP hidden size)")
+    ap.add_argument("--lengths", type=positive_int, nargs="+", default=[1024, 2048, 4096, 8192])
+    ap.add_argument("--hidden", type=positive_int, nargs="+", default=[2, 16], help="d' (= MLP hidden size)")
     ap.add_argument("--mlp", nargs="+", default=["paper", "authors"], choices=["paper", "authors"])
-    ap.add_argument("--heads", type=int, default=12)
-    ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--tokens", type=int, default=16384, help="batch = tokens // n")
+    ap.add_argument("--heads", type=positive_int, default=12)
+    ap.add_argument("--head-dim", type=positive_int, default=64)
+    ap.add_argument("--tokens", type=positive_int, default=16384, help="batch = tokens // n")
     ap.add_argument("--no-causal", action="store_true")
-    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--repeats", type=positive_int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--check-only", action="store_true")
-    ap.add_argument("--tune-repeats", type=int, default=5)
+    ap.add_argument("--tune-repeats", type=positive_int, default=5)
     ap.add_argument("--tune", action="store_true",
                     help="time the candidate block sizes first (n = 4096) and sweep with the best per (MLP, d')")
     ap.add_argument("--csv", default=str(Path(os.environ.get("OUT", ".")) / "bench_triton_gpu.csv"))
