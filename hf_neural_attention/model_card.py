@@ -43,6 +43,16 @@ def _task_suffix(model: Any) -> str | None:
     return next((suffix for suffix in _PIPELINE_TAGS if type(model).__name__.endswith(suffix)), None)
 
 
+def _pipeline_tag(model: Any, suffix: str | None) -> str | None:
+    """The task of a head (by its class's suffix); a bare model (``...Model``) extracts features of its input."""
+    if suffix is not None:
+        return _PIPELINE_TAGS[suffix]
+    if type(model).__name__.endswith("Model"):
+        return {"input_ids": "feature-extraction", "pixel_values": "image-feature-extraction"}.get(
+            getattr(model, "main_input_name", None))
+    return None
+
+
 def build_model_card(model: Any, repo_id: str | None = None, peft: bool = False, title: str | None = None
                      ) -> ModelCard:
     """The card of a neural-attention model (Hub class or patched model).
@@ -64,7 +74,7 @@ def build_model_card(model: Any, repo_id: str | None = None, peft: bool = False,
         library_name="transformers",
         tags=tags,
         base_model=base_model,
-        pipeline_tag=_PIPELINE_TAGS.get(suffix) if suffix else None,
+        pipeline_tag=_pipeline_tag(model, suffix),
     )
     repo = repo_id or "<repo-id>"
     rows = "\n".join(f"| `{name}` | `{value!r}` |" for name, value in settings.to_dict().items())

@@ -257,6 +257,8 @@ def test_automodel_loads_the_body_of_a_neural_head_and_a_head_loads_a_patched_ba
     torch.manual_seed(0)
     bare = patch_model(bare_class(STOCK[head_kind][1]()).eval(), layers=[0], proj_dim=4)
     assert type(bare) is bare_hub_class
+    features = {"gpt2": "feature-extraction", "vit": "image-feature-extraction"}[family]
+    assert hna.build_model_card(bare).data.pipeline_tag == features  # the Hub's widget and search
     bare.save_pretrained(tmp_path / "bare")
     reloaded = AutoModel.from_pretrained(tmp_path / "bare").eval()
     assert type(reloaded) is bare_hub_class
