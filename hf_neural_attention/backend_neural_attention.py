@@ -68,7 +68,7 @@ def _normalise_mask(
       semantics, upper-left aligned also when ``k_len > q_len``).
     - 4-D bool ``(batch|1, heads|1, q_len, k_len)``: True = may attend.
     - 4-D float additive (0 / large negative): turned into a bool mask; any other finite value is a real bias,
-      returned as ``additive_bias`` (only the materialising path applies it).
+      returned as ``additive_bias`` (the kernels add it to the scores).
     """
     q_len, k_len = query.shape[-2], key.shape[-2]
     if attention_mask is None:
@@ -178,11 +178,18 @@ def choose_backend(requested: str, query: torch.Tensor, *, needs_probabilities: 
     ``auto`` takes the fused path that applies: Triton on CUDA when installed; on CPU the C++ kernel when it
     builds (compiled once, then cached), else the pure PyTorch tiled kernel; float64 inputs always take the tiled
     kernel (the fused ones compute in fp32). Every backend falls back to
-    ``eager`` for a call that must return probabilities or apply a real additive bias, since fused kernels never
-    form the probability matrix.
+    ``eager`` for a call that must return probabilities, since fused kernels never form the probability matrix.
+    A real additive bias (T5's position bias) runs on the CPU kernels (the C++ one through its tiled path); the
+    Triton kernel does not fuse one yet, so on it a biased call takes ``eager`` too.
     """
-    if needs_probabilities or has_bias or requested == "eager":
+    if needs_probabilities or requested == "eager":
         return "eager"
+    chosen = _fused_backend(requested, query)
+    return "eager" if has_bias and chosen == "triton" else chosen
+
+
+def _fused_backend(requested: str, query: torch.Tensor) -> str:
+    """The fused backend ``requested`` resolves to for ``query`` (see :func:`choose_backend`)."""
     from .triton_neural_attention import triton_is_usable  # imports triton only when a fused path may run
 
     fused_dtype = query.dtype in _FUSED_DTYPES
@@ -336,6 +343,7 @@ def neural_attention_forward(
         dot_scale=scaling,
         dropout_p=dropout_p,
         generator_seed=seed,
+        score_bias=bias,
         **options,
     )
     return out.transpose(1, 2).contiguous(), None

@@ -796,6 +796,7 @@ def neural_attention_cpp(
     dot_scale: float = 1.0,
     dropout_p: float = 0.0,
     generator_seed: int | Tensor | None = None,
+    score_bias: Tensor | None = None,
     block_size: int | tuple[int, int] | None = None,
 ) -> Tensor:
     """Same contract (``docs/design.md``), tiling and results as
@@ -811,6 +812,6 @@ def neural_attention_cpp(
     return neural_attention_tiled(
         query_hidden, key_hidden, value, output_weight, second_weight, second_bias,
         activation=activation, mask=mask, causal=causal, dot_query=dot_query, dot_key=dot_key, dot_scale=dot_scale,
-        dropout_p=dropout_p, generator_seed=generator_seed, block_size=block_size,
+        dropout_p=dropout_p, generator_seed=generator_seed, score_bias=score_bias, block_size=block_size,
         scorer_factory=_cpp_scorer_factory,
     )  # fmt: skip

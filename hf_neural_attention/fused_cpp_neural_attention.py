@@ -950,10 +950,11 @@ def neural_attention_fused_cpp(
     dot_scale: float = 1.0,
     dropout_p: float = 0.0,
     generator_seed: int | Tensor | None = None,
+    score_bias: Tensor | None = None,
 ) -> Tensor:
-    """The kernel contract of ``docs/design.md``, fully fused in C++ for ``mlp="paper"`` (fp32 arithmetic for
-    fp32 / bf16 / fp16 inputs, dropout included); every other case runs
-    :func:`cpp_neural_attention.neural_attention_cpp`.
+    """The kernel contract of ``docs/design.md``, fully fused in C++ for ``mlp="paper"`` without ``score_bias``
+    (fp32 arithmetic for fp32 / bf16 / fp16 inputs, dropout included); every other case runs
+    :func:`cpp_neural_attention.neural_attention_cpp` (tiled, the MLP in C++).
 
     Shapes: ``query_hidden`` ``(b, h, q_len, hidden)``, ``key_hidden`` ``(b, h, k_len, hidden)``, ``value``
     ``(b, h, k_len, v_dim)`` -> ``(b, h, q_len, v_dim)``.
@@ -963,19 +964,20 @@ def neural_attention_fused_cpp(
         return neural_attention_cpp(
             query_hidden, key_hidden, value, output_weight, second_weight, second_bias,
             activation=activation, mask=mask, causal=causal, dot_query=dot_query, dot_key=dot_key,
-            dot_scale=dot_scale, dropout_p=dropout_p, generator_seed=generator_seed,
+            dot_scale=dot_scale, dropout_p=dropout_p, generator_seed=generator_seed, score_bias=score_bias,
         )  # fmt: skip
 
     # shapes, dtypes of masks and the dropout range: checked once, here (ValueError / TypeError)
     output_weight, second_weight, second_bias = check_kernel_inputs(
         query_hidden, key_hidden, value, output_weight, second_weight, second_bias, activation, mask, dot_query,
-        dot_key, dropout_p,
+        dot_key, dropout_p, score_bias,
     )  # fmt: skip
     batch, heads, q_len, _ = query_hidden.shape
     k_len = key_hidden.shape[2]
     tensors = [query_hidden, key_hidden, value, output_weight, dot_query, dot_key]
     if (
         second_weight is not None  # the authors' MLP
+        or score_bias is not None
         or any(t is not None and (t.dtype not in _FLOAT_DTYPES or t.device.type != "cpu") for t in tensors)
         or q_len == 0
         or k_len == 0

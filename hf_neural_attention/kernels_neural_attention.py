@@ -490,6 +490,29 @@ class _TileMasks:
         return m.expand(self.batch, self.heads, i1 - i0, j1 - j0).reshape(self.batch * self.heads, i1 - i0, j1 - j0)
 
 
+def _bias_tile(bias: Tensor, i0: int, i1: int, j0: int, j1: int, batch: int, heads: int, cdt: torch.dtype) -> Tensor:
+    """The score bias of a tile, broadcastable to ``(G, bq, bk)``, from ``bias`` ``(batch|1, heads|1, q_len|1,
+    k_len|1)``; in the compute dtype."""
+    b = bias[:, :, i0:i1] if bias.shape[2] > 1 else bias
+    b = b[:, :, :, j0:j1] if b.shape[3] > 1 else b
+    if b.shape[0] == 1 and b.shape[1] == 1:
+        return b[0].to(cdt)
+    return b.expand(batch, heads, *b.shape[2:]).reshape(batch * heads, *b.shape[2:]).to(cdt)
+
+
+def _accumulate_bias_grad(dbias: Tensor, ds: Tensor, i0: int, i1: int, j0: int, j1: int, batch: int,
+                          heads: int) -> None:
+    """Add a tile's score gradient ``ds`` ``(G, bq, bk)`` to ``dbias`` (the bias's shape), summed over the dims the
+    bias broadcasts along."""
+    g = ds.view(batch, heads, i1 - i0, j1 - j0)
+    summed = [d for d in range(4) if dbias.shape[d] == 1 and g.shape[d] != 1]
+    if summed:
+        g = g.sum(summed, keepdim=True)
+    rows = slice(i0, i1) if dbias.shape[2] > 1 else slice(None)
+    cols = slice(j0, j1) if dbias.shape[3] > 1 else slice(None)
+    dbias[:, :, rows, cols] += g
+
+
 def _dropout_keep(seed: int, tile: int, shape: tuple[int, ...], p: float, dtype: torch.dtype,
                   device: torch.device) -> Tensor:
     """The tile's scaled keep-mask: a CPU ``torch.Generator`` seeded ``seed + tile`` (the same pattern on every
@@ -567,14 +590,14 @@ def _blocks(block: list[int], G: int, tile_width: int, q_len: int, k_len: int):
 
 
 def _tiled_forward(factory: ScorerFactory | None, A: Tensor, B: Tensor, V: Tensor, w: Tensor, W2: Tensor | None,
-                   b2: Tensor | None, dq: Tensor | None, dk: Tensor | None, mask: Tensor | None, activation: str,
-                   causal: bool, dot_scale: float, dropout_p: float, seed: Tensor,
+                   b2: Tensor | None, dq: Tensor | None, dk: Tensor | None, mask: Tensor | None, bias: Tensor | None,
+                   activation: str, causal: bool, dot_scale: float, dropout_p: float, seed: Tensor,
                    block: list[int]) -> tuple[Tensor, Tensor]:
     """``(out, lse)``: ``(G, q_len, v_dim)`` and ``(G, q_len)`` in the compute dtype (``G = batch * heads``)."""
     batch, heads, q_len, _ = A.shape
     k_len, v_dim = B.shape[2], V.shape[3]
     G, dev = batch * heads, A.device
-    cdt = _compute_dtype(A, B, V, w, W2, b2, dq, dk)
+    cdt = _compute_dtype(A, B, V, w, W2, b2, dq, dk, bias)
     At, Bt, Vf, wg, W2g, b2g, dqs, dkf = _operands(A, B, V, w, W2, b2, dq, dk, dot_scale, cdt)
     dot = dqs is not None
     scorer = _make_scorer(factory, activation, At, Bt, wg, W2g, b2g, need_grad=False)
@@ -596,6 +619,8 @@ def _tiled_forward(factory: ScorerFactory | None, A: Tensor, B: Tensor, V: Tenso
             s = scorer.scores(i0, i1, j0, j1)
             if dot:
                 s.baddbmm_(dqs[:, i0:i1], dkf[:, j0:j1].transpose(1, 2))
+            if bias is not None:
+                s.add_(_bias_tile(bias, i0, i1, j0, j1, batch, heads, cdt))
             if tm is not None:
                 s.masked_fill_(~tm, -math.inf)
             m_new = torch.maximum(m, s.amax(-1))
@@ -615,11 +640,11 @@ def _tiled_forward(factory: ScorerFactory | None, A: Tensor, B: Tensor, V: Tenso
 
 
 def _tiled_backward(factory: ScorerFactory | None, A: Tensor, B: Tensor, V: Tensor, w: Tensor, W2: Tensor | None,
-                    b2: Tensor | None, dq: Tensor | None, dk: Tensor | None, mask: Tensor | None, out: Tensor,
-                    lse: Tensor, grad_out: Tensor, activation: str, causal: bool, dot_scale: float, dropout_p: float,
-                    seed: Tensor, block: list[int]) -> tuple[Tensor, ...]:
-    """Gradients of ``A, B, V, w, W2, b2, dq, dk``, each shaped and typed like its input (empty for an absent
-    one); the scores are recomputed tile by tile."""
+                    b2: Tensor | None, dq: Tensor | None, dk: Tensor | None, mask: Tensor | None, bias: Tensor | None,
+                    out: Tensor, lse: Tensor, grad_out: Tensor, activation: str, causal: bool, dot_scale: float,
+                    dropout_p: float, seed: Tensor, block: list[int]) -> tuple[Tensor, ...]:
+    """Gradients of ``A, B, V, w, W2, b2, dq, dk, bias``, each shaped and typed like its input (empty for an absent
+    one); the scores are recomputed tile by tile. The bias's gradient is the scores' (summed where it broadcasts)."""
     batch, heads, q_len, hidden = A.shape
     k_len, v_dim = B.shape[2], V.shape[3]
     G, dev = batch * heads, A.device
@@ -636,6 +661,7 @@ def _tiled_backward(factory: ScorerFactory | None, A: Tensor, B: Tensor, V: Tens
     dV = torch.zeros(G, k_len, v_dim, dtype=cdt, device=dev)
     ddq = torch.zeros_like(dqs) if dot else None
     ddk = torch.zeros_like(dkf) if dot else None
+    dbias = torch.zeros(bias.shape, dtype=cdt, device=dev) if bias is not None else None
     for qi, (i0, i1) in enumerate(q_blocks):
         dO_i, D_i, lse_i = dO[:, i0:i1], D[:, i0:i1, None], lse[:, i0:i1, None]
         for kj, (j0, j1) in enumerate(k_blocks):
@@ -645,6 +671,8 @@ def _tiled_backward(factory: ScorerFactory | None, A: Tensor, B: Tensor, V: Tens
             s, cache = scorer.scores_for_backward(i0, i1, j0, j1)
             if dot:
                 s.baddbmm_(dqs[:, i0:i1], dkf[:, j0:j1].transpose(1, 2))
+            if bias is not None:
+                s.add_(_bias_tile(bias, i0, i1, j0, j1, batch, heads, cdt))
             if tm is not None:
                 s.masked_fill_(~tm, -math.inf)
             pr = torch.exp_(s.sub_(lse_i))
@@ -656,6 +684,8 @@ def _tiled_backward(factory: ScorerFactory | None, A: Tensor, B: Tensor, V: Tens
             else:
                 dV[:, j0:j1].baddbmm_(pr.transpose(1, 2), dO_i)
             ds = pr.mul_(dp.sub_(D_i))
+            if dbias is not None:
+                _accumulate_bias_grad(dbias, ds, i0, i1, j0, j1, batch, heads)
             scorer.backward(cache, ds, i0, i1, j0, j1)
             if dot:
                 ddq[:, i0:i1].baddbmm_(ds, dkf[:, j0:j1])
@@ -668,7 +698,7 @@ def _tiled_backward(factory: ScorerFactory | None, A: Tensor, B: Tensor, V: Tens
         return g.to(like.dtype).contiguous()
 
     dAt, dBt, dparams = scorer.grads()
-    absent = [A.new_empty(0) for _ in range(4)]  # distinct tensors: an op's outputs may not alias each other
+    absent = [A.new_empty(0) for _ in range(5)]  # distinct tensors: an op's outputs may not alias each other
     return (
         dAt.transpose(1, 2).reshape(batch, heads, q_len, hidden).to(A.dtype).contiguous(),
         dBt.transpose(1, 2).reshape(batch, heads, k_len, hidden).to(B.dtype).contiguous(),
@@ -678,18 +708,19 @@ def _tiled_backward(factory: ScorerFactory | None, A: Tensor, B: Tensor, V: Tens
         per_param(dparams[2], b2) if b2 is not None else absent[1],
         (ddq * dot_scale).view(dq.shape).to(dq.dtype).contiguous() if dot else absent[2],
         ddk.view(dk.shape).to(dk.dtype).contiguous() if dot else absent[3],
+        dbias.to(bias.dtype) if bias is not None else absent[4],
     )
 
 
-def _forward_fake(A, B, V, w, W2, b2, dq, dk, *args):
-    cdt = _compute_dtype(A, B, V, w, W2, b2, dq, dk)
+def _forward_fake(A, B, V, w, W2, b2, dq, dk, mask, bias, *args):
+    cdt = _compute_dtype(A, B, V, w, W2, b2, dq, dk, bias)
     G, q_len = A.shape[0] * A.shape[1], A.shape[2]
     return V.new_empty(G, q_len, V.shape[3], dtype=cdt), V.new_empty(G, q_len, dtype=cdt)
 
 
-def _backward_fake(A, B, V, w, W2, b2, dq, dk, *args):
+def _backward_fake(A, B, V, w, W2, b2, dq, dk, mask, bias, *args):
     return tuple(A.new_empty(0) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
-                 for t in (A, B, V, w, W2, b2, dq, dk))  # fmt: skip
+                 for t in (A, B, V, w, W2, b2, dq, dk, bias))  # fmt: skip
 
 
 _FILE_TAG = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
@@ -719,17 +750,19 @@ def tiled_ops(scorer_factory: ScorerFactory | None = None) -> tuple[Callable, Ca
         tag = hashlib.sha256(f"{_FILE_TAG}:{name}".encode()).hexdigest()[:12]
 
         def forward(A: Tensor, B: Tensor, V: Tensor, w: Tensor, W2: Tensor | None, b2: Tensor | None,
-                    dq: Tensor | None, dk: Tensor | None, mask: Tensor | None, activation: str, causal: bool,
-                    dot_scale: float, dropout_p: float, seed: Tensor, block: list[int]) -> tuple[Tensor, Tensor]:
-            return _tiled_forward(scorer_factory, A, B, V, w, W2, b2, dq, dk, mask, activation, causal, dot_scale,
-                                  dropout_p, seed, block)  # fmt: skip
+                    dq: Tensor | None, dk: Tensor | None, mask: Tensor | None, bias: Tensor | None, activation: str,
+                    causal: bool, dot_scale: float, dropout_p: float, seed: Tensor,
+                    block: list[int]) -> tuple[Tensor, Tensor]:
+            return _tiled_forward(scorer_factory, A, B, V, w, W2, b2, dq, dk, mask, bias, activation, causal,
+                                  dot_scale, dropout_p, seed, block)  # fmt: skip
 
         def backward(A: Tensor, B: Tensor, V: Tensor, w: Tensor, W2: Tensor | None, b2: Tensor | None,
-                     dq: Tensor | None, dk: Tensor | None, mask: Tensor | None, out: Tensor, lse: Tensor,
-                     grad_out: Tensor, activation: str, causal: bool, dot_scale: float, dropout_p: float, seed: Tensor,
-                     block: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-            return _tiled_backward(scorer_factory, A, B, V, w, W2, b2, dq, dk, mask, out, lse, grad_out, activation,
-                                   causal, dot_scale, dropout_p, seed, block)  # fmt: skip
+                     dq: Tensor | None, dk: Tensor | None, mask: Tensor | None, bias: Tensor | None, out: Tensor,
+                     lse: Tensor, grad_out: Tensor, activation: str, causal: bool, dot_scale: float, dropout_p: float,
+                     seed: Tensor, block: list[int]
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+            return _tiled_backward(scorer_factory, A, B, V, w, W2, b2, dq, dk, mask, bias, out, lse, grad_out,
+                                   activation, causal, dot_scale, dropout_p, seed, block)  # fmt: skip
 
         _TILED_OPS[scorer_factory] = (kernel_op(f"tiled_forward_{tag}", _forward_fake)(forward),
                                       kernel_op(f"tiled_backward_{tag}", _backward_fake)(backward))  # fmt: skip
@@ -770,12 +803,12 @@ class _NeuralAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     @autocast_off
-    def forward(ctx, A, B, V, w, W2, b2, dq, dk, mask, cfg):
+    def forward(ctx, A, B, V, w, W2, b2, dq, dk, mask, bias, cfg):
         inputs = (A, B, V, w, W2, b2, dq, dk)
         settings = (cfg["activation"], cfg["causal"], cfg["dot_scale"], cfg["dropout_p"], cfg["seed"], cfg["block"])
         forward_op, _ = cfg["ops"]
-        out, lse = forward_op(*inputs, mask, *settings)
-        ctx.save_for_backward(*inputs, mask, out, lse)
+        out, lse = forward_op(*inputs, mask, bias, *settings)
+        ctx.save_for_backward(*inputs, mask, bias, out, lse)
         ctx.settings, ctx.ops = settings, cfg["ops"]
         batch, heads, q_len, _ = A.shape
         return out.view(batch, heads, q_len, V.shape[3]).to(V.dtype)
@@ -784,10 +817,11 @@ class _NeuralAttentionFunction(torch.autograd.Function):
     @once_differentiable_always  # the backward op is not differentiable: a second derivative must raise
     @autocast_off
     def backward(ctx, grad_out):
-        *inputs, mask, out, lse = ctx.saved_tensors
+        *inputs, mask, bias, out, lse = ctx.saved_tensors
         _, backward_op = ctx.ops
-        grads = backward_op(*inputs, mask, out, lse, grad_out.contiguous(), *ctx.settings)
-        return (*(None if t is None else g for t, g in zip(inputs, grads, strict=True)), None, None)
+        *grads, dbias = backward_op(*inputs, mask, bias, out, lse, grad_out.contiguous(), *ctx.settings)
+        return (*(None if t is None else g for t, g in zip(inputs, grads, strict=True)), None,
+                None if bias is None else dbias, None)
 
 
 def _make_scorer(factory: ScorerFactory | None, activation: str, At: Tensor, Bt: Tensor, wg: Tensor,
@@ -824,6 +858,7 @@ def check_kernel_inputs(
     dot_query: Tensor | None,
     dot_key: Tensor | None,
     dropout_p: float,
+    score_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Validate the kernel contract's inputs (``ValueError`` / ``TypeError`` naming the problem) and return the
     weights as ``(heads or 1, ...)`` views. Every kernel calls it first: the C++ kernels index the tensors directly,
@@ -842,7 +877,7 @@ def check_kernel_inputs(
         raise ValueError('mlp="authors" uses relu only')
     tensors = {"query_hidden": query_hidden, "key_hidden": key_hidden, "value": value, "output_weight": output_weight,
                "second_weight": second_weight, "second_bias": second_bias, "dot_query": dot_query, "dot_key": dot_key,
-               "mask": mask}
+               "mask": mask, "score_bias": score_bias}
     for name, tensor in tensors.items():
         if tensor is None:
             continue
@@ -874,16 +909,18 @@ def check_kernel_inputs(
             batch, heads, k_len) or dot_query.shape[3] != dot_key.shape[3]):  # fmt: skip
         raise ValueError(f"dot_query {tuple(dot_query.shape)} / dot_key {tuple(dot_key.shape)} do not match "
                          f"(batch, heads, q_len | k_len, head_dim) = ({batch}, {heads}, {q_len} | {k_len}, ...)")
-    if mask is not None:
-        if mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor (True = may attend), got {mask.dtype}")
-        if mask.dim() > 4:
-            raise ValueError(f"mask must have at most 4 dims (batch, heads, q_len, k_len), got {mask.dim()}")
+    if mask is not None and mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor (True = may attend), got {mask.dtype}")
+    for name, tensor in (("mask", mask), ("score_bias", score_bias)):
+        if tensor is None:
+            continue
+        if tensor.dim() > 4:
+            raise ValueError(f"{name} must have at most 4 dims (batch, heads, q_len, k_len), got {tensor.dim()}")
         full = (batch, heads, q_len, k_len)
-        padded = (1,) * (4 - mask.dim()) + tuple(mask.shape)
+        padded = (1,) * (4 - tensor.dim()) + tuple(tensor.shape)
         if any(size not in (1, want) for size, want in zip(padded, full, strict=True)):
-            raise ValueError(f"mask {tuple(mask.shape)} does not broadcast to (batch, heads, q_len, k_len) = {full}; "
-                             "each dim must be 1 or that size")
+            raise ValueError(f"{name} {tuple(tensor.shape)} does not broadcast to (batch, heads, q_len, k_len) = "
+                             f"{full}; each dim must be 1 or that size")
     return output_weight, second_weight, second_bias
 
 
@@ -903,25 +940,30 @@ def neural_attention_tiled(
     dot_scale: float = 1.0,
     dropout_p: float = 0.0,
     generator_seed: int | Tensor | None = None,
+    score_bias: Tensor | None = None,
     block_size: int | tuple[int, int] | None = None,
     scorer_factory: ScorerFactory | None = None,
 ) -> Tensor:
     """Neural attention, tiled over query and key blocks with an online softmax (pure PyTorch).
 
     See the kernel contract in ``docs/design.md``: ``query_hidden`` ``(b, h, q_len, hidden)``, ``key_hidden``
-    ``(b, h, k_len, hidden)``, ``value`` ``(b, h, k_len, v_dim)`` -> ``(b, h, q_len, v_dim)``. ``block_size``
-    overrides the automatic ``(block_q, block_k)`` (an int sets both); the dropout pattern depends on it.
-    ``scorer_factory`` supplies another implementation of the per-pair MLP (see :data:`ScorerFactory`).
+    ``(b, h, k_len, hidden)``, ``value`` ``(b, h, k_len, v_dim)`` -> ``(b, h, q_len, v_dim)``. ``score_bias``
+    (float, broadcastable to ``(b, h, q_len, k_len)``; T5's position bias, ALiBi) is added to every score, read tile
+    by tile, and gets its gradient. ``block_size`` overrides the automatic ``(block_q, block_k)`` (an int sets both);
+    the dropout pattern depends on it. ``scorer_factory`` supplies another implementation of the per-pair MLP (see
+    :data:`ScorerFactory`).
     """
     output_weight, second_weight, second_bias = check_kernel_inputs(
         query_hidden, key_hidden, value, output_weight, second_weight, second_bias, activation, mask, dot_query,
-        dot_key, dropout_p,
+        dot_key, dropout_p, score_bias,
     )  # fmt: skip
     batch, heads, q_len, _ = query_hidden.shape
     k_len = key_hidden.shape[2]
     if q_len == 0 or k_len == 0 or batch * heads == 0:
         return empty_attention((query_hidden, key_hidden, value, output_weight, second_weight, second_bias,
-                                dot_query, dot_key))  # fmt: skip
+                                dot_query, dot_key, score_bias))  # fmt: skip
+    if score_bias is not None:  # a view: the gradient comes back in the caller's shape
+        score_bias = score_bias.reshape((1,) * (4 - score_bias.dim()) + tuple(score_bias.shape))
     mask, causal = fold_causal_into_mask(mask, causal, q_len, k_len)
     if block_size is None:
         block = [-1, -1]
@@ -943,12 +985,14 @@ def neural_attention_tiled(
     # rows no pair sees get no gradient; zeroed (differentiably), garbage there (even NaN) cannot reach dw
     query_visible, key_visible = visible_rows(mask, cfg["causal"], q_len, k_len, query_hidden.device)
     # centred in the kernel's compute dtype (after the cast: bf16 offsets would round first; fp64 if any input is)
-    cdt = _compute_dtype(query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key)
+    cdt = _compute_dtype(query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key,
+                         score_bias)
     query_hidden, key_hidden = centre_hidden(query_hidden.to(cdt), key_hidden.to(cdt), query_visible, key_visible)
     value = zero_invisible_rows(value, key_visible)  # P @ V would take 0 * NaN from keys no query sees
     if dot_query is not None:  # dS^T @ dot_query would carry a masked query's garbage into every key's gradient
         dot_query, dot_key = zero_invisible_rows(dot_query, query_visible), zero_invisible_rows(dot_key, key_visible)
     return _NeuralAttentionFunction.apply(
-        query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key, mask, cfg
+        query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key, mask,
+        score_bias, cfg,
     )
 

@@ -37,6 +37,7 @@ from .kernels_neural_attention import (
     check_kernel_inputs,
     empty_attention,
     kernel_op,
+    neural_attention_tiled,
     once_differentiable_always,
     relu_signed_max_operands,
     relu_weight_grad,
@@ -1109,6 +1110,7 @@ def neural_attention_triton(
     dot_scale: float = 1.0,
     dropout_p: float = 0.0,
     generator_seed: int | torch.Tensor | None = None,
+    score_bias: torch.Tensor | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
@@ -1132,13 +1134,21 @@ def neural_attention_triton(
     a one-hot column, dS rounded to bf16: once for bf16 inputs, as hi + lo parts for fp16), otherwise in fp32. The
     softmax, ``P @ V`` and every accumulator stay fp32. Fewer instructions per pair, at fp16 precision of the scores
     (see benchmarks/README.md for the measured error).
+    A ``score_bias`` (not fused here yet) runs the same contract in
+    :func:`kernels_neural_attention.neural_attention_tiled` (PyTorch tiles on the tensors' device).
     Returns (batch, heads, q_len, v_dim) in value's dtype.
     """
     if not TRITON_AVAILABLE:
         raise RuntimeError("neural_attention_triton needs the `triton` package (pip install triton)")
     # shapes, mask dtype, dropout range: the contract's checks, shared with every kernel (ValueError / TypeError)
     check_kernel_inputs(query_hidden, key_hidden, value, output_weight, second_weight, second_bias, activation, mask,
-                        dot_query, dot_key, dropout_p)  # fmt: skip
+                        dot_query, dot_key, dropout_p, score_bias)  # fmt: skip
+    if score_bias is not None:
+        return neural_attention_tiled(
+            query_hidden, key_hidden, value, output_weight, second_weight, second_bias, activation=activation,
+            mask=mask, causal=causal, dot_query=dot_query, dot_key=dot_key, dot_scale=dot_scale, dropout_p=dropout_p,
+            generator_seed=generator_seed, score_bias=score_bias,
+        )  # fmt: skip
     batch, heads, q_len, hidden = query_hidden.shape
     k_len = key_hidden.shape[2]
     if value.dtype not in (torch.float32, torch.bfloat16, torch.float16):

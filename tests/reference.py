@@ -94,8 +94,8 @@ def kernel_reference(query_hidden: torch.Tensor, key_hidden: torch.Tensor, value
                      output_weight: torch.Tensor, second_weight: torch.Tensor | None = None,
                      second_bias: torch.Tensor | None = None, *, activation: str = "relu",
                      mask: torch.Tensor | None = None, causal: bool = False, dot_query: torch.Tensor | None = None,
-                     dot_key: torch.Tensor | None = None, dot_scale: float = 1.0, keep: torch.Tensor | None = None
-                     ) -> torch.Tensor:
+                     dot_key: torch.Tensor | None = None, dot_scale: float = 1.0, keep: torch.Tensor | None = None,
+                     score_bias: torch.Tensor | None = None) -> torch.Tensor:
     """The fused-kernel contract of ``docs/design.md`` in float64, materialising ``(b, h, lq, lk, hidden)``.
 
     Same arguments as the kernels (``A = query_hidden``, ``B = key_hidden``; per-head weights with a leading
@@ -117,6 +117,8 @@ def kernel_reference(query_hidden: torch.Tensor, key_hidden: torch.Tensor, value
         scores = (torch.relu(z) * w[None, :, None, None, :]).sum(-1)
     if dot_query is not None:
         scores = scores + dot_scale * dot_query.double() @ dot_key.double().transpose(-1, -2)
+    if score_bias is not None:
+        scores = scores + score_bias.double()
     lq, lk = scores.shape[-2:]
     valid = torch.ones(lq, lk, dtype=torch.bool, device=scores.device).expand_as(scores)
     if mask is not None:

@@ -176,15 +176,17 @@ def test_fused_ops_pass_opcheck(act):
 
 
 @pytest.mark.parametrize("scorers", ["torch", pytest.param("cpp", marks=needs_cpp)])
-@pytest.mark.parametrize("mlp", ["paper", "authors"])
-def test_tiled_ops_pass_opcheck(scorers, mlp):
+@pytest.mark.parametrize("mlp,bias_shape", [("paper", None), ("authors", None), ("paper", (1, 2, 5, 7)),
+                                            ("authors", (1, 1, 1, 7))])
+def test_tiled_ops_pass_opcheck(scorers, mlp, bias_shape):
     forward_op, backward_op = tiled.tiled_ops(cpp._cpp_scorer_factory if scorers == "cpp" else None)
     inputs, mask = _op_inputs(mlp)
+    bias = None if bias_shape is None else _rand(*bias_shape, seed=12)  # a score bias (T5's position bias)
     settings = ("relu", False, 0.4, 0.2, torch.tensor(77), [4, 4])
-    torch.library.opcheck(forward_op.op, (*inputs, mask, *settings))
-    out, lse = forward_op(*inputs, mask, *settings)
+    torch.library.opcheck(forward_op.op, (*inputs, mask, bias, *settings))
+    out, lse = forward_op(*inputs, mask, bias, *settings)
     grad_out = _rand(*out.shape, seed=11)
-    torch.library.opcheck(backward_op.op, (*inputs, mask, out, lse, grad_out, *settings))
+    torch.library.opcheck(backward_op.op, (*inputs, mask, bias, out, lse, grad_out, *settings))
 
 
 @needs_triton

@@ -1,0 +1,202 @@
+"""An additive score bias (T5's relative position bias, ALiBi, soft masks) in the memory-bounded kernels.
+
+Every kernel that takes ``score_bias`` is checked against the float64 materialising reference
+(``tests.reference.kernel_reference``), forward and every gradient including the bias's own, on fresh random inputs;
+then inside a patched T5, where the auto backend now takes a fused path for the biased self-attention layers.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest
+import torch
+
+from hf_neural_attention import backend_neural_attention as backend
+from hf_neural_attention import patch_model, set_backend
+from hf_neural_attention.cpp_neural_attention import cpp_available, neural_attention_cpp
+from hf_neural_attention.fused_cpp_neural_attention import neural_attention_fused_cpp
+from hf_neural_attention.kernels_neural_attention import neural_attention_tiled
+from tests.reference import fresh_seed, kernel_reference
+
+torch.set_num_threads(1)
+
+needs_cpp = pytest.mark.skipif(os.environ.get("NEURAL_ATTENTION_NO_CPP") == "1" or not cpp_available(),
+                               reason="C++ scorer not built (no compiler, or NEURAL_ATTENTION_NO_CPP=1)")
+KERNELS = {
+    "tiled": neural_attention_tiled,
+    "cpp": pytest.param(neural_attention_cpp, marks=needs_cpp),
+    "fused-cpp": pytest.param(neural_attention_fused_cpp, marks=needs_cpp),  # hands a bias to the tiled C++ path
+}
+DIFFERENTIABLE = ("A", "B", "V", "w", "W2", "b2", "dq", "dk", "bias")
+
+
+def make_inputs(seed: int, *, b: int = 2, h: int = 3, q_len: int = 11, k_len: int = 13, hidden: int = 4,
+                mlp: str = "paper", dot: bool = False, bias_shape: tuple[int, ...] = (1, 3, 11, 13),
+                dtype: torch.dtype = torch.float32, bias_dtype: torch.dtype | None = None
+                ) -> tuple[dict[str, torch.Tensor | None], torch.Generator]:
+    """Random kernel inputs (every one a leaf that requires grad) and the generator that drew them."""
+    g = torch.Generator().manual_seed(fresh_seed(seed))
+
+    def rnd(*shape: int, scale: float = 1.0, dt: torch.dtype = dtype) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * scale).to(dt).requires_grad_()
+
+    t = {"A": rnd(b, h, q_len, hidden), "B": rnd(b, h, k_len, hidden), "V": rnd(b, h, k_len, 5), "W2": None,
+         "b2": None, "dq": None, "dk": None}
+    if mlp == "paper":
+        t["w"] = rnd(h, hidden)
+    else:
+        t["w"], t["W2"], t["b2"] = rnd(h, 2), rnd(h, 2, hidden), rnd(h, 2, scale=0.5)
+    if dot:
+        t["dq"], t["dk"] = rnd(b, h, q_len, 6, scale=0.5), rnd(b, h, k_len, 6, scale=0.5)
+    t["bias"] = rnd(*bias_shape, scale=2.0, dt=bias_dtype or dtype)  # large enough to reorder the scores
+    return t, g
+
+
+def run(kernel, t: dict, **kwargs) -> torch.Tensor:
+    return kernel(t["A"], t["B"], t["V"], t["w"], t["W2"], t["b2"], dot_query=t["dq"], dot_key=t["dk"],
+                  score_bias=t["bias"], **kwargs)
+
+
+def reference(t: dict, **kwargs) -> torch.Tensor:
+    kwargs = {k: v for k, v in kwargs.items() if k != "block_size"}
+    return kernel_reference(t["A"], t["B"], t["V"], t["w"], t["W2"], t["b2"], dot_query=t["dq"], dot_key=t["dk"],
+                            score_bias=t["bias"], **kwargs)
+
+
+def check_against_reference(kernel, t: dict, g: torch.Generator, *, tolerance: float, **kwargs) -> torch.Tensor:
+    """Forward and every gradient within ``tolerance`` (relative to each tensor's largest reference value)."""
+    out = run(kernel, t, **kwargs)
+    ref = reference(t, **kwargs)
+    assert out.dtype == t["V"].dtype and out.shape == ref.shape
+    scale = max(ref.abs().max().item(), 1.0)
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=tolerance * scale)
+    grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    names = [name for name in DIFFERENTIABLE if t[name] is not None]
+    got = torch.autograd.grad(out, [t[n] for n in names], grad_out.to(out.dtype))
+    want = torch.autograd.grad(ref, [t[n] for n in names], grad_out)
+    for name, a, b in zip(names, got, want, strict=True):
+        assert a.dtype == t[name].dtype and a.shape == t[name].shape, name
+        b = b.double()  # the reference's gradients come back in the inputs' dtypes
+        scale = max(b.abs().max().item(), 1.0)
+        torch.testing.assert_close(a.double(), b, rtol=0, atol=tolerance * scale, msg=lambda m, n=name: f"{n}: {m}")
+    return out
+
+
+def padding_with_a_fully_masked_row(b: int, q_len: int, k_len: int) -> torch.Tensor:
+    mask = torch.ones(b, 1, q_len, k_len, dtype=torch.bool)
+    mask[1, :, :, : k_len // 3] = False  # left padding
+    mask[0, :, 4] = False  # a query that sees nothing
+    return mask
+
+
+CASES = [  # (bias shape, mask, mlp, dot, block): every way a bias broadcasts, with and without masks
+    ((1, 3, 11, 13), "causal", "paper", False, (4, 5)),  # T5: one bias for the batch
+    ((2, 3, 11, 13), "padding", "paper", True, (8, 8)),  # per example and head
+    ((2, 1, 11, 13), "none", "authors", False, (3, 16)),  # per example, shared by the heads
+    ((11, 13), "padding", "paper", False, None),  # 2-D: every example and head
+    ((2, 1, 1, 13), "causal", "authors", True, (5, 4)),  # per key (a soft padding mask)
+    ((1, 3, 11, 1), "none", "paper", False, (4, 4)),  # per query (softmax-invariant: its gradient is 0)
+]
+
+
+@pytest.mark.parametrize("kernel", KERNELS.values(), ids=KERNELS.keys())
+@pytest.mark.parametrize("case", CASES, ids=[f"{'x'.join(map(str, c[0]))}-{c[1]}-{c[2]}" for c in CASES])
+def test_score_bias_matches_the_reference_forward_and_backward(kernel, case):
+    bias_shape, mask_kind, mlp, dot, block = case
+    t, g = make_inputs(CASES.index(case), bias_shape=bias_shape, mlp=mlp, dot=dot)
+    mask = padding_with_a_fully_masked_row(2, 11, 13) if mask_kind == "padding" else None
+    tiles = {} if kernel is neural_attention_fused_cpp else {"block_size": block}  # fused-cpp picks its own
+    out = check_against_reference(kernel, t, g, tolerance=2e-5, mask=mask, causal=mask_kind == "causal",
+                                  dot_scale=0.3, **tiles)
+    if mask is not None:  # the query that sees nothing: zero output, and its bias row gets no gradient
+        assert torch.equal(out[0, :, 4], torch.zeros_like(out[0, :, 4]))
+
+
+@pytest.mark.parametrize("kernel", [neural_attention_tiled, pytest.param(neural_attention_cpp, marks=needs_cpp)],
+                         ids=["tiled", "cpp"])
+def test_score_bias_gradcheck_float64(kernel):
+    t, _ = make_inputs(40, b=1, h=2, q_len=5, k_len=6, hidden=3, bias_shape=(1, 2, 5, 6), dtype=torch.float64)
+    mask = torch.tensor([[True] * 6, [False] * 6, [True, False] * 3, [True] * 6, [False] * 5 + [True]])
+
+    def f(A, B, V, w, bias):
+        return kernel(A, B, V, w, activation="gelu", mask=mask, score_bias=bias, block_size=(2, 4))
+
+    assert torch.autograd.gradcheck(f, (t["A"], t["B"], t["V"], t["w"], t["bias"]))
+
+
+@pytest.mark.parametrize("bias_dtype", [torch.float32, torch.bfloat16])
+def test_score_bias_with_bf16_inputs(bias_dtype):
+    """bf16 inputs, fp32 accumulation: within 2e-2 of the float64 reference of the same rounded inputs, forward and
+    every gradient; the bias's gradient comes back in the bias's dtype."""
+    t, g = make_inputs(41, q_len=33, k_len=40, hidden=8, dot=True, bias_shape=(1, 3, 33, 40),
+                       dtype=torch.bfloat16, bias_dtype=bias_dtype)
+    check_against_reference(neural_attention_tiled, t, g, tolerance=2e-2, causal=True, block_size=(8, 16))
+
+
+def test_score_bias_input_errors():
+    t, _ = make_inputs(42)
+    with pytest.raises(ValueError, match=r"score_bias \(1, 3, 11, 12\) does not broadcast to .* \(2, 3, 11, 13\)"):
+        run(neural_attention_tiled, dict(t, bias=torch.zeros(1, 3, 11, 12)))
+    with pytest.raises(TypeError, match="score_bias must be a floating-point tensor"):
+        run(neural_attention_tiled, dict(t, bias=torch.zeros(1, 3, 11, 13, dtype=torch.int64)))
+    with pytest.raises(ValueError, match="score_bias must have at most 4 dims"):
+        run(neural_attention_tiled, dict(t, bias=torch.zeros(1, 1, 3, 11, 13)))
+
+
+# --- inside a model: T5's self-attention passes its relative position bias ---------------------------------------
+def tiny_t5(seed: int = 0) -> torch.nn.Module:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=97, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                      dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0)
+    return T5ForConditionalGeneration(config)
+
+
+def test_a_patched_t5_takes_a_fused_path_and_agrees_with_the_materialising_one(monkeypatch):
+    model = patch_model(tiny_t5(), layers=[0, 1, 2, 3], proj_dim=4)  # encoder and decoder self-attention
+    g = torch.Generator().manual_seed(fresh_seed(43))
+    ids = torch.randint(1, 97, (2, 9), generator=g)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0
+    labels = torch.randint(1, 97, (2, 6), generator=g)
+    chosen = []
+    choose = backend.choose_backend
+    monkeypatch.setattr(backend, "choose_backend", lambda *a, **k: chosen.append(choose(*a, **k)) or chosen[-1])
+
+    def loss_and_grads(name: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        set_backend(model, name)
+        model.zero_grad()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    eager_loss, eager_grads = loss_and_grads("eager")
+    assert set(chosen) == {"eager"}
+    # the learned position bias gets its gradient through the fused paths too
+    assert any("relative_attention_bias" in name for name in eager_grads)
+    for name in ("tiled", "auto"):
+        chosen.clear()
+        loss, grads = loss_and_grads(name)
+        assert "eager" not in chosen and len(chosen) >= 4, chosen
+        torch.testing.assert_close(loss, eager_loss, rtol=0, atol=1e-5)
+        assert grads.keys() == eager_grads.keys()
+        for param, grad in grads.items():
+            scale = max(eager_grads[param].abs().max().item(), 1e-3)
+            torch.testing.assert_close(grad, eager_grads[param], rtol=0, atol=1e-4 * scale, msg=param)
+
+
+def test_a_patched_t5_generates_the_same_tokens_on_the_fused_path():
+    # decoding with a cache: the decoder's position bias is (1, heads, 1, k_len), one query row per step
+    model = patch_model(tiny_t5(seed=1), layers=[0, 1, 2, 3], proj_dim=4).eval()
+    ids = torch.randint(1, 97, (2, 7), generator=torch.Generator().manual_seed(fresh_seed(44)))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    tokens = {}
+    for name in ("eager", "auto"):
+        set_backend(model, name)
+        tokens[name] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    assert torch.equal(tokens["auto"], tokens["eager"])
