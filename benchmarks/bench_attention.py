@@ -16,6 +16,10 @@ shapes by default (12 heads of 64):
   ``Linear`` split into its query and key halves; the last layer's bias, which softmax ignores, dropped): the same
   function as ``eager``, fused.
 
+``--position-bias`` adds a learned per-head score bias ``(1, heads, n, n)`` (T5's relative position bias) to every
+variant: SDPA's float ``attn_mask``, the authors' scores, the kernels' ``score_bias`` (the fused C++ kernel hands
+it to its tiled path); its gradient is part of forward+backward.
+
 Timing: threads pinned, every variant runs once per repetition in turn (interleaved), median / p20 / p80.
 Peak extra memory: each (variant, config) runs once in a fresh subprocess, reporting the peak resident set
 during one call minus the resident set before it (inputs already allocated; Linux ``VmHWM`` reset through
@@ -24,6 +28,7 @@ during one call minus the resident set before it (inputs already allocated; Linu
 
     python benchmarks/bench_attention.py --quick
     python benchmarks/bench_attention.py --seq-lens 128 256 512 1024 2048 4096 --dims 2 8 16 --batches 1 4
+    python benchmarks/bench_attention.py --quick --position-bias --backends sdpa tiled fused-cpp eager
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ neural_attention_fused_cpp = _fused.neural_attention_fused_cpp
 BACKENDS = ("sdpa", "tiled", "cpp", "fused-cpp", "cpp-authors", "eager")
 DROPOUT_P = 0.0  # attention dropout of every variant (--dropout); a fixed seed for the fused ones
 DTYPE = torch.float32  # of q, k, v and the projection / MLP weights (--dtype)
+POSITION_BIAS = False  # a learned (1, heads, n, n) score bias in every variant (--position-bias)
 CPP_BACKENDS = ("cpp", "fused-cpp", "cpp-authors")
 
 
@@ -101,6 +107,7 @@ def make_problem(batch: int, heads: int, n: int, head_dim: int, d: int, seed: in
         "L2": torch.nn.Linear(d, hidden2, dtype=DTYPE),
         "L3": torch.nn.Linear(hidden2, 1, dtype=DTYPE),
     }
+    weights["bias"] = rnd(1, heads, n, n) if POSITION_BIAS else None
     return qkv, weights
 
 
@@ -110,7 +117,7 @@ def neural_fused(fn, qkv, wt, causal):
     kp = k @ wt["Pk"] + wt["ck"]
     A = torch.einsum("bhnd,hmd->bhnm", qp, wt["Wq"]) + wt["bh"][None, :, None, :]
     B = torch.einsum("bhnd,hmd->bhnm", kp, wt["Wk"])
-    return fn(A, B, v, wt["wa"], causal=causal, dropout_p=DROPOUT_P, generator_seed=0)
+    return fn(A, B, v, wt["wa"], causal=causal, dropout_p=DROPOUT_P, generator_seed=0, score_bias=wt["bias"])
 
 
 def authors_eager(qkv, wt, causal):
@@ -122,6 +129,8 @@ def authors_eager(qkv, wt, causal):
         [qp[:, :, :, None, :].expand(-1, -1, -1, n, -1), kp[:, :, None, :, :].expand(-1, -1, n, -1, -1)], dim=-1
     )  # (b, h, n, n, 2d')
     score = wt["L3"](torch.relu(wt["L2"](torch.relu(wt["L1"](pair))))).squeeze(-1)
+    if wt["bias"] is not None:
+        score = score + wt["bias"]
     if causal:
         score = score.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
     return torch.nn.functional.dropout(torch.softmax(score, dim=-1), DROPOUT_P) @ v
@@ -136,12 +145,19 @@ def authors_fused(qkv, wt, causal):
     A = torch.nn.functional.linear(qp, W1[:, :d], wt["L1"].bias)
     B = torch.nn.functional.linear(kp, W1[:, d:])
     W2, b2, w3 = wt["L2"].weight[None], wt["L2"].bias[None], wt["L3"].weight  # shared by all heads
-    return neural_attention_cpp(A, B, v, w3, W2, b2, causal=causal, dropout_p=DROPOUT_P, generator_seed=0)
+    return neural_attention_cpp(A, B, v, w3, W2, b2, causal=causal, dropout_p=DROPOUT_P, generator_seed=0,
+                                score_bias=wt["bias"])
 
 
 def sdpa(qkv, wt, causal):
     q, k, v = qkv
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=DROPOUT_P)
+    bias = wt["bias"]
+    if bias is None:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=DROPOUT_P)
+    if causal:  # SDPA takes is_causal or a mask, not both
+        n = q.shape[2]
+        bias = bias.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=DROPOUT_P)
 
 
 def variant(backend: str):
@@ -197,6 +213,8 @@ def measure_memory(backend, cfg, args) -> float | None:
     ]  # fmt: skip
     if args.bidirectional:
         cmd.append("--bidirectional")
+    if args.position_bias:
+        cmd.append("--position-bias")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, check=True)
@@ -285,7 +303,8 @@ def markdown(rows, env):
     lines = [
         f"Device: {env['cpu']}, {env['threads']} thread(s); torch {env['torch']}; {env['attention']}; "
         f"{env['heads']} heads of {env['head_dim']}, {env.get('dtype', 'float32')}, attention dropout "
-        f"{env.get('dropout', 0.0)}.",
+        f"{env.get('dropout', 0.0)}" + (", a learned (1, heads, n, n) score bias" if env.get("position_bias") else "")
+        + ".",
         "",
         "| mode | batch | n | d' | backend | median ms | p20-p80 ms | x SDPA | peak extra MB |",
         "|---|---:|---:|---:|---|---:|---:|---:|---:|",
@@ -352,6 +371,8 @@ def main(argv=None):
     p.add_argument("--bidirectional", action="store_true", help="no causal mask (default: causal, GPT-2)")
     p.add_argument("--dropout", type=float, default=0.0, help="attention dropout probability of every variant")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="inputs and weights")
+    p.add_argument("--position-bias", action="store_true",
+                   help="a learned (1, heads, n, n) score bias in every variant (T5); writes to results/position_bias")
     p.add_argument("--eager-cap-gb", type=float, default=8.0, help="skip eager where predicted memory exceeds this")
     p.add_argument("--no-memory", action="store_true", help="skip the subprocess memory probes")
     p.add_argument("--output", type=Path, default=None,
@@ -365,8 +386,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not 0.0 <= args.dropout < 1.0:
         p.error(f"--dropout must be in [0, 1); got {args.dropout}")
-    global DROPOUT_P, DTYPE
-    DROPOUT_P, DTYPE = args.dropout, getattr(torch, args.dtype)
+    global DROPOUT_P, DTYPE, POSITION_BIAS
+    DROPOUT_P, DTYPE, POSITION_BIAS = args.dropout, getattr(torch, args.dtype), args.position_bias
     if args.probe:
         return memory_probe(args)
     # --quick fills in only what was not given (an explicit flag always wins), and writes apart from the kept results
@@ -375,6 +396,8 @@ def main(argv=None):
     if args.quick:
         defaults.update(seq_lens=[256, 1024], dims=[2, 16], reps=3, modes=["forward+backward"],
                         output=ROOT / "benchmarks" / "results" / "quick")
+    if args.position_bias:  # its own folder: the kept results are without a bias
+        defaults["output"] = ROOT / "benchmarks" / "results" / "position_bias" / ("quick" if args.quick else "")
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -387,6 +410,7 @@ def main(argv=None):
         "attention": "causal" if not args.bidirectional else "bidirectional",
         "dropout": args.dropout,
         "dtype": args.dtype,
+        "position_bias": args.position_bias,
         "heads": args.heads,
         "head_dim": args.head_dim,
         "cpp_built": cpp_available() if set(CPP_BACKENDS) & set(args.backends) else False,

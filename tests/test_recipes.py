@@ -327,12 +327,17 @@ def test_resume_latest_without_checkpoints_names_the_save_strategy(tmp_path):
                        "--resume_from_checkpoint", "latest", "--report_to", "none"])
 
 
-def test_bench_attention_without_the_sdpa_row_writes_every_output(tmp_path):
+@pytest.mark.parametrize("flags", [["--backends", "tiled", "--modes", "forward"],
+                                   ["--position-bias", "--backends", "sdpa", "tiled", "eager"]])
+def test_bench_attention_writes_every_output(tmp_path, flags):
+    # without the sdpa row (no ratio to print); with a score bias in every variant, forward and backward
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_attention.py"), "--seq-lens", "64",
-                           "--dims", "2", "--reps", "1", "--modes", "forward", "--backends", "tiled", "--no-memory",
-                           "--output", str(tmp_path)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=240)
+                           "--dims", "2", "--reps", "1", "--no-memory", "--output", str(tmp_path), *flags], cwd=REPO,
+                          env=ENV, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert {"bench_attention.csv", "bench_attention.md", "environment.json"} <= {p.name for p in tmp_path.iterdir()}
+    rows = (tmp_path / "bench_attention.csv").read_text().splitlines()[1:]
+    assert len(rows) == (1 if "--position-bias" not in flags else 6) and all(",ok," in row for row in rows)
 
 
 @pytest.mark.parametrize("script, flags, message", [
