@@ -495,11 +495,36 @@ void check_all(std::initializer_list<torch::Tensor> ts, const torch::Tensor& lik
   }
 }
 
+void check_size(const torch::Tensor& t, const char* name, c10::IntArrayRef sizes) {
+  TORCH_CHECK(t.sizes().equals(sizes), "neural attention cpp: ", name, " has shape ", t.sizes(), ", expected ", sizes);
+}
+
+// The kernels index raw pointers: the operands must agree and the tile must lie inside the pairs.
+void check_tile(const torch::Tensor& At, const torch::Tensor& Bt, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+  TORCH_CHECK(At.dim() == 3 && Bt.dim() == 3 && Bt.size(0) == At.size(0) && Bt.size(1) == At.size(1),
+              "neural attention cpp: At (G, hidden, q_len) and Bt (G, hidden, k_len) expected, got ", At.sizes(),
+              " and ", Bt.sizes());
+  TORCH_CHECK(0 <= i0 && i0 <= i1 && i1 <= At.size(2) && 0 <= j0 && j0 <= j1 && j1 <= Bt.size(2),
+              "neural attention cpp: tile [", i0, ", ", i1, ") x [", j0, ", ", j1, ") outside the ", At.size(2),
+              " x ", Bt.size(2), " pairs");
+}
+
+void check_authors_weights(const torch::Tensor& At, const torch::Tensor& W2, const torch::Tensor& b2,
+                           const torch::Tensor& w3) {
+  TORCH_CHECK(W2.dim() == 3 && W2.size(1) % 4 == 0,
+              "neural attention cpp: W2 (G, hidden2, hidden) with hidden2 a multiple of 4 (zero-padded) expected");
+  check_size(W2, "W2", {At.size(0), W2.size(1), At.size(1)});
+  check_size(b2, "b2", {At.size(0), W2.size(1)});
+  check_size(w3, "w3", {At.size(0), W2.size(1)});
+}
+
 }  // namespace
 
 torch::Tensor paper_scores(torch::Tensor At, torch::Tensor Bt, torch::Tensor w, int64_t act, int64_t i0,
                            int64_t i1, int64_t j0, int64_t j1) {
   check_all({At, Bt, w}, At);
+  check_tile(At, Bt, i0, i1, j0, j1);
+  check_size(w, "w", {At.size(0), At.size(1)});
   const int64_t G = At.size(0), K = At.size(1), Lq = At.size(2), Lk = Bt.size(2);
   auto S = torch::empty({G, i1 - i0, j1 - j0}, At.options());
   AT_DISPATCH_FLOATING_TYPES(At.scalar_type(), "paper_scores", [&] {
@@ -512,6 +537,11 @@ torch::Tensor paper_scores(torch::Tensor At, torch::Tensor Bt, torch::Tensor w, 
 void paper_backward(torch::Tensor At, torch::Tensor Bt, torch::Tensor dS, torch::Tensor GA, torch::Tensor GB,
                     torch::Tensor dw, int64_t act, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
   check_all({At, Bt, dS, GA, GB, dw}, At);
+  check_tile(At, Bt, i0, i1, j0, j1);
+  check_size(dS, "dS", {At.size(0), i1 - i0, j1 - j0});
+  check_size(GA, "GA", At.sizes());
+  check_size(GB, "GB", Bt.sizes());
+  check_size(dw, "dw", {At.size(0), At.size(1)});
   const int64_t G = At.size(0), K = At.size(1), Lq = At.size(2), Lk = Bt.size(2);
   AT_DISPATCH_FLOATING_TYPES(At.scalar_type(), "paper_backward", [&] {
     dispatch_paper_backward<scalar_t>(act, At.data_ptr<scalar_t>(), Bt.data_ptr<scalar_t>(),
@@ -523,6 +553,8 @@ void paper_backward(torch::Tensor At, torch::Tensor Bt, torch::Tensor dS, torch:
 torch::Tensor authors_scores(torch::Tensor At, torch::Tensor Bt, torch::Tensor W2, torch::Tensor b2,
                              torch::Tensor w3, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
   check_all({At, Bt, W2, b2, w3}, At);
+  check_tile(At, Bt, i0, i1, j0, j1);
+  check_authors_weights(At, W2, b2, w3);
   const int64_t G = At.size(0), K = At.size(1), H2 = W2.size(1), Lq = At.size(2), Lk = Bt.size(2);
   auto S = torch::empty({G, i1 - i0, j1 - j0}, At.options());
   AT_DISPATCH_FLOATING_TYPES(At.scalar_type(), "authors_scores", [&] {
@@ -537,6 +569,14 @@ void authors_backward(torch::Tensor At, torch::Tensor Bt, torch::Tensor W2, torc
                       torch::Tensor dS, torch::Tensor GA, torch::Tensor GB, torch::Tensor dW2, torch::Tensor db2,
                       torch::Tensor dw3, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
   check_all({At, Bt, W2, b2, w3, dS, GA, GB, dW2, db2, dw3}, At);
+  check_tile(At, Bt, i0, i1, j0, j1);
+  check_authors_weights(At, W2, b2, w3);
+  check_size(dS, "dS", {At.size(0), i1 - i0, j1 - j0});
+  check_size(GA, "GA", At.sizes());
+  check_size(GB, "GB", Bt.sizes());
+  check_size(dW2, "dW2", W2.sizes());
+  check_size(db2, "db2", b2.sizes());
+  check_size(dw3, "dw3", w3.sizes());
   const int64_t G = At.size(0), K = At.size(1), H2 = W2.size(1), Lq = At.size(2), Lk = Bt.size(2);
   AT_DISPATCH_FLOATING_TYPES(At.scalar_type(), "authors_backward", [&] {
     authors_backward_impl<scalar_t>(At.data_ptr<scalar_t>(), Bt.data_ptr<scalar_t>(), W2.data_ptr<scalar_t>(),

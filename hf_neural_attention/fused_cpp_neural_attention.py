@@ -635,6 +635,11 @@ void check_f32(const torch::Tensor& t, const char* name) {
               "fused neural attention: ", name, " must be a contiguous fp32 CPU tensor");
 }
 
+void check_size(const torch::Tensor& t, const char* name, c10::IntArrayRef sizes) {
+  TORCH_CHECK(t.sizes().equals(sizes), "fused neural attention: ", name, " has shape ", t.sizes(), ", expected ",
+              sizes);
+}
+
 Problem make_problem(const torch::Tensor& A, const torch::Tensor& At, const torch::Tensor& B,
                      const torch::Tensor& Bt, const torch::Tensor& V, const torch::Tensor& w,
                      const c10::optional<torch::Tensor>& dq, const c10::optional<torch::Tensor>& dk,
@@ -642,6 +647,8 @@ Problem make_problem(const torch::Tensor& A, const torch::Tensor& At, const torc
                      int64_t heads, bool causal, double dot_scale, int64_t act, int64_t block, double dropout_p) {
   check_f32(A, "A"); check_f32(At, "At"); check_f32(B, "B"); check_f32(Bt, "Bt"); check_f32(V, "V");
   check_f32(w, "w");
+  TORCH_CHECK(A.dim() == 3 && At.dim() == 3 && B.dim() == 3 && Bt.dim() == 3 && V.dim() == 3,
+              "fused neural attention: A, At, B, Bt and V must be 3-D (batch * heads, len, dim)");
   Problem p{};
   p.A = A.data_ptr<float>(); p.At = At.data_ptr<float>(); p.B = B.data_ptr<float>(); p.Bt = Bt.data_ptr<float>();
   p.V = V.data_ptr<float>(); p.w = w.data_ptr<float>();
@@ -654,6 +661,8 @@ Problem make_problem(const torch::Tensor& A, const torch::Tensor& At, const torc
   p.batch = batch; p.heads = heads;
   TORCH_CHECK(p.G == batch * heads, "fused neural attention: G != batch * heads");
   p.dot = dq.has_value();
+  TORCH_CHECK(dq.has_value() == dk.has_value(), "fused neural attention: dot_query and dot_key go together");
+  TORCH_CHECK(block >= 1, "fused neural attention: block must be >= 1");
   if (p.dot) {
     check_f32(*dq, "dot_query"); check_f32(*dk, "dot_key");
     p.dq = dq->data_ptr<float>(); p.dk = dk->data_ptr<float>(); p.Dd = dq->size(2);
@@ -673,6 +682,21 @@ Problem make_problem(const torch::Tensor& A, const torch::Tensor& At, const torc
   p.threshold = static_cast<uint32_t>(std::min(dropout_p * 4294967296.0, 4294967295.0));
   p.drop_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
   return p;
+}
+
+// The kernels index raw pointers: every size they read must agree (called once the lengths are final).
+void check_shapes(const Problem& p, const torch::Tensor& Bt, const torch::Tensor& V, const torch::Tensor& w,
+                  const c10::optional<torch::Tensor>& dq, const c10::optional<torch::Tensor>& dk,
+                  const c10::optional<torch::Tensor>& mask, const torch::Tensor& cvec, int64_t act) {
+  check_size(Bt, "Bt", {p.G, p.K, p.Lk});
+  check_size(V, "V", {p.G, p.Lk, p.Dv});
+  check_size(w, "w", {p.G, p.K});
+  if (p.dot) {
+    check_size(*dq, "dot_query", {p.G, p.Lq, p.Dd});
+    check_size(*dk, "dot_key", {p.G, p.Lk, p.Dd});
+  }
+  if (mask.has_value()) check_size(*mask, "mask", {p.batch, p.heads, p.Lq, p.Lk});  // expanded; strides may be 0
+  if (act == RELU) check_size(cvec, "cvec", {p.G, p.Lk});
 }
 
 // the per-query and per-key dropout keys (after the lengths are final)
@@ -697,8 +721,8 @@ std::vector<torch::Tensor> fused_forward(torch::Tensor A, torch::Tensor Bt, torc
   Problem p = make_problem(A, A, Bt, Bt, V, w, dq, dk, mask, cvec, batch, heads, causal, dot_scale, act, block,
                            dropout_p);
   p.Lk = Bt.size(2);
+  check_shapes(p, Bt, V, w, dq, dk, mask, cvec, act);
   set_dropout_keys(p, seed);
-  TORCH_CHECK(act != RELU || cvec.numel() == p.G * p.Lk, "fused neural attention: cvec must be (G, Lk)");
   auto out = torch::empty({p.G, p.Lq, p.Dv}, V.options());
   auto lse = torch::empty({p.G, p.Lq}, V.options());
   NA_DISPATCH_ACT(act, forward_impl, p, out.data_ptr<float>(), lse.data_ptr<float>());
@@ -713,9 +737,14 @@ std::vector<torch::Tensor> fused_backward(torch::Tensor A, torch::Tensor At, tor
                                           int64_t block, bool single_pass, double dropout_p, int64_t seed) {
   Problem p = make_problem(A, At, B, Bt, V, w, dq, dk, mask, cvec, batch, heads, causal, dot_scale, act, block,
                            dropout_p);
-  set_dropout_keys(p, seed);
+  check_shapes(p, Bt, V, w, dq, dk, mask, cvec, act);
+  check_size(At, "At", {p.G, p.K, p.Lq});
+  check_size(B, "B", {p.G, p.Lk, p.K});
   check_f32(lse, "lse"); check_f32(dO, "dO"); check_f32(D, "D");
-  TORCH_CHECK(act != RELU || cvec.numel() == p.G * p.Lk, "fused neural attention: cvec must be (G, Lk)");
+  check_size(lse, "lse", {p.G, p.Lq});
+  check_size(dO, "dO", {p.G, p.Lq, p.Dv});
+  check_size(D, "D", {p.G, p.Lq});
+  set_dropout_keys(p, seed);
   p.lse = lse.data_ptr<float>(); p.dO = dO.data_ptr<float>(); p.D = D.data_ptr<float>();
   const int64_t nqb = (p.Lq + block - 1) / block;
   auto dA = torch::empty({p.G, p.Lq, p.K}, V.options());

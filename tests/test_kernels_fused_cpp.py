@@ -354,3 +354,40 @@ def test_strided_inputs_from_the_attention_layout(activation):
     args = {"query_hidden": q, "key_hidden": k, "value": v, "output_weight": w}
     assert not q.is_contiguous()
     _check(args, activation=activation, causal=True)
+
+
+def test_the_cpp_entry_points_refuse_inconsistent_shapes():
+    # the public functions validate first; the ops and extension functions below them index raw pointers, so they
+    # check every size they read themselves (a direct call, or a bug above them, must not read out of bounds)
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape)
+
+    G, q_len, k_len, hidden, v_dim, batch, heads = 2, 9, 70, 4, 3, 1, 2
+    mask = torch.ones(batch, heads, q_len, k_len, dtype=torch.bool)
+    good = [rand(G, q_len, hidden), rand(G, hidden, k_len), rand(G, k_len, v_dim), rand(G, hidden), None, None, mask,
+            rand(G, k_len), batch, heads, False, 1.0, 0, 64, 0.0, torch.tensor(1)]
+    fused_cpp_neural_attention._fused_forward(*good)
+    for index, bad, message in [
+        (2, rand(G, k_len - 1, v_dim), r"V has shape \[2, 69, 3\], expected \[2, 70, 3\]"),
+        (6, torch.ones(batch, 1, q_len, k_len, dtype=torch.bool), r"mask has shape \[1, 1, 9, 70\], expected"),
+        (3, rand(G, hidden + 1), r"w has shape \[2, 5\], expected \[2, 4\]"),
+        (4, rand(G, q_len, 5), "dot_query and dot_key go together"),
+        (7, rand(G, k_len + 1), "cvec has shape"),
+        (13, 0, "block must be >= 1"),
+        (0, rand(G, q_len), "must be 3-D"),
+    ]:
+        args = list(good)
+        args[index] = bad
+        with pytest.raises(RuntimeError, match=message):
+            fused_cpp_neural_attention._fused_forward(*args)
+    assert cpp_neural_attention.cpp_available()  # builds the tiled kernels' C++ scorers (as the fused one, above)
+    module = cpp_neural_attention._cpp_module()
+    At, Bt, w = rand(G, hidden, q_len), rand(G, hidden, k_len), rand(G, hidden)
+    module.paper_scores(At, Bt, w, 0, 0, q_len, 0, k_len)
+    with pytest.raises(RuntimeError, match=r"tile \[0, 10\) x \[0, 70\) outside the 9 x 70 pairs"):
+        module.paper_scores(At, Bt, w, 0, 0, q_len + 1, 0, k_len)
+    with pytest.raises(RuntimeError, match=r"dS has shape \[2, 9, 69\], expected \[2, 9, 70\]"):
+        module.paper_backward(At, Bt, rand(G, q_len, k_len - 1), torch.zeros_like(At), torch.zeros_like(Bt),
+                              torch.zeros_like(w), 0, 0, q_len, 0, k_len)
+    with pytest.raises(RuntimeError, match="hidden2 a multiple of 4"):
+        module.authors_scores(At, Bt, rand(G, 3, hidden), rand(G, 3), rand(G, 3), 0, q_len, 0, k_len)
