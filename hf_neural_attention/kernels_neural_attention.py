@@ -4,8 +4,8 @@ Implements the kernel contract of ``docs/design.md`` as a ``torch.autograd.Funct
 
 - queries are processed in blocks; for each query block the key blocks are visited in order with an online
   (running max / running sum) softmax accumulated in fp32 (fp64 when an input is fp64);
-- only the output and the per-row log-sum-exp are kept for backward; scores are recomputed tile by tile in
-  backward (flash-attention style: ``D_i = rowsum(dO * O)``, ``dS = P * (dP - D)``);
+- only the output and the per-row softmax statistics (maximum, log denominator) are kept for backward; scores are
+  recomputed tile by tile in backward (flash-attention style: ``D_i = rowsum(dO * O)``, ``dS = P * (dP - D)``);
 - causal tiles above the diagonal and tiles whose mask is all False are skipped;
 - a query row whose keys are all masked gives exact zeros and zero gradients;
 - dropout on the probabilities uses one ``torch.Generator`` per tile, seeded ``generator_seed + tile index``,
@@ -332,7 +332,8 @@ class _PaperScorer:
         return torch.bmm(self.w_row, h.view(G, K, bq * bk)).view(G, bq, bk)
 
     def scores(self, i0: int, i1: int, j0: int, j1: int) -> Tensor:
-        # the very arithmetic of scores_for_backward: backward's P = exp(s - lse) must meet forward's lse exactly.
+        # the very arithmetic of scores_for_backward: backward's P = exp(s - max - log(denom)) must meet forward's
+        # row statistics exactly.
         # (The signed-max form, w max(a, -b) + w b, saves a pass but cancels on large scores: dV was off by 5e-4
         # relative at |s| ~ 3000; the fused kernels use it in both passes, centred.)
         return self._project(_act_(self._pre("pre", i0, i1, j0, j1), self.act))
@@ -593,7 +594,12 @@ def _tiled_forward(factory: ScorerFactory | None, A: Tensor, B: Tensor, V: Tenso
                    b2: Tensor | None, dq: Tensor | None, dk: Tensor | None, mask: Tensor | None, bias: Tensor | None,
                    activation: str, causal: bool, dot_scale: float, dropout_p: float, seed: Tensor,
                    block: list[int]) -> tuple[Tensor, Tensor]:
-    """``(out, lse)``: ``(G, q_len, v_dim)`` and ``(G, q_len)`` in the compute dtype (``G = batch * heads``)."""
+    """``(out, stats)``: ``(G, q_len, v_dim)`` and ``(G, q_len, 2)`` in the compute dtype (``G = batch * heads``).
+
+    ``stats[..., 0]`` is each row's score maximum, ``stats[..., 1]`` the log of its softmax denominator (``+inf`` for
+    a row no key is visible to). Kept apart, not summed into one log-sum-exp: a large negative score bias (a float
+    mask of -1e9) puts the maximum where adding ``log(denom)`` rounds away, and backward's probabilities would be
+    ``denom`` times too large."""
     batch, heads, q_len, _ = A.shape
     k_len, v_dim = B.shape[2], V.shape[3]
     G, dev = batch * heads, A.device
@@ -606,7 +612,7 @@ def _tiled_forward(factory: ScorerFactory | None, A: Tensor, B: Tensor, V: Tenso
     p, seed = dropout_p, int(seed)
 
     out = torch.zeros(G, q_len, v_dim, dtype=cdt, device=dev)
-    lse = torch.full((G, q_len), math.inf, dtype=cdt, device=dev)
+    stats = torch.empty(G, q_len, 2, dtype=cdt, device=dev)
     for qi, (i0, i1) in enumerate(q_blocks):
         m = torch.full((G, i1 - i0), -math.inf, dtype=cdt, device=dev)
         m_safe = torch.zeros_like(m)
@@ -635,13 +641,14 @@ def _tiled_forward(factory: ScorerFactory | None, A: Tensor, B: Tensor, V: Tenso
         visible = denom > 0
         tiny = torch.finfo(cdt).tiny
         out[:, i0:i1] = torch.where(visible.unsqueeze(-1), acc / denom.clamp_min(tiny).unsqueeze(-1), 0.0)
-        lse[:, i0:i1] = torch.where(visible, m_safe + torch.log(denom.clamp_min(tiny)), math.inf)
-    return out, lse
+        stats[:, i0:i1, 0] = m_safe
+        stats[:, i0:i1, 1] = torch.where(visible, torch.log(denom.clamp_min(tiny)), math.inf)
+    return out, stats
 
 
 def _tiled_backward(factory: ScorerFactory | None, A: Tensor, B: Tensor, V: Tensor, w: Tensor, W2: Tensor | None,
                     b2: Tensor | None, dq: Tensor | None, dk: Tensor | None, mask: Tensor | None, bias: Tensor | None,
-                    out: Tensor, lse: Tensor, grad_out: Tensor, activation: str, causal: bool, dot_scale: float,
+                    out: Tensor, stats: Tensor, grad_out: Tensor, activation: str, causal: bool, dot_scale: float,
                     dropout_p: float, seed: Tensor, block: list[int]) -> tuple[Tensor, ...]:
     """Gradients of ``A, B, V, w, W2, b2, dq, dk, bias``, each shaped and typed like its input (empty for an absent
     one); the scores are recomputed tile by tile. The bias's gradient is the scores' (summed where it broadcasts)."""
@@ -663,7 +670,8 @@ def _tiled_backward(factory: ScorerFactory | None, A: Tensor, B: Tensor, V: Tens
     ddk = torch.zeros_like(dkf) if dot else None
     dbias = torch.zeros(bias.shape, dtype=cdt, device=dev) if bias is not None else None
     for qi, (i0, i1) in enumerate(q_blocks):
-        dO_i, D_i, lse_i = dO[:, i0:i1], D[:, i0:i1, None], lse[:, i0:i1, None]
+        dO_i, D_i = dO[:, i0:i1], D[:, i0:i1, None]
+        max_i, log_denom_i = stats[:, i0:i1, 0:1], stats[:, i0:i1, 1:2]
         for kj, (j0, j1) in enumerate(k_blocks):
             tm = tile_masks(i0, i1, j0, j1)
             if tm is False:
@@ -675,7 +683,7 @@ def _tiled_backward(factory: ScorerFactory | None, A: Tensor, B: Tensor, V: Tens
                 s.add_(_bias_tile(bias, i0, i1, j0, j1, batch, heads, cdt))
             if tm is not None:
                 s.masked_fill_(~tm, -math.inf)
-            pr = torch.exp_(s.sub_(lse_i))
+            pr = torch.exp_(s.sub_(max_i).sub_(log_denom_i))
             dp = torch.bmm(dO_i, Vf[:, j0:j1].transpose(1, 2))
             if p > 0.0:
                 keep = _dropout_keep(seed, qi * len(k_blocks) + kj, pr.shape, p, cdt, dev)
@@ -715,7 +723,7 @@ def _tiled_backward(factory: ScorerFactory | None, A: Tensor, B: Tensor, V: Tens
 def _forward_fake(A, B, V, w, W2, b2, dq, dk, mask, bias, *args):
     cdt = _compute_dtype(A, B, V, w, W2, b2, dq, dk, bias)
     G, q_len = A.shape[0] * A.shape[1], A.shape[2]
-    return V.new_empty(G, q_len, V.shape[3], dtype=cdt), V.new_empty(G, q_len, dtype=cdt)
+    return V.new_empty(G, q_len, V.shape[3], dtype=cdt), V.new_empty(G, q_len, 2, dtype=cdt)
 
 
 def _backward_fake(A, B, V, w, W2, b2, dq, dk, mask, bias, *args):
@@ -758,10 +766,10 @@ def tiled_ops(scorer_factory: ScorerFactory | None = None) -> tuple[Callable, Ca
 
         def backward(A: Tensor, B: Tensor, V: Tensor, w: Tensor, W2: Tensor | None, b2: Tensor | None,
                      dq: Tensor | None, dk: Tensor | None, mask: Tensor | None, bias: Tensor | None, out: Tensor,
-                     lse: Tensor, grad_out: Tensor, activation: str, causal: bool, dot_scale: float, dropout_p: float,
+                     stats: Tensor, grad_out: Tensor, activation: str, causal: bool, dot_scale: float, dropout_p: float,
                      seed: Tensor, block: list[int]
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-            return _tiled_backward(scorer_factory, A, B, V, w, W2, b2, dq, dk, mask, bias, out, lse, grad_out,
+            return _tiled_backward(scorer_factory, A, B, V, w, W2, b2, dq, dk, mask, bias, out, stats, grad_out,
                                    activation, causal, dot_scale, dropout_p, seed, block)  # fmt: skip
 
         _TILED_OPS[scorer_factory] = (kernel_op(f"tiled_forward_{tag}", _forward_fake)(forward),
@@ -799,7 +807,8 @@ def once_differentiable_always(backward: Callable) -> Callable:
 
 
 class _NeuralAttentionFunction(torch.autograd.Function):
-    """Saves the inputs, the output and the log-sum-exp; both passes are custom ops (:func:`tiled_ops`)."""
+    """Saves the inputs, the output and each row's softmax statistics; both passes are custom ops
+    (:func:`tiled_ops`)."""
 
     @staticmethod
     @autocast_off
@@ -807,8 +816,8 @@ class _NeuralAttentionFunction(torch.autograd.Function):
         inputs = (A, B, V, w, W2, b2, dq, dk)
         settings = (cfg["activation"], cfg["causal"], cfg["dot_scale"], cfg["dropout_p"], cfg["seed"], cfg["block"])
         forward_op, _ = cfg["ops"]
-        out, lse = forward_op(*inputs, mask, bias, *settings)
-        ctx.save_for_backward(*inputs, mask, bias, out, lse)
+        out, stats = forward_op(*inputs, mask, bias, *settings)
+        ctx.save_for_backward(*inputs, mask, bias, out, stats)
         ctx.settings, ctx.ops = settings, cfg["ops"]
         batch, heads, q_len, _ = A.shape
         return out.view(batch, heads, q_len, V.shape[3]).to(V.dtype)
@@ -817,9 +826,9 @@ class _NeuralAttentionFunction(torch.autograd.Function):
     @once_differentiable_always  # the backward op is not differentiable: a second derivative must raise
     @autocast_off
     def backward(ctx, grad_out):
-        *inputs, mask, bias, out, lse = ctx.saved_tensors
+        *inputs, mask, bias, out, stats = ctx.saved_tensors
         _, backward_op = ctx.ops
-        *grads, dbias = backward_op(*inputs, mask, bias, out, lse, grad_out.contiguous(), *ctx.settings)
+        *grads, dbias = backward_op(*inputs, mask, bias, out, stats, grad_out.contiguous(), *ctx.settings)
         return (*(None if t is None else g for t, g in zip(inputs, grads, strict=True)), None,
                 None if bias is None else dbias, None)
 

@@ -136,6 +136,30 @@ def test_score_bias_with_bf16_inputs(bias_dtype):
     check_against_reference(neural_attention_tiled, t, g, tolerance=2e-2, causal=True, block_size=(8, 16))
 
 
+@pytest.mark.parametrize("kernel", KERNELS.values(), ids=KERNELS.keys())
+@pytest.mark.parametrize("fill", [-1e9, torch.finfo(torch.float32).min / 4])
+def test_rows_a_large_negative_bias_covers_match_fp32_materialising_attention(kernel, fill):
+    # masks written as additive floats (-1e9 for padding) are a real bias to the backend. A row that such values cover
+    # entirely has its maximum near -1e9, where adding log(denominator) to it rounds away in fp32: backward must not
+    # rebuild the probabilities from a single log-sum-exp. Compared with the materialising computation in fp32, which
+    # sees the same rounded scores (a float64 reference would not).
+    t, g = make_inputs(45, q_len=6, k_len=9, bias_shape=(2, 1, 6, 9))
+    with torch.no_grad():
+        t["bias"][0, :, 2] = fill  # a row covered entirely: uniform over its keys, as in the eager path
+        t["bias"][1, :, :, :3] = fill  # left padding
+    out = run(kernel, t)
+    pre = t["A"][:, :, :, None, :] + t["B"][:, :, None, :, :]
+    scores = (torch.relu(pre) * t["w"][None, :, None, None, :]).sum(-1) + t["bias"]
+    expected = torch.softmax(scores, -1) @ t["V"]
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    grad_out = torch.randn(out.shape, generator=g)
+    names = ["A", "B", "V", "w", "bias"]
+    got = torch.autograd.grad(out, [t[n] for n in names], grad_out)
+    want = torch.autograd.grad(expected, [t[n] for n in names], grad_out)
+    for name, a, b in zip(names, got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * max(b.abs().max().item(), 1.0), msg=name)
+
+
 def test_score_bias_input_errors():
     t, _ = make_inputs(42)
     with pytest.raises(ValueError, match=r"score_bias \(1, 3, 11, 12\) does not broadcast to .* \(2, 3, 11, 13\)"):
