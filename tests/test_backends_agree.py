@@ -31,16 +31,24 @@ def assert_gradients_close(got: dict, want: dict, rel: float, what: str) -> None
         assert error <= rel, f"{what}: {name} is off by {error:.2e} of its largest entry (tolerance {rel})"
 
 
-def _train(model, inputs, steps: int = 3) -> list[tuple[torch.Tensor, dict]]:
-    """``steps`` SGD steps; (loss, scorer gradients) of each."""
+def _train(model, inputs, steps: int = 3, follow: list[dict] | None = None) -> list[tuple[torch.Tensor, dict, dict]]:
+    """``steps`` SGD steps; (loss, scorer gradients, the parameters the step started from) of each.
+
+    ``follow``: the parameters another model's steps started from (its history's third items); each step then starts
+    from those, so that two backends are compared at the same points. Trajectories of their own drift apart, and the
+    scorer's bias gradients (sums of dS that cancel, ``sum_j dS_ij = 0``) amplify the drift.
+    """
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     history = []
-    for _ in range(steps):
+    for step in range(steps):
+        if follow is not None:
+            model.load_state_dict(follow[step])
+        start = {k: v.clone() for k, v in model.state_dict().items()}
         optimizer.zero_grad()
         loss = model(**inputs).loss
         loss.backward()
-        history.append((loss.detach(), {k: p.grad.clone() for k, p in scorer_parameters(model).items()}))
+        history.append((loss.detach(), {k: p.grad.clone() for k, p in scorer_parameters(model).items()}, start))
         optimizer.step()
     return history
 
@@ -66,14 +74,18 @@ def test_backends_agree_on_logits_and_training(family, mlp):
     for backend in BACKENDS[1:]:
         torch.testing.assert_close(logits[backend], logits["eager"], rtol=1e-5, atol=1e-5)
 
-    # every step's gradients (1.5e-6 of each tensor's largest entry at most, measured): a wrong gradient in the first
-    # step shows there, and the later steps run from the parameters it moved
-    trained = {b: _train(m, inputs) for b, m in models.items()}
+    # every step's gradients, at the parameters eager's steps started from: a wrong gradient in the first step shows
+    # there, and the later steps run from the parameters it moved. Measured at most 8e-5 of a tensor's largest entry
+    # (ViT, the authors' second-layer bias: a sum of dS that cancels, where eager itself is 2.7e-5 off the float64
+    # gradient); 2e-6 for GPT-2 with the paper's MLP. A wrong gradient is off by O(1).
+    trained = {"eager": _train(models["eager"], inputs)}
+    follow = [start for _, _, start in trained["eager"]]
+    trained.update({b: _train(models[b], inputs, follow=follow) for b in BACKENDS[1:]})
     for backend in BACKENDS[1:]:
-        for step, ((loss, grads), (eager_loss, eager_grads)) in enumerate(zip(trained[backend], trained["eager"],
-                                                                              strict=True)):
+        for step, ((loss, grads, _), (eager_loss, eager_grads, _)) in enumerate(zip(trained[backend],
+                                                                                    trained["eager"], strict=True)):
             torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
-            assert_gradients_close(grads, eager_grads, 1e-4, f"{backend}, step {step}")
+            assert_gradients_close(grads, eager_grads, 3e-4, f"{backend}, step {step}")
     fresh = scorer_parameters(_patched(base, "tiled", mlp))
     assert any(not torch.equal(p, fresh[name]) for name, p in scorer_parameters(models["tiled"]).items())
 
