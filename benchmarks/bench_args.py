@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import torch
 
 
-def positive_int(text: str) -> int:
-    """``argparse`` type: an integer >= 1 (a count of repetitions, steps, tokens, threads, ...)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An ``argparse`` type: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
+        return value
+
+    parse.__name__ = f"int_at_least_{minimum}"  # argparse names the type in some messages
+    return parse
+
+
+positive_int = int_at_least(1)  # counts: repetitions, steps, tokens, threads, sizes
+non_negative_int = int_at_least(0)  # warm-up repetitions
 
 
 def check_device(parser: argparse.ArgumentParser, device: str) -> None:

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root: the p
 from tests.reference import kernel_reference  # noqa: E402  (float64 materialising reference)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_args import positive_int  # noqa: E402
+from bench_args import non_negative_int, positive_int  # noqa: E402
 
 DEVICE = "cuda"
 
@@ -349,7 +349,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=positive_int, default=16384, help="batch = tokens // n")
     ap.add_argument("--no-causal", action="store_true")
     ap.add_argument("--repeats", type=positive_int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=non_negative_int, default=2)
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--check-only", action="store_true")
     ap.add_argument("--tune-repeats", type=positive_int, default=5)

@@ -40,6 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root
 
 import hf_neural_attention.triton_neural_attention as tna  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_args import positive_int  # noqa: E402
+
 _POINTER_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.uint8: "*u8"}
 _SASS_LINE = re.compile(r"\s+/\*([0-9a-f]+)\*/\s+(.*?)\s*;")
 _BACK_BRANCH = re.compile(r"BRA\s+(?:`\(|U?P\d,\s*)?(0x[0-9a-f]+)")
@@ -170,7 +173,7 @@ def report(authors, hidden, activation, dot, mask, dropout, dtype, launch, arch)
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100)")
-    ap.add_argument("--hidden", type=int, nargs="+", default=[2, 16])
+    ap.add_argument("--hidden", type=positive_int, nargs="+", default=[2, 16])
     ap.add_argument("--variants", action="store_true", help="also every MLP / feature / dtype at its default launch")
     ap.add_argument("--quick", action="store_true", help="only the default launch (no candidate tiles)")
     ap.add_argument("--half-mlp", action="store_true", help="also each launch with half_mlp=True (packed fp16 scores)")

@@ -670,7 +670,8 @@ Problem make_problem(const torch::Tensor& A, const torch::Tensor& At, const torc
   p.mask = nullptr;
   if (mask.has_value()) {
     const auto& m = *mask;
-    TORCH_CHECK(m.scalar_type() == torch::kBool && m.dim() == 4, "fused neural attention: 4-D bool mask expected");
+    TORCH_CHECK(m.scalar_type() == torch::kBool && m.dim() == 4 && m.device().is_cpu(),
+                "fused neural attention: a 4-D bool CPU mask expected");
     p.mask = m.data_ptr<bool>();
     p.ms0 = m.stride(0); p.ms1 = m.stride(1); p.ms2 = m.stride(2); p.ms3 = m.stride(3);
   }

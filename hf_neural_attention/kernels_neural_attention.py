@@ -4,6 +4,8 @@ Implements the kernel contract of ``docs/design.md`` as a ``torch.autograd.Funct
 
 - queries are processed in blocks; for each query block the key blocks are visited in order with an online
   (running max / running sum) softmax accumulated in fp32 (fp64 when an input is fp64);
+- a ``score_bias`` (T5's position bias) is added to each tile's scores, in both passes; its gradient is the scores',
+  summed over the dims it broadcasts along;
 - only the output and the per-row softmax statistics (maximum, log denominator) are kept for backward; scores are
   recomputed tile by tile in backward (flash-attention style: ``D_i = rowsum(dO * O)``, ``dS = P * (dP - D)``);
 - causal tiles above the diagonal and tiles whose mask is all False are skipped;
@@ -491,14 +493,12 @@ class _TileMasks:
         return m.expand(self.batch, self.heads, i1 - i0, j1 - j0).reshape(self.batch * self.heads, i1 - i0, j1 - j0)
 
 
-def _bias_tile(bias: Tensor, i0: int, i1: int, j0: int, j1: int, batch: int, heads: int, cdt: torch.dtype) -> Tensor:
-    """The score bias of a tile, broadcastable to ``(G, bq, bk)``, from ``bias`` ``(batch|1, heads|1, q_len|1,
-    k_len|1)``; in the compute dtype."""
+def _add_bias_tile(s: Tensor, bias: Tensor, i0: int, i1: int, j0: int, j1: int, batch: int, heads: int) -> None:
+    """Add the tile's part of ``bias`` ``(batch|1, heads|1, q_len|1, k_len|1)`` to the scores ``s`` ``(G, bq, bk)``,
+    in place, broadcasting through a ``(batch, heads, bq, bk)`` view (no copy of the bias per tile)."""
     b = bias[:, :, i0:i1] if bias.shape[2] > 1 else bias
     b = b[:, :, :, j0:j1] if b.shape[3] > 1 else b
-    if b.shape[0] == 1 and b.shape[1] == 1:
-        return b[0].to(cdt)
-    return b.expand(batch, heads, *b.shape[2:]).reshape(batch * heads, *b.shape[2:]).to(cdt)
+    s.view(batch, heads, i1 - i0, j1 - j0).add_(b)
 
 
 def _accumulate_bias_grad(dbias: Tensor, ds: Tensor, i0: int, i1: int, j0: int, j1: int, batch: int,
@@ -626,7 +626,7 @@ def _tiled_forward(factory: ScorerFactory | None, A: Tensor, B: Tensor, V: Tenso
             if dot:
                 s.baddbmm_(dqs[:, i0:i1], dkf[:, j0:j1].transpose(1, 2))
             if bias is not None:
-                s.add_(_bias_tile(bias, i0, i1, j0, j1, batch, heads, cdt))
+                _add_bias_tile(s, bias, i0, i1, j0, j1, batch, heads)
             if tm is not None:
                 s.masked_fill_(~tm, -math.inf)
             m_new = torch.maximum(m, s.amax(-1))
@@ -648,10 +648,11 @@ def _tiled_forward(factory: ScorerFactory | None, A: Tensor, B: Tensor, V: Tenso
 
 def _tiled_backward(factory: ScorerFactory | None, A: Tensor, B: Tensor, V: Tensor, w: Tensor, W2: Tensor | None,
                     b2: Tensor | None, dq: Tensor | None, dk: Tensor | None, mask: Tensor | None, bias: Tensor | None,
-                    out: Tensor, stats: Tensor, grad_out: Tensor, activation: str, causal: bool, dot_scale: float,
-                    dropout_p: float, seed: Tensor, block: list[int]) -> tuple[Tensor, ...]:
+                    bias_grad: bool, out: Tensor, stats: Tensor, grad_out: Tensor, activation: str, causal: bool,
+                    dot_scale: float, dropout_p: float, seed: Tensor, block: list[int]) -> tuple[Tensor, ...]:
     """Gradients of ``A, B, V, w, W2, b2, dq, dk, bias``, each shaped and typed like its input (empty for an absent
-    one); the scores are recomputed tile by tile. The bias's gradient is the scores' (summed where it broadcasts)."""
+    one, and for the bias unless ``bias_grad``: a mask-derived bias or a fixed ALiBi buffer needs none); the scores
+    are recomputed tile by tile. The bias's gradient is the scores' (summed where it broadcasts)."""
     batch, heads, q_len, hidden = A.shape
     k_len, v_dim = B.shape[2], V.shape[3]
     G, dev = batch * heads, A.device
@@ -668,7 +669,7 @@ def _tiled_backward(factory: ScorerFactory | None, A: Tensor, B: Tensor, V: Tens
     dV = torch.zeros(G, k_len, v_dim, dtype=cdt, device=dev)
     ddq = torch.zeros_like(dqs) if dot else None
     ddk = torch.zeros_like(dkf) if dot else None
-    dbias = torch.zeros(bias.shape, dtype=cdt, device=dev) if bias is not None else None
+    dbias = torch.zeros(bias.shape, dtype=cdt, device=dev) if bias is not None and bias_grad else None
     for qi, (i0, i1) in enumerate(q_blocks):
         dO_i, D_i = dO[:, i0:i1], D[:, i0:i1, None]
         max_i, log_denom_i = stats[:, i0:i1, 0:1], stats[:, i0:i1, 1:2]
@@ -680,7 +681,7 @@ def _tiled_backward(factory: ScorerFactory | None, A: Tensor, B: Tensor, V: Tens
             if dot:
                 s.baddbmm_(dqs[:, i0:i1], dkf[:, j0:j1].transpose(1, 2))
             if bias is not None:
-                s.add_(_bias_tile(bias, i0, i1, j0, j1, batch, heads, cdt))
+                _add_bias_tile(s, bias, i0, i1, j0, j1, batch, heads)
             if tm is not None:
                 s.masked_fill_(~tm, -math.inf)
             pr = torch.exp_(s.sub_(max_i).sub_(log_denom_i))
@@ -716,7 +717,7 @@ def _tiled_backward(factory: ScorerFactory | None, A: Tensor, B: Tensor, V: Tens
         per_param(dparams[2], b2) if b2 is not None else absent[1],
         (ddq * dot_scale).view(dq.shape).to(dq.dtype).contiguous() if dot else absent[2],
         ddk.view(dk.shape).to(dk.dtype).contiguous() if dot else absent[3],
-        dbias.to(bias.dtype) if bias is not None else absent[4],
+        dbias.to(bias.dtype) if dbias is not None else absent[4],
     )
 
 
@@ -726,9 +727,9 @@ def _forward_fake(A, B, V, w, W2, b2, dq, dk, mask, bias, *args):
     return V.new_empty(G, q_len, V.shape[3], dtype=cdt), V.new_empty(G, q_len, 2, dtype=cdt)
 
 
-def _backward_fake(A, B, V, w, W2, b2, dq, dk, mask, bias, *args):
+def _backward_fake(A, B, V, w, W2, b2, dq, dk, mask, bias, bias_grad, *args):
     return tuple(A.new_empty(0) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
-                 for t in (A, B, V, w, W2, b2, dq, dk, bias))  # fmt: skip
+                 for t in (A, B, V, w, W2, b2, dq, dk, bias if bias_grad else None))  # fmt: skip
 
 
 _FILE_TAG = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
@@ -765,12 +766,12 @@ def tiled_ops(scorer_factory: ScorerFactory | None = None) -> tuple[Callable, Ca
                                   dot_scale, dropout_p, seed, block)  # fmt: skip
 
         def backward(A: Tensor, B: Tensor, V: Tensor, w: Tensor, W2: Tensor | None, b2: Tensor | None,
-                     dq: Tensor | None, dk: Tensor | None, mask: Tensor | None, bias: Tensor | None, out: Tensor,
-                     stats: Tensor, grad_out: Tensor, activation: str, causal: bool, dot_scale: float, dropout_p: float,
-                     seed: Tensor, block: list[int]
+                     dq: Tensor | None, dk: Tensor | None, mask: Tensor | None, bias: Tensor | None, bias_grad: bool,
+                     out: Tensor, stats: Tensor, grad_out: Tensor, activation: str, causal: bool, dot_scale: float,
+                     dropout_p: float, seed: Tensor, block: list[int]
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-            return _tiled_backward(scorer_factory, A, B, V, w, W2, b2, dq, dk, mask, bias, out, stats, grad_out,
-                                   activation, causal, dot_scale, dropout_p, seed, block)  # fmt: skip
+            return _tiled_backward(scorer_factory, A, B, V, w, W2, b2, dq, dk, mask, bias, bias_grad, out, stats,
+                                   grad_out, activation, causal, dot_scale, dropout_p, seed, block)  # fmt: skip
 
         _TILED_OPS[scorer_factory] = (kernel_op(f"tiled_forward_{tag}", _forward_fake)(forward),
                                       kernel_op(f"tiled_backward_{tag}", _backward_fake)(backward))  # fmt: skip
@@ -828,9 +829,10 @@ class _NeuralAttentionFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         *inputs, mask, bias, out, stats = ctx.saved_tensors
         _, backward_op = ctx.ops
-        *grads, dbias = backward_op(*inputs, mask, bias, out, stats, grad_out.contiguous(), *ctx.settings)
+        bias_grad = bias is not None and ctx.needs_input_grad[9]
+        *grads, dbias = backward_op(*inputs, mask, bias, bias_grad, out, stats, grad_out.contiguous(), *ctx.settings)
         return (*(None if t is None else g for t, g in zip(inputs, grads, strict=True)), None,
-                None if bias is None else dbias, None)
+                dbias if bias_grad else None, None)
 
 
 def _make_scorer(factory: ScorerFactory | None, activation: str, At: Tensor, Bt: Tensor, wg: Tensor,

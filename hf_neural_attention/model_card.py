@@ -44,10 +44,12 @@ def _task_suffix(model: Any) -> str | None:
 
 
 def _pipeline_tag(model: Any, suffix: str | None) -> str | None:
-    """The task of a head (by its class's suffix); a bare model (``...Model``) extracts features of its input."""
+    """The task of a head (by its class's suffix); a bare Hub class (GPT-2, ViT) extracts features of its input. Other
+    ``...Model`` classes (encoder-decoders, CLIP) are not tagged: their task is not the bare model's."""
     if suffix is not None:
         return _PIPELINE_TAGS[suffix]
-    if type(model).__name__.endswith("Model"):
+    stock = stock_class_of(type(model))
+    if stock is not None and stock.__name__ in ("GPT2Model", "ViTModel"):
         return {"input_ids": "feature-extraction", "pixel_values": "image-feature-extraction"}.get(
             getattr(model, "main_input_name", None))
     return None

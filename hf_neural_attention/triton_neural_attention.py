@@ -1135,7 +1135,8 @@ def neural_attention_triton(
     softmax, ``P @ V`` and every accumulator stay fp32. Fewer instructions per pair, at fp16 precision of the scores
     (see benchmarks/README.md for the measured error).
     A ``score_bias`` (not fused here yet) runs the same contract in
-    :func:`kernels_neural_attention.neural_attention_tiled` (PyTorch tiles on the tensors' device).
+    :func:`kernels_neural_attention.neural_attention_tiled` (PyTorch tiles on the tensors' device), where the tuning
+    knobs and ``half_mlp`` do not apply.
     Returns (batch, heads, q_len, v_dim) in value's dtype.
     """
     if not TRITON_AVAILABLE:

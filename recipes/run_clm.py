@@ -310,7 +310,8 @@ def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
     except (OSError, ValueError) as error:
         if not os.path.isdir(name):  # a Hub id: transformers' own message says what is wrong
             raise
-        raise ValueError(f"{no_tokenizer} ({type(error).__name__}: {str(error).splitlines()[0]}); {fix}") from error
+        first_line = (str(error).splitlines() or [""])[0]
+        raise ValueError(f"{no_tokenizer} ({type(error).__name__}: {first_line}); {fix}") from error
     if len(tokenizer) < 2:  # transformers builds an empty tokenizer from a folder with a config but no vocabulary
         raise ValueError(f"{no_tokenizer} ({len(tokenizer)} token(s)); {fix}")
     return tokenizer

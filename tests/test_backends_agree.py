@@ -74,10 +74,10 @@ def test_backends_agree_on_logits_and_training(family, mlp):
     for backend in BACKENDS[1:]:
         torch.testing.assert_close(logits[backend], logits["eager"], rtol=1e-5, atol=1e-5)
 
-    # every step's gradients, at the parameters eager's steps started from: a wrong gradient in the first step shows
-    # there, and the later steps run from the parameters it moved. Measured at most 8e-5 of a tensor's largest entry
-    # (ViT, the authors' second-layer bias: a sum of dS that cancels, where eager itself is 2.7e-5 off the float64
-    # gradient); 2e-6 for GPT-2 with the paper's MLP. A wrong gradient is off by O(1).
+    # every step's gradients, at the parameters eager's steps started from (the points training reaches, each
+    # compared on its own: trajectories of their own would drift apart). Measured at most 8e-5 of a tensor's largest
+    # entry (ViT, the authors' second-layer bias: a sum of dS that cancels, where eager itself is 2.7e-5 off the
+    # float64 gradient); 2e-6 for GPT-2 with the paper's MLP. A wrong gradient is off by O(1).
     trained = {"eager": _train(models["eager"], inputs)}
     follow = [start for _, _, start in trained["eager"]]
     trained.update({b: _train(models[b], inputs, follow=follow) for b in BACKENDS[1:]})

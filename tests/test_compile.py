@@ -184,9 +184,10 @@ def test_tiled_ops_pass_opcheck(scorers, mlp, bias_shape):
     bias = None if bias_shape is None else _rand(*bias_shape, seed=12)  # a score bias (T5's position bias)
     settings = ("relu", False, 0.4, 0.2, torch.tensor(77), [4, 4])
     torch.library.opcheck(forward_op.op, (*inputs, mask, bias, *settings))
-    out, lse = forward_op(*inputs, mask, bias, *settings)
+    out, stats = forward_op(*inputs, mask, bias, *settings)
     grad_out = _rand(*out.shape, seed=11)
-    torch.library.opcheck(backward_op.op, (*inputs, mask, bias, out, lse, grad_out, *settings))
+    for bias_grad in {False, bias is not None}:  # a fixed bias (ALiBi, a float mask) gets no gradient computed
+        torch.library.opcheck(backward_op.op, (*inputs, mask, bias, bias_grad, out, stats, grad_out, *settings))
 
 
 @needs_triton

@@ -75,15 +75,22 @@ def test_fully_masked_rows_are_finite_zeros_with_finite_gradients(backend, dtype
         assert_matches(got, reference, f"leaf {index}")
 
 
-def test_real_additive_bias_goes_through_the_materialising_path():
-    """A float mask with finite non-zero entries (e.g. ALiBi) is a bias, added to the scores."""
-    layer = _layer("auto", torch.float64)
-    query, key, value = _inputs(1, 2, 4, 4)
-    bias = torch.randn(1, 2, 4, 4, dtype=torch.float64)
+@pytest.mark.parametrize("backend", ["eager", "tiled", "cpp", "auto"])
+def test_a_real_additive_bias_is_added_to_the_scores(backend):
+    """A float mask with finite non-zero entries (e.g. ALiBi, T5's position bias) is a bias, added to the scores, and
+    gets its gradient: on every backend (the fused ones read it tile by tile)."""
+    layer = _layer(backend, torch.float64)
+    query, key, value = (t.requires_grad_() for t in _inputs(2, 2, 5, 7))
+    bias = torch.randn(1, 2, 5, 7, dtype=torch.float64, requires_grad=True)
     out, _ = neural_attention_forward(layer, query, key, value, bias)
     scores = paper_scores(query, key, reference_weights(layer.neural_scorer), "relu") + bias
     expected, _ = attention_from_scores(scores, value, None)
     torch.testing.assert_close(out.transpose(1, 2), expected, rtol=1e-9, atol=1e-10)
+    upstream = torch.randn(expected.shape, dtype=torch.float64)
+    got = torch.autograd.grad(out.transpose(1, 2), (query, key, value, bias), upstream)
+    want = torch.autograd.grad(expected, (query, key, value, bias), upstream)
+    for name, a, b in zip(("query", "key", "value", "bias"), got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9, msg=name)
 
 
 def test_unsupported_features_raise_not_implemented():
