@@ -457,6 +457,14 @@ def kernel_op(name: str, fake: Callable) -> Callable[[Callable], Callable]:
 # --------------------------------------------------------------------------------------------------------------
 # masks per tile
 # --------------------------------------------------------------------------------------------------------------
+def _tile_of(t: Tensor, i0: int, i1: int, j0: int, j1: int) -> Tensor:
+    """The view of ``t`` ``(batch|1, heads|1, q_len|1, k_len|1)`` (a mask, a score bias or its gradient) that
+    covers query rows ``i0:i1`` and keys ``j0:j1``, broadcast dims left at size 1."""
+    rows = slice(i0, i1) if t.shape[2] > 1 else slice(None)
+    cols = slice(j0, j1) if t.shape[3] > 1 else slice(None)
+    return t[:, :, rows, cols]
+
+
 class _TileMasks:
     """For a tile: ``False`` (skip: nothing visible), ``None`` (everything visible) or a bool tensor
     broadcastable to ``(G, bq, bk)``."""
@@ -481,9 +489,7 @@ class _TileMasks:
             return (cols <= rows).unsqueeze(0)
         if self.mask is None:
             return None
-        m = self.mask
-        m = m[:, :, i0:i1] if m.shape[2] > 1 else m
-        m = m[:, :, :, j0:j1] if m.shape[3] > 1 else m
+        m = _tile_of(self.mask, i0, i1, j0, j1)
         if not bool(m.any()):
             return False
         if bool(m.all()):
@@ -496,9 +502,7 @@ class _TileMasks:
 def _add_bias_tile(s: Tensor, bias: Tensor, i0: int, i1: int, j0: int, j1: int, batch: int, heads: int) -> None:
     """Add the tile's part of ``bias`` ``(batch|1, heads|1, q_len|1, k_len|1)`` to the scores ``s`` ``(G, bq, bk)``,
     in place, broadcasting through a ``(batch, heads, bq, bk)`` view (no copy of the bias per tile)."""
-    b = bias[:, :, i0:i1] if bias.shape[2] > 1 else bias
-    b = b[:, :, :, j0:j1] if b.shape[3] > 1 else b
-    s.view(batch, heads, i1 - i0, j1 - j0).add_(b)
+    s.view(batch, heads, i1 - i0, j1 - j0).add_(_tile_of(bias, i0, i1, j0, j1))
 
 
 def _accumulate_bias_grad(dbias: Tensor, ds: Tensor, i0: int, i1: int, j0: int, j1: int, batch: int,
@@ -509,9 +513,7 @@ def _accumulate_bias_grad(dbias: Tensor, ds: Tensor, i0: int, i1: int, j0: int, 
     summed = [d for d in range(4) if dbias.shape[d] == 1 and g.shape[d] != 1]
     if summed:
         g = g.sum(summed, keepdim=True)
-    rows = slice(i0, i1) if dbias.shape[2] > 1 else slice(None)
-    cols = slice(j0, j1) if dbias.shape[3] > 1 else slice(None)
-    dbias[:, :, rows, cols] += g
+    _tile_of(dbias, i0, i1, j0, j1).add_(g)
 
 
 def _dropout_keep(seed: int, tile: int, shape: tuple[int, ...], p: float, dtype: torch.dtype,
