@@ -16,6 +16,7 @@ Usage::
     python benchmarks/triton_sass_report.py --quick --variants   # default launches only (tests/test_triton_compile.py)
     python benchmarks/triton_sass_report.py --csv sass.csv --arch 90
     python benchmarks/triton_sass_report.py --quick --hidden 8 16 --half-mlp   # fp32 vs packed fp16 scores
+    python benchmarks/triton_sass_report.py --hidden 2 16 --mask --bias   # a mask's and a score bias's cost, per tile
 
 Needs ``triton`` with its NVIDIA backend (the pip wheel); no GPU, no CUDA toolkit.
 """
@@ -68,7 +69,8 @@ def _arg_type(value) -> str:
 
 def compile_kernel(fn, args: list, constexprs: dict, num_warps: int, arch: int):
     """triton.compile ``fn`` for sm_<arch>, specialised as a launch with these arguments would be: pointers 16-byte
-    aligned and integers divisible by 16 marked so (what lets the compiler vectorise loads)."""
+    aligned, integers divisible by 16 marked so and integers equal to 1 (unit strides) made constants, as triton's
+    launcher does (what lets the compiler vectorise loads)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -83,6 +85,9 @@ def compile_kernel(fn, args: list, constexprs: dict, num_warps: int, arch: int):
             signature[name], fixed[(i,)] = "constexpr", constexprs[name]
             continue
         value = values[name]
+        if type(value) is int and value == 1:
+            signature[name], fixed[(i,)] = "constexpr", 1
+            continue
         signature[name] = _arg_type(value)
         if isinstance(value, torch.Tensor) or (type(value) is int and value % 16 == 0):
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -121,8 +126,10 @@ def tile_loop_instructions(kernel, unit_iterations: int) -> int:
     return outer[2] - inner_total + unit_iterations * inner_total
 
 
-def inputs(authors: bool, hidden: int, activation: str, dot: bool, mask: bool, dropout: bool, dtype, launch: dict):
-    """The three kernels' argument lists and constexprs, built by the module's own host code."""
+def inputs(authors: bool, hidden: int, activation: str, dot: bool, mask: bool, dropout: bool, dtype, launch: dict,
+           bias: bool = False):
+    """The three kernels' argument lists and constexprs, built by the module's own host code. ``bias``: a learned
+    ``(1, heads, n, n)`` score bias (T5's position bias), its gradient written by the query-side backward."""
     b, h, n, dv = 1, 2, 256, 64
     q_h, k_h, v = (torch.randn(b, h, n, d, dtype=dtype) for d in (hidden, hidden, dv))
     if authors:
@@ -133,38 +140,42 @@ def inputs(authors: bool, hidden: int, activation: str, dot: bool, mask: bool, d
     dq = torch.randn(b, h, n, 64, dtype=dtype) if dot else None
     dk = torch.randn(b, h, n, 64, dtype=dtype) if dot else None
     m = torch.rand(b, 1, n, n) > 0.2 if mask else None
+    score_bias = torch.randn(1, h, n, n, dtype=dtype) if bias else None  # the inputs' dtype, as a bf16 T5 passes
     cfg = dict(activation=activation, causal=True, dot_scale=1.0, dropout_p=0.1 if dropout else 0.0, seed=0, **launch)
-    tensors, scalars, ce, launches = tna._launch_args(q_h, k_h, v, w, w2, b2, dq, dk, m, cfg)
+    tensors, scalars, ce, launches = tna._launch_args(q_h, k_h, v, w, w2, b2, dq, dk, m, cfg, score_bias=score_bias)
     ce["UPCAST"] = False
-    out, lse = torch.empty(b, h, n, dv), torch.empty(b * h, n)  # the forward writes fp32 (rounded on the host)
+    out = torch.empty(b, h, n, dv)  # the forward writes fp32 (rounded on the host)
+    stats = torch.empty(2 if bias else 1, b * h, n)  # (log-sum-exp) or (row max, log denominator)
     d_out = torch.empty(b, h, n, dv, dtype=dtype)
-    lead = [*tensors, *scalars, d_out, *d_out.stride()[:3], lse, torch.empty(b * h, n)]
+    lead = [*tensors, *scalars, d_out, *d_out.stride()[:3], stats[0], stats[-1], torch.empty(b * h, n)]
     f32 = torch.empty(b, h, n, max(hidden, dv))
     part = torch.empty(1)
     kv_ce, q_ce = tna._backward_constexprs(ce, launches["bwd_"])
+    q_ce["BIAS_GRAD"] = bias
     return {
-        "fwd": (tna._fwd_kernel, [*tensors, *scalars, out, lse, *out.stride()[:3]], ce, launches[""]),
+        "fwd": (tna._fwd_kernel, [*tensors, *scalars, out, stats[0], stats[-1], *out.stride()[:3]], ce, launches[""]),
         "bwd_kv": (tna._bwd_kv_kernel, [*lead, f32, f32, f32, part, part, part, 4], kv_ce, launches["bwd_"]),
-        "bwd_q": (tna._bwd_q_kernel, [*lead, f32, f32], q_ce, launches["bwd_"]),
+        "bwd_q": (tna._bwd_q_kernel, [*lead, f32, f32, torch.empty(b, h, n, n)], q_ce, launches["bwd_"]),
     }
 
 
-def report(authors, hidden, activation, dot, mask, dropout, dtype, launch, arch) -> list[dict]:
+def report(authors, hidden, activation, dot, mask, dropout, dtype, launch, arch, bias=False) -> list[dict]:
     rows = []
     for name, (fn, args, ce, (rows_, cols_, warps, _)) in inputs(
-        authors, hidden, activation, dot, mask, dropout, dtype, launch
+        authors, hidden, activation, dot, mask, dropout, dtype, launch, bias
     ).items():
         kernel = compile_kernel(fn, args, ce, warps, arch)
         regs, spill = resources(kernel)
         iterations = 1 if authors else math.ceil(hidden / ce["UNROLL"])
         per_pair = tile_loop_instructions(kernel, iterations) * warps * 32 / (rows_ * cols_)
         rows.append(dict(kernel=name, mlp="authors" if authors else "paper", hidden=hidden, activation=activation,
-                         dot=dot, mask=mask, dropout=dropout, dtype=str(dtype).removeprefix("torch."),
+                         dot=dot, mask=mask, dropout=dropout, bias=bias, dtype=str(dtype).removeprefix("torch."),
                          half_mlp=bool(launch.get("half_mlp")), rows=rows_,
                          cols=cols_, num_warps=warps, unroll=ce["UNROLL"], registers=regs, spill_bytes=spill,
                          instructions_per_pair=round(per_pair, 1)))  # fmt: skip
         print(f"{name:7s} {rows[-1]['mlp']:7s} d'={hidden:2d} {activation:4s} dot={dot:d} mask={mask:d} "
-              f"dropout={dropout:d} {rows[-1]['dtype']:8s}{' half_mlp' if launch.get('half_mlp') else ''} "
+              f"dropout={dropout:d} bias={bias:d} "
+              f"{rows[-1]['dtype']:8s}{' half_mlp' if launch.get('half_mlp') else ''} "
               f"tile {rows_}x{cols_} warps {warps} unroll {ce['UNROLL']}: "
               f"{regs:3d} registers, {spill:4d} B spilled, {per_pair:6.1f} instructions / pair", flush=True)
     return rows
@@ -177,17 +188,22 @@ def main() -> int:
     ap.add_argument("--variants", action="store_true", help="also every MLP / feature / dtype at its default launch")
     ap.add_argument("--quick", action="store_true", help="only the default launch (no candidate tiles)")
     ap.add_argument("--half-mlp", action="store_true", help="also each launch with half_mlp=True (packed fp16 scores)")
+    ap.add_argument("--bias", action="store_true", help="also each launch with a learned (1, heads, n, n) score bias")
+    ap.add_argument("--mask", action="store_true", help="also each launch with a padding mask")
     ap.add_argument("--csv", default=None)
     args = ap.parse_args()
 
     rows = []
-    tiles = [None] if args.quick else [None, (64, 32, 4, 2), (128, 64, 4, 2), (128, 64, 8, 2)]  # None: defaults
+    # None: the default launch
+    tiles = [None] if args.quick else [None, (128, 32, 4, 2), (64, 32, 4, 2), (128, 64, 4, 2), (128, 64, 8, 2)]
     for hidden in args.hidden:
         for tile in tiles:
             launch = {} if tile is None else dict(zip(("block_m", "block_n", "num_warps", "unroll"), tile, strict=True))
             for half in (False, True) if args.half_mlp else (False,):
-                rows += report(False, hidden, "relu", False, False, False, torch.bfloat16,
-                               dict(launch, half_mlp=1) if half else launch, args.arch)
+                for mask in (False, True) if args.mask else (False,):
+                    for bias in (False, True) if args.bias else (False,):
+                        rows += report(False, hidden, "relu", False, mask, False, torch.bfloat16,
+                                       dict(launch, half_mlp=1) if half else launch, args.arch, bias=bias)
     if args.variants:
         for *variant, launch in [
             (False, 16, "relu", False, False, False, torch.bfloat16, {"half_mlp": 1}),  # packed fp16 scores
@@ -201,6 +217,8 @@ def main() -> int:
             (True, 16, "relu", False, True, False, torch.bfloat16, {}),
         ]:
             rows += report(*variant, launch, args.arch)
+        for authors, hidden in ((False, 16), (True, 8)):  # a learned score bias (T5) with a padding mask
+            rows += report(authors, hidden, "relu", False, True, False, torch.bfloat16, {}, args.arch, bias=True)
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -172,20 +172,18 @@ _SWITCH_BACKEND = (" (a checkpoint keeps the backend it was saved with: load it 
                    "'auto'))")
 
 
-def choose_backend(requested: str, query: torch.Tensor, *, needs_probabilities: bool, has_bias: bool) -> str:
+def choose_backend(requested: str, query: torch.Tensor, *, needs_probabilities: bool) -> str:
     """The backend that will run: ``"eager"``, ``"tiled"``, ``"cpp"`` or ``"triton"``.
 
     ``auto`` takes the fused path that applies: Triton on CUDA when installed; on CPU the C++ kernel when it
     builds (compiled once, then cached), else the pure PyTorch tiled kernel; float64 inputs always take the tiled
     kernel (the fused ones compute in fp32). Every backend falls back to
     ``eager`` for a call that must return probabilities, since fused kernels never form the probability matrix.
-    A real additive bias (T5's position bias) runs on the CPU kernels (the C++ one through its tiled path); the
-    Triton kernel does not fuse one yet, so on it a biased call takes ``eager`` too.
+    A real additive bias (T5's position bias) takes the same path: every fused kernel adds it to its scores.
     """
     if needs_probabilities or requested == "eager":
         return "eager"
-    chosen = _fused_backend(requested, query)
-    return "eager" if has_bias and chosen == "triton" else chosen
+    return _fused_backend(requested, query)
 
 
 def _fused_backend(requested: str, query: torch.Tensor) -> str:
@@ -307,8 +305,7 @@ def neural_attention_forward(
     dropout_p = float(kwargs.get("dropout", 0.0) or 0.0)
 
     needs_probabilities = _wants_attention_weights(kwargs)
-    backend = choose_backend(scorer.settings.backend, query, needs_probabilities=needs_probabilities,
-                             has_bias=bias is not None)
+    backend = choose_backend(scorer.settings.backend, query, needs_probabilities=needs_probabilities)
     if backend == "eager":
         out, probabilities = materialised_neural_attention(
             scorer, query, key, value, mask=mask, causal=causal, bias=bias, scaling=scaling, dropout_p=dropout_p
@@ -321,7 +318,8 @@ def neural_attention_forward(
 
         options["half_mlp"] = scorer.settings.mlp_precision == "fp16"
     elif backend == "cpp":
-        # fully fused for the paper MLP (fp32 arithmetic, dropout included); the authors MLP goes to the tiled C++ path
+        # fully fused for the paper MLP (fp32 arithmetic, dropout and a score bias included); the authors MLP goes to
+        # the tiled C++ path
         kernel = neural_attention_fused_cpp
     else:
         kernel = neural_attention_tiled

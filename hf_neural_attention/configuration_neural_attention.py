@@ -55,9 +55,9 @@ class NeuralAttentionConfig:
         backend: ``"auto"`` picks the fused path that applies: Triton on CUDA; on CPU the C++ kernel (compiled
             once on first use, about a minute; set ``NEURAL_ATTENTION_NO_CPP=1`` to skip it), else the pure
             PyTorch ``"tiled"`` kernel (also for float64 inputs); the materialising ``"eager"`` path only where
-            attention probabilities are requested, or where the Triton kernel would get a real additive bias (T5's
-            position bias; the tiled kernels read one tile by tile). ``"eager"``, ``"tiled"``, ``"cpp"`` or
-            ``"triton"`` force one.
+            attention probabilities are requested. A real additive bias (T5's position bias) takes the same path:
+            every fused kernel adds it to its scores. ``"eager"``, ``"tiled"``, ``"cpp"`` or ``"triton"`` force
+            one.
         mlp_precision: ``"fp32"`` (default): every backend evaluates the per-pair MLP in fp32. ``"fp16"`` (paper MLP
             with relu only) lets the Triton kernel evaluate it in packed fp16, two pairs per instruction, and, for
             bf16 / fp16 inputs at 8 <= d' <= 16, sum the backward's relu masks on the tensor cores (dS rounded to

@@ -2,18 +2,21 @@
 
 ``neural_attention_fused_cpp`` implements the kernel contract of ``docs/design.md`` for the common case --
 ``mlp="paper"``, fp32 arithmetic (bf16 / fp16 inputs are cast), any activation, optional bool mask (any broadcast
-strides) or causal, optional residual dot term, optional dropout (hashed per-query and per-key keys decide, so
-every pass regenerates the same mask whatever the block size) -- entirely in C++; every other case
-(``mlp="authors"``, float64, no compiler) is delegated to :func:`cpp_neural_attention.neural_attention_cpp`.
+strides) or causal, optional residual dot term, optional score bias (broadcast along any dims), optional dropout
+(hashed per-query and per-key keys decide, so every pass regenerates the same mask whatever the block size) --
+entirely in C++; every other case (``mlp="authors"``, float64, no compiler) is delegated to
+:func:`cpp_neural_attention.neural_attention_cpp`.
 
 Layout of the work (flash-attention 2 style, no atomics):
 
 - forward: ``at::parallel_for`` over (batch*heads x query blocks); a block's scores against all the keys it can
   see (``block x k_len`` fp32 scratch per thread, so memory stays O(n * block)) are computed by vectorised loops over
   key positions, the residual dot term and ``P @ V`` by ATen's BLAS (``cpublas::gemm``, single-threaded inside
-  the parallel region); softmax in fp32 per row; only the output and the per-row log-sum-exp are kept;
+  the parallel region); softmax in fp32 per row; only the output and each row's maximum and log denominator are
+  kept (apart: under a -1e9 bias their sum would round the denominator away);
 - backward pass 1, over (batch*heads x query blocks): recomputes ``P``, ``dS = P * (dO V^T - D)``, writes
-  ``dA``, ``d dot_query`` and per-(group, block) partial ``output_weight`` gradients;
+  ``dA``, ``d dot_query``, per-(group, block) partial ``output_weight`` gradients and, for a score bias that needs
+  one, dS itself (its gradient, summed afterwards where the bias broadcasts);
 - backward pass 2, over (batch*heads x key blocks): recomputes the transposed tile, writes ``dB``, ``dV``,
   ``d dot_key``;
 - the weight-gradient partials are summed in a fixed order afterwards: results are bitwise reproducible;
@@ -53,6 +56,7 @@ from .kernels_neural_attention import (
     relu_signed_max_operands,
     relu_weight_grad,
     seed_tensor,
+    sum_to_bias_shape,
     visible_rows,
     zero_invisible_rows,
 )
@@ -283,10 +287,15 @@ struct Scratch {
 };
 
 struct Problem {
-  // relu (signed-max form): A / At hold the scaled A, B / Bt the scaled -B, w the signs, cvec (G, Lk) = B w
-  const float *A, *At, *B, *Bt, *V, *w, *dq, *dk, *out, *lse, *dO, *D, *cvec;
+  // relu (signed-max form): A / At hold the scaled A, B / Bt the scaled -B, w the signs, cvec (G, Lk) = B w.
+  // Row statistics: rmax (G, Lq) the row maximum (+inf: no visible key), rlog (G, Lq) the log denominator, kept
+  // apart: under a -1e9 bias (a float padding mask) rmax + rlog rounds to rmax in fp32.
+  const float *A, *At, *B, *Bt, *V, *w, *dq, *dk, *out, *rmax, *rlog, *dO, *D, *cvec;
   const bool* mask;  // nullptr: none
   int64_t ms0, ms1, ms2, ms3;
+  const float* bias;  // score bias (batch|1, heads|1, Lq|1, Lk|1), strides 0 where it broadcasts; nullptr: none
+  int64_t bs0, bs1, bs2, bs3;
+  float* dbias;  // (G, Lq, Lk) zeroed: the backward writes dS, the bias's gradient, here; nullptr: not needed
   int64_t batch, heads, G, Lq, Lk, K, Dv, Dd;
   bool causal, dot;
   float dot_scale;
@@ -328,6 +337,29 @@ NA_INLINE const bool* mask_base(const Problem& p, int64_t g) {
   return p.mask + (g / p.heads) * p.ms0 + (g % p.heads) * p.ms1;
 }
 
+NA_INLINE const float* bias_base(const Problem& p, int64_t g) {
+  return p.bias + (g / p.heads) * p.bs0 + (g % p.heads) * p.bs1;
+}
+
+// s[c] += x[c * stride], c < n: a row of the score bias along keys (query-major tiles) or queries (key-major)
+void add_bias_row(float* s, const float* x, int64_t stride, int64_t n) {
+  if (stride == 1) {
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) s[c] += x[c];
+  } else if (stride == 0) {  // a bias broadcast along this axis
+    const float v = x[0];
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) s[c] += v;
+  } else {
+    for (int64_t c = 0; c < n; ++c) s[c] += x[c * stride];
+  }
+}
+
+// P from the row statistics: exp((s - max) - log denominator), 0 where s = -inf or the row sees no key
+NA_INLINE float prob(float s, float mx, float lg) {
+  return (s == NEG_INF || mx == POS_INF) ? 0.0f : exp_approx((s - mx) - lg);
+}
+
 // query-major tile S (bq x n) for queries i0.., keys 0..n-1: scores with mask applied (-inf)
 template <int ACT>
 void query_tile(const Problem& p, int64_t g, int64_t i0, int64_t bq, int64_t n, float* S) {
@@ -342,6 +374,10 @@ void query_tile(const Problem& p, int64_t g, int64_t i0, int64_t bq, int64_t n, 
   if (p.dot)
     mm(false, true, bq, n, p.Dd, p.dot_scale, p.dq + (g * p.Lq + i0) * p.Dd, p.Dd, p.dk + g * p.Lk * p.Dd, p.Dd,
        1.0f, S, n);
+  if (p.bias) {
+    const float* bb = bias_base(p, g);
+    for (int64_t r = 0; r < bq; ++r) add_bias_row(S + r * n, bb + (i0 + r) * p.bs2, p.bs3, n);
+  }
   if (p.mask) {
     const bool* mb = mask_base(p, g);
     for (int64_t r = 0; r < bq; ++r) {
@@ -370,6 +406,10 @@ void key_tile(const Problem& p, int64_t g, int64_t j0, int64_t bk, int64_t i_lo,
   if (p.dot)
     mm(false, true, bk, n, p.Dd, p.dot_scale, p.dk + (g * p.Lk + j0) * p.Dd, p.Dd, p.dq + (g * p.Lq + i_lo) * p.Dd,
        p.Dd, 1.0f, ST, n);
+  if (p.bias) {
+    const float* bb = bias_base(p, g);
+    for (int64_t r = 0; r < bk; ++r) add_bias_row(ST + r * n, bb + (j0 + r) * p.bs3 + i_lo * p.bs2, p.bs2, n);
+  }
   if (p.mask) {
     const bool* mb = mask_base(p, g);
     for (int64_t r = 0; r < bk; ++r) {
@@ -386,20 +426,20 @@ void key_tile(const Problem& p, int64_t g, int64_t j0, int64_t bk, int64_t i_lo,
   }
 }
 
-// p = exp(s - lse) (0 where s = -inf or lse = +inf)
-NA_INLINE void probs(float* s, int64_t n, float lse) {
-  if (lse == POS_INF) {
+// a score row into P (see prob)
+NA_INLINE void probs(float* s, int64_t n, float mx, float lg) {
+  if (mx == POS_INF) {
     for (int64_t j = 0; j < n; ++j) s[j] = 0.0f;
     return;
   }
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) s[j] = s[j] == NEG_INF ? 0.0f : exp_approx(s[j] - lse);
+  for (int64_t j = 0; j < n; ++j) s[j] = prob(s[j], mx, lg);
 }
 
 NA_INLINE int64_t visible_keys(const Problem& p, int64_t i1) { return p.causal ? std::min(i1, p.Lk) : p.Lk; }
 
 template <int ACT>
-void forward_impl(const Problem& p, float* out, float* lse) {
+void forward_impl(const Problem& p, float* out, float* rmax, float* rlog) {
   const int64_t nqb = (p.Lq + p.block - 1) / p.block;
   at::parallel_for(0, p.G * nqb, 1, [&](int64_t begin, int64_t end) {
     Scratch S(p.block * p.Lk), F(p.dropout ? p.Lk : 0);
@@ -413,7 +453,8 @@ void forward_impl(const Problem& p, float* out, float* lse) {
         for (int64_t j = 0; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
         if (mx == NEG_INF) {
           for (int64_t j = 0; j < n; ++j) s[j] = 0.0f;
-          lse[g * p.Lq + i0 + r] = POS_INF;
+          rmax[g * p.Lq + i0 + r] = POS_INF;
+          rlog[g * p.Lq + i0 + r] = 0.0f;
           continue;
         }
         float sum = 0.0f;
@@ -430,7 +471,8 @@ void forward_impl(const Problem& p, float* out, float* lse) {
           keep_factors(p, p.qkey[g * p.Lq + i0 + r], p.kkey.data(), n, F.data());
           for (int64_t j = 0; j < n; ++j) s[j] *= F.data()[j];
         }
-        lse[g * p.Lq + i0 + r] = mx + std::log(sum);
+        rmax[g * p.Lq + i0 + r] = mx;
+        rlog[g * p.Lq + i0 + r] = std::log(sum);
       }
       mm(false, false, bq, p.Dv, n, 1.0f, S.data(), n, p.V + g * p.Lk * p.Dv, p.Dv, 0.0f,
          out + (g * p.Lq + i0) * p.Dv, p.Dv);
@@ -456,7 +498,7 @@ void backward_query_impl(const Problem& p, float* dA, float* ddq, float* dwp) {
         const int64_t i = i0 + r;
         float* s = S.data() + r * n;
         float* dp = dP.data() + r * n;
-        probs(s, n, p.lse[g * p.Lq + i]);
+        probs(s, n, p.rmax[g * p.Lq + i], p.rlog[g * p.Lq + i]);
         if (p.dropout) {  // dL/dP = keep * scale * dL/dP_dropped
           keep_factors(p, p.qkey[g * p.Lq + i], p.kkey.data(), n, F.data());
           for (int64_t j = 0; j < n; ++j) dp[j] *= F.data()[j];
@@ -464,6 +506,7 @@ void backward_query_impl(const Problem& p, float* dA, float* ddq, float* dwp) {
         const float Di = p.D[g * p.Lq + i];
 #pragma omp simd
         for (int64_t j = 0; j < n; ++j) dp[j] = s[j] * (dp[j] - Di);
+        if (p.dbias) std::copy(dp, dp + n, p.dbias + (g * p.Lq + i) * p.Lk);  // keys past n: dS = 0 (zeroed)
         if constexpr (ACT == RELU)  // raw: the caller applies w and forms the weight gradient
           relu_row_backward<false>(p.A + (g * p.Lq + i) * p.K, p.Bt + g * p.K * p.Lk, p.Lk, p.K, n, dp,
                                    dA + (g * p.Lq + i) * p.K);
@@ -496,7 +539,8 @@ void backward_key_impl(const Problem& p, float* dB, float* dV, float* ddk) {
       key_tile<ACT>(p, g, j0, bk, i_lo, n, S.data());
       mm(false, true, bk, n, p.Dv, 1.0f, p.V + (g * p.Lk + j0) * p.Dv, p.Dv, p.dO + (g * p.Lq + i_lo) * p.Dv, p.Dv,
          0.0f, dP.data(), n);
-      const float* lse = p.lse + g * p.Lq + i_lo;
+      const float* rmax = p.rmax + g * p.Lq + i_lo;
+      const float* rlog = p.rlog + g * p.Lq + i_lo;
       const float* D = p.D + g * p.Lq + i_lo;
       for (int64_t r = 0; r < bk; ++r) {
         float* s = S.data() + r * n;
@@ -507,7 +551,7 @@ void backward_key_impl(const Problem& p, float* dB, float* dV, float* ddk) {
         }
 #pragma omp simd
         for (int64_t c = 0; c < n; ++c) {
-          const float pr = (s[c] == NEG_INF || lse[c] == POS_INF) ? 0.0f : exp_approx(s[c] - lse[c]);
+          const float pr = prob(s[c], rmax[c], rlog[c]);
           s[c] = pr;
           dp[c] = pr * (dp[c] - D[c]);
         }
@@ -546,6 +590,7 @@ void backward_relu_single_pass(const Problem& p, float* dA, float* dB, float* dV
       }
       const float* Bt = p.Bt + g * K * p.Lk;  // (K, Lk): the scaled -B
       const bool* mb = p.mask ? mask_base(p, g) : nullptr;
+      const float* bb = p.bias ? bias_base(p, g) : nullptr;
       for (int64_t j0 = 0; j0 < p.Lk; j0 += bs) {
         const int64_t j1 = std::min(j0 + bs, p.Lk), bk = j1 - j0;
         float* cs = col.data();
@@ -559,6 +604,8 @@ void backward_relu_single_pass(const Problem& p, float* dA, float* dB, float* dV
           if (p.dot)
             mm(false, true, bq, bk, p.Dd, p.dot_scale, p.dq + (g * p.Lq + i0) * p.Dd, p.Dd,
                p.dk + (g * p.Lk + j0) * p.Dd, p.Dd, 1.0f, st, bk);
+          if (bb)
+            for (int64_t r = 0; r < bq; ++r) add_bias_row(st + r * bk, bb + (i0 + r) * p.bs2 + j0 * p.bs3, p.bs3, bk);
           if (mb) {
             for (int64_t r = 0; r < bq; ++r)
               for (int64_t c = 0; c < bk; ++c)
@@ -571,7 +618,7 @@ void backward_relu_single_pass(const Problem& p, float* dA, float* dB, float* dV
           mm(false, true, bq, bk, p.Dv, 1.0f, p.dO + (g * p.Lq + i0) * p.Dv, p.Dv, p.V + (g * p.Lk + j0) * p.Dv,
              p.Dv, 0.0f, dp, bk);
           for (int64_t r = 0; r < bq; ++r) {
-            const float lse = p.lse[g * p.Lq + i0 + r], Di = p.D[g * p.Lq + i0 + r];
+            const float mx = p.rmax[g * p.Lq + i0 + r], lg = p.rlog[g * p.Lq + i0 + r], Di = p.D[g * p.Lq + i0 + r];
             float* sr = st + r * bk;
             float* dr = dp + r * bk;
             if (p.dropout) {
@@ -580,10 +627,11 @@ void backward_relu_single_pass(const Problem& p, float* dA, float* dB, float* dV
             }
 #pragma omp simd
             for (int64_t c = 0; c < bk; ++c) {
-              const float pr = (sr[c] == NEG_INF || lse == POS_INF) ? 0.0f : exp_approx(sr[c] - lse);
+              const float pr = prob(sr[c], mx, lg);
               sr[c] = pr;
               dr[c] = pr * (dr[c] - Di);
             }
+            if (p.dbias) std::copy(dr, dr + bk, p.dbias + (g * p.Lq + i0 + r) * p.Lk + j0);
             if (p.dropout)  // dV = P_dropped^T dO
               for (int64_t c = 0; c < bk; ++c) sr[c] *= F.data()[c];
           }
@@ -675,6 +723,8 @@ Problem make_problem(const torch::Tensor& A, const torch::Tensor& At, const torc
     p.mask = m.data_ptr<bool>();
     p.ms0 = m.stride(0); p.ms1 = m.stride(1); p.ms2 = m.stride(2); p.ms3 = m.stride(3);
   }
+  p.bias = nullptr;
+  p.dbias = nullptr;
   p.causal = causal && !mask.has_value();
   p.dot_scale = static_cast<float>(dot_scale);
   p.block = block;
@@ -700,6 +750,25 @@ void check_shapes(const Problem& p, const torch::Tensor& Bt, const torch::Tensor
   if (act == RELU) check_size(cvec, "cvec", {p.G, p.Lk});
 }
 
+// the score bias (batch|1, heads|1, Lq|1, Lk|1) fp32, read with stride 0 along the dims it broadcasts (after the
+// lengths are final)
+void set_bias(Problem& p, const c10::optional<torch::Tensor>& bias) {
+  if (!bias.has_value()) return;
+  const auto& x = *bias;
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 4 && x.device().is_cpu(),
+              "fused neural attention: score_bias must be a 4-D fp32 CPU tensor");
+  const int64_t full[4] = {p.batch, p.heads, p.Lq, p.Lk};
+  int64_t strides[4];
+  for (int d = 0; d < 4; ++d) {
+    TORCH_CHECK(x.size(d) == full[d] || x.size(d) == 1, "fused neural attention: score_bias has shape ", x.sizes(),
+                ", which does not broadcast to (batch, heads, q_len, k_len) = (", p.batch, ", ", p.heads, ", ", p.Lq,
+                ", ", p.Lk, ")");
+    strides[d] = x.size(d) == 1 ? 0 : x.stride(d);
+  }
+  p.bias = x.data_ptr<float>();
+  p.bs0 = strides[0]; p.bs1 = strides[1]; p.bs2 = strides[2]; p.bs3 = strides[3];
+}
+
 // the per-query and per-key dropout keys (after the lengths are final)
 void set_dropout_keys(Problem& p, int64_t seed) {
   if (!p.dropout) return;
@@ -715,38 +784,48 @@ void set_dropout_keys(Problem& p, int64_t seed) {
 
 std::vector<torch::Tensor> fused_forward(torch::Tensor A, torch::Tensor Bt, torch::Tensor V, torch::Tensor w,
                                          c10::optional<torch::Tensor> dq, c10::optional<torch::Tensor> dk,
-                                         c10::optional<torch::Tensor> mask, torch::Tensor cvec, int64_t batch,
-                                         int64_t heads, bool causal, double dot_scale, int64_t act, int64_t block,
-                                         double dropout_p, int64_t seed) {
+                                         c10::optional<torch::Tensor> mask, c10::optional<torch::Tensor> bias,
+                                         torch::Tensor cvec, int64_t batch, int64_t heads, bool causal,
+                                         double dot_scale, int64_t act, int64_t block, double dropout_p,
+                                         int64_t seed) {
   // forward needs neither At nor B: pass A / Bt in their place (unused)
   Problem p = make_problem(A, A, Bt, Bt, V, w, dq, dk, mask, cvec, batch, heads, causal, dot_scale, act, block,
                            dropout_p);
   p.Lk = Bt.size(2);
   check_shapes(p, Bt, V, w, dq, dk, mask, cvec, act);
+  set_bias(p, bias);
   set_dropout_keys(p, seed);
   auto out = torch::empty({p.G, p.Lq, p.Dv}, V.options());
-  auto lse = torch::empty({p.G, p.Lq}, V.options());
-  NA_DISPATCH_ACT(act, forward_impl, p, out.data_ptr<float>(), lse.data_ptr<float>());
-  return {out, lse};
+  auto stats = torch::empty({2, p.G, p.Lq}, V.options());  // row max, log denominator
+  float* st = stats.data_ptr<float>();
+  NA_DISPATCH_ACT(act, forward_impl, p, out.data_ptr<float>(), st, st + p.G * p.Lq);
+  return {out, stats};
 }
 
 std::vector<torch::Tensor> fused_backward(torch::Tensor A, torch::Tensor At, torch::Tensor B, torch::Tensor Bt,
                                           torch::Tensor V, torch::Tensor w, c10::optional<torch::Tensor> dq,
                                           c10::optional<torch::Tensor> dk, c10::optional<torch::Tensor> mask,
-                                          torch::Tensor cvec, torch::Tensor lse, torch::Tensor dO, torch::Tensor D,
-                                          int64_t batch, int64_t heads, bool causal, double dot_scale, int64_t act,
-                                          int64_t block, bool single_pass, double dropout_p, int64_t seed) {
+                                          c10::optional<torch::Tensor> bias, bool bias_grad, torch::Tensor cvec,
+                                          torch::Tensor stats, torch::Tensor dO, torch::Tensor D, int64_t batch,
+                                          int64_t heads, bool causal, double dot_scale, int64_t act, int64_t block,
+                                          bool single_pass, double dropout_p, int64_t seed) {
   Problem p = make_problem(A, At, B, Bt, V, w, dq, dk, mask, cvec, batch, heads, causal, dot_scale, act, block,
                            dropout_p);
   check_shapes(p, Bt, V, w, dq, dk, mask, cvec, act);
   check_size(At, "At", {p.G, p.K, p.Lq});
   check_size(B, "B", {p.G, p.Lk, p.K});
-  check_f32(lse, "lse"); check_f32(dO, "dO"); check_f32(D, "D");
-  check_size(lse, "lse", {p.G, p.Lq});
+  check_f32(stats, "stats"); check_f32(dO, "dO"); check_f32(D, "D");
+  check_size(stats, "stats", {2, p.G, p.Lq});
   check_size(dO, "dO", {p.G, p.Lq, p.Dv});
   check_size(D, "D", {p.G, p.Lq});
+  set_bias(p, bias);
   set_dropout_keys(p, seed);
-  p.lse = lse.data_ptr<float>(); p.dO = dO.data_ptr<float>(); p.D = D.data_ptr<float>();
+  p.rmax = stats.data_ptr<float>(); p.rlog = p.rmax + p.G * p.Lq;
+  p.dO = dO.data_ptr<float>(); p.D = D.data_ptr<float>();
+  // dS, the bias's gradient (zeros: the kernels write only the pairs a query sees); summed where it broadcasts by the
+  // caller
+  auto dbias = torch::zeros({bias_grad && p.bias ? p.G : 0, p.Lq, p.Lk}, V.options());
+  if (bias_grad && p.bias) p.dbias = dbias.data_ptr<float>();
   const int64_t nqb = (p.Lq + block - 1) / block;
   auto dA = torch::empty({p.G, p.Lq, p.K}, V.options());
   auto dB = torch::empty({p.G, p.Lk, p.K}, V.options());
@@ -775,22 +854,24 @@ std::vector<torch::Tensor> fused_backward(torch::Tensor A, torch::Tensor At, tor
   for (int64_t g = 0; g < p.G; ++g)
     for (int64_t b = 0; b < nqb; ++b)
       for (int64_t k = 0; k < p.K; ++k) dwo[g * p.K + k] += part[(g * nqb + b) * p.K + k];
-  return {dA, dB, dV, dw, ddq, ddk};
+  return {dA, dB, dV, dw, ddq, ddk, dbias};
 }
 """
 
 _FUSED_DECLS = r"""
 std::vector<torch::Tensor> fused_forward(torch::Tensor A, torch::Tensor Bt, torch::Tensor V, torch::Tensor w,
                                          c10::optional<torch::Tensor> dq, c10::optional<torch::Tensor> dk,
-                                         c10::optional<torch::Tensor> mask, torch::Tensor cvec, int64_t batch,
-                                         int64_t heads, bool causal, double dot_scale, int64_t act, int64_t block,
-                                         double dropout_p, int64_t seed);
+                                         c10::optional<torch::Tensor> mask, c10::optional<torch::Tensor> bias,
+                                         torch::Tensor cvec, int64_t batch, int64_t heads, bool causal,
+                                         double dot_scale, int64_t act, int64_t block, double dropout_p,
+                                         int64_t seed);
 std::vector<torch::Tensor> fused_backward(torch::Tensor A, torch::Tensor At, torch::Tensor B, torch::Tensor Bt,
                                           torch::Tensor V, torch::Tensor w, c10::optional<torch::Tensor> dq,
                                           c10::optional<torch::Tensor> dk, c10::optional<torch::Tensor> mask,
-                                          torch::Tensor cvec, torch::Tensor lse, torch::Tensor dO, torch::Tensor D,
-                                          int64_t batch, int64_t heads, bool causal, double dot_scale, int64_t act,
-                                          int64_t block, bool single_pass, double dropout_p, int64_t seed);
+                                          c10::optional<torch::Tensor> bias, bool bias_grad, torch::Tensor cvec,
+                                          torch::Tensor stats, torch::Tensor dO, torch::Tensor D, int64_t batch,
+                                          int64_t heads, bool causal, double dot_scale, int64_t act, int64_t block,
+                                          bool single_pass, double dropout_p, int64_t seed);
 """
 
 _HEADERS = "#include <limits>\n#if !defined(_WIN32)\n#include <dlfcn.h>\n#endif\n"
@@ -834,46 +915,51 @@ def _use_single_pass(groups: int) -> bool:
 _OP_TAG = hashlib.sha256(Path(__file__).read_bytes() + _SOURCE.encode()).hexdigest()[:12]
 
 
-def _forward_fake(A, Bt, V, w, dq, dk, mask, cvec, batch, heads, causal, dot_scale, act, block, dropout_p, seed):
-    return V.new_empty(A.shape[0], A.shape[1], V.shape[2]), V.new_empty(A.shape[0], A.shape[1])
+def _forward_fake(A, Bt, V, w, dq, dk, mask, bias, cvec, batch, heads, causal, dot_scale, act, block, dropout_p,
+                  seed):  # fmt: skip
+    return V.new_empty(A.shape[0], A.shape[1], V.shape[2]), V.new_empty(2, A.shape[0], A.shape[1])
 
 
 @kernel_op(f"fused_cpp_forward_{_OP_TAG}", _forward_fake)
 def _fused_forward(
     A: Tensor, Bt: Tensor, V: Tensor, w: Tensor, dq: Tensor | None, dk: Tensor | None, mask: Tensor | None,
-    cvec: Tensor, batch: int, heads: int, causal: bool, dot_scale: float, act: int, block: int, dropout_p: float,
-    seed: Tensor,
+    bias: Tensor | None, cvec: Tensor, batch: int, heads: int, causal: bool, dot_scale: float, act: int, block: int,
+    dropout_p: float, seed: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """``(out, lse)``: ``(G, q_len, v_dim)`` and ``(G, q_len)`` fp32, for ``A`` ``(G, q_len, hidden)``, ``Bt``
-    ``(G, hidden, k_len)``, ``V`` ``(G, k_len, v_dim)`` (``G = batch * heads``)."""
-    out, lse = _module().fused_forward(
-        A, Bt, V, w, dq, dk, mask, cvec, batch, heads, causal, dot_scale, act, block, dropout_p, int(seed)
+    """``(out, stats)``: ``(G, q_len, v_dim)`` and ``(2, G, q_len)`` fp32 (each row's maximum, +inf where it sees no
+    key, and log denominator), for ``A`` ``(G, q_len, hidden)``, ``Bt`` ``(G, hidden, k_len)``, ``V``
+    ``(G, k_len, v_dim)`` (``G = batch * heads``); ``bias``: a 4-D fp32 score bias ``(batch|1, heads|1, q_len|1,
+    k_len|1)``."""
+    out, stats = _module().fused_forward(
+        A, Bt, V, w, dq, dk, mask, bias, cvec, batch, heads, causal, dot_scale, act, block, dropout_p, int(seed)
     )
-    return out, lse
+    return out, stats
 
 
-def _backward_fake(A, At, B, Bt, V, w, dq, dk, mask, cvec, lse, dO, D, batch, heads, causal, dot_scale, act, block,
-                   dropout_p, seed):
+def _backward_fake(A, At, B, Bt, V, w, dq, dk, mask, bias, bias_grad, cvec, stats, dO, D, batch, heads, causal,
+                   dot_scale, act, block, dropout_p, seed):  # fmt: skip
     G, q_len, hidden = A.shape
     k_len, v_dim = B.shape[1], V.shape[2]
     dd = dq.shape[-1] if dq is not None else 0
     return (V.new_empty(G, q_len, hidden), V.new_empty(G, k_len, hidden), V.new_empty(G, k_len, v_dim),
             V.new_empty(G, hidden), V.new_empty((G, q_len, dd) if dd else (0,)),
-            V.new_empty((G, k_len, dd) if dd else (0,)))  # fmt: skip
+            V.new_empty((G, k_len, dd) if dd else (0,)),
+            V.new_empty(G if bias is not None and bias_grad else 0, q_len, k_len))  # fmt: skip
 
 
 @kernel_op(f"fused_cpp_backward_{_OP_TAG}", _backward_fake)
 def _fused_backward(
     A: Tensor, At: Tensor, B: Tensor, Bt: Tensor, V: Tensor, w: Tensor, dq: Tensor | None, dk: Tensor | None,
-    mask: Tensor | None, cvec: Tensor, lse: Tensor, dO: Tensor, D: Tensor, batch: int, heads: int, causal: bool,
-    dot_scale: float, act: int, block: int, dropout_p: float, seed: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(dA, dB, dV, dw, d dot_query, d dot_key)`` (the last two empty without the dot term); relu returns raw
-    sums instead of ``dA``, ``dB``, ``dw`` (see :class:`_FusedFunction`). The relu pass count is chosen here, from
-    the thread count at run time (which a traced graph cannot read)."""
+    mask: Tensor | None, bias: Tensor | None, bias_grad: bool, cvec: Tensor, stats: Tensor, dO: Tensor, D: Tensor,
+    batch: int, heads: int, causal: bool, dot_scale: float, act: int, block: int, dropout_p: float, seed: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dA, dB, dV, dw, d dot_query, d dot_key, dS)`` (the dot term's empty without it; ``dS`` ``(G, q_len,
+    k_len)``, the score bias's gradient before the caller sums it where the bias broadcasts, empty unless
+    ``bias_grad``); relu returns raw sums instead of ``dA``, ``dB``, ``dw`` (see :class:`_FusedFunction`). The relu
+    pass count is chosen here, from the thread count at run time (which a traced graph cannot read)."""
     grads = _module().fused_backward(
-        A, At, B, Bt, V, w, dq, dk, mask, cvec, lse, dO, D, batch, heads, causal, dot_scale, act, block,
-        _use_single_pass(A.shape[0]), dropout_p, int(seed),
+        A, At, B, Bt, V, w, dq, dk, mask, bias, bias_grad, cvec, stats, dO, D, batch, heads, causal, dot_scale, act,
+        block, _use_single_pass(A.shape[0]), dropout_p, int(seed),
     )  # fmt: skip
     return tuple(grads)
 
@@ -889,7 +975,7 @@ class _FusedFunction(torch.autograd.Function):
 
     @staticmethod
     @autocast_off
-    def forward(ctx, A, B, V, w, dq, dk, mask, cfg):
+    def forward(ctx, A, B, V, w, dq, dk, bias, mask, cfg):
         batch, heads, q_len, hidden = A.shape
         k_len, v_dim = B.shape[2], V.shape[3]
         G = batch * heads
@@ -915,13 +1001,14 @@ class _FusedFunction(torch.autograd.Function):
         Vf = zero_invisible_rows(V, k_vis).reshape(G, k_len, v_dim).contiguous()
         dqf = zero_invisible_rows(dq, q_vis).reshape(G, q_len, -1).contiguous() if dq is not None else None
         dkf = zero_invisible_rows(dk, k_vis).reshape(G, k_len, -1).contiguous() if dk is not None else None
-        out, lse = _fused_forward(
-            Ak, Bt, Vf, kernel_w, dqf, dkf, mask, cvec, batch, heads, cfg["causal"], cfg["dot_scale"], cfg["act"],
-            cfg["block"], cfg["dropout_p"], cfg["seed"],
+        out, stats = _fused_forward(
+            Ak, Bt, Vf, kernel_w, dqf, dkf, mask, bias, cvec, batch, heads, cfg["causal"], cfg["dot_scale"],
+            cfg["act"], cfg["block"], cfg["dropout_p"], cfg["seed"],
         )  # fmt: skip
         ctx.cfg = cfg
         ctx.shape = (batch, heads, q_len, k_len, hidden, v_dim)
-        ctx.save_for_backward(Ak, Bt, Vf, kernel_w, dqf, dkf, mask, out, lse, w, cvec, A, B, wg, q_vis, k_vis)
+        ctx.save_for_backward(Ak, Bt, Vf, kernel_w, dqf, dkf, mask, bias, out, stats, w, cvec, A, B, wg, q_vis,
+                              k_vis)  # fmt: skip
         ctx.dot_shapes = (dq.shape if dq is not None else None, dk.shape if dk is not None else None)
         return out.view(batch, heads, q_len, v_dim)
 
@@ -929,7 +1016,8 @@ class _FusedFunction(torch.autograd.Function):
     @once_differentiable_always  # the C++ backward is not differentiable: a second derivative must raise
     @autocast_off
     def backward(ctx, grad_out):
-        Ak, Bt, Vf, kernel_w, dqf, dkf, mask, out, lse, w, cvec, A, B, wg, q_vis, k_vis = ctx.saved_tensors
+        Ak, Bt, Vf, kernel_w, dqf, dkf, mask, bias, out, stats, w, cvec, A, B, wg, q_vis, k_vis = ctx.saved_tensors
+        bias_grad = bias is not None and ctx.needs_input_grad[6]  # no (G, q_len, k_len) buffer for a fixed bias
         cfg = ctx.cfg
         batch, heads, q_len, k_len, hidden, v_dim = ctx.shape
         G = batch * heads
@@ -937,9 +1025,9 @@ class _FusedFunction(torch.autograd.Function):
         D = (dO * out).sum(-1).contiguous()
         At = Ak.transpose(1, 2).contiguous()
         Bk = Bt.transpose(1, 2).contiguous()
-        dA, dB, dV, dw, ddq, ddk = _fused_backward(
-            Ak, At, Bk, Bt, Vf, kernel_w, dqf, dkf, mask, cvec, lse, dO, D, batch, heads, cfg["causal"],
-            cfg["dot_scale"], cfg["act"], cfg["block"], cfg["dropout_p"], cfg["seed"],
+        dA, dB, dV, dw, ddq, ddk, dS = _fused_backward(
+            Ak, At, Bk, Bt, Vf, kernel_w, dqf, dkf, mask, bias, bias_grad, cvec, stats, dO, D, batch, heads,
+            cfg["causal"], cfg["dot_scale"], cfg["act"], cfg["block"], cfg["dropout_p"], cfg["seed"],
         )  # fmt: skip
         if cfg["act"] == _ACT_CODE["relu"]:  # raw sums -> gradients (see the class docstring)
             raw_q, raw_k = dA.view(batch, heads, q_len, hidden), dB.view(batch, heads, k_len, hidden)
@@ -952,6 +1040,7 @@ class _FusedFunction(torch.autograd.Function):
         dq_shape, dk_shape = ctx.dot_shapes
         ddq_o = ddq.view(dq_shape) if dq_shape is not None else None
         ddk_o = ddk.view(dk_shape) if dk_shape is not None else None
+        dbias = sum_to_bias_shape(dS.view(batch, heads, q_len, k_len), bias.shape) if bias_grad else None
         return (
             dA.view(batch, heads, q_len, hidden),
             dB.view(batch, heads, k_len, hidden),
@@ -959,6 +1048,7 @@ class _FusedFunction(torch.autograd.Function):
             dw,
             ddq_o,
             ddk_o,
+            dbias,
             None,
             None,
         )
@@ -982,9 +1072,13 @@ def neural_attention_fused_cpp(
     generator_seed: int | Tensor | None = None,
     score_bias: Tensor | None = None,
 ) -> Tensor:
-    """The kernel contract of ``docs/design.md``, fully fused in C++ for ``mlp="paper"`` without ``score_bias``
-    (fp32 arithmetic for fp32 / bf16 / fp16 inputs, dropout included); every other case runs
+    """The kernel contract of ``docs/design.md``, fully fused in C++ for ``mlp="paper"`` (fp32 arithmetic for fp32 /
+    bf16 / fp16 inputs, dropout and a ``score_bias`` included); every other case runs
     :func:`cpp_neural_attention.neural_attention_cpp` (tiled, the MLP in C++).
+
+    A ``score_bias`` (float, broadcastable to ``(b, h, q_len, k_len)``) is read in fp32 (a copy where it is not) and
+    added to each score row; its gradient, when it requires one, is dS, written whole (``(b * h, q_len, k_len)``
+    fp32) and summed where the bias broadcasts.
 
     Shapes: ``query_hidden`` ``(b, h, q_len, hidden)``, ``key_hidden`` ``(b, h, k_len, hidden)``, ``value``
     ``(b, h, k_len, v_dim)`` -> ``(b, h, q_len, v_dim)``.
@@ -1004,10 +1098,9 @@ def neural_attention_fused_cpp(
     )  # fmt: skip
     batch, heads, q_len, _ = query_hidden.shape
     k_len = key_hidden.shape[2]
-    tensors = [query_hidden, key_hidden, value, output_weight, dot_query, dot_key]
+    tensors = [query_hidden, key_hidden, value, output_weight, dot_query, dot_key, score_bias]
     if (
         second_weight is not None  # the authors' MLP
-        or score_bias is not None
         or any(t is not None and (t.dtype not in _FLOAT_DTYPES or t.device.type != "cpu") for t in tensors)
         or q_len == 0
         or k_len == 0
@@ -1032,5 +1125,7 @@ def neural_attention_fused_cpp(
     # bf16 / fp16 (autocast) inputs run in fp32, the precision every backend accumulates in: the casts are O(n d),
     # the attention O(n^2); gradients flow back through them in the inputs' dtypes
     fp32 = [None if t is None else t.float() for t in tensors]
-    out = _FusedFunction.apply(*fp32[:4], *fp32[4:], mask, cfg)
+    if score_bias is not None:  # 4-D: the kernel reads a broadcast dim with stride 0; the gradient comes back 4-D
+        fp32[6] = fp32[6].reshape((1,) * (4 - score_bias.dim()) + tuple(score_bias.shape))
+    out = _FusedFunction.apply(*fp32, mask, cfg)
     return out.to(value.dtype)

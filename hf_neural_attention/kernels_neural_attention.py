@@ -53,6 +53,7 @@ __all__ = [
     "once_differentiable_always",
     "relu_weight_grad",
     "seed_tensor",
+    "sum_to_bias_shape",
     "tiled_ops",
     "visible_rows",
     "zero_invisible_rows",
@@ -505,14 +506,18 @@ def _add_bias_tile(s: Tensor, bias: Tensor, i0: int, i1: int, j0: int, j1: int, 
     s.view(batch, heads, i1 - i0, j1 - j0).add_(_tile_of(bias, i0, i1, j0, j1))
 
 
+def sum_to_bias_shape(grad: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
+    """A score gradient ``grad`` ``(batch, heads, q_len, k_len)`` (or a tile of it) summed over the dims a 4-D bias
+    ``shape`` ``(batch|1, heads|1, q_len|1, k_len|1)`` broadcasts along (fixed-order torch sums: deterministic)."""
+    summed = [d for d in range(4) if shape[d] == 1 and grad.shape[d] != 1]
+    return grad.sum(summed, keepdim=True) if summed else grad
+
+
 def _accumulate_bias_grad(dbias: Tensor, ds: Tensor, i0: int, i1: int, j0: int, j1: int, batch: int,
                           heads: int) -> None:
     """Add a tile's score gradient ``ds`` ``(G, bq, bk)`` to ``dbias`` (the bias's shape), summed over the dims the
     bias broadcasts along."""
-    g = ds.view(batch, heads, i1 - i0, j1 - j0)
-    summed = [d for d in range(4) if dbias.shape[d] == 1 and g.shape[d] != 1]
-    if summed:
-        g = g.sum(summed, keepdim=True)
+    g = sum_to_bias_shape(ds.view(batch, heads, i1 - i0, j1 - j0), dbias.shape)
     _tile_of(dbias, i0, i1, j0, j1).add_(g)
 
 

@@ -5,17 +5,19 @@ Implements the KERNEL CONTRACT of ``docs/design.md``::
     neural_attention_triton(query_hidden, key_hidden, value, output_weight,
                             second_weight=None, second_bias=None, *, activation="relu",
                             mask=None, causal=False, dot_query=None, dot_key=None,
-                            dot_scale=1.0, dropout_p=0.0, generator_seed=None) -> Tensor
+                            dot_scale=1.0, dropout_p=0.0, generator_seed=None, score_bias=None) -> Tensor
 
 as a ``torch.autograd.Function`` with Triton forward and backward kernels (flash-attention style):
 
 * forward: grid (query block, batch*heads); loop over key blocks; the per-pair MLP is evaluated on the
   (BLOCK_M, BLOCK_N) tile from the low-rank projections ``A`` (query side) and ``B`` (key side); online
-  softmax in fp32; only ``O`` and the per-row log-sum-exp are stored (memory O(n * block)).
+  softmax in fp32; only ``O`` and the per-row log-sum-exp are stored (memory O(n * block)); a ``score_bias`` tile
+  is loaded next to the mask tile and added to the scores (the row max and log denominator then stored apart).
 * backward: scores are recomputed tile by tile. Split scheme: one kernel over key blocks produces
   dB / dV / dK and per-program partial sums of the scorer-weight gradients (one slot per (batch*head,
   key block)); one kernel over query blocks produces dA / dQ. The partial sums are reduced in a fixed order
-  with torch afterwards: no atomics, so two backward runs are bitwise identical.
+  with torch afterwards: no atomics, so two backward runs are bitwise identical. A score bias's gradient is dS:
+  the query-side kernel writes it whole, torch sums it where the bias broadcasts.
 * dropout: ``tl.rand(seed, (bh * q_len + i) * k_len + j)``; backward regenerates the same mask.
 
 This file travels with Hub checkpoints: it imports only torch, stdlib, its flat sibling
@@ -37,11 +39,11 @@ from .kernels_neural_attention import (
     check_kernel_inputs,
     empty_attention,
     kernel_op,
-    neural_attention_tiled,
     once_differentiable_always,
     relu_signed_max_operands,
     relu_weight_grad,
     seed_tensor,
+    sum_to_bias_shape,
     visible_rows,
     zero_invisible_rows,
 )
@@ -235,22 +237,29 @@ if TRITON_AVAILABLE:
         tl.store(ptrs, x.to(base.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _row_stats(LSE, Delta, bh, offs_m, Lq):
-        """(log-sum-exp, delta = rowsum(dO * O)) of the query rows ``offs_m``; +inf / 0 out of bounds."""
+    def _row_stats(LSE, LogL, Delta, bh, offs_m, Lq, HAS_BIAS: tl.constexpr):
+        """(log-sum-exp, 0, delta = rowsum(dO * O)) of the query rows ``offs_m``; +inf / 0 out of bounds.
+
+        HAS_BIAS: (row max, log denominator, delta) instead, kept apart (see `_fwd_kernel`).
+        """
         m_ok = offs_m < Lq
-        return (tl.load(LSE + bh * Lq + offs_m, mask=m_ok, other=float("inf")),
+        if HAS_BIAS:
+            log_l = tl.load(LogL + bh * Lq + offs_m, mask=m_ok, other=0.0)
+        else:
+            log_l = tl.zeros(offs_m.shape, dtype=tl.float32)
+        return (tl.load(LSE + bh * Lq + offs_m, mask=m_ok, other=float("inf")), log_l,
                 tl.load(Delta + bh * Lq + offs_m, mask=m_ok, other=0.0))
 
     @triton.jit
-    def _head_bases(A, B, Ck, V, W, W2, B2, DQ, DK, Mask, H, LkP, sab, sbb, svb, svh, sqb, sqh, skb, skh, smb, smh,
-                    w_hs, w2_hs, b2_hs):
+    def _head_bases(A, B, Ck, V, W, W2, B2, DQ, DK, Mask, Bias, H, LkP, sab, sbb, svb, svh, sqb, sqh, skb, skh, smb,
+                    smh, sxb, sxh, w_hs, w2_hs, b2_hs):
         """(bh, b, h) of this program (axis 1 = batch*heads) and the per-(batch, head) base pointers."""
         bh = tl.program_id(1).to(tl.int64)
         b = bh // H
         h = bh % H
         return (bh, b, h, A + bh * sab, B + bh * sbb, Ck + bh * LkP, V + b * svb + h * svh, W + h * w_hs,
                 W2 + h * w2_hs, B2 + h * b2_hs, DQ + b * sqb + h * sqh, DK + b * skb + h * skh,
-                Mask + b * smb + h * smh)
+                Mask + b * smb + h * smh, Bias + b * sxb + h * sxh)
 
     # ---------------------------------------------------------------------------------------- per-pair MLP
     @triton.jit
@@ -389,15 +398,25 @@ if TRITON_AVAILABLE:
         return s
 
     @triton.jit
-    def _tile_mask(offs_q, offs_k, Lq, Lk, Mask_base, smq, smk, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-                   KEY_ROWS: tl.constexpr):
+    def _pair_ptrs(base, sq, sk, start_q, start_k, offs_q, offs_k, KEY_ROWS: tl.constexpr):
+        """Pointers to the tile's pairs (i, j) of a (q_len, k_len) matrix with strides (sq, sk), in the tile's
+        orientation: the tile's corner as a 64-bit offset, the pairs relative to it in 32 bits (a per-pair int32
+        i * sq wraps once q_len * k_len passes 2^31, at n = 46341 with contiguous rows)."""
+        corner = base + tl.cast(start_q, tl.int64) * sq + tl.cast(start_k, tl.int64) * sk
+        li, lj = _pair_index(offs_q - start_q, offs_k - start_k, KEY_ROWS)
+        return corner + li * sq + lj * sk
+
+    @triton.jit
+    def _tile_mask(start_q, start_k, offs_q, offs_k, Lq, Lk, Mask_base, smq, smk, CAUSAL: tl.constexpr,
+                   HAS_MASK: tl.constexpr, KEY_ROWS: tl.constexpr):
         """True where query i may attend key j: in bounds, causal (j <= i), bool mask."""
         qi, kj = _pair_index(offs_q, offs_k, KEY_ROWS)
         valid = (qi < Lq) & (kj < Lk)
         if CAUSAL:
             valid = valid & (kj <= qi)
         if HAS_MASK:
-            mv = tl.load(Mask_base + qi * smq + kj * smk, mask=valid, other=0)
+            mv = tl.load(_pair_ptrs(Mask_base, smq, smk, start_q, start_k, offs_q, offs_k, KEY_ROWS), mask=valid,
+                         other=0)
             valid = valid & (mv != 0)
         return valid
 
@@ -407,15 +426,27 @@ if TRITON_AVAILABLE:
         """x with ``fill`` where query i may not attend key j. Tiles wholly inside both lengths and below the
         causal diagonal (the bulk of a long sequence) skip the mask arithmetic: a scalar test per tile."""
         if HAS_MASK:
-            x = tl.where(_tile_mask(offs_q, offs_k, Lq, Lk, Mask_base, smq, smk, CAUSAL, HAS_MASK, KEY_ROWS), x, fill)
+            x = tl.where(_tile_mask(start_q, start_k, offs_q, offs_k, Lq, Lk, Mask_base, smq, smk, CAUSAL, HAS_MASK,
+                                    KEY_ROWS), x, fill)
         else:
             partial = (start_q + BLOCK_Q > Lq) | (start_k + BLOCK_K > Lk)
             if CAUSAL:
                 partial = partial | (start_k + BLOCK_K - 1 > start_q)
             if partial:
-                x = tl.where(_tile_mask(offs_q, offs_k, Lq, Lk, Mask_base, smq, smk, CAUSAL, HAS_MASK, KEY_ROWS), x,
-                             fill)
+                x = tl.where(_tile_mask(start_q, start_k, offs_q, offs_k, Lq, Lk, Mask_base, smq, smk, CAUSAL,
+                                        HAS_MASK, KEY_ROWS), x, fill)
         return x
+
+    @triton.jit
+    def _add_bias(s, Bias_base, sxq, sxk, start_q, start_k, offs_q, offs_k, Lq, Lk, HAS_BIAS: tl.constexpr,
+                  KEY_ROWS: tl.constexpr):
+        """s plus the tile's score bias (read in its own dtype, added in fp32; zeros out of bounds): what the scores
+        are before masking, in the forward and in both backward recomputes."""
+        if HAS_BIAS:
+            qi, kj = _pair_index(offs_q, offs_k, KEY_ROWS)
+            ptrs = _pair_ptrs(Bias_base, sxq, sxk, start_q, start_k, offs_q, offs_k, KEY_ROWS)
+            s += tl.load(ptrs, mask=(qi < Lq) & (kj < Lk), other=0.0).to(tl.float32)
+        return s
 
     @triton.jit
     def _dropout_keep(seed, bh, offs_q, offs_k, Lq, Lk, dropout_p, KEY_ROWS: tl.constexpr):
@@ -424,31 +455,39 @@ if TRITON_AVAILABLE:
         return tl.rand(seed, (bh * Lq + qi) * Lk + kj) >= dropout_p
 
     @triton.jit
-    def _tile_probs_grad(A_base, B_base, Ck_base, W_base, W2_base, B2_base, Mask_base, smq, smk, q, k, v, do, lse,
-                         delta, start_q, start_k, offs_q, offs_k, Lq, Lk, LqP, LkP, bh, dot_scale, mlp_inv,
-                         dropout_p, dropout_scale, seed, HID: tl.constexpr, HIDP: tl.constexpr, HID2: tl.constexpr,
-                         HID2P: tl.constexpr, AUTHORS: tl.constexpr, ACT: tl.constexpr, HAS_DOT: tl.constexpr,
-                         HAS_MASK: tl.constexpr,
+    def _tile_probs_grad(A_base, B_base, Ck_base, W_base, W2_base, B2_base, Mask_base, smq, smk, Bias_base, sxq, sxk,
+                         q, k, v, do, lse, log_l, delta, start_q, start_k, offs_q, offs_k, Lq, Lk, LqP, LkP, bh,
+                         dot_scale, mlp_inv, dropout_p, dropout_scale, seed, HID: tl.constexpr, HIDP: tl.constexpr,
+                         HID2: tl.constexpr, HID2P: tl.constexpr, AUTHORS: tl.constexpr, ACT: tl.constexpr,
+                         HAS_DOT: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                          CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
                          UNROLL: tl.constexpr, HALF: tl.constexpr, KEY_ROWS: tl.constexpr, BLOCK_Q: tl.constexpr,
                          BLOCK_K: tl.constexpr,
                          ROWS: tl.constexpr, COLS: tl.constexpr):
-        """Recompute P of one (ROWS, COLS) tile from the stored log-sum-exp; return (P after dropout, dS = dL/dscores).
+        """Recompute P of one (ROWS, COLS) tile from the stored row statistics (`_row_stats`); return (P after dropout,
+        dS = dL/dscores).
 
         (ROWS, COLS) = (BLOCK_K, BLOCK_Q) when KEY_ROWS, else (BLOCK_Q, BLOCK_K).
         """
         s = _tile_scores(A_base, B_base, Ck_base, W_base, W2_base, B2_base, q, k, offs_q, offs_k, Lq, Lk, LqP, LkP,
                          dot_scale, mlp_inv, ROWS, COLS, HID, HIDP, HID2, HID2P, AUTHORS, ACT, HAS_DOT, DOT_DTYPE,
                          UPCAST, UNROLL, HALF, KEY_ROWS)
+        s = _add_bias(s, Bias_base, sxq, sxk, start_q, start_k, offs_q, offs_k, Lq, Lk, HAS_BIAS, KEY_ROWS)
         # rows with no visible key (and rows past Lq) have lse = +inf: p = 0 there without a mask
         s = _masked(s, float("-inf"), start_q, start_k, offs_q, offs_k, Lq, Lk, Mask_base, smq, smk, CAUSAL,
                     HAS_MASK, BLOCK_Q, BLOCK_K, KEY_ROWS)  # before exp: scores of padded keys may be large
         if KEY_ROWS:
-            p = _exp(s - lse[None, :])
+            if HAS_BIAS:  # (s - max) first: exact where a huge negative bias covers the row (see `_fwd_kernel`)
+                p = _exp((s - lse[None, :]) - log_l[None, :])
+            else:
+                p = _exp(s - lse[None, :])
             dp = _mm(v, tl.trans(do), DOT_DTYPE, UPCAST)
             delta2 = delta[None, :]
         else:
-            p = _exp(s - lse[:, None])
+            if HAS_BIAS:
+                p = _exp((s - lse[:, None]) - log_l[:, None])
+            else:
+                p = _exp(s - lse[:, None])
             dp = _mm(do, tl.trans(v), DOT_DTYPE, UPCAST)
             delta2 = delta[:, None]
         if DROPOUT:
@@ -538,23 +577,27 @@ if TRITON_AVAILABLE:
 
     # ---------------------------------------------------------------------------------------- kernels
     @triton.jit
-    def _fwd_kernel(A, B, Ck, V, W, W2, B2, DQ, DK, Mask, Scale, H, Lq, Lk, LqP, LkP, sab, sbb, svb, svh, svl, sqb,
-                    sqh, sql, skb, skh, skl, smb, smh, smq, smk, w_hs, w2_hs, b2_hs, dot_scale, dropout_p,
-                    dropout_scale, seed, Out, LSE, sob, soh, sol,
+    def _fwd_kernel(A, B, Ck, V, W, W2, B2, DQ, DK, Mask, Bias, Scale, H, Lq, Lk, LqP, LkP, sab, sbb, svb, svh, svl,
+                    sqb, sqh, sql, skb, skh, skl, smb, smh, smq, smk, sxb, sxh, sxq, sxk, w_hs, w2_hs, b2_hs,
+                    dot_scale, dropout_p, dropout_scale, seed, Out, LSE, LogL, sob, soh, sol,
                     HID: tl.constexpr, HIDP: tl.constexpr, HID2: tl.constexpr, HID2P: tl.constexpr,
                     AUTHORS: tl.constexpr, ACT: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
                     DD: tl.constexpr, DDP: tl.constexpr, HAS_DOT: tl.constexpr, HAS_MASK: tl.constexpr,
-                    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
-                    UNROLL: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                    UPCAST: tl.constexpr, UNROLL: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
         """Forward. Grid (cdiv(Lq, BLOCK_M), batch*heads): one program per BLOCK_M query rows of one head.
 
         Loops over key blocks (causal: only up to the diagonal) with an online fp32 softmax. Writes Out
         (batch, heads, Lq, DV) in Out's dtype and LSE (batch*heads, Lq) fp32 (+inf for rows with no visible key).
+        HAS_BIAS: LSE holds the row max and LogL (batch*heads, Lq) the log denominator, kept apart: a row that a
+        large finite negative bias covers (a -1e9 float mask) has max + log(denominator) == max in fp32, and P
+        recomputed from their sum would be 1 at every key instead of 1 / k.
         """
         pid_m = tl.program_id(0)
-        bh, b, h, A_base, B_base, Ck_base, V_base, W_base, W2_base, B2_base, DQ_base, DK_base, Mask_base = _head_bases(
-            A, B, Ck, V, W, W2, B2, DQ, DK, Mask, H, LkP, sab, sbb, svb, svh, sqb, sqh, skb, skh, smb, smh, w_hs, w2_hs,
-            b2_hs)
+        (bh, b, h, A_base, B_base, Ck_base, V_base, W_base, W2_base, B2_base, DQ_base, DK_base, Mask_base,
+         Bias_base) = _head_bases(A, B, Ck, V, W, W2, B2, DQ, DK, Mask, Bias, H, LkP, sab, sbb, svb, svh, sqb, sqh, skb,
+                                  skh, smb, smh, sxb, sxh, w_hs, w2_hs, b2_hs)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         q = _load_dot_tile(DQ_base, offs_m, Lq, sql, BLOCK_M, DD, DDP, HAS_DOT)
         mlp_inv = tl.load(Scale + bh)
@@ -571,6 +614,7 @@ if TRITON_AVAILABLE:
             s = _tile_scores(A_base, B_base, Ck_base, W_base, W2_base, B2_base, q, k, offs_m, offs_n, Lq, Lk, LqP,
                              LkP, dot_scale, mlp_inv, BLOCK_M, BLOCK_N, HID, HIDP, HID2, HID2P, AUTHORS, ACT, HAS_DOT,
                              DOT_DTYPE, UPCAST, UNROLL, HALF, False)
+            s = _add_bias(s, Bias_base, sxq, sxk, pid_m * BLOCK_M, start_n, offs_m, offs_n, Lq, Lk, HAS_BIAS, False)
             s = _masked(s, float("-inf"), pid_m * BLOCK_M, start_n, offs_m, offs_n, Lq, Lk, Mask_base, smq, smk,
                         CAUSAL, HAS_MASK, BLOCK_M, BLOCK_N, False)
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -588,20 +632,25 @@ if TRITON_AVAILABLE:
         has_any = l_i > 0.0
         m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
         out = tl.where(has_any[:, None], acc / tl.where(has_any, l_i, 1.0)[:, None], 0.0)
-        lse = tl.where(has_any, m_safe + tl.log(tl.where(has_any, l_i, 1.0)), float("inf"))
-        tl.store(LSE + bh * Lq + offs_m, lse, mask=offs_m < Lq)
+        log_l = tl.log(tl.where(has_any, l_i, 1.0))
+        if HAS_BIAS:
+            tl.store(LSE + bh * Lq + offs_m, tl.where(has_any, m_safe, float("inf")), mask=offs_m < Lq)
+            tl.store(LogL + bh * Lq + offs_m, log_l, mask=offs_m < Lq)
+        else:
+            tl.store(LSE + bh * Lq + offs_m, tl.where(has_any, m_safe + log_l, float("inf")), mask=offs_m < Lq)
         _store_tile(Out + b * sob + h * soh, offs_m, Lq, sol, out, DV, DVP)
 
     @triton.jit
-    def _bwd_kv_kernel(A, B, Ck, V, W, W2, B2, DQ, DK, Mask, Scale, H, Lq, Lk, LqP, LkP, sab, sbb, svb, svh, svl, sqb,
-                       sqh, sql, skb, skh, skl, smb, smh, smq, smk, w_hs, w2_hs, b2_hs, dot_scale, dropout_p,
-                       dropout_scale, seed, DO, sdob, sdoh, sdol, LSE, Delta, dB, dV, dDK, dW_part, dW2_part, dB2_part,
-                       n_blocks_n,
+    def _bwd_kv_kernel(A, B, Ck, V, W, W2, B2, DQ, DK, Mask, Bias, Scale, H, Lq, Lk, LqP, LkP, sab, sbb, svb, svh,
+                       svl, sqb, sqh, sql, skb, skh, skl, smb, smh, smq, smk, sxb, sxh, sxq, sxk, w_hs, w2_hs, b2_hs,
+                       dot_scale, dropout_p, dropout_scale, seed, DO, sdob, sdoh, sdol, LSE, LogL, Delta, dB, dV, dDK,
+                       dW_part, dW2_part, dB2_part, n_blocks_n,
                        HID: tl.constexpr, HIDP: tl.constexpr, HID2: tl.constexpr, HID2P: tl.constexpr,
                        AUTHORS: tl.constexpr, ACT: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
                        DD: tl.constexpr, DDP: tl.constexpr, HAS_DOT: tl.constexpr, HAS_MASK: tl.constexpr,
-                       CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
-                       UNROLL: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                       HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                       UPCAST: tl.constexpr, UNROLL: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
         """Backward, key side. Grid (n_blocks_n = cdiv(Lk, BLOCK_N), batch*heads): one program per key block.
 
         Loops over query blocks (causal: from the diagonal on), recomputing P^T as (BLOCK_N keys, BLOCK_M queries)
@@ -610,9 +659,9 @@ if TRITON_AVAILABLE:
         dW2_part (HID2, HID) and dB2_part (HID2) [authors only].
         """
         pid_n = tl.program_id(0)
-        bh, b, h, A_base, B_base, Ck_base, V_base, W_base, W2_base, B2_base, DQ_base, DK_base, Mask_base = _head_bases(
-            A, B, Ck, V, W, W2, B2, DQ, DK, Mask, H, LkP, sab, sbb, svb, svh, sqb, sqh, skb, skh, smb, smh, w_hs, w2_hs,
-            b2_hs)
+        (bh, b, h, A_base, B_base, Ck_base, V_base, W_base, W2_base, B2_base, DQ_base, DK_base, Mask_base,
+         Bias_base) = _head_bases(A, B, Ck, V, W, W2, B2, DQ, DK, Mask, Bias, H, LkP, sab, sbb, svb, svh, sqb, sqh, skb,
+                                  skh, smb, smh, sxb, sxh, w_hs, w2_hs, b2_hs)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mlp_inv = tl.load(Scale + bh)
         v = _load_tile(V_base, offs_n, Lk, svl, DV, DVP)
@@ -635,12 +684,13 @@ if TRITON_AVAILABLE:
             offs_m = start_m + tl.arange(0, BLOCK_M)
             q = _load_dot_tile(DQ_base, offs_m, Lq, sql, BLOCK_M, DD, DDP, HAS_DOT)
             do = _load_tile(DO + b * sdob + h * sdoh, offs_m, Lq, sdol, DV, DVP)
-            lse, delta = _row_stats(LSE, Delta, bh, offs_m, Lq)
-            pd, ds = _tile_probs_grad(A_base, B_base, Ck_base, W_base, W2_base, B2_base, Mask_base, smq, smk, q, k, v,
-                                      do, lse, delta, start_m, pid_n * BLOCK_N, offs_m, offs_n, Lq, Lk, LqP, LkP, bh,
-                                      dot_scale, mlp_inv, dropout_p, dropout_scale, seed, HID, HIDP, HID2, HID2P,
-                                      AUTHORS, ACT, HAS_DOT, HAS_MASK, CAUSAL, DROPOUT, DOT_DTYPE, UPCAST, UNROLL, HALF,
-                                      True, BLOCK_M, BLOCK_N, BLOCK_N, BLOCK_M)
+            lse, log_l, delta = _row_stats(LSE, LogL, Delta, bh, offs_m, Lq, HAS_BIAS)
+            pd, ds = _tile_probs_grad(A_base, B_base, Ck_base, W_base, W2_base, B2_base, Mask_base, smq, smk,
+                                      Bias_base, sxq, sxk, q, k, v, do, lse, log_l, delta, start_m, pid_n * BLOCK_N,
+                                      offs_m, offs_n, Lq, Lk, LqP, LkP, bh, dot_scale, mlp_inv, dropout_p,
+                                      dropout_scale, seed, HID, HIDP, HID2, HID2P, AUTHORS, ACT, HAS_DOT, HAS_MASK,
+                                      HAS_BIAS, CAUSAL, DROPOUT, DOT_DTYPE, UPCAST, UNROLL, HALF, True, BLOCK_M,
+                                      BLOCK_N, BLOCK_N, BLOCK_M)
             dv += _mm(pd, do, DOT_DTYPE, UPCAST)
             if HAS_DOT:
                 dk += _mm(ds, q, DOT_DTYPE, UPCAST)
@@ -663,27 +713,31 @@ if TRITON_AVAILABLE:
             tl.store(dW_part + slot * HID + offs_h, dw, mask=offs_h < HID)
 
     @triton.jit
-    def _bwd_q_kernel(A, B, Ck, V, W, W2, B2, DQ, DK, Mask, Scale, H, Lq, Lk, LqP, LkP, sab, sbb, svb, svh, svl, sqb,
-                      sqh, sql, skb, skh, skl, smb, smh, smq, smk, w_hs, w2_hs, b2_hs, dot_scale, dropout_p,
-                      dropout_scale, seed, DO, sdob, sdoh, sdol, LSE, Delta, dA, dDQ,
+    def _bwd_q_kernel(A, B, Ck, V, W, W2, B2, DQ, DK, Mask, Bias, Scale, H, Lq, Lk, LqP, LkP, sab, sbb, svb, svh,
+                      svl, sqb, sqh, sql, skb, skh, skl, smb, smh, smq, smk, sxb, sxh, sxq, sxk, w_hs, w2_hs, b2_hs,
+                      dot_scale, dropout_p, dropout_scale, seed, DO, sdob, sdoh, sdol, LSE, LogL, Delta, dA, dDQ, dBias,
                       HID: tl.constexpr, HIDP: tl.constexpr, HID2: tl.constexpr, HID2P: tl.constexpr,
                       AUTHORS: tl.constexpr, ACT: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
                       DD: tl.constexpr, DDP: tl.constexpr, HAS_DOT: tl.constexpr, HAS_MASK: tl.constexpr,
-                      CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
-                      UNROLL: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                      HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                      UPCAST: tl.constexpr, UNROLL: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr,
+                      BIAS_GRAD: tl.constexpr):
         """Backward, query side. Grid (cdiv(Lq, BLOCK_M), batch*heads): one program per query block.
 
-        Loops over key blocks (causal: up to the diagonal), recomputing P. Writes fp32 dA (batch*heads, Lq, HID)
-        and dDQ (.., Lq, DD; residual dot term only).
+        Loops over key blocks (causal: up to the diagonal), recomputing P. Writes fp32 dA (batch*heads, Lq, HID),
+        dDQ (.., Lq, DD; residual dot term only) and, BIAS_GRAD, dBias (.., Lq, Lk) = dS, the score bias's gradient
+        before the host sums it over the dims the bias broadcasts along (tiles the causal loop skips stay as the host
+        zeroed them).
         """
         pid_m = tl.program_id(0)
-        bh, b, h, A_base, B_base, Ck_base, V_base, W_base, W2_base, B2_base, DQ_base, DK_base, Mask_base = _head_bases(
-            A, B, Ck, V, W, W2, B2, DQ, DK, Mask, H, LkP, sab, sbb, svb, svh, sqb, sqh, skb, skh, smb, smh, w_hs, w2_hs,
-            b2_hs)
+        (bh, b, h, A_base, B_base, Ck_base, V_base, W_base, W2_base, B2_base, DQ_base, DK_base, Mask_base,
+         Bias_base) = _head_bases(A, B, Ck, V, W, W2, B2, DQ, DK, Mask, Bias, H, LkP, sab, sbb, svb, svh, sqb, sqh, skb,
+                                  skh, smb, smh, sxb, sxh, w_hs, w2_hs, b2_hs)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         q = _load_dot_tile(DQ_base, offs_m, Lq, sql, BLOCK_M, DD, DDP, HAS_DOT)
         do = _load_tile(DO + b * sdob + h * sdoh, offs_m, Lq, sdol, DV, DVP)
-        lse, delta = _row_stats(LSE, Delta, bh, offs_m, Lq)
+        lse, log_l, delta = _row_stats(LSE, LogL, Delta, bh, offs_m, Lq, HAS_BIAS)
         mlp_inv = tl.load(Scale + bh)
 
         dq = tl.zeros((BLOCK_M, DDP), dtype=tl.float32)
@@ -698,13 +752,17 @@ if TRITON_AVAILABLE:
             offs_n = start_n + tl.arange(0, BLOCK_N)
             v = _load_tile(V_base, offs_n, Lk, svl, DV, DVP)
             k = _load_dot_tile(DK_base, offs_n, Lk, skl, BLOCK_N, DD, DDP, HAS_DOT)
-            pd, ds = _tile_probs_grad(A_base, B_base, Ck_base, W_base, W2_base, B2_base, Mask_base, smq, smk, q, k, v,
-                                      do, lse, delta, pid_m * BLOCK_M, start_n, offs_m, offs_n, Lq, Lk, LqP, LkP, bh,
-                                      dot_scale, mlp_inv, dropout_p, dropout_scale, seed, HID, HIDP, HID2, HID2P,
-                                      AUTHORS, ACT, HAS_DOT, HAS_MASK, CAUSAL, DROPOUT, DOT_DTYPE, UPCAST, UNROLL, HALF,
-                                      False, BLOCK_M, BLOCK_N, BLOCK_M, BLOCK_N)
+            pd, ds = _tile_probs_grad(A_base, B_base, Ck_base, W_base, W2_base, B2_base, Mask_base, smq, smk,
+                                      Bias_base, sxq, sxk, q, k, v, do, lse, log_l, delta, pid_m * BLOCK_M, start_n,
+                                      offs_m, offs_n, Lq, Lk, LqP, LkP, bh, dot_scale, mlp_inv, dropout_p,
+                                      dropout_scale, seed, HID, HIDP, HID2, HID2P, AUTHORS, ACT, HAS_DOT, HAS_MASK,
+                                      HAS_BIAS, CAUSAL, DROPOUT, DOT_DTYPE, UPCAST, UNROLL, HALF, False, BLOCK_M,
+                                      BLOCK_N, BLOCK_M, BLOCK_N)
             if HAS_DOT:
                 dq += _mm(ds, k, DOT_DTYPE, UPCAST)
+            if BIAS_GRAD:  # dL/dbias = dS: written per (batch*head), summed where the bias broadcasts on the host
+                tl.store(_pair_ptrs(dBias + bh * Lq * Lk, Lk, 1, pid_m * BLOCK_M, start_n, offs_m, offs_n, False), ds,
+                         mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
             da, dw_unused, dw2_unused, db2_unused = _tile_mlp_backward(
                 ds, A_base, B_base, W_base, W2_base, B2_base, offs_m, offs_n, Lq, Lk, LqP, LkP, da, dw_unused,
                 dw2_unused, db2_unused, HID, HIDP, HID2, HID2P, AUTHORS, ACT, False, UNROLL, HALF, False, BLOCK_M,
@@ -740,8 +798,8 @@ def _default_launch(authors: bool, hidden: int, interpreting: bool, backward: bo
     backward kernels (each owns blocks of ``own`` positions -- queries or keys -- and steps over the other side).
 
     ``unroll``: hidden units per iteration of the paper MLP's loop (ignored by the authors' MLP). ``lean``: relu
-    without the residual dot term or a mask; ``fp32``: fp32 inputs (their dots run on CUDA cores and take more
-    registers).
+    without the residual dot term and with at most one of a mask, a score bias and dropout; ``fp32``: fp32 inputs
+    (their dots run on CUDA cores and take more registers).
 
     Authors' MLP up to d' = 8: the tiles of the fastest ``benchmarks/bench_triton_gpu.py --tune`` launches on an H100
     (bf16, causal, n = 4096, 12 heads of 64; benchmarks/results/gpu_h100/run2; since then the key-side backward's
@@ -749,6 +807,9 @@ def _default_launch(authors: bool, hidden: int, interpreting: bool, backward: bo
     on a GPU in this form; chosen from the sm_90 SASS (triton 3.6) as the fewest instructions per (pair, hidden
     unit) without register spills: 128 owned rows give a thread 4 rows x 8 columns of the MMA layout (12 column loads
     per unit for 32 pairs; 64 rows: 10 for 16); the heavier variants spill at 128 rows and take 64 (32 in fp32).
+    Compiled with unit strides specialised, as the launcher does (triton 3.9, bf16, d' = 2 and 16), a mask or a
+    score bias alone spills nothing at 128 rows and saves 4-22% of the instructions per pair against 64; the dot
+    term, or two of mask, bias and dropout, spill there (``results/sass_sm90/score_bias.csv``, benchmarks/README.md).
     """
     if interpreting:
         return 16, 16, 4, 1
@@ -850,16 +911,17 @@ def _paper_operands(query_hidden, key_hidden, W, relu, hidden_pad, length_pad, v
 
 
 def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key,
-                 mask, cfg, visible=(None, None)):
+                 mask, cfg, visible=(None, None), score_bias=None):
     """Kernel-ready tensors, the leading scalar arguments shared by the three kernels, and the constexprs.
 
-    Returns (tensors, scalars, constexprs, launch): tensors = (A, B, Ck, V, W, W2, B2, DQ, DK, Mask, Scale) with
-    fp32 per-head weights and dummies (never read) for absent optional inputs (Scale: see ``half``
-    of `_paper_operands`); scalars = (H, Lq, Lk, LqP, LkP, A / B
-    per-(batch, head) strides, V/DQ/DK/Mask strides, per-head weight strides, dot_scale, dropout_p, dropout_scale,
-    seed); launch = {"": forward, "bwd_": backward} (BLOCK_M, BLOCK_N, num_warps, unroll), the user's choice or the
-    defaults. Paper MLP: A, B, Ck from `_paper_operands` (LqP / LkP the padded lengths) and W padded to HIDP units;
-    authors' MLP: A, B (batch*heads, len, hidden) contiguous, LqP / LkP = Lq / Lk.
+    Returns (tensors, scalars, constexprs, launch): tensors = (A, B, Ck, V, W, W2, B2, DQ, DK, Mask, Bias, Scale)
+    with fp32 per-head weights and dummies (never read) for absent optional inputs (Scale: see ``half``
+    of `_paper_operands`; Bias: ``score_bias`` (4-D) expanded to (batch, heads, Lq, Lk), an fp32 copy if it is
+    float64); scalars = (H, Lq, Lk,
+    LqP, LkP, A / B per-(batch, head) strides, V/DQ/DK/Mask/Bias strides, per-head weight strides, dot_scale,
+    dropout_p, dropout_scale, seed); launch = {"": forward, "bwd_": backward} (BLOCK_M, BLOCK_N, num_warps,
+    unroll), the user's choice or the defaults. Paper MLP: A, B, Ck from `_paper_operands` (LqP / LkP the padded
+    lengths) and W padded to HIDP units; authors' MLP: A, B (batch*heads, len, hidden) contiguous, LqP / LkP = Lq / Lk.
     """
     batch, heads, q_len, hidden = query_hidden.shape
     k_len, v_dim = key_hidden.shape[2], value.shape[-1]
@@ -870,8 +932,10 @@ def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, 
         raise ValueError(f"half_mlp=True packs the paper MLP's relu units (its signed-max form); it does not apply to "
                          f"{what}: leave half_mlp unset")
     interp = _interpreting()
-    # the widest tiles only where they do not spill registers (sm_90): relu without the dot term or a mask
-    lean = cfg["activation"] == "relu" and not has_dot and mask is None
+    # the widest tiles only where they do not spill registers (sm_90): relu without the dot term, and at most one of a
+    # mask, a score bias and dropout
+    extras = (mask is not None) + (score_bias is not None) + (float(cfg["dropout_p"]) > 0.0)
+    lean = cfg["activation"] == "relu" and not has_dot and extras <= 1
     fp32 = value.dtype == torch.float32
     launch = {}
     for prefix, backward in (("", False), ("bwd_", True)):
@@ -923,6 +987,12 @@ def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, 
     if mask is not None:
         Mask = mask.to(device=V.device, dtype=torch.uint8).expand(batch, heads, q_len, k_len)
         mstrides = Mask.stride()
+    Bias, bias_strides = A, (0, 0, 0, 0)
+    if score_bias is not None:  # read in its own dtype (16-bit biases stay 16-bit), added in fp32
+        if score_bias.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            score_bias = score_bias.float()
+        Bias = score_bias.expand(batch, heads, q_len, k_len)
+        bias_strides = Bias.stride()
 
     bm, bn, _, unroll = launch[""]
     dropout_p = float(cfg["dropout_p"])
@@ -937,12 +1007,14 @@ def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, 
     constexprs = dict(
         HID=hidden, HIDP=max(hidden_pad, mma_pad), HID2=hidden2, HID2P=_pow2(hidden2, mma_pad), AUTHORS=authors,
         ACT=_ACTIVATIONS[cfg["activation"]], DV=v_dim, DVP=_pow2(v_dim, 16), DD=dd, DDP=_pow2(dd, 16),
-        HAS_DOT=has_dot, HAS_MASK=mask is not None, CAUSAL=bool(cfg["causal"]), DROPOUT=dropout_p > 0.0,
-        DOT_DTYPE=_TL_DTYPES[low], UPCAST=interp, UNROLL=min(unroll, hidden_pad), HALF=half, BLOCK_M=bm, BLOCK_N=bn,
+        HAS_DOT=has_dot, HAS_MASK=mask is not None, HAS_BIAS=score_bias is not None, CAUSAL=bool(cfg["causal"]),
+        DROPOUT=dropout_p > 0.0, DOT_DTYPE=_TL_DTYPES[low], UPCAST=interp, UNROLL=min(unroll, hidden_pad), HALF=half,
+        BLOCK_M=bm, BLOCK_N=bn,
     )  # fmt: skip
-    scalars = (heads, q_len, k_len, q_pad, k_pad, a_bs, b_bs, *V.stride()[:3], *dot_strides, *mstrides, w_hs, w2_hs,
-               b2_hs, float(cfg["dot_scale"]), dropout_p, dropout_scale, int(cfg["seed"]))  # fmt: skip
-    return (A, Bk, Ck, V, W, W2, B2, DQ, DK, Mask, Scale), scalars, constexprs, launch
+    scalars = (heads, q_len, k_len, q_pad, k_pad, a_bs, b_bs, *V.stride()[:3], *dot_strides, *mstrides,
+               *bias_strides, w_hs, w2_hs, b2_hs, float(cfg["dot_scale"]), dropout_p, dropout_scale,
+               int(cfg["seed"]))  # fmt: skip
+    return (A, Bk, Ck, V, W, W2, B2, DQ, DK, Mask, Bias, Scale), scalars, constexprs, launch
 
 
 def _backward_constexprs(constexprs: dict, launch: tuple[int, int, int, int]) -> tuple[dict, dict]:
@@ -969,20 +1041,23 @@ def _config(activation: str, causal: bool, dot_scale: float, dropout_p: float, s
                 **tuning)
 
 
-def _forward_fake(query_hidden, key_hidden, value, *args):
+def _forward_fake(query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key,
+                  score_bias, *args):  # fmt: skip
     batch, heads, q_len, _ = query_hidden.shape
     return (value.new_empty(batch, heads, q_len, value.shape[-1], dtype=torch.float32),
-            value.new_empty(batch * heads, q_len, dtype=torch.float32))  # fmt: skip
+            value.new_empty(1 if score_bias is None else 2, batch * heads, q_len, dtype=torch.float32))  # fmt: skip
 
 
 @kernel_op(f"triton_forward_{_OP_TAG}", _forward_fake)
 def _triton_forward(
     query_hidden: torch.Tensor, key_hidden: torch.Tensor, value: torch.Tensor, output_weight: torch.Tensor,
     second_weight: torch.Tensor | None, second_bias: torch.Tensor | None, dot_query: torch.Tensor | None,
-    dot_key: torch.Tensor | None, mask: torch.Tensor | None, activation: str, causal: bool, dot_scale: float,
-    dropout_p: float, seed: torch.Tensor, launch: list[int],
+    dot_key: torch.Tensor | None, score_bias: torch.Tensor | None, mask: torch.Tensor | None, activation: str,
+    causal: bool, dot_scale: float, dropout_p: float, seed: torch.Tensor, launch: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)``: ``(batch, heads, q_len, v_dim)`` fp32 and ``(batch * heads, q_len)`` fp32.
+    """``(out, stats)``: ``(batch, heads, q_len, v_dim)`` fp32 and the row statistics, fp32: ``(1, batch * heads,
+    q_len)``, the log-sum-exp, or with a ``score_bias`` ``(2, batch * heads, q_len)``, the row max and the log
+    denominator (see `_fwd_kernel`).
 
     The output stays fp32 (the caller rounds it): the backward's delta = rowsum(dO * O) needs the unrounded O, or
     sum_j dS_ij = 0 breaks by O's rounding error (bf16: the scorer's bias gradients, which live on that
@@ -993,12 +1068,14 @@ def _triton_forward(
     # rows no pair sees are zeroed in the scorer's operands: garbage there must not reach visible rows or dw
     visible = visible_rows(mask, causal, q_len, key_hidden.shape[2], value.device)
     tensors, scalars, constexprs, launch_ = _launch_args(query_hidden, key_hidden, value, output_weight, second_weight,
-                                                         second_bias, dot_query, dot_key, mask, cfg, visible)
+                                                         second_bias, dot_query, dot_key, mask, cfg, visible,
+                                                         score_bias)  # fmt: skip
     Out = torch.empty(batch, heads, q_len, value.shape[-1], device=value.device, dtype=torch.float32)
-    LSE = torch.empty(batch * heads, q_len, device=value.device, dtype=torch.float32)
+    stats = torch.empty(1 if score_bias is None else 2, batch * heads, q_len, device=value.device, dtype=torch.float32)
     grid = (triton.cdiv(q_len, constexprs["BLOCK_M"]), batch * heads)
-    _fwd_kernel[grid](*tensors, *scalars, Out, LSE, *Out.stride()[:3], num_warps=launch_[""][2], **constexprs)
-    return Out, LSE
+    _fwd_kernel[grid](*tensors, *scalars, Out, stats[0], stats[-1], *Out.stride()[:3], num_warps=launch_[""][2],
+                      **constexprs)  # fmt: skip
+    return Out, stats
 
 
 def _like_or_empty(tensor: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -1006,31 +1083,38 @@ def _like_or_empty(tensor: torch.Tensor | None, like: torch.Tensor) -> torch.Ten
 
 
 def _backward_fake(query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key,
-                   *args):  # fmt: skip
+                   score_bias, mask, Out, stats, grad_out, activation, causal, dot_scale, dropout_p, seed, bias_grad,
+                   launch):  # fmt: skip
     return tuple(_like_or_empty(t, value) for t in (query_hidden, key_hidden, value, output_weight, second_weight,
-                                                   second_bias, dot_query, dot_key))  # fmt: skip
+                                                   second_bias, dot_query, dot_key,
+                                                   score_bias if bias_grad else None))  # fmt: skip
 
 
 @kernel_op(f"triton_backward_{_OP_TAG}", _backward_fake)
 def _triton_backward(
     query_hidden: torch.Tensor, key_hidden: torch.Tensor, value: torch.Tensor, output_weight: torch.Tensor,
     second_weight: torch.Tensor | None, second_bias: torch.Tensor | None, dot_query: torch.Tensor | None,
-    dot_key: torch.Tensor | None, mask: torch.Tensor | None, Out: torch.Tensor, LSE: torch.Tensor,
-    grad_out: torch.Tensor, activation: str, causal: bool, dot_scale: float, dropout_p: float, seed: torch.Tensor,
-    launch: list[int],
+    dot_key: torch.Tensor | None, score_bias: torch.Tensor | None, mask: torch.Tensor | None, Out: torch.Tensor,
+    stats: torch.Tensor, grad_out: torch.Tensor, activation: str, causal: bool, dot_scale: float, dropout_p: float,
+    seed: torch.Tensor, bias_grad: bool, launch: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor]:
-    """Gradients of the eight differentiable inputs, each shaped and typed like its input (empty for an absent
-    one). The kernels' operands are rebuilt from the inputs (O(n * hidden), as in the forward) rather than kept."""
+           torch.Tensor, torch.Tensor]:
+    """Gradients of the nine differentiable inputs, each shaped and typed like its input (empty for an absent
+    one, and for ``score_bias`` unless ``bias_grad``: a mask-derived bias or a fixed ALiBi buffer needs none). The
+    kernels' operands are rebuilt from the inputs (O(n * hidden), as in the forward) rather than kept. The bias's
+    gradient is dS, written whole, ``(batch * heads, q_len, k_len)`` fp32, then summed over the dims the bias
+    broadcasts along."""
     cfg = _config(activation, causal, dot_scale, dropout_p, seed, launch)
     batch, heads, q_len, _ = query_hidden.shape
     k_len = key_hidden.shape[2]
     visible = visible_rows(mask, causal, q_len, k_len, value.device)
     tensors, scalars, constexprs, launch_ = _launch_args(query_hidden, key_hidden, value, output_weight, second_weight,
-                                                         second_bias, dot_query, dot_key, mask, cfg, visible)
+                                                         second_bias, dot_query, dot_key, mask, cfg, visible,
+                                                         score_bias)  # fmt: skip
     V = tensors[3]
     own, _, num_warps, _ = launch_["bwd_"]
     kv_ce, ce = _backward_constexprs(constexprs, launch_["bwd_"])
+    ce["BIAS_GRAD"] = bias_grad = score_bias is not None and bias_grad
     authors, has_dot, hidden, hidden2, dd = ce["AUTHORS"], ce["HAS_DOT"], ce["HID"], ce["HID2"], ce["DD"]
 
     dO = _last_dim_contiguous(grad_out.to(V.dtype))
@@ -1045,12 +1129,14 @@ def _triton_backward(
     dW_part = torch.empty(batch * heads, n_blocks_n, hidden2 if authors else hidden, **f32)
     dW2_part = torch.empty(batch * heads, n_blocks_n, hidden2, hidden, **f32) if authors else dW_part
     dB2_part = torch.empty(batch * heads, n_blocks_n, hidden2, **f32) if authors else dW_part
+    # causal: the tiles the loop skips have dS = 0 and are never written (zeros); otherwise every pair is written
+    dS = (torch.zeros if cfg["causal"] else torch.empty)(batch, heads, q_len, k_len, **f32) if bias_grad else dA
 
-    lead = (*tensors, *scalars, dO, *dO.stride()[:3], LSE, delta)
+    lead = (*tensors, *scalars, dO, *dO.stride()[:3], stats[0], stats[-1], delta)
     parts = (dW_part, dW2_part, dB2_part)
     _bwd_kv_kernel[(n_blocks_n, batch * heads)](*lead, dB, dV, dDK, *parts, n_blocks_n, num_warps=num_warps,
                                                 **kv_ce)  # fmt: skip
-    _bwd_q_kernel[(triton.cdiv(q_len, own), batch * heads)](*lead, dA, dDQ, num_warps=num_warps, **ce)
+    _bwd_q_kernel[(triton.cdiv(q_len, own), batch * heads)](*lead, dA, dDQ, dS, num_warps=num_warps, **ce)
 
     if not authors and activation == "relu":  # the relu weight gradient is finished here from the raw inputs
         W = output_weight.detach().float().reshape(-1, hidden)  # (heads or 1, hidden)
@@ -1066,8 +1152,9 @@ def _triton_backward(
             else value.new_empty(0))  # fmt: skip
     g_dq = dDQ.to(dot_query.dtype) if has_dot else value.new_empty(0)
     g_dk = dDK.to(dot_key.dtype) if has_dot else value.new_empty(0)
+    g_bias = sum_to_bias_shape(dS, score_bias.shape).to(score_bias.dtype) if bias_grad else value.new_empty(0)
     return (dA.to(query_hidden.dtype), dB.to(key_hidden.dtype), dV.to(value.dtype), g_w.contiguous(),
-            g_w2.contiguous(), g_b2.contiguous(), g_dq, g_dk)  # fmt: skip
+            g_w2.contiguous(), g_b2.contiguous(), g_dq, g_dk, g_bias.contiguous())  # fmt: skip
 
 
 class _NeuralAttentionTriton(torch.autograd.Function):
@@ -1077,20 +1164,23 @@ class _NeuralAttentionTriton(torch.autograd.Function):
     @staticmethod
     @autocast_off
     def forward(ctx, query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key,
-                mask, cfg):  # fmt: skip
-        inputs = (query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key)
-        settings = (cfg["activation"], cfg["causal"], cfg["dot_scale"], cfg["dropout_p"], cfg["seed"], cfg["launch"])
-        Out, LSE = _triton_forward(*inputs, mask, *settings)
-        ctx.save_for_backward(*inputs, mask, Out, LSE)
-        ctx.settings = settings
+                score_bias, mask, cfg):  # fmt: skip
+        inputs = (query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key,
+                  score_bias)  # fmt: skip
+        settings = (cfg["activation"], cfg["causal"], cfg["dot_scale"], cfg["dropout_p"], cfg["seed"])
+        Out, stats = _triton_forward(*inputs, mask, *settings, cfg["launch"])
+        ctx.save_for_backward(*inputs, mask, Out, stats)
+        ctx.settings, ctx.launch = settings, cfg["launch"]
         return Out.to(value.dtype)
 
     @staticmethod
     @once_differentiable_always  # the backward kernels are not differentiable: a second derivative must raise
     @autocast_off
     def backward(ctx, grad_out):
-        *inputs, mask, Out, LSE = ctx.saved_tensors
-        grads = _triton_backward(*inputs, mask, Out, LSE, grad_out, *ctx.settings)
+        *inputs, mask, Out, stats = ctx.saved_tensors
+        bias_grad = inputs[8] is not None and ctx.needs_input_grad[8]  # no (b, h, q, k) buffer for a fixed bias
+        grads = _triton_backward(*inputs, mask, Out, stats, grad_out, *ctx.settings, bias_grad, ctx.launch)
+        grads = (*grads[:8], grads[8] if bias_grad else None)
         return (*(None if t is None else g for t, g in zip(inputs, grads, strict=True)), None, None)
 
 
@@ -1134,9 +1224,10 @@ def neural_attention_triton(
     a one-hot column, dS rounded to bf16: once for bf16 inputs, as hi + lo parts for fp16), otherwise in fp32. The
     softmax, ``P @ V`` and every accumulator stay fp32. Fewer instructions per pair, at fp16 precision of the scores
     (see benchmarks/README.md for the measured error).
-    A ``score_bias`` (not fused here yet) runs the same contract in
-    :func:`kernels_neural_attention.neural_attention_tiled` (PyTorch tiles on the tensors' device), where the tuning
-    knobs and ``half_mlp`` do not apply.
+    A ``score_bias`` (float, broadcastable to ``(batch, heads, q_len, k_len)``) is read tile by tile in its own dtype
+    and added to the fp32 scores; its gradient, when it requires one, is dS, which the query-side backward writes
+    whole and the host sums where the bias broadcasts: a ``(batch, heads, q_len, k_len)`` fp32 buffer whatever the
+    bias's shape (batch x the size of T5's ``(1, heads, q_len, k_len)`` bias in fp32).
     Returns (batch, heads, q_len, v_dim) in value's dtype.
     """
     if not TRITON_AVAILABLE:
@@ -1144,12 +1235,6 @@ def neural_attention_triton(
     # shapes, mask dtype, dropout range: the contract's checks, shared with every kernel (ValueError / TypeError)
     check_kernel_inputs(query_hidden, key_hidden, value, output_weight, second_weight, second_bias, activation, mask,
                         dot_query, dot_key, dropout_p, score_bias)  # fmt: skip
-    if score_bias is not None:
-        return neural_attention_tiled(
-            query_hidden, key_hidden, value, output_weight, second_weight, second_bias, activation=activation,
-            mask=mask, causal=causal, dot_query=dot_query, dot_key=dot_key, dot_scale=dot_scale, dropout_p=dropout_p,
-            generator_seed=generator_seed, score_bias=score_bias,
-        )  # fmt: skip
     batch, heads, q_len, hidden = query_hidden.shape
     k_len = key_hidden.shape[2]
     if value.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -1163,12 +1248,15 @@ def neural_attention_triton(
         if u is not None and (u < 1 or u & (u - 1)):
             raise ValueError("unroll must be a power of two >= 1")
 
-    inputs = (query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key)
+    inputs = (query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key,
+              score_bias)  # fmt: skip
     if q_len == 0 or k_len == 0 or batch * heads == 0:
         return empty_attention(inputs)
+    if score_bias is not None:  # a view: the gradient comes back in the caller's shape
+        score_bias = score_bias.reshape((1,) * (4 - score_bias.dim()) + tuple(score_bias.shape))
     tuning = (block_m, block_n, num_warps, unroll, bwd_block_m, bwd_block_n, bwd_num_warps, bwd_unroll,
               1 if half_mlp else None)
     cfg = dict(activation=activation, causal=bool(causal), dot_scale=float(dot_scale), dropout_p=float(dropout_p),
                seed=seed_tensor(dropout_p, generator_seed, bound=2**31 - 1),
                launch=[-1 if value is None else int(value) for value in tuning])  # fmt: skip
-    return _NeuralAttentionTriton.apply(*inputs, mask, cfg)
+    return _NeuralAttentionTriton.apply(*inputs[:8], score_bias, mask, cfg)

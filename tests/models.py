@@ -15,6 +15,8 @@ from transformers import (
     MistralConfig,
     MistralForCausalLM,
     PreTrainedModel,
+    T5Config,
+    T5ForConditionalGeneration,
     ViTConfig,
     ViTForImageClassification,
 )
@@ -94,6 +96,14 @@ def tiny_bert(seed: int = 0) -> BertModel:
     config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=48, max_position_embeddings=64)
     return BertModel(config).eval()
+
+
+def tiny_t5(seed: int = 0) -> T5ForConditionalGeneration:
+    """Encoder-decoder whose self-attention layers pass a relative position bias (a real score bias)."""
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                      dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0)
+    return T5ForConditionalGeneration(config)
 
 
 def random_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:

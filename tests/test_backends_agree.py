@@ -199,18 +199,14 @@ def test_backend_choice():
 
     q32, q64 = torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4, dtype=torch.float64)
     fused_cpu = "cpp" if fused_cpp_available() else "tiled"
-    assert choose_backend("auto", q32, needs_probabilities=False, has_bias=False) == fused_cpu
-    assert choose_backend("auto", q32.bfloat16(), needs_probabilities=False, has_bias=False) == fused_cpu
-    assert choose_backend("auto", q64, needs_probabilities=False, has_bias=False) == "tiled"
+    assert choose_backend("auto", q32, needs_probabilities=False) == fused_cpu
+    assert choose_backend("auto", q32.bfloat16(), needs_probabilities=False) == fused_cpu
+    assert choose_backend("auto", q64, needs_probabilities=False) == "tiled"
     for backend in ("auto", "tiled", "cpp", "triton"):
-        assert choose_backend(backend, q32, needs_probabilities=True, has_bias=False) == "eager"
-    # a score bias (T5) runs on the CPU kernels; the Triton kernel does not fuse one, so it takes eager there
-    for backend, chosen in (("auto", fused_cpu), ("tiled", "tiled"), ("cpp", "cpp")):
-        assert choose_backend(backend, q32, needs_probabilities=False, has_bias=True) == chosen
+        assert choose_backend(backend, q32, needs_probabilities=True) == "eager"
     with pytest.raises(ValueError, match="CPU tensors"):
-        choose_backend("cpp", q32.to("meta"), needs_probabilities=False, has_bias=False)
+        choose_backend("cpp", q32.to("meta"), needs_probabilities=False)
     if HAS_TRITON:  # usable on CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py)
-        assert choose_backend("triton", q32, needs_probabilities=False, has_bias=False) == "triton"
-        assert choose_backend("triton", q32, needs_probabilities=False, has_bias=True) == "eager"
+        assert choose_backend("triton", q32, needs_probabilities=False) == "triton"
         with pytest.raises(ValueError, match="float32 / bfloat16 / float16"):
-            choose_backend("triton", q64, needs_probabilities=False, has_bias=False)
+            choose_backend("triton", q64, needs_probabilities=False)

@@ -159,20 +159,23 @@ def _op_inputs(mlp: str) -> tuple[list[torch.Tensor | None], torch.Tensor]:
 
 @needs_cpp
 @pytest.mark.parametrize("act", [0, 1])  # relu (signed-max operands, cvec), gelu (plain operands)
-def test_fused_ops_pass_opcheck(act):
+@pytest.mark.parametrize("bias_shape", [None, (1, 2, 9, 70), (1, 1, 1, 70)])  # none, T5's, a soft padding mask
+def test_fused_ops_pass_opcheck(act, bias_shape):
     G, q_len, k_len, hidden, v_dim, batch, heads = 2, 9, 70, 4, 3, 1, 2
     A, Bt, V = _rand(G, q_len, hidden, seed=1), _rand(G, hidden, k_len, seed=2), _rand(G, k_len, v_dim, seed=3)
     w = _rand(G, hidden, seed=4)
     cvec = _rand(G, k_len, seed=5) if act == 0 else torch.empty(0)
     mask = torch.rand(batch, heads, q_len, k_len, generator=torch.Generator().manual_seed(6)) > 0.3
+    bias = None if bias_shape is None else _rand(*bias_shape, seed=12)
     seed = torch.tensor(123, dtype=torch.int64)
-    forward_args = (A, Bt, V, w, None, None, mask, cvec, batch, heads, False, 1.0, act, 64, 0.25, seed)
+    forward_args = (A, Bt, V, w, None, None, mask, bias, cvec, batch, heads, False, 1.0, act, 64, 0.25, seed)
     torch.library.opcheck(fused._fused_forward.op, forward_args)
-    _, lse = fused._fused_forward(*forward_args)
+    _, stats = fused._fused_forward(*forward_args)
     dO, D = _rand(G, q_len, v_dim, seed=7), _rand(G, q_len, seed=8)
-    backward_args = (A, A.transpose(1, 2).contiguous(), Bt.transpose(1, 2).contiguous(), Bt, V, w, None, None, mask,
-                     cvec, lse, dO, D, batch, heads, False, 1.0, act, 64, 0.25, seed)
-    torch.library.opcheck(fused._fused_backward.op, backward_args)
+    for bias_grad in {False, bias is not None}:  # a fixed bias (ALiBi, a float mask) gets no dS buffer
+        backward_args = (A, A.transpose(1, 2).contiguous(), Bt.transpose(1, 2).contiguous(), Bt, V, w, None, None,
+                         mask, bias, bias_grad, cvec, stats, dO, D, batch, heads, False, 1.0, act, 64, 0.25, seed)
+        torch.library.opcheck(fused._fused_backward.op, backward_args)
 
 
 @pytest.mark.parametrize("scorers", ["torch", pytest.param("cpp", marks=needs_cpp)])
@@ -191,15 +194,20 @@ def test_tiled_ops_pass_opcheck(scorers, mlp, bias_shape):
 
 
 @needs_triton
-@pytest.mark.parametrize("mlp,half_mlp", [("paper", False), ("paper", True), ("authors", False)])
-def test_triton_ops_pass_opcheck(mlp, half_mlp):
+@pytest.mark.parametrize("mlp,half_mlp,bias_shape", [("paper", False, None), ("paper", True, None),
+                                                     ("authors", False, None), ("paper", True, (1, 2, 5, 7)),
+                                                     ("authors", False, (1, 1, 1, 7))])
+def test_triton_ops_pass_opcheck(mlp, half_mlp, bias_shape):
     inputs, mask = _op_inputs(mlp)
+    bias = None if bias_shape is None else _rand(*bias_shape, seed=12)  # a score bias (T5's position bias)
     launch = [-1] * (len(triton._LAUNCH_KEYS) - 1) + [1 if half_mlp else -1]  # defaults; the last: half_mlp
-    settings = ("relu", False, 0.4, 0.2, torch.tensor(77), launch)
-    torch.library.opcheck(triton._triton_forward.op, (*inputs, mask, *settings))
-    out, lse = triton._triton_forward(*inputs, mask, *settings)
+    settings = ("relu", False, 0.4, 0.2, torch.tensor(77))
+    torch.library.opcheck(triton._triton_forward.op, (*inputs, bias, mask, *settings, launch))
+    out, stats = triton._triton_forward(*inputs, bias, mask, *settings, launch)
     grad_out = _rand(*out.shape, seed=11)
-    torch.library.opcheck(triton._triton_backward.op, (*inputs, mask, out, lse, grad_out, *settings))
+    for bias_grad in {False, bias is not None}:  # a fixed bias (ALiBi, a float mask) gets no dS buffer
+        torch.library.opcheck(triton._triton_backward.op,
+                              (*inputs, bias, mask, out, stats, grad_out, *settings, bias_grad, launch))
 
 
 def test_user_scorer_factories_get_ops_of_their_own():

@@ -37,7 +37,8 @@ def _inputs(b, h, lq, lk, hidden, v_dim=16, per_head=True, dot=False, seed=0):
 def _check(args, *, tol=2e-5, **kw):
     out = neural_attention_fused_cpp(**args, **kw)
     ref = kernel_reference(*(args[k] for k in ("query_hidden", "key_hidden", "value", "output_weight")),
-                           dot_query=args.get("dot_query"), dot_key=args.get("dot_key"), **kw)  # fmt: skip
+                           dot_query=args.get("dot_query"), dot_key=args.get("dot_key"),
+                           score_bias=args.get("score_bias"), **kw)  # fmt: skip
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
     names = list(args)
@@ -99,6 +100,115 @@ def test_relu_backward_single_and_two_pass(monkeypatch, single_pass, kind):
         _check(args, mask=mask)
     else:
         _check(args, causal=True, **({"dot_scale": 0.3} if kind == "dot" else {}))
+
+
+BIAS_CASES = [  # (bias shape, masking, activation, dot) for (2, 3, 70, 2 * BLOCK + 9): every way a bias broadcasts
+    ((1, 3, 70, 137), "causal", "relu", False),  # T5: one bias for the batch
+    ((2, 3, 70, 137), "mask", "gelu", True),  # per example and head
+    ((2, 1, 1, 137), "causal", "relu", True),  # per key (a soft padding mask)
+    ((70, 1), "mask", "silu", False),  # 2-D, per query (softmax-invariant: its gradient is 0)
+    ((137,), "none", "relu", False),  # 1-D: per key for every row
+]
+
+
+@pytest.mark.parametrize("single_pass", [True, False])
+@pytest.mark.parametrize("case", BIAS_CASES, ids=[f"{'x'.join(map(str, c[0]))}-{c[1]}-{c[2]}" for c in BIAS_CASES])
+def test_score_bias_fused_matches_reference(monkeypatch, single_pass, case):
+    # the bias joins each score row in all three tile builders (query-major, key-major, the relu single pass); its
+    # gradient is dS, written by pass 1 or the single pass and summed where it broadcasts
+    monkeypatch.setattr(fused_cpp_neural_attention, "_use_single_pass", lambda groups: single_pass)
+    calls = _spy(monkeypatch)
+    shape, masking, activation, dot = case
+    args = _inputs(2, 3, 70, 2 * BLOCK + 9, 5, dot=dot, seed=30 + BIAS_CASES.index(case))
+    g = torch.Generator().manual_seed(fresh_seed(40 + BIAS_CASES.index(case)))
+    args["score_bias"] = (torch.randn(*shape, generator=g) * 2.0).requires_grad_()  # enough to reorder the scores
+    kw = {"activation": activation, **({"dot_scale": 0.3} if dot else {})}
+    if masking == "mask":  # a padding mask with a fully masked row
+        mask = torch.rand(2, 1, 70, 2 * BLOCK + 9, generator=g) > 0.4
+        mask[0, 0, 7] = False
+        kw["mask"] = mask
+    out, grads = _check(args, causal=masking == "causal", **kw)
+    assert calls == []  # fused, not handed to the tiled path
+    if masking == "mask":
+        assert (out[0, :, 7] == 0).all()
+        if shape[0] == 2:  # its own bias row gets no gradient
+            assert (grads[-1][0, :, 7] == 0).all()
+
+
+def test_score_bias_fused_rows_a_large_negative_bias_covers():
+    # a row a -1e9 bias covers entirely has its maximum near -1e9, where max + log(denominator) rounds to max in
+    # fp32: the row statistics are kept apart (else P = 1 at every key, gradients k times too large). Against fp32
+    # materialising attention, which sees the same rounded scores.
+    args = _inputs(2, 2, 9, 70, 4, seed=47)
+    bias = torch.zeros(2, 1, 9, 70)
+    bias[0, :, 2] = -1e9
+    bias[1, :, :, :5] = -1e9  # left padding as a float mask
+    args["score_bias"] = bias.requires_grad_()
+    out = neural_attention_fused_cpp(**args)
+    pre = args["query_hidden"][:, :, :, None, :] + args["key_hidden"][:, :, None, :, :]
+    scores = (torch.relu(pre) * args["output_weight"][None, :, None, None, :]).sum(-1) + bias
+    expected = torch.softmax(scores, -1) @ args["value"]
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    names = list(args)
+    got = torch.autograd.grad(out, [args[n] for n in names], grad)
+    want = torch.autograd.grad(expected, [args[n] for n in names], grad)
+    for name, x, y in zip(names, got, want, strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-5 * max(y.abs().max().item(), 1.0), msg=name)
+
+
+def test_score_bias_fused_dropout_pattern_bf16_and_fixed_bias():
+    args = _inputs(1, 2, 70, 80, 4, seed=48)
+    g = torch.Generator().manual_seed(fresh_seed(49))
+    bias = torch.randn(1, 2, 70, 80, generator=g)
+    # the same seed drops the same pairs with and without a bias (the bias moves P, not the keep decision)
+    keep = _recovered_keep(args, 0.3, 7, causal=True)
+    eye = torch.eye(80).expand(1, 2, 80, 80)
+    with torch.no_grad():
+        biased = neural_attention_fused_cpp(args["query_hidden"], args["key_hidden"], eye, args["output_weight"],
+                                            causal=True, dropout_p=0.3, generator_seed=7, score_bias=bias)
+    assert torch.equal(keep, biased != 0)
+    # a bf16 bias (read in fp32) gets its gradient back in bf16; a bias that needs none changes no other gradient
+    learned = bias.bfloat16().requires_grad_()
+    out = neural_attention_fused_cpp(**args, causal=True, score_bias=learned)
+    grad = torch.randn(out.shape, generator=g)
+    *rest, dbias = torch.autograd.grad(out, [*args.values(), learned], grad)
+    assert dbias.dtype == torch.bfloat16 and dbias.shape == learned.shape
+    fixed = neural_attention_fused_cpp(**args, causal=True, score_bias=learned.detach())
+    assert torch.equal(out, fixed)
+    for a, b in zip(rest, torch.autograd.grad(fixed, list(args.values()), grad), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("layout", ["permuted", "expanded", "3-d", "float16", "bfloat16"])
+def test_score_bias_fused_layouts_and_dtypes(monkeypatch, layout):
+    # biases as callers hand them over: T5's permuted view, an expanded (stride 0) parameter, 3-D, 16-bit
+    calls = _spy(monkeypatch)
+    args = _inputs(2, 2, 70, 80, 4, seed=50)
+    g = torch.Generator().manual_seed(fresh_seed(51))
+    if layout == "permuted":  # T5's compute_bias: a (1, q, k, heads) lookup permuted to (1, heads, q, k)
+        leaf = torch.randn(1, 70, 80, 2, generator=g).requires_grad_()
+        bias = leaf.permute(0, 3, 1, 2)
+    elif layout == "expanded":
+        leaf = torch.randn(1, 1, 1, 80, generator=g).requires_grad_()
+        bias = leaf.expand(2, 2, 70, 80)
+    elif layout == "3-d":
+        leaf = bias = torch.randn(2, 70, 80, generator=g).requires_grad_()
+    else:
+        leaf = bias = torch.randn(1, 2, 70, 80, generator=g).to(getattr(torch, layout)).requires_grad_()
+    out = neural_attention_fused_cpp(**args, causal=True, score_bias=bias)
+    ref = kernel_reference(*args.values(), causal=True, score_bias=bias)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+    grad = torch.randn(out.shape, generator=g)
+    got = torch.autograd.grad(out, [*args.values(), leaf], grad)
+    want = torch.autograd.grad(ref, [*args.values(), leaf], grad.double())
+    for x, y in zip(got, want, strict=True):
+        scale = max(y.double().abs().max().item(), 1.0)
+        # a 16-bit bias's gradient comes back rounded to its dtype (the reference's too, maybe 1 ulp apart)
+        tol = max(2e-5, torch.finfo(y.dtype).eps)
+        assert x.dtype == y.dtype and x.shape == y.shape
+        torch.testing.assert_close(x.double(), y.double(), atol=tol * scale, rtol=tol)
+    assert calls == []
 
 
 def test_relu_large_opposite_offsets_stay_accurate():
@@ -365,15 +475,18 @@ def test_the_cpp_entry_points_refuse_inconsistent_shapes():
     G, q_len, k_len, hidden, v_dim, batch, heads = 2, 9, 70, 4, 3, 1, 2
     mask = torch.ones(batch, heads, q_len, k_len, dtype=torch.bool)
     good = [rand(G, q_len, hidden), rand(G, hidden, k_len), rand(G, k_len, v_dim), rand(G, hidden), None, None, mask,
-            rand(G, k_len), batch, heads, False, 1.0, 0, 64, 0.0, torch.tensor(1)]
+            rand(1, heads, q_len, k_len), rand(G, k_len), batch, heads, False, 1.0, 0, 64, 0.0, torch.tensor(1)]
     fused_cpp_neural_attention._fused_forward(*good)
     for index, bad, message in [
         (2, rand(G, k_len - 1, v_dim), r"V has shape \[2, 69, 3\], expected \[2, 70, 3\]"),
         (6, torch.ones(batch, 1, q_len, k_len, dtype=torch.bool), r"mask has shape \[1, 1, 9, 70\], expected"),
+        (7, rand(1, heads, q_len, k_len - 1), r"score_bias has shape \[1, 2, 9, 69\], which does not broadcast"),
+        (7, rand(heads, q_len, k_len), "score_bias must be a 4-D fp32 CPU tensor"),
+        (7, rand(1, heads, q_len, k_len).double(), "score_bias must be a 4-D fp32 CPU tensor"),
         (3, rand(G, hidden + 1), r"w has shape \[2, 5\], expected \[2, 4\]"),
         (4, rand(G, q_len, 5), "dot_query and dot_key go together"),
-        (7, rand(G, k_len + 1), "cvec has shape"),
-        (13, 0, "block must be >= 1"),
+        (8, rand(G, k_len + 1), "cvec has shape"),
+        (14, 0, "block must be >= 1"),
         (0, rand(G, q_len), "must be 3-D"),
     ]:
         args = list(good)

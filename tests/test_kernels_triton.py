@@ -32,6 +32,7 @@ finally:
     else:
         os.environ["TRITON_INTERPRET"] = _saved_env
 
+tl = triton.language
 pytestmark = pytest.mark.triton
 neural_attention_triton = tna.neural_attention_triton
 DEVICE = "cuda" if _CUDA else "cpu"
@@ -46,8 +47,10 @@ def _interpret_env(monkeypatch):
 
 # ------------------------------------------------------------------------------------------------ helpers
 def make_inputs(
-    b=1, h=2, lq=5, lk=7, hidden=3, vdim=5, *, authors=False, shared=False, dot=0, dtype=torch.float32, seed=0
+    b=1, h=2, lq=5, lk=7, hidden=3, vdim=5, *, authors=False, shared=False, dot=0, dtype=torch.float32, seed=0,
+    bias=None, bias_dtype=None,
 ):
+    """Random kernel inputs, each a leaf that requires grad; ``bias``: the shape of a ``score_bias`` to add."""
     g = torch.Generator().manual_seed(fresh_seed(seed))
 
     def r(*shape, scale=1.0):
@@ -62,6 +65,8 @@ def make_inputs(
         t.update(w=r(hw, hidden))
     if dot:
         t.update(dq=r(b, h, lq, dot, scale=0.5), dk=r(b, h, lk, dot, scale=0.5))
+    if bias is not None:  # large enough to reorder the scores
+        t["bias"] = (torch.randn(*bias, generator=g) * 2.0).to(DEVICE, bias_dtype or dtype).requires_grad_()
     return t
 
 
@@ -75,6 +80,7 @@ def run_kernel(t, **kw):
         t.get("b2"),
         dot_query=t.get("dq"),
         dot_key=t.get("dk"),
+        score_bias=t.get("bias"),
         **BLOCK,
         **kw,
     )
@@ -82,7 +88,8 @@ def run_kernel(t, **kw):
 
 def run_reference(t, **kw):
     return kernel_reference(
-        t["A"], t["B"], t["V"], t["w"], t.get("w2"), t.get("b2"), dot_query=t.get("dq"), dot_key=t.get("dk"), **kw
+        t["A"], t["B"], t["V"], t["w"], t.get("w2"), t.get("b2"), dot_query=t.get("dq"), dot_key=t.get("dk"),
+        score_bias=t.get("bias"), **kw,
     )
 
 
@@ -389,6 +396,26 @@ def test_default_forward_tile_fits_short_queries(monkeypatch):
     assert launch[""][0] == 64
 
 
+def test_default_tile_rows_follow_the_register_budget(monkeypatch):
+    # 128 owned rows where the sm_90 compile spills nothing (relu, no dot term, at most one of a mask, a score bias
+    # and dropout), else 64; fp32 inputs 32 (benchmarks/README.md, results/sass_sm90/score_bias.csv)
+    monkeypatch.setattr(tna, "_interpreting", lambda: False)  # the GPU defaults (host side only: nothing launches)
+    t = make_inputs(lq=300, lk=300, hidden=4, dot=16, dtype=torch.bfloat16)
+    mask = torch.ones(1, 1, 300, 300, dtype=torch.bool)
+    bias = torch.zeros(1, 2, 300, 300, dtype=torch.bfloat16)
+    for expected, kw in [(128, {}), (128, dict(mask=mask)), (128, dict(bias=bias)), (128, dict(dropout_p=0.1)),
+                         (64, dict(mask=mask, bias=bias)), (64, dict(bias=bias, dropout_p=0.1)),
+                         (64, dict(mask=mask, dropout_p=0.1)), (64, dict(dot=True)), (64, dict(activation="gelu")),
+                         (32, dict(fp32=True))]:
+        cfg = dict(activation=kw.get("activation", "relu"), causal=True, dot_scale=1.0,
+                   dropout_p=kw.get("dropout_p", 0.0), seed=0)
+        dot = (t["dq"], t["dk"]) if kw.get("dot") else (None, None)
+        value = t["V"].float() if kw.get("fp32") else t["V"]
+        *_, launch = tna._launch_args(t["A"], t["B"], value, t["w"], None, None, *dot, kw.get("mask"), cfg,
+                                      score_bias=kw.get("bias"))  # fmt: skip
+        assert launch[""][0] == launch["bwd_"][0] == expected, (kw.keys(), launch)
+
+
 # ------------------------------------------------------------------------------ half_mlp (fp16 score arithmetic)
 def _fp16_exact_inputs(seed, dtype, b=2, h=2, lq=19, lk=19, hidden=8, vdim=5):
     """Inputs whose scorer operands and fp16 partial sums are exact in fp16 (and bf16): A, B multiples of 1/8 in
@@ -500,3 +527,162 @@ def test_half_mlp_unroll_is_capped_at_the_padded_units():
     ta = make_inputs(hidden=4, authors=True)
     with pytest.raises(ValueError, match="authors' MLP"):
         run_kernel(ta, half_mlp=True)
+
+
+# ------------------------------------------------------------------------------------------------ score bias
+# A score bias (T5's relative position bias, ALiBi, soft masks) is read tile by tile and added to the fp32 scores in
+# all three kernels; its gradient is dS, written by the query-side backward and summed on the host where it broadcasts.
+def _padding_with_a_fully_masked_row(b, lq, lk):
+    mask = torch.ones(b, 1, lq, lk, dtype=torch.bool)
+    mask[1, :, :, : lk // 3] = False  # left padding
+    mask[0, :, 4] = False  # a query that sees nothing
+    return mask.to(DEVICE)
+
+
+BIAS_CASES = [  # (bias shape, masking, authors' MLP, dot width): every way a bias broadcasts to (2, 2, 17, 23)
+    ((1, 2, 17, 23), "causal", False, 0),  # T5: one bias for the batch
+    ((2, 2, 17, 23), "padding", False, 16),  # per example and head
+    ((2, 1, 17, 23), "none", True, 0),  # per example, shared by the heads
+    ((17, 23), "padding", False, 0),  # 2-D: every example and head
+    ((2, 1, 1, 23), "causal", True, 16),  # per key (a soft padding mask)
+    ((1, 2, 17, 1), "none", False, 0),  # per query (softmax-invariant: its gradient is 0)
+]
+
+
+@pytest.mark.parametrize("case", BIAS_CASES, ids=[f"{'x'.join(map(str, c[0]))}-{c[1]}" for c in BIAS_CASES])
+def test_score_bias_matches_the_reference(case):
+    shape, masking, authors, dot = case
+    t = make_inputs(b=2, lq=17, lk=23, hidden=4, authors=authors, dot=dot, bias=shape, seed=60 + BIAS_CASES.index(case))
+    mask = _padding_with_a_fully_masked_row(2, 17, 23) if masking == "padding" else None
+    out, g = check(t, mask=mask, causal=masking == "causal", dot_scale=0.3)
+    assert g["bias"].shape == t["bias"].shape
+    if mask is not None:  # the query that sees nothing: zero output and, where the bias has its own row, no gradient
+        assert (out[0, :, 4] == 0).all()
+        if shape[0] == 2:
+            assert (g["bias"][0, :, 4] == 0).all()
+
+
+@pytest.mark.parametrize("bias_dtype", [torch.float32, torch.bfloat16])
+def test_score_bias_with_bf16_inputs(bias_dtype):
+    # bf16 inputs and a bias in fp32 or bf16, fp32 accumulation; the bias's gradient comes back in its own dtype
+    t = make_inputs(b=2, lq=17, lk=33, hidden=8, dot=16, dtype=torch.bfloat16, bias=(1, 2, 17, 33),
+                    bias_dtype=bias_dtype, seed=70)
+    check(t, tol=BF16_TOL, causal=True)
+
+
+@pytest.mark.parametrize("fill", [-1e9, torch.finfo(torch.float32).min / 4])
+def test_rows_a_large_negative_bias_covers_match_fp32_materialising_attention(fill):
+    # a row that a -1e9 float mask covers entirely has its max near -1e9, where max + log(denominator) rounds to max
+    # in fp32: the backward must rebuild P from the two kept apart (else P = 1 at every key, gradients k times too
+    # large). Compared with fp32 materialising attention, which sees the same rounded scores.
+    t = make_inputs(b=2, lq=6, lk=19, hidden=4, bias=(2, 1, 6, 19), seed=71)
+    with torch.no_grad():
+        t["bias"][0, :, 2] = fill  # a row covered entirely: uniform over its keys
+        t["bias"][1, :, :, :3] = fill  # left padding
+    out = run_kernel(t)
+    pre = t["A"][:, :, :, None, :] + t["B"][:, :, None, :, :]
+    scores = (torch.relu(pre) * t["w"][None, :, None, None, :]).sum(-1) + t["bias"]
+    expected = torch.softmax(scores, -1) @ t["V"]
+    assert_close(out, expected, 1e-5, "output")
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(fresh_seed(72))).to(DEVICE)
+    got, want = grads(out, t, grad_out), grads(expected, t, grad_out)
+    for name in t:
+        assert_close(got[name], want[name], 1e-5, f"grad {name}")
+
+
+def test_score_bias_with_half_mlp():
+    # the bias joins the scores after the fp16 MLP is unscaled, in fp32: on fp16-exact operands still fp32-exact
+    t = _fp16_exact_inputs(73, torch.bfloat16, hidden=8)
+    t["bias"] = torch.randn(1, 2, 19, 19, generator=torch.Generator().manual_seed(74)).to(DEVICE).requires_grad_()
+    check(t, tol=BF16_TOL, ref_kw=dict(causal=True), half_mlp=True, unroll=4, bwd_unroll=2, causal=True)
+
+
+def test_score_bias_with_dropout_matches_reference_with_recovered_mask():
+    b, h, lq, lk, p = 1, 2, 9, 17, 0.3
+    t = make_inputs(b=b, h=h, lq=lq, lk=lk, hidden=3, vdim=4, bias=(1, h, lq, lk), seed=75)
+    eye = torch.eye(lk, device=DEVICE).expand(b, h, lk, lk)  # value = identity: the output is the dropped-out P
+    keep = neural_attention_triton(t["A"], t["B"], eye, t["w"], score_bias=t["bias"], dropout_p=p,
+                                   generator_seed=99, **BLOCK).detach() != 0
+    unbiased = neural_attention_triton(t["A"], t["B"], eye, t["w"], dropout_p=p, generator_seed=99, **BLOCK)
+    assert torch.equal(keep, unbiased.detach() != 0)  # the bias does not change the dropout pattern
+    check(t, ref_kw=dict(keep=keep.double() / (1.0 - p)), dropout_p=p, generator_seed=99)
+
+
+def test_a_fixed_bias_gets_no_gradient_computed_and_changes_nothing_else():
+    # a bias that needs no gradient (a float mask, an ALiBi buffer) gets no (batch, heads, q_len, k_len) dS buffer;
+    # every other gradient is bitwise the one a bias that requires grad gives
+    t = make_inputs(b=2, lq=17, lk=23, hidden=4, bias=(1, 2, 17, 23), seed=76)
+    inputs = [t["A"].detach(), t["B"].detach(), t["V"].detach(), t["w"].detach(), None, None, None, None,
+              t["bias"].detach()]
+    settings = ("relu", True, 1.0, 0.0, torch.tensor(0), [16, 16, -1, -1, -1, -1, -1, -1, -1])
+    out, stats = tna._triton_forward(*inputs, None, *settings)
+    assert stats.shape == (2, 2 * 2, 17)  # row max and log denominator
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(77)).to(DEVICE)
+    *with_bias, dbias = tna._triton_backward(*inputs, None, out, stats, grad_out, *settings[:5], True, settings[5])
+    *fixed, no_dbias = tna._triton_backward(*inputs, None, out, stats, grad_out, *settings[:5], False, settings[5])
+    assert dbias.shape == t["bias"].shape and no_dbias.numel() == 0
+    assert all(torch.equal(a, b) for a, b in zip(with_bias, fixed, strict=True))
+    frozen = dict(t, bias=t["bias"].detach())
+    g_frozen = grads(run_kernel(frozen, causal=True), {k: v for k, v in t.items() if k != "bias"}, grad_out)
+    g_learned = grads(run_kernel(t, causal=True), t, grad_out)
+    for name, g in g_frozen.items():
+        assert torch.equal(g, g_learned[name]), name
+
+
+def test_score_bias_backward_bitwise_deterministic():
+    # the bias broadcasts over the batch: its gradient is a host-side sum over the per-example dS, in a fixed order
+    t = make_inputs(b=3, lq=17, lk=33, hidden=4, bias=(1, 2, 17, 33), seed=78)
+    go = torch.randn(3, 2, 17, 5, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    g1, g2 = grads(run_kernel(t, causal=True), t, go), grads(run_kernel(t, causal=True), t, go)
+    for name in t:
+        assert torch.equal(g1[name], g2[name]), name
+
+
+def test_pair_offsets_stay_exact_past_int32():
+    # a (q_len, k_len) mask, bias or dS buffer has offsets i * k_len + j past 2^31 from n = 46341 on (a bias
+    # (1, 1, n, n) of 4.3 GB in bf16): the tile's corner is offset in 64 bits, its pairs relative to it in 32
+    @triton.jit
+    def offsets(Out, start_q, start_k, sq, sk, BLOCK: tl.constexpr):
+        r = tl.arange(0, BLOCK)
+        ptrs = tna._pair_ptrs(tl.zeros((), tl.int64), sq, sk, start_q, start_k, start_q + r, start_k + r, False)
+        tl.store(Out + r[:, None] * BLOCK + r[None, :], ptrs)
+
+    n, start_q, start_k = 50_000, 46_336, 49_984
+    out = torch.empty(16, 16, dtype=torch.int64, device=DEVICE)
+    offsets[(1,)](out, start_q, start_k, n, 1, BLOCK=16)
+    i = torch.arange(start_q, start_q + 16, dtype=torch.int64)[:, None]
+    j = torch.arange(start_k, start_k + 16, dtype=torch.int64)[None, :]
+    assert torch.equal(out.cpu(), i * n + j) and out.max().item() > 2**31
+
+
+def _bias_in_layout(layout, g, heads, lq, lk):
+    """(the leaf that gets the gradient, the tensor the kernel is given): a bias as callers hand them over."""
+    if layout == "permuted":  # T5's compute_bias: a (1, q, k, heads) embedding lookup permuted to (1, heads, q, k)
+        leaf = torch.randn(1, lq, lk, heads, generator=g).to(DEVICE).requires_grad_()
+        return leaf, leaf.permute(0, 3, 1, 2)
+    if layout == "expanded":  # a per-key parameter the caller expanded (stride 0, no copy)
+        leaf = torch.randn(1, 1, 1, lk, generator=g).to(DEVICE).requires_grad_()
+        return leaf, leaf.expand(2, heads, lq, lk)
+    if layout == "3-d":
+        leaf = torch.randn(heads, lq, lk, generator=g).to(DEVICE).requires_grad_()
+        return leaf, leaf
+    dtype = {"float16": torch.float16, "float64": torch.float64}[layout]
+    leaf = torch.randn(1, heads, lq, lk, generator=g).to(DEVICE, dtype).requires_grad_()
+    return leaf, leaf
+
+
+@pytest.mark.parametrize("layout", ["permuted", "expanded", "3-d", "float16", "float64"])
+def test_score_bias_layouts_and_dtypes(layout):
+    t = make_inputs(b=2, lq=17, lk=23, hidden=4, seed=80)
+    leaf, bias = _bias_in_layout(layout, torch.Generator().manual_seed(fresh_seed(81)), 2, 17, 23)
+    args = (t["A"], t["B"], t["V"], t["w"])
+    out = neural_attention_triton(*args, causal=True, score_bias=bias, **BLOCK)
+    ref = kernel_reference(*args, causal=True, score_bias=bias)
+    assert_close(out, ref, FP32_TOL, "output")
+    grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(82)).to(DEVICE)
+    t = dict(t, bias=leaf)
+    got, want = grads(out, t, grad_out), grads(ref, t, grad_out.double())
+    for name in t:  # a 16-bit bias's gradient comes back rounded to its dtype (the reference's too, maybe 1 ulp apart)
+        tol = max(FP32_TOL, torch.finfo(t[name].dtype).eps)
+        assert_close(got[name], want[name], tol, f"grad {name}")
+        assert got[name].dtype == t[name].dtype

@@ -38,9 +38,10 @@ def test_kernels_compile_for_the_gpu(tmp_path, arch, variants):
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     rows = list(csv.DictReader(out.open()))
-    kernels = {(r["kernel"], r["mlp"], r["hidden"], r["activation"], r["dot"], r["dtype"], r["half_mlp"]) for r in rows}
-    # forward and both backward kernels of: paper relu d' 2 / 16 and the report's 8 variants (two with half_mlp) on
-    # sm_90; paper relu d' 2 / 16 with and without half_mlp on sm_80
-    assert len(kernels) == len(rows) == 3 * (2 + 8 if variants else 2 * 2)
+    kernels = {(r["kernel"], r["mlp"], r["hidden"], r["activation"], r["dot"], r["dtype"], r["half_mlp"], r["bias"])
+               for r in rows}  # fmt: skip
+    # forward and both backward kernels of: paper relu d' 2 / 16 and the report's 10 variants (two with half_mlp, two
+    # with a score bias) on sm_90; paper relu d' 2 / 16 with and without half_mlp on sm_80
+    assert len(kernels) == len(rows) == 3 * (2 + 10 if variants else 2 * 2)
     for row in rows:
         assert int(row["registers"]) > 0 and float(row["instructions_per_pair"]) > 0, row
