@@ -44,15 +44,17 @@ def _task_suffix(model: Any) -> str | None:
 
 
 def _pipeline_tag(model: Any, suffix: str | None) -> str | None:
-    """The task of a head (by its class's suffix); a bare Hub class (GPT-2, ViT) extracts features of its input. Other
-    ``...Model`` classes (encoder-decoders, CLIP) are not tagged: their task is not the bare model's."""
+    """The task of a head (by its class's suffix); a bare single-tower model (GPT-2, ViT, BERT, Llama ``...Model``)
+    extracts features of its input. Encoder-decoders (T5) and composite models (CLIP: sub-configs per tower) are not
+    tagged: their task is not the bare model's."""
     if suffix is not None:
         return _PIPELINE_TAGS[suffix]
-    stock = stock_class_of(type(model))
-    if stock is not None and stock.__name__ in ("GPT2Model", "ViTModel"):
-        return {"input_ids": "feature-extraction", "pixel_values": "image-feature-extraction"}.get(
-            getattr(model, "main_input_name", None))
-    return None
+    config = model.config
+    if (not type(model).__name__.endswith("Model") or getattr(config, "is_encoder_decoder", False)
+            or getattr(config, "sub_configs", None)):
+        return None
+    return {"input_ids": "feature-extraction", "pixel_values": "image-feature-extraction"}.get(
+        getattr(model, "main_input_name", None))
 
 
 def build_model_card(model: Any, repo_id: str | None = None, peft: bool = False, title: str | None = None

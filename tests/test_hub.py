@@ -272,6 +272,22 @@ def test_automodel_loads_the_body_of_a_neural_head_and_a_head_loads_a_patched_ba
     assert type(bare) is bare_class and "auto_map" not in bare.config.to_dict()
 
 
+def test_a_bare_single_tower_model_card_names_feature_extraction():
+    # the Hub's widget and search: a patched bare BERT or Llama (families that keep their own class) extracts features
+    # like the bare GPT-2 / ViT Hub classes; an encoder-decoder (T5Model) or a two-tower model (CLIPModel) gets no tag
+    from transformers import CLIPConfig, CLIPModel, T5Model
+
+    from tests.models import tiny_bert, tiny_t5
+
+    for bare in (tiny_bert(), tiny_llama().model):
+        assert hna.build_model_card(patch_model(bare, layers=[0], proj_dim=4)).data.pipeline_tag == "feature-extraction"
+    tower = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    clip = CLIPModel(CLIPConfig(text_config=dict(tower, vocab_size=97, max_position_embeddings=16),
+                                vision_config=dict(tower, image_size=8, patch_size=4), projection_dim=8))
+    for bare in (T5Model(tiny_t5().config), clip):
+        assert hna.build_model_card(patch_model(bare, layers=[0], proj_dim=4)).data.pipeline_tag is None
+
+
 @pytest.mark.parametrize("backend", ["auto", "eager"])
 def test_a_neural_layer_offloaded_by_accelerate_is_brought_in_for_its_forward(backend, tmp_path):
     # accelerate moves offloaded weights in around a module's forward: the scorer must be called, not read
