@@ -65,7 +65,9 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor, norm_wise: bool
     return diff.abs().max().item() / max(1.0, expected.abs().max().item())
 
 
-def correctness_check(fn, dev: str = DEVICE, det_len: int = 300) -> bool:
+def correctness_check(fn, dev: str = DEVICE, det_len: int = 300, only: str | None = None) -> bool:
+    """Each case against the float64 reference, then the backward's determinism; ``only``: the cases whose name
+    contains it (the random data of each case stays the same)."""
     g = torch.Generator(device="cpu").manual_seed(0)
     cases = [
         # name, b, h, lq, lk, hidden, vdim, authors, shared, dot, dtype, kwargs, tol
@@ -115,6 +117,10 @@ def correctness_check(fn, dev: str = DEVICE, det_len: int = 300) -> bool:
         # (last, so the cases above keep their random data) fp16 inputs: the half MLP's relu-mask sums take dS as
         # two bf16 parts (8 <= d' <= 16); with a padding mask
         ("paper relu mask fp16 half", 1, 2, 150, 97, 8, 64, False, True, 0, torch.float16, dict(half_mlp=True), 1e-2),
+        # a learned (1, heads, lq, lk) score bias (T5's position bias), its gradient included
+        ("paper relu causal bias fp32", 2, 3, 77, 131, 8, 64, False, False, 0, torch.float32, dict(causal=True), 1e-4),
+        ("paper relu mask bias bf16", 2, 3, 300, 333, 16, 64, False, False, 0, torch.bfloat16, dict(), 5e-2),
+        ("authors causal bias bf16", 1, 2, 90, 140, 8, 64, True, False, 0, torch.bfloat16, dict(causal=True), 5e-2),
     ]
     ok = True
     for name, b, h, lq, lk, hid, vd, authors, shared, dot, dtype, kw, tol in cases:
@@ -135,11 +141,17 @@ def correctness_check(fn, dev: str = DEVICE, det_len: int = 300) -> bool:
             m = torch.rand(b, 1, lq, lk, generator=g) > 0.3
             m[0, 0, 5] = False  # a fully masked row
             kw = dict(kw, mask=m.to(dev))
+        if "bias" in name:
+            t["bias"] = r(1, h, lq, lk, scale=2.0)
+        if only is not None and only not in name:
+            torch.randn(b, h, lq, vd, generator=g)  # its incoming gradient's draw: the later cases keep their data
+            continue
         args = (t["A"], t["B"], t["V"], t["w"], t.get("w2"), t.get("b2"))
+        extra = dict(dot_query=t.get("dq"), dot_key=t.get("dk"), score_bias=t.get("bias"))
         try:  # a case that raises (a compile error, say) fails and the others still run
-            out = fn(*args, dot_query=t.get("dq"), dot_key=t.get("dk"), **kw)
+            out = fn(*args, **extra, **kw)
             ref_kw = {k: v for k, v in kw.items() if k != "half_mlp"}  # a kernel setting, not part of the math
-            ref = kernel_reference(*args, dot_query=t.get("dq"), dot_key=t.get("dk"), **ref_kw)
+            ref = kernel_reference(*args, **extra, **ref_kw)
             go = torch.randn(ref.shape, generator=g).to(dev, out.dtype)  # same values for both
             names = list(t)
             g_k = torch.autograd.grad(out, [t[n] for n in names], go)
@@ -166,13 +178,15 @@ def correctness_check(fn, dev: str = DEVICE, det_len: int = 300) -> bool:
     B = torch.randn(2, 4, det_len, 8, device=dev, requires_grad=True)
     V = torch.randn(2, 4, det_len, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(1, 8, device=dev, requires_grad=True)
+    bias = torch.randn(1, 4, det_len, det_len, device=dev, requires_grad=True)
     go = torch.randn(2, 4, det_len, 64, device=dev, dtype=torch.bfloat16)
     det = True
-    for kw in (dict(causal=True), dict(causal=True, half_mlp=True)):
-        g1 = torch.autograd.grad(fn(A, B, V, w, **kw), (A, B, V, w), go)
-        g2 = torch.autograd.grad(fn(A, B, V, w, **kw), (A, B, V, w), go)
+    for kw in (dict(causal=True), dict(causal=True, half_mlp=True), dict(causal=True, score_bias=bias)):
+        inputs = (A, B, V, w, *([bias] if "score_bias" in kw else []))
+        g1 = torch.autograd.grad(fn(A, B, V, w, **kw), inputs, go)
+        g2 = torch.autograd.grad(fn(A, B, V, w, **kw), inputs, go)
         same = all(torch.equal(x, y) for x, y in zip(g1, g2, strict=True))
-        what = " (half_mlp)" if "half_mlp" in kw else ""
+        what = " (half_mlp)" if "half_mlp" in kw else " (score bias)" if "score_bias" in kw else ""
         print(f"[check] {'PASS' if same else 'FAIL'} backward bitwise deterministic{what}")
         det &= same
     return ok and det
@@ -235,16 +249,29 @@ def peak_mib(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def bench_case(kind, n, batch, heads, head_dim, hidden, causal, repeats, warmup, fn=None, launch=None):
+def bench_case(kind, n, batch, heads, head_dim, hidden, causal, repeats, warmup, fn=None, launch=None,
+               position_bias=False):
     """(forward ms, forward+backward ms, peak MiB of forward+backward) of one case, bf16 inputs.
 
-    kind: "sdpa_flash", "neural_paper", "neural_paper_half" or "neural_authors"; launch: block / warp keywords for
-    ``fn`` (``neural_paper_half`` adds half_mlp=True and unroll 8).
+    kind: "sdpa_flash", "sdpa_bias", "neural_paper", "neural_paper_half" or "neural_authors"; launch: block / warp
+    keywords for ``fn`` (``neural_paper_half`` adds half_mlp=True and unroll 8). ``position_bias``: a learned bf16
+    ``(1, heads, n, n)`` score bias that gets its gradient (T5's position bias); SDPA takes it as its float
+    ``attn_mask`` ("sdpa_bias": flash takes no mask, so its memory-efficient path, the causal mask added to the bias).
     """
     launch = launch or {}
     dev, dt = DEVICE, torch.bfloat16
     go = torch.randn(batch, heads, n, head_dim, device=dev, dtype=dt)
-    if kind == "sdpa_flash":
+    bias = torch.randn(1, heads, n, n, device=dev, dtype=dt, requires_grad=True) if position_bias else None
+    if kind == "sdpa_bias":
+        q, k, v = (torch.randn(batch, heads, n, head_dim, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
+        params = (q, k, v, bias)
+        above = torch.ones(n, n, device=dev, dtype=torch.bool).triu(1) if causal else None
+
+        def fwd():
+            mask = bias if above is None else bias.masked_fill(above, float("-inf"))
+            with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION]):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.expand(batch, heads, n, n))
+    elif kind == "sdpa_flash":
         q, k, v = (torch.randn(batch, heads, n, head_dim, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
         params = (q, k, v)
 
@@ -266,12 +293,13 @@ def bench_case(kind, n, batch, heads, head_dim, hidden, causal, repeats, warmup,
             w = torch.randn(heads, hidden, device=dev, requires_grad=True)
             w2 = b2 = None
             params = (A, B, v, w)
+        params = (*params, *([bias] if position_bias else []))
 
         if kind.endswith("_half"):
             launch = half_launch(launch)
 
         def fwd():
-            return fn(A, B, v, w, w2, b2, causal=causal, **launch)
+            return fn(A, B, v, w, w2, b2, causal=causal, score_bias=bias, **launch)
 
     def fwd_bwd():
         out = fwd()
@@ -353,6 +381,9 @@ def main() -> int:
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--check-only", action="store_true")
     ap.add_argument("--tune-repeats", type=positive_int, default=5)
+    ap.add_argument("--position-bias", action="store_true",
+                    help="add a learned (1, heads, n, n) bf16 score bias (T5's) to every kernel; SDPA takes it as its "
+                         "attn_mask on the memory-efficient path (kind sdpa_bias; flash takes no mask)")
     ap.add_argument("--tune", action="store_true",
                     help="time the candidate block sizes first (n = 4096) and sweep with the best per (MLP, d')")
     ap.add_argument("--csv", default=str(Path(os.environ.get("OUT", ".")) / "bench_triton_gpu.csv"))
@@ -407,7 +438,8 @@ def main() -> int:
     for n in args.lengths:
         batch = max(1, args.tokens // n)
         kinds = [f"neural_{m}" for m in args.mlp] + (["neural_paper_half"] if "paper" in args.mlp else [])
-        cases = [("sdpa_flash", 0)] + [(kind, h) for kind in kinds for h in args.hidden]
+        cases = [("sdpa_bias" if args.position_bias else "sdpa_flash", 0)]
+        cases += [(kind, h) for kind in kinds for h in args.hidden]
         for kind, hidden in cases:
             try:
                 t_fwd, t_fb, mem = bench_case(
@@ -422,6 +454,7 @@ def main() -> int:
                     args.warmup,
                     neural_attention_triton,
                     launches.get((kind.removeprefix("neural_"), hidden)),
+                    args.position_bias,
                 )
                 err = ""
             except torch.OutOfMemoryError as e:  # keep going: report the row
@@ -443,6 +476,7 @@ def main() -> int:
                 head_dim=args.head_dim,
                 hidden=hidden,
                 causal=causal,
+                position_bias=args.position_bias,
                 fwd_ms=round(t_fwd, 3),
                 fwd_bwd_ms=round(t_fb, 3),
                 peak_mem_mib=round(mem, 1),
@@ -465,16 +499,18 @@ def main() -> int:
         writer.writeheader()
         writer.writerows(rows)
 
-    flash = {r["n"]: r for r in rows if r["kind"] == "sdpa_flash"}
+    floor = "sdpa_bias" if args.position_bias else "sdpa_flash"
+    flash = {r["n"]: r for r in rows if r["kind"] == floor}
+    against = "SDPA memory-efficient with the bias as attn_mask" if args.position_bias else "SDPA flash"
     print(
-        f"\n### Neural Attention (Triton) vs SDPA flash, bf16, {args.heads}x{args.head_dim}, "
+        f"\n### Neural Attention (Triton) vs {against}, bf16, {args.heads}x{args.head_dim}, "
         f"{'causal' if causal else 'full'}, {args.tokens} tokens/step ({torch.cuda.get_device_name()})\n"
     )
-    print("| kernel | d' | n | batch | fwd ms | fwd+bwd ms | x flash (fwd+bwd) | peak MiB |")
+    print(f"| kernel | d' | n | batch | fwd ms | fwd+bwd ms | x {floor} (fwd+bwd) | peak MiB |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = r["fwd_bwd_ms"] / flash[r["n"]]["fwd_bwd_ms"] if r["n"] in flash else float("nan")
-        hid = "-" if r["kind"] == "sdpa_flash" else r["hidden"]
+        hid = "-" if r["kind"] == floor else r["hidden"]
         print(
             f"| {r['kind']} | {hid} | {r['n']} | {r['batch']} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | "
             f"{ratio:.1f} | {r['peak_mem_mib']:.0f} |"
