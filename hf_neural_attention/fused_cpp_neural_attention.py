@@ -48,6 +48,7 @@ from .cpp_neural_attention import (
     neural_attention_cpp,
 )
 from .kernels_neural_attention import (
+    as_4d,
     autocast_off,
     check_kernel_inputs,
     fold_causal_into_mask,
@@ -1110,9 +1111,7 @@ def neural_attention_fused_cpp(
         return delegate()
     mask, causal = fold_causal_into_mask(mask, causal, q_len, k_len)
     if mask is not None:
-        while mask.dim() < 4:
-            mask = mask.unsqueeze(0)
-        mask = mask.expand(batch, heads, q_len, k_len)  # raises if not broadcastable; strides may be 0
+        mask = as_4d(mask).expand(batch, heads, q_len, k_len)  # raises if not broadcastable; strides may be 0
     cfg = {
         "causal": bool(causal),
         "dot_scale": float(dot_scale),
@@ -1125,7 +1124,7 @@ def neural_attention_fused_cpp(
     # bf16 / fp16 (autocast) inputs run in fp32, the precision every backend accumulates in: the casts are O(n d),
     # the attention O(n^2); gradients flow back through them in the inputs' dtypes
     fp32 = [None if t is None else t.float() for t in tensors]
-    if score_bias is not None:  # 4-D: the kernel reads a broadcast dim with stride 0; the gradient comes back 4-D
-        fp32[6] = fp32[6].reshape((1,) * (4 - score_bias.dim()) + tuple(score_bias.shape))
+    if score_bias is not None:  # 4-D: the kernel reads a broadcast dim with stride 0
+        fp32[6] = as_4d(fp32[6])
     out = _FusedFunction.apply(*fp32, mask, cfg)
     return out.to(value.dtype)

@@ -41,6 +41,7 @@ __all__ = [
     "ACTIVATIONS",
     "ScorerFactory",
     "TileScorer",
+    "as_4d",
     "causal_mask",
     "centre_hidden",
     "check_kernel_inputs",
@@ -62,6 +63,12 @@ __all__ = [
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
 
 
+def as_4d(t: Tensor) -> Tensor:
+    """A mask or score bias broadcastable to ``(batch, heads, q_len, k_len)`` as a 4-D view: leading size-1 dims added
+    (its gradient then comes back in the caller's shape)."""
+    return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
+
+
 def visible_rows(
     mask: Tensor | None, causal: bool, q_len: int, k_len: int, device: torch.device | str | None = None
 ) -> tuple[Tensor | None, Tensor | None]:
@@ -78,8 +85,7 @@ def visible_rows(
         if not causal or k_len <= q_len:
             return None, None
         return None, (torch.arange(k_len, device=device) < q_len).view(1, 1, k_len, 1)
-    while mask.dim() < 4:
-        mask = mask.unsqueeze(0)
+    mask = as_4d(mask)
     # an expanded view (stride 0) holds one slice per broadcast dim: reduce that, not the expansion
     mask = mask[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in mask.stride())]
     if device is not None:
@@ -475,9 +481,7 @@ class _TileMasks:
         self.batch, self.heads, self.device = batch, heads, device
         self.mask = None
         if mask is not None:  # bool, broadcastable to (batch, heads, q_len, k_len): checked by the entry point
-            while mask.dim() < 4:
-                mask = mask.unsqueeze(0)
-            self.mask = mask
+            self.mask = as_4d(mask)
 
     def __call__(self, i0: int, i1: int, j0: int, j1: int):
         if self.causal:
@@ -980,8 +984,8 @@ def neural_attention_tiled(
     if q_len == 0 or k_len == 0 or batch * heads == 0:
         return empty_attention((query_hidden, key_hidden, value, output_weight, second_weight, second_bias,
                                 dot_query, dot_key, score_bias))  # fmt: skip
-    if score_bias is not None:  # a view: the gradient comes back in the caller's shape
-        score_bias = score_bias.reshape((1,) * (4 - score_bias.dim()) + tuple(score_bias.shape))
+    if score_bias is not None:
+        score_bias = as_4d(score_bias)
     mask, causal = fold_causal_into_mask(mask, causal, q_len, k_len)
     if block_size is None:
         block = [-1, -1]

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from .kernels_neural_attention import (
+    as_4d,
     autocast_off,
     check_kernel_inputs,
     empty_attention,
@@ -1252,8 +1253,8 @@ def neural_attention_triton(
               score_bias)  # fmt: skip
     if q_len == 0 or k_len == 0 or batch * heads == 0:
         return empty_attention(inputs)
-    if score_bias is not None:  # a view: the gradient comes back in the caller's shape
-        score_bias = score_bias.reshape((1,) * (4 - score_bias.dim()) + tuple(score_bias.shape))
+    if score_bias is not None:
+        score_bias = as_4d(score_bias)
     tuning = (block_m, block_n, num_warps, unroll, bwd_block_m, bwd_block_n, bwd_num_warps, bwd_unroll,
               1 if half_mlp else None)
     cfg = dict(activation=activation, causal=bool(causal), dot_scale=float(dot_scale), dropout_p=float(dropout_p),

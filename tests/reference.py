@@ -21,6 +21,25 @@ def fresh_seed(seed: int) -> int:
     return seed + 1000 * SEED_OFFSET
 
 
+def bias_in_layout(layout: str, g: torch.Generator, batch: int, heads: int, q_len: int, k_len: int,
+                   device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """A random score bias as callers hand them over: ``(the leaf that gets the gradient, the tensor the kernel is
+    given)``. ``permuted``: T5's ``compute_bias``, a ``(1, q, k, heads)`` lookup permuted to ``(1, heads, q, k)``;
+    ``expanded``: a per-key parameter expanded (stride 0, no copy) to ``(batch, heads, q, k)``; ``3-d``: ``(heads, q,
+    k)``; a dtype name: ``(1, heads, q, k)`` in that dtype."""
+    if layout == "permuted":
+        leaf = torch.randn(1, q_len, k_len, heads, generator=g).to(device).requires_grad_()
+        return leaf, leaf.permute(0, 3, 1, 2)
+    if layout == "expanded":
+        leaf = torch.randn(1, 1, 1, k_len, generator=g).to(device).requires_grad_()
+        return leaf, leaf.expand(batch, heads, q_len, k_len)
+    if layout == "3-d":
+        leaf = torch.randn(heads, q_len, k_len, generator=g).to(device).requires_grad_()
+        return leaf, leaf
+    leaf = torch.randn(1, heads, q_len, k_len, generator=g).to(device, getattr(torch, layout)).requires_grad_()
+    return leaf, leaf
+
+
 def paper_scores(query: torch.Tensor, key: torch.Tensor, weights: dict[str, torch.Tensor], activation: str
                  ) -> torch.Tensor:
     """``score_ij = w_a . act(W_h [P_q q_i + c_q ; P_k k_j + c_k] + b_h)`` per head, materialising the concat.

@@ -7,7 +7,7 @@ import torch
 
 from hf_neural_attention import cpp_neural_attention, fused_cpp_neural_attention
 from hf_neural_attention.fused_cpp_neural_attention import BLOCK, neural_attention_fused_cpp
-from tests.reference import fresh_seed, kernel_reference
+from tests.reference import bias_in_layout, fresh_seed, kernel_reference
 
 pytestmark = pytest.mark.skipif(
     not fused_cpp_neural_attention.fused_cpp_available(), reason="fused C++ extension not built (no compiler?)"
@@ -186,16 +186,7 @@ def test_score_bias_fused_layouts_and_dtypes(monkeypatch, layout):
     calls = _spy(monkeypatch)
     args = _inputs(2, 2, 70, 80, 4, seed=50)
     g = torch.Generator().manual_seed(fresh_seed(51))
-    if layout == "permuted":  # T5's compute_bias: a (1, q, k, heads) lookup permuted to (1, heads, q, k)
-        leaf = torch.randn(1, 70, 80, 2, generator=g).requires_grad_()
-        bias = leaf.permute(0, 3, 1, 2)
-    elif layout == "expanded":
-        leaf = torch.randn(1, 1, 1, 80, generator=g).requires_grad_()
-        bias = leaf.expand(2, 2, 70, 80)
-    elif layout == "3-d":
-        leaf = bias = torch.randn(2, 70, 80, generator=g).requires_grad_()
-    else:
-        leaf = bias = torch.randn(1, 2, 70, 80, generator=g).to(getattr(torch, layout)).requires_grad_()
+    leaf, bias = bias_in_layout(layout, g, 2, 2, 70, 80)
     out = neural_attention_fused_cpp(**args, causal=True, score_bias=bias)
     ref = kernel_reference(*args.values(), causal=True, score_bias=bias)
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)

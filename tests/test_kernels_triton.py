@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from tests.reference import fresh_seed, kernel_reference
+from tests.reference import bias_in_layout, fresh_seed, kernel_reference
 
 _CUDA = torch.cuda.is_available()
 _MODULE = "hf_neural_attention.triton_neural_attention"
@@ -655,26 +655,10 @@ def test_pair_offsets_stay_exact_past_int32():
     assert torch.equal(out.cpu(), i * n + j) and out.max().item() > 2**31
 
 
-def _bias_in_layout(layout, g, heads, lq, lk):
-    """(the leaf that gets the gradient, the tensor the kernel is given): a bias as callers hand them over."""
-    if layout == "permuted":  # T5's compute_bias: a (1, q, k, heads) embedding lookup permuted to (1, heads, q, k)
-        leaf = torch.randn(1, lq, lk, heads, generator=g).to(DEVICE).requires_grad_()
-        return leaf, leaf.permute(0, 3, 1, 2)
-    if layout == "expanded":  # a per-key parameter the caller expanded (stride 0, no copy)
-        leaf = torch.randn(1, 1, 1, lk, generator=g).to(DEVICE).requires_grad_()
-        return leaf, leaf.expand(2, heads, lq, lk)
-    if layout == "3-d":
-        leaf = torch.randn(heads, lq, lk, generator=g).to(DEVICE).requires_grad_()
-        return leaf, leaf
-    dtype = {"float16": torch.float16, "float64": torch.float64}[layout]
-    leaf = torch.randn(1, heads, lq, lk, generator=g).to(DEVICE, dtype).requires_grad_()
-    return leaf, leaf
-
-
 @pytest.mark.parametrize("layout", ["permuted", "expanded", "3-d", "float16", "float64"])
 def test_score_bias_layouts_and_dtypes(layout):
     t = make_inputs(b=2, lq=17, lk=23, hidden=4, seed=80)
-    leaf, bias = _bias_in_layout(layout, torch.Generator().manual_seed(fresh_seed(81)), 2, 17, 23)
+    leaf, bias = bias_in_layout(layout, torch.Generator().manual_seed(fresh_seed(81)), 2, 2, 17, 23, DEVICE)
     args = (t["A"], t["B"], t["V"], t["w"])
     out = neural_attention_triton(*args, causal=True, score_bias=bias, **BLOCK)
     ref = kernel_reference(*args, causal=True, score_bias=bias)
