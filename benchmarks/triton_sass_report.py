@@ -155,7 +155,7 @@ def inputs(authors: bool, hidden: int, activation: str, dot: bool, mask: bool, d
     return {
         "fwd": (tna._fwd_kernel, [*tensors, *scalars, out, stats[0], stats[-1], *out.stride()[:3]], ce, launches[""]),
         "bwd_kv": (tna._bwd_kv_kernel, [*lead, f32, f32, f32, part, part, part, 4], kv_ce, launches["bwd_"]),
-        "bwd_q": (tna._bwd_q_kernel, [*lead, f32, f32, torch.empty(b, h, n, n)], q_ce, launches["bwd_"]),
+        "bwd_q": (tna._bwd_q_kernel, [*lead, f32, f32, torch.empty(b, h, n, n), 0], q_ce, launches["bwd_"]),
     }
 
 

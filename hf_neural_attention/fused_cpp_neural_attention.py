@@ -16,7 +16,9 @@ Layout of the work (flash-attention 2 style, no atomics):
   kept (apart: under a -1e9 bias their sum would round the denominator away);
 - backward pass 1, over (batch*heads x query blocks): recomputes ``P``, ``dS = P * (dO V^T - D)``, writes
   ``dA``, ``d dot_query``, per-(group, block) partial ``output_weight`` gradients and, for a score bias that needs
-  one, dS itself (its gradient, summed afterwards where the bias broadcasts);
+  one, dS itself (its gradient, summed where the bias broadcasts; a bias shared by the batch has this pass run a
+  few batch rows at a time, each run's dS summed before the next, so the buffer stays bounded, see
+  ``bias_grad_rows``);
 - backward pass 2, over (batch*heads x key blocks): recomputes the transposed tile, writes ``dB``, ``dV``,
   ``d dot_key``;
 - the weight-gradient partials are summed in a fixed order afterwards: results are bitwise reproducible;
@@ -50,6 +52,7 @@ from .cpp_neural_attention import (
 from .kernels_neural_attention import (
     as_4d,
     autocast_off,
+    bias_grad_rows,
     check_kernel_inputs,
     fold_causal_into_mask,
     kernel_op,
@@ -296,7 +299,10 @@ struct Problem {
   int64_t ms0, ms1, ms2, ms3;
   const float* bias;  // score bias (batch|1, heads|1, Lq|1, Lk|1), strides 0 where it broadcasts; nullptr: none
   int64_t bs0, bs1, bs2, bs3;
-  float* dbias;  // (G, Lq, Lk) zeroed: the backward writes dS, the bias's gradient, here; nullptr: not needed
+  // dS, the bias's gradient, is written to dbias (g1 - g0, Lq, Lk), zeroed, for the groups g0 .. g1 that one run of
+  // the query-side backward covers (all of them, or a few batch rows at a time); nullptr: not needed
+  float* dbias;
+  int64_t g0, g1;
   int64_t batch, heads, G, Lq, Lk, K, Dv, Dd;
   bool causal, dot;
   float dot_scale;
@@ -481,11 +487,12 @@ void forward_impl(const Problem& p, float* out, float* rmax, float* rlog) {
   });
 }
 
-// pass 1: dA (G, Lq, K), ddq (G, Lq, Dd) (already times dot_scale), dwp (G, nqb, K) partial weight gradients
+// pass 1, for groups g0 .. g1: dA (G, Lq, K), ddq (G, Lq, Dd) (already times dot_scale), dwp (G, nqb, K) partial
+// weight gradients
 template <int ACT>
 void backward_query_impl(const Problem& p, float* dA, float* ddq, float* dwp) {
   const int64_t nqb = (p.Lq + p.block - 1) / p.block;
-  at::parallel_for(0, p.G * nqb, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(p.g0 * nqb, p.g1 * nqb, 1, [&](int64_t begin, int64_t end) {
     Scratch S(p.block * p.Lk), dP(p.block * p.Lk), F(p.dropout ? p.Lk : 0);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t g = t / nqb, i0 = (t % nqb) * p.block, i1 = std::min(i0 + p.block, p.Lq), bq = i1 - i0;
@@ -507,7 +514,7 @@ void backward_query_impl(const Problem& p, float* dA, float* ddq, float* dwp) {
         const float Di = p.D[g * p.Lq + i];
 #pragma omp simd
         for (int64_t j = 0; j < n; ++j) dp[j] = s[j] * (dp[j] - Di);
-        if (p.dbias) std::copy(dp, dp + n, p.dbias + (g * p.Lq + i) * p.Lk);  // keys past n: dS = 0 (zeroed)
+        if (p.dbias) std::copy(dp, dp + n, p.dbias + ((g - p.g0) * p.Lq + i) * p.Lk);  // keys past n: 0 (zeroed)
         if constexpr (ACT == RELU)  // raw: the caller applies w and forms the weight gradient
           relu_row_backward<false>(p.A + (g * p.Lq + i) * p.K, p.Bt + g * p.K * p.Lk, p.Lk, p.K, n, dp,
                                    dA + (g * p.Lq + i) * p.K);
@@ -577,10 +584,10 @@ void backward_key_impl(const Problem& p, float* dB, float* dV, float* ddk) {
 // relu backward in one pass per (batch, head) group: every visible (query block, key block) tile is recomputed once
 // and feeds dA, dB (raw, see relu_row), dV and the dot-term gradients, so the scores, exp and dO V^T are computed
 // once instead of once per pass. Groups run in parallel: no two threads touch the same rows (no atomics), and
-// each group sums its tiles in a fixed order (deterministic).
+// each group sums its tiles in a fixed order (deterministic). Groups g0 .. g1.
 void backward_relu_single_pass(const Problem& p, float* dA, float* dB, float* dV, float* ddq, float* ddk) {
   const int64_t bs = p.block, K = p.K;
-  at::parallel_for(0, p.G, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(p.g0, p.g1, 1, [&](int64_t begin, int64_t end) {
     Scratch S(bs * bs), dP(bs * bs), col(K * bs), F(bs);
     for (int64_t g = begin; g < end; ++g) {
       std::fill(dA + g * p.Lq * K, dA + (g + 1) * p.Lq * K, 0.0f);
@@ -632,7 +639,7 @@ void backward_relu_single_pass(const Problem& p, float* dA, float* dB, float* dV
               sr[c] = pr;
               dr[c] = pr * (dr[c] - Di);
             }
-            if (p.dbias) std::copy(dr, dr + bk, p.dbias + (g * p.Lq + i0 + r) * p.Lk + j0);
+            if (p.dbias) std::copy(dr, dr + bk, p.dbias + ((g - p.g0) * p.Lq + i0 + r) * p.Lk + j0);
             if (p.dropout)  // dV = P_dropped^T dO
               for (int64_t c = 0; c < bk; ++c) sr[c] *= F.data()[c];
           }
@@ -726,6 +733,8 @@ Problem make_problem(const torch::Tensor& A, const torch::Tensor& At, const torc
   }
   p.bias = nullptr;
   p.dbias = nullptr;
+  p.g0 = 0;
+  p.g1 = p.G;
   p.causal = causal && !mask.has_value();
   p.dot_scale = static_cast<float>(dot_scale);
   p.block = block;
@@ -806,7 +815,8 @@ std::vector<torch::Tensor> fused_forward(torch::Tensor A, torch::Tensor Bt, torc
 std::vector<torch::Tensor> fused_backward(torch::Tensor A, torch::Tensor At, torch::Tensor B, torch::Tensor Bt,
                                           torch::Tensor V, torch::Tensor w, c10::optional<torch::Tensor> dq,
                                           c10::optional<torch::Tensor> dk, c10::optional<torch::Tensor> mask,
-                                          c10::optional<torch::Tensor> bias, bool bias_grad, torch::Tensor cvec,
+                                          c10::optional<torch::Tensor> bias, bool bias_grad, int64_t bias_rows,
+                                          torch::Tensor cvec,
                                           torch::Tensor stats, torch::Tensor dO, torch::Tensor D, int64_t batch,
                                           int64_t heads, bool causal, double dot_scale, int64_t act, int64_t block,
                                           bool single_pass, double dropout_p, int64_t seed) {
@@ -823,10 +833,10 @@ std::vector<torch::Tensor> fused_backward(torch::Tensor A, torch::Tensor At, tor
   set_dropout_keys(p, seed);
   p.rmax = stats.data_ptr<float>(); p.rlog = p.rmax + p.G * p.Lq;
   p.dO = dO.data_ptr<float>(); p.D = D.data_ptr<float>();
-  // dS, the bias's gradient (zeros: the kernels write only the pairs a query sees); summed where it broadcasts by the
-  // caller
-  auto dbias = torch::zeros({bias_grad && p.bias ? p.G : 0, p.Lq, p.Lk}, V.options());
-  if (bias_grad && p.bias) p.dbias = dbias.data_ptr<float>();
+  const bool with_dbias = bias_grad && p.bias;
+  TORCH_CHECK(!with_dbias || (bias_rows >= 1 && (bias_rows >= batch || bias.value().size(0) == 1)),
+              "fused neural attention: bias_rows must be >= 1, and below batch only for a bias shared by the batch");
+  const int64_t rows = with_dbias ? std::min(bias_rows, batch) : batch;
   const int64_t nqb = (p.Lq + block - 1) / block;
   auto dA = torch::empty({p.G, p.Lq, p.K}, V.options());
   auto dB = torch::empty({p.G, p.Lk, p.K}, V.options());
@@ -842,10 +852,29 @@ std::vector<torch::Tensor> fused_backward(torch::Tensor A, torch::Tensor At, tor
   }
   float* ddq_p = p.dot ? ddq.data_ptr<float>() : nullptr;
   float* ddk_p = p.dot ? ddk.data_ptr<float>() : nullptr;
-  if (act == RELU && single_pass) {
-    backward_relu_single_pass(p, dA.data_ptr<float>(), dB.data_ptr<float>(), dV.data_ptr<float>(), ddq_p, ddk_p);
-  } else {
-    NA_DISPATCH_ACT(act, backward_query_impl, p, dA.data_ptr<float>(), ddq_p, dwp.data_ptr<float>());
+  // dS, the bias's gradient (zeros: the kernels write only the pairs a query sees), for `rows` batch rows per run of
+  // the query side (all: returned (G, Lq, Lk) for the caller to sum where the bias broadcasts; fewer, for a bias
+  // shared by the batch: each run's buffer summed over its rows here, returned (heads, Lq, Lk))
+  torch::Tensor dbias = torch::zeros({with_dbias ? rows * heads : 0, p.Lq, p.Lk}, V.options());
+  torch::Tensor dbias_sum = torch::empty({0}, V.options());
+  for (int64_t b0 = 0; b0 < batch; b0 += rows) {
+    const int64_t n_rows = std::min(rows, batch - b0);
+    p.g0 = b0 * heads;
+    p.g1 = (b0 + n_rows) * heads;
+    // every run writes the same pairs (which ones depends on i and j, not the group): no zeroing between runs
+    if (with_dbias) p.dbias = dbias.data_ptr<float>();
+    if (act == RELU && single_pass)
+      backward_relu_single_pass(p, dA.data_ptr<float>(), dB.data_ptr<float>(), dV.data_ptr<float>(), ddq_p, ddk_p);
+    else
+      NA_DISPATCH_ACT(act, backward_query_impl, p, dA.data_ptr<float>(), ddq_p, dwp.data_ptr<float>());
+    if (with_dbias && rows < batch) {
+      auto part = dbias.narrow(0, 0, n_rows * heads).view({n_rows, heads, p.Lq, p.Lk}).sum(0);
+      dbias_sum = b0 == 0 ? part : dbias_sum.add_(part);
+    }
+  }
+  if (!(act == RELU && single_pass)) {
+    p.g0 = 0;
+    p.g1 = p.G;
     NA_DISPATCH_ACT(act, backward_key_impl, p, dB.data_ptr<float>(), dV.data_ptr<float>(), ddk_p);
   }
   // weight gradient: partials summed in a fixed order
@@ -855,7 +884,7 @@ std::vector<torch::Tensor> fused_backward(torch::Tensor A, torch::Tensor At, tor
   for (int64_t g = 0; g < p.G; ++g)
     for (int64_t b = 0; b < nqb; ++b)
       for (int64_t k = 0; k < p.K; ++k) dwo[g * p.K + k] += part[(g * nqb + b) * p.K + k];
-  return {dA, dB, dV, dw, ddq, ddk, dbias};
+  return {dA, dB, dV, dw, ddq, ddk, with_dbias && rows < batch ? dbias_sum : dbias};
 }
 """
 
@@ -869,7 +898,8 @@ std::vector<torch::Tensor> fused_forward(torch::Tensor A, torch::Tensor Bt, torc
 std::vector<torch::Tensor> fused_backward(torch::Tensor A, torch::Tensor At, torch::Tensor B, torch::Tensor Bt,
                                           torch::Tensor V, torch::Tensor w, c10::optional<torch::Tensor> dq,
                                           c10::optional<torch::Tensor> dk, c10::optional<torch::Tensor> mask,
-                                          c10::optional<torch::Tensor> bias, bool bias_grad, torch::Tensor cvec,
+                                          c10::optional<torch::Tensor> bias, bool bias_grad, int64_t bias_rows,
+                                          torch::Tensor cvec,
                                           torch::Tensor stats, torch::Tensor dO, torch::Tensor D, int64_t batch,
                                           int64_t heads, bool causal, double dot_scale, int64_t act, int64_t block,
                                           bool single_pass, double dropout_p, int64_t seed);
@@ -937,30 +967,34 @@ def _fused_forward(
     return out, stats
 
 
-def _backward_fake(A, At, B, Bt, V, w, dq, dk, mask, bias, bias_grad, cvec, stats, dO, D, batch, heads, causal,
-                   dot_scale, act, block, dropout_p, seed):  # fmt: skip
+def _backward_fake(A, At, B, Bt, V, w, dq, dk, mask, bias, bias_grad, bias_rows, cvec, stats, dO, D, batch, heads,
+                   causal, dot_scale, act, block, dropout_p, seed):  # fmt: skip
     G, q_len, hidden = A.shape
     k_len, v_dim = B.shape[1], V.shape[2]
     dd = dq.shape[-1] if dq is not None else 0
     return (V.new_empty(G, q_len, hidden), V.new_empty(G, k_len, hidden), V.new_empty(G, k_len, v_dim),
             V.new_empty(G, hidden), V.new_empty((G, q_len, dd) if dd else (0,)),
             V.new_empty((G, k_len, dd) if dd else (0,)),
-            V.new_empty(G if bias is not None and bias_grad else 0, q_len, k_len))  # fmt: skip
+            V.new_empty((G if bias_rows >= batch else heads) if bias is not None and bias_grad else 0, q_len,
+                        k_len))  # fmt: skip
 
 
 @kernel_op(f"fused_cpp_backward_{_OP_TAG}", _backward_fake)
 def _fused_backward(
     A: Tensor, At: Tensor, B: Tensor, Bt: Tensor, V: Tensor, w: Tensor, dq: Tensor | None, dk: Tensor | None,
-    mask: Tensor | None, bias: Tensor | None, bias_grad: bool, cvec: Tensor, stats: Tensor, dO: Tensor, D: Tensor,
-    batch: int, heads: int, causal: bool, dot_scale: float, act: int, block: int, dropout_p: float, seed: Tensor,
+    mask: Tensor | None, bias: Tensor | None, bias_grad: bool, bias_rows: int, cvec: Tensor, stats: Tensor, dO: Tensor,
+    D: Tensor, batch: int, heads: int, causal: bool, dot_scale: float, act: int, block: int, dropout_p: float,
+    seed: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(dA, dB, dV, dw, d dot_query, d dot_key, dS)`` (the dot term's empty without it; ``dS`` ``(G, q_len,
-    k_len)``, the score bias's gradient before the caller sums it where the bias broadcasts, empty unless
-    ``bias_grad``); relu returns raw sums instead of ``dA``, ``dB``, ``dw`` (see :class:`_FusedFunction`). The relu
-    pass count is chosen here, from the thread count at run time (which a traced graph cannot read)."""
+    """``(dA, dB, dV, dw, d dot_query, d dot_key, dS)`` (the dot term's empty without it; ``dS``, empty unless
+    ``bias_grad``, is the score bias's gradient before the caller sums it where the bias broadcasts: ``(G, q_len,
+    k_len)``, or ``(heads, q_len, k_len)`` already summed over the batch where ``bias_rows < batch``, the batch rows
+    per run of the query-side pass, see ``bias_grad_rows``); relu returns raw sums instead of ``dA``, ``dB``, ``dw``
+    (see :class:`_FusedFunction`). The relu pass count is chosen here, from the thread count at run time (which a
+    traced graph cannot read)."""
     grads = _module().fused_backward(
-        A, At, B, Bt, V, w, dq, dk, mask, bias, bias_grad, cvec, stats, dO, D, batch, heads, causal, dot_scale, act,
-        block, _use_single_pass(A.shape[0]), dropout_p, int(seed),
+        A, At, B, Bt, V, w, dq, dk, mask, bias, bias_grad, bias_rows, cvec, stats, dO, D, batch, heads, causal,
+        dot_scale, act, block, _use_single_pass(A.shape[0]), dropout_p, int(seed),
     )  # fmt: skip
     return tuple(grads)
 
@@ -1026,8 +1060,9 @@ class _FusedFunction(torch.autograd.Function):
         D = (dO * out).sum(-1).contiguous()
         At = Ak.transpose(1, 2).contiguous()
         Bk = Bt.transpose(1, 2).contiguous()
+        rows = bias_grad_rows(batch, heads, q_len, k_len, bias.shape) if bias_grad else batch
         dA, dB, dV, dw, ddq, ddk, dS = _fused_backward(
-            Ak, At, Bk, Bt, Vf, kernel_w, dqf, dkf, mask, bias, bias_grad, cvec, stats, dO, D, batch, heads,
+            Ak, At, Bk, Bt, Vf, kernel_w, dqf, dkf, mask, bias, bias_grad, rows, cvec, stats, dO, D, batch, heads,
             cfg["causal"], cfg["dot_scale"], cfg["act"], cfg["block"], cfg["dropout_p"], cfg["seed"],
         )  # fmt: skip
         if cfg["act"] == _ACT_CODE["relu"]:  # raw sums -> gradients (see the class docstring)
@@ -1041,7 +1076,7 @@ class _FusedFunction(torch.autograd.Function):
         dq_shape, dk_shape = ctx.dot_shapes
         ddq_o = ddq.view(dq_shape) if dq_shape is not None else None
         ddk_o = ddk.view(dk_shape) if dk_shape is not None else None
-        dbias = sum_to_bias_shape(dS.view(batch, heads, q_len, k_len), bias.shape) if bias_grad else None
+        dbias = sum_to_bias_shape(dS.view(-1, heads, q_len, k_len), bias.shape) if bias_grad else None
         return (
             dA.view(batch, heads, q_len, hidden),
             dB.view(batch, heads, k_len, hidden),
@@ -1079,7 +1114,8 @@ def neural_attention_fused_cpp(
 
     A ``score_bias`` (float, broadcastable to ``(b, h, q_len, k_len)``) is read in fp32 (a copy where it is not) and
     added to each score row; its gradient, when it requires one, is dS, written whole (``(b * h, q_len, k_len)``
-    fp32) and summed where the bias broadcasts.
+    fp32, or ``bias_grad_rows`` batch rows at a time for a bias shared by the batch) and summed where the bias
+    broadcasts.
 
     Shapes: ``query_hidden`` ``(b, h, q_len, hidden)``, ``key_hidden`` ``(b, h, k_len, hidden)``, ``value``
     ``(b, h, k_len, v_dim)`` -> ``(b, h, q_len, v_dim)``.

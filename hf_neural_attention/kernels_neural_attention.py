@@ -42,6 +42,7 @@ __all__ = [
     "ScorerFactory",
     "TileScorer",
     "as_4d",
+    "bias_grad_rows",
     "causal_mask",
     "centre_hidden",
     "check_kernel_inputs",
@@ -515,6 +516,21 @@ def sum_to_bias_shape(grad: Tensor, shape: torch.Size | tuple[int, ...]) -> Tens
     ``shape`` ``(batch|1, heads|1, q_len|1, k_len|1)`` broadcasts along (fixed-order torch sums: deterministic)."""
     summed = [d for d in range(4) if shape[d] == 1 and grad.shape[d] != 1]
     return grad.sum(summed, keepdim=True) if summed else grad
+
+
+#: A score bias shared across the batch (T5's relative position bias) gets its gradient from the fused kernels as
+#: dS written whole into an fp32 ``(rows, heads, q_len, k_len)`` buffer, ``rows`` batch rows per launch, summed over
+#: them before the next launch: the buffer holds at most this many bytes, or one batch row where that is larger.
+BIAS_GRAD_BUFFER_BYTES = 256 << 20
+
+
+def bias_grad_rows(batch: int, heads: int, q_len: int, k_len: int, bias_shape: torch.Size | tuple[int, ...]) -> int:
+    """How many batch rows one backward launch writes dS for: all of them for a bias with its own batch dim (its
+    gradient is that big anyway), else as many as fit in ``BIAS_GRAD_BUFFER_BYTES`` (at least one): a bias
+    ``(1, heads, q_len, k_len)`` trained at batch 8 would otherwise take an 8x larger buffer than its gradient."""
+    if bias_shape[0] != 1:
+        return batch
+    return max(1, min(batch, BIAS_GRAD_BUFFER_BYTES // (heads * q_len * k_len * 4)))
 
 
 def _accumulate_bias_grad(dbias: Tensor, ds: Tensor, i0: int, i1: int, j0: int, j1: int, batch: int,

@@ -37,6 +37,7 @@ import torch
 from .kernels_neural_attention import (
     as_4d,
     autocast_off,
+    bias_grad_rows,
     check_kernel_inputs,
     empty_attention,
     kernel_op,
@@ -253,9 +254,10 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _head_bases(A, B, Ck, V, W, W2, B2, DQ, DK, Mask, Bias, H, LkP, sab, sbb, svb, svh, sqb, sqh, skb, skh, smb,
-                    smh, sxb, sxh, w_hs, w2_hs, b2_hs):
-        """(bh, b, h) of this program (axis 1 = batch*heads) and the per-(batch, head) base pointers."""
-        bh = tl.program_id(1).to(tl.int64)
+                    smh, sxb, sxh, w_hs, w2_hs, b2_hs, bh_start=0):
+        """(bh, b, h) of this program (axis 1 = batch*heads from row ``bh_start`` on) and the per-(batch, head) base
+        pointers."""
+        bh = tl.program_id(1).to(tl.int64) + bh_start
         b = bh // H
         h = bh % H
         return (bh, b, h, A + bh * sab, B + bh * sbb, Ck + bh * LkP, V + b * svb + h * svh, W + h * w_hs,
@@ -717,24 +719,25 @@ if TRITON_AVAILABLE:
     def _bwd_q_kernel(A, B, Ck, V, W, W2, B2, DQ, DK, Mask, Bias, Scale, H, Lq, Lk, LqP, LkP, sab, sbb, svb, svh,
                       svl, sqb, sqh, sql, skb, skh, skl, smb, smh, smq, smk, sxb, sxh, sxq, sxk, w_hs, w2_hs, b2_hs,
                       dot_scale, dropout_p, dropout_scale, seed, DO, sdob, sdoh, sdol, LSE, LogL, Delta, dA, dDQ, dBias,
-                      HID: tl.constexpr, HIDP: tl.constexpr, HID2: tl.constexpr, HID2P: tl.constexpr,
+                      bh_start, HID: tl.constexpr, HIDP: tl.constexpr, HID2: tl.constexpr, HID2P: tl.constexpr,
                       AUTHORS: tl.constexpr, ACT: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
                       DD: tl.constexpr, DDP: tl.constexpr, HAS_DOT: tl.constexpr, HAS_MASK: tl.constexpr,
                       HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr,
                       UPCAST: tl.constexpr, UNROLL: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr,
                       BIAS_GRAD: tl.constexpr):
-        """Backward, query side. Grid (cdiv(Lq, BLOCK_M), batch*heads): one program per query block.
+        """Backward, query side. Grid (cdiv(Lq, BLOCK_M), rows): one program per query block of batch*heads rows
+        bh_start .. bh_start + rows.
 
         Loops over key blocks (causal: up to the diagonal), recomputing P. Writes fp32 dA (batch*heads, Lq, HID),
-        dDQ (.., Lq, DD; residual dot term only) and, BIAS_GRAD, dBias (.., Lq, Lk) = dS, the score bias's gradient
-        before the host sums it over the dims the bias broadcasts along (tiles the causal loop skips stay as the host
-        zeroed them).
+        dDQ (.., Lq, DD; residual dot term only) and, BIAS_GRAD, dBias (rows, Lq, Lk) = dS of this launch's rows, the
+        score bias's gradient before the host sums it over the dims the bias broadcasts along (tiles the causal loop
+        skips stay as the host zeroed them).
         """
         pid_m = tl.program_id(0)
         (bh, b, h, A_base, B_base, Ck_base, V_base, W_base, W2_base, B2_base, DQ_base, DK_base, Mask_base,
          Bias_base) = _head_bases(A, B, Ck, V, W, W2, B2, DQ, DK, Mask, Bias, H, LkP, sab, sbb, svb, svh, sqb, sqh, skb,
-                                  skh, smb, smh, sxb, sxh, w_hs, w2_hs, b2_hs)
+                                  skh, smb, smh, sxb, sxh, w_hs, w2_hs, b2_hs, bh_start)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         q = _load_dot_tile(DQ_base, offs_m, Lq, sql, BLOCK_M, DD, DDP, HAS_DOT)
         do = _load_tile(DO + b * sdob + h * sdoh, offs_m, Lq, sdol, DV, DVP)
@@ -762,8 +765,8 @@ if TRITON_AVAILABLE:
             if HAS_DOT:
                 dq += _mm(ds, k, DOT_DTYPE, UPCAST)
             if BIAS_GRAD:  # dL/dbias = dS: written per (batch*head), summed where the bias broadcasts on the host
-                tl.store(_pair_ptrs(dBias + bh * Lq * Lk, Lk, 1, pid_m * BLOCK_M, start_n, offs_m, offs_n, False), ds,
-                         mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
+                tl.store(_pair_ptrs(dBias + (bh - bh_start) * Lq * Lk, Lk, 1, pid_m * BLOCK_M, start_n, offs_m,
+                                    offs_n, False), ds, mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
             da, dw_unused, dw2_unused, db2_unused = _tile_mlp_backward(
                 ds, A_base, B_base, W_base, W2_base, B2_base, offs_m, offs_n, Lq, Lk, LqP, LkP, da, dw_unused,
                 dw2_unused, db2_unused, HID, HIDP, HID2, HID2P, AUTHORS, ACT, False, UNROLL, HALF, False, BLOCK_M,
@@ -1103,8 +1106,9 @@ def _triton_backward(
     """Gradients of the nine differentiable inputs, each shaped and typed like its input (empty for an absent
     one, and for ``score_bias`` unless ``bias_grad``: a mask-derived bias or a fixed ALiBi buffer needs none). The
     kernels' operands are rebuilt from the inputs (O(n * hidden), as in the forward) rather than kept. The bias's
-    gradient is dS, written whole, ``(batch * heads, q_len, k_len)`` fp32, then summed over the dims the bias
-    broadcasts along."""
+    gradient is dS, written whole into an fp32 ``(rows * heads, q_len, k_len)`` buffer per launch of the query-side
+    kernel, then summed over the dims the bias broadcasts along (``bias_grad_rows``: one launch unless the bias is
+    shared across the batch and the whole batch's dS would pass ``BIAS_GRAD_BUFFER_BYTES``)."""
     cfg = _config(activation, causal, dot_scale, dropout_p, seed, launch)
     batch, heads, q_len, _ = query_hidden.shape
     k_len = key_hidden.shape[2]
@@ -1130,14 +1134,24 @@ def _triton_backward(
     dW_part = torch.empty(batch * heads, n_blocks_n, hidden2 if authors else hidden, **f32)
     dW2_part = torch.empty(batch * heads, n_blocks_n, hidden2, hidden, **f32) if authors else dW_part
     dB2_part = torch.empty(batch * heads, n_blocks_n, hidden2, **f32) if authors else dW_part
-    # causal: the tiles the loop skips have dS = 0 and are never written (zeros); otherwise every pair is written
-    dS = (torch.zeros if cfg["causal"] else torch.empty)(batch, heads, q_len, k_len, **f32) if bias_grad else dA
 
     lead = (*tensors, *scalars, dO, *dO.stride()[:3], stats[0], stats[-1], delta)
     parts = (dW_part, dW2_part, dB2_part)
     _bwd_kv_kernel[(n_blocks_n, batch * heads)](*lead, dB, dV, dDK, *parts, n_blocks_n, num_warps=num_warps,
                                                 **kv_ce)  # fmt: skip
-    _bwd_q_kernel[(triton.cdiv(q_len, own), batch * heads)](*lead, dA, dDQ, dS, num_warps=num_warps, **ce)
+    # the query side in launches of `rows` batch rows; each writes its dS whole into one buffer (causal: the tiles
+    # the loop skips have dS = 0 and are never written, in any launch, so zeros), summed into the bias's gradient
+    # before the next launch
+    rows = bias_grad_rows(batch, heads, q_len, k_len, score_bias.shape) if bias_grad else batch
+    dS = (torch.zeros if cfg["causal"] else torch.empty)(rows, heads, q_len, k_len, **f32) if bias_grad else dA
+    g_bias = None
+    for b0 in range(0, batch, rows):
+        n_rows = min(rows, batch - b0)
+        _bwd_q_kernel[(triton.cdiv(q_len, own), n_rows * heads)](*lead, dA, dDQ, dS, b0 * heads, num_warps=num_warps,
+                                                                 **ce)  # fmt: skip
+        if bias_grad:
+            part = sum_to_bias_shape(dS[:n_rows], score_bias.shape)  # maybe a view of dS, which the next launch
+            g_bias = part if rows == batch else part.clone() if g_bias is None else g_bias.add_(part)  # overwrites
 
     if not authors and activation == "relu":  # the relu weight gradient is finished here from the raw inputs
         W = output_weight.detach().float().reshape(-1, hidden)  # (heads or 1, hidden)
@@ -1153,7 +1167,7 @@ def _triton_backward(
             else value.new_empty(0))  # fmt: skip
     g_dq = dDQ.to(dot_query.dtype) if has_dot else value.new_empty(0)
     g_dk = dDK.to(dot_key.dtype) if has_dot else value.new_empty(0)
-    g_bias = sum_to_bias_shape(dS, score_bias.shape).to(score_bias.dtype) if bias_grad else value.new_empty(0)
+    g_bias = g_bias.to(score_bias.dtype) if bias_grad else value.new_empty(0)
     return (dA.to(query_hidden.dtype), dB.to(key_hidden.dtype), dV.to(value.dtype), g_w.contiguous(),
             g_w2.contiguous(), g_b2.contiguous(), g_dq, g_dk, g_bias.contiguous())  # fmt: skip
 

@@ -161,7 +161,7 @@ def _op_inputs(mlp: str) -> tuple[list[torch.Tensor | None], torch.Tensor]:
 @pytest.mark.parametrize("act", [0, 1])  # relu (signed-max operands, cvec), gelu (plain operands)
 @pytest.mark.parametrize("bias_shape", [None, (1, 2, 9, 70), (1, 1, 1, 70)])  # none, T5's, a soft padding mask
 def test_fused_ops_pass_opcheck(act, bias_shape):
-    G, q_len, k_len, hidden, v_dim, batch, heads = 2, 9, 70, 4, 3, 1, 2
+    G, q_len, k_len, hidden, v_dim, batch, heads = 4, 9, 70, 4, 3, 2, 2
     A, Bt, V = _rand(G, q_len, hidden, seed=1), _rand(G, hidden, k_len, seed=2), _rand(G, k_len, v_dim, seed=3)
     w = _rand(G, hidden, seed=4)
     cvec = _rand(G, k_len, seed=5) if act == 0 else torch.empty(0)
@@ -172,9 +172,12 @@ def test_fused_ops_pass_opcheck(act, bias_shape):
     torch.library.opcheck(fused._fused_forward.op, forward_args)
     _, stats = fused._fused_forward(*forward_args)
     dO, D = _rand(G, q_len, v_dim, seed=7), _rand(G, q_len, seed=8)
-    for bias_grad in {False, bias is not None}:  # a fixed bias (ALiBi, a float mask) gets no dS buffer
+    # a fixed bias (ALiBi, a float mask) gets no dS buffer; a learned one shared by the batch gets it whole or one
+    # batch row per run, summed over the batch
+    for bias_grad, rows in {(False, batch), (bias is not None, batch), (bias is not None, 1)}:
         backward_args = (A, A.transpose(1, 2).contiguous(), Bt.transpose(1, 2).contiguous(), Bt, V, w, None, None,
-                         mask, bias, bias_grad, cvec, stats, dO, D, batch, heads, False, 1.0, act, 64, 0.25, seed)
+                         mask, bias, bias_grad, rows, cvec, stats, dO, D, batch, heads, False, 1.0, act, 64, 0.25,
+                         seed)  # fmt: skip
         torch.library.opcheck(fused._fused_backward.op, backward_args)
 
 

@@ -180,6 +180,43 @@ def test_score_bias_fused_dropout_pattern_bf16_and_fixed_bias():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("masking", ["mask", "causal"])
+@pytest.mark.parametrize("activation,single_pass", [("relu", True), ("relu", False), ("gelu", False)])
+def test_score_bias_shared_by_the_batch_gets_its_gradient_a_few_rows_at_a_time(monkeypatch, rows, masking,
+                                                                                activation, single_pass):
+    # dS of a bias shared by the batch is written `rows` examples per run of the query-side pass (or the relu single
+    # pass) and summed between runs (a buffer bounded by BIAS_GRAD_BUFFER_BYTES, not batch times the gradient): 3
+    # examples in runs of 1, or of 2 and a remainder of 1 (causal: the pairs above the diagonal stay zero in every
+    # run); against the reference and against a single run, with dropout (keyed by the global group: the same
+    # pattern in every run)
+    from hf_neural_attention import kernels_neural_attention
+
+    monkeypatch.setattr(fused_cpp_neural_attention, "_use_single_pass", lambda groups: single_pass)
+    calls = _spy(monkeypatch)
+    g = torch.Generator().manual_seed(fresh_seed(52))
+    args = _inputs(3, 2, 70, 2 * BLOCK + 9, 4, dot=True, seed=53)
+    args["score_bias"] = (torch.randn(1, 2, 70, 2 * BLOCK + 9, generator=g) * 2.0).requires_grad_()
+    mask = torch.rand(3, 1, 70, 2 * BLOCK + 9, generator=g) > 0.3
+    mask[1, 0, 7] = False  # a fully masked row
+    kw = dict(activation=activation, dot_scale=0.3, **({"mask": mask} if masking == "mask" else {"causal": True}))
+    grad = torch.randn(3, 2, 70, 16, generator=g)
+    runs = {}
+    for budget in (kernels_neural_attention.BIAS_GRAD_BUFFER_BYTES, rows * 2 * 70 * (2 * BLOCK + 9) * 4):
+        monkeypatch.setattr(kernels_neural_attention, "BIAS_GRAD_BUFFER_BYTES", budget)
+        out = neural_attention_fused_cpp(**args, **kw, dropout_p=0.2, generator_seed=5)
+        runs[budget] = torch.autograd.grad(out, list(args.values()), grad)
+    assert kernels_neural_attention.bias_grad_rows(3, 2, 70, 2 * BLOCK + 9, (1, 2, 1, 1)) == rows
+    whole, chunked = runs.values()
+    for name, x, y in zip(args, chunked, whole, strict=True):  # only the bias's gradient is summed differently
+        if name == "score_bias":
+            torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6)
+        else:
+            assert torch.equal(x, y), name
+    _check(args, **kw)  # and without dropout against the float64 reference
+    assert calls == []
+
+
 @pytest.mark.parametrize("layout", ["permuted", "expanded", "3-d", "float16", "bfloat16"])
 def test_score_bias_fused_layouts_and_dtypes(monkeypatch, layout):
     # biases as callers hand them over: T5's permuted view, an expanded (stride 0) parameter, 3-D, 16-bit

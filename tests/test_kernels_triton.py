@@ -638,6 +638,30 @@ def test_score_bias_backward_bitwise_deterministic():
         assert torch.equal(g1[name], g2[name]), name
 
 
+@pytest.mark.parametrize("rows", [1, 2])
+def test_a_bias_shared_by_the_batch_gets_its_gradient_a_few_rows_at_a_time(monkeypatch, rows):
+    # dS of a bias shared by the batch is written `rows` examples per launch of the query-side kernel and summed
+    # between launches (the buffer bounded by BIAS_GRAD_BUFFER_BYTES, not batch times the gradient): 3 examples in
+    # launches of 1, or of 2 and a remainder of 1, with the dot term, a padding mask and a fully masked row
+    from hf_neural_attention import kernels_neural_attention
+
+    t = make_inputs(b=3, lq=17, lk=23, hidden=4, dot=16, bias=(1, 2, 17, 23), seed=83)
+    mask = torch.ones(3, 1, 17, 23, dtype=torch.bool, device=DEVICE)
+    mask[2, :, :, :5] = False
+    mask[1, :, 6] = False
+    go = torch.randn(3, 2, 17, 5, generator=torch.Generator().manual_seed(fresh_seed(84))).to(DEVICE)
+    whole = grads(run_kernel(t, mask=mask, dot_scale=0.3), t, go)  # one launch: the whole batch's dS
+    monkeypatch.setattr(kernels_neural_attention, "BIAS_GRAD_BUFFER_BYTES", rows * 2 * 17 * 23 * 4)
+    assert kernels_neural_attention.bias_grad_rows(3, 2, 17, 23, t["bias"].shape) == rows
+    check(t, mask=mask, dot_scale=0.3)  # against the float64 reference
+    chunked = grads(run_kernel(t, mask=mask, dot_scale=0.3), t, go)
+    for name in t:  # only the bias's gradient is summed differently
+        if name == "bias":
+            assert_close(chunked[name], whole[name], 1e-6, name)
+        else:
+            assert torch.equal(chunked[name], whole[name]), name
+
+
 def test_pair_offsets_stay_exact_past_int32():
     # a (q_len, k_len) mask, bias or dS buffer has offsets i * k_len + j past 2^31 from n = 46341 on (a bias
     # (1, 1, n, n) of 4.3 GB in bf16): the tile's corner is offset in 64 bits, its pairs relative to it in 32
