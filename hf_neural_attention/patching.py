@@ -13,7 +13,7 @@ import difflib
 import gc
 import logging
 import operator
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -244,9 +244,10 @@ def _patch(model: nn.Module, layers: LayerSelection, config: NeuralAttentionConf
 
     parents = _check_config_sharing(model)
 
-    # All checks passed: from here on the model is modified.
-    if not parents:  # a top model: the caller may hold the config to build a stock model from it (an A/B pair)
-        _give_model_its_own_config(model)
+    # All checks passed: from here on the model is modified. The caller may hold the config to build a stock model
+    # from it (an A/B pair): the model and its parents (an LM head around it, the composite it is a tower of) get a
+    # copy of the outermost config first
+    _give_model_its_own_config(model, parents)
     for index in chosen:
         name, module = modules[index]
         head_dim, num_heads = head_shape(module, model.config)
@@ -279,6 +280,14 @@ def _patch(model: nn.Module, layers: LayerSelection, config: NeuralAttentionConf
                          and parent.__dict__.get("config") is model.config), None)  # fmt: skip
     if parent_model is None:
         adopt_hub_class(model)
+    composite = next((parent for parent in parents if isinstance(parent, PreTrainedModel)
+                      and parent.__dict__.get("config") is not model.config), None)  # fmt: skip
+    if composite is not None and is_hub_class(type(model)) and not present:
+        logger.warning(
+            "%s is a tower of %s, whose save_pretrained records it as model_type %r: that checkpoint loads only where "
+            "hf_neural_attention is imported (trust_remote_code does not reach a composite's sub-configs). For users "
+            "without the plugin, save the scorers with save_neural_adapter on the composite, beside the weights of "
+            "an unpatched one.", type(model).__name__, type(composite).__name__, model.config.model_type)
     if present or is_hub_class(type(model)):  # adding layers, or now a Hub class
         return
     reason = (f"a sub-model of {type(parent_model).__name__}, which shares its config" if parent_model is not None
@@ -319,9 +328,9 @@ def _contains_config(config: object, target: PretrainedConfig, depth: int = 4) -
 
 def _check_config_sharing(model: nn.Module) -> list[nn.Module]:
     """The modules holding ``model``'s config whose module tree contains ``model`` (its parents: a sub-model's,
-    PEFT's wrappers). Patching writes to the config (layers, settings, attention implementation, class): a model
-    without parents gets a copy first, since the caller may hold the config to build a stock model from it (an A/B
-    pair); a model with parents must change theirs.
+    a tower's composite, PEFT's wrappers). Patching writes to the config (layers, settings, attention
+    implementation, class): the model and its parents get a copy first, since the caller may hold the config to
+    build a stock model from it (an A/B pair).
 
     Raises:
         ValueError: the config is shared both with parents and with other sub-models (siblings built from one
@@ -339,16 +348,27 @@ def _check_config_sharing(model: nn.Module) -> list[nn.Module]:
     return parents
 
 
-def _give_model_its_own_config(model: nn.Module) -> None:
-    """Replace ``model.config`` by a copy, re-pointing every module of ``model`` that holds it or a sub-config, under
-    any attribute name (DiffusionGemma's decoder builds its masks from ``self.text_config``: left on the old object,
-    it would build them for the old attention implementation)."""
+def _give_model_its_own_config(model: nn.Module, parents: Sequence[nn.Module] = ()) -> None:
+    """Replace ``model.config`` by a copy, and with it the config of each parent holding it or a config containing it
+    (``parents``: modules whose tree contains ``model``; a tower's config is a sub-config of its composite's, so the
+    composite's whole config is copied). Every module in their trees that holds one of the copied configs is
+    re-pointed, under any attribute name (DiffusionGemma's decoder builds its masks from ``self.text_config``: left
+    on the old object, it would build them for the old attention implementation)."""
+    roots = [parent for parent in parents if isinstance(parent.__dict__.get("config"), PretrainedConfig)]
+    configs = [model.config] + [root.config for root in roots]
+    # the config that holds the most of the others: the outermost (a composite's, which holds its towers')
+    outer = max(configs, key=lambda config: sum(_contains_config(config, other) for other in configs))
     memo: dict[int, object] = {}
-    copy.deepcopy(model.config, memo)
-    for module in model.modules():
-        for name, held in list(module.__dict__.items()):
-            if isinstance(held, PretrainedConfig) and id(held) in memo:
-                module.__dict__[name] = memo[id(held)]
+    copy.deepcopy(outer, memo)
+    seen: set[int] = set()
+    for root in (model, *roots):
+        for module in root.modules():
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            for name, held in list(module.__dict__.items()):
+                if isinstance(held, PretrainedConfig) and id(held) in memo:
+                    module.__dict__[name] = memo[id(held)]
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:

@@ -41,6 +41,7 @@ from tests.models import (
     tiny_gpt2_config,
     tiny_llama,
     tiny_vit,
+    tiny_vit_config,
 )
 
 NO_DROPOUT = dict(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
@@ -490,6 +491,43 @@ def test_patching_copies_a_config_that_only_the_caller_holds(tmp_path):
     ids = random_ids(1, 6)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, dot(ids).logits, rtol=0, atol=0)
+
+
+def _config_tree(config: PretrainedConfig) -> set[int]:
+    """ids of ``config`` and of every sub-config in it."""
+    found = {id(config)}
+    for value in vars(config).values():
+        if isinstance(value, PretrainedConfig):
+            found |= _config_tree(value)
+    return found
+
+
+@pytest.mark.parametrize("part", ["encoder", "decoder", "transformer"])
+def test_patching_a_tower_or_sub_model_leaves_the_callers_config_alone(part):
+    """The A/B pair built from one config object with the neural arm's patch in a tower of a composite (a
+    VisionEncoderDecoderModel's ViT encoder or GPT-2 decoder) or in a sub-model (GPT2LMHeadModel.transformer): the
+    caller's config, and the dot-product arm built from it afterwards, stay stock (they had the tower's settings,
+    attention implementation and config class written into them); the patched model holds one consistent copy."""
+    from transformers import VisionEncoderDecoderConfig, VisionEncoderDecoderModel
+
+    if part == "transformer":
+        config, build = tiny_gpt2_config(), GPT2LMHeadModel
+    else:
+        config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(tiny_vit_config(), tiny_gpt2_config())
+        build = VisionEncoderDecoderModel
+    neural = build(config)  # (VisionEncoderDecoderModel writes tie_word_embeddings into the config it is given)
+    before = config.to_dict()
+    classes = {name: type(value) for name, value in vars(config).items() if isinstance(value, PretrainedConfig)}
+    patch_model(getattr(neural, part), layers=[0], proj_dim=4)
+    assert config.to_dict() == before and type(config) is type(build(config).config)
+    assert {name: type(value) for name, value in vars(config).items() if isinstance(value, PretrainedConfig)} == classes
+    assert neural_layers(build(config)) == []  # the dot-product arm
+    assert neural.config is not config and len(neural_layers(neural)) == 1
+    tree = _config_tree(neural.config)
+    assert all(id(held) in tree for module in neural.modules() for held in module.__dict__.values()
+               if isinstance(held, PretrainedConfig))  # fmt: skip
+    if part != "transformer":  # the composite saves its towers' configs from its own
+        assert getattr(neural.config, part) is getattr(neural, part).config
 
 
 @pytest.mark.parametrize("wrapper", ["compile", "peft", "peft-tuner"])
