@@ -14,6 +14,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from .configuration_neural_attention import CONFIG_PREFIX, NeuralAttentionConfig, read_from_config
 from .hub_classes import is_hub_class, stock_class_of
+from .patching import neural_settings, unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -62,14 +63,16 @@ def build_model_card(model: Any, repo_id: str | None = None, peft: bool = False,
     """The card of a neural-attention model (Hub class or patched model).
 
     Args:
-        model: the model; its config records the neural layers and settings.
+        model: the model; its scorers carry the neural layers and settings (read from its config only where no
+            layer carries a scorer).
         repo_id: where it is pushed, used in the loading snippets (``"<repo-id>"`` when unknown).
         title: the card's heading when ``repo_id`` is unknown (``write_model_card``: the folder's name); default
             the model's class.
         peft: the checkpoint is a PEFT adapter beside a neural-attention adapter (``NeuralAttentionTrainer`` on a
             PEFT model), not the model's weights.
     """
-    recorded = read_from_config(model.config)
+    # the scorers' own settings: a stock-class model's save never checks its config against them (a hand edit)
+    recorded = neural_settings(unwrap_model(model)) or read_from_config(model.config)
     layers, settings = recorded if recorded is not None else ([], NeuralAttentionConfig())
     base_model = _hub_id(getattr(model.config, CONFIG_PREFIX + "base_model", None))
     suffix = _task_suffix(model)

@@ -219,8 +219,9 @@ def _requested_fallback(requested: Any) -> str:
         return requested
     raise ValueError(
         f"attn_implementation={requested!r} would bypass the neural scorer. Neural-attention models run on "
-        f"{ATTENTION_NAME!r}; 'sdpa' or 'eager' choose what their unpatched layers use. Use unpatch_model (from "
-        "hf_neural_attention) for a stock model that can run flash/flex kernels."
+        f"{ATTENTION_NAME!r}: call model.set_attn_implementation('sdpa') (or 'eager'), which chooses what their "
+        "unpatched layers use, or unpatch_model (from hf_neural_attention) for a stock model that can run "
+        "flash/flex kernels."
     )
 
 
@@ -427,6 +428,7 @@ def _push_with_card(model: PreTrainedModel, repo_id: str, writer: ModelCardWrite
 
     from huggingface_hub import HfApi
 
+    check_config_describes_scorers(model)  # before the repository is created: a refused push leaves nothing behind
     tags = kwargs.pop("tags", None)
     if tags:
         model.add_model_tags(tags)

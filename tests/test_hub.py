@@ -41,12 +41,13 @@ from hf_neural_attention import (
     NeuralAttentionViTConfig,
     NeuralAttentionViTModel,
     NeuralScorer,
+    neural_layers,
     patch_model,
     unpatch_model,
 )
 from hf_neural_attention.backend_neural_attention import choose_backend
 from hf_neural_attention.modeling_neural_attention import find_self_attention_modules
-from tests.models import tiny_gpt2, tiny_llama
+from tests.models import random_ids, sharpen_scorers, tiny_gpt2, tiny_gpt2_config, tiny_llama, tiny_vit_config
 
 PACKAGE_DIR = Path(hna.__file__).parent
 TRAVELLING = {
@@ -665,6 +666,33 @@ def test_a_hand_edited_config_is_refused_at_save_and_nothing_is_written(tmp_path
         model.save_pretrained(tmp_path / "out")
 
 
+def test_a_push_with_a_hand_edited_config_is_refused_before_the_repository_is_created(tmp_path, monkeypatch):
+    model = patched("gpt2-lm")
+    uploaded, created = fake_hub_upload(monkeypatch, tmp_path / "hub"), []
+    make_repo = HfApi.create_repo
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: created.append(repo_id) or make_repo(
+        self, repo_id, **kw))
+    model.config.neural_attention_proj_dim = 8
+    with pytest.raises(ValueError, match=r"proj_dim=8 \(the scorers have 4\)"):
+        model.push_to_hub("me/edited")
+    assert created == [] and uploaded == []  # no empty repository left behind
+    model.config.neural_attention_proj_dim = 4
+    model.push_to_hub("me/edited")
+    assert created == ["me/edited"] and "model.safetensors" in uploaded
+
+
+def test_the_card_of_a_stock_class_model_states_the_scorers_settings_not_hand_edits():
+    # a Llama keeps its class, whose save_pretrained never compares the config with the scorers: the card (written
+    # by NeuralAttentionTrainer beside the adapter) takes the settings from the scorers, as the adapter does
+    model = patch_model(tiny_llama(), layers=[1], proj_dim=4)
+    model.config.neural_attention_mode = "residual"
+    model.config.neural_attention_activation = "swish"  # not even valid: the card must still be written
+    model.config.neural_attention_layers = [0]
+    text = hna.build_model_card(model).text
+    assert "| `layers` | `[1]` |" in text and "| `mode` | `'replace'` |" in text
+    assert "| `activation` | `'relu'` |" in text and "| `proj_dim` | `4` |" in text
+
+
 def test_save_pretrained_keeps_a_readme_of_the_users_and_renews_its_own(tmp_path, caplog):
     model = patched("gpt2-lm")
     (tmp_path / "README.md").write_text("# My model\n\nHand-written evaluation and license.\n")
@@ -709,6 +737,39 @@ def test_save_pretrained_with_push_to_hub_uploads_what_it_saved_with_our_card(tm
     monkeypatch.setattr(transformers.utils.hub.ModelCard, "load", load)
     model.save_pretrained(tmp_path / "curated", push_to_hub=True, repo_id="me/curated")
     assert "# Curated card" in (tmp_path / "hub" / "README.md").read_text()
+
+
+def test_a_composite_with_patched_towers_round_trips_and_says_where_it_loads(tmp_path, caplog):
+    # each tower takes its Hub class, and the composite saves its config (model_type neural_attention_vit /
+    # neural_attention_gpt2): a checkpoint that loads where the plugin is imported, as the patch-time warning says
+    from transformers import VisionEncoderDecoderConfig, VisionEncoderDecoderModel
+
+    torch.manual_seed(0)
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(tiny_vit_config(), tiny_gpt2_config())
+    model = VisionEncoderDecoderModel(config).eval()
+    with caplog.at_level(logging.WARNING):
+        patch_model(model.encoder, layers=[0], proj_dim=4)
+        patch_model(model.decoder, layers=[1], proj_dim=4)
+    for tower, model_type in (("NeuralAttentionViTModel", "neural_attention_vit"),
+                              ("NeuralAttentionGPT2ForCausalLM", "neural_attention_gpt2")):  # fmt: skip
+        assert f"{tower} is a tower of VisionEncoderDecoderModel" in caplog.text
+        assert f"model_type {model_type!r}" in caplog.text
+    assert "save_neural_adapter" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        patch_model(model.encoder, layers=[2], proj_dim=4)  # a layer more: said once already
+    assert "is a tower of" not in caplog.text
+    sharpen_scorers(model)
+    pixels, ids = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)), random_ids(2, 5)
+    model.save_pretrained(tmp_path)
+    reloaded = VisionEncoderDecoderModel.from_pretrained(tmp_path).eval()
+    assert neural_layers(reloaded) == neural_layers(model)
+    with torch.no_grad():
+        expected = model(pixel_values=pixels, decoder_input_ids=ids).logits
+        torch.testing.assert_close(reloaded(pixel_values=pixels, decoder_input_ids=ids).logits, expected, rtol=0,
+                                   atol=0)  # fmt: skip
+        unpatch_model(model)
+        assert not torch.allclose(model(pixel_values=pixels, decoder_input_ids=ids).logits, expected, atol=1e-3)
 
 
 def test_patching_a_model_without_a_hub_class_says_how_to_save_it(caplog):
