@@ -19,8 +19,10 @@ This file travels with Hub checkpoints: it imports only torch, the standard libr
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+import platform
 import sys
 import threading
 
@@ -629,13 +631,31 @@ def _build_flags() -> list[str]:
     return flags
 
 
+@functools.cache
+def _host_cpu() -> str:
+    """The CPU ``-march=native`` compiles for: its model and feature flags (Linux: the first processor in
+    /proc/cpuinfo), else the platform's description of it."""
+    keys = {"vendor_id", "model name", "flags", "CPU implementer", "CPU part", "Features"}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            first = f.read(1 << 20).split("\n\n")[0]
+    except OSError:
+        first = ""
+    described = [line for line in first.splitlines() if line.split(":")[0].strip() in keys]
+    return "\n".join(described) or f"{platform.machine()} {platform.processor()}"
+
+
 def _extension_name(
     prefix: str = "neural_attention_cpu", source: str | None = None, extra_flags: tuple[str, ...] = ()
 ) -> str:
     """Name of the extension: hashes the source and flags, so a cached build is only reused when it matches (and
-    :func:`cpp_is_built` can tell without compiling). ``source`` defaults to this file's kernel."""
+    :func:`cpp_is_built` can tell without compiling). ``source`` defaults to this file's kernel. A ``-march=native``
+    build also hashes the CPU: a build cache shared between machines (a home directory on a cluster) must not hand
+    one CPU's build to another, where an instruction it lacks would kill the process."""
     source = _CPP_SOURCE + _CPP_DECLS if source is None else source
-    digest = hashlib.sha256((source + " ".join(_build_flags() + list(extra_flags))).encode()).hexdigest()[:12]
+    flags = _build_flags() + list(extra_flags)
+    host = _host_cpu() if "-march=native" in flags else ""
+    digest = hashlib.sha256((source + " ".join(flags) + host).encode()).hexdigest()[:12]
     return f"{prefix}_{digest}"
 
 

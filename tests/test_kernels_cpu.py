@@ -454,6 +454,24 @@ def test_cpp_is_built_in_a_fresh_process_without_compiling():
     assert res.stdout.split() == ["True", "False"], res.stderr[-2000:]
 
 
+def test_a_native_build_is_named_for_its_cpu(monkeypatch):
+    """A -march=native build hashes the CPU into its name: a build cache shared between machines (a cluster's home
+    directory) must not hand one CPU's build to another, where a missing instruction kills the process. A portable
+    build (NEURAL_ATTENTION_CPP_NATIVE=0) keeps one name everywhere. The other machine is faked by its description."""
+    from hf_neural_attention import cpp_neural_attention as c
+
+    here = c._host_cpu()
+    assert here.strip() and (not os.path.exists("/proc/cpuinfo") or "flags" in here or "Features" in here)
+    names = {}
+    for native in ("1", "0"):
+        monkeypatch.setenv("NEURAL_ATTENTION_CPP_NATIVE", native)
+        for cpu in (here, here + " avx512f"):
+            monkeypatch.setattr(c, "_host_cpu", lambda cpu=cpu: cpu)
+            names[native, cpu] = c._extension_name()
+    assert names["1", here] != names["1", here + " avx512f"]
+    assert names["0", here] == names["0", here + " avx512f"] != names["1", here]
+
+
 def test_cpp_uses_cpp_scorers_and_is_built():
     _require_cpp()
     from hf_neural_attention.cpp_neural_attention import _cpp_scorer_factory, _CppAuthorsScorer, _CppPaperScorer
