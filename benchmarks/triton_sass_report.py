@@ -127,9 +127,10 @@ def tile_loop_instructions(kernel, unit_iterations: int) -> int:
 
 
 def inputs(authors: bool, hidden: int, activation: str, dot: bool, mask: bool, dropout: bool, dtype, launch: dict,
-           bias: bool = False):
+           bias: bool | str = False):
     """The three kernels' argument lists and constexprs, built by the module's own host code. ``bias``: a learned
-    ``(1, heads, n, n)`` score bias (T5's position bias), its gradient written by the query-side backward."""
+    ``(1, heads, n, n)`` score bias (T5's position bias), its gradient written by the query-side backward (``"add"``:
+    added to the buffer, as the launches for a batch-shared bias do)."""
     b, h, n, dv = 1, 2, 256, 64
     q_h, k_h, v = (torch.randn(b, h, n, d, dtype=dtype) for d in (hidden, hidden, dv))
     if authors:
@@ -151,7 +152,7 @@ def inputs(authors: bool, hidden: int, activation: str, dot: bool, mask: bool, d
     f32 = torch.empty(b, h, n, max(hidden, dv))
     part = torch.empty(1)
     kv_ce, q_ce = tna._backward_constexprs(ce, launches["bwd_"])
-    q_ce["BIAS_GRAD"] = bias
+    q_ce["BIAS_GRAD"], q_ce["BIAS_ACC"] = bool(bias), bias == "add"
     return {
         "fwd": (tna._fwd_kernel, [*tensors, *scalars, out, stats[0], stats[-1], *out.stride()[:3]], ce, launches[""]),
         "bwd_kv": (tna._bwd_kv_kernel, [*lead, f32, f32, f32, part, part, part, 4], kv_ce, launches["bwd_"]),
@@ -174,7 +175,7 @@ def report(authors, hidden, activation, dot, mask, dropout, dtype, launch, arch,
                          cols=cols_, num_warps=warps, unroll=ce["UNROLL"], registers=regs, spill_bytes=spill,
                          instructions_per_pair=round(per_pair, 1)))  # fmt: skip
         print(f"{name:7s} {rows[-1]['mlp']:7s} d'={hidden:2d} {activation:4s} dot={dot:d} mask={mask:d} "
-              f"dropout={dropout:d} bias={bias:d} "
+              f"dropout={dropout:d} bias={bias if bias == 'add' else int(bias)} "
               f"{rows[-1]['dtype']:8s}{' half_mlp' if launch.get('half_mlp') else ''} "
               f"tile {rows_}x{cols_} warps {warps} unroll {ce['UNROLL']}: "
               f"{regs:3d} registers, {spill:4d} B spilled, {per_pair:6.1f} instructions / pair", flush=True)
@@ -217,8 +218,9 @@ def main() -> int:
             (True, 16, "relu", False, True, False, torch.bfloat16, {}),
         ]:
             rows += report(*variant, launch, args.arch)
-        for authors, hidden in ((False, 16), (True, 8)):  # a learned score bias (T5) with a padding mask
-            rows += report(authors, hidden, "relu", False, True, False, torch.bfloat16, {}, args.arch, bias=True)
+        # a learned score bias (T5) with a padding mask; the second as a batch-shared bias whose dS launches add up
+        for authors, hidden, bias in ((False, 16, True), (True, 8, "add")):
+            rows += report(authors, hidden, "relu", False, True, False, torch.bfloat16, {}, args.arch, bias=bias)
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -17,7 +17,7 @@ Layout of the work (flash-attention 2 style, no atomics):
 - backward pass 1, over (batch*heads x query blocks): recomputes ``P``, ``dS = P * (dO V^T - D)``, writes
   ``dA``, ``d dot_query``, per-(group, block) partial ``output_weight`` gradients and, for a score bias that needs
   one, dS itself (its gradient, summed where the bias broadcasts; a bias shared by the batch has this pass run a
-  few batch rows at a time, each run's dS summed before the next, so the buffer stays bounded, see
+  few batch rows at a time, each run adding its dS to the same buffer, which so stays bounded, see
   ``bias_grad_rows``);
 - backward pass 2, over (batch*heads x key blocks): recomputes the transposed tile, writes ``dB``, ``dV``,
   ``d dot_key``;
@@ -299,8 +299,9 @@ struct Problem {
   int64_t ms0, ms1, ms2, ms3;
   const float* bias;  // score bias (batch|1, heads|1, Lq|1, Lk|1), strides 0 where it broadcasts; nullptr: none
   int64_t bs0, bs1, bs2, bs3;
-  // dS, the bias's gradient, is written to dbias (g1 - g0, Lq, Lk), zeroed, for the groups g0 .. g1 that one run of
-  // the query-side backward covers (all of them, or a few batch rows at a time); nullptr: not needed
+  // dS, the bias's gradient, is added to dbias (rows * heads, Lq, Lk), zeroed, for the groups g0 .. g1 that one run
+  // of the query-side backward covers (all of them, or `rows` batch rows, slot g - g0: each run adds to the same
+  // slots, so a bias shared by the batch is summed over runs in place); nullptr: not needed
   float* dbias;
   int64_t g0, g1;
   int64_t batch, heads, G, Lq, Lk, K, Dv, Dd;
@@ -445,6 +446,11 @@ NA_INLINE void probs(float* s, int64_t n, float mx, float lg) {
 
 NA_INLINE int64_t visible_keys(const Problem& p, int64_t i1) { return p.causal ? std::min(i1, p.Lk) : p.Lk; }
 
+NA_INLINE void add_row(const float* src, int64_t n, float* dst) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dst[j] += src[j];
+}
+
 template <int ACT>
 void forward_impl(const Problem& p, float* out, float* rmax, float* rlog) {
   const int64_t nqb = (p.Lq + p.block - 1) / p.block;
@@ -514,7 +520,7 @@ void backward_query_impl(const Problem& p, float* dA, float* ddq, float* dwp) {
         const float Di = p.D[g * p.Lq + i];
 #pragma omp simd
         for (int64_t j = 0; j < n; ++j) dp[j] = s[j] * (dp[j] - Di);
-        if (p.dbias) std::copy(dp, dp + n, p.dbias + ((g - p.g0) * p.Lq + i) * p.Lk);  // keys past n: 0 (zeroed)
+        if (p.dbias) add_row(dp, n, p.dbias + ((g - p.g0) * p.Lq + i) * p.Lk);  // keys past n: 0 (zeroed)
         if constexpr (ACT == RELU)  // raw: the caller applies w and forms the weight gradient
           relu_row_backward<false>(p.A + (g * p.Lq + i) * p.K, p.Bt + g * p.K * p.Lk, p.Lk, p.K, n, dp,
                                    dA + (g * p.Lq + i) * p.K);
@@ -639,7 +645,7 @@ void backward_relu_single_pass(const Problem& p, float* dA, float* dB, float* dV
               sr[c] = pr;
               dr[c] = pr * (dr[c] - Di);
             }
-            if (p.dbias) std::copy(dr, dr + bk, p.dbias + ((g - p.g0) * p.Lq + i0 + r) * p.Lk + j0);
+            if (p.dbias) add_row(dr, bk, p.dbias + ((g - p.g0) * p.Lq + i0 + r) * p.Lk + j0);
             if (p.dropout)  // dV = P_dropped^T dO
               for (int64_t c = 0; c < bk; ++c) sr[c] *= F.data()[c];
           }
@@ -852,25 +858,19 @@ std::vector<torch::Tensor> fused_backward(torch::Tensor A, torch::Tensor At, tor
   }
   float* ddq_p = p.dot ? ddq.data_ptr<float>() : nullptr;
   float* ddk_p = p.dot ? ddk.data_ptr<float>() : nullptr;
-  // dS, the bias's gradient (zeros: the kernels write only the pairs a query sees), for `rows` batch rows per run of
-  // the query side (all: returned (G, Lq, Lk) for the caller to sum where the bias broadcasts; fewer, for a bias
-  // shared by the batch: each run's buffer summed over its rows here, returned (heads, Lq, Lk))
+  // dS, the bias's gradient, for `rows` batch rows per run of the query side, added in place (zeros: the kernels
+  // touch only the pairs a query sees), returned (rows * heads, Lq, Lk) for the caller to sum where the bias
+  // broadcasts: all rows in one run, or for a bias shared by the batch, each run's rows added to the last's
   torch::Tensor dbias = torch::zeros({with_dbias ? rows * heads : 0, p.Lq, p.Lk}, V.options());
-  torch::Tensor dbias_sum = torch::empty({0}, V.options());
+  if (with_dbias) p.dbias = dbias.data_ptr<float>();
   for (int64_t b0 = 0; b0 < batch; b0 += rows) {
     const int64_t n_rows = std::min(rows, batch - b0);
     p.g0 = b0 * heads;
     p.g1 = (b0 + n_rows) * heads;
-    // every run writes the same pairs (which ones depends on i and j, not the group): no zeroing between runs
-    if (with_dbias) p.dbias = dbias.data_ptr<float>();
     if (act == RELU && single_pass)
       backward_relu_single_pass(p, dA.data_ptr<float>(), dB.data_ptr<float>(), dV.data_ptr<float>(), ddq_p, ddk_p);
     else
       NA_DISPATCH_ACT(act, backward_query_impl, p, dA.data_ptr<float>(), ddq_p, dwp.data_ptr<float>());
-    if (with_dbias && rows < batch) {
-      auto part = dbias.narrow(0, 0, n_rows * heads).view({n_rows, heads, p.Lq, p.Lk}).sum(0);
-      dbias_sum = b0 == 0 ? part : dbias_sum.add_(part);
-    }
   }
   if (!(act == RELU && single_pass)) {
     p.g0 = 0;
@@ -884,7 +884,7 @@ std::vector<torch::Tensor> fused_backward(torch::Tensor A, torch::Tensor At, tor
   for (int64_t g = 0; g < p.G; ++g)
     for (int64_t b = 0; b < nqb; ++b)
       for (int64_t k = 0; k < p.K; ++k) dwo[g * p.K + k] += part[(g * nqb + b) * p.K + k];
-  return {dA, dB, dV, dw, ddq, ddk, with_dbias && rows < batch ? dbias_sum : dbias};
+  return {dA, dB, dV, dw, ddq, ddk, dbias};
 }
 """
 
@@ -975,7 +975,7 @@ def _backward_fake(A, At, B, Bt, V, w, dq, dk, mask, bias, bias_grad, bias_rows,
     return (V.new_empty(G, q_len, hidden), V.new_empty(G, k_len, hidden), V.new_empty(G, k_len, v_dim),
             V.new_empty(G, hidden), V.new_empty((G, q_len, dd) if dd else (0,)),
             V.new_empty((G, k_len, dd) if dd else (0,)),
-            V.new_empty((G if bias_rows >= batch else heads) if bias is not None and bias_grad else 0, q_len,
+            V.new_empty(min(bias_rows, batch) * heads if bias is not None and bias_grad else 0, q_len,
                         k_len))  # fmt: skip
 
 
@@ -987,14 +987,15 @@ def _fused_backward(
     seed: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dA, dB, dV, dw, d dot_query, d dot_key, dS)`` (the dot term's empty without it; ``dS``, empty unless
-    ``bias_grad``, is the score bias's gradient before the caller sums it where the bias broadcasts: ``(G, q_len,
-    k_len)``, or ``(heads, q_len, k_len)`` already summed over the batch where ``bias_rows < batch``, the batch rows
-    per run of the query-side pass, see ``bias_grad_rows``); relu returns raw sums instead of ``dA``, ``dB``, ``dw``
+    ``bias_grad``, is the score bias's gradient before the caller sums it where the bias broadcasts, ``(rows * heads,
+    q_len, k_len)``: ``rows = min(bias_rows, batch)`` batch rows per run of the query-side pass, each run adding its
+    dS to the last's, see ``bias_grad_rows``); relu returns raw sums instead of ``dA``, ``dB``, ``dw``
     (see :class:`_FusedFunction`). The relu pass count is chosen here, from the thread count at run time (which a
-    traced graph cannot read)."""
+    traced graph cannot read) and the groups one run covers."""
+    groups = min(bias_rows, batch) * heads if bias is not None and bias_grad else A.shape[0]
     grads = _module().fused_backward(
         A, At, B, Bt, V, w, dq, dk, mask, bias, bias_grad, bias_rows, cvec, stats, dO, D, batch, heads, causal,
-        dot_scale, act, block, _use_single_pass(A.shape[0]), dropout_p, int(seed),
+        dot_scale, act, block, _use_single_pass(groups), dropout_p, int(seed),
     )  # fmt: skip
     return tuple(grads)
 

@@ -519,8 +519,8 @@ def sum_to_bias_shape(grad: Tensor, shape: torch.Size | tuple[int, ...]) -> Tens
 
 
 #: A score bias shared across the batch (T5's relative position bias) gets its gradient from the fused kernels as
-#: dS written whole into an fp32 ``(rows, heads, q_len, k_len)`` buffer, ``rows`` batch rows per launch, summed over
-#: them before the next launch: the buffer holds at most this many bytes, or one batch row where that is larger.
+#: dS added into an fp32 ``(rows, heads, q_len, k_len)`` buffer by launches of ``rows`` batch rows each (then summed
+#: over its rows): the buffer holds at most this many bytes, or one batch row where that is larger.
 BIAS_GRAD_BUFFER_BYTES = 256 << 20
 
 
@@ -530,7 +530,7 @@ def bias_grad_rows(batch: int, heads: int, q_len: int, k_len: int, bias_shape: t
     ``(1, heads, q_len, k_len)`` trained at batch 8 would otherwise take an 8x larger buffer than its gradient."""
     if bias_shape[0] != 1:
         return batch
-    return max(1, min(batch, BIAS_GRAD_BUFFER_BYTES // (heads * q_len * k_len * 4)))
+    return max(1, min(batch, BIAS_GRAD_BUFFER_BYTES // max(heads * q_len * k_len * 4, 1)))
 
 
 def _accumulate_bias_grad(dbias: Tensor, ds: Tensor, i0: int, i1: int, j0: int, j1: int, batch: int,

@@ -725,14 +725,15 @@ if TRITON_AVAILABLE:
                       HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr,
                       UPCAST: tl.constexpr, UNROLL: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr,
-                      BIAS_GRAD: tl.constexpr):
+                      BIAS_GRAD: tl.constexpr, BIAS_ACC: tl.constexpr):
         """Backward, query side. Grid (cdiv(Lq, BLOCK_M), rows): one program per query block of batch*heads rows
         bh_start .. bh_start + rows.
 
         Loops over key blocks (causal: up to the diagonal), recomputing P. Writes fp32 dA (batch*heads, Lq, HID),
         dDQ (.., Lq, DD; residual dot term only) and, BIAS_GRAD, dBias (rows, Lq, Lk) = dS of this launch's rows, the
         score bias's gradient before the host sums it over the dims the bias broadcasts along (tiles the causal loop
-        skips stay as the host zeroed them).
+        skips stay as the host zeroed them); BIAS_ACC: added to dBias (a bias shared by the batch, its rows in
+        several launches that add to one zeroed buffer), else stored.
         """
         pid_m = tl.program_id(0)
         (bh, b, h, A_base, B_base, Ck_base, V_base, W_base, W2_base, B2_base, DQ_base, DK_base, Mask_base,
@@ -765,8 +766,13 @@ if TRITON_AVAILABLE:
             if HAS_DOT:
                 dq += _mm(ds, k, DOT_DTYPE, UPCAST)
             if BIAS_GRAD:  # dL/dbias = dS: written per (batch*head), summed where the bias broadcasts on the host
-                tl.store(_pair_ptrs(dBias + (bh - bh_start) * Lq * Lk, Lk, 1, pid_m * BLOCK_M, start_n, offs_m,
-                                    offs_n, False), ds, mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
+                ds_ptrs = _pair_ptrs(dBias + (bh - bh_start) * Lq * Lk, Lk, 1, pid_m * BLOCK_M, start_n, offs_m, offs_n,
+                                     False)  # fmt: skip
+                in_range = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
+                if BIAS_ACC:  # one program per slot in a launch, launches in order: no race, deterministic
+                    tl.store(ds_ptrs, ds + tl.load(ds_ptrs, mask=in_range, other=0.0), mask=in_range)
+                else:
+                    tl.store(ds_ptrs, ds, mask=in_range)
             da, dw_unused, dw2_unused, db2_unused = _tile_mlp_backward(
                 ds, A_base, B_base, W_base, W2_base, B2_base, offs_m, offs_n, Lq, Lk, LqP, LkP, da, dw_unused,
                 dw2_unused, db2_unused, HID, HIDP, HID2, HID2P, AUTHORS, ACT, False, UNROLL, HALF, False, BLOCK_M,
@@ -1106,9 +1112,9 @@ def _triton_backward(
     """Gradients of the nine differentiable inputs, each shaped and typed like its input (empty for an absent
     one, and for ``score_bias`` unless ``bias_grad``: a mask-derived bias or a fixed ALiBi buffer needs none). The
     kernels' operands are rebuilt from the inputs (O(n * hidden), as in the forward) rather than kept. The bias's
-    gradient is dS, written whole into an fp32 ``(rows * heads, q_len, k_len)`` buffer per launch of the query-side
-    kernel, then summed over the dims the bias broadcasts along (``bias_grad_rows``: one launch unless the bias is
-    shared across the batch and the whole batch's dS would pass ``BIAS_GRAD_BUFFER_BYTES``)."""
+    gradient is dS, written whole into an fp32 ``(rows, heads, q_len, k_len)`` buffer, then summed over the dims the
+    bias broadcasts along (``bias_grad_rows``: all rows in one launch, unless the bias is shared across the batch and
+    the whole batch's dS would pass ``BIAS_GRAD_BUFFER_BYTES``: then launches of ``rows`` batch rows add to it)."""
     cfg = _config(activation, causal, dot_scale, dropout_p, seed, launch)
     batch, heads, q_len, _ = query_hidden.shape
     k_len = key_hidden.shape[2]
@@ -1139,19 +1145,16 @@ def _triton_backward(
     parts = (dW_part, dW2_part, dB2_part)
     _bwd_kv_kernel[(n_blocks_n, batch * heads)](*lead, dB, dV, dDK, *parts, n_blocks_n, num_warps=num_warps,
                                                 **kv_ce)  # fmt: skip
-    # the query side in launches of `rows` batch rows; each writes its dS whole into one buffer (causal: the tiles
-    # the loop skips have dS = 0 and are never written, in any launch, so zeros), summed into the bias's gradient
-    # before the next launch
+    # the query side in launches of `rows` batch rows. One launch (all rows) stores dS whole (causal: the tiles the
+    # loop skips have dS = 0 and are never written, so zeros); several (a bias shared by the batch) add theirs to the
+    # same zeroed (rows, heads, q, k) buffer, which so stays bounded
     rows = bias_grad_rows(batch, heads, q_len, k_len, score_bias.shape) if bias_grad else batch
-    dS = (torch.zeros if cfg["causal"] else torch.empty)(rows, heads, q_len, k_len, **f32) if bias_grad else dA
-    g_bias = None
+    ce["BIAS_ACC"] = rows < batch
+    dS = ((torch.zeros if cfg["causal"] or rows < batch else torch.empty)(rows, heads, q_len, k_len, **f32)
+          if bias_grad else dA)  # fmt: skip
     for b0 in range(0, batch, rows):
-        n_rows = min(rows, batch - b0)
-        _bwd_q_kernel[(triton.cdiv(q_len, own), n_rows * heads)](*lead, dA, dDQ, dS, b0 * heads, num_warps=num_warps,
-                                                                 **ce)  # fmt: skip
-        if bias_grad:
-            part = sum_to_bias_shape(dS[:n_rows], score_bias.shape)  # maybe a view of dS, which the next launch
-            g_bias = part if rows == batch else part.clone() if g_bias is None else g_bias.add_(part)  # overwrites
+        _bwd_q_kernel[(triton.cdiv(q_len, own), min(rows, batch - b0) * heads)](
+            *lead, dA, dDQ, dS, b0 * heads, num_warps=num_warps, **ce)
 
     if not authors and activation == "relu":  # the relu weight gradient is finished here from the raw inputs
         W = output_weight.detach().float().reshape(-1, hidden)  # (heads or 1, hidden)
@@ -1167,7 +1170,7 @@ def _triton_backward(
             else value.new_empty(0))  # fmt: skip
     g_dq = dDQ.to(dot_query.dtype) if has_dot else value.new_empty(0)
     g_dk = dDK.to(dot_key.dtype) if has_dot else value.new_empty(0)
-    g_bias = g_bias.to(score_bias.dtype) if bias_grad else value.new_empty(0)
+    g_bias = sum_to_bias_shape(dS, score_bias.shape).to(score_bias.dtype) if bias_grad else value.new_empty(0)
     return (dA.to(query_hidden.dtype), dB.to(key_hidden.dtype), dV.to(value.dtype), g_w.contiguous(),
             g_w2.contiguous(), g_b2.contiguous(), g_dq, g_dk, g_bias.contiguous())  # fmt: skip
 
@@ -1241,8 +1244,9 @@ def neural_attention_triton(
     (see benchmarks/README.md for the measured error).
     A ``score_bias`` (float, broadcastable to ``(batch, heads, q_len, k_len)``) is read tile by tile in its own dtype
     and added to the fp32 scores; its gradient, when it requires one, is dS, which the query-side backward writes
-    whole and the host sums where the bias broadcasts: a ``(batch, heads, q_len, k_len)`` fp32 buffer whatever the
-    bias's shape (batch x the size of T5's ``(1, heads, q_len, k_len)`` bias in fp32).
+    whole and the host sums where the bias broadcasts: a ``(batch, heads, q_len, k_len)`` fp32 buffer, or for a bias
+    shared by the batch (T5's) one of ``bias_grad_rows`` batch rows that launches of as many rows add to (at most
+    ``BIAS_GRAD_BUFFER_BYTES``, or one row).
     Returns (batch, heads, q_len, v_dim) in value's dtype.
     """
     if not TRITON_AVAILABLE:

@@ -192,7 +192,8 @@ def test_score_bias_shared_by_the_batch_gets_its_gradient_a_few_rows_at_a_time(m
     # pattern in every run)
     from hf_neural_attention import kernels_neural_attention
 
-    monkeypatch.setattr(fused_cpp_neural_attention, "_use_single_pass", lambda groups: single_pass)
+    groups = []  # what the pass choice is told: the groups one run covers (as many threads as it can keep busy)
+    monkeypatch.setattr(fused_cpp_neural_attention, "_use_single_pass", lambda n: groups.append(n) or single_pass)
     calls = _spy(monkeypatch)
     g = torch.Generator().manual_seed(fresh_seed(52))
     args = _inputs(3, 2, 70, 2 * BLOCK + 9, 4, dot=True, seed=53)
@@ -207,6 +208,7 @@ def test_score_bias_shared_by_the_batch_gets_its_gradient_a_few_rows_at_a_time(m
         out = neural_attention_fused_cpp(**args, **kw, dropout_p=0.2, generator_seed=5)
         runs[budget] = torch.autograd.grad(out, list(args.values()), grad)
     assert kernels_neural_attention.bias_grad_rows(3, 2, 70, 2 * BLOCK + 9, (1, 2, 1, 1)) == rows
+    assert groups == [3 * 2, rows * 2]
     whole, chunked = runs.values()
     for name, x, y in zip(args, chunked, whole, strict=True):  # only the bias's gradient is summed differently
         if name == "score_bias":
