@@ -333,15 +333,18 @@ def _check_config_sharing(model: nn.Module) -> list[nn.Module]:
     build a stock model from it (an A/B pair).
 
     Raises:
-        ValueError: the config is shared both with parents and with other sub-models (siblings built from one
-            config): a copy would cut the model off from its parents, no copy would patch the siblings' config too.
+        ValueError: the config is also held by another sub-model of a parent (siblings built from one config):
+            the parent's copy would still be theirs, and patching would write the settings into it. (Models outside
+            the parents, such as the other arm of an A/B pair, keep the old config.)
     """
     parents, others = _other_config_holders(model)
-    if others and parents:
+    in_parents = {id(module) for parent in parents for module in parent.modules()}
+    siblings = [other for other in others if id(other) in in_parents]
+    if siblings:
         raise ValueError(
-            f"{type(model).__name__}'s config object is also held by {len(others)} other module(s) "
-            f"(e.g. {type(others[0]).__name__}) beside its parent {type(parents[0]).__name__}: patching would write "
-            "the neural-attention settings into their config too. Give the sub-model a config of its own first "
+            f"{type(model).__name__}'s config object is also held by {len(siblings)} other module(s) "
+            f"(e.g. {type(siblings[0]).__name__}) inside its parent {type(parents[0]).__name__}: patching would "
+            "write the neural-attention settings into their config too. Give the sub-model a config of its own first "
             "(sub_model.config = copy.deepcopy(sub_model.config), and its submodules' .config likewise), or patch "
             "the parent."
         )
@@ -358,17 +361,15 @@ def _give_model_its_own_config(model: nn.Module, parents: Sequence[nn.Module] = 
     configs = [model.config] + [root.config for root in roots]
     # the config that holds the most of the others: the outermost (a composite's, which holds its towers')
     outer = max(configs, key=lambda config: sum(_contains_config(config, other) for other in configs))
+    modules = {id(module): module for root in (model, *roots) for module in root.modules()}.values()
+    held = [(module, name, config) for module in modules for name, config in list(module.__dict__.items())
+            if isinstance(config, PretrainedConfig)]  # fmt: skip
     memo: dict[int, object] = {}
     copy.deepcopy(outer, memo)
-    seen: set[int] = set()
-    for root in (model, *roots):
-        for module in root.modules():
-            if id(module) in seen:
-                continue
-            seen.add(id(module))
-            for name, held in list(module.__dict__.items()):
-                if isinstance(held, PretrainedConfig) and id(held) in memo:
-                    module.__dict__[name] = memo[id(held)]
+    for _, _, config in held:  # configs outside the outermost one (EncoderDecoderModel's encoder layers keep the
+        copy.deepcopy(config, memo)  # config the encoder was built with): copied too, one memo for all (no-op if in)
+    for module, name, config in held:
+        module.__dict__[name] = memo[id(config)]
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:

@@ -502,12 +502,14 @@ def _config_tree(config: PretrainedConfig) -> set[int]:
     return found
 
 
+@pytest.mark.parametrize("dot_first", [False, True])
 @pytest.mark.parametrize("part", ["encoder", "decoder", "transformer"])
-def test_patching_a_tower_or_sub_model_leaves_the_callers_config_alone(part):
+def test_patching_a_tower_or_sub_model_leaves_the_callers_config_alone(part, dot_first):
     """The A/B pair built from one config object with the neural arm's patch in a tower of a composite (a
     VisionEncoderDecoderModel's ViT encoder or GPT-2 decoder) or in a sub-model (GPT2LMHeadModel.transformer): the
-    caller's config, and the dot-product arm built from it afterwards, stay stock (they had the tower's settings,
-    attention implementation and config class written into them); the patched model holds one consistent copy."""
+    caller's config, and the dot-product arm built from it before or after, stay stock (they had the tower's
+    settings, attention implementation and config class written into them, or patching was refused); the patched
+    model holds one consistent copy."""
     from transformers import VisionEncoderDecoderConfig, VisionEncoderDecoderModel
 
     if part == "transformer":
@@ -516,12 +518,14 @@ def test_patching_a_tower_or_sub_model_leaves_the_callers_config_alone(part):
         config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(tiny_vit_config(), tiny_gpt2_config())
         build = VisionEncoderDecoderModel
     neural = build(config)  # (VisionEncoderDecoderModel writes tie_word_embeddings into the config it is given)
+    dot = build(config) if dot_first else None
     before = config.to_dict()
     classes = {name: type(value) for name, value in vars(config).items() if isinstance(value, PretrainedConfig)}
     patch_model(getattr(neural, part), layers=[0], proj_dim=4)
     assert config.to_dict() == before and type(config) is type(build(config).config)
     assert {name: type(value) for name, value in vars(config).items() if isinstance(value, PretrainedConfig)} == classes
-    assert neural_layers(build(config)) == []  # the dot-product arm
+    dot = dot or build(config)
+    assert neural_layers(dot) == [] and dot.config is config  # the dot-product arm
     assert neural.config is not config and len(neural_layers(neural)) == 1
     tree = _config_tree(neural.config)
     assert all(id(held) in tree for module in neural.modules() for held in module.__dict__.values()
@@ -811,6 +815,31 @@ def test_set_backend_switches_the_mlp_precision_with_the_backend(tmp_path):
         set_backend(authors, "triton", mlp_precision="fp16")
     assert authors.config.neural_attention_mlp_precision == "fp32"  # a refused switch changes nothing
     assert authors.config.neural_attention_backend == "auto"
+
+
+def test_patching_an_encoder_decoder_tower_leaves_the_config_its_layers_were_built_with_alone():
+    """EncoderDecoderModel(encoder=BertModel(cfg), ...) gives the encoder a config of its own and leaves its layers
+    holding cfg, outside the composite's config: patching the encoder must copy that one too (it switched cfg to
+    the plugin's attention implementation, so a stock BertModel(cfg) built after ran through the plugin)."""
+    from transformers import BertConfig, BertLMHeadModel, BertModel, EncoderDecoderModel
+
+    settings = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
+    encoder_config = BertConfig(**settings)
+    model = EncoderDecoderModel(encoder=BertModel(encoder_config),
+                                decoder=BertLMHeadModel(BertConfig(**settings, is_decoder=True,
+                                                                   add_cross_attention=True)))  # fmt: skip
+    assert model.encoder.encoder.config is encoder_config is not model.encoder.config
+    before = (encoder_config.to_dict(), encoder_config._attn_implementation)
+    patch_model(model.encoder, layers=[0], proj_dim=4)
+    assert (encoder_config.to_dict(), encoder_config._attn_implementation) == before
+    assert BertModel(encoder_config).config._attn_implementation == before[1]
+    assert model.encoder.encoder.config is not encoder_config
+    assert model.encoder.encoder.config._attn_implementation == ATTENTION_NAME  # the patched layers dispatch to it
+    ids = random_ids(2, 6)
+    with torch.no_grad():
+        patched = model.encoder(ids).last_hidden_state
+        unpatch_model(model.encoder)
+        assert not torch.allclose(model.encoder(ids).last_hidden_state, patched, atol=1e-6)
 
 
 def test_sub_models_sharing_one_config_with_their_parent_are_refused():
