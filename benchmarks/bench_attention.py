@@ -17,8 +17,8 @@ shapes by default (12 heads of 64):
   function as ``eager``, fused.
 
 ``--position-bias`` adds a learned per-head score bias ``(1, heads, n, n)`` (T5's relative position bias) to every
-variant: SDPA's float ``attn_mask``, the authors' scores, the kernels' ``score_bias`` (the fused C++ kernel hands
-it to its tiled path); its gradient is part of forward+backward.
+variant: SDPA's float ``attn_mask``, the authors' scores, the kernels' ``score_bias`` (every fused kernel adds it to
+its scores); its gradient is part of forward+backward.
 
 Timing: threads pinned, every variant runs once per repetition in turn (interleaved), median / p20 / p80.
 Peak extra memory: each (variant, config) runs once in a fresh subprocess, reporting the peak resident set
