@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root: the package and tests.reference
 
+from hf_neural_attention import kernels_neural_attention as kernels  # noqa: E402
 from tests.reference import kernel_reference  # noqa: E402  (float64 materialising reference)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -121,6 +122,9 @@ def correctness_check(fn, dev: str = DEVICE, det_len: int = 300, only: str | Non
         ("paper relu causal bias fp32", 2, 3, 77, 131, 8, 64, False, False, 0, torch.float32, dict(causal=True), 1e-4),
         ("paper relu mask bias bf16", 2, 3, 300, 333, 16, 64, False, False, 0, torch.bfloat16, dict(), 5e-2),
         ("authors causal bias bf16", 1, 2, 90, 140, 8, 64, True, False, 0, torch.bfloat16, dict(causal=True), 5e-2),
+        # a batch-shared bias whose dS comes from launches of one batch row each, added into one buffer (the budget
+        # that forces them is set for this case only)
+        ("paper relu mask bias rows fp32", 3, 2, 77, 131, 8, 64, False, False, 0, torch.float32, dict(), 1e-4),
     ]
     ok = True
     for name, b, h, lq, lk, hid, vd, authors, shared, dot, dtype, kw, tol in cases:
@@ -148,7 +152,10 @@ def correctness_check(fn, dev: str = DEVICE, det_len: int = 300, only: str | Non
             continue
         args = (t["A"], t["B"], t["V"], t["w"], t.get("w2"), t.get("b2"))
         extra = dict(dot_query=t.get("dq"), dot_key=t.get("dk"), score_bias=t.get("bias"))
+        budget = kernels.BIAS_GRAD_BUFFER_BYTES
         try:  # a case that raises (a compile error, say) fails and the others still run
+            if "rows" in name:
+                kernels.BIAS_GRAD_BUFFER_BYTES = h * lq * lk * 4
             out = fn(*args, **extra, **kw)
             ref_kw = {k: v for k, v in kw.items() if k != "half_mlp"}  # a kernel setting, not part of the math
             ref = kernel_reference(*args, **extra, **ref_kw)
@@ -173,6 +180,8 @@ def correctness_check(fn, dev: str = DEVICE, det_len: int = 300, only: str | Non
         except Exception as e:  # noqa: BLE001
             ok = False
             print(f"[check] FAIL {name:28s} {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+        finally:
+            kernels.BIAS_GRAD_BUFFER_BYTES = budget
     # determinism of the backward pass
     A = torch.randn(2, 4, det_len, 8, device=dev, requires_grad=True)
     B = torch.randn(2, 4, det_len, 8, device=dev, requires_grad=True)
