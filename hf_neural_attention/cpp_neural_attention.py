@@ -23,6 +23,7 @@ import functools
 import hashlib
 import os
 import platform
+import subprocess
 import sys
 import threading
 
@@ -633,8 +634,21 @@ def _build_flags() -> list[str]:
 
 @functools.cache
 def _host_cpu() -> str:
-    """The CPU ``-march=native`` compiles for: its model and feature flags (Linux: the first processor in
-    /proc/cpuinfo), else the platform's description of it."""
+    """What ``-march=native`` compiles for here: the compiler driver's expansion of it (gcc: ``-march=<cpu>`` and
+    its ``-m`` feature flags; clang: ``-target-cpu`` / ``-target-feature``), which is exact and ignores the flags a
+    kernel update adds (mitigations); without a compiler that answers, the CPU's model and feature flags (Linux:
+    the first processor in /proc/cpuinfo), else the platform's description of it."""
+    try:
+        driver = subprocess.run([os.environ.get("CXX", "c++"), "-march=native", "-###", "-x", "c++", "-c", os.devnull,
+                                 "-o", os.devnull], capture_output=True, text=True, timeout=60)  # fmt: skip
+        tokens = driver.stderr.replace('"', " ").replace("'", " ").split()
+    except (OSError, subprocess.SubprocessError):
+        tokens = []
+    target = sorted({token for previous, token in zip(["", *tokens], tokens, strict=False)
+                     if (token.startswith(("-m", "--param")) and token != "-march=native")
+                     or previous in ("-target-cpu", "-target-feature", "--param")})  # fmt: skip
+    if any(token.startswith("-march=") for token in target) or "-target-cpu" in tokens:
+        return " ".join(target)
     keys = {"vendor_id", "model name", "flags", "CPU implementer", "CPU part", "Features"}
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:

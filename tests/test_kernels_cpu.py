@@ -460,8 +460,19 @@ def test_a_native_build_is_named_for_its_cpu(monkeypatch):
     build (NEURAL_ATTENTION_CPP_NATIVE=0) keeps one name everywhere. The other machine is faked by its description."""
     from hf_neural_attention import cpp_neural_attention as c
 
-    here = c._host_cpu()
-    assert here.strip() and (not os.path.exists("/proc/cpuinfo") or "flags" in here or "Features" in here)
+    here = c._host_cpu()  # the compiler's expansion of -march=native, else /proc/cpuinfo's description
+    assert here.strip()
+    if shutil.which(os.environ.get("CXX", "c++")):
+        assert "-march=" in here or "+" in here, here[:200]  # gcc's -march=<cpu>; clang's +<feature>s
+    try:  # without a compiler that answers: the CPU's description
+        c._host_cpu.cache_clear()
+        monkeypatch.setenv("CXX", "/nonexistent/c++")
+        described = c._host_cpu()
+        assert described.strip() and (not os.path.exists("/proc/cpuinfo") or "flags" in described
+                                      or "Features" in described)  # fmt: skip
+    finally:
+        monkeypatch.delenv("CXX")
+        c._host_cpu.cache_clear()
     names = {}
     for native in ("1", "0"):
         monkeypatch.setenv("NEURAL_ATTENTION_CPP_NATIVE", native)
