@@ -320,6 +320,10 @@ def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
 def base_config(model_args: ModelArguments) -> transformers.PretrainedConfig:
     """The model's config (pretrained) or a GPT-2 config with the from-scratch sizes (vocab set later)."""
     if model_args.model_name_or_path:
+        sizes = [f"--{name}" for name in ("n_layer", "n_embd", "n_head") if getattr(model_args, name) is not None]
+        if sizes and not model_args.from_scratch:
+            raise ValueError(f"{' / '.join(sizes)} size a model trained from scratch; with --model_name_or_path the "
+                             "checkpoint's sizes hold. Add --from_scratch (its config, new weights), or drop them.")
         check_model_reachable(model_args.model_name_or_path, "pass a local checkpoint folder to --model_name_or_path")
         config = AutoConfig.from_pretrained(model_args.model_name_or_path)
     else:
@@ -386,6 +390,9 @@ def run(argv: list[str]) -> dict[str, Any]:
         raise ValueError(f"--block_size {block_size} exceeds the model's {max_positions} positions.")
     data = tokenize_and_group(raw, tokenizer, data_args, block_size, training_args)
     test_split, test_ids = test_token_stream(raw, tokenizer, data_args)
+    if training_args.do_predict and test_ids.numel() < 2:
+        raise ValueError(f"The {test_split} split has {test_ids.numel()} token(s): the sliding-window perplexity "
+                         "scores each token after the first. Give a longer --test_file, or --do_predict False.")
 
     set_seed(training_args.seed)  # same base initialisation in both arms for a given seed
     model = build_model(model_args, config, tokenizer, block_size)

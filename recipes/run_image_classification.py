@@ -258,6 +258,12 @@ def run(argv: list[str]) -> dict[str, Any]:
     native_size = max(train[0][image_column].size)
 
     pretrained = bool(model_args.model_name_or_path) and not model_args.from_scratch
+    sizes = [f"--{name}" for name in ("image_size", "patch_size", "hidden_size", "num_hidden_layers",
+                                      "num_attention_heads", "intermediate_size")
+             if getattr(model_args, name) is not None]  # fmt: skip
+    if pretrained and sizes:
+        raise ValueError(f"{' / '.join(sizes)} size a model trained from scratch; with --model_name_or_path the "
+                         "checkpoint's sizes hold. Add --from_scratch (its config, new weights), or drop them.")
     if pretrained:
         check_model_reachable(model_args.model_name_or_path, "pass a local checkpoint folder to --model_name_or_path")
         config = AutoConfig.from_pretrained(model_args.model_name_or_path)

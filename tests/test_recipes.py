@@ -132,6 +132,19 @@ def test_resolve_layers():
     assert resolve_layers(["0", "-1"], 4) == [0, 3] and resolve_layers(["all"], 3) == [0, 1, 2]
     with pytest.raises(ValueError, match="outside the model: it has 4 layers"):
         resolve_layers(["4"], 4)
+    with pytest.raises(ValueError, match="names layer 3 twice"):  # as patch_model refuses it (merged before)
+        resolve_layers(["3", "-1"], 4)
+
+
+@pytest.mark.parametrize("recipe", ["run_clm", "run_image_classification"])
+def test_do_eval_false_turns_the_presets_evaluation_off(recipe):
+    # the presets set an eval strategy, for which TrainingArguments turned do_eval back on: an untrained model was
+    # evaluated and reported
+    module = __import__(recipe)
+    training_args = module.parse_args(["--smoke", "--do_eval", "False"])[-1]
+    assert training_args.do_eval is False and training_args.eval_strategy.value == "no"
+    training_args = module.parse_args(["--smoke", "--do_eval", "False", "--eval_strategy", "steps"])[-1]
+    assert training_args.eval_strategy.value == "steps"  # the user's own strategy wins (and Trainer evaluates)
 
 
 def test_clm_input_errors(tmp_path, no_training):
@@ -167,6 +180,19 @@ def test_clm_input_errors(tmp_path, no_training):
     with pytest.raises(ValueError, match="names one arm's checkpoint.*--resume_from_checkpoint latest"):
         run_ab(base + ["--attention", "ab", "--resume_from_checkpoint", str(tmp_path / "out" / "neural" / "ckpt")],
                run_clm.run, run_clm.parse_args, "clm", "language modelling")
+    (tmp_path / "out" / "neural" / "checkpoint-2").mkdir(parents=True)  # one arm's: refused before it reruns
+    with pytest.raises(ValueError, match=r"no checkpoint of the dot arm in .*out/\{dot\}"):
+        run_ab(base + ["--attention", "ab", "--resume_from_checkpoint", "latest"], run_clm.run, run_clm.parse_args,
+               "clm", "language modelling")
+    with pytest.raises(ValueError, match="--n_layer / --n_head size a model trained from scratch.*--from_scratch"):
+        run_clm.run(base + ["--model_name_or_path", str(tmp_path / "some" / "model"), "--n_layer", "6", "--n_head",
+                            "2"])
+    newline = tmp_path / "newline.txt"
+    newline.write_text("\n")
+    with pytest.raises(ValueError, match=r"test split has [01] token\(s\).*longer --test_file"):
+        run_clm.run(base + ["--test_file", str(newline), "--train_file", str(RECIPES / "data" /
+                                                                            "wikitext_excerpt_train.txt.gz"),
+                            "--validation_file", str(RECIPES / "data" / "wikitext_excerpt_validation.txt.gz")])
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2)).save_pretrained(tmp_path / "no_tokenizer")
@@ -194,6 +220,8 @@ def test_image_input_errors(tmp_path, no_training):
     base = ["--smoke", "--output_dir", str(tmp_path / "out")]
     with pytest.raises(ValueError, match="Image size 8 is not divisible by the patch size 3"):
         run_image.run(base + ["--patch_size", "3"])
+    with pytest.raises(ValueError, match="--hidden_size size a model trained from scratch.*--from_scratch"):
+        run_image.run(base + ["--model_name_or_path", str(tmp_path / "vit"), "--hidden_size", "64"])
     with pytest.raises(ValueError, match="--neural_layers -3 is outside the model"):
         run_image.run(base + ["--neural_layers", "-3"])
     with pytest.raises(ValueError, match="No label column 'nope'"):
@@ -317,6 +345,27 @@ def test_compare_refuses_results_of_other_arguments_and_arms_get_their_own_hub_r
     assert [flag_value(argv, "hub_model_id") for argv in arms] == ["exp-neural-seed3", "exp-dot-seed3"]
     assert with_arm_hub_id(["--hub_model_id=me/run"], "neural-seed0") == ["--hub_model_id", "me/run-neural-seed0"]
     assert with_arm_hub_id(["--smoke"], "dot") == ["--smoke"]
+
+
+def test_resuming_with_other_attention_or_size_flags_is_refused_before_training(tmp_path):
+    # Trainer loads a checkpoint's weights non-strictly and its optimizer state by position: with other flags a
+    # resumed run trained relu weights as gelu, failed inside the optimizer (--attention dot) or ran out of memory
+    # (--neural_layers 1)
+    import run_clm
+
+    first = ["--smoke", "--save_steps", "2", "--do_predict", "False", "--report_to", "none"]
+    run_clm.run(first + ["--output_dir", str(tmp_path / "first")])
+    checkpoint = str(tmp_path / "first" / "checkpoint-2")
+    resume = first + ["--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", checkpoint]
+    for flags, message in ((["--activation", "gelu"], "activation 'relu' there, 'gelu' here"),
+                           (["--neural_layers", "1"], r"layers \[0\] there, \[1\] here"),
+                           (["--attention", "dot"], r"layers \[0\] there, None here"),
+                           (["--n_embd", "64"], r"c_attn\.weight \(32, 96\) there, \(64, 192\) here")):
+        with pytest.raises(ValueError, match=f"written by a run with other flags: .*{message}.*another --output_dir"):
+            run_clm.run(resume + flags)
+    assert not (tmp_path / "resumed").exists() or not any((tmp_path / "resumed").glob("checkpoint-*"))
+    record = run_clm.run(resume)  # the same flags resume
+    assert record["metrics"]["train_runtime"] > 0
 
 
 def test_resume_latest_without_checkpoints_names_the_save_strategy(tmp_path):

@@ -6,6 +6,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from transformers.trainer_utils import get_last_checkpoint
+
 from common.cli import strip_flag, with_arm_hub_id
 from common.report import HEADLINE_METRICS, comparison_table
 
@@ -24,6 +26,14 @@ def run_ab(argv: list[str], run: Callable[[list[str]], Record], parse_args: Call
         raise ValueError(f"--resume_from_checkpoint {resume} names one arm's checkpoint, and --attention ab runs two; "
                          "use --resume_from_checkpoint latest (each arm resumes from its own folder), or resume one "
                          "arm with --attention neural / dot and its --output_dir.")
+    if resume == "latest":  # found for both arms before either runs (not after the first one has retrained)
+        folders = {arm: os.path.join(training_args.output_dir, arm) for arm in ("neural", "dot")}
+        missing = [arm for arm, folder in folders.items()
+                   if not os.path.isdir(folder) or get_last_checkpoint(folder) is None]  # fmt: skip
+        if missing:
+            raise ValueError(f"--resume_from_checkpoint latest: no checkpoint of the {' and '.join(missing)} arm in "
+                             f"{training_args.output_dir}/{{{','.join(missing)}}}. Resume the other arm alone with "
+                             "--attention and its --output_dir, or drop --resume_from_checkpoint to start both anew.")
     base = strip_flag(strip_flag(argv, "attention"), "output_dir")
     records = [run(with_arm_hub_id(base, arm) + ["--attention", arm, "--output_dir",
                                                  os.path.join(training_args.output_dir, arm)])

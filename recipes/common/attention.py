@@ -68,7 +68,7 @@ def resolve_layers(spec: list[str] | str, num_layers: int) -> list[int]:
     items = [spec] if isinstance(spec, str) else list(spec)
     if len(items) == 1 and str(items[0]).lower() == "all":
         return list(range(num_layers))
-    layers: set[int] = set()
+    layers: list[int] = []
     for item in items:
         try:
             index = int(item)
@@ -79,7 +79,10 @@ def resolve_layers(spec: list[str] | str, num_layers: int) -> list[int]:
                 f"--neural_layers {index} is outside the model: it has {num_layers} layers "
                 f"(valid: 0..{num_layers - 1}, or -{num_layers}..-1 from the end, or 'all')."
             )
-        layers.add(index % num_layers)
+        if index % num_layers in layers:
+            raise ValueError(f"--neural_layers names layer {index % num_layers} twice (negative indices count from "
+                             "the end); give each layer once.")
+        layers.append(index % num_layers)
     if not layers:
         raise ValueError("--neural_layers is empty; give at least one layer or 'all'.")
     return sorted(layers)

@@ -82,6 +82,10 @@ def parse_with_presets(
         flat += [f"--{precision}", "True"]
     if "report_to" not in given_flags(argv):
         flat += ["--report_to", "tensorboard" if tensorboard_available() else "none"]
+    user = given_flags(argv)
+    if "do_eval" in user and not flag_is_true(argv, "do_eval") and "eval_strategy" not in user:
+        # TrainingArguments turns do_eval back on for any eval_strategy but "no", which the presets set
+        flat += ["--eval_strategy", "no"]
     return parser.parse_args_into_dataclasses(args=flat + list(argv))
 
 

@@ -2,12 +2,53 @@
 
 from __future__ import annotations
 
+import glob
+import json
+import os
 from typing import Any
 
+import torch
+from safetensors import safe_open
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from common.report import eval_curve, final_metrics_line, write_results
+from hf_neural_attention.configuration_neural_attention import CONFIG_PREFIX
+
+# recorded settings that pick a kernel or name a source: a resumed run may change them
+_NOT_WEIGHTS = {CONFIG_PREFIX + name for name in ("backend", "mlp_precision", "base_model")}
+
+
+def check_resumable(model: torch.nn.Module, checkpoint: str) -> None:
+    """Raise ``ValueError`` when ``checkpoint`` was written by a run with other attention or size flags than the one
+    resuming it. Trainer loads a checkpoint's weights non-strictly and its optimizer state by position: such a run
+    trained on with settings the weights were not made for (--activation), failed deep in the optimizer
+    (--attention) or ran out of memory (--neural_layers)."""
+    config_path = os.path.join(checkpoint, "config.json")
+    if not os.path.isfile(config_path):
+        return  # no model checkpoint to compare with: Trainer's own checks apply
+    with open(config_path, encoding="utf-8") as f:
+        saved = json.load(f)
+    current = json.loads(json.dumps(model.config.to_dict(), default=str))
+    names = sorted({key for key in (*saved, *current) if key.startswith(CONFIG_PREFIX)} - _NOT_WEIGHTS)
+    problems = [f"{key.removeprefix(CONFIG_PREFIX)} {saved.get(key)!r} there, {current.get(key)!r} here"
+                for key in names if saved.get(key) != current.get(key)]  # fmt: skip
+    # weights both name alike (a checkpoint may hold some under their legacy names: ViT's there, transformers 5's
+    # here), compared by shape: the sizes
+    own = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    for path in sorted(glob.glob(os.path.join(checkpoint, "model*.safetensors"))):
+        with safe_open(path, framework="pt") as weights:
+            for name in weights.keys():  # noqa: SIM118  (safe_open has no __iter__)
+                shape = tuple(weights.get_slice(name).get_shape())
+                if name in own and own[name] != shape:
+                    problems.append(f"{name} {shape} there, {own[name]} here")
+    if problems:
+        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint} was written by a run with other flags: {shown}. Resume with "
+            "that run's flags (--attention, --neural_layers, the scorer settings, the model sizes), or start anew "
+            "in another --output_dir."
+        )
 
 
 def train(trainer: Trainer, training_args: TrainingArguments) -> dict[str, Any]:
@@ -21,6 +62,8 @@ def train(trainer: Trainer, training_args: TrainingArguments) -> dict[str, Any]:
             raise ValueError(f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: no checkpoint "
                              f"in {training_args.output_dir}. Checkpoints are written by --save_strategy steps|epoch; "
                              f"this run saves with {strategy!r}{every}, so a shorter earlier run wrote none.")
+    if isinstance(resume, str):
+        check_resumable(trainer.model, resume)
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()  # safetensors; a patched model saves as the Hub class
     trainer.save_state()
