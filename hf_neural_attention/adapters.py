@@ -190,9 +190,14 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
         metadata = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON ({error}); the adapter is corrupt.") from error
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{path} holds a JSON {type(metadata).__name__}, not an object: not a {FORMAT} config.")
     if metadata.get("format") != FORMAT or not isinstance(metadata.get("layers"), list):
         raise ValueError(f"{path} is not a {FORMAT} config (format={metadata.get('format')!r}).")
-    if metadata.get("format_version", 0) > WHOLE_MODEL_FORMAT_VERSION:
+    version = metadata.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ValueError(f"{path}: format_version must be an integer, got {version!r}; the adapter is corrupt.")
+    if version > WHOLE_MODEL_FORMAT_VERSION:
         raise ValueError(f"{path} uses adapter format {metadata['format_version']}; this hf-neural-attention "
                          f"({PACKAGE_VERSION}) reads formats up to {WHOLE_MODEL_FORMAT_VERSION}. Upgrade "
                          "hf-neural-attention.")
@@ -286,11 +291,20 @@ def load_neural_adapter(
         raise ValueError("This model already has neural layers; load the adapter into the unpatched base model.")
 
     root = _names_module(model, metadata)
-    expected = _expected_shapes(model, root, layers, settings)
+    not_float = sorted(k for k, tensor in weights.items() if not tensor.is_floating_point())
+    if not_float:
+        raise ValueError(f"Adapter {adapter_directory}: scorer weights {not_float} are not floating point "
+                         f"({weights[not_float[0]].dtype}); the adapter is corrupt. The model was not modified.")
+    try:
+        expected = _expected_shapes(model, root, layers, settings)
+    except ValueError as error:  # a layer this model does not have
+        raise ValueError(f"Adapter {adapter_directory} was saved for layers {layers}, which "
+                         f"{type(model).__name__} cannot hold ({error}). Load it into the base model it was trained "
+                         "on; the model was not modified.") from error
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     mismatched = sorted(k for k in set(expected) & set(weights) if weights[k].shape != expected[k])
-    non_finite = sorted(k for k, tensor in weights.items() if not torch.isfinite(tensor).all())
+    non_finite = sorted(k for k, tensor in weights.items() if not torch.isfinite(tensor.float()).all())
     problems = [f"{label}: {names}" for label, names in (
         ("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched), ("non-finite", non_finite),
     ) if names]

@@ -212,7 +212,15 @@ def _assert_untouched(model, reference_state):
     assert getattr(model.config, "neural_attention_layers", None) is None
 
 
-@pytest.mark.parametrize("damage", ["missing", "unexpected", "shape", "nan", "corrupt", "config"])
+DAMAGE_MESSAGES = {  # the message names the problem (these raised AttributeError, TypeError or a bare range error)
+    "integer": r"not floating point \(torch\.int64\); the adapter is corrupt",
+    "json-list": "holds a JSON list, not an object",
+    "version-string": "format_version must be an integer, got '1'",
+    "layers": r"saved for layers \[1, 7\], which GPT2LMHeadModel cannot hold.*base model it was trained on",
+}
+
+
+@pytest.mark.parametrize("damage", ["missing", "unexpected", "shape", "nan", "corrupt", "config", *DAMAGE_MESSAGES])
 def test_bad_adapters_leave_the_model_untouched(tmp_path, damage):
     trained_adapter(tmp_path)
     weights = load_file(tmp_path / WEIGHTS_NAME)
@@ -225,7 +233,14 @@ def test_bad_adapters_leave_the_model_untouched(tmp_path, damage):
         weights[name] = weights[name][..., :1].contiguous()
     elif damage == "nan":
         weights[name] = torch.full_like(weights[name], float("nan"))
+    elif damage == "integer":
+        weights[name] = weights[name].round().long()
     save_file(weights, str(tmp_path / WEIGHTS_NAME))
+    metadata = json.loads((tmp_path / CONFIG_NAME).read_text())
+    if damage in ("json-list", "version-string", "layers"):
+        changed = {"json-list": [metadata], "version-string": {**metadata, "format_version": "1"},
+                   "layers": {**metadata, "layers": [1, 7]}}[damage]  # fmt: skip
+        (tmp_path / CONFIG_NAME).write_text(json.dumps(changed))
     if damage == "corrupt":
         (tmp_path / WEIGHTS_NAME).write_bytes(b"garbage")
     if damage == "config":
@@ -234,7 +249,7 @@ def test_bad_adapters_leave_the_model_untouched(tmp_path, damage):
         (tmp_path / CONFIG_NAME).write_text(json.dumps(metadata))
     base = tiny_gpt2()
     reference = {k: v.clone() for k, v in base.state_dict().items()}
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=DAMAGE_MESSAGES.get(damage)):
         load_neural_adapter(base, tmp_path)
     _assert_untouched(base, reference)
     assert type(base) is GPT2LMHeadModel and base.config._attn_implementation == "sdpa"
