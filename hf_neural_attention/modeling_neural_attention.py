@@ -82,6 +82,16 @@ def find_self_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]
     ]
 
 
+def find_cross_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Cross-attention modules on transformers' attention interface: never patched, but once their model is switched
+    to the neural attention function they dispatch through it, to the fallback they record."""
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if _goes_through_attention_interface(type(module)) and _is_cross_attention(name, module)
+    ]
+
+
 def head_shape(module: nn.Module, model_config: Any) -> tuple[int, int]:
     """``(head_dim, num_query_heads)`` of an attention module."""
     num_heads = (
@@ -154,8 +164,8 @@ def attach_scorers(model: PreTrainedModel, fallback: str) -> None:
 
 
 def set_fallback(model: nn.Module, fallback: str) -> None:
-    """Set the implementation the model's unpatched layers use (``"sdpa"`` or ``"eager"``)."""
-    for _, module in find_self_attention_modules(model):
+    """Set the implementation the model's unpatched layers use (``"sdpa"`` or ``"eager"``), cross-attention too."""
+    for _, module in find_self_attention_modules(model) + find_cross_attention_modules(model):
         setattr(module, FALLBACK_ATTRIBUTE, fallback)
 
 
@@ -175,6 +185,11 @@ def keep_neural_attention(model: nn.Module, attn_implementation: str | dict | No
         for module in model.modules():
             if hasattr(module, FALLBACK_ATTRIBUTE):
                 setattr(module, FALLBACK_ATTRIBUTE, fallback)
+            # a sub-model's config of its own (T5's decoder stack) was switched too: left there, its layers ran the
+            # stock kernel on masks generate built for the model's implementation (a static cache's bool mask,
+            # added to eager's scores as 0 / 1)
+            if isinstance(module, PreTrainedModel) and module.config._attn_implementation in FALLBACK_IMPLEMENTATIONS:
+                module.config._attn_implementation_internal = ATTENTION_NAME
     model.config._attn_implementation_internal = ATTENTION_NAME
 
 

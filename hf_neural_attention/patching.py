@@ -23,6 +23,7 @@ from .backend_neural_attention import ATTENTION_NAME, FALLBACK_ATTRIBUTE, SCORER
 from .configuration_neural_attention import NeuralAttentionConfig, clear_from_config, record_on_config
 from .hub_classes import adopt_hub_class, is_hub_class, restore_stock_class
 from .modeling_neural_attention import (
+    find_cross_attention_modules,
     find_self_attention_modules,
     head_shape,
     is_keep_neural_attention_hook,
@@ -231,6 +232,10 @@ def _patch(model: nn.Module, layers: LayerSelection, config: NeuralAttentionConf
 
     implementation = _current_implementation(model)
     fallbacks = [_module_fallback(module, name, implementation) for name, module in modules]
+    # cross-attention is never patched, but dispatches through the neural attention function once the model is
+    # switched to it: it keeps its implementation too (else SDPA, not bit-equal to an eager model's)
+    cross = find_cross_attention_modules(model)
+    cross_fallbacks = [_module_fallback(module, name, implementation) for name, module in cross]
 
     for index in chosen:
         name, module = modules[index]
@@ -253,7 +258,7 @@ def _patch(model: nn.Module, layers: LayerSelection, config: NeuralAttentionConf
         head_dim, num_heads = head_shape(module, model.config)
         scorer = NeuralScorer(head_dim, num_heads, config).to(**scorer_placement(module, model))
         setattr(module, SCORER_ATTRIBUTE, scorer)
-    for (_, module), fallback in zip(modules, fallbacks, strict=True):
+    for (_, module), fallback in zip(modules + cross, fallbacks + cross_fallbacks, strict=True):
         setattr(module, FALLBACK_ATTRIBUTE, fallback)
     if implementation != ATTENTION_NAME:
         model.set_attn_implementation(ATTENTION_NAME)
@@ -410,7 +415,7 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     modules = find_attention_modules(model)
     # each model goes back to its own fallback (a wrapper may hold a GPT-2 on eager beside a Llama on sdpa)
     fallbacks = {id(module): getattr(module, FALLBACK_ATTRIBUTE, "sdpa") for _, module in modules}
-    for _, module in modules:
+    for _, module in modules + find_cross_attention_modules(model):
         if getattr(module, SCORER_ATTRIBUTE, None) is not None:
             delattr(module, SCORER_ATTRIBUTE)
         if hasattr(module, FALLBACK_ATTRIBUTE):

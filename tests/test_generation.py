@@ -125,3 +125,45 @@ def test_grouped_query_attention_decoding_llama():
     uncached, uncached_scores = _generate(model, ids, use_cache=False)
     assert torch.equal(cached, uncached)
     torch.testing.assert_close(cached_scores, uncached_scores, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layers", [[0], [1]])
+def test_an_encoder_patch_decodes_on_a_static_cache_after_switching_the_other_layers_to_eager(layers):
+    """T5's decoder stack holds a config of its own, which a stock set_attn_implementation("eager") switched along;
+    the patched model's hook put only the top config back, so the unpatched decoder ran stock eager attention on the
+    bool mask generate builds ahead for a static cache (added to the scores as 0 / 1: padded slots attended)."""
+    from tests.models import tiny_t5
+
+    model = sharpen_scorers(patch_model(tiny_t5().eval(), layers=layers, proj_dim=3))  # encoder layers only
+    model.set_attn_implementation("eager")
+    ids = random_ids(2, 7)
+    full, full_scores = _generate(model, ids, use_cache=False)
+    static, static_scores = _generate(model, ids, cache_implementation="static")
+    assert torch.equal(static, full)
+    torch.testing.assert_close(static_scores, full_scores, rtol=1e-5, atol=1e-5)
+    assert model.decoder.config._attn_implementation == model.config._attn_implementation == "neural_attention"
+    assert model.decoder.block[0].layer[1].EncDecAttention.neural_attention_fallback == "eager"
+
+
+def test_cross_attention_keeps_the_models_eager_implementation_bit_for_bit():
+    """Cross-attention is never patched but runs through the neural attention function once the model is switched
+    to it: it ran SDPA there (2e-7 from an eager model's), now the fallback it records."""
+    import copy
+
+    from hf_neural_attention import unpatch_model
+    from tests.models import tiny_t5
+
+    stock = tiny_t5().eval()
+    stock.set_attn_implementation("eager")
+    patched = patch_model(copy.deepcopy(stock), layers=[0])
+    outputs = {}
+    for name, model in (("stock", stock), ("patched", patched)):
+        cross = model.decoder.block[0].layer[1].EncDecAttention
+        hook = cross.register_forward_hook(lambda module, args, out, name=name: outputs.__setitem__(name, out[0]))
+        with torch.no_grad():
+            model(encoder_outputs=(stock.encoder(random_ids(2, 7)).last_hidden_state,),
+                  decoder_input_ids=random_ids(2, 5, seed=3))
+        hook.remove()
+    assert torch.equal(outputs["patched"], outputs["stock"])
+    unpatch_model(patched)
+    assert not hasattr(patched.decoder.block[0].layer[1].EncDecAttention, "neural_attention_fallback")
