@@ -180,16 +180,22 @@ def keep_neural_attention(model: nn.Module, attn_implementation: str | dict | No
     requested = attn_implementation.get("") if isinstance(attn_implementation, dict) else attn_implementation
     fallback = _requested_fallback(requested)
     if requested in FALLBACK_IMPLEMENTATIONS:
-        # the attention modules of a patched model all carry the attribute: no walk through their source code,
-        # so the patch's forward pre-hook can call this under torch.compile
-        for module in model.modules():
+        # each (sub-)model as the stock call left it: a dict request sets a composite's towers apart (vision on
+        # eager, language model on sdpa), and each attention module takes its innermost model's. The attention
+        # modules of a patched model all carry the attribute: no walk through their source code, so the patch's
+        # forward pre-hook can call this under torch.compile
+        owners = [(prefix, sub) for prefix, sub in model.named_modules() if isinstance(sub, PreTrainedModel)]
+        for name, module in model.named_modules():
             if hasattr(module, FALLBACK_ATTRIBUTE):
-                setattr(module, FALLBACK_ATTRIBUTE, fallback)
-            # a sub-model's config of its own (T5's decoder stack) was switched too: left there, its layers ran the
-            # stock kernel on masks generate built for the model's implementation (a static cache's bool mask,
-            # added to eager's scores as 0 / 1)
-            if isinstance(module, PreTrainedModel) and module.config._attn_implementation in FALLBACK_IMPLEMENTATIONS:
-                module.config._attn_implementation_internal = ATTENTION_NAME
+                own = next((sub.config._attn_implementation for prefix, sub in reversed(owners)  # innermost first
+                            if prefix == "" or name == prefix or name.startswith(prefix + ".")), None)  # fmt: skip
+                setattr(module, FALLBACK_ATTRIBUTE, own if own in FALLBACK_IMPLEMENTATIONS else fallback)
+        # a sub-model's config of its own (T5's decoder stack) was switched too: left there, its layers ran the
+        # stock kernel on masks generate built for the model's implementation (a static cache's bool mask, added
+        # to eager's scores as 0 / 1)
+        for _, sub in owners:
+            if sub.config._attn_implementation in FALLBACK_IMPLEMENTATIONS:
+                sub.config._attn_implementation_internal = ATTENTION_NAME
     model.config._attn_implementation_internal = ATTENTION_NAME
 
 

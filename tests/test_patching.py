@@ -340,6 +340,39 @@ def test_the_towers_of_a_composite_model_keep_their_own_implementations():
     assert model.config._attn_implementation == "sdpa"  # Llava's own value (its language model's), as before
 
 
+def test_a_per_tower_request_after_patching_keeps_each_towers_kernel():
+    """set_attn_implementation({"vision_config": "eager", "text_config": "sdpa"}) after patching the language model:
+    the vision tower's layers keep eager, bit for bit, and unpatching leaves it on eager (the hook once gave every
+    layer the top-level request, sdpa)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=8, patch_size=4, projection_dim=32)
+    text = LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                       intermediate_size=64, vocab_size=100, pad_token_id=0)
+    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_id=99,
+                                                      vision_feature_layer=-1)).eval()
+    pixels, request = torch.randn(1, 3, 8, 8), {"": "sdpa", "vision_config": "eager", "text_config": "sdpa"}
+    model.set_attn_implementation(request)
+
+    def tower_output():
+        with torch.no_grad():
+            return model.model.vision_tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
+
+    eager_tower = tower_output()
+    patch_model(model, layers=[2], proj_dim=4)
+    model.set_attn_implementation(request)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 5, 6]]))  # the hook applies the request
+    assert {m.neural_attention_fallback for _, m in find_attention_modules(model.model.vision_tower)} == {"eager"}
+    assert {m.neural_attention_fallback for _, m in find_attention_modules(model.model.language_model)} == {"sdpa"}
+    assert torch.equal(tower_output(), eager_tower)
+    unpatch_model(model)
+    assert (model.config.vision_config._attn_implementation, model.config.text_config._attn_implementation) == (
+        "eager", "sdpa")
+
+
 def test_encoder_layers_holding_a_config_of_their_own_are_switched_too():
     """EncoderDecoderModel(encoder=..., decoder=...) gives its encoder a new config object and leaves the encoder's
     layers holding the old one: set_attn_implementation misses them, and a patched encoder layer skipped its scorer
