@@ -368,6 +368,27 @@ def test_resuming_with_other_attention_or_size_flags_is_refused_before_training(
     assert record["metrics"]["train_runtime"] > 0
 
 
+def test_a_resume_check_ignores_the_package_version_and_kernel_choices(tmp_path):
+    # a checkpoint of an older release records another version and lacks later settings (their defaults hold); the
+    # backend and MLP precision pick kernels: none of these blocks a resume, a changed setting still does
+    from common.run import check_resumable
+
+    from hf_neural_attention import patch_model
+    from tests.models import tiny_gpt2
+
+    model = patch_model(tiny_gpt2(), layers=[0], proj_dim=4)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(neural_attention_version="0.0.1", neural_attention_backend="tiled")
+    for later in ("neural_attention_mode", "neural_attention_mlp_precision"):
+        config.pop(later, None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    check_resumable(model, str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({**config, "neural_attention_mode": "residual"}))
+    with pytest.raises(ValueError, match="mode 'residual' there, 'replace' here"):
+        check_resumable(model, str(tmp_path))
+
+
 def test_resume_latest_without_checkpoints_names_the_save_strategy(tmp_path):
     import run_image_classification as run_image
 

@@ -13,10 +13,21 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from common.report import eval_curve, final_metrics_line, write_results
-from hf_neural_attention.configuration_neural_attention import CONFIG_PREFIX
+from hf_neural_attention.configuration_neural_attention import CONFIG_PREFIX, NeuralAttentionConfig
 
-# recorded settings that pick a kernel or name a source: a resumed run may change them
-_NOT_WEIGHTS = {CONFIG_PREFIX + name for name in ("backend", "mlp_precision", "base_model")}
+# settings that pick a kernel: a resumed run may change them
+_KERNEL_CHOICES = ("backend", "mlp_precision")
+
+
+def _recorded_attention(config: dict[str, Any]) -> dict[str, Any]:
+    """The neural layers and the settings that shape or use the scorers, as a config dict records them (a setting a
+    checkpoint of an older version lacks: its default; the package version and base model are left out)."""
+    layers = config.get(CONFIG_PREFIX + "layers")
+    if layers is None:
+        return {"layers": None}
+    defaults = NeuralAttentionConfig().to_dict()
+    return {"layers": layers, **{name: config.get(CONFIG_PREFIX + name, defaults[name])
+                                 for name in NeuralAttentionConfig.field_names() if name not in _KERNEL_CHOICES}}
 
 
 def check_resumable(model: torch.nn.Module, checkpoint: str) -> None:
@@ -29,10 +40,10 @@ def check_resumable(model: torch.nn.Module, checkpoint: str) -> None:
         return  # no model checkpoint to compare with: Trainer's own checks apply
     with open(config_path, encoding="utf-8") as f:
         saved = json.load(f)
-    current = json.loads(json.dumps(model.config.to_dict(), default=str))
-    names = sorted({key for key in (*saved, *current) if key.startswith(CONFIG_PREFIX)} - _NOT_WEIGHTS)
-    problems = [f"{key.removeprefix(CONFIG_PREFIX)} {saved.get(key)!r} there, {current.get(key)!r} here"
-                for key in names if saved.get(key) != current.get(key)]  # fmt: skip
+    there = _recorded_attention(saved)
+    here = _recorded_attention(json.loads(json.dumps(model.config.to_dict(), default=str)))
+    problems = [f"{name} {there.get(name)!r} there, {here.get(name)!r} here"
+                for name in dict.fromkeys([*there, *here]) if there.get(name) != here.get(name)]  # fmt: skip
     # weights both name alike (a checkpoint may hold some under their legacy names: ViT's there, transformers 5's
     # here), compared by shape: the sizes
     own = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
