@@ -310,9 +310,8 @@ def test_scorers_of_quantized_projections_compute_in_the_models_floating_dtype(s
         assert {p.dtype for p in scorer_parameters(model).values()} == {dtype}
 
 
-def test_the_towers_of_a_composite_model_keep_their_own_implementations():
-    """Llava with its vision tower on eager and its language model on sdpa: patching a language layer leaves the
-    vision layers on eager (bit for bit), and unpatching restores both."""
+def _tiny_llava():
+    """Llava with a 2-layer CLIP vision tower and a 2-layer Llama language model."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(0)
@@ -320,8 +319,14 @@ def test_the_towers_of_a_composite_model_keep_their_own_implementations():
                               image_size=8, patch_size=4, projection_dim=32)
     text = LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
                        intermediate_size=64, vocab_size=100, pad_token_id=0)
-    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_id=99,
-                                                      vision_feature_layer=-1)).eval()
+    return LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_id=99,
+                                                     vision_feature_layer=-1)).eval()
+
+
+def test_the_towers_of_a_composite_model_keep_their_own_implementations():
+    """Llava with its vision tower on eager and its language model on sdpa: patching a language layer leaves the
+    vision layers on eager (bit for bit), and unpatching restores both."""
+    model = _tiny_llava()
     model.set_attn_implementation({"vision_config": "eager", "text_config": "sdpa"})
 
     def implementations():
@@ -344,15 +349,7 @@ def test_a_per_tower_request_after_patching_keeps_each_towers_kernel():
     """set_attn_implementation({"vision_config": "eager", "text_config": "sdpa"}) after patching the language model:
     the vision tower's layers keep eager, bit for bit, and unpatching leaves it on eager (the hook once gave every
     layer the top-level request, sdpa)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    torch.manual_seed(0)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=8, patch_size=4, projection_dim=32)
-    text = LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                       intermediate_size=64, vocab_size=100, pad_token_id=0)
-    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_id=99,
-                                                      vision_feature_layer=-1)).eval()
+    model = _tiny_llava()
     pixels, request = torch.randn(1, 3, 8, 8), {"": "sdpa", "vision_config": "eager", "text_config": "sdpa"}
     model.set_attn_implementation(request)
 
