@@ -194,6 +194,10 @@ def load_raw_text(data_args: DataArguments) -> datasets.DatasetDict:
         builders = {_file_builder(path) for path in files.values()}
         if len(builders) != 1:
             raise ValueError(f"--train_file/--validation_file/--test_file must share one format, got {builders}.")
+        empty = [f"--{split}_file {path}" for split, path in files.items()
+                 if os.path.isfile(path) and os.path.getsize(path) == 0]  # fmt: skip
+        if empty:  # datasets' own error ("Instruction 'test' corresponds to no data!") names no flag
+            raise ValueError(f"{', '.join(empty)}: empty file(s); give files with text, or leave the flag out.")
         raw = datasets.load_dataset(builders.pop(), data_files=files)
     elif data_args.validation_file or data_args.test_file:
         raise ValueError("--validation_file/--test_file need --train_file as well.")

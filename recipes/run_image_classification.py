@@ -227,7 +227,8 @@ def check_geometry(config: transformers.PretrainedConfig, processor: Any) -> Non
         out = (crop.get("height"), crop.get("width"))
     if out[0] is not None and tuple(out) != (image_size, image_size):
         raise ValueError(f"The image processor produces {out[0]}x{out[1]} images but the model expects "
-                         f"{image_size}x{image_size}; pass --image_size or a matching --image_processor_name.")
+                         f"{image_size}x{image_size}; pass a matching --image_processor_name (or, training from "
+                         "scratch, --image_size).")
 
 
 def run(argv: list[str]) -> dict[str, Any]:

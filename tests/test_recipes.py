@@ -187,6 +187,11 @@ def test_clm_input_errors(tmp_path, no_training):
     with pytest.raises(ValueError, match="--n_layer / --n_head size a model trained from scratch.*--from_scratch"):
         run_clm.run(base + ["--model_name_or_path", str(tmp_path / "some" / "model"), "--n_layer", "6", "--n_head",
                             "2"])
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ValueError, match=r"--test_file .*empty\.txt: empty file\(s\)"):
+        run_clm.run(base + ["--test_file", str(empty), "--train_file", str(RECIPES / "data" /
+                                                                          "wikitext_excerpt_train.txt.gz")])
     newline = tmp_path / "newline.txt"
     newline.write_text("\n")
     with pytest.raises(ValueError, match=r"test split has [01] token\(s\).*longer --test_file"):
