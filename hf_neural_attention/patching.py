@@ -231,11 +231,10 @@ def _patch(model: nn.Module, layers: LayerSelection, config: NeuralAttentionConf
             )
 
     implementation = _current_implementation(model)
-    fallbacks = [_module_fallback(module, name, implementation) for name, module in modules]
-    # cross-attention is never patched, but dispatches through the neural attention function once the model is
-    # switched to it: it keeps its implementation too (else SDPA, not bit-equal to an eager model's)
-    cross = find_cross_attention_modules(model)
-    cross_fallbacks = [_module_fallback(module, name, implementation) for name, module in cross]
+    # cross-attention too: never patched, but it dispatches through the neural attention function once the model is
+    # switched to it, and keeps its implementation there (else SDPA, not bit-equal to an eager model's)
+    interface = modules + find_cross_attention_modules(model)
+    fallbacks = [_module_fallback(module, name, implementation) for name, module in interface]
 
     for index in chosen:
         name, module = modules[index]
@@ -258,7 +257,7 @@ def _patch(model: nn.Module, layers: LayerSelection, config: NeuralAttentionConf
         head_dim, num_heads = head_shape(module, model.config)
         scorer = NeuralScorer(head_dim, num_heads, config).to(**scorer_placement(module, model))
         setattr(module, SCORER_ATTRIBUTE, scorer)
-    for (_, module), fallback in zip(modules + cross, fallbacks + cross_fallbacks, strict=True):
+    for (_, module), fallback in zip(interface, fallbacks, strict=True):
         setattr(module, FALLBACK_ATTRIBUTE, fallback)
     if implementation != ATTENTION_NAME:
         model.set_attn_implementation(ATTENTION_NAME)
