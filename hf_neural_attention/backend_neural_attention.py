@@ -1,9 +1,9 @@
 """The attention function registered with transformers, and its dispatch per module.
 
 Importing this file registers ``"neural_attention"`` with both ``AttentionInterface`` (the function) and
-``AttentionMaskInterface`` (the SDPA mask builder; a name missing there would receive ``attention_mask=None``
-even for padded batches). Modules that carry a scorer (``module.neural_scorer``) are scored by it; every other
-module is sent, unchanged, to the implementation the model used before patching (SDPA or eager).
+``AttentionMaskInterface`` (the mask builder of the fallback implementation; a name missing there would receive
+``attention_mask=None`` even for padded batches). Modules that carry a scorer (``module.neural_scorer``) are scored
+by it; every other module is sent, unchanged, to the implementation the model used before patching (SDPA or eager).
 
 This file travels with Hub checkpoints: it imports only torch, transformers and flat siblings.
 """
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import sdpa_mask
+from transformers.masking_utils import eager_mask, sdpa_mask
 
 # imported here, not where first used: importing a kernel file registers its custom ops, which must not happen while
 # torch.compile traces a first call (Triton's file is the exception: it imports triton, so it loads on demand)
@@ -28,6 +28,26 @@ ATTENTION_NAME = "neural_attention"
 SCORER_ATTRIBUTE = "neural_scorer"
 FALLBACK_ATTRIBUTE = "neural_attention_fallback"
 """Set by the patcher on every attention module: the implementation unpatched modules keep (``sdpa``/``eager``)."""
+
+
+class NeuralAttentionName(str):
+    """``"neural_attention"`` as a config holds it, carrying ``fallback``: what the unpatched layers under that config
+    run (``"sdpa"`` / ``"eager"``).
+
+    The mask builder is handed only the config, and must build the mask that implementation expects: code outside
+    the attention function reads it too. A ``str`` equal to the name everywhere; transformers never writes
+    ``_attn_implementation`` into config.json, and ``copy.deepcopy`` / pickle keep the fallback.
+    """
+
+    fallback: str
+
+    def __new__(cls, fallback: str = "sdpa") -> NeuralAttentionName:
+        name = super().__new__(cls, ATTENTION_NAME)
+        name.fallback = fallback
+        return name
+
+    def __reduce__(self) -> tuple[type, tuple[str]]:
+        return type(self), (self.fallback,)
 
 _UNSUPPORTED_KWARGS = {
     "softcap": "logit soft-capping",
@@ -95,6 +115,26 @@ def _normalise_mask(
     if not bias.any():  # the usual 0 / dtype-min mask: a plain visibility mask
         return visible, False, None
     return visible, False, bias
+
+
+def _fold_key_selection(
+    attention_mask: torch.Tensor | None, indices: torch.Tensor, query: torch.Tensor, key: torch.Tensor, is_causal: bool
+) -> torch.Tensor:
+    """The 4-D mask with DeepSeek sparse attention's key selection in it (DeepSeek-V3.2, GLM-MoE-DSA, ...).
+
+    ``indices`` ``(batch, q_len, top_k)`` are the keys each query may attend to. Those models fold them into the mask
+    themselves only under ``"eager"`` / ``"sdpa"`` (else they pass them on for a sparse kernel): folded here the same
+    way (bool mask: and-ed; additive: dtype minimum), for the patched and the unpatched layers alike.
+    """
+    q_len, k_len = query.shape[-2], key.shape[-2]
+    dropped = torch.ones((indices.shape[0], q_len, k_len), dtype=torch.bool, device=indices.device)
+    dropped = dropped.scatter(-1, indices.long(), False).unsqueeze(1)  # (batch, 1, q_len, k_len), True = not selected
+    if attention_mask is None:  # what None meant: causal for q_len > 1 (see _normalise_mask)
+        visible = ~dropped
+        return visible & _causal_mask(q_len, k_len, query.device) if is_causal and q_len > 1 else visible
+    if attention_mask.dtype == torch.bool:
+        return attention_mask & ~dropped
+    return attention_mask.masked_fill(dropped, torch.finfo(query.dtype).min)
 
 
 def _causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
@@ -275,6 +315,9 @@ def neural_attention_forward(
         ``(out, weights)``: ``out`` is ``(batch, q_len, heads, v_dim)``; ``weights`` is
         ``(batch, heads, q_len, k_len)`` when attention probabilities are requested, else ``None``.
     """
+    if kwargs.get("indices") is not None:  # sparse attention's key selection, which the model left to the kernel
+        attention_mask = _fold_key_selection(attention_mask, kwargs["indices"], query, key, _is_causal(module, kwargs))
+        kwargs["indices"] = None  # as the model passes it to eager / SDPA
     scorer = getattr(module, SCORER_ATTRIBUTE, None)
     if scorer is None:
         if _wants_attention_weights(kwargs):
@@ -289,6 +332,13 @@ def neural_attention_forward(
                 "do not patch layers that use it."
             )
 
+    if query.shape[1] != scorer.num_heads or query.shape[-1] != scorer.head_dim:
+        raise ValueError(
+            f"{type(module).__name__} called attention with {query.shape[1]} heads of size {query.shape[-1]}, but "
+            f"its neural scorer was built for {scorer.num_heads} of size {scorer.head_dim}: this module is not a "
+            "multi-head self-attention over tokens (e.g. attention over layers). Unpatch it (unpatch_model) and patch "
+            "another layer."
+        )
     num_groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, num_groups), repeat_kv(value, num_groups)
     scaling = kwargs.get("scaling")
@@ -347,10 +397,28 @@ def neural_attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
+def neural_attention_mask(**kwargs) -> torch.Tensor | None:
+    """The 4-D mask a model on ``"neural_attention"`` builds: its fallback's (``NeuralAttentionName.fallback``).
+
+    Eager's additive float mask where the layers fall back to eager: code outside the attention function adds it to
+    scores (BigBirdPegasus' block attention) or reads padding from it (NLLB-MoE's router), and took a bool mask's
+    0 / 1 as visible / masked the wrong way round. Else SDPA's bool mask, or ``None`` for a causal call without
+    padding (the kernels then skip the tiles above the diagonal) -- except under Gemma 4's KV-shared layers, which keep
+    only the last queries after building the mask and, under any implementation not named ``"sdpa"``, rely on the
+    mask to stay causal (a ``None`` mask then lost keys). Arguments are transformers' mask-interface keywords.
+    """
+    config = kwargs.get("config")
+    if getattr(getattr(config, "_attn_implementation", None), "fallback", "sdpa") == "eager":
+        return eager_mask(**kwargs)
+    if getattr(config, "num_kv_shared_layers", 0):
+        kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(**kwargs)
+
+
 def register() -> None:
     """Register the function and its mask builder under ``ATTENTION_NAME`` (idempotent)."""
     AttentionInterface.register(ATTENTION_NAME, neural_attention_forward)
-    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    AttentionMaskInterface.register(ATTENTION_NAME, neural_attention_mask)
 
 
 register()

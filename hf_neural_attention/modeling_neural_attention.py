@@ -28,7 +28,7 @@ from transformers import (
     ViTModel,
 )
 
-from .backend_neural_attention import ATTENTION_NAME, FALLBACK_ATTRIBUTE, SCORER_ATTRIBUTE
+from .backend_neural_attention import ATTENTION_NAME, FALLBACK_ATTRIBUTE, SCORER_ATTRIBUTE, NeuralAttentionName
 from .configuration_neural_attention import (
     CONFIG_PREFIX,
     PACKAGE_VERSION,
@@ -159,6 +159,7 @@ def attach_scorers(model: PreTrainedModel, fallback: str) -> None:
         setattr(module, SCORER_ATTRIBUTE, scorer)
     set_fallback(model, fallback)
     model.config._attn_implementation_internal = ATTENTION_NAME
+    name_fallbacks(model)
     # a stock parent's or sub-model's set_attn_implementation("sdpa") would otherwise route past the scorers
     register_keep_neural_attention_hook(model)
 
@@ -197,6 +198,32 @@ def keep_neural_attention(model: nn.Module, attn_implementation: str | dict | No
             if sub.config._attn_implementation in FALLBACK_IMPLEMENTATIONS:
                 sub.config._attn_implementation_internal = ATTENTION_NAME
     model.config._attn_implementation_internal = ATTENTION_NAME
+    name_fallbacks(model)
+
+
+def name_fallbacks(model: nn.Module) -> None:
+    """Give every config in ``model`` that is on ``"neural_attention"`` its layers' fallback (``NeuralAttentionName``),
+    which decides the mask transformers builds under that config: eager's additive one or SDPA's.
+
+    A (sub-)model's config takes the fallback of the attention modules it is the innermost model of, else of the
+    first one inside it (a composite's); a config only layers hold (``EncoderDecoderModel``'s encoder layers), theirs.
+    """
+    owners = [(prefix, sub) for prefix, sub in model.named_modules() if isinstance(sub, PreTrainedModel)]
+    fallbacks: dict[int, str] = {}
+    for name, module in model.named_modules():
+        fallback = getattr(module, FALLBACK_ATTRIBUTE, None)
+        if fallback is None:
+            continue
+        held = getattr(module, "config", None)
+        configs = [held] if held is not None else []
+        configs += [sub.config for prefix, sub in reversed(owners)  # innermost first
+                    if prefix == "" or name == prefix or name.startswith(prefix + ".")]  # fmt: skip
+        for config in configs:
+            fallbacks.setdefault(id(config), fallback)
+    held = [getattr(module, "config", None) for module in model.modules() if hasattr(module, FALLBACK_ATTRIBUTE)]
+    for config in [sub.config for _, sub in owners] + held:
+        if getattr(config, "_attn_implementation", None) == ATTENTION_NAME:
+            config._attn_implementation_internal = NeuralAttentionName(fallbacks.get(id(config), "sdpa"))
 
 
 def _keep_neural_attention_hook(model: nn.Module, args: tuple) -> None:

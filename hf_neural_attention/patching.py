@@ -11,9 +11,11 @@ from __future__ import annotations
 import copy
 import difflib
 import gc
+import inspect
 import logging
 import operator
 from collections.abc import Iterable, Mapping, Sequence
+from functools import cache
 
 import torch
 from torch import nn
@@ -27,6 +29,7 @@ from .modeling_neural_attention import (
     find_self_attention_modules,
     head_shape,
     is_keep_neural_attention_hook,
+    name_fallbacks,
     register_keep_neural_attention_hook,
     scorer_placement,
     scorer_state_names,
@@ -145,10 +148,21 @@ def _module_fallback(module: nn.Module, name: str, model_implementation: str | N
     )
 
 
+@cache
+def _passes_block_selection(cls: type) -> bool:
+    """Whether an attention class hands the attention function a block-sparse key selection (MiniMax-M3's
+    ``block_indices``), which only its own indexer can turn into a mask. DeepSeek sparse attention's ``indices`` are
+    folded by the attention function instead (``backend_neural_attention._fold_key_selection``)."""
+    try:
+        return "block_indices=" in inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+
+
 def _unsupported_feature(module: nn.Module) -> str | None:
     """What an attention module does that the neural scorer cannot (Gemma 2's soft-capping, gpt-oss' sinks), or
     ``None``. Sliding windows are supported: transformers draws them into the layer's mask."""
-    if getattr(module, "sinks", None) is not None:
+    if getattr(module, "sinks", None) is not None or getattr(module, "sink_proj", None) is not None:  # per token
         return "attention sinks"
     if getattr(module, "attn_logit_softcapping", None) is not None:
         return "logit soft-capping"
@@ -235,13 +249,23 @@ def _patch(model: nn.Module, layers: LayerSelection, config: NeuralAttentionConf
     # switched to it, and keeps its implementation there (else SDPA, not bit-equal to an eager model's)
     interface = modules + find_cross_attention_modules(model)
     fallbacks = [_module_fallback(module, name, implementation) for name, module in interface]
+    block_sparse = [name for name, module in interface
+                    if getattr(module, "indexer", None) is not None and _passes_block_selection(type(module))]
+    if block_sparse:
+        raise ValueError(
+            f"{block_sparse[0]} selects its keys block-sparsely (`block_indices`), which {type(model).__name__} folds "
+            "into the attention mask only on 'eager' / 'sdpa': on 'neural_attention' every layer, patched or not, "
+            "would attend to all keys. Neural attention cannot patch this model."
+        )
 
     for index in chosen:
         name, module = modules[index]
         unsupported = _unsupported_feature(module)
         if unsupported is not None:
+            others = [i for i, (_, other) in enumerate(modules) if _unsupported_feature(other) is None]
+            advice = f"choose another layer ({others})" if others else "no layer of this model can be patched"
             raise ValueError(f"Layer {index} ({name}) uses {unsupported}, which neural attention does not support; "
-                             "choose another layer.")
+                             f"{advice}.")
         head_dim, num_heads = head_shape(module, model.config)
         if num_heads % max(getattr(module, "num_key_value_groups", 1), 1):
             raise ValueError(f"Layer {index} ({name}): heads are not a multiple of its key/value groups.")
@@ -276,6 +300,7 @@ def _patch(model: nn.Module, layers: LayerSelection, config: NeuralAttentionConf
         held = getattr(module, "config", None)
         if getattr(held, "_attn_implementation", ATTENTION_NAME) != ATTENTION_NAME:
             held._attn_implementation_internal = ATTENTION_NAME
+    name_fallbacks(model)  # the masks the fallback implementations expect
     record_on_config(model.config, present + chosen, config)
     register_keep_neural_attention_hook(model)
     # a sub-model patched alone (llm.transformer) keeps its class: its parent holds the very config object, whose class
