@@ -406,7 +406,8 @@ class NeuralAttentionModelMixin:
 def check_config_describes_scorers(model: nn.Module) -> None:
     """Raise ``ValueError`` when ``config.neural_attention_*`` (what a checkpoint records) describes other weights
     than the scorers the layers carry -- a hand-edited field, which would write a checkpoint that does not load as
-    saved. Fields compare resolved (``proj_dim=None`` is ``head_dim // 32``); the backend only picks a kernel."""
+    saved. Fields compare resolved (``proj_dim=None`` is ``head_dim // 32``); the backend and MLP precision as given
+    (a field edited by hand is not what runs: the checkpoint would load onto another kernel, or none)."""
     recorded = read_from_config(model.config)
     carried = [(index, getattr(module, SCORER_ATTRIBUTE, None))
                for index, (_, module) in enumerate(find_self_attention_modules(model))]  # fmt: skip
@@ -419,6 +420,9 @@ def check_config_describes_scorers(model: nn.Module) -> None:
         actual = NeuralScorer.weight_layout(scorer.settings, scorer.head_dim)
         problems += [f"{name}={value!r} (the scorers have {actual[name]!r})" for name, value
                      in NeuralScorer.weight_layout(recorded_settings, scorer.head_dim).items() if value != actual[name]]
+        problems += [f"{name}={getattr(recorded_settings, name)!r} (the scorers run {getattr(scorer.settings, name)!r})"
+                     for name in ("backend", "mlp_precision")
+                     if getattr(recorded_settings, name) != getattr(scorer.settings, name)]
     if problems:
         raise ValueError(
             f"config.{CONFIG_PREFIX}* no longer describes the scorers: " + "; ".join(problems) + ". Editing the "

@@ -648,10 +648,9 @@ def test_config_edits_that_describe_the_same_weights_still_save(tmp_path):
     model = patch_model(GPT2LMHeadModel(gpt2_config()).eval(), layers=[0])
     model.config.neural_attention_proj_dim = 2
     model.config.neural_attention_share_across_heads = False
-    model.config.neural_attention_backend = "tiled"  # picks a kernel, not weights
     model.save_pretrained(tmp_path)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)  # runs the tiled kernel now: equal up to rounding
-    torch.testing.assert_close(logits(loaded, "gpt2-lm"), logits(model, "gpt2-lm"), rtol=1e-5, atol=1e-6)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    torch.testing.assert_close(logits(loaded, "gpt2-lm"), logits(model, "gpt2-lm"), rtol=0, atol=0)
 
 
 def test_a_hand_edited_config_is_refused_at_save_and_nothing_is_written(tmp_path):
@@ -664,6 +663,15 @@ def test_a_hand_edited_config_is_refused_at_save_and_nothing_is_written(tmp_path
     model.config.neural_attention_layers = [0, 1]
     with pytest.raises(ValueError, match=r"layers \[0, 1\] \(scorers in \[0\]\)"):
         model.save_pretrained(tmp_path / "out")
+    model.config.neural_attention_layers = [0]
+    # the kernel choices too: the running model ignores the edit, and a checkpoint saying "triton" fails on CPU
+    for field, value in (("backend", "triton"), ("mlp_precision", "fp16")):
+        before = getattr(model.config, f"neural_attention_{field}")
+        setattr(model.config, f"neural_attention_{field}", value)
+        with pytest.raises(ValueError, match=rf"{field}='{value}' \(the scorers run '{before}'\).*set_backend"):
+            model.save_pretrained(tmp_path / "out")
+        setattr(model.config, f"neural_attention_{field}", before)
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_push_with_a_hand_edited_config_is_refused_before_the_repository_is_created(tmp_path, monkeypatch):
