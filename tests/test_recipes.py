@@ -365,7 +365,8 @@ def test_resuming_with_other_attention_or_size_flags_is_refused_before_training(
     for flags, message in ((["--activation", "gelu"], "activation 'relu' there, 'gelu' here"),
                            (["--neural_layers", "1"], r"layers \[0\] there, \[1\] here"),
                            (["--attention", "dot"], r"layers \[0\] there, None here"),
-                           (["--n_embd", "64"], r"c_attn\.weight \(32, 96\) there, \(64, 192\) here")):
+                           (["--n_embd", "64"], r"c_attn\.weight \(32, 96\) there, \(64, 192\) here"),
+                           (["--n_layer", "3"], "n_layer 2 there, 3 here")):
         with pytest.raises(ValueError, match=f"written by a run with other flags: .*{message}.*another --output_dir"):
             run_clm.run(resume + flags)
     assert not (tmp_path / "resumed").exists() or not any((tmp_path / "resumed").glob("checkpoint-*"))

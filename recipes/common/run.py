@@ -44,6 +44,11 @@ def check_resumable(model: torch.nn.Module, checkpoint: str) -> None:
     here = _recorded_attention(json.loads(json.dumps(model.config.to_dict(), default=str)))
     problems = [f"{name} {there.get(name)!r} there, {here.get(name)!r} here"
                 for name in dict.fromkeys([*there, *here]) if there.get(name) != here.get(name)]  # fmt: skip
+    # the depth, which the shapes below cannot show: the layers both have are alike (GPT-2's n_layer is an alias)
+    depth_key = model.config.attribute_map.get("num_hidden_layers", "num_hidden_layers")
+    depth = getattr(model.config, "num_hidden_layers", None)
+    if depth_key in saved and saved[depth_key] != depth:
+        problems.append(f"{depth_key} {saved[depth_key]!r} there, {depth!r} here")
     # weights both name alike (a checkpoint may hold some under their legacy names: ViT's there, transformers 5's
     # here), compared by shape: the sizes
     own = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
