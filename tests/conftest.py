@@ -23,7 +23,8 @@ def _seed_everything():
     yield
 
 
-def pytest_report_header() -> str:
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The session's seed, above the result line: README's ``pytest -q`` prints no header."""
     from tests.reference import SEED_OFFSET
 
-    return f"random inputs of the kernel tests: TEST_SEED={SEED_OFFSET} (set it to replay them)"
+    terminalreporter.write_line(f"random inputs of the kernel tests: TEST_SEED={SEED_OFFSET} (set it to replay them)")

@@ -13,7 +13,7 @@ from torch import nn
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 
 SEED_OFFSET = int(os.environ.get("TEST_SEED") or int.from_bytes(os.urandom(3), "little"))
-"""Drawn per test session (pytest prints it in its header): ``TEST_SEED=<n>`` replays a session's inputs."""
+"""Drawn per test session (pytest prints it above its result line): ``TEST_SEED=<n>`` replays a session's inputs."""
 
 
 def fresh_seed(seed: int) -> int:
