@@ -49,6 +49,11 @@ class NeuralAttentionName(str):
     def __reduce__(self) -> tuple[type, tuple[str]]:
         return type(self), (self.fallback,)
 
+
+NEURAL_ATTENTION_NAMES = {fallback: NeuralAttentionName(fallback) for fallback in ("sdpa", "eager")}
+"""The name for each fallback, made once: torch.compile cannot trace making one (the patch's forward pre-hook may
+switch a compiled model after a stock ``set_attn_implementation``)."""
+
 _UNSUPPORTED_KWARGS = {
     "softcap": "logit soft-capping",
     "s_aux": "attention sinks",
@@ -334,7 +339,8 @@ def neural_attention_forward(
                 "do not patch layers that use it."
             )
 
-    if query.shape[1] != scorer.num_heads or query.shape[-1] != scorer.head_dim:
+    # per-head weights need the heads they were made for; weights shared by the heads only the head size
+    if query.shape[-1] != scorer.head_dim or (query.shape[1] != scorer.num_heads and scorer.weight_heads != 1):
         raise ValueError(
             f"{type(module).__name__} called attention with {query.shape[1]} heads of size {query.shape[-1]}, but "
             f"its neural scorer was built for {scorer.num_heads} of size {scorer.head_dim}: this module is not a "

@@ -28,7 +28,7 @@ from transformers import (
     ViTModel,
 )
 
-from .backend_neural_attention import ATTENTION_NAME, FALLBACK_ATTRIBUTE, SCORER_ATTRIBUTE, NeuralAttentionName
+from .backend_neural_attention import ATTENTION_NAME, FALLBACK_ATTRIBUTE, NEURAL_ATTENTION_NAMES, SCORER_ATTRIBUTE
 from .configuration_neural_attention import (
     CONFIG_PREFIX,
     PACKAGE_VERSION,
@@ -223,7 +223,7 @@ def name_fallbacks(model: nn.Module) -> None:
     held = [getattr(module, "config", None) for module in model.modules() if hasattr(module, FALLBACK_ATTRIBUTE)]
     for config in [sub.config for _, sub in owners] + held:
         if getattr(config, "_attn_implementation", None) == ATTENTION_NAME:
-            config._attn_implementation_internal = NeuralAttentionName(fallbacks.get(id(config), "sdpa"))
+            config._attn_implementation_internal = NEURAL_ATTENTION_NAMES[fallbacks.get(id(config), "sdpa")]
 
 
 def _keep_neural_attention_hook(model: nn.Module, args: tuple) -> None:
@@ -234,6 +234,8 @@ def _keep_neural_attention_hook(model: nn.Module, args: tuple) -> None:
     nothing in it stops torch.compile."""
     current = model.config._attn_implementation
     if current == ATTENTION_NAME:
+        if not hasattr(current, "fallback"):  # the plain name, set by hand: which masks the fallback expects
+            name_fallbacks(model)
         return
     if any(getattr(module, SCORER_ATTRIBUTE, None) is not None for module in model.modules()):  # not unpatched since
         keep_neural_attention(model, current)
@@ -261,7 +263,9 @@ def _requested_fallback(requested: Any) -> str:
     """Map an ``attn_implementation`` request onto the fallback of unpatched layers; refuse fused kernels."""
     if isinstance(requested, dict):
         requested = requested.get("")
-    if requested in (None, ATTENTION_NAME):
+    if requested == ATTENTION_NAME:  # a patched model's config (its fallback on it), or the name by hand
+        return getattr(requested, "fallback", "sdpa")
+    if requested is None:
         return "sdpa"
     if requested in FALLBACK_IMPLEMENTATIONS:
         return requested

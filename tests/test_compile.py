@@ -95,6 +95,22 @@ def test_fullgraph_training_step_of_an_eager_model(backend):
     _assert_same_training_step(model, compiled, _padded_batch(), atol=1e-6)
 
 
+def test_a_compiled_model_follows_a_later_switch_of_its_fallback():
+    # Llama has no Hub class: its forward pre-hook applies a stock set_attn_implementation inside the compiled region,
+    # where it must not construct anything dynamo cannot trace (the fallback-carrying name did)
+    from tests.models import tiny_llama
+
+    model = patch_model(tiny_llama(), layers=[0], backend="tiled")
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    padded = _padded_batch()
+    with torch.no_grad():
+        compiled(**padded)
+        model.set_attn_implementation("eager")
+        got = compiled(**padded).logits
+        assert model.config._attn_implementation.fallback == "eager"
+        torch.testing.assert_close(got, model(**padded).logits, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", ["eager", "tiled", pytest.param("cpp", marks=needs_cpp)])
 @pytest.mark.parametrize("mlp", ["paper", "authors"])
 def test_one_graph_serves_every_sequence_length(backend, mlp):

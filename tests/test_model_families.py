@@ -83,6 +83,14 @@ def test_mask_kind_follows_every_switch(tmp_path):
     assert "_attn_implementation" not in (tmp_path / "config.json").read_text()
     loaded = type(model).from_pretrained(tmp_path, attn_implementation="eager")
     assert loaded.config._attn_implementation.fallback == "eager" and mask_dtype(loaded) == torch.float32
+    for built in (type(loaded)(copy.deepcopy(loaded.config)),  # a Hub class from a patched config: its fallback
+                  type(loaded).from_pretrained(tmp_path, config=copy.deepcopy(loaded.config))):
+        assert built.config._attn_implementation.fallback == "eager"
+        assert built.transformer.h[1].attn.neural_attention_fallback == "eager"
+    loaded.config._attn_implementation = "neural_attention"  # the plain name, by hand: repaired at the next call
+    with torch.no_grad():
+        loaded(torch.tensor([[1, 2, 3]]))
+    assert loaded.config._attn_implementation.fallback == "eager"
     unpatch_model(model)
     assert type(model.config._attn_implementation) is str and model.config._attn_implementation == "sdpa"
 
