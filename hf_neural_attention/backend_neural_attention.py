@@ -49,6 +49,14 @@ class NeuralAttentionName(str):
     def __reduce__(self) -> tuple[type, tuple[str]]:
         return type(self), (self.fallback,)
 
+    # immutable: copies share it. A copy would be made inside compiled code (encoder-decoders deep-copy their config
+    # to build a cache in forward), where dynamo cannot trace constructing a str subclass
+    def __copy__(self) -> NeuralAttentionName:
+        return self
+
+    def __deepcopy__(self, memo: dict) -> NeuralAttentionName:
+        return self
+
 
 NEURAL_ATTENTION_NAMES = {fallback: NeuralAttentionName(fallback) for fallback in ("sdpa", "eager")}
 """The name for each fallback, made once: torch.compile cannot trace making one (the patch's forward pre-hook may

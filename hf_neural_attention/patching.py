@@ -262,8 +262,8 @@ def _patch(model: nn.Module, layers: LayerSelection, config: NeuralAttentionConf
         name, module = modules[index]
         unsupported = _unsupported_feature(module)
         if unsupported is not None:
-            others = [i for i, (_, other) in enumerate(modules) if _unsupported_feature(other) is None]
-            advice = f"choose another layer ({others})" if others else "no layer of this model can be patched"
+            others = any(_unsupported_feature(other) is None for _, other in modules)
+            advice = "choose another layer" if others else "no layer of this model can be patched"
             raise ValueError(f"Layer {index} ({name}) uses {unsupported}, which neural attention does not support; "
                              f"{advice}.")
         head_dim, num_heads = head_shape(module, model.config)

@@ -95,6 +95,18 @@ def test_fullgraph_training_step_of_an_eager_model(backend):
     _assert_same_training_step(model, compiled, _padded_batch(), atol=1e-6)
 
 
+def test_fullgraph_encoder_decoder_matches_eager_mode():
+    # T5 (like BART and Whisper) builds its cache inside forward from a deep copy of its config, which copies the
+    # implementation's name too: inside the graph, where constructing one cannot be traced
+    from tests.models import tiny_t5
+
+    model = patch_model(tiny_t5().eval(), layers=[0], backend="tiled")
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    inputs = {**_padded_batch(), "decoder_input_ids": random_ids(2, 5, seed=4)}
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**inputs).logits, model(**inputs).logits, rtol=0, atol=1e-6)
+
+
 def test_a_compiled_model_follows_a_later_switch_of_its_fallback():
     # Llama has no Hub class: its forward pre-hook applies a stock set_attn_implementation inside the compiled region,
     # where it must not construct anything dynamo cannot trace (the fallback-carrying name did)
