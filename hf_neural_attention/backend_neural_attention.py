@@ -87,6 +87,8 @@ def _wants_attention_weights(kwargs: dict) -> bool:
         return True
     if _active_collector is None:
         return False
+    if torch.compiler.is_compiling() and not getattr(_active_collector, "compiling", True):
+        return False  # nothing set it in this graph (no @capture_outputs: LongT5, ViTMAE); ContextVar.get won't trace
     collected = _active_collector.get()
     return isinstance(collected, dict) and "attentions" in collected
 
@@ -126,8 +128,9 @@ def _normalise_mask(
     visible = attention_mask > torch.finfo(attention_mask.dtype).min / 2
     bias = attention_mask.masked_fill(~visible, 0)
     # the usual 0 / dtype-min mask (eager's) is a plain visibility mask; under torch.compile the test would need the
-    # values on the host, so there the zeros are added as a bias (same result, a load more per score tile)
-    if not torch.compiler.is_compiling() and not bias.any():
+    # values on the host, so there the zeros are added as a bias (same result, a load more per score tile). A bias
+    # that needs a gradient stays one even at zero (Swin's and BEiT's position tables start at zeros)
+    if not attention_mask.requires_grad and not torch.compiler.is_compiling() and not bias.any():
         return visible, False, None
     return visible, False, bias
 

@@ -107,6 +107,20 @@ def test_fullgraph_encoder_decoder_matches_eager_mode():
         torch.testing.assert_close(compiled(**inputs).logits, model(**inputs).logits, rtol=0, atol=1e-6)
 
 
+def test_fullgraph_model_without_an_output_collector():
+    # ViTMAE (like LongT5) never sets transformers' output collector, whose ContextVar dynamo cannot read
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    config = ViTMAEConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                          image_size=16, patch_size=4, decoder_hidden_size=32, decoder_num_hidden_layers=1,
+                          decoder_num_attention_heads=4, decoder_intermediate_size=48)
+    model = patch_model(ViTMAEForPreTraining(config).eval(), layers=[0], backend="tiled")
+    inputs = {"pixel_values": torch.randn(2, 3, 16, 16), "noise": torch.rand(2, 16)}
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**inputs).logits, model(**inputs).logits, rtol=0, atol=1e-6)
+
+
 def test_a_compiled_model_follows_a_later_switch_of_its_fallback():
     # Llama has no Hub class: its forward pre-hook applies a stock set_attn_implementation inside the compiled region,
     # where it must not construct anything dynamo cannot trace (the fallback-carrying name did)

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from hf_neural_attention import NeuralAttentionConfig, patch_model
+from hf_neural_attention import NeuralAttentionConfig, patch_model, set_backend
 from hf_neural_attention.patching import find_attention_modules
 
 VOCAB = 99
@@ -179,3 +179,25 @@ def test_attention_over_depth_and_per_token_sinks():
     model = patch_model(copy.deepcopy(stock), layers=[depth])
     with pytest.raises(ValueError, match="not a multi-head self-attention over tokens"), torch.no_grad():
         model(_ids(1, 8))
+
+
+def test_a_learned_position_bias_starting_at_zero_gets_its_gradient():
+    """Swin (and BEiT) hand attention their relative position bias as a float mask, a learned table that starts at
+    zeros: taken for a plain visibility mask, it was cut out of autograd and never left zero in training."""
+    from transformers import SwinConfig, SwinForImageClassification
+
+    config = SwinConfig(embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=2, image_size=16, patch_size=2,
+                        num_channels=3, num_labels=5, drop_path_rate=0.0)
+    stock = SwinForImageClassification(config).eval()
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    table = "swin.encoder.layers.0.blocks.0.attention.relative_position_bias.relative_position_bias_table"
+    model = patch_model(stock, layers=[0])
+    assert not dict(model.named_parameters())[table].any()
+    grads = {}
+    for backend in ("eager", "cpp"):
+        set_backend(model, backend)
+        model.zero_grad(set_to_none=True)
+        model(pixel_values=pixels).logits.square().sum().backward()
+        grads[backend] = dict(model.named_parameters())[table].grad
+        assert grads[backend] is not None and grads[backend].abs().max() > 0
+    torch.testing.assert_close(grads["cpp"], grads["eager"], rtol=1e-4, atol=1e-5 * grads["eager"].abs().max())
