@@ -19,6 +19,8 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import eager_mask, sdpa_mask
 
+from .configuration_neural_attention import FALLBACK_CONFIG_ATTRIBUTE
+
 # imported here, not where first used: importing a kernel file registers its custom ops, which must not happen while
 # torch.compile traces a first call (Triton's file is the exception: it imports triton, so it loads on demand)
 from .fused_cpp_neural_attention import fused_cpp_available, neural_attention_fused_cpp
@@ -28,39 +30,6 @@ ATTENTION_NAME = "neural_attention"
 SCORER_ATTRIBUTE = "neural_scorer"
 FALLBACK_ATTRIBUTE = "neural_attention_fallback"
 """Set by the patcher on every attention module: the implementation unpatched modules keep (``sdpa``/``eager``)."""
-
-
-class NeuralAttentionName(str):
-    """``"neural_attention"`` as a config holds it, carrying ``fallback``: what the unpatched layers under that config
-    run (``"sdpa"`` / ``"eager"``).
-
-    The mask builder is handed only the config, and must build the mask that implementation expects: code outside
-    the attention function reads it too. A ``str`` equal to the name everywhere; transformers never writes
-    ``_attn_implementation`` into config.json, and ``copy.deepcopy`` / pickle keep the fallback.
-    """
-
-    fallback: str
-
-    def __new__(cls, fallback: str = "sdpa") -> NeuralAttentionName:
-        name = super().__new__(cls, ATTENTION_NAME)
-        name.fallback = fallback
-        return name
-
-    def __reduce__(self) -> tuple[type, tuple[str]]:
-        return type(self), (self.fallback,)
-
-    # immutable: copies share it. A copy would be made inside compiled code (encoder-decoders deep-copy their config
-    # to build a cache in forward), where dynamo cannot trace constructing a str subclass
-    def __copy__(self) -> NeuralAttentionName:
-        return self
-
-    def __deepcopy__(self, memo: dict) -> NeuralAttentionName:
-        return self
-
-
-NEURAL_ATTENTION_NAMES = {fallback: NeuralAttentionName(fallback) for fallback in ("sdpa", "eager")}
-"""The name for each fallback, made once: torch.compile cannot trace making one (the patch's forward pre-hook may
-switch a compiled model after a stock ``set_attn_implementation``)."""
 
 _UNSUPPORTED_KWARGS = {
     "softcap": "logit soft-capping",
@@ -417,7 +386,7 @@ def neural_attention_forward(
 
 
 def neural_attention_mask(**kwargs) -> torch.Tensor | None:
-    """The 4-D mask a model on ``"neural_attention"`` builds: its fallback's (``NeuralAttentionName.fallback``).
+    """The 4-D mask a model on ``"neural_attention"`` builds: its fallback's (``FALLBACK_CONFIG_ATTRIBUTE``).
 
     Eager's additive float mask where the layers fall back to eager: code outside the attention function adds it to
     scores (BigBirdPegasus' block attention) or reads padding from it (NLLB-MoE's router), and took a bool mask's
@@ -427,7 +396,7 @@ def neural_attention_mask(**kwargs) -> torch.Tensor | None:
     mask to stay causal (a ``None`` mask then lost keys). Arguments are transformers' mask-interface keywords.
     """
     config = kwargs.get("config")
-    if getattr(getattr(config, "_attn_implementation", None), "fallback", "sdpa") == "eager":
+    if getattr(config, FALLBACK_CONFIG_ATTRIBUTE, "sdpa") == "eager":
         return eager_mask(**kwargs)
     if getattr(config, "num_kv_shared_layers", 0):
         kwargs["allow_is_causal_skip"] = False

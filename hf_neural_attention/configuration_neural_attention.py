@@ -186,11 +186,19 @@ def read_from_config(model_config: Any) -> tuple[list[int], NeuralAttentionConfi
     return list(layers), NeuralAttentionConfig(**values)
 
 
+FALLBACK_CONFIG_ATTRIBUTE = "_neural_attention_fallback"
+"""Recorded on every config on ``"neural_attention"``: what the unpatched layers under it run (``sdpa`` / ``eager``).
+The mask builder is handed only the config, and must build the mask that implementation expects: code outside the
+attention function reads it too. Not folded into the implementation's name, which must stay a plain ``str``
+(torch.compile before 2.13 cannot trace a subclass). The Hub config classes keep it off disk."""
+
+
 def clear_from_config(model_config: Any) -> None:
-    """Remove every ``neural_attention_*`` field from a config (in place)."""
+    """Remove every ``neural_attention_*`` field from a config (in place), and the fallback recorded beside them."""
     for name in ("layers", *NeuralAttentionConfig.field_names()):
         if hasattr(model_config, CONFIG_PREFIX + name):
             delattr(model_config, CONFIG_PREFIX + name)
+    model_config.__dict__.pop(FALLBACK_CONFIG_ATTRIBUTE, None)
 
 
 # --- Hub config classes ----------------------------------------------------------------------------------------

@@ -28,9 +28,10 @@ from transformers import (
     ViTModel,
 )
 
-from .backend_neural_attention import ATTENTION_NAME, FALLBACK_ATTRIBUTE, NEURAL_ATTENTION_NAMES, SCORER_ATTRIBUTE
+from .backend_neural_attention import ATTENTION_NAME, FALLBACK_ATTRIBUTE, SCORER_ATTRIBUTE
 from .configuration_neural_attention import (
     CONFIG_PREFIX,
+    FALLBACK_CONFIG_ATTRIBUTE,
     PACKAGE_VERSION,
     NeuralAttentionGPT2Config,
     NeuralAttentionViTConfig,
@@ -202,8 +203,9 @@ def keep_neural_attention(model: nn.Module, attn_implementation: str | dict | No
 
 
 def name_fallbacks(model: nn.Module) -> None:
-    """Give every config in ``model`` that is on ``"neural_attention"`` its layers' fallback (``NeuralAttentionName``),
-    which decides the mask transformers builds under that config: eager's additive one or SDPA's.
+    """Record on every config in ``model`` that is on ``"neural_attention"`` its layers' fallback
+    (``FALLBACK_CONFIG_ATTRIBUTE``), which decides the mask transformers builds under that config: eager's additive
+    one or SDPA's.
 
     A (sub-)model's config takes the fallback of the attention modules it is the innermost model of, else of the
     first one inside it (a composite's); a config only layers hold (``EncoderDecoderModel``'s encoder layers), theirs.
@@ -223,7 +225,7 @@ def name_fallbacks(model: nn.Module) -> None:
     held = [getattr(module, "config", None) for module in model.modules() if hasattr(module, FALLBACK_ATTRIBUTE)]
     for config in [sub.config for _, sub in owners] + held:
         if getattr(config, "_attn_implementation", None) == ATTENTION_NAME:
-            config._attn_implementation_internal = NEURAL_ATTENTION_NAMES[fallbacks.get(id(config), "sdpa")]
+            setattr(config, FALLBACK_CONFIG_ATTRIBUTE, fallbacks.get(id(config), "sdpa"))
 
 
 def _keep_neural_attention_hook(model: nn.Module, args: tuple) -> None:
@@ -234,8 +236,6 @@ def _keep_neural_attention_hook(model: nn.Module, args: tuple) -> None:
     nothing in it stops torch.compile."""
     current = model.config._attn_implementation
     if current == ATTENTION_NAME:
-        if not hasattr(current, "fallback"):  # the plain name, set by hand: which masks the fallback expects
-            name_fallbacks(model)
         return
     if any(getattr(module, SCORER_ATTRIBUTE, None) is not None for module in model.modules()):  # not unpatched since
         keep_neural_attention(model, current)
@@ -259,12 +259,13 @@ def is_keep_neural_attention_hook(hook: Any) -> bool:
         hook, "__module__", "").endswith("modeling_neural_attention")
 
 
-def _requested_fallback(requested: Any) -> str:
-    """Map an ``attn_implementation`` request onto the fallback of unpatched layers; refuse fused kernels."""
+def _requested_fallback(requested: Any, config: Any = None) -> str:
+    """Map an ``attn_implementation`` request onto the fallback of unpatched layers; refuse fused kernels.
+    ``"neural_attention"`` keeps the fallback ``config`` records (a Hub class built from a patched model's config)."""
     if isinstance(requested, dict):
         requested = requested.get("")
-    if requested == ATTENTION_NAME:  # a patched model's config (its fallback on it), or the name by hand
-        return getattr(requested, "fallback", "sdpa")
+    if requested == ATTENTION_NAME:
+        return getattr(config, FALLBACK_CONFIG_ATTRIBUTE, "sdpa")
     if requested is None:
         return "sdpa"
     if requested in FALLBACK_IMPLEMENTATIONS:
@@ -292,12 +293,12 @@ class NeuralAttentionModelMixin:
 
     def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
         # transformers checks the requested implementation in __init__: hand it the fallback, attach in post_init.
-        config._attn_implementation_internal = _requested_fallback(config._attn_implementation)
+        config._attn_implementation_internal = _requested_fallback(config._attn_implementation, config)
         super().__init__(config, *args, **kwargs)
 
     def post_init(self) -> None:
         """Attach the scorers before transformers' init walk, so that the walk sees them."""
-        attach_scorers(self, _requested_fallback(self.config._attn_implementation))
+        attach_scorers(self, _requested_fallback(self.config._attn_implementation, self.config))
         super().post_init()
 
     @torch.no_grad()
