@@ -210,22 +210,31 @@ def name_fallbacks(model: nn.Module) -> None:
     A (sub-)model's config takes the fallback of the attention modules it is the innermost model of, else of the
     first one inside it (a composite's); a config only layers hold (``EncoderDecoderModel``'s encoder layers), theirs.
     """
+    # no dict keyed by id(config): inside a compiled graph (the patch's hook after a stock switch) torch 2.9 gives
+    # other ids, and every config fell back to "sdpa"
     owners = [(prefix, sub) for prefix, sub in model.named_modules() if isinstance(sub, PreTrainedModel)]
-    fallbacks: dict[int, str] = {}
-    for name, module in model.named_modules():
-        fallback = getattr(module, FALLBACK_ATTRIBUTE, None)
-        if fallback is None:
-            continue
+    layers = [(name, module) for name, module in model.named_modules() if hasattr(module, FALLBACK_ATTRIBUTE)]
+
+    def inside(name: str, prefix: str) -> bool:
+        return prefix == "" or name == prefix or name.startswith(prefix + ".")
+
+    def innermost(name: str) -> str:  # owners come outermost first, so the last that holds the layer
+        found = ""
+        for prefix, _ in owners:
+            if inside(name, prefix):
+                found = prefix
+        return found
+
+    for prefix, sub in owners:  # outermost first: an inner model sharing the config (llama.model) has the last word
+        within = [(name, module) for name, module in layers if inside(name, prefix)]
+        own = [module for name, module in within if innermost(name) == prefix] or [m for _, m in within]
+        if sub.config._attn_implementation == ATTENTION_NAME:
+            setattr(sub.config, FALLBACK_CONFIG_ATTRIBUTE, getattr(own[0], FALLBACK_ATTRIBUTE) if own else "sdpa")
+    for _, module in layers:  # a config only layers hold (EncoderDecoderModel's encoder layers)
         held = getattr(module, "config", None)
-        configs = [held] if held is not None else []
-        configs += [sub.config for prefix, sub in reversed(owners)  # innermost first
-                    if prefix == "" or name == prefix or name.startswith(prefix + ".")]  # fmt: skip
-        for config in configs:
-            fallbacks.setdefault(id(config), fallback)
-    held = [getattr(module, "config", None) for module in model.modules() if hasattr(module, FALLBACK_ATTRIBUTE)]
-    for config in [sub.config for _, sub in owners] + held:
-        if getattr(config, "_attn_implementation", None) == ATTENTION_NAME:
-            setattr(config, FALLBACK_CONFIG_ATTRIBUTE, fallbacks.get(id(config), "sdpa"))
+        if getattr(held, "_attn_implementation", None) == ATTENTION_NAME and not any(
+                held is sub.config for _, sub in owners):
+            setattr(held, FALLBACK_CONFIG_ATTRIBUTE, getattr(module, FALLBACK_ATTRIBUTE))
 
 
 def _keep_neural_attention_hook(model: nn.Module, args: tuple) -> None:

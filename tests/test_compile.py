@@ -95,6 +95,7 @@ def test_fullgraph_training_step_of_an_eager_model(backend):
     _assert_same_training_step(model, compiled, _padded_batch(), atol=1e-6)
 
 
+@pytest.mark.skipif(torch.__version__ < "2.13", reason="dynamo before 2.13 cannot trace T5's own config deepcopy")
 def test_fullgraph_encoder_decoder_matches_eager_mode():
     # T5 (like BART and Whisper) builds its cache inside forward from a deep copy of its config, which copies the
     # implementation's name too: inside the graph, where constructing one cannot be traced
