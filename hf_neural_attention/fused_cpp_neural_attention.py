@@ -704,8 +704,8 @@ void check_size(const torch::Tensor& t, const char* name, c10::IntArrayRef sizes
 
 Problem make_problem(const torch::Tensor& A, const torch::Tensor& At, const torch::Tensor& B,
                      const torch::Tensor& Bt, const torch::Tensor& V, const torch::Tensor& w,
-                     const c10::optional<torch::Tensor>& dq, const c10::optional<torch::Tensor>& dk,
-                     const c10::optional<torch::Tensor>& mask, const torch::Tensor& cvec, int64_t batch,
+                     const std::optional<torch::Tensor>& dq, const std::optional<torch::Tensor>& dk,
+                     const std::optional<torch::Tensor>& mask, const torch::Tensor& cvec, int64_t batch,
                      int64_t heads, bool causal, double dot_scale, int64_t act, int64_t block, double dropout_p) {
   check_f32(A, "A"); check_f32(At, "At"); check_f32(B, "B"); check_f32(Bt, "Bt"); check_f32(V, "V");
   check_f32(w, "w");
@@ -753,8 +753,8 @@ Problem make_problem(const torch::Tensor& A, const torch::Tensor& At, const torc
 
 // The kernels index raw pointers: every size they read must agree (called once the lengths are final).
 void check_shapes(const Problem& p, const torch::Tensor& Bt, const torch::Tensor& V, const torch::Tensor& w,
-                  const c10::optional<torch::Tensor>& dq, const c10::optional<torch::Tensor>& dk,
-                  const c10::optional<torch::Tensor>& mask, const torch::Tensor& cvec, int64_t act) {
+                  const std::optional<torch::Tensor>& dq, const std::optional<torch::Tensor>& dk,
+                  const std::optional<torch::Tensor>& mask, const torch::Tensor& cvec, int64_t act) {
   check_size(Bt, "Bt", {p.G, p.K, p.Lk});
   check_size(V, "V", {p.G, p.Lk, p.Dv});
   check_size(w, "w", {p.G, p.K});
@@ -768,7 +768,7 @@ void check_shapes(const Problem& p, const torch::Tensor& Bt, const torch::Tensor
 
 // the score bias (batch|1, heads|1, Lq|1, Lk|1) fp32, read with stride 0 along the dims it broadcasts (after the
 // lengths are final)
-void set_bias(Problem& p, const c10::optional<torch::Tensor>& bias) {
+void set_bias(Problem& p, const std::optional<torch::Tensor>& bias) {
   if (!bias.has_value()) return;
   const auto& x = *bias;
   TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 4 && x.device().is_cpu(),
@@ -799,8 +799,8 @@ void set_dropout_keys(Problem& p, int64_t seed) {
 }  // namespace
 
 std::vector<torch::Tensor> fused_forward(torch::Tensor A, torch::Tensor Bt, torch::Tensor V, torch::Tensor w,
-                                         c10::optional<torch::Tensor> dq, c10::optional<torch::Tensor> dk,
-                                         c10::optional<torch::Tensor> mask, c10::optional<torch::Tensor> bias,
+                                         std::optional<torch::Tensor> dq, std::optional<torch::Tensor> dk,
+                                         std::optional<torch::Tensor> mask, std::optional<torch::Tensor> bias,
                                          torch::Tensor cvec, int64_t batch, int64_t heads, bool causal,
                                          double dot_scale, int64_t act, int64_t block, double dropout_p,
                                          int64_t seed) {
@@ -819,9 +819,9 @@ std::vector<torch::Tensor> fused_forward(torch::Tensor A, torch::Tensor Bt, torc
 }
 
 std::vector<torch::Tensor> fused_backward(torch::Tensor A, torch::Tensor At, torch::Tensor B, torch::Tensor Bt,
-                                          torch::Tensor V, torch::Tensor w, c10::optional<torch::Tensor> dq,
-                                          c10::optional<torch::Tensor> dk, c10::optional<torch::Tensor> mask,
-                                          c10::optional<torch::Tensor> bias, bool bias_grad, int64_t bias_rows,
+                                          torch::Tensor V, torch::Tensor w, std::optional<torch::Tensor> dq,
+                                          std::optional<torch::Tensor> dk, std::optional<torch::Tensor> mask,
+                                          std::optional<torch::Tensor> bias, bool bias_grad, int64_t bias_rows,
                                           torch::Tensor cvec,
                                           torch::Tensor stats, torch::Tensor dO, torch::Tensor D, int64_t batch,
                                           int64_t heads, bool causal, double dot_scale, int64_t act, int64_t block,
@@ -890,22 +890,22 @@ std::vector<torch::Tensor> fused_backward(torch::Tensor A, torch::Tensor At, tor
 
 _FUSED_DECLS = r"""
 std::vector<torch::Tensor> fused_forward(torch::Tensor A, torch::Tensor Bt, torch::Tensor V, torch::Tensor w,
-                                         c10::optional<torch::Tensor> dq, c10::optional<torch::Tensor> dk,
-                                         c10::optional<torch::Tensor> mask, c10::optional<torch::Tensor> bias,
+                                         std::optional<torch::Tensor> dq, std::optional<torch::Tensor> dk,
+                                         std::optional<torch::Tensor> mask, std::optional<torch::Tensor> bias,
                                          torch::Tensor cvec, int64_t batch, int64_t heads, bool causal,
                                          double dot_scale, int64_t act, int64_t block, double dropout_p,
                                          int64_t seed);
 std::vector<torch::Tensor> fused_backward(torch::Tensor A, torch::Tensor At, torch::Tensor B, torch::Tensor Bt,
-                                          torch::Tensor V, torch::Tensor w, c10::optional<torch::Tensor> dq,
-                                          c10::optional<torch::Tensor> dk, c10::optional<torch::Tensor> mask,
-                                          c10::optional<torch::Tensor> bias, bool bias_grad, int64_t bias_rows,
+                                          torch::Tensor V, torch::Tensor w, std::optional<torch::Tensor> dq,
+                                          std::optional<torch::Tensor> dk, std::optional<torch::Tensor> mask,
+                                          std::optional<torch::Tensor> bias, bool bias_grad, int64_t bias_rows,
                                           torch::Tensor cvec,
                                           torch::Tensor stats, torch::Tensor dO, torch::Tensor D, int64_t batch,
                                           int64_t heads, bool causal, double dot_scale, int64_t act, int64_t block,
                                           bool single_pass, double dropout_p, int64_t seed);
 """
 
-_HEADERS = "#include <limits>\n#if !defined(_WIN32)\n#include <dlfcn.h>\n#endif\n"
+_HEADERS = "#include <limits>\n#include <optional>\n#if !defined(_WIN32)\n#include <dlfcn.h>\n#endif\n"
 _SOURCE = _HEADERS + _MATH + _FUSED_BODY + _FUSED_DECLS
 _FUNCTIONS = ["fused_forward", "fused_backward"]
 _PREFIX = "neural_attention_fused_cpu"

@@ -171,6 +171,25 @@ def set_fallback(model: nn.Module, fallback: str) -> None:
         setattr(module, FALLBACK_ATTRIBUTE, fallback)
 
 
+def _model_owners(model: nn.Module) -> list[tuple[str, PreTrainedModel]]:
+    """``(prefix, sub-model)`` of every ``PreTrainedModel`` in ``model`` (itself included), outermost first."""
+    return [(prefix, sub) for prefix, sub in model.named_modules() if isinstance(sub, PreTrainedModel)]
+
+
+def _is_within(name: str, prefix: str) -> bool:
+    """Whether the module named ``name`` lies inside the one named ``prefix`` (``""`` is the root)."""
+    return prefix == "" or name == prefix or name.startswith(prefix + ".")
+
+
+def _innermost_owner(name: str, owners: list[tuple[str, PreTrainedModel]]) -> tuple[str, PreTrainedModel] | None:
+    """The innermost of ``owners`` (from :func:`_model_owners`) holding the module named ``name``, or ``None``."""
+    found = None
+    for prefix, sub in owners:  # outermost first, so the last that holds it
+        if _is_within(name, prefix):
+            found = (prefix, sub)
+    return found
+
+
 def keep_neural_attention(model: nn.Module, attn_implementation: str | dict | None) -> None:
     """Apply an ``attn_implementation`` request to a model with neural layers without dropping them.
 
@@ -186,11 +205,11 @@ def keep_neural_attention(model: nn.Module, attn_implementation: str | dict | No
         # eager, language model on sdpa), and each attention module takes its innermost model's. The attention
         # modules of a patched model all carry the attribute: no walk through their source code, so the patch's
         # forward pre-hook can call this under torch.compile
-        owners = [(prefix, sub) for prefix, sub in model.named_modules() if isinstance(sub, PreTrainedModel)]
+        owners = _model_owners(model)
         for name, module in model.named_modules():
             if hasattr(module, FALLBACK_ATTRIBUTE):
-                own = next((sub.config._attn_implementation for prefix, sub in reversed(owners)  # innermost first
-                            if prefix == "" or name == prefix or name.startswith(prefix + ".")), None)  # fmt: skip
+                owner = _innermost_owner(name, owners)
+                own = owner[1].config._attn_implementation if owner is not None else None
                 setattr(module, FALLBACK_ATTRIBUTE, own if own in FALLBACK_IMPLEMENTATIONS else fallback)
         # a sub-model's config of its own (T5's decoder stack) was switched too: left there, its layers ran the
         # stock kernel on masks generate built for the model's implementation (a static cache's bool mask, added
@@ -212,22 +231,12 @@ def name_fallbacks(model: nn.Module) -> None:
     """
     # no dict keyed by id(config): inside a compiled graph (the patch's hook after a stock switch) torch 2.9 gives
     # other ids, and every config fell back to "sdpa"
-    owners = [(prefix, sub) for prefix, sub in model.named_modules() if isinstance(sub, PreTrainedModel)]
+    owners = _model_owners(model)
     layers = [(name, module) for name, module in model.named_modules() if hasattr(module, FALLBACK_ATTRIBUTE)]
-
-    def inside(name: str, prefix: str) -> bool:
-        return prefix == "" or name == prefix or name.startswith(prefix + ".")
-
-    def innermost(name: str) -> str:  # owners come outermost first, so the last that holds the layer
-        found = ""
-        for prefix, _ in owners:
-            if inside(name, prefix):
-                found = prefix
-        return found
-
     for prefix, sub in owners:  # outermost first: an inner model sharing the config (llama.model) has the last word
-        within = [(name, module) for name, module in layers if inside(name, prefix)]
-        own = [module for name, module in within if innermost(name) == prefix] or [m for _, m in within]
+        within = [(name, module) for name, module in layers if _is_within(name, prefix)]
+        own = [module for name, module in within if _innermost_owner(name, owners)[0] == prefix]
+        own = own or [module for _, module in within]
         if sub.config._attn_implementation == ATTENTION_NAME:
             setattr(sub.config, FALLBACK_CONFIG_ATTRIBUTE, getattr(own[0], FALLBACK_ATTRIBUTE) if own else "sdpa")
     for _, module in layers:  # a config only layers hold (EncoderDecoderModel's encoder layers)
