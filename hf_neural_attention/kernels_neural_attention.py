@@ -35,7 +35,6 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 __all__ = [
     "ACTIVATIONS",
@@ -808,25 +807,31 @@ def tiled_ops(scorer_factory: ScorerFactory | None = None) -> tuple[Callable, Ca
 tiled_ops()  # the PyTorch scorers' ops, registered at import (not while torch.compile traces a call)
 
 
+SECOND_DERIVATIVE_ERROR = (
+    b"neural attention's fused backends (tiled, cpp, triton) have no second derivative (a gradient penalty, "
+    b"create_graph=True, differentiated again): patch with backend='eager', which has them (trying to "
+    b"differentiate twice a function that was marked with @once_differentiable)"
+)
+
+
 def once_differentiable_always(backward: Callable) -> Callable:
-    """``once_differentiable``, also when the incoming gradient does not depend on the output.
+    """``once_differentiable``, also when the incoming gradient does not depend on the output, and with an error
+    that names the fix.
 
     ``once_differentiable`` marks the gradients it returns as non-differentiable only when some incoming gradient
     requires grad: for ``out.sum()`` under ``create_graph=True`` they came back outside the graph, so a gradient
     penalty silently lost its second-order term. Here every gradient of a ``create_graph=True`` backward carries the
-    error node, and differentiating it raises.
+    error node, and differentiating it raises ``RuntimeError`` (torch's generic message did not say what to do).
     """
-    inner = once_differentiable(backward)
 
     @functools.wraps(backward)
     def wrapper(ctx: Any, *grad_outputs: Any) -> Any:
-        grads = inner(ctx, *grad_outputs)
-        if not torch.is_grad_enabled() or any(isinstance(g, Tensor) and g.requires_grad for g in grad_outputs):
-            return grads  # first order only, or once_differentiable has already attached its error node
+        with torch.no_grad():
+            grads = backward(ctx, *grad_outputs)
+        if not torch.is_grad_enabled():
+            return grads  # a plain backward: first order only
         outputs = grads if isinstance(grads, tuple) else (grads,)
-        error = torch._C._functions.DelayedError(
-            b"trying to differentiate twice a function that was marked with @once_differentiable (neural attention's "
-            b"fused kernels have no second derivative; use backend='eager')", len(outputs))
+        error = torch._C._functions.DelayedError(SECOND_DERIVATIVE_ERROR, len(outputs))
         marked = error(*[None if g is None else g.detach().requires_grad_() for g in outputs])
         marked = marked if isinstance(marked, tuple) else (marked,)
         return marked if isinstance(grads, tuple) else marked[0]

@@ -57,7 +57,7 @@ def test_a_second_derivative_raises_instead_of_being_wrong(kernel, authors):
     for loss in ((out**2).sum(), out.sum()):
         (grad_query,) = torch.autograd.grad(loss, args["query_hidden"], create_graph=True, retain_graph=True)
         assert grad_query.requires_grad
-        with pytest.raises(RuntimeError, match="once_differentiable"):
+        with pytest.raises(RuntimeError, match="no second derivative.*backend='eager'"):
             grad_query.square().sum().backward()
     # first order, the gradients are what they were
     (plain,) = torch.autograd.grad(out.sum(), args["query_hidden"], retain_graph=True)
