@@ -199,7 +199,24 @@ def patch_model(
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise TypeError(f"patch_model expects a transformers PreTrainedModel, got {type(model).__name__}.")
     _patch(unwrap_model(model), layers, config, settings)
+    if _is_peft_wrapper(model):
+        # the scorers train (they are created trainable), but PEFT's save_pretrained writes only its adapter and its
+        # modules_to_save: a hand-written loop would lose them at the save without a word
+        logger.warning(
+            "patch_model patched the model inside a PEFT wrapper: its new scorers train, but PEFT's save_pretrained "
+            "will not store them. Save them with save_neural_adapter(model, directory) beside PEFT's adapter "
+            "(NeuralAttentionTrainer does so at every save), or patch the base model before get_peft_model with "
+            "modules_to_save=['neural_scorer'] in its config."
+        )
     return model
+
+
+def _is_peft_wrapper(model: nn.Module) -> bool:
+    """Whether ``model`` is, or wraps (``torch.compile``), PEFT's ``PeftModel`` or one of its tuners
+    (``LoraModel``), whose ``save_pretrained`` writes only PEFT's own adapter."""
+    while isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = model._orig_mod
+    return callable(getattr(model, "get_base_model", None)) or hasattr(model, "peft_config")
 
 
 def _patch(model: nn.Module, layers: LayerSelection, config: NeuralAttentionConfig | None, settings: dict) -> None:

@@ -108,6 +108,34 @@ def test_adapter_of_a_peft_model_holds_the_trained_scorers_under_base_model_name
     assert saved.keys() == original.keys() and all(torch.equal(saved[name], original[name]) for name in saved)
 
 
+def test_patching_inside_a_peft_wrapper_warns_and_its_trained_scorers_round_trip_through_the_adapter(tmp_path, caplog):
+    """``patch_model`` after ``get_peft_model``: the scorers train, but PEFT's own save leaves them out (silently,
+    until a user's reload gave other outputs); the warning names the save that keeps them."""
+    peft = pytest.importorskip("peft")
+    wrapped = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(target_modules=["c_attn"], fan_in_fan_out=True))
+    with caplog.at_level("WARNING", logger="hf_neural_attention.patching"):
+        assert patch_model(wrapped, layers=[0], proj_dim=4) is wrapped
+    assert "inside a PEFT wrapper" in caplog.text and "save_neural_adapter" in caplog.text
+    scorers = [p for name, p in wrapped.named_parameters() if ".neural_scorer." in name]
+    assert scorers and all(p.requires_grad for p in scorers)
+    before = [p.detach().clone() for p in scorers]
+    optimizer = torch.optim.SGD([p for p in wrapped.parameters() if p.requires_grad], lr=0.5)
+    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+    wrapped(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    assert not all(torch.equal(p, old) for p, old in zip(scorers, before, strict=True))  # (b_a's gradient is 0)
+    wrapped.save_pretrained(tmp_path / "lora")
+    save_neural_adapter(wrapped, tmp_path / "scorers")
+    restored = peft.PeftModel.from_pretrained(load_neural_adapter(tiny_gpt2(), tmp_path / "scorers"), tmp_path / "lora")
+    torch.testing.assert_close(output(restored), output(wrapped), rtol=0, atol=1e-6)
+    untrained = peft.PeftModel.from_pretrained(patch_model(tiny_gpt2(), layers=[0], proj_dim=4), tmp_path / "lora")
+    assert not torch.allclose(output(untrained), output(wrapped), atol=1e-4)  # what PEFT's save alone gives back
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_neural_attention.patching"):
+        patch_model(tiny_gpt2(), layers=[0])
+    assert "PEFT" not in caplog.text  # a bare model: no warning
+
+
 def test_adapter_from_a_state_dict_without_the_frozen_scorers_takes_them_from_the_model(tmp_path):
     # Trainer's ZeRO-3 save of a PEFT model gathers only the trainable parameters (exclude_frozen_parameters): frozen
     # scorers, whole on every rank, come from the model (they were once refused, and no adapter was written)
