@@ -5,6 +5,7 @@ formulation as ``nn.Linear`` layers over a materialised ``(batch, heads, q_len, 
 from __future__ import annotations
 
 import os
+import zlib
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,18 @@ SEED_OFFSET = int(os.environ.get("TEST_SEED") or int.from_bytes(os.urandom(3), "
 def fresh_seed(seed: int) -> int:
     """A test's own ``seed`` moved by this session's ``SEED_OFFSET``: fresh inputs every run, reproducible."""
     return seed + 1000 * SEED_OFFSET
+
+
+_DRAWS: dict[str, int] = {}
+
+
+def drawn_seed() -> int:
+    """A new seed at every call, from ``SEED_OFFSET``, the running test's id and how many seeds it drew before:
+    fresh every session, and ``TEST_SEED`` replays a test's draws whether it runs alone or in the whole suite."""
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]  # "path::name[params] (call)"
+    count = _DRAWS.get(test, 0)
+    _DRAWS[test] = count + 1
+    return zlib.crc32(f"{SEED_OFFSET}:{test}:{count}".encode()) % 2**31
 
 
 def bias_in_layout(layout: str, g: torch.Generator, batch: int, heads: int, q_len: int, k_len: int,
@@ -92,6 +105,17 @@ class AuthorsScorer(nn.Module):
         active = self.mlp[:3](self.pairs(query, key)) > 0  # (b, h, lq, lk, d'/2)
         seen = torch.ones_like(active) if visible is None else visible[..., None].expand_as(active)
         return ((active & seen).any(-2) & (~active & seen).any(-2)).double().flatten(0, -2).mean(0)
+
+    def smallest_visible_preactivation(self, query: torch.Tensor, key: torch.Tensor,
+                                       visible: torch.Tensor | None = None) -> float:
+        """The smallest ``|input|`` of either ReLU over visible pairs. Within rounding of 0, float32 may put the pair
+        on the other side of the kink than float64: its gradient then differs by a whole term, not by rounding."""
+        pairs = self.pairs(query, key)
+        smallest = float("inf")
+        for pre in (self.mlp[:1](pairs), self.mlp[:3](pairs)):
+            seen = torch.ones_like(pre, dtype=torch.bool) if visible is None else visible[..., None].expand_as(pre)
+            smallest = min(smallest, pre.abs()[seen].min().item())
+        return smallest
 
 
 def attention_from_scores(scores: torch.Tensor, value: torch.Tensor, visible: torch.Tensor | None

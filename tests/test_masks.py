@@ -9,7 +9,7 @@ import torch
 
 from hf_neural_attention import NeuralAttentionConfig, NeuralScorer, neural_attention_forward, patch_model
 from tests.models import random_ids, tiny_bert, tiny_gpt2
-from tests.reference import attention_from_scores, causal_visible, paper_scores
+from tests.reference import attention_from_scores, causal_visible, drawn_seed, paper_scores
 from tests.test_scorer_math import HAS_TRITON, KERNEL_CASES, ScoredLayer, assert_matches, reference_weights
 
 BACKENDS = ["eager", "tiled", "cpp"] + (["triton"] if HAS_TRITON else [])  # the models are float32
@@ -21,7 +21,7 @@ def _layer(backend: str, dtype: torch.dtype, heads: int = 2, head_dim: int = 8, 
 
 
 def _inputs(batch: int, heads: int, q_len: int, k_len: int, head_dim: int = 8, dtype: torch.dtype = torch.float64):
-    seed = torch.seed() % 2**31
+    seed = drawn_seed()
     print(f"random inputs: seed {seed}")  # shown with a failure, to reproduce it
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(batch, heads, n, head_dim, generator=g, dtype=torch.float64).to(dtype)
