@@ -19,6 +19,14 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# the device image's transformers (5.17 in 2026-11) is below pyproject's floor: then carry a wheel of a newer one in
+# .whl/ (`pip download --no-deps -d .whl "transformers==5.24.0"`, `.whl/` in .git/info/exclude, run with carry .whl)
+if ! python3 -c "import hf_neural_attention" 2>/tmp/import_error.txt; then
+  tail -3 /tmp/import_error.txt
+  python3 -c "import transformers; print('transformers', transformers.__version__, 'is installed')" 2>/dev/null || true
+  echo "hf_neural_attention does not import here: put a wheel of transformers >= the floor in pyproject.toml into .whl/"
+  exit 2
+fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, \
 'transformers', transformers.__version__, torch.cuda.get_device_name())"
