@@ -853,7 +853,10 @@ class _NeuralAttentionFunction(torch.autograd.Function):
         ctx.save_for_backward(*inputs, mask, bias, out, stats)
         ctx.settings, ctx.ops = settings, cfg["ops"]
         batch, heads, q_len, _ = A.shape
-        return out.view(batch, heads, q_len, V.shape[3]).to(V.dtype)
+        out = out.view(batch, heads, q_len, V.shape[3])
+        # no no-op .to(): under torch.compile, torch 2.11 gave the output's gradient to the wrong slot when the
+        # Function returned the same tensor through it, and backward got zeros (pytorch/pytorch#180642)
+        return out if out.dtype == V.dtype else out.to(V.dtype)
 
     @staticmethod
     @once_differentiable_always  # the backward op is not differentiable: a second derivative must raise

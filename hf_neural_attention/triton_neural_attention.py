@@ -1189,7 +1189,7 @@ class _NeuralAttentionTriton(torch.autograd.Function):
         Out, stats = _triton_forward(*inputs, mask, *settings, cfg["launch"])
         ctx.save_for_backward(*inputs, mask, Out, stats)
         ctx.settings, ctx.launch = settings, cfg["launch"]
-        return Out.to(value.dtype)
+        return Out if Out.dtype == value.dtype else Out.to(value.dtype)  # no no-op .to(): see _NeuralAttentionFunction
 
     @staticmethod
     @once_differentiable_always  # the backward kernels are not differentiable: a second derivative must raise
