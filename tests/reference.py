@@ -74,6 +74,23 @@ def paper_scores(query: torch.Tensor, key: torch.Tensor, weights: dict[str, torc
     return torch.einsum("bhijm,hm->bhij", ACTIVATIONS[activation](hidden), w["w_a"])
 
 
+def smallest_visible_hidden(query: torch.Tensor, key: torch.Tensor, weights: dict[str, torch.Tensor],
+                            visible: torch.Tensor | None = None) -> float:
+    """The smallest ``|W_h [q'_i ; k'_j] + b_h|`` over visible pairs (``visible`` broadcastable to ``(b, h, lq,
+    lk)``), in float64 from the values given. Within fp32 rounding of 0 a kernel may put a pair on the other side of
+    the relu kink than float64: a whole ``dS_ij w_m`` term off in every gradient through relu', not a rounding."""
+    heads = query.shape[1]
+    w = {k: v.detach().double().expand(heads, *v.shape[1:]) for k, v in weights.items()}
+    q_proj = torch.einsum("bhid,hpd->bhip", query.detach().double(), w["P_q"]) + w["c_q"][None, :, None, :]
+    k_proj = torch.einsum("bhjd,hpd->bhjp", key.detach().double(), w["P_k"]) + w["c_k"][None, :, None, :]
+    proj = q_proj.shape[-1]
+    hidden = (torch.einsum("bhip,hmp->bhim", q_proj, w["W_h"][..., :proj])[:, :, :, None]
+              + torch.einsum("bhjp,hmp->bhjm", k_proj, w["W_h"][..., proj:])[:, :, None]
+              + w["b_h"][None, :, None, None, :])  # (b, h, lq, lk, hidden)
+    seen = torch.ones_like(hidden, dtype=torch.bool) if visible is None else visible[..., None].expand_as(hidden)
+    return hidden.abs()[seen].min().item() if seen.any() else float("inf")
+
+
 class AuthorsScorer(nn.Module):
     """The authors' formulation: shared ``Linear(d->d')`` projections of q and k, then on ``[q'_i ; k'_j]``:
     ``Linear(2d'->d') -> ReLU -> Linear(d'->d'/2) -> ReLU -> Linear(d'/2->1)``, all kept for autograd."""

@@ -11,7 +11,14 @@ import torch
 from torch import nn
 
 from hf_neural_attention import NeuralAttentionConfig, NeuralScorer, neural_attention_forward
-from tests.reference import AuthorsScorer, attention_from_scores, causal_visible, drawn_seed, paper_scores
+from tests.reference import (
+    AuthorsScorer,
+    attention_from_scores,
+    causal_visible,
+    drawn_seed,
+    paper_scores,
+    smallest_visible_hidden,
+)
 
 # In float64 "cpp" runs the tiled kernel with the C++ scorer (the fused C++ kernel computes in fp32): the fused
 # kernels meet the reference in float32 (FUSED_CASES, test_float32_and_bfloat16_match_float64_reference).
@@ -25,13 +32,15 @@ KERNEL_CASES = [pytest.param(backend, torch.float64, id=backend) for backend in 
 
 
 def assert_matches(got: torch.Tensor, want: torch.Tensor, what: str = "") -> None:
-    """float64: to 1e-9 (rtol) / 1e-10; float32: to 2e-5 of the reference's largest entry (a gradient's small entries
-    are sums that cancel)."""
+    """float64: to 1e-9 (rtol) / 1e-10; float32: to 2e-5 of the reference's largest entry, and of 1 for smaller
+    tensors (a gradient's small entries are sums that cancel, and so may a whole tensor's: a hidden unit on one side
+    of its relu for every key of a row shifts the row, which softmax ignores, and the gradients of its bias and of
+    P_q, c_q, c_k, the gate are 0 in exact arithmetic but carry the rounding of their O(1) terms)."""
     if got.dtype == torch.float64:
         torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10, msg=lambda m: f"{what}: {m}")
         return
-    error = (got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30)
-    assert error <= 2e-5, f"{what}: error {error:.2e} of the largest entry"
+    error = (got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1.0)
+    assert error <= 2e-5, f"{what}: error {error:.2e} of max(largest entry, 1)"
 
 
 class ScoredLayer(nn.Module):
@@ -228,6 +237,15 @@ def test_float32_and_bfloat16_match_float64_reference(backend, mlp, dtype):
         authors = live_authors_scorer(head_dim, 4, query, key, visible, dtype=dtype, kink_margin=1e-6)
         ours, theirs = copy_authors_weights(authors, scorer)
     else:
+        # weights redrawn until no visible pair meets the relu within 1e-6 of its kink (weights rounded to dtype, as
+        # the kernel sees them): fp32 and float64 may take different branches there, a whole gradient term apart
+        for _ in range(100):
+            if smallest_visible_hidden(query, key, reference_weights(copy.deepcopy(scorer).to(dtype)), visible) > 1e-6:
+                break
+            torch.manual_seed(drawn_seed())
+            scorer = NeuralScorer(head_dim, heads, settings)
+        else:
+            raise AssertionError("no draw of 100 keeps every visible pair 1e-6 away from a relu kink")
         ours = list(scorer.parameters())
     names = {id(p): name for name, p in scorer.named_parameters()}
     scorer.to(dtype)
