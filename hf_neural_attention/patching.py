@@ -199,24 +199,37 @@ def patch_model(
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise TypeError(f"patch_model expects a transformers PreTrainedModel, got {type(model).__name__}.")
     _patch(unwrap_model(model), layers, config, settings)
-    if _is_peft_wrapper(model):
-        # the scorers train (they are created trainable), but PEFT's save_pretrained writes only its adapter and its
-        # modules_to_save: a hand-written loop would lose them at the save without a word
+    saver = adapter_only_saver(model)
+    # the new scorers train (they are created trainable), but such a save_pretrained writes only the adapters: a
+    # hand-written loop would lose them at the save without a word
+    if saver == "PEFT":
         logger.warning(
             "patch_model patched the model inside a PEFT wrapper: its new scorers train, but PEFT's save_pretrained "
             "will not store them. Save them with save_neural_adapter(model, directory) beside PEFT's adapter "
             "(NeuralAttentionTrainer does so at every save), or patch the base model before get_peft_model with "
             "modules_to_save=['neural_scorer'] in its config."
         )
+    elif saver == "transformers":
+        logger.warning(
+            "patch_model patched a model with adapters loaded through transformers (add_adapter / load_adapter): its "
+            "new scorers train, but its save_pretrained then stores the adapters alone. Save the scorers with "
+            "save_neural_adapter(model, directory) (NeuralAttentionTrainer does so at every save)."
+        )
     return model
 
 
-def _is_peft_wrapper(model: nn.Module) -> bool:
-    """Whether ``model`` is, or wraps (``torch.compile``), PEFT's ``PeftModel`` or one of its tuners
-    (``LoraModel``), whose ``save_pretrained`` writes only PEFT's own adapter."""
+def adapter_only_saver(model: nn.Module) -> str | None:
+    """Whose ``save_pretrained`` writes only adapters, not the model's other weights (its scorers), for ``model`` or
+    the model inside ``torch.compile``'s wrapper: ``"PEFT"`` for PEFT's ``PeftModel`` or one of its tuners
+    (``LoraModel``), ``"transformers"`` for a model with adapters loaded through transformers' PEFT integration
+    (``add_adapter`` / ``load_adapter``), else ``None``."""
     while isinstance(getattr(model, "_orig_mod", None), nn.Module):
         model = model._orig_mod
-    return callable(getattr(model, "get_base_model", None)) or hasattr(model, "peft_config")
+    if callable(getattr(model, "get_base_model", None)):
+        return "PEFT"
+    if hasattr(model, "peft_config") or getattr(model, "_hf_peft_config_loaded", False):
+        return "transformers" if isinstance(model, PreTrainedModel) else "PEFT"
+    return None
 
 
 def _patch(model: nn.Module, layers: LayerSelection, config: NeuralAttentionConfig | None, settings: dict) -> None:

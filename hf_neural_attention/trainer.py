@@ -20,15 +20,9 @@ from transformers import PreTrainedModel, Trainer
 from .adapters import save_neural_adapter
 from .hub_classes import is_hub_class
 from .model_card import merge_training_card
-from .patching import neural_settings, unwrap_model
+from .patching import adapter_only_saver, neural_settings, unwrap_model
 
 logger = logging.getLogger(__name__)
-
-
-def _is_peft_model(model: Any) -> bool:
-    """Whether ``model`` is PEFT's wrapper (``PeftModel`` or a tuner such as ``LoraModel``), whose
-    ``save_pretrained`` writes only the PEFT adapter."""
-    return callable(getattr(model, "get_base_model", None)) or hasattr(model, "peft_config")
 
 
 class NeuralAttentionTrainer(Trainer):
@@ -39,7 +33,7 @@ class NeuralAttentionTrainer(Trainer):
         wrapped = self.accelerator.unwrap_model(self.model)
         model = unwrap_model(wrapped)
         if (not self.args.should_save or not isinstance(model, PreTrainedModel) or neural_settings(model) is None
-                or (is_hub_class(type(model)) and not _is_peft_model(wrapped))):
+                or (is_hub_class(type(model)) and adapter_only_saver(wrapped) is None)):
             return  # a user's own module, the dot-product arm, or a Hub class (its checkpoint rebuilds the layers)
         # Trainer hands _save the gathered state dict where the parameters are sharded (DeepSpeed ZeRO-3, FSDP's
         # full state dict), keyed as `wrapped`'s; {} when ZeRO-3 was told not to gather (a sharded checkpoint)
@@ -64,4 +58,4 @@ class NeuralAttentionTrainer(Trainer):
         if neural_settings(model) is None:
             return  # the dot-product arm of an A/B run: the stock card is right
         merge_training_card(model, os.path.join(self.args.output_dir, "README.md"), repo_id=self.hub_model_id,
-                            peft=_is_peft_model(wrapped))
+                            peft=adapter_only_saver(wrapped) is not None)

@@ -133,7 +133,16 @@ def test_patching_inside_a_peft_wrapper_warns_and_its_trained_scorers_round_trip
     caplog.clear()
     with caplog.at_level("WARNING", logger="hf_neural_attention.patching"):
         patch_model(tiny_gpt2(), layers=[0])
-    assert "PEFT" not in caplog.text  # a bare model: no warning
+    assert "PEFT" not in caplog.text and "adapters" not in caplog.text  # a bare model: no warning
+    # adapters loaded through transformers' own integration: what its add_adapter does (peft.inject_adapter_in_model,
+    # then the flag; transformers 5.24 asks for a peft release newer than any yet), after which its save_pretrained
+    # stores the adapters alone. The warning says so, not "inside a PEFT wrapper", whose advice does not apply
+    integrated = tiny_gpt2()
+    peft.inject_adapter_in_model(peft.LoraConfig(target_modules=["c_attn"], fan_in_fan_out=True), integrated)
+    integrated._hf_peft_config_loaded = True
+    with caplog.at_level("WARNING", logger="hf_neural_attention.patching"):
+        patch_model(integrated, layers=[0])
+    assert "adapters loaded through transformers" in caplog.text and "PEFT wrapper" not in caplog.text
 
 
 def test_adapter_from_a_state_dict_without_the_frozen_scorers_takes_them_from_the_model(tmp_path):
