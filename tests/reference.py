@@ -27,11 +27,16 @@ _DRAWS: dict[str, int] = {}
 
 def drawn_seed() -> int:
     """A new seed at every call, from ``SEED_OFFSET``, the running test's id and how many seeds it drew before:
-    fresh every session, and ``TEST_SEED`` replays a test's draws whether it runs alone or in the whole suite."""
+    fresh every session, and ``TEST_SEED`` replays a test's draws whether it runs alone or in the whole suite.
+
+    Also seeds torch's global generator with it, as ``torch.seed()`` (which it replaced) did: the test's later
+    global draws (upstream gradients, weights) are fresh too, and replayed with the rest."""
     test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]  # "path::name[params] (call)"
     count = _DRAWS.get(test, 0)
     _DRAWS[test] = count + 1
-    return zlib.crc32(f"{SEED_OFFSET}:{test}:{count}".encode()) % 2**31
+    seed = zlib.crc32(f"{SEED_OFFSET}:{test}:{count}".encode()) % 2**31
+    torch.manual_seed(seed)
+    return seed
 
 
 def bias_in_layout(layout: str, g: torch.Generator, batch: int, heads: int, q_len: int, k_len: int,
