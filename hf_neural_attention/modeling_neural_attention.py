@@ -233,10 +233,14 @@ def name_fallbacks(model: nn.Module) -> None:
     # other ids, and every config fell back to "sdpa"
     owners = _model_owners(model)
     layers = [(name, module) for name, module in model.named_modules() if hasattr(module, FALLBACK_ATTRIBUTE)]
+    innermost = []  # each layer's innermost model, found once (a loop: dynamo cannot trace := in a comprehension)
+    for name, _ in layers:
+        owner = _innermost_owner(name, owners)
+        innermost.append(owner[0] if owner is not None else None)
     for prefix, sub in owners:  # outermost first: an inner model sharing the config (llama.model) has the last word
-        within = [(name, module) for name, module in layers if _is_within(name, prefix)]
-        own = [module for name, module in within if _innermost_owner(name, owners)[0] == prefix]
-        own = own or [module for _, module in within]
+        within = [(module, inner) for (name, module), inner in zip(layers, innermost, strict=True)
+                  if _is_within(name, prefix)]  # fmt: skip
+        own = [module for module, inner in within if inner == prefix] or [module for module, _ in within]
         if sub.config._attn_implementation == ATTENTION_NAME:
             setattr(sub.config, FALLBACK_CONFIG_ATTRIBUTE, getattr(own[0], FALLBACK_ATTRIBUTE) if own else "sdpa")
     for _, module in layers:  # a config only layers hold (EncoderDecoderModel's encoder layers)

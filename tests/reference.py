@@ -58,13 +58,11 @@ def bias_in_layout(layout: str, g: torch.Generator, batch: int, heads: int, q_le
     return leaf, leaf
 
 
-def paper_scores(query: torch.Tensor, key: torch.Tensor, weights: dict[str, torch.Tensor], activation: str
-                 ) -> torch.Tensor:
-    """``score_ij = w_a . act(W_h [P_q q_i + c_q ; P_k k_j + c_k] + b_h)`` per head, materialising the concat.
+def paper_hidden(query: torch.Tensor, key: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``W_h [P_q q_i + c_q ; P_k k_j + c_k] + b_h`` per head, materialising the concat: ``(b, h, lq, lk, M)``.
 
     query ``(b, h, lq, d)``, key ``(b, h, lk, d)``; weights carry a leading head axis (size h or 1):
-    ``P_q, P_k: (H, d', d)``, ``c_q, c_k: (H, d')``, ``W_h: (H, M, 2d')``, ``b_h: (H, M)``, ``w_a: (H, M)``.
-    Returns ``(b, h, lq, lk)``.
+    ``P_q, P_k: (H, d', d)``, ``c_q, c_k: (H, d')``, ``W_h: (H, M, 2d')``, ``b_h: (H, M)`` (and ``w_a: (H, M)``).
     """
     heads = query.shape[1]
     w = {k: v.expand(heads, *v.shape[1:]) for k, v in weights.items()}
@@ -75,8 +73,15 @@ def paper_scores(query: torch.Tensor, key: torch.Tensor, weights: dict[str, torc
         [q_proj[:, :, :, None, :].expand(-1, -1, -1, lk, -1), k_proj[:, :, None, :, :].expand(-1, -1, lq, -1, -1)],
         dim=-1,
     )  # (b, h, lq, lk, 2d')
-    hidden = torch.einsum("bhijc,hmc->bhijm", pairs, w["W_h"]) + w["b_h"][None, :, None, None, :]
-    return torch.einsum("bhijm,hm->bhij", ACTIVATIONS[activation](hidden), w["w_a"])
+    return torch.einsum("bhijc,hmc->bhijm", pairs, w["W_h"]) + w["b_h"][None, :, None, None, :]
+
+
+def paper_scores(query: torch.Tensor, key: torch.Tensor, weights: dict[str, torch.Tensor], activation: str
+                 ) -> torch.Tensor:
+    """``score_ij = w_a . act(W_h [P_q q_i + c_q ; P_k k_j + c_k] + b_h)`` per head (shapes: ``paper_hidden``).
+    Returns ``(b, h, lq, lk)``."""
+    w_a = weights["w_a"].expand(query.shape[1], -1)
+    return torch.einsum("bhijm,hm->bhij", ACTIVATIONS[activation](paper_hidden(query, key, weights)), w_a)
 
 
 def smallest_visible_hidden(query: torch.Tensor, key: torch.Tensor, weights: dict[str, torch.Tensor],
@@ -84,14 +89,8 @@ def smallest_visible_hidden(query: torch.Tensor, key: torch.Tensor, weights: dic
     """The smallest ``|W_h [q'_i ; k'_j] + b_h|`` over visible pairs (``visible`` broadcastable to ``(b, h, lq,
     lk)``), in float64 from the values given. Within fp32 rounding of 0 a kernel may put a pair on the other side of
     the relu kink than float64: a whole ``dS_ij w_m`` term off in every gradient through relu', not a rounding."""
-    heads = query.shape[1]
-    w = {k: v.detach().double().expand(heads, *v.shape[1:]) for k, v in weights.items()}
-    q_proj = torch.einsum("bhid,hpd->bhip", query.detach().double(), w["P_q"]) + w["c_q"][None, :, None, :]
-    k_proj = torch.einsum("bhjd,hpd->bhjp", key.detach().double(), w["P_k"]) + w["c_k"][None, :, None, :]
-    proj = q_proj.shape[-1]
-    hidden = (torch.einsum("bhip,hmp->bhim", q_proj, w["W_h"][..., :proj])[:, :, :, None]
-              + torch.einsum("bhjp,hmp->bhjm", k_proj, w["W_h"][..., proj:])[:, :, None]
-              + w["b_h"][None, :, None, None, :])  # (b, h, lq, lk, hidden)
+    weights64 = {k: v.detach().double() for k, v in weights.items()}
+    hidden = paper_hidden(query.detach().double(), key.detach().double(), weights64)
     seen = torch.ones_like(hidden, dtype=torch.bool) if visible is None else visible[..., None].expand_as(hidden)
     return hidden.abs()[seen].min().item() if seen.any() else float("inf")
 
