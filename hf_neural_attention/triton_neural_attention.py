@@ -151,12 +151,12 @@ if TRITON_AVAILABLE:
         UPCAST (interpreter only): the interpreter's tl.dot mishandles bf16 operands, so they are rounded to
         DOT_DTYPE and multiplied in fp32 -- numerically what the tensor cores do.
         """
-        a = a.to(DOT_DTYPE)
-        b = b.to(DOT_DTYPE)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(_rounded(a, DOT_DTYPE, UPCAST), _rounded(b, DOT_DTYPE, UPCAST), input_precision="ieee")
+
+    @triton.jit
+    def _mm_acc(a, b, acc, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+        """acc + a @ b as `_mm`, accumulated in the MMA itself (no second accumulator tile in registers)."""
+        return tl.dot(_rounded(a, DOT_DTYPE, UPCAST), _rounded(b, DOT_DTYPE, UPCAST), acc, input_precision="ieee")
 
     @triton.jit
     def _mm_fp32(a, b, UPCAST: tl.constexpr):
@@ -169,11 +169,24 @@ if TRITON_AVAILABLE:
         return tl.dot(a, b, input_precision="tf32x3")
 
     @triton.jit
-    def _bf16_operand(x, UPCAST: tl.constexpr):
-        """x rounded to bf16, an MMA operand (UPCAST, the interpreter: held in fp32, see `_mm`)."""
+    def _rounded(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+        """x rounded to DTYPE, to nearest even as the GPU converts. UPCAST (the interpreter): held in fp32, and the
+        rounding to bf16 done on the bits: the interpreter's fp32 -> bf16 cast truncates (triton 3.9), a bias of about
+        -2^-9 that adds up over a sum of products where the GPU's rounding errors cancel (through the backward's delta,
+        8x the GPU's error in a scorer weight's gradient)."""
         if UPCAST:
-            return x.to(tl.bfloat16).to(tl.float32)
-        return x.to(tl.bfloat16)
+            x = x.to(tl.float32)
+            if DTYPE == tl.bfloat16:  # (finite x; inf stays inf)
+                bits = x.to(tl.uint32, bitcast=True)
+                bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+                return bits.to(tl.float32, bitcast=True)
+            return x.to(DTYPE).to(tl.float32)
+        return x.to(DTYPE)
+
+    @triton.jit
+    def _bf16_operand(x, UPCAST: tl.constexpr):
+        """x rounded to bf16, an MMA operand (UPCAST, the interpreter: held in fp32, see `_rounded`)."""
+        return _rounded(x, tl.bfloat16, UPCAST)
 
     @triton.jit
     def _relu_masked(a, b, x, UPCAST: tl.constexpr):
@@ -596,6 +609,8 @@ if TRITON_AVAILABLE:
         HAS_BIAS: LSE holds the row max and LogL (batch*heads, Lq) the log denominator, kept apart: a row that a
         large finite negative bias covers (a -1e9 float mask) has max + log(denominator) == max in fp32, and P
         recomputed from their sum would be 1 at every key instead of 1 / k.
+        With 16-bit values P enters `P @ V` as two 16-bit parts, P rounded and its rounding error, so that Out is
+        P @ V to about fp32 precision (see `_triton_forward`).
         """
         pid_m = tl.program_id(0)
         (bh, b, h, A_base, B_base, Ck_base, V_base, W_base, W2_base, B2_base, DQ_base, DK_base, Mask_base,
@@ -629,7 +644,9 @@ if TRITON_AVAILABLE:
                 keep = _dropout_keep(seed, bh, offs_m, offs_n, Lq, Lk, dropout_p, False)
                 p = tl.where(keep, p * dropout_scale, 0.0)
             v = _load_tile(V_base, offs_n, Lk, svl, DV, DVP)
-            acc = acc * alpha[:, None] + _mm(p, v, DOT_DTYPE, UPCAST)
+            acc = _mm_acc(p, v, acc * alpha[:, None], DOT_DTYPE, UPCAST)
+            if DOT_DTYPE != tl.float32:  # P's rounding error, itself rounded: P @ V to about 2^-16
+                acc = _mm_acc(p - _rounded(p, DOT_DTYPE, UPCAST).to(tl.float32), v, acc, DOT_DTYPE, UPCAST)
             m_i = m_new
 
         has_any = l_i > 0.0
@@ -1072,7 +1089,11 @@ def _triton_forward(
     The output stays fp32 (the caller rounds it): the backward's delta = rowsum(dO * O) needs the unrounded O, or
     sum_j dS_ij = 0 breaks by O's rounding error (bf16: the scorer's bias gradients, which live on that
     cancellation, came out several times (up to ~10x) further from the fp32 truth than the other backends' did under
-    bf16 autocast)."""
+    bf16 autocast). For the same reason P enters ``P @ V`` as two 16-bit MMA operands when the values are 16-bit
+    (one more MMA per tile): with P rounded once to bf16, O's error of ~2^-9 still reached the scorer's weight
+    gradients, amplified by the mean of the hidden activations (on a 9 x 17 test tile 0.5% of the largest entry;
+    split, nothing beyond the gradient's own rounding to bf16). Inference too, so that an output does not depend on
+    whether gradients are enabled (reentrant activation checkpointing runs the forward without, then again with)."""
     cfg = _config(activation, causal, dot_scale, dropout_p, seed, launch)
     batch, heads, q_len, _ = query_hidden.shape
     # rows no pair sees are zeroed in the scorer's operands: garbage there must not reach visible rows or dw

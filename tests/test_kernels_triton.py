@@ -295,6 +295,43 @@ def test_bf16_authors(hidden):
     check(t, tol=BF16_TOL)
 
 
+def test_bf16_rounding_is_to_nearest_even():
+    # the kernels' rounding to bf16 MMA operands, as the GPU converts; the interpreter's own fp32 -> bf16 cast
+    # truncates, a bias that added up in the backward's delta: a test failed at 2x its tolerance on the interpreter
+    # where the GPU's rounding stays inside it
+    @triton.jit
+    def round_kernel(X, Y, N: tl.constexpr):
+        offs = tl.arange(0, N)
+        tl.store(Y + offs, tna._rounded(tl.load(X + offs), tl.bfloat16, not _CUDA).to(tl.float32))
+
+    g = torch.Generator().manual_seed(fresh_seed(91))
+    x = torch.randn(4096, generator=g) * torch.exp(torch.randn(4096, generator=g) * 4)
+    x[:6] = torch.tensor([0.0, -0.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-8), 1e-40])  # ties to even, subnormal
+    x = x.to(DEVICE)
+    y = torch.empty_like(x)
+    round_kernel[(1,)](x, y, N=4096)
+    assert torch.equal(y, x.to(torch.bfloat16).float())
+
+
+@pytest.mark.parametrize("authors", [False, True])
+def test_bf16_output_is_p_at_v_to_fp32_precision(authors):
+    # with 16-bit values P enters P @ V as two parts, P rounded and its rounding error: the backward's
+    # delta = rowsum(dO * O) must match the P it recomputes, or the scorer's weight gradients (sums of dS times
+    # non-negative activations) take O's error times the activations' mean. P rounded once is off by up to 2^-9.
+    t = make_inputs(lq=19, lk=37, hidden=4, vdim=8, authors=authors, dtype=torch.bfloat16, seed=93)
+    inputs = [t["A"].detach(), t["B"].detach(), t["V"].detach(), t["w"].detach(), None, None, None, None, None]
+    if authors:
+        inputs[4:6] = t["w2"].detach(), t["b2"].detach()
+    settings = ("relu", True, 1.0, 0.0, torch.tensor(0), [16, 16, -1, -1, -1, -1, -1, -1, -1])
+    out, _ = tna._triton_forward(*inputs, None, *settings)  # fp32, before the rounding to bf16
+    exact = kernel_reference(*inputs[:6], causal=True)
+    assert (out.double() - exact).abs().max().item() <= 2e-5 * exact.abs().max().item()  # 2^-9: 100x that
+    # the same output whether or not a backward can follow (reentrant checkpointing runs the forward both ways)
+    with torch.no_grad():
+        assert torch.equal(run_kernel(t, causal=True), out.to(torch.bfloat16))
+    assert torch.equal(run_kernel(t, causal=True), out.to(torch.bfloat16))
+
+
 def test_dropout_matches_reference_with_recovered_mask():
     b, h, lq, lk, p = 1, 2, 9, 17, 0.3
     t = make_inputs(b=b, h=h, lq=lq, lk=lk, hidden=3, vdim=4, seed=31)
