@@ -93,6 +93,15 @@ def run_reference(t, **kw):
     )
 
 
+def op_inputs(t):
+    """The kernel ops' nine differentiable inputs from ``t``, detached (``None`` where absent)."""
+    return [None if t.get(n) is None else t[n].detach() for n in ("A", "B", "V", "w", "w2", "b2", "dq", "dk", "bias")]
+
+
+# the ops' settings (activation, causal, dot_scale, dropout_p, seed) and launch (16 x 16 forward tiles, else default)
+OP_SETTINGS = ("relu", True, 1.0, 0.0, torch.tensor(0), [16, 16, -1, -1, -1, -1, -1, -1, -1])
+
+
 def grads(out, t, grad_out):
     names = list(t)
     gs = torch.autograd.grad(out, [t[n] for n in names], grad_out, allow_unused=True)
@@ -319,11 +328,8 @@ def test_bf16_output_is_p_at_v_to_fp32_precision(authors):
     # delta = rowsum(dO * O) must match the P it recomputes, or the scorer's weight gradients (sums of dS times
     # non-negative activations) take O's error times the activations' mean. P rounded once is off by up to 2^-9.
     t = make_inputs(lq=19, lk=37, hidden=4, vdim=8, authors=authors, dtype=torch.bfloat16, seed=93)
-    inputs = [t["A"].detach(), t["B"].detach(), t["V"].detach(), t["w"].detach(), None, None, None, None, None]
-    if authors:
-        inputs[4:6] = t["w2"].detach(), t["b2"].detach()
-    settings = ("relu", True, 1.0, 0.0, torch.tensor(0), [16, 16, -1, -1, -1, -1, -1, -1, -1])
-    out, _ = tna._triton_forward(*inputs, None, *settings)  # fp32, before the rounding to bf16
+    inputs = op_inputs(t)
+    out, _ = tna._triton_forward(*inputs, None, *OP_SETTINGS)  # fp32, before the rounding to bf16
     exact = kernel_reference(*inputs[:6], causal=True)
     assert (out.double() - exact).abs().max().item() <= 2e-5 * exact.abs().max().item()  # 2^-9: 100x that
     # the same output whether or not a backward can follow (reentrant checkpointing runs the forward both ways)
@@ -649,9 +655,7 @@ def test_a_fixed_bias_gets_no_gradient_computed_and_changes_nothing_else():
     # a bias that needs no gradient (a float mask, an ALiBi buffer) gets no (batch, heads, q_len, k_len) dS buffer;
     # every other gradient is bitwise the one a bias that requires grad gives
     t = make_inputs(b=2, lq=17, lk=23, hidden=4, bias=(1, 2, 17, 23), seed=76)
-    inputs = [t["A"].detach(), t["B"].detach(), t["V"].detach(), t["w"].detach(), None, None, None, None,
-              t["bias"].detach()]
-    settings = ("relu", True, 1.0, 0.0, torch.tensor(0), [16, 16, -1, -1, -1, -1, -1, -1, -1])
+    inputs, settings = op_inputs(t), OP_SETTINGS
     out, stats = tna._triton_forward(*inputs, None, *settings)
     assert stats.shape == (2, 2 * 2, 17)  # row max and log denominator
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(77)).to(DEVICE)
