@@ -145,18 +145,19 @@ if TRITON_AVAILABLE:
         return tl.exp2(x * 1.4426950408889634)
 
     @triton.jit
-    def _mm(a, b, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
-        """a @ b with operands rounded to DOT_DTYPE (fp32 accumulation).
+    def _mm_acc(a, b, acc, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+        """acc + a @ b with operands rounded to DOT_DTYPE (fp32 accumulation), accumulated in the MMA itself (no
+        second accumulator tile in registers); acc None: a @ b.
 
         UPCAST (interpreter only): the interpreter's tl.dot mishandles bf16 operands, so they are rounded to
         DOT_DTYPE and multiplied in fp32 -- numerically what the tensor cores do.
         """
-        return tl.dot(_rounded(a, DOT_DTYPE, UPCAST), _rounded(b, DOT_DTYPE, UPCAST), input_precision="ieee")
+        return tl.dot(_rounded(a, DOT_DTYPE, UPCAST), _rounded(b, DOT_DTYPE, UPCAST), acc, input_precision="ieee")
 
     @triton.jit
-    def _mm_acc(a, b, acc, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
-        """acc + a @ b as `_mm`, accumulated in the MMA itself (no second accumulator tile in registers)."""
-        return tl.dot(_rounded(a, DOT_DTYPE, UPCAST), _rounded(b, DOT_DTYPE, UPCAST), acc, input_precision="ieee")
+    def _mm(a, b, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+        """a @ b with operands rounded to DOT_DTYPE (fp32 accumulation): `_mm_acc` without an accumulator."""
+        return _mm_acc(a, b, None, DOT_DTYPE, UPCAST)
 
     @triton.jit
     def _mm_fp32(a, b, UPCAST: tl.constexpr):
@@ -644,9 +645,10 @@ if TRITON_AVAILABLE:
                 keep = _dropout_keep(seed, bh, offs_m, offs_n, Lq, Lk, dropout_p, False)
                 p = tl.where(keep, p * dropout_scale, 0.0)
             v = _load_tile(V_base, offs_n, Lk, svl, DV, DVP)
-            acc = _mm_acc(p, v, acc * alpha[:, None], DOT_DTYPE, UPCAST)
+            p_hi = _rounded(p, DOT_DTYPE, UPCAST)
+            acc = _mm_acc(p_hi, v, acc * alpha[:, None], DOT_DTYPE, UPCAST)
             if DOT_DTYPE != tl.float32:  # P's rounding error, itself rounded: P @ V to about 2^-16
-                acc = _mm_acc(p - _rounded(p, DOT_DTYPE, UPCAST).to(tl.float32), v, acc, DOT_DTYPE, UPCAST)
+                acc = _mm_acc(p - p_hi.to(tl.float32), v, acc, DOT_DTYPE, UPCAST)
             m_i = m_new
 
         has_any = l_i > 0.0
