@@ -125,6 +125,17 @@ def correctness_check(fn, dev: str = DEVICE, det_len: int = 300, only: str | Non
         # a batch-shared bias whose dS comes from launches of one batch row each, added into one buffer (the budget
         # that forces them is set for this case only)
         ("paper relu mask bias rows fp32", 3, 2, 77, 131, 8, 64, False, False, 0, torch.float32, dict(), 1e-4),
+        # wide heads take smaller default tiles (Llama 128, Gemma 3 256, Gemma 4's global layers 512: _PAPER_TILES)
+        ("paper relu causal bf16 wide", 1, 2, 300, 300, 16, 128, False, False, 0, torch.bfloat16, dict(causal=True),
+         5e-2),
+        ("paper relu mask bf16 wide", 1, 2, 150, 170, 2, 256, False, False, 0, torch.bfloat16, dict(), 5e-2),
+        ("paper relu causal fp32 wide", 1, 2, 77, 131, 2, 512, False, False, 0, torch.float32, dict(causal=True),
+         1e-4),
+        ("paper relu causal bf16 wider", 1, 2, 200, 200, 16, 512, False, False, 0, torch.bfloat16,
+         dict(causal=True), 5e-2),
+        ("paper silu dot bf16 wide", 1, 2, 100, 100, 8, 256, False, False, 256, torch.bfloat16,
+         dict(activation="silu", causal=True, dot_scale=0.06), 5e-2),
+        ("authors mask bf16 wide", 1, 2, 33, 97, 2, 512, True, True, 0, torch.bfloat16, dict(), 5e-2),
     ]
     ok = True
     for name, b, h, lq, lk, hid, vd, authors, shared, dot, dtype, kw, tol in cases:

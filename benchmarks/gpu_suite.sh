@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Every GPU measurement of this repo in one run (a few minutes on an H100): the Triton kernel's correctness check,
 # block-size tuning and sweep against SDPA's flash path (bench_triton_gpu.py), the same with a learned score bias
-# against SDPA given it as attn_mask (--position-bias), torch.compile with the Triton kernel
-# (bench_compile.py), then GPT-2-small end to end (bench_end_to_end.py). Results go to $OUT (or ./gpu_results).
+# against SDPA given it as attn_mask (--position-bias), the sweep at wide heads (16 x 128, 8 x 256), torch.compile
+# with the Triton kernel (bench_compile.py), then GPT-2-small end to end (bench_end_to_end.py). Results go to $OUT
+# (or ./gpu_results).
 # Wheels in .whl/ (for instance the transformers version this repo is tested with) are installed into /tmp/site
 # first, without touching the system packages.
 #
 #   bash benchmarks/gpu_suite.sh                        # everything
-#   E2E_TIMEOUT=0 COMPILE_TIMEOUT=0 BIAS_TIMEOUT=0 bash benchmarks/gpu_suite.sh --mlp authors   # kernel only;
-#                                                                     arguments go to the first bench_triton_gpu.py
+#   E2E_TIMEOUT=0 COMPILE_TIMEOUT=0 BIAS_TIMEOUT=0 WIDE_TIMEOUT=0 bash benchmarks/gpu_suite.sh --mlp authors
+#                                     # the kernel only; arguments go to the first bench_triton_gpu.py
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_results}"
@@ -38,6 +39,14 @@ if [ "${BIAS_TIMEOUT:-180}" != 0 ]; then  # a learned T5-style score bias: the k
   timeout "${BIAS_TIMEOUT:-180}" python3 benchmarks/bench_triton_gpu.py --skip-check --position-bias --mlp paper \
     --lengths 1024 4096 --hidden 2 16 --csv "$OUT/bench_triton_gpu_bias.csv" 2>&1 | tee "$OUT/bench_triton_gpu_bias.log" \
     || status=1
+fi
+if [ "${WIDE_TIMEOUT:-150}" != 0 ]; then  # wide heads (Llama's 128, Gemma 3's 256): their smaller default tiles
+  for shape in "16 128" "8 256"; do
+    read -r heads head_dim <<< "$shape"
+    timeout "${WIDE_TIMEOUT:-150}" python3 benchmarks/bench_triton_gpu.py --skip-check --mlp paper --heads "$heads" \
+      --head-dim "$head_dim" --lengths 2048 8192 --hidden 2 16 --csv "$OUT/bench_triton_gpu_head$head_dim.csv" 2>&1 \
+      | tee "$OUT/bench_triton_gpu_head$head_dim.log" || status=1
+  done
 fi
 if [ "${COMPILE_TIMEOUT:-150}" != 0 ]; then  # torch.compile(fullgraph) with the Triton kernel: matches eager? faster?
   timeout "${COMPILE_TIMEOUT:-150}" python3 benchmarks/bench_compile.py --device cuda --bf16 --backend triton \

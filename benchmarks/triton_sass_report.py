@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import math
 import os
 import re
@@ -102,10 +103,11 @@ def _cuobjdump_text(kernel, flag: str) -> str:
         return subprocess.run([_cuobjdump(), flag, f.name], capture_output=True, text=True, check=True).stdout
 
 
-def resources(kernel) -> tuple[int, int]:
-    """(registers per thread, spill stack bytes per thread)."""
+def resources(kernel) -> tuple[int, int, int]:
+    """(registers per thread, spill stack bytes per thread, shared memory bytes per program)."""
     text = _cuobjdump_text(kernel, "--dump-resource-usage")
-    return int(re.search(r"REG:(\d+)", text).group(1)), int(re.search(r"STACK:(\d+)", text).group(1))
+    regs, stack = (int(re.search(pattern, text).group(1)) for pattern in (r"REG:(\d+)", r"STACK:(\d+)"))
+    return regs, stack, kernel.metadata.shared
 
 
 def tile_loop_instructions(kernel, unit_iterations: int) -> int:
@@ -127,19 +129,20 @@ def tile_loop_instructions(kernel, unit_iterations: int) -> int:
 
 
 def inputs(authors: bool, hidden: int, activation: str, dot: bool, mask: bool, dropout: bool, dtype, launch: dict,
-           bias: bool | str = False):
+           bias: bool | str = False, dv: int = 64):
     """The three kernels' argument lists and constexprs, built by the module's own host code. ``bias``: a learned
     ``(1, heads, n, n)`` score bias (T5's position bias), its gradient written by the query-side backward (``"add"``:
-    added to the buffer, as the launches for a batch-shared bias do)."""
-    b, h, n, dv = 1, 2, 256, 64
+    added to the buffer, as the launches for a batch-shared bias do). ``dv``: the value's (and the dot term's query
+    and key's) head size."""
+    b, h, n = 1, 2, 256
     q_h, k_h, v = (torch.randn(b, h, n, d, dtype=dtype) for d in (hidden, hidden, dv))
     if authors:
         h2 = max(hidden // 2, 1)
         w, w2, b2 = torch.randn(h, h2), torch.randn(h, h2, hidden), torch.randn(h, h2)
     else:
         w, w2, b2 = torch.randn(h, hidden), None, None
-    dq = torch.randn(b, h, n, 64, dtype=dtype) if dot else None
-    dk = torch.randn(b, h, n, 64, dtype=dtype) if dot else None
+    dq = torch.randn(b, h, n, dv, dtype=dtype) if dot else None
+    dk = torch.randn(b, h, n, dv, dtype=dtype) if dot else None
     m = torch.rand(b, 1, n, n) > 0.2 if mask else None
     score_bias = torch.randn(1, h, n, n, dtype=dtype) if bias else None  # the inputs' dtype, as a bf16 T5 passes
     cfg = dict(activation=activation, causal=True, dot_scale=1.0, dropout_p=0.1 if dropout else 0.0, seed=0, **launch)
@@ -160,25 +163,26 @@ def inputs(authors: bool, hidden: int, activation: str, dot: bool, mask: bool, d
     }
 
 
-def report(authors, hidden, activation, dot, mask, dropout, dtype, launch, arch, bias=False) -> list[dict]:
+def report(authors, hidden, activation, dot, mask, dropout, dtype, launch, arch, bias=False, dv=64) -> list[dict]:
     rows = []
     for name, (fn, args, ce, (rows_, cols_, warps, _)) in inputs(
-        authors, hidden, activation, dot, mask, dropout, dtype, launch, bias
+        authors, hidden, activation, dot, mask, dropout, dtype, launch, bias, dv
     ).items():
         kernel = compile_kernel(fn, args, ce, warps, arch)
-        regs, spill = resources(kernel)
+        regs, spill, shared = resources(kernel)
         iterations = 1 if authors else math.ceil(hidden / ce["UNROLL"])
         per_pair = tile_loop_instructions(kernel, iterations) * warps * 32 / (rows_ * cols_)
         rows.append(dict(kernel=name, mlp="authors" if authors else "paper", hidden=hidden, activation=activation,
                          dot=dot, mask=mask, dropout=dropout, bias=bias, dtype=str(dtype).removeprefix("torch."),
-                         half_mlp=bool(launch.get("half_mlp")), rows=rows_,
+                         half_mlp=bool(launch.get("half_mlp")), v_dim=dv, arch=arch, rows=rows_,
                          cols=cols_, num_warps=warps, unroll=ce["UNROLL"], registers=regs, spill_bytes=spill,
-                         instructions_per_pair=round(per_pair, 1)))  # fmt: skip
+                         shared_bytes=shared, instructions_per_pair=round(per_pair, 1)))  # fmt: skip
         print(f"{name:7s} {rows[-1]['mlp']:7s} d'={hidden:2d} {activation:4s} dot={dot:d} mask={mask:d} "
               f"dropout={dropout:d} bias={bias if bias == 'add' else int(bias)} "
-              f"{rows[-1]['dtype']:8s}{' half_mlp' if launch.get('half_mlp') else ''} "
+              f"{rows[-1]['dtype']:8s}{' half_mlp' if launch.get('half_mlp') else ''} dv={dv} "
               f"tile {rows_}x{cols_} warps {warps} unroll {ce['UNROLL']}: "
-              f"{regs:3d} registers, {spill:4d} B spilled, {per_pair:6.1f} instructions / pair", flush=True)
+              f"{regs:3d} registers, {spill:4d} B spilled, {shared // 1024:3d} KiB shared, "
+              f"{per_pair:6.1f} instructions / pair", flush=True)
     return rows
 
 
@@ -191,21 +195,26 @@ def main() -> int:
     ap.add_argument("--half-mlp", action="store_true", help="also each launch with half_mlp=True (packed fp16 scores)")
     ap.add_argument("--bias", action="store_true", help="also each launch with a learned (1, heads, n, n) score bias")
     ap.add_argument("--mask", action="store_true", help="also each launch with a padding mask")
+    ap.add_argument("--v-dim", type=positive_int, nargs="+", default=[64],
+                    help="head sizes of the value (and of the dot term's query and key) to compile for")
+    ap.add_argument("--tiles", nargs="+", default=None, metavar="ROWSxCOLSxWARPS",
+                    help="candidate tiles instead of the built-in list (e.g. 64x32x4), each with unroll 2")
     ap.add_argument("--csv", default=None)
     args = ap.parse_args()
 
     rows = []
     # None: the default launch
     tiles = [None] if args.quick else [None, (128, 32, 4, 2), (64, 32, 4, 2), (128, 64, 4, 2), (128, 64, 8, 2)]
-    for hidden in args.hidden:
-        for tile in tiles:
-            launch = {} if tile is None else dict(zip(("block_m", "block_n", "num_warps", "unroll"), tile, strict=True))
-            for half in (False, True) if args.half_mlp else (False,):
-                for mask in (False, True) if args.mask else (False,):
-                    for bias in (False, True) if args.bias else (False,):
-                        rows += report(False, hidden, "relu", False, mask, False, torch.bfloat16,
-                                       dict(launch, half_mlp=1) if half else launch, args.arch, bias=bias)
-    if args.variants:
+    if args.tiles:
+        tiles = [None] + [(*map(int, tile.split("x")), 2) for tile in args.tiles]
+    for dv, hidden, tile in itertools.product(args.v_dim, args.hidden, tiles):
+        launch = {} if tile is None else dict(zip(("block_m", "block_n", "num_warps", "unroll"), tile, strict=True))
+        for half in (False, True) if args.half_mlp else (False,):
+            for mask in (False, True) if args.mask else (False,):
+                for bias in (False, True) if args.bias else (False,):
+                    rows += report(False, hidden, "relu", False, mask, False, torch.bfloat16,
+                                   dict(launch, half_mlp=1) if half else launch, args.arch, bias=bias, dv=dv)
+    for dv in args.v_dim if args.variants else ():
         for *variant, launch in [
             (False, 16, "relu", False, False, False, torch.bfloat16, {"half_mlp": 1}),  # packed fp16 scores
             # fp16 inputs: its MMA relu-mask sums take dS as two bf16 parts; d' = 12 pads to 16 units
@@ -217,10 +226,11 @@ def main() -> int:
             (True, 2, "relu", False, False, False, torch.bfloat16, {}),
             (True, 16, "relu", False, True, False, torch.bfloat16, {}),
         ]:
-            rows += report(*variant, launch, args.arch)
+            rows += report(*variant, launch, args.arch, dv=dv)
         # a learned score bias (T5) with a padding mask; the second as a batch-shared bias whose dS launches add up
         for authors, hidden, bias in ((False, 16, True), (True, 8, "add")):
-            rows += report(authors, hidden, "relu", False, True, False, torch.bfloat16, {}, args.arch, bias=bias)
+            rows += report(authors, hidden, "relu", False, True, False, torch.bfloat16, {}, args.arch, bias=bias,
+                           dv=dv)
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -821,21 +821,40 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+# Tiles of the paper MLP by ``width``, the widest head size a program keeps a tile row of (the value's, or the dot
+# term's query / key, padded to a power of two: 64 for GPT-2, 128 for Llama, 256 for Gemma 3, 512 for Gemma 4's
+# global layers), for 16-bit inputs (lean / other / with the dot term) and fp32 inputs; each (rows, columns[, rows the
+# backward owns where fewer]). The P @ V accumulator and the value / output gradient tiles grow with the width, and
+# the dot term adds two more as wide, so wider heads take fewer rows. From the sm_90 SASS (triton 3.9): the fewest
+# instructions per pair without register spills (or with the fewest), each kernel's shared memory within the 99 KiB
+# a program gets on sm_86 / sm_89 (RTX 30xx / 40xx, A10, L4; A100: 163 KiB, H100: 227 KiB). 128 x 32 tiles at
+# width 256 asked for 104-118 KiB in the backward kernels and spilled 1.8-3 KiB per thread
+# (benchmarks/results/sass_sm90/wide_heads*.csv, benchmarks/README.md).
+_PAPER_TILES = {  # width: (lean, other, dot term, fp32)
+    64: ((128, 32), (64, 32), (64, 32), (32, 32)),
+    128: ((64, 64), (64, 32), (64, 32), (16, 32)),
+    256: ((64, 32), (64, 32), (32, 32), (16, 32)),
+    512: ((32, 32, 16), (32, 32, 16), (16, 16), (16, 16)),
+}
+
+
 def _default_launch(authors: bool, hidden: int, interpreting: bool, backward: bool, *, lean: bool = True,
-                    fp32: bool = False) -> tuple[int, int, int, int]:
+                    dot: bool = False, fp32: bool = False, width: int = 64) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, unroll) for the forward kernel, or (own, step, num_warps, unroll) for the two
     backward kernels (each owns blocks of ``own`` positions -- queries or keys -- and steps over the other side).
 
     ``unroll``: hidden units per iteration of the paper MLP's loop (ignored by the authors' MLP). ``lean``: relu
-    without the residual dot term and with at most one of a mask, a score bias and dropout; ``fp32``: fp32 inputs
-    (their dots run on CUDA cores and take more registers).
+    without the residual dot term and with at most one of a mask, a score bias and dropout; ``dot``: with the
+    residual dot term; ``fp32``: fp32 inputs (their dots run on CUDA cores and take more registers); ``width``: the
+    widest head size a tile row holds (the value's or the dot term's, a power of two; see ``_PAPER_TILES``; wider
+    than 512 takes 512's tiles).
 
     Authors' MLP up to d' = 8: the tiles of the fastest ``benchmarks/bench_triton_gpu.py --tune`` launches on an H100
     (bf16, causal, n = 4096, 12 heads of 64; benchmarks/results/gpu_h100/run2; since then the key-side backward's
-    tile is transposed, same size); wider, the GEMM form's from the SASS (not yet timed). Paper MLP: not yet timed
-    on a GPU in this form; chosen from the sm_90 SASS (triton 3.6) as the fewest instructions per (pair, hidden
-    unit) without register spills: 128 owned rows give a thread 4 rows x 8 columns of the MMA layout (12 column loads
-    per unit for 32 pairs; 64 rows: 10 for 16); the heavier variants spill at 128 rows and take 64 (32 in fp32).
+    tile is transposed, same size); wider, the GEMM form's from the SASS (not yet timed). Paper MLP at width 64: not
+    yet timed on a GPU in this form; chosen from the sm_90 SASS (triton 3.6) as the fewest instructions per (pair,
+    hidden unit) without register spills: 128 owned rows give a thread 4 rows x 8 columns of the MMA layout (12 column
+    loads per unit for 32 pairs; 64 rows: 10 for 16); the heavier variants spill at 128 rows and take 64 (32 in fp32).
     Compiled with unit strides specialised, as the launcher does (triton 3.9, bf16, d' = 2 and 16), a mask or a
     score bias alone spills nothing at 128 rows and saves 4-22% of the instructions per pair against 64; the dot
     term, or two of mask, bias and dropout, spill there (``results/sass_sm90/score_bias.csv``, benchmarks/README.md).
@@ -843,14 +862,16 @@ def _default_launch(authors: bool, hidden: int, interpreting: bool, backward: bo
     if interpreting:
         return 16, 16, 4, 1
     if authors:  # the authors' MLP keeps (BM, BN, hidden) tiles live: smaller tiles
-        if hidden <= _AUTHORS_GEMM_FROM.value:
+        if hidden <= _AUTHORS_GEMM_FROM.value and width <= 256:  # 32 x 32 at width 512: 100 KiB shared (sm_86)
             return 32, 32, 4, 1
         # the GEMM form, from the SASS (triton 3.6): 16 x 16 spills least of the tiles tried. Spill bytes per
         # thread, forward / key-side / query-side backward: sm_90 d' = 16: 0 / 320 / 0 (16 x 32: 72 / 1232 / 584),
         # d' = 32: 0 / 720 / 296 (544 / 1504 / 1112); sm_80 d' = 16: 208 / 376 / 0 (2304 / 2256 / 272). Instructions
         # per pair within 5% of 16 x 32 (fewer at d' = 32). Not yet timed on a GPU.
         return 16, 16, 4, 1
-    return (32 if fp32 else 128 if lean else 64), 32, 4, 2
+    tiles = _PAPER_TILES[min(max(width, 64), 512)]
+    rows, cols, *backward_rows = tiles[3 if fp32 else 0 if lean else 2 if dot else 1]
+    return (backward_rows[0] if backward and backward_rows else rows), cols, 4, 2
 
 
 def _head_weight(w: torch.Tensor, heads: int, name: str, tail: tuple[int, ...]) -> tuple[torch.Tensor, int]:
@@ -966,10 +987,11 @@ def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, 
     extras = (mask is not None) + (score_bias is not None) + (float(cfg["dropout_p"]) > 0.0)
     lean = cfg["activation"] == "relu" and not has_dot and extras <= 1
     fp32 = value.dtype == torch.float32
+    width = _pow2(max(v_dim, dot_query.shape[-1] if has_dot else 1))
     launch = {}
     for prefix, backward in (("", False), ("bwd_", True)):
-        defaults = dict(zip(("block_m", "block_n", "num_warps", "unroll"),
-                            _default_launch(authors, hidden, interp, backward, lean=lean, fp32=fp32), strict=True))
+        defaults = dict(zip(("block_m", "block_n", "num_warps", "unroll"), _default_launch(
+            authors, hidden, interp, backward, lean=lean, dot=has_dot, fp32=fp32, width=width), strict=True))
         if not backward:  # decoding (q_len 1) and short prompts: no rows of pure padding (16: the MMA minimum)
             defaults["block_m"] = min(defaults["block_m"], _pow2(q_len, 16))
         if half and not interp:  # each loop iteration converts its fp16 sum to fp32: amortised over 8 units

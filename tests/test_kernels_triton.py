@@ -239,6 +239,22 @@ def test_relu_zero_and_negative_output_weights():
     check(t)
 
 
+@pytest.mark.parametrize("width", [128, 256, 512])
+def test_wide_head_default_tiles(width):
+    # the tiles a GPU launch takes by default for Llama's, Gemma 3's and Gemma 4's head sizes (64 x 64; 64 x 32;
+    # 32 x 32 whose backward owns 16 rows): a value that pads to that width, n not a multiple of the tiles, causal
+    # with a padding mask and a fully masked row
+    (bm, bn, _, _), (own, step, _, _) = (tna._default_launch(False, 3, False, backward, width=width)
+                                         for backward in (False, True))
+    t = make_inputs(b=1, h=2, lq=70, lk=70, hidden=3, vdim=width - 3, seed=width)
+    mask = torch.rand(1, 1, 70, 70, generator=torch.Generator().manual_seed(width)) > 0.2
+    mask[0, 0, 40] = False
+    kw = dict(mask=mask.to(DEVICE), causal=True)
+    out = neural_attention_triton(t["A"], t["B"], t["V"], t["w"], block_m=bm, block_n=bn, bwd_block_m=own,
+                                  bwd_block_n=step, **kw)  # fmt: skip
+    compare(out, t, run_reference(t, **kw))
+
+
 def test_separate_backward_blocks_causal():
     t = make_inputs(lq=41, lk=41, hidden=16, vdim=4, seed=23)
     check(t, causal=True, bwd_block_m=32, bwd_block_n=16, ref_kw=dict(causal=True))
