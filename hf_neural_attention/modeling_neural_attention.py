@@ -350,16 +350,31 @@ class NeuralAttentionModelMixin:
         From one of our checkpoints, scorer weights must all be there, match the config and be finite; from a plain
         GPT-2/ViT checkpoint the scorers are initialised fresh and the checkpoint is recorded as the base model.
 
+        With ``ignore_mismatched_sizes=True``, scorer weights whose shape the config (or a ``neural_attention_*``
+        setting passed here) changes are initialised afresh, as transformers does for the other weights.
+
         Raises:
-            ValueError: scorer weights missing, unexpected or non-finite in a neural-attention checkpoint.
+            ValueError: scorer weights missing, unexpected, of other shapes or non-finite in a neural-attention
+                checkpoint.
         """
         want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(
-            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
-        )
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
+        except RuntimeError as error:  # transformers' refusal of weights whose shapes differ (its report is logged)
+            if "ignore_mismatched_sizes" not in str(error):
+                raise
+            raise ValueError(
+                f"Cannot load {pretrained_model_name_or_path!r}: weights in the checkpoint have other shapes than the "
+                f"config gives them (a {CONFIG_PREFIX}* setting passed to from_pretrained, or an edited config.json; "
+                "the load report above names the weights). Drop such settings to load the trained weights, or pass "
+                "ignore_mismatched_sizes=True to keep the rest of the checkpoint and start those weights afresh."
+            ) from error
         source_type = getattr(model.config, "_neural_attention_source_type", None) or ""
         from_neural_checkpoint = source_type.startswith(CONFIG_PREFIX)
-        _check_loaded_scorers(model, info, pretrained_model_name_or_path, from_neural_checkpoint)
+        _check_loaded_scorers(model, info, pretrained_model_name_or_path, from_neural_checkpoint,
+                              fresh_on_mismatch=bool(kwargs.get("ignore_mismatched_sizes")))
         if not from_neural_checkpoint and model.config.neural_attention_base_model is None:
             model.config.neural_attention_base_model = str(pretrained_model_name_or_path)
         return (model, info) if want_info else model
@@ -458,7 +473,10 @@ def check_config_describes_scorers(model: nn.Module) -> None:
         )
 
 
-def _check_loaded_scorers(model: nn.Module, info: dict, source: Any, from_neural_checkpoint: bool) -> None:
+def _check_loaded_scorers(model: nn.Module, info: dict, source: Any, from_neural_checkpoint: bool,
+                          fresh_on_mismatch: bool = False) -> None:
+    """Raise ``ValueError`` for scorer weights missing, unexpected, of other shapes (unless the caller asked for those
+    to start afresh: ``fresh_on_mismatch``) or non-finite after loading."""
     names = set(scorer_state_names(model))
     missing = sorted(k for k in info.get("missing_keys", ()) if k in names)
     unexpected = sorted(k for k in info.get("unexpected_keys", ()) if f".{SCORER_ATTRIBUTE}." in f".{k}")
@@ -479,7 +497,7 @@ def _check_loaded_scorers(model: nn.Module, info: dict, source: Any, from_neural
     if len(unknown) < len(unexpected):
         problems.append("scorer weights for layers the config does not name: "
                         f"{[k for k in unexpected if k not in unknown]}")
-    if mismatched:
+    if mismatched and not fresh_on_mismatch:
         problems.append(f"scorer weights whose shapes do not match the config: {mismatched}")
     bad_values = [name for name, p in model.named_parameters()
                   if name in names and p.device.type != "meta" and not torch.isfinite(p).all()]
