@@ -2,8 +2,9 @@
 
 For each kernel (forward, key-side backward, query-side backward) and launch configuration this compiles the
 Triton kernel for the target architecture (default sm_90, the H100), reads the register and spill counts with the
-``cuobjdump`` that ships inside triton's NVIDIA backend, and counts the SASS instructions of one iteration of the
-kernel's tile loop, the hidden-unit loop counted ``ceil(d' / unroll)`` times. Divided by the tile's pairs and
+``cuobjdump`` that ships inside triton's NVIDIA backend and the shared memory from triton's metadata, and counts the
+SASS instructions of one iteration of the kernel's tile loop, the hidden-unit loop counted ``ceil(d' / unroll)``
+times. Divided by the tile's pairs and
 multiplied by the threads, that is the instructions a pair costs: the paper MLP's floor is 2 per hidden unit in the
 forward pass (a max and a multiply-add) and about 5 per hidden unit in each backward kernel. A static count is not a
 timing: it ignores latency, occupancy and memory traffic, so a GPU run (``bench_triton_gpu.py``) has the last word;
@@ -17,6 +18,8 @@ Usage::
     python benchmarks/triton_sass_report.py --csv sass.csv --arch 90
     python benchmarks/triton_sass_report.py --quick --hidden 8 16 --half-mlp   # fp32 vs packed fp16 scores
     python benchmarks/triton_sass_report.py --hidden 2 16 --mask --bias   # a mask's and a score bias's cost, per tile
+    python benchmarks/triton_sass_report.py --quick --variants --v-dim 128 256 512 --arch 86   # wide heads' defaults
+    python benchmarks/triton_sass_report.py --v-dim 256 --tiles 64x32x4 32x32x4   # candidate tiles at one head size
 
 Needs ``triton`` with its NVIDIA backend (the pip wheel); no GPU, no CUDA toolkit.
 """
