@@ -61,6 +61,13 @@ def test_matches_reference(activation, lq, lk, causal):
     _check(_inputs(2, 3, lq, lk, 5), activation=activation, causal=causal)
 
 
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("v_dim", [131, 512])
+def test_wide_value_heads(activation, v_dim):
+    # Gemma 4's global layers have heads of 512: P @ V and dV over rows wider than any vector block, and an odd width
+    _check(_inputs(1, 2, 70, 75, 4, v_dim=v_dim), activation=activation, causal=True)
+
+
 @pytest.mark.parametrize("per_head", [True, False])
 @pytest.mark.parametrize("hidden", [1, 4, 16, 33])
 def test_weights_shared_and_per_head(per_head, hidden):
