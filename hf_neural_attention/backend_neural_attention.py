@@ -202,10 +202,11 @@ _SWITCH_BACKEND = (" (a checkpoint keeps the backend it was saved with: load it 
 def choose_backend(requested: str, query: torch.Tensor, *, needs_probabilities: bool) -> str:
     """The backend that will run: ``"eager"``, ``"tiled"``, ``"cpp"`` or ``"triton"``.
 
-    ``auto`` takes the fused path that applies: Triton on CUDA when installed; on CPU the C++ kernel when it
-    builds (compiled once, then cached), else the pure PyTorch tiled kernel; float64 inputs always take the tiled
-    kernel (the fused ones compute in fp32). Every backend falls back to
-    ``eager`` for a call that must return probabilities, since fused kernels never form the probability matrix.
+    ``auto`` takes the fused path that applies: Triton on a CUDA GPU of compute capability 8.0 or newer when
+    installed (else the tiled kernel); on CPU the C++ kernel when it builds (compiled once, then cached), else the
+    pure PyTorch tiled kernel; float64 inputs always take the tiled kernel (the fused ones compute in fp32). Every
+    backend falls back to ``eager`` for a call that must return probabilities, since fused kernels never form the
+    probability matrix.
     A real additive bias (T5's position bias) takes the same path: every fused kernel adds it to its scores.
     """
     if needs_probabilities or requested == "eager":
@@ -215,7 +216,7 @@ def choose_backend(requested: str, query: torch.Tensor, *, needs_probabilities: 
 
 def _fused_backend(requested: str, query: torch.Tensor) -> str:
     """The fused backend ``requested`` resolves to for ``query`` (see :func:`choose_backend`)."""
-    from .triton_neural_attention import triton_is_usable  # imports triton only when a fused path may run
+    from .triton_neural_attention import triton_is_preferred, triton_is_usable  # imports triton only here
 
     fused_dtype = query.dtype in _FUSED_DTYPES
     if requested == "triton":
@@ -237,7 +238,7 @@ def _fused_backend(requested: str, query: torch.Tensor) -> str:
         )
     if requested == "auto":
         if query.is_cuda:
-            return "triton" if fused_dtype and triton_is_usable(query) else "tiled"
+            return "triton" if fused_dtype and triton_is_preferred(query) else "tiled"
 
         # float64 (e.g. gradcheck) goes to the tiled kernel, which keeps its precision. Only the fused extension is
         # built here (the one the paper MLP runs); the authors' MLP builds the tiled C++ scorer on its first call.

@@ -87,6 +87,17 @@ def triton_is_usable(tensor: torch.Tensor | None = None) -> bool:
     return tensor.is_cuda
 
 
+def triton_is_preferred(tensor: torch.Tensor) -> bool:
+    """Whether ``backend="auto"`` runs the kernel for ``tensor``: usable (:func:`triton_is_usable`) and, on CUDA, a GPU
+    of compute capability 8.0 or newer (A100, RTX 30xx, L4, H100 and later), which the tiles are laid out and
+    compile-tested for. On a T4 (7.5) the 16-bit kernels compile with as few as 64 registers per thread and spill
+    2-8 KiB, and at head size 256 need 96 KiB of shared memory where the card gives 64: ``auto`` takes the tiled
+    kernel there (benchmarks/README.md, session 18)."""
+    if not triton_is_usable(tensor):
+        return False
+    return not tensor.is_cuda or torch.cuda.get_device_properties(tensor.device).major >= 8  # folded by torch.compile
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Triton kernels
 #
