@@ -128,9 +128,16 @@ def check_against_reference(fn, t, g, *, rtol=1e-5, atol=1e-5, ref_kw=None, **kw
     for name, a, b in zip(names, got, want, strict=True):
         assert a.dtype == t[name].dtype
         b = b.double()
-        scale = max(b.abs().max().item(), 1.0)
+        scale = max(b.abs().max().item(), 1.0) * (WEIGHT_GRAD_SLACK if name in ("w", "W2", "b2") else 1.0)
         torch.testing.assert_close(a.double(), b, rtol=rtol, atol=atol * scale, msg=lambda m, n=name: f"{n}: {m}")
     return out
+
+
+# A scorer weight's gradient sums a term per pair of every (batch, head), and they cancel: in one draw (TEST_SEED=
+# 13252511, case 9: authors' MLP, weights shared by 6 groups) the output weight's terms total 616 in size and sum to
+# 0.91, so fp32's first-order bound is eps * 616 = 3.7e-5; both kernels were 2.1e-5 / 2.3e-5 off (500 other draws:
+# at most 0.82e-5). Its tolerance is 4 x the others'.
+WEIGHT_GRAD_SLACK = 4.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
