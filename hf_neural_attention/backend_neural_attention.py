@@ -202,11 +202,11 @@ _SWITCH_BACKEND = (" (a checkpoint keeps the backend it was saved with: load it 
 def choose_backend(requested: str, query: torch.Tensor, *, needs_probabilities: bool) -> str:
     """The backend that will run: ``"eager"``, ``"tiled"``, ``"cpp"`` or ``"triton"``.
 
-    ``auto`` takes the fused path that applies: Triton on a CUDA GPU of compute capability 8.0 or newer when
-    installed (else the tiled kernel); on CPU the C++ kernel when it builds (compiled once, then cached), else the
-    pure PyTorch tiled kernel; float64 inputs always take the tiled kernel (the fused ones compute in fp32). Every
-    backend falls back to ``eager`` for a call that must return probabilities, since fused kernels never form the
-    probability matrix.
+    ``auto`` takes the fused path that applies: Triton on CUDA when installed (on a GPU older than compute capability
+    8.0 only for heads of at most 64: else the tiled kernel); on CPU the C++ kernel when it builds (compiled once, then
+    cached), else the pure PyTorch tiled kernel; float64 inputs always take the tiled kernel (the fused ones compute in
+    fp32). Every backend falls back to ``eager`` for a call that must return probabilities, since fused kernels never
+    form the probability matrix.
     A real additive bias (T5's position bias) takes the same path: every fused kernel adds it to its scores.
     """
     if needs_probabilities or requested == "eager":

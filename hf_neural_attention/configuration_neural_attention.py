@@ -52,13 +52,12 @@ class NeuralAttentionConfig:
         mode: ``"replace"`` (the paper: the neural score replaces ``q.k``) or ``"residual"`` (our addition, not
             in the paper): ``score = scaling * q.k + g * MLP(...)`` with the MLP output weights zero-initialised,
             so a patched pretrained model starts out computing exactly what it computed before.
-        backend: ``"auto"`` picks the fused path that applies: Triton on a CUDA GPU of compute capability 8.0 or
-            newer (A100, RTX 30xx and later; older cards such as the T4 take ``"tiled"``); on CPU the C++ kernel
-            (compiled once on first use, about a minute; set ``NEURAL_ATTENTION_NO_CPP=1`` to skip it), else the
-            pure PyTorch ``"tiled"`` kernel (also for float64 inputs); the materialising ``"eager"`` path only where
-            attention probabilities are requested. A real additive bias (T5's position bias) takes the same path:
-            every fused kernel adds it to its scores. ``"eager"``, ``"tiled"``, ``"cpp"`` or ``"triton"`` force
-            one.
+        backend: ``"auto"`` picks the fused path that applies: Triton on CUDA (on cards older than compute capability
+            8.0, such as the T4, only for heads of at most 64; wider ones take ``"tiled"``); on CPU the C++ kernel
+            (compiled once on first use, about a minute; set ``NEURAL_ATTENTION_NO_CPP=1`` to skip it), else the pure
+            PyTorch ``"tiled"`` kernel (also for float64 inputs); the materialising ``"eager"`` path only where
+            attention probabilities are requested. A real additive bias (T5's position bias) takes the same path: every
+            fused kernel adds it to its scores. ``"eager"``, ``"tiled"``, ``"cpp"`` or ``"triton"`` force one.
         mlp_precision: ``"fp32"`` (default): every backend evaluates the per-pair MLP in fp32. ``"fp16"`` (paper MLP
             with relu only) lets the Triton kernel evaluate it in packed fp16, two pairs per instruction, and, for
             bf16 / fp16 inputs at 8 <= d' <= 16, sum the backward's relu masks on the tensor cores (dS rounded to

@@ -87,15 +87,17 @@ def triton_is_usable(tensor: torch.Tensor | None = None) -> bool:
     return tensor.is_cuda
 
 
-def triton_is_preferred(tensor: torch.Tensor) -> bool:
-    """Whether ``backend="auto"`` runs the kernel for ``tensor``: usable (:func:`triton_is_usable`) and, on CUDA, a GPU
-    of compute capability 8.0 or newer (A100, RTX 30xx, L4, H100 and later), which the tiles are laid out and
-    compile-tested for. On a T4 (7.5) the 16-bit kernels compile with as few as 64 registers per thread and spill
-    2-8 KiB, and at head size 256 need 96 KiB of shared memory where the card gives 64: ``auto`` takes the tiled
-    kernel there (benchmarks/README.md, session 18)."""
-    if not triton_is_usable(tensor):
+def triton_is_preferred(query: torch.Tensor) -> bool:
+    """Whether ``backend="auto"`` runs the kernel for ``query`` ``(batch, heads, q_len, head_dim)``: usable
+    (:func:`triton_is_usable`) and, on CUDA, a GPU of compute capability 8.0 or newer (A100, RTX 30xx, L4, H100 and
+    later), which the tiles are laid out and compile-tested for, or heads of at most 64. On a T4 (7.5) every default
+    launch at 64 fits its 64 KiB of shared memory (48 KiB at most); at 128, six of 54 variants need up to 80 KiB, and
+    at 256 they all need 96 KiB: launches that fail, so ``auto`` takes the tiled kernel there (benchmarks/README.md,
+    session 18)."""
+    if not triton_is_usable(query):
         return False
-    return not tensor.is_cuda or torch.cuda.get_device_properties(tensor.device).major >= 8  # folded by torch.compile
+    # get_device_properties: torch.compile folds it to a constant
+    return not query.is_cuda or query.shape[-1] <= 64 or torch.cuda.get_device_properties(query.device).major >= 8
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -151,12 +151,13 @@ def test_triton_is_usable(monkeypatch):
     x = torch.zeros(1, device=DEVICE)
     assert tna.TRITON_AVAILABLE
     assert tna.triton_is_usable(x)
-    # what backend='auto' takes: where usable, and on CUDA a GPU of compute capability 8.0 or newer
-    expected = not _CUDA or torch.cuda.get_device_properties(x.device).major >= 8
-    assert tna.triton_is_preferred(x) is expected
+    # what backend='auto' takes: where usable; on CUDA, heads of 64, or wider on compute capability 8.0 or newer
+    narrow, wide = torch.zeros(1, 1, 1, 64, device=DEVICE), torch.zeros(1, 1, 1, 128, device=DEVICE)
+    assert tna.triton_is_preferred(narrow)
+    assert tna.triton_is_preferred(wide) is (not _CUDA or torch.cuda.get_device_properties(wide.device).major >= 8)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not tna.triton_is_usable(torch.zeros(1))  # CPU tensor, no interpreter
-    assert not tna.triton_is_preferred(torch.zeros(1))
+    assert not tna.triton_is_preferred(torch.zeros(1, 1, 1, 64))
 
 
 @pytest.mark.parametrize("lq,lk", [(1, 7), (5, 5), (17, 23)])
