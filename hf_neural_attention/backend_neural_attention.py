@@ -18,6 +18,7 @@ from torch import nn
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import eager_mask, sdpa_mask
+from transformers.utils import logging
 
 from .configuration_neural_attention import FALLBACK_CONFIG_ATTRIBUTE
 
@@ -25,6 +26,8 @@ from .configuration_neural_attention import FALLBACK_CONFIG_ATTRIBUTE
 # torch.compile traces a first call (Triton's file is the exception: it imports triton, so it loads on demand)
 from .fused_cpp_neural_attention import fused_cpp_available, neural_attention_fused_cpp
 from .kernels_neural_attention import causal_mask, neural_attention_tiled
+
+logger = logging.get_logger(__name__)
 
 ATTENTION_NAME = "neural_attention"
 SCORER_ATTRIBUTE = "neural_scorer"
@@ -254,6 +257,19 @@ def _fallback_function(module: nn.Module) -> Callable:
     return sdpa_attention_forward
 
 
+def _warn_if_built_by_a_stock_class(module: nn.Module) -> None:
+    """Say so when a stock class was built from a Hub config (``GPT2LMHeadModel(patched.config)``): the config names
+    neural layers, but only the Hub classes and ``patch_model`` build scorers, so every layer runs dot-product."""
+    config = getattr(module, "config", None)
+    if type(config).__name__.startswith("NeuralAttention") and getattr(config, "neural_attention_layers", None):
+        logger.warning_once(
+            f"{type(config).__name__} names neural layers {config.neural_attention_layers}, but the model running it "
+            "has no neural scorers: a stock class built from it runs dot-product attention in every layer (and "
+            "refuses save_pretrained). Build the model with AutoModelFor...from_config(config), or from a plain config "
+            "for a dot-product model."
+        )
+
+
 def _is_causal(module: nn.Module, kwargs: dict) -> bool:
     """The call's ``is_causal`` where the model passes one (CLIP's attention serves a causal text tower and a
     bidirectional vision tower, so it says per call), else the module's attribute (GPT-2, Llama)."""
@@ -308,6 +324,8 @@ def neural_attention_forward(
         kwargs["indices"] = None  # as the model passes it to eager / SDPA
     scorer = getattr(module, SCORER_ATTRIBUTE, None)
     if scorer is None:
+        if not hasattr(module, FALLBACK_ATTRIBUTE):
+            _warn_if_built_by_a_stock_class(module)
         if _wants_attention_weights(kwargs):
             # SDPA returns no weights and transformers drops the Nones: attentions[i] would no longer be layer i
             return _eager_fallback(module, query, key, value, attention_mask, **kwargs)

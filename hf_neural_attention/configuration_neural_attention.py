@@ -294,6 +294,27 @@ class NeuralAttentionConfigMixin:
                 f"layers (valid indices 0..{num_layers - 1}). Fix neural_attention_layers in config.json."
             )
 
+    def save_pretrained(self, save_directory: Any, push_to_hub: bool = False, **kwargs: Any) -> None:
+        """Write config.json, unless the model saving it is a stock class (see ``check_saved_by_neural_class``)."""
+        self.check_saved_by_neural_class()
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+    def check_saved_by_neural_class(self) -> None:
+        """Refuse a config whose ``architectures`` (set by ``save_pretrained`` to the saving model's class) names a
+        stock class: ``GPT2LMHeadModel(neural_config)`` builds no scorers and runs dot-product attention, so its
+        checkpoint would hold a config that promises scorer weights and no weights to match (unloadable)."""
+        stock = [name for name in self.architectures or [] if not name.startswith("NeuralAttention")]
+        if not stock:
+            return
+        plain = next(cls for cls in type(self).__mro__ if not issubclass(cls, NeuralAttentionConfigMixin)).__name__
+        raise ValueError(
+            f"Not saving: this {type(self).__name__} belongs to a {stock[0]}, a stock class, which built no neural "
+            "scorers from it (it runs dot-product attention in every layer). Its checkpoint would name neural layers "
+            "it has no weights for. For a neural model, patch it (patch_model) or build it with "
+            f"AutoModelFor...from_config(config); for a dot-product one, build it from a plain {plain} (the config "
+            "the neural model was patched from)."
+        )
+
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
         for key in [key for key in output if key.startswith("_" + CONFIG_PREFIX)]:  # bookkeeping, kept off disk

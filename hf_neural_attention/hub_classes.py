@@ -78,17 +78,25 @@ def adopt_hub_class(model: nn.Module) -> bool:
     Returns:
         Whether the model was switched (``False`` for classes without a Hub class, or already switched).
     """
+    if is_hub_class(type(model)):
+        return False
     hub_class = HUB_CLASS_FOR.get(type(model))
     config = getattr(model, "config", None)
-    hub_config = HUB_CONFIG_FOR.get(type(config))
+    # a stock class may hold a Hub config, built from one (GPT2LMHeadModel(patched.config)): it saves only as the
+    # Hub class its config names (a stock class without one, GPT2DoubleHeadsModel, as a stock config)
+    is_hub_config = _canonical(type(config)) in STOCK_CONFIG_FOR
+    if hub_class is None and is_hub_config:
+        _restore_stock_config(config)
+    hub_config = type(config) if is_hub_config else HUB_CONFIG_FOR.get(type(config))
     if hub_class is None or hub_config is None:
         return False
-    if "model_type" in config.__dict__:
-        stock_type = config.__dict__.pop("model_type")
-        object.__setattr__(config, _STASH, stock_type)
-    config.__class__ = hub_config
-    name = getattr(config, "_name_or_path", "") or None
-    config.neural_attention_base_model = name
+    if not is_hub_config:
+        if "model_type" in config.__dict__:
+            stock_type = config.__dict__.pop("model_type")
+            object.__setattr__(config, _STASH, stock_type)
+        config.__class__ = hub_config
+        name = getattr(config, "_name_or_path", "") or None
+        config.neural_attention_base_model = name
     config.neural_attention_version = PACKAGE_VERSION
     model.__class__ = hub_class
     _register_output_capture(model)
@@ -106,22 +114,27 @@ def restore_stock_class(model: nn.Module) -> bool:
     stock_class = stock_class_of(type(model))
     if stock_class is None:
         return False
-    config = model.config
-    stock_config = STOCK_CONFIG_FOR.get(_canonical(type(config)))
-    if stock_config is not None:
-        for name in _HUB_ONLY_FIELDS:
-            config.__dict__.pop(name, None)
-        if _STASH in config.__dict__:
-            config.__dict__["model_type"] = config.__dict__.pop(_STASH)
-        _drop_our_auto_map(config)
-        if config.__dict__.get("architectures"):
-            config.__dict__["architectures"] = [
-                STOCK_CLASS_BY_NAME.get(name, name) for name in config.__dict__["architectures"]
-            ]
-        config.__class__ = stock_config
+    _restore_stock_config(model.config)
     model.__class__ = stock_class
     _register_output_capture(model)
     return True
+
+
+def _restore_stock_config(config: object) -> None:
+    """Turn a Hub config (``NeuralAttentionGPT2Config``) into its stock class in place; others are left alone."""
+    stock_config = STOCK_CONFIG_FOR.get(_canonical(type(config)))
+    if stock_config is None:
+        return
+    for name in _HUB_ONLY_FIELDS:
+        config.__dict__.pop(name, None)
+    if _STASH in config.__dict__:
+        config.__dict__["model_type"] = config.__dict__.pop(_STASH)
+    _drop_our_auto_map(config)
+    if config.__dict__.get("architectures"):
+        config.__dict__["architectures"] = [
+            STOCK_CLASS_BY_NAME.get(name, name) for name in config.__dict__["architectures"]
+        ]
+    config.__class__ = stock_config
 
 
 def _register_output_capture(model: nn.Module) -> None:

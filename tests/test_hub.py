@@ -25,6 +25,7 @@ from transformers import (
     AutoModelForImageClassification,
     AutoModelForSequenceClassification,
     GPT2Config,
+    GPT2DoubleHeadsModel,
     GPT2ForSequenceClassification,
     GPT2LMHeadModel,
     GPT2Model,
@@ -816,3 +817,28 @@ def test_patching_a_model_without_a_hub_class_says_how_to_save_it(caplog):
         patch_model(parent.transformer, layers=[0])  # the sub-model alone: the parent keeps its stock class
     assert type(parent).__name__ == "GPT2LMHeadModel" and type(parent.transformer).__name__ == "GPT2Model"
     assert "GPT2Model keeps its class (a sub-model of GPT2LMHeadModel, which shares its config)" in caplog.text
+
+
+def test_a_stock_class_built_from_a_hub_config_says_it_is_dot_product_and_saves_only_once_patched(tmp_path, caplog):
+    hub = patched("gpt2-lm")
+    stock = GPT2LMHeadModel(hub.config).eval()  # builds no scorers: dot-product attention everywhere
+    with caplog.at_level(logging.WARNING):
+        logits(stock, "gpt2-lm")
+    assert "names neural layers [0], but the model running it has no neural scorers" in caplog.text
+    with pytest.raises(ValueError, match="belongs to a GPT2LMHeadModel, a stock class, which built no neural scorers"):
+        stock.save_pretrained(tmp_path / "stock")  # config.json would promise scorer weights it has not got
+    assert not any((tmp_path / "stock").glob("*"))
+
+    patch_model(stock, layers=[1], proj_dim=4)  # now it has scorers: the Hub class its config names
+    assert type(stock) is NeuralAttentionGPT2ForCausalLM and stock.config.neural_attention_layers == [1]
+    stock.save_pretrained(tmp_path / "patched")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "patched")
+    assert [index for index, _ in neural_layers(loaded)] == [1]
+    torch.testing.assert_close(logits(loaded, "gpt2-lm"), logits(stock, "gpt2-lm"), rtol=0, atol=0)
+
+    # a stock class without a Hub class records its scorers on a stock config, as Llama does
+    heads = patch_model(GPT2DoubleHeadsModel(hub.config), layers=[0], proj_dim=4)
+    assert type(heads.config) is GPT2Config and heads.config.neural_attention_layers == [0]
+    heads.save_pretrained(tmp_path / "heads")
+    assert json.loads((tmp_path / "heads" / "config.json").read_text())["model_type"] == "gpt2"
+    assert type(hub.config) is NeuralAttentionGPT2Config and hub.config.neural_attention_layers == [0]
