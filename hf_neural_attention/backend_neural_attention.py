@@ -185,6 +185,9 @@ def materialised_neural_attention(
         logits = logits + bias.to(logits.dtype)
     if causal:
         mask = _causal_mask(query.shape[-2], key.shape[-2], query.device)
+    if bias is not None:  # a key the bias hides (-inf) is masked, as the fused kernels treat it: a row it hides
+        seen = ~torch.isneginf(bias)  # entirely is zeros, not softmax's 0 / 0
+        mask = seen if mask is None else mask & seen
     if mask is not None:
         logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
     probabilities = torch.softmax(logits, dim=-1)

@@ -90,6 +90,39 @@ def test_fully_masked_rows_are_finite_zeros_with_finite_gradients(backend, dtype
         assert_matches(got, reference, f"leaf {index}", floor=largest_entry(want))
 
 
+@pytest.mark.parametrize("probabilities", [False, True], ids=["fused", "output_attentions"])
+@pytest.mark.parametrize(("backend", "dtype"), KERNEL_CASES)
+def test_keys_a_minus_inf_position_bias_hides_are_masked_and_a_row_it_hides_is_zeros(backend, dtype, probabilities):
+    # T5-style position_bias with no mask: -inf hides a key from every backend, the materialising one too (which is
+    # also what any backend runs for output_attentions): a row it hides entirely gives zeros, not softmax's 0 / 0
+    layer = _layer(backend, dtype)
+    weights = reference_weights(layer.neural_scorer)
+    for _ in range(100):
+        query, key, value = (t.requires_grad_() for t in _inputs(2, 2, 5, 7, dtype=dtype))
+        bias = torch.randn(1, 2, 5, 7, dtype=torch.float64).to(dtype)
+        bias[:, :, 1] = float("-inf")  # one query row sees nothing
+        bias[:, 1, 3, :4] = float("-inf")  # part of another row, one head
+        visible = ~torch.isneginf(bias)
+        if dtype == torch.float64 or smallest_visible_hidden(query, key, weights, visible) > 1e-5:
+            break
+    else:
+        raise AssertionError("no draw of 100 keeps every visible pair 1e-5 away from a relu kink")
+    out, attentions = neural_attention_forward(layer, query, key, value, None, position_bias=bias,
+                                               output_attentions=probabilities)
+    assert (attentions is not None) == probabilities
+    assert torch.isfinite(out).all() and out[:, 1].abs().max() == 0  # out is (batch, q_len, heads, v_dim)
+    upstream = torch.randn(out.shape, dtype=torch.float64)
+    grads = torch.autograd.grad(out, [query, key, value, *layer.neural_scorer.parameters()], upstream.to(dtype))
+    scorer = copy.deepcopy(layer.neural_scorer).double()
+    leaves = [t.detach().double().requires_grad_() for t in (query, key, value)]
+    scores = paper_scores(*leaves[:2], reference_weights(scorer), "relu") + bias.double().masked_fill(~visible, 0)
+    expected, _ = attention_from_scores(scores, leaves[2], visible)
+    assert_matches(out.transpose(1, 2), expected, "output")
+    want = torch.autograd.grad(expected, leaves + list(scorer.parameters()), upstream.transpose(1, 2))
+    for index, (got, reference) in enumerate(zip(grads, want, strict=True)):
+        assert_matches(got, reference, f"leaf {index}", floor=largest_entry(want))
+
+
 @pytest.mark.parametrize("backend", ["eager", "tiled", "cpp", "auto"])
 def test_a_real_additive_bias_is_added_to_the_scores(backend):
     """A float mask with finite non-zero entries (e.g. ALiBi, T5's position bias) is a bias, added to the scores, and
