@@ -210,11 +210,16 @@ class NeuralScorer(nn.Module):
         Returns:
             ``(batch, heads, q_len, k_len)`` logits in fp32 (or fp64 for fp64 inputs), before masking.
         """
-        query_hidden, key_hidden, *weights = self(query, key)
-        logits = self.pair_scores(query_hidden[:, :, :, None, :] + key_hidden[:, :, None, :, :], *weights)
-        if self.residual:
-            compute_dtype = logits.dtype
-            logits = logits + scaling * (query.to(compute_dtype) @ key.to(compute_dtype).transpose(-1, -2))
+        query_hidden, key_hidden, *weights = self(query, key)  # under autocast in 16 bits, as for every backend
+        compute_dtype = torch.promote_types(query.dtype, torch.float32)
+        # the per-pair MLP and the dot term in fp32, as the fused kernels compute them: autocast would run them in
+        # 16 bits here only
+        with torch.autocast(query.device.type, enabled=False):
+            pre_activation = (query_hidden.to(compute_dtype)[:, :, :, None, :]
+                              + key_hidden.to(compute_dtype)[:, :, None, :, :])  # fmt: skip
+            logits = self.pair_scores(pre_activation, *weights)
+            if self.residual:
+                logits = logits + scaling * (query.to(compute_dtype) @ key.to(compute_dtype).transpose(-1, -2))
         return logits
 
     def extra_repr(self) -> str:

@@ -216,6 +216,24 @@ def test_residual_mode_adds_scaled_dot_product(backend, dtype):
         assert_matches(g, w, f"gradient {index}", floor=largest_entry(want))
 
 
+@pytest.mark.parametrize("mlp", ["paper", "authors"])
+def test_under_autocast_only_the_first_layer_runs_in_16_bits_on_the_materialising_path(mlp):
+    # every backend gets A and B from the first layer (a GEMM autocast may run in bf16); the fused kernels then run
+    # the per-pair MLP and the dot term in fp32, and so must the materialising path (output_attentions' scores)
+    scorer = NeuralScorer(8, 2, NeuralAttentionConfig(proj_dim=4, mlp=mlp, mode="residual", backend="eager"))
+    with torch.no_grad():
+        scorer.output_weight.normal_()
+    query, key, _ = random_inputs(2, 2, 5, 7, 8, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = scorer.scores(query, key, 0.37)
+        query_hidden, key_hidden, *weights = scorer(query, key)
+    assert logits.dtype == torch.float32
+    weights = [None if w is None else w.detach().double() for w in weights]
+    pre = query_hidden.detach().double()[:, :, :, None, :] + key_hidden.detach().double()[:, :, None, :, :]
+    expected = scorer.pair_scores(pre, *weights) + 0.37 * query.double() @ key.double().transpose(-1, -2)
+    assert_matches(logits.detach(), expected, "scores")
+
+
 ALL_BACKENDS = CPU_BACKENDS + (["triton"] if HAS_TRITON else [])
 # bf16: inputs and weights rounded to bf16, the float64 reference computed from those very values. Output and input
 # gradients: errors relative to the largest entry of each tensor (a gradient's small entries are sums that cancel).
