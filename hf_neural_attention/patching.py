@@ -558,6 +558,11 @@ def set_backend(model: nn.Module, backend: str, *, mlp_precision: str | None = N
 
 
 def scorer_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every scorer parameter of a model, by its full name (what an adapter checkpoint stores)."""
+    """Every scorer parameter of ``model``, by its name in ``model.named_parameters()``
+    (``transformer.h.0.attn.neural_scorer.hidden_weight``): for an optimizer's parameter groups, or to count them.
+
+    Inside a PEFT wrapper with ``modules_to_save=["neural_scorer"]`` both the frozen original and the trained copy are
+    listed. ``save_neural_adapter`` stores only the scorers that run, named relative to the bare model.
+    """
     names = set(scorer_state_names(model))
     return {name: p for name, p in model.named_parameters() if name in names}

@@ -30,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common.cli import canonical_flags, flag_is_true, flag_value, with_arm_hub_id  # noqa: E402
+from common.cli import comparable_flags, flag_is_true, flag_value, with_arm_hub_id  # noqa: E402
 from common.report import HEADLINE_METRICS, comparison_table, read_results, summarize  # noqa: E402
 
 RECIPES = {"clm": "run_clm", "image": "run_image_classification"}
@@ -76,7 +76,7 @@ def run_one(args: argparse.Namespace, recipe_args: list[str], arm: str, seed: in
     run_args, out = arm_arguments(args.output_dir, recipe_args, arm, seed)
     if not args.overwrite and (out / "recipe_results.json").is_file():
         previous = read_results(out)
-        if "argv" not in previous or canonical_flags(previous["argv"]) != canonical_flags(run_args):
+        if "argv" not in previous or comparable_flags(previous["argv"]) != comparable_flags(run_args):
             # results of other settings must not enter this table
             made_with = shlex.join(previous["argv"]) if "argv" in previous else "arguments it did not record"
             raise SystemExit(f"{out} holds results made with other recipe arguments ({made_with}); pass --overwrite "

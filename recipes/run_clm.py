@@ -57,7 +57,7 @@ from common.attention import (  # noqa: E402
     count_scorer_parameters,
     validate_attention_args,
 )
-from common.cli import given_flags, parse_with_presets  # noqa: E402
+from common.cli import flag_is_true, given_flags, parse_with_presets  # noqa: E402
 from common.metrics import (  # noqa: E402
     causal_lm_argmax,
     causal_lm_metrics,
@@ -160,11 +160,12 @@ def parse_args(argv: list[str]) -> tuple[Any, ...]:
     flags = given_flags(argv)
     base = ["--output_dir", "out/clm", "--do_train", "True", "--do_eval", "True", "--do_predict", "True",
             "--eval_strategy", "steps", "--save_strategy", "steps", "--save_steps", "500", "--save_total_limit", "2"]
-    pretrained = "model_name_or_path" in flags and "from_scratch" not in flags
+    # by value, not presence: --smoke False / --from_scratch False turn the presets off
+    pretrained = "model_name_or_path" in flags and not flag_is_true(argv, "from_scratch")
     presets = [base, PRETRAINED_PRESET if pretrained else SCRATCH_PRESET]
     if "model_name_or_path" not in flags:
         presets.append(SCRATCH_SIZES)
-    if "smoke" in flags:
+    if flag_is_true(argv, "smoke"):
         presets.append(SMOKE_PRESET + ([] if "model_name_or_path" in flags else SMOKE_SIZES))
     types = (ModelArguments, DataArguments, AttentionArguments, RecipeArguments, TrainingArguments)
     return parse_with_presets(types, presets, argv)

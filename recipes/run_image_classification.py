@@ -50,7 +50,7 @@ from common.attention import (  # noqa: E402
     count_scorer_parameters,
     validate_attention_args,
 )
-from common.cli import given_flags, parse_with_presets, strip_flag  # noqa: E402
+from common.cli import flag_is_true, given_flags, parse_with_presets, strip_flag  # noqa: E402
 from common.images import (  # noqa: E402
     IMAGE_COLUMNS,
     LABEL_COLUMNS,
@@ -156,11 +156,12 @@ def parse_args(argv: list[str]) -> tuple[Any, ...]:
     flags = given_flags(argv)
     base = ["--output_dir", "out/image", "--do_train", "True", "--do_eval", "True", "--do_predict", "True",
             "--remove_unused_columns", "False"]
-    pretrained = "model_name_or_path" in flags and "from_scratch" not in flags
+    # by value, not presence: --smoke False / --from_scratch False turn the presets off
+    pretrained = "model_name_or_path" in flags and not flag_is_true(argv, "from_scratch")
     presets = [base, PRETRAINED_PRESET if pretrained else SCRATCH_PRESET]
     if "model_name_or_path" not in flags:
         presets.append(_sizes_for(SCRATCH_SIZES, flags))
-    if "smoke" in flags:
+    if flag_is_true(argv, "smoke"):
         presets.append(SMOKE_PRESET + ([] if "model_name_or_path" in flags else _sizes_for(SMOKE_SIZES, flags)))
     types = (ModelArguments, DataArguments, AttentionArguments, RecipeArguments, TrainingArguments)
     return parse_with_presets(types, presets, argv)

@@ -147,6 +147,27 @@ def test_do_eval_false_turns_the_presets_evaluation_off(recipe):
     assert training_args.eval_strategy.value == "steps"  # the user's own strategy wins (and Trainer evaluates)
 
 
+@pytest.mark.parametrize("recipe", ["run_clm", "run_image_classification"])
+def test_switches_set_false_stay_off_and_bare_switches_turn_on(recipe):
+    # the presets were chosen by the flag's presence: --smoke False trained the tiny smoke model for 4 steps, and
+    # --from_scratch False fine-tuned a pretrained model at the from-scratch learning rate and length
+    module = __import__(recipe)
+    for argv in (["--smoke", "False"], ["--smoke=false"]):
+        assert module.parse_args(argv)[-1].max_steps == module.parse_args([])[-1].max_steps
+    assert module.parse_args(["--smoke", "True"])[-1].max_steps == 4
+    pretrained = ["--model_name_or_path", "some/checkpoint"]
+    expected = module.parse_args(pretrained)[-1]
+    got = module.parse_args([*pretrained, "--from_scratch", "False"])[-1]
+    assert (got.learning_rate, got.max_steps, got.num_train_epochs) == (
+        expected.learning_rate, expected.max_steps, expected.num_train_epochs)
+    scratch = module.parse_args([*pretrained, "--from_scratch"])[-1]
+    assert scratch.learning_rate != expected.learning_rate
+    # a switch whose default is None ("per MLP") takes the bare form like the others
+    shares = [module.parse_args(argv)[2].share_across_heads for argv in (
+        [], ["--share_across_heads"], ["--share_across_heads", "False"])]
+    assert shares == [None, True, False]
+
+
 def test_clm_input_errors(tmp_path, no_training):
     import run_clm
 
@@ -330,7 +351,7 @@ def test_compare_two_seeds_writes_csv_table_and_plots(tmp_path):
 
 def test_compare_refuses_results_of_other_arguments_and_arms_get_their_own_hub_repos(tmp_path):
     import compare
-    from common.cli import canonical_flags, flag_value, with_arm_hub_id
+    from common.cli import canonical_flags, comparable_flags, flag_value, with_arm_hub_id
 
     out = tmp_path / "cmp"
     arguments = ["--recipe", "image", "--seeds", "0", "--arms", "dot", "--output_dir", str(out), "--", "--smoke",
@@ -345,6 +366,8 @@ def test_compare_refuses_results_of_other_arguments_and_arms_get_their_own_hub_r
         compare.main(arguments[:-6] + ["--max_steps", "2", "--do_predict", "False", "--report_to", "none"])
     assert with_arm_hub_id(["--smoke", "--hub_model_id", "me/a"], "dot") == ["--smoke", "--hub_model_id", "me/a-dot"]
     assert canonical_flags(["--neural_layers", "0", "-1", "--smoke"]) == {"neural_layers": "0 -1", "smoke": "True"}
+    assert comparable_flags(["--smoke", "--learning_rate", "1e-3"]) == comparable_flags(
+        ["--learning_rate=0.001", "--smoke", "true"])
     # --push_to_hub without an id: transformers would name both arms' repos after their folder, seed_<N>
     arms = [compare.arm_arguments(str(tmp_path / "exp"), ["--push_to_hub"], arm, 3)[0] for arm in ("neural", "dot")]
     assert [flag_value(argv, "hub_model_id") for argv in arms] == ["exp-neural-seed3", "exp-dot-seed3"]

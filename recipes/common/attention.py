@@ -48,7 +48,11 @@ class AttentionArguments:
     hidden_dim: int | None = field(default=None, metadata={"help": "Hidden width of the paper MLP (default d')."})
     mlp: str = field(default="paper", metadata={"choices": list(MLP_VARIANTS)})
     activation: str = field(default="relu", metadata={"choices": list(ACTIVATIONS)})
-    share_across_heads: bool | None = field(default=None, metadata={"help": "One scorer for all heads."})
+    share_across_heads: bool | None = field(
+        default=None,
+        metadata={"help": "True (or the bare flag): one scorer for all heads; False: one per head. Default: per head "
+                          "for the paper MLP, shared for the authors'.", "nargs": "?", "const": True},
+    )
     neural_mode: str = field(
         default="replace",
         metadata={"help": "replace (the paper) or residual (q.k + MLP, starts equal to the base model).",

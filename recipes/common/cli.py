@@ -27,6 +27,22 @@ def canonical_flags(argv: list[str]) -> dict[str, str]:
     return flags
 
 
+def comparable_flags(argv: list[str]) -> dict[str, str]:
+    """``canonical_flags`` with value spellings unified too: ``true`` / ``True`` (and a bare flag), ``false`` /
+    ``False``, ``1e-3`` / ``0.001``. Two runs whose flags compare equal set the same things."""
+    flags = {}
+    for name, value in canonical_flags(argv).items():
+        if value.lower() in ("true", "false"):
+            value = value.capitalize()
+        else:
+            try:
+                value = repr(float(value))
+            except ValueError:
+                pass
+        flags[name] = value
+    return flags
+
+
 def given_flags(argv: list[str]) -> set[str]:
     """Names of the ``--flags`` present in ``argv`` (``--a=1`` and ``--a 1`` both give ``"a"``)."""
     return set(canonical_flags(argv))
