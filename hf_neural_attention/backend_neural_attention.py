@@ -227,7 +227,7 @@ def _fused_backend(requested: str, query: torch.Tensor) -> str:
     fused_dtype = query.dtype in _FUSED_DTYPES
     if requested == "triton":
         if not triton_is_usable(query):
-            raise RuntimeError(
+            raise ValueError(
                 "backend='triton' needs triton and a CUDA tensor (or TRITON_INTERPRET=1 for CPU tests); "
                 f"install triton or use backend='auto'{_SWITCH_BACKEND}."
             )

@@ -320,10 +320,13 @@ def test_a_loaded_model_keeps_its_scorers_when_a_stock_relative_switches_attenti
     assert loaded.config._attn_implementation == hna.ATTENTION_NAME
 
 
-def test_a_saved_backend_that_cannot_run_here_names_the_load_time_override(tmp_path):
+def test_a_saved_backend_that_cannot_run_here_names_the_load_time_override(tmp_path, monkeypatch):
     patched("gpt2-lm", backend="cpp").save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"from_pretrained\(\.\.\., neural_attention_backend='auto'\)"):
         choose_backend("cpp", torch.empty(1, device="meta"), needs_probabilities=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # a CPU machine: no CUDA tensor for Triton
+    with pytest.raises(ValueError, match=r"backend='triton' needs triton and a CUDA tensor.*backend='auto'"):
+        choose_backend("triton", torch.empty(1), needs_probabilities=False)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, neural_attention_backend="auto")
     assert {scorer.settings.backend for scorer in scorers(loaded)} == {"auto"}
     assert loaded.config.neural_attention_backend == "auto"
