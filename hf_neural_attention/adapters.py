@@ -85,6 +85,17 @@ def _is_sharded(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_shape") and param.numel() == 0 or hasattr(param, "full_tensor")
 
 
+def _adapter_parameters(model: PreTrainedModel) -> dict[str, torch.nn.Parameter]:
+    """The parameters of the scorers that run (see ``_active_scorer``), by their names in an adapter."""
+    parameters = {}
+    for name, module in find_attention_modules(_names_root(unwrap_model(model))[0]):
+        scorer = getattr(module, SCORER_ATTRIBUTE, None)
+        if scorer is not None:
+            for param_name, param in _active_scorer(scorer).named_parameters():
+                parameters[f"{name}.{SCORER_ATTRIBUTE}.{param_name}"] = param
+    return parameters
+
+
 def adapter_state_dict(model: PreTrainedModel, state_dict: dict[str, torch.Tensor] | None = None
                        ) -> dict[str, torch.Tensor]:
     """Scorer parameters of ``model`` named relative to its base model (or the whole model, see ``_names_root``;
@@ -103,30 +114,25 @@ def adapter_state_dict(model: PreTrainedModel, state_dict: dict[str, torch.Tenso
     full_names = {id(param): name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
                   for name, param in model.named_parameters(remove_duplicate=False)}
     state = {}
-    for name, module in find_attention_modules(_names_root(unwrap_model(model))[0]):
-        scorer = getattr(module, SCORER_ATTRIBUTE, None)
-        if scorer is None:
-            continue
-        for param_name, param in _active_scorer(scorer).named_parameters():
-            key = f"{name}.{SCORER_ATTRIBUTE}.{param_name}"
-            if state_dict is None:
-                if _is_sharded(param):
-                    raise ValueError(
-                        f"Scorer parameter {key} is sharded (DeepSpeed ZeRO-3 or FSDP2): this process does not "
-                        "hold its value. Pass the gathered state dict, save_neural_adapter(model, directory, "
-                        "state_dict=accelerator.get_state_dict(model)), or save inside "
-                        "deepspeed.zero.GatheredParameters(scorer parameters). Nothing was written."
-                    )
-                value = param
-            elif full_names.get(id(param)) in state_dict:
-                value = state_dict[full_names[id(param)]]
-            elif not _is_sharded(param):  # left out of it (Trainer's ZeRO-3 save of a PEFT model drops frozen
-                value = param              # parameters), but whole here: small ones stay whole under ZeRO-3
-            else:
-                raise ValueError(f"The state dict given has no entry {full_names.get(id(param))!r} for scorer "
-                                 f"parameter {key}, which is sharded here (frozen parameters left out?); nothing "
-                                 "was written.")
-            state[key] = value.detach().contiguous().cpu()
+    for key, param in _adapter_parameters(model).items():
+        if state_dict is None:
+            if _is_sharded(param):
+                raise ValueError(
+                    f"Scorer parameter {key} is sharded (DeepSpeed ZeRO-3 or FSDP2): this process does not "
+                    "hold its value. Pass the gathered state dict, save_neural_adapter(model, directory, "
+                    "state_dict=accelerator.get_state_dict(model)), or save inside "
+                    "deepspeed.zero.GatheredParameters(scorer parameters). Nothing was written."
+                )
+            value = param
+        elif full_names.get(id(param)) in state_dict:
+            value = state_dict[full_names[id(param)]]
+        elif not _is_sharded(param):  # left out of it (Trainer's ZeRO-3 save of a PEFT model drops frozen
+            value = param              # parameters), but whole here: small ones stay whole under ZeRO-3
+        else:
+            raise ValueError(f"The state dict given has no entry {full_names.get(id(param))!r} for scorer "
+                             f"parameter {key}, which is sharded here (frozen parameters left out?); nothing "
+                             "was written.")
+        state[key] = value.detach().contiguous().cpu()
     return state
 
 
@@ -179,6 +185,27 @@ def save_neural_adapter(
     save_file(weights, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
     return [directory / WEIGHTS_NAME, directory / CONFIG_NAME]
+
+
+def restore_neural_adapter_weights(model: PreTrainedModel, adapter_directory: str | os.PathLike) -> None:
+    """Copy an adapter's weights into the scorers ``model`` already has (a resumed run of the same model).
+
+    Raises:
+        ValueError: the adapter's names or shapes differ from the scorers'; no weight is changed then.
+    """
+    weights = _read_weights(Path(adapter_directory) / WEIGHTS_NAME)
+    params = _adapter_parameters(model)
+    mismatched = sorted(k for k in set(weights) & set(params) if weights[k].shape != params[k].shape)
+    if set(weights) != set(params) or mismatched:
+        raise ValueError(
+            f"Adapter {adapter_directory} does not fit this model's scorers (only in the adapter: "
+            f"{sorted(set(weights) - set(params))}; only in the model: {sorted(set(params) - set(weights))}; shapes "
+            f"differ: {mismatched}): it was saved by a run with other neural-attention settings. Resume with the "
+            "settings of that run; the model was not modified."
+        )
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor.to(device=params[name].device, dtype=params[name].dtype))
 
 
 def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:

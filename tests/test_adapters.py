@@ -145,6 +145,40 @@ def test_patching_inside_a_peft_wrapper_warns_and_its_trained_scorers_round_trip
     assert "adapters loaded through transformers" in caplog.text and "PEFT wrapper" not in caplog.text
 
 
+def test_a_resumed_peft_run_loads_its_scorers_from_the_adapter_the_trainer_saved(tmp_path):
+    """Trainer restores PEFT's adapter only: scorers patched after get_peft_model (not in modules_to_save) restarted
+    from their initial weights, under their trained optimizer state, and the resumed run silently differed."""
+    peft = pytest.importorskip("peft")
+    from transformers import TrainingArguments
+
+    from hf_neural_attention import NeuralAttentionTrainer
+    from hf_neural_attention.adapters import adapter_state_dict, restore_neural_adapter_weights
+    from tests.test_trainer_smoke import _ListDataset
+
+    rows = [{"input_ids": row, "labels": row} for row in torch.randint(1, 100, (8, 12), generator=torch.Generator()
+                                                                        .manual_seed(2))]  # fmt: skip
+
+    def train(resume: str | None = None) -> dict[str, torch.Tensor]:
+        model = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+        patch_model(model, layers=[0], proj_dim=4)
+        args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=4, save_steps=2, learning_rate=1e-2,
+                                 per_device_train_batch_size=4, report_to=[], use_cpu=True, disable_tqdm=True)
+        trainer = NeuralAttentionTrainer(model=model.train(), args=args, train_dataset=_ListDataset(rows))
+        trainer.train(resume_from_checkpoint=resume)
+        return adapter_state_dict(model)
+
+    uninterrupted = train()
+    resumed = train(resume=str(tmp_path / "run" / "checkpoint-2"))
+    assert uninterrupted.keys() == resumed.keys()
+    assert all(torch.equal(uninterrupted[name], resumed[name]) for name in uninterrupted)
+    other = peft.get_peft_model(patch_model(tiny_gpt2(), layers=[1], proj_dim=4), peft.LoraConfig(
+        target_modules=["c_attn"], fan_in_fan_out=True))
+    before = adapter_state_dict(other)
+    with pytest.raises(ValueError, match="does not fit this model's scorers.*model was not modified"):
+        restore_neural_adapter_weights(other, tmp_path / "run" / "checkpoint-2")
+    assert all(torch.equal(before[name], value) for name, value in adapter_state_dict(other).items())
+
+
 def test_adapter_from_a_state_dict_without_the_frozen_scorers_takes_them_from_the_model(tmp_path):
     # Trainer's ZeRO-3 save of a PEFT model gathers only the trainable parameters (exclude_frozen_parameters): frozen
     # scorers, whole on every rank, come from the model (they were once refused, and no adapter was written)
