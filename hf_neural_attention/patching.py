@@ -553,7 +553,11 @@ def set_backend(model: nn.Module, backend: str, *, mlp_precision: str | None = N
     switched = NeuralAttentionConfig(**{**settings.to_dict(), **changes})
     modules = find_attention_modules(model)
     for index in layers:
-        getattr(modules[index][1], SCORER_ATTRIBUTE).settings = switched
+        held = getattr(modules[index][1], SCORER_ATTRIBUTE)
+        # PEFT's modules_to_save wraps the scorer with its copies: each must switch, or the one merge_and_unload
+        # keeps would run the old backend under a config naming the new one (which save_pretrained refuses)
+        for scorer in {held, *(module for module in held.modules() if isinstance(module, NeuralScorer))}:
+            scorer.settings = switched
     record_on_config(model.config, layers, switched)
 
 

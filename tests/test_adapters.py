@@ -145,6 +145,25 @@ def test_patching_inside_a_peft_wrapper_warns_and_its_trained_scorers_round_trip
     assert "adapters loaded through transformers" in caplog.text and "PEFT wrapper" not in caplog.text
 
 
+def test_set_backend_through_peft_switches_every_copy_of_the_scorers(tmp_path):
+    # it switched PEFT's modules_to_save wrapper only: the copy merge_and_unload keeps ran the old backend under a
+    # config naming the new one, and save_pretrained refused the model
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from hf_neural_attention import set_backend
+    from hf_neural_attention.scoring_neural_attention import NeuralScorer
+
+    model = peft.get_peft_model(patch_model(tiny_gpt2(), layers=[0], proj_dim=4), peft.LoraConfig(
+        target_modules=["c_attn"], fan_in_fan_out=True, modules_to_save=["neural_scorer"]))
+    set_backend(model, "eager")
+    copies = [module for module in model.modules() if isinstance(module, NeuralScorer)]
+    assert len(copies) == 2 and {scorer.settings.backend for scorer in copies} == {"eager"}
+    merged = model.merge_and_unload()
+    merged.save_pretrained(tmp_path)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).config.neural_attention_backend == "eager"
+
+
 def test_a_resumed_peft_run_loads_its_scorers_from_the_adapter_the_trainer_saved(tmp_path):
     """Trainer restores PEFT's adapter only: scorers patched after get_peft_model (not in modules_to_save) restarted
     from their initial weights, under their trained optimizer state, and the resumed run silently differed."""
