@@ -57,7 +57,8 @@ def resolve_layers(layers: LayerSelection, num_layers: int) -> list[int]:
         if layers != "all":
             raise ValueError(f"layers={layers!r} is not valid; use an int, a list of ints, or 'all'.")
         return list(range(num_layers))
-    if isinstance(layers, bool | Mapping) or not (isinstance(layers, Iterable) or hasattr(layers, "__index__")):
+    if (isinstance(layers, bool | Mapping) or _is_bool_tensor(layers)
+            or not (isinstance(layers, Iterable) or hasattr(layers, "__index__"))):
         raise TypeError(f"layers must be an int, a list of ints or 'all', got {type(layers).__name__}.")
     try:  # one integer-like (int, numpy / 0-d torch integer) or an iterable of them
         requested = [operator.index(layers)]
@@ -71,7 +72,7 @@ def resolve_layers(layers: LayerSelection, num_layers: int) -> list[int]:
     resolved = []
     for index in requested:
         try:  # ints and integer-likes (numpy / torch integers), never bools or floats
-            index = operator.index(index) if not isinstance(index, bool) else None
+            index = None if isinstance(index, bool) or _is_bool_tensor(index) else operator.index(index)
         except TypeError:
             index = None
         if index is None:
@@ -86,6 +87,12 @@ def resolve_layers(layers: LayerSelection, num_layers: int) -> list[int]:
     if duplicates:
         raise ValueError(f"Layers {duplicates} are selected more than once (negative indices count from the end).")
     return sorted(resolved)
+
+
+def _is_bool_tensor(value: object) -> bool:
+    """A torch bool tensor, which ``operator.index`` takes as 0 / 1 (``torch.tensor([True, False])`` is no layer
+    list)."""
+    return isinstance(value, torch.Tensor) and value.dtype == torch.bool
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -418,6 +418,9 @@ def test_bert_encoder_is_bidirectional_and_trains():
         (1.0, TypeError, "int"),
         ([0, "1"], TypeError, "ints"),
         ({0: 1}, TypeError, "int"),
+        (torch.tensor([True, False]), TypeError, "int"),  # a bool mask is no index list (it read as [1, 0])
+        (torch.tensor(True), TypeError, "int"),
+        ([torch.tensor(False)], TypeError, "ints"),
     ],
 )
 def test_bad_layer_selections_are_refused_and_leave_the_model_untouched(layers, error, message):
