@@ -367,8 +367,9 @@ class NeuralAttentionModelMixin:
                 raise
             raise ValueError(
                 f"Cannot load {pretrained_model_name_or_path!r}: weights in the checkpoint have other shapes than the "
-                f"config gives them (a {CONFIG_PREFIX}* setting passed to from_pretrained, or an edited config.json; "
-                "the load report above names the weights). Drop such settings to load the trained weights, or pass "
+                f"config gives them (a setting passed to from_pretrained, such as num_labels or a {CONFIG_PREFIX}* "
+                "one, or an edited config.json; the load report above names the weights). Drop such settings to load "
+                "the trained weights, or pass "
                 "ignore_mismatched_sizes=True to keep the rest of the checkpoint and start those weights afresh."
             ) from error
         source_type = getattr(model.config, "_neural_attention_source_type", None) or ""

@@ -636,6 +636,8 @@ def test_a_setting_that_reshapes_the_scorers_at_load_is_refused_or_starts_them_a
     model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="other shapes than the config.*neural_attention_.*ignore_mismatched_sizes"):
         load(tmp_path, neural_attention_proj_dim=2)
+    with pytest.raises(ValueError, match="such as num_labels"):  # not only our settings reshape weights: a head's
+        load(tmp_path, vocab_size=120)
 
     torch.manual_seed(0)
     fresh = load(tmp_path, neural_attention_proj_dim=2, ignore_mismatched_sizes=True)
