@@ -12,6 +12,7 @@ For large base models there is no need to store (or push) the whole model: ``sav
 supports, including those without a Hub class.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -85,15 +86,30 @@ def _is_sharded(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_shape") and param.numel() == 0 or hasattr(param, "full_tensor")
 
 
-def _adapter_parameters(model: PreTrainedModel) -> dict[str, torch.nn.Parameter]:
-    """The parameters of the scorers that run (see ``_active_scorer``), by their names in an adapter."""
-    parameters = {}
+def _running_scorers(model: PreTrainedModel) -> dict[str, torch.nn.Module]:
+    """The scorers that run (see ``_active_scorer``), by the prefix of their parameters' names in an adapter."""
+    scorers = {}
     for name, module in find_attention_modules(_names_root(unwrap_model(model))[0]):
         scorer = getattr(module, SCORER_ATTRIBUTE, None)
         if scorer is not None:
-            for param_name, param in _active_scorer(scorer).named_parameters():
-                parameters[f"{name}.{SCORER_ATTRIBUTE}.{param_name}"] = param
-    return parameters
+            scorers[f"{name}.{SCORER_ATTRIBUTE}"] = _active_scorer(scorer)
+    return scorers
+
+
+def _adapter_parameters(model: PreTrainedModel) -> dict[str, torch.nn.Parameter]:
+    """The parameters of the scorers that run, by their names in an adapter."""
+    return {f"{prefix}.{name}": param for prefix, scorer in _running_scorers(model).items()
+            for name, param in scorer.named_parameters()}  # fmt: skip
+
+
+def _brought_in(scorer: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """Within it, the weights of a scorer accelerate offloads (``device_map`` with ``"cpu"`` / ``"disk"``: meta
+    tensors between calls) are real, on the CPU."""
+    if not getattr(getattr(scorer, "_hf_hook", None), "offload", False):
+        return contextlib.nullcontext()
+    from accelerate.utils import align_module_device  # installed wherever its hooks are
+
+    return align_module_device(scorer, "cpu")
 
 
 def adapter_state_dict(model: PreTrainedModel, state_dict: dict[str, torch.Tensor] | None = None
@@ -114,26 +130,35 @@ def adapter_state_dict(model: PreTrainedModel, state_dict: dict[str, torch.Tenso
     full_names = {id(param): name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
                   for name, param in model.named_parameters(remove_duplicate=False)}
     state = {}
-    for key, param in _adapter_parameters(model).items():
-        if state_dict is None:
-            if _is_sharded(param):
-                raise ValueError(
-                    f"Scorer parameter {key} is sharded (DeepSpeed ZeRO-3 or FSDP2): this process does not "
-                    "hold its value. Pass the gathered state dict, save_neural_adapter(model, directory, "
-                    "state_dict=accelerator.get_state_dict(model)), or save inside "
-                    "deepspeed.zero.GatheredParameters(scorer parameters). Nothing was written."
-                )
-            value = param
-        elif full_names.get(id(param)) in state_dict:
-            value = state_dict[full_names[id(param)]]
-        elif not _is_sharded(param):  # left out of it (Trainer's ZeRO-3 save of a PEFT model drops frozen
-            value = param              # parameters), but whole here: small ones stay whole under ZeRO-3
-        else:
-            raise ValueError(f"The state dict given has no entry {full_names.get(id(param))!r} for scorer "
-                             f"parameter {key}, which is sharded here (frozen parameters left out?); nothing "
-                             "was written.")
-        state[key] = value.detach().contiguous().cpu()
+    for prefix, scorer in _running_scorers(model).items():
+        # named before the weights are brought in, which may swap in other parameter objects
+        owned = {name: full_names.get(id(param)) for name, param in scorer.named_parameters()}
+        with _brought_in(scorer):
+            for name, param in scorer.named_parameters():
+                state[f"{prefix}.{name}"] = _adapter_value(f"{prefix}.{name}", param, owned[name], state_dict)
     return state
+
+
+def _adapter_value(key: str, param: torch.nn.Parameter, full_name: str | None,
+                   state_dict: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    """What ``adapter_state_dict`` stores for the scorer parameter ``key`` (``full_name`` in ``state_dict``)."""
+    if state_dict is None:
+        if _is_sharded(param):
+            raise ValueError(
+                f"Scorer parameter {key} is sharded (DeepSpeed ZeRO-3 or FSDP2): this process does not hold its "
+                "value. Pass the gathered state dict, save_neural_adapter(model, directory, "
+                "state_dict=accelerator.get_state_dict(model)), or save inside "
+                "deepspeed.zero.GatheredParameters(scorer parameters). Nothing was written."
+            )
+        value = param
+    elif full_name in state_dict:
+        value = state_dict[full_name]
+    elif not _is_sharded(param):  # left out of it (Trainer's ZeRO-3 save of a PEFT model drops frozen parameters),
+        value = param  # but whole here: small ones stay whole under ZeRO-3
+    else:
+        raise ValueError(f"The state dict given has no entry {full_name!r} for scorer parameter {key}, which is "
+                         "sharded here (frozen parameters left out?); nothing was written.")
+    return value.detach().contiguous().cpu()
 
 
 def save_neural_adapter(
@@ -195,6 +220,9 @@ def restore_neural_adapter_weights(model: PreTrainedModel, adapter_directory: st
     """
     weights = _read_weights(Path(adapter_directory) / WEIGHTS_NAME)
     params = _adapter_parameters(model)
+    if any(param.is_meta for param in params.values()):
+        raise ValueError("This model's scorers are offloaded (accelerate's device_map holds them on the meta device): "
+                         "their weights cannot be replaced in place. Load the model without offloading them.")
     mismatched = sorted(k for k in set(weights) & set(params) if weights[k].shape != params[k].shape)
     if set(weights) != set(params) or mismatched:
         raise ValueError(

@@ -116,9 +116,17 @@ def head_shape(module: nn.Module, model_config: Any) -> tuple[int, int]:
 def scorer_placement(module: nn.Module, model: nn.Module) -> dict[str, Any]:
     """``device`` and ``dtype`` for the scorer of an attention module: its parameters' device, and the dtype of its
     first 16-bit-or-wider floating parameter. Quantized projections (bitsandbytes' uint8, fp8 checkpoints) are
-    storage, not a compute dtype: the model's first such parameter, else torch's default dtype, is taken instead."""
+    storage, not a compute dtype: the model's first such parameter, else torch's default dtype, is taken instead.
+
+    A module whose weights accelerate offloads (``device_map`` with ``"cpu"`` / ``"disk"``) holds them on the meta
+    device between calls: its scorer is placed, with real weights, where its hook runs it (``execution_device``).
+    """
     first = next(module.parameters(), None)
     placement = {"device": first.device} if first is not None else {}
+    if first is not None and first.device.type == "meta":
+        hook = getattr(module, "_hf_hook", None)
+        if getattr(hook, "execution_device", None) is not None:
+            placement = {"device": torch.device(hook.execution_device)}
     for parameters in (module.parameters(), model.parameters()):
         computable = next((p for p in parameters if p.is_floating_point() and p.element_size() >= 2), None)
         if computable is not None:

@@ -304,6 +304,32 @@ def test_a_neural_layer_offloaded_by_accelerate_is_brought_in_for_its_forward(ba
     assert torch.equal(logits(offloaded, "gpt2-lm"), expected)
 
 
+def test_an_offloaded_layer_is_patched_with_real_scorers_and_an_offloaded_scorer_saves_its_adapter(tmp_path):
+    # patch_model put a new scorer on the meta device with its offloaded layer (the forward failed, and
+    # load_neural_adapter's copy into it did nothing); save_neural_adapter read the meta tensors of an offloaded one
+    from hf_neural_attention.adapters import adapter_state_dict
+
+    model = patched("gpt2-lm")
+    model.save_pretrained(tmp_path / "saved")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(gpt2_config()).save_pretrained(tmp_path / "base")  # the weights `model` was patched from
+    device_map = {"transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.drop": "cpu",
+                  "transformer.h.0": "disk", "transformer.h.1": "cpu", "transformer.ln_f": "cpu", "lm_head": "cpu"}
+    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", device_map=device_map,
+                                                     offload_folder=tmp_path / "offload").eval()
+    hna.save_neural_adapter(offloaded, tmp_path / "adapter")
+    saved = load_file(tmp_path / "adapter" / "neural_adapter.safetensors")
+    expected = adapter_state_dict(model)
+    assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved)
+
+    base = GPT2LMHeadModel.from_pretrained(tmp_path / "base", device_map=device_map,
+                                           offload_folder=tmp_path / "offload_base").eval()
+    assert base.transformer.h[0].attn.c_attn.weight.is_meta  # really offloaded
+    hna.load_neural_adapter(base, tmp_path / "adapter")
+    assert not scorers(base)[0].hidden_weight.is_meta
+    assert torch.equal(logits(base, "gpt2-lm"), logits(model, "gpt2-lm"))
+
+
 @pytest.mark.parametrize("switched", ["sub-model", "shared config"])
 def test_a_loaded_model_keeps_its_scorers_when_a_stock_relative_switches_attention(switched, tmp_path):
     # from_pretrained builds the Hub class without patch_model: it must guard its forward the same way. A stock
