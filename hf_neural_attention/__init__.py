@@ -5,6 +5,8 @@ registers the Hub config/model classes with transformers' Auto classes (so check
 ``trust_remote_code``) and installs the model-card writer used by ``save_pretrained``/``push_to_hub``.
 """
 
+import sys
+
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -59,8 +61,18 @@ def _register_auto_classes() -> None:
         auto_class.register(model_class.config_class, model_class, exist_ok=True)
 
 
+def _register_model_card_writer() -> None:
+    """Give ``save_pretrained`` our card writer: in our modeling file, and in the copies of it that remote code loaded
+    before this import (``transformers_modules.<checkpoint>.modeling_neural_attention``), whose models are Hub-class
+    models all the same and would otherwise save without a card."""
+    for name, module in list(sys.modules.items()):
+        copy = name.startswith("transformers_modules.") and name.endswith(".modeling_neural_attention")
+        if module is _modeling or (copy and hasattr(module, "register_model_card_writer")):
+            module.register_model_card_writer(write_model_card)
+
+
 _register_auto_classes()
-_modeling.register_model_card_writer(write_model_card)
+_register_model_card_writer()
 
 __all__ = [
     "ATTENTION_NAME",

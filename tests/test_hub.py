@@ -535,6 +535,9 @@ REMOTE_THEN_PLUGIN = textwrap.dedent("""
     from hf_neural_attention.hub_classes import is_hub_class
     assert is_hub_class(type(model)), type(model)
     assert "trust_remote_code=True" in hna.build_model_card(model).text
+    model.save_pretrained(sys.argv[2] + "-neural")  # with our card, as the plugin's own classes save
+    with open(sys.argv[2] + "-neural/README.md") as card:
+        assert "hf-neural-attention" in card.read()
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     hna.unpatch_model(model)
     assert type(model) is GPT2LMHeadModel and type(model.config).__name__ == "GPT2Config", type(model)
