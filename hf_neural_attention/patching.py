@@ -257,7 +257,10 @@ def _patch(model: nn.Module, layers: LayerSelection, config: NeuralAttentionConf
     if not modules:
         raise ValueError(
             f"{type(model).__name__} has no self-attention module that goes through transformers' attention "
-            "interface; patch_model supports GPT-2, ViT and other models on ALL_ATTENTION_FUNCTIONS."
+            "interface: it has no attention, or computes the scores in its own code, which a scorer cannot replace "
+            "(BLOOM, MPT and Falcon do, to add ALiBi; DeBERTa, for its relative positions). patch_model supports "
+            "GPT-2, ViT and the other models whose attention calls ALL_ATTENTION_FUNCTIONS (Llama, BERT, T5, CLIP, "
+            "Whisper, ...)."
         )
     chosen = resolve_layers(layers, len(modules))
 

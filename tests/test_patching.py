@@ -9,6 +9,8 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    BloomConfig,
+    BloomForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     GPT2Model,
@@ -489,6 +491,9 @@ def test_patching_a_patched_layer_again_is_an_error_but_other_layers_can_be_adde
 def test_models_without_patchable_attention_are_refused():
     with pytest.raises(ValueError, match="no self-attention module"):
         patch_model(ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1])), layers=[0])
+    bloom = BloomForCausalLM(BloomConfig(n_layer=1, hidden_size=16, n_head=2, vocab_size=20))  # ALiBi, own code
+    with pytest.raises(ValueError, match="computes the scores in its own code.*ALiBi"):
+        patch_model(bloom, layers=[0])
     with pytest.raises(TypeError, match="PreTrainedModel"):
         patch_model(torch.nn.Linear(2, 2), layers=[0])
     for not_a_model in ("gpt2", None):
