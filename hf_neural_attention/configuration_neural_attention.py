@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import transformers
 from huggingface_hub.dataclasses import strict  # a dependency of transformers, present wherever it is
 from huggingface_hub.errors import StrictDataclassError
 from transformers import GPT2Config, ViTConfig
+from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
 MIN_PROJ_DIM = 2
 """Floor of the default projected size d'. The authors' rule ``head_dim // 32`` gives 0 below head_dim 32."""
@@ -301,18 +303,23 @@ class NeuralAttentionConfigMixin:
 
     def check_saved_by_neural_class(self) -> None:
         """Refuse a config whose ``architectures`` (set by ``save_pretrained`` to the saving model's class) names a
-        stock class: ``GPT2LMHeadModel(neural_config)`` builds no scorers and runs dot-product attention, so its
-        checkpoint would hold a config that promises scorer weights and no weights to match (unloadable)."""
-        stock = [name for name in self.architectures or [] if not name.startswith("NeuralAttention")]
+        stock head of the model (``GPT2LMHeadModel``): built from a neural config, it has no scorers and runs
+        dot-product attention (patched, it turns into the Hub class, or gets a stock config), so its checkpoint would
+        name neural layers without their weights. The bare model (``GPT2Model``) saves: the body of a patched model,
+        scorers and all, is one."""
+        plain = next(cls for cls in type(self).__mro__ if not issubclass(cls, NeuralAttentionConfigMixin))
+        body = MODEL_MAPPING_NAMES.get(plain.model_type)
+        stock = [name for name in self.architectures or [] if name != body
+                 and getattr(getattr(transformers, name, None), "config_class", None) is plain]  # fmt: skip
         if not stock:
             return
-        plain = next(cls for cls in type(self).__mro__ if not issubclass(cls, NeuralAttentionConfigMixin)).__name__
+        self.architectures = None  # the stock class transformers wrote here just now: left, a shared config keeps it
         raise ValueError(
             f"Not saving: this {type(self).__name__} belongs to a {stock[0]}, a stock class, which built no neural "
             "scorers from it (it runs dot-product attention in every layer). Its checkpoint would name neural layers "
             "it has no weights for. For a neural model, patch it (patch_model) or build it with "
-            f"AutoModelFor...from_config(config); for a dot-product one, build it from a plain {plain} (the config "
-            "the neural model was patched from)."
+            f"AutoModelFor...from_config(config); for a dot-product one, build it from a plain {plain.__name__} (the "
+            "config the neural model was patched from)."
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -36,6 +36,7 @@ HUB_CLASS_FOR: dict[type, type] = {
 }
 STOCK_CLASS_FOR: dict[type, type] = {hub: stock for stock, hub in HUB_CLASS_FOR.items()}
 STOCK_CLASS_BY_NAME: dict[str, str] = {hub.__name__: stock.__name__ for stock, hub in HUB_CLASS_FOR.items()}
+HUB_CLASS_BY_NAME: dict[str, str] = {stock: hub for hub, stock in STOCK_CLASS_BY_NAME.items()}
 HUB_CONFIG_FOR: dict[type, type] = {GPT2Config: NeuralAttentionGPT2Config, ViTConfig: NeuralAttentionViTConfig}
 STOCK_CONFIG_FOR: dict[type, type] = {hub: stock for stock, hub in HUB_CONFIG_FOR.items()}
 
@@ -78,7 +79,7 @@ def adopt_hub_class(model: nn.Module) -> bool:
     Returns:
         Whether the model was switched (``False`` for classes without a Hub class, or already switched).
     """
-    if is_hub_class(type(model)):
+    if any(is_hub_class(cls) for cls in type(model).__mro__):  # a Hub class, or a user's subclass of one
         return False
     hub_class = HUB_CLASS_FOR.get(type(model))
     config = getattr(model, "config", None)
@@ -95,6 +96,9 @@ def adopt_hub_class(model: nn.Module) -> bool:
             stock_type = config.__dict__.pop("model_type")
             object.__setattr__(config, _STASH, stock_type)
         config.__class__ = hub_config
+        if config.__dict__.get("architectures"):  # the base checkpoint's, for a config saved on its own
+            config.__dict__["architectures"] = [HUB_CLASS_BY_NAME.get(name, name)
+                                                for name in config.__dict__["architectures"]]
         name = getattr(config, "_name_or_path", "") or None
         config.neural_attention_base_model = name
     config.neural_attention_version = PACKAGE_VERSION

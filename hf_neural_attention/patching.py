@@ -22,7 +22,12 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from .backend_neural_attention import ATTENTION_NAME, FALLBACK_ATTRIBUTE, SCORER_ATTRIBUTE
-from .configuration_neural_attention import NeuralAttentionConfig, clear_from_config, record_on_config
+from .configuration_neural_attention import (
+    FALLBACK_CONFIG_ATTRIBUTE,
+    NeuralAttentionConfig,
+    clear_from_config,
+    record_on_config,
+)
 from .hub_classes import adopt_hub_class, is_hub_class, restore_stock_class
 from .modeling_neural_attention import (
     find_cross_attention_modules,
@@ -144,7 +149,10 @@ def _module_fallback(module: nn.Module, name: str, model_implementation: str | N
         ValueError: a flash / flex / paged kernel, which the attention function cannot fall back to.
     """
     if model_implementation == ATTENTION_NAME or getattr(module, FALLBACK_ATTRIBUTE, None) is not None:
-        return getattr(module, FALLBACK_ATTRIBUTE, "sdpa")  # patched before
+        # patched before; or built on "neural_attention" by a stock class from a Hub config, which records the
+        # fallback its masks are built for
+        recorded = getattr(getattr(module, "config", None), FALLBACK_CONFIG_ATTRIBUTE, None) or "sdpa"
+        return getattr(module, FALLBACK_ATTRIBUTE, recorded)
     own = getattr(getattr(module, "config", None), "_attn_implementation", None) or model_implementation
     if own is None or own in SUPPORTED_FALLBACKS:
         return own or "sdpa"

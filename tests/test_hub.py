@@ -46,7 +46,7 @@ from hf_neural_attention import (
     patch_model,
     unpatch_model,
 )
-from hf_neural_attention.backend_neural_attention import choose_backend
+from hf_neural_attention.backend_neural_attention import FALLBACK_ATTRIBUTE, choose_backend
 from hf_neural_attention.modeling_neural_attention import find_self_attention_modules
 from tests.models import random_ids, sharpen_scorers, tiny_gpt2, tiny_gpt2_config, tiny_llama, tiny_vit_config
 
@@ -862,6 +862,27 @@ def test_a_stock_class_built_from_a_hub_config_says_it_is_dot_product_and_saves_
     with pytest.raises(ValueError, match="belongs to a GPT2LMHeadModel, a stock class, which built no neural scorers"):
         stock.save_pretrained(tmp_path / "stock")  # config.json would promise scorer weights it has not got
     assert not any((tmp_path / "stock").glob("*"))
+    hub.config.save_pretrained(tmp_path / "config")  # the refused save left no stock class on the shared config
+    # what does carry the scorers saves: the body of a patched model (a stock class), a subclass of a Hub class
+    hub.transformer.save_pretrained(tmp_path / "body")
+    assert [index for index, _ in neural_layers(AutoModel.from_pretrained(tmp_path / "body"))] == [0]
+
+    class Subclass(NeuralAttentionGPT2ForCausalLM):
+        pass
+
+    mine = patch_model(Subclass(hub.config), layers=[1], proj_dim=4)
+    assert type(mine.config) is NeuralAttentionGPT2Config
+    mine.save_pretrained(tmp_path / "subclass")
+    assert json.loads((tmp_path / "subclass" / "config.json").read_text())["model_type"] == "neural_attention_gpt2"
+    # a patched pretrained model's config names its Hub class, so it saves on its own too
+    GPT2LMHeadModel(gpt2_config()).save_pretrained(tmp_path / "plain")
+    pretrained = patch_model(GPT2LMHeadModel.from_pretrained(tmp_path / "plain"), layers=[0])
+    assert pretrained.config.architectures == ["NeuralAttentionGPT2ForCausalLM"]
+    pretrained.config.save_pretrained(tmp_path / "pretrained-config")
+    # built from the config of a model on eager, its unpatched layers keep eager (the masks are built for it)
+    on_eager = patch_model(GPT2LMHeadModel(gpt2_config(attn_implementation="eager")), layers=[0])
+    rebuilt = patch_model(GPT2LMHeadModel(on_eager.config), layers=[0], proj_dim=4)
+    assert getattr(rebuilt.transformer.h[1].attn, FALLBACK_ATTRIBUTE) == "eager"
 
     patch_model(stock, layers=[1], proj_dim=4)  # now it has scorers: the Hub class its config names
     assert type(stock) is NeuralAttentionGPT2ForCausalLM and stock.config.neural_attention_layers == [1]
