@@ -62,8 +62,10 @@ def resolve_layers(layers: LayerSelection, num_layers: int) -> list[int]:
         if layers != "all":
             raise ValueError(f"layers={layers!r} is not valid; use an int, a list of ints, or 'all'.")
         return list(range(num_layers))
-    if (isinstance(layers, bool | Mapping) or _is_bool_tensor(layers)
-            or not (isinstance(layers, Iterable) or hasattr(layers, "__index__"))):
+    if _is_bool_tensor(layers):
+        raise TypeError("layers got a bool tensor (a mask?); pass the layer indices, e.g. "
+                        "layers=mask.nonzero().flatten().tolist().")
+    if isinstance(layers, bool | Mapping) or not (isinstance(layers, Iterable) or hasattr(layers, "__index__")):
         raise TypeError(f"layers must be an int, a list of ints or 'all', got {type(layers).__name__}.")
     try:  # one integer-like (int, numpy / 0-d torch integer) or an iterable of them
         requested = [operator.index(layers)]

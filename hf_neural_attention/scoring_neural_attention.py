@@ -18,6 +18,7 @@ This file travels with Hub checkpoints: it imports only torch, transformers and 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -213,8 +214,10 @@ class NeuralScorer(nn.Module):
         query_hidden, key_hidden, *weights = self(query, key)  # under autocast in 16 bits, as for every backend
         compute_dtype = torch.promote_types(query.dtype, torch.float32)
         # the per-pair MLP and the dot term in fp32, as the fused kernels compute them: autocast would run them in
-        # 16 bits here only
-        with torch.autocast(query.device.type, enabled=False):
+        # 16 bits here only (a device without autocast, such as meta, needs no guard and refuses one)
+        device = query.device.type
+        autocast_on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        with torch.autocast(device, enabled=False) if autocast_on else contextlib.nullcontext():
             pre_activation = (query_hidden.to(compute_dtype)[:, :, :, None, :]
                               + key_hidden.to(compute_dtype)[:, :, None, :, :])  # fmt: skip
             logits = self.pair_scores(pre_activation, *weights)

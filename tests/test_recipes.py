@@ -368,6 +368,7 @@ def test_compare_refuses_results_of_other_arguments_and_arms_get_their_own_hub_r
     assert canonical_flags(["--neural_layers", "0", "-1", "--smoke"]) == {"neural_layers": "0 -1", "smoke": "True"}
     assert comparable_flags(["--smoke", "--learning_rate", "1e-3"]) == comparable_flags(
         ["--learning_rate=0.001", "--smoke", "true"])
+    assert comparable_flags(["--dataset_config_name", "1"]) != comparable_flags(["--dataset_config_name", "1.0"])
     # --push_to_hub without an id: transformers would name both arms' repos after their folder, seed_<N>
     arms = [compare.arm_arguments(str(tmp_path / "exp"), ["--push_to_hub"], arm, 3)[0] for arm in ("neural", "dot")]
     assert [flag_value(argv, "hub_model_id") for argv in arms] == ["exp-neural-seed3", "exp-dot-seed3"]

@@ -232,6 +232,9 @@ def test_under_autocast_only_the_first_layer_runs_in_16_bits_on_the_materialisin
     pre = query_hidden.detach().double()[:, :, :, None, :] + key_hidden.detach().double()[:, :, None, :, :]
     expected = scorer.pair_scores(pre, *weights) + 0.37 * query.double() @ key.double().transpose(-1, -2)
     assert_matches(logits.detach(), expected, "scores")
+    with torch.device("meta"):  # a device without autocast (meta: shape inference) takes no guard, and refuses one
+        meta = NeuralScorer(8, 2, NeuralAttentionConfig(proj_dim=4, mlp=mlp))
+        assert meta.scores(torch.empty(1, 2, 5, 8), torch.empty(1, 2, 7, 8), 0.37).shape == (1, 2, 5, 7)
 
 
 ALL_BACKENDS = CPU_BACKENDS + (["triton"] if HAS_TRITON else [])

@@ -34,7 +34,7 @@ def comparable_flags(argv: list[str]) -> dict[str, str]:
     for name, value in canonical_flags(argv).items():
         if value.lower() in ("true", "false"):
             value = value.capitalize()
-        else:
+        elif not value.lstrip("+-").isdigit():  # integers as written: "1" and "1.0" may name different things
             try:
                 value = repr(float(value))
             except ValueError:
