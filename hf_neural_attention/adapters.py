@@ -216,24 +216,50 @@ def restore_neural_adapter_weights(model: PreTrainedModel, adapter_directory: st
     """Copy an adapter's weights into the scorers ``model`` already has (a resumed run of the same model).
 
     Raises:
-        ValueError: the adapter's names or shapes differ from the scorers'; no weight is changed then.
+        ValueError: the adapter was saved with other layers or settings (the backend and ``mlp_precision`` aside),
+            or its weights do not fit the scorers (names, shapes, values); no scorer weight is changed then.
     """
+    metadata = read_adapter_config(adapter_directory)
     weights = _read_weights(Path(adapter_directory) / WEIGHTS_NAME)
+    layers, settings = neural_settings(unwrap_model(model)) or ([], None)
+    kernel_choices = {"backend": None, "mlp_precision": None}  # how the scorers run, not what they compute
+    saved = {**metadata["settings"].to_dict(), **kernel_choices}
+    if settings is None or metadata["layers"] != layers or saved != {**settings.to_dict(), **kernel_choices}:
+        raise ValueError(
+            f"Adapter {adapter_directory} was saved with layers {metadata['layers']} and settings "
+            f"{metadata['settings']}; this model has layers {layers} and settings {settings}. Resume with the settings "
+            "of the run that saved it; no scorer weight was changed."
+        )
     params = _adapter_parameters(model)
     if any(param.is_meta for param in params.values()):
         raise ValueError("This model's scorers are offloaded (accelerate's device_map holds them on the meta device): "
                          "their weights cannot be replaced in place. Load the model without offloading them.")
-    mismatched = sorted(k for k in set(weights) & set(params) if weights[k].shape != params[k].shape)
-    if set(weights) != set(params) or mismatched:
-        raise ValueError(
-            f"Adapter {adapter_directory} does not fit this model's scorers (only in the adapter: "
-            f"{sorted(set(weights) - set(params))}; only in the model: {sorted(set(params) - set(weights))}; shapes "
-            f"differ: {mismatched}): it was saved by a run with other neural-attention settings. Resume with the "
-            "settings of that run; the model was not modified."
-        )
+    _check_weights_fit(weights, {name: param.shape for name, param in params.items()}, f"Adapter {adapter_directory}",
+                       "this model's scorers (weights", "Resume with the settings of the run that saved it; no scorer "
+                       "weight was changed")
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor.to(device=params[name].device, dtype=params[name].dtype))
+
+
+def _check_weights_fit(weights: dict[str, torch.Tensor], expected: dict[str, torch.Size], source: str, target: str,
+                       advice: str) -> None:
+    """Raise ``ValueError`` "<source> does not fit <target> ...). <advice>." for weights missing, unexpected, of other
+    shapes, not floating point or not finite."""
+    not_float = sorted(k for k, tensor in weights.items() if not tensor.is_floating_point())
+    if not_float:
+        dtype = weights[not_float[0]].dtype
+        raise ValueError(f"{source}: scorer weights {not_float} are not floating point ({dtype}); the adapter is "
+                         f"corrupt. {advice}.")
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    mismatched = sorted(k for k in set(expected) & set(weights) if weights[k].shape != expected[k])
+    non_finite = sorted(k for k, tensor in weights.items() if not torch.isfinite(tensor.float()).all())
+    problems = [f"{label}: {names}" for label, names in (
+        ("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched), ("non-finite", non_finite),
+    ) if names]
+    if problems:
+        raise ValueError(f"{source} does not fit {target} " + "; ".join(problems) + f"). {advice}.")
 
 
 def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
@@ -346,28 +372,14 @@ def load_neural_adapter(
         raise ValueError("This model already has neural layers; load the adapter into the unpatched base model.")
 
     root = _names_module(model, metadata)
-    not_float = sorted(k for k, tensor in weights.items() if not tensor.is_floating_point())
-    if not_float:
-        raise ValueError(f"Adapter {adapter_directory}: scorer weights {not_float} are not floating point "
-                         f"({weights[not_float[0]].dtype}); the adapter is corrupt. The model was not modified.")
     try:
         expected = _expected_shapes(model, root, layers, settings)
     except ValueError as error:  # a layer this model does not have
         raise ValueError(f"Adapter {adapter_directory} was saved for layers {layers}, which "
                          f"{type(model).__name__} cannot hold ({error}). Load it into the base model it was trained "
                          "on; the model was not modified.") from error
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    mismatched = sorted(k for k in set(expected) & set(weights) if weights[k].shape != expected[k])
-    non_finite = sorted(k for k, tensor in weights.items() if not torch.isfinite(tensor.float()).all())
-    problems = [f"{label}: {names}" for label, names in (
-        ("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched), ("non-finite", non_finite),
-    ) if names]
-    if problems:
-        raise ValueError(
-            f"Adapter {adapter_directory} does not fit {type(model).__name__} (scorer weights " + "; ".join(problems)
-            + "). Check that it was saved from this base model; the model was not modified."
-        )
+    _check_weights_fit(weights, expected, f"Adapter {adapter_directory}", f"{type(model).__name__} (scorer weights",
+                       "Check that it was saved from this base model; the model was not modified")
 
     patch_model(model, layers=layers, config=settings)
     try:

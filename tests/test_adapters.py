@@ -170,7 +170,7 @@ def test_a_resumed_peft_run_loads_its_scorers_from_the_adapter_the_trainer_saved
     peft = pytest.importorskip("peft")
     from transformers import TrainingArguments
 
-    from hf_neural_attention import NeuralAttentionTrainer
+    from hf_neural_attention import NeuralAttentionTrainer, set_backend
     from hf_neural_attention.adapters import adapter_state_dict, restore_neural_adapter_weights
     from tests.test_trainer_smoke import _ListDataset
 
@@ -190,12 +190,19 @@ def test_a_resumed_peft_run_loads_its_scorers_from_the_adapter_the_trainer_saved
     resumed = train(resume=str(tmp_path / "run" / "checkpoint-2"))
     assert uninterrupted.keys() == resumed.keys()
     assert all(torch.equal(uninterrupted[name], resumed[name]) for name in uninterrupted)
-    other = peft.get_peft_model(patch_model(tiny_gpt2(), layers=[1], proj_dim=4), peft.LoraConfig(
-        target_modules=["c_attn"], fan_in_fan_out=True))
-    before = adapter_state_dict(other)
-    with pytest.raises(ValueError, match="does not fit this model's scorers.*model was not modified"):
-        restore_neural_adapter_weights(other, tmp_path / "run" / "checkpoint-2")
-    assert all(torch.equal(before[name], value) for name, value in adapter_state_dict(other).items())
+    # a run with other layers, or other settings whose weights have the same shapes (gelu), is refused
+    for layers, activation in (([1], "relu"), ([0], "gelu")):
+        other = peft.get_peft_model(patch_model(tiny_gpt2(), layers=layers, proj_dim=4, activation=activation),
+                                    peft.LoraConfig(target_modules=["c_attn"], fan_in_fan_out=True))
+        before = adapter_state_dict(other)
+        with pytest.raises(ValueError, match=r"was saved with layers \[0\] .*no scorer weight was changed"):
+            restore_neural_adapter_weights(other, tmp_path / "run" / "checkpoint-2")
+        assert all(torch.equal(before[name], value) for name, value in adapter_state_dict(other).items())
+    set_backend(model_like := peft.get_peft_model(patch_model(tiny_gpt2(), layers=[0], proj_dim=4), peft.LoraConfig(
+        target_modules=["c_attn"], fan_in_fan_out=True)), "eager")  # how the scorers run is no setting of the run
+    restore_neural_adapter_weights(model_like, tmp_path / "run" / "checkpoint-2")
+    saved = load_file(tmp_path / "run" / "checkpoint-2" / WEIGHTS_NAME)
+    assert all(torch.equal(saved[name], value) for name, value in adapter_state_dict(model_like).items())
 
 
 def test_adapter_from_a_state_dict_without_the_frozen_scorers_takes_them_from_the_model(tmp_path):
