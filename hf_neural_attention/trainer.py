@@ -7,15 +7,19 @@ class (Llama, BERT, ...) is saved by its stock ``save_pretrained``, from which i
 layers: every save then also writes the scorers as an adapter (``save_neural_adapter``), which the card's loading
 instructions use. So does every save of a PEFT model (even of a Hub class): PEFT saves only its own adapter, without
 the scorers unless they are in ``modules_to_save``, and a fresh patch would draw other initial weights. Resuming
-(``resume_from_checkpoint``) and ``load_best_model_at_end`` load the scorers back from that adapter.
+(``resume_from_checkpoint``) and ``load_best_model_at_end`` load the scorers back from that adapter, and load the
+weights a checkpoint keeps under legacy names (ViT's) under the names the model has.
 """
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
+from collections.abc import Iterable
 from typing import Any
 
+from safetensors import safe_open
 from transformers import PreTrainedModel, Trainer
 
 from .adapters import WEIGHTS_NAME, restore_neural_adapter_weights, save_neural_adapter
@@ -52,11 +56,37 @@ class NeuralAttentionTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._load_renamed_weights(resume_from_checkpoint, model if model is not None else self.model)
         self._restore_scorers(resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
         super()._load_best_model()
+        self._load_renamed_weights(self.state.best_model_checkpoint, self.model)
         self._restore_scorers(self.state.best_model_checkpoint)
+
+    def _load_renamed_weights(self, checkpoint: str, model: Any) -> None:
+        """Load the weights a checkpoint keeps under legacy names: transformers 5 saves ViT's ``vit.layers.*`` as
+        ``vit.encoder.layer.*``, and Trainer's own load matches names on disk only (transformers issue #43701), so a
+        resumed run went on from its initial encoder (and ``load_best_model_at_end`` mixed two checkpoints)."""
+        target = self.accelerator.unwrap_model(model)
+        if (self.is_deepspeed_enabled or self.is_fsdp_enabled or not isinstance(target, PreTrainedModel)
+                or adapter_only_saver(target) is not None):
+            return  # their own checkpoint formats; a PEFT model loads its adapter alone
+        paths = sorted(glob.glob(os.path.join(checkpoint, "model*.safetensors")))
+        keys = {}
+        for path in paths:
+            with safe_open(path, framework="pt") as weights:
+                keys.update(dict.fromkeys(weights.keys(), path))  # noqa: SIM118  (safe_open has no __iter__)
+        own = target.state_dict()
+        moved = {key: name for key, name in checkpoint_names(target, keys).items()
+                 if key != name and key not in own and name in own}  # fmt: skip
+        if not moved:
+            return
+        state = {}
+        for key, name in moved.items():
+            with safe_open(keys[key], framework="pt") as weights:
+                state[name] = weights.get_tensor(key)
+        target.load_state_dict(state, strict=False)
 
     def _restore_scorers(self, checkpoint: str) -> None:
         """Load a PEFT model's scorers from the adapter ``_save`` wrote: Trainer loads PEFT's own adapter only,
@@ -83,3 +113,19 @@ class NeuralAttentionTrainer(Trainer):
             return  # the dot-product arm of an A/B run: the stock card is right
         merge_training_card(model, os.path.join(self.args.output_dir, "README.md"), repo_id=self.hub_model_id,
                             peft=adapter_only_saver(wrapped) is not None)
+
+
+def checkpoint_names(model: PreTrainedModel, keys: Iterable[str]) -> dict[str, str]:
+    """Each checkpoint key with the name ``from_pretrained`` loads it under in ``model`` (transformers' renamings for
+    its family; a key a converter would merge with others keeps its name)."""
+    keys = list(keys)
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:  # a transformers without weight conversions loads every key under its own name
+        return {key: key for key in keys}
+    renamings = [item for item in get_model_conversion_mapping(model) if isinstance(item, WeightRenaming)]
+    if not renamings:
+        return {key: key for key in keys}
+    meta = model.state_dict()
+    return {key: rename_source_key(key, renamings, [], model.base_model_prefix, meta)[0] for key in keys}

@@ -390,12 +390,29 @@ def test_resuming_with_other_attention_or_size_flags_is_refused_before_training(
                            (["--neural_layers", "1"], r"layers \[0\] there, \[1\] here"),
                            (["--attention", "dot"], r"layers \[0\] there, None here"),
                            (["--n_embd", "64"], r"c_attn\.weight \(32, 96\) there, \(64, 192\) here"),
-                           (["--n_layer", "3"], "n_layer 2 there, 3 here")):
+                           (["--n_layer", "3"], "n_layer 2 there, 3 here"),
+                           (["--n_head", "4"], "n_head 2 there, 4 here")):  # every weight's shape alike
         with pytest.raises(ValueError, match=f"written by a run with other flags: .*{message}.*another --output_dir"):
             run_clm.run(resume + flags)
     assert not (tmp_path / "resumed").exists() or not any((tmp_path / "resumed").glob("checkpoint-*"))
     record = run_clm.run(resume)  # the same flags resume
     assert record["metrics"]["train_runtime"] > 0
+
+
+def test_a_resume_check_compares_vit_weights_under_the_names_the_model_loads_them_by(tmp_path):
+    # a ViT checkpoint holds vit.layers.* as vit.encoder.layer.*: compared by name, no encoder weight was, and a
+    # resume with another --intermediate_size crashed inside the optimizer
+    from common.run import check_resumable
+
+    from tests.models import tiny_vit
+
+    tiny_vit(intermediate_size=48).save_pretrained(tmp_path)
+    check_resumable(tiny_vit(intermediate_size=48), str(tmp_path))
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["intermediate_size"]  # left to the weights' shapes
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"vit\.layers\.0\.\S+ \(48, 32\) there, \(64, 32\) here"):
+        check_resumable(tiny_vit(intermediate_size=64), str(tmp_path))
 
 
 def test_a_resume_check_ignores_the_package_version_and_kernel_choices(tmp_path):

@@ -54,3 +54,29 @@ def test_trainer_lowers_the_loss_of_a_patched_vit(tmp_path):
         rows.append({"pixel_values": pixels, "labels": torch.tensor(label)})
     losses = _train(model, rows, tmp_path)
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+
+
+def test_a_resumed_vit_run_loads_the_weights_its_checkpoint_keeps_under_legacy_names(tmp_path):
+    # transformers 5 saves ViT's vit.layers.* as vit.encoder.layer.*, and Trainer's load matches names on disk only:
+    # a resumed run went on from its initial encoder, without a word but a warning
+    from hf_neural_attention import NeuralAttentionTrainer
+
+    generator = torch.Generator().manual_seed(0)
+    rows = [{"pixel_values": torch.randn(1, 8, 8, generator=generator), "labels": torch.tensor(i % 3)}
+            for i in range(16)]
+
+    def train(patched: bool, resume: str | None = None) -> dict[str, torch.Tensor]:
+        model = tiny_vit()
+        if patched:
+            patch_model(model, layers=[0], proj_dim=4)
+        args = TrainingArguments(output_dir=str(tmp_path / f"run-{patched}"), max_steps=4, save_steps=2,
+                                 per_device_train_batch_size=4, learning_rate=1e-2, report_to=[], use_cpu=True,
+                                 seed=0, disable_tqdm=True)
+        NeuralAttentionTrainer(model=model.train(), args=args, train_dataset=_ListDataset(rows)).train(
+            resume_from_checkpoint=resume)
+        return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+    for patched in (False, True):  # the dot-product arm of the recipes, and the neural one
+        uninterrupted = train(patched)
+        resumed = train(patched, resume=str(tmp_path / f"run-{patched}" / "checkpoint-2"))
+        assert all(torch.equal(uninterrupted[name], resumed[name]) for name in uninterrupted), patched

@@ -14,9 +14,12 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from common.report import eval_curve, final_metrics_line, write_results
 from hf_neural_attention.configuration_neural_attention import CONFIG_PREFIX, NeuralAttentionConfig
+from hf_neural_attention.trainer import checkpoint_names
 
 # settings that pick a kernel: a resumed run may change them
 _KERNEL_CHOICES = ("backend", "mlp_precision")
+_SIZE_FIELDS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size",
+                "intermediate_size", "image_size", "patch_size", "num_channels")
 
 
 def _recorded_attention(config: dict[str, Any]) -> dict[str, Any]:
@@ -44,20 +47,21 @@ def check_resumable(model: torch.nn.Module, checkpoint: str) -> None:
     here = _recorded_attention(json.loads(json.dumps(model.config.to_dict(), default=str)))
     problems = [f"{name} {there.get(name)!r} there, {here.get(name)!r} here"
                 for name in dict.fromkeys([*there, *here]) if there.get(name) != here.get(name)]  # fmt: skip
-    # the depth, which the shapes below cannot show: the layers both have are alike (GPT-2's n_layer is an alias)
-    depth_key = model.config.attribute_map.get("num_hidden_layers", "num_hidden_layers")
-    depth = getattr(model.config, "num_hidden_layers", None)
-    if depth_key in saved and saved[depth_key] != depth:
-        problems.append(f"{depth_key} {saved[depth_key]!r} there, {depth!r} here")
-    # weights both name alike (a checkpoint may hold some under their legacy names: ViT's there, transformers 5's
-    # here), compared by shape: the sizes
+    # the sizes the shapes below cannot show (the depth: the layers both have are alike; the head count: the same
+    # projections), under the names config.json uses (GPT-2's n_layer, n_head are aliases)
+    for field in _SIZE_FIELDS:
+        key = model.config.attribute_map.get(field, field)
+        if key in saved and saved[key] != getattr(model.config, field, None):
+            problems.append(f"{key} {saved[key]!r} there, {getattr(model.config, field, None)!r} here")
+    # the weights, compared by shape under the names the model loads them by (a checkpoint holds ViT's under their
+    # legacy names, vit.encoder.layer.* for vit.layers.*)
     own = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     for path in sorted(glob.glob(os.path.join(checkpoint, "model*.safetensors"))):
         with safe_open(path, framework="pt") as weights:
-            for name in weights.keys():  # noqa: SIM118  (safe_open has no __iter__)
-                shape = tuple(weights.get_slice(name).get_shape())
-                if name in own and own[name] != shape:
-                    problems.append(f"{name} {shape} there, {own[name]} here")
+            shapes = {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}  # noqa: SIM118
+        for key, name in checkpoint_names(model, shapes).items():
+            if name in own and own[name] != shapes[key]:
+                problems.append(f"{name} {shapes[key]} there, {own[name]} here")
     if problems:
         shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
         raise ValueError(
