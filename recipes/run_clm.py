@@ -353,11 +353,12 @@ def build_model(
         model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path)
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer))
-        return model
-    config.vocab_size = len(tokenizer)
-    config.n_positions = max(getattr(config, "n_positions", 0) if model_args.model_name_or_path else 0, block_size)
-    config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
-    model = AutoModelForCausalLM.from_config(config) if model_args.model_name_or_path else GPT2LMHeadModel(config)
+    else:
+        config.vocab_size = len(tokenizer)
+        config.n_positions = max(getattr(config, "n_positions", 0) if model_args.model_name_or_path else 0,
+                                 block_size)
+        config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
+        model = AutoModelForCausalLM.from_config(config) if model_args.model_name_or_path else GPT2LMHeadModel(config)
     if getattr(model, "loss_type", None) is None:
         # transformers derives it from the class name, and "GPT2LMHeadModel" names no loss: Trainer then counts the
         # unshifted labels (block_size per row, not block_size - 1) and every loss came out (T - 1) / T too low, in

@@ -604,12 +604,17 @@ def test_clm_eval_loss_is_the_mean_next_token_loss(tmp_path):
 
     model_args = run_clm.parse_args(["--report_to", "none", "--smoke"])[0]
     torch.manual_seed(0)
-    model = run_clm.build_model(model_args, GPT2Config(n_layer=1, n_embd=16, n_head=2), Vocabulary(eos_token_id=0),
-                                block_size=8).eval()  # fmt: skip
+    scratch = run_clm.build_model(model_args, GPT2Config(n_layer=1, n_embd=16, n_head=2), Vocabulary(eos_token_id=0),
+                                  block_size=8)  # fmt: skip
+    scratch.save_pretrained(tmp_path / "stock")  # a stock GPT-2 checkpoint: --model_name_or_path's branch too
+    model_args = run_clm.parse_args(["--report_to", "none", "--model_name_or_path", str(tmp_path / "stock")])[0]
+    pretrained = run_clm.build_model(model_args, None, Vocabulary(eos_token_id=0), block_size=8)
     ids = torch.randint(0, 50, (4, 8), generator=torch.Generator().manual_seed(2))
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, per_device_eval_batch_size=4)
-    eval_loss = Trainer(model=model, args=args).evaluate([{"input_ids": row, "labels": row} for row in ids])
-    with torch.no_grad():
-        logits = model(ids).logits
-    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-    assert eval_loss["eval_loss"] == pytest.approx(expected.item(), rel=1e-5)
+    for model in (scratch.eval(), pretrained.eval()):
+        eval_loss = Trainer(model=model, args=args).evaluate([{"input_ids": row, "labels": row} for row in ids])
+        with torch.no_grad():
+            logits = model(ids).logits
+        expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                     ids[:, 1:].reshape(-1))
+        assert eval_loss["eval_loss"] == pytest.approx(expected.item(), rel=1e-5)
