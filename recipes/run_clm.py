@@ -233,7 +233,9 @@ def retrained_tokenizer(
     training_args: TrainingArguments,
 ) -> PreTrainedTokenizerBase:
     """The base tokenizer's byte-level BPE retrained on the training text (cached; computed once per node)."""
-    key = hashlib.sha256(f"{base.name_or_path}|{vocab_size}|{raw_train._fingerprint}".encode()).hexdigest()[:16]
+    # the column too: one data set's fingerprint covers all its columns, and each holds other text
+    key = hashlib.sha256(f"{base.name_or_path}|{vocab_size}|{raw_train._fingerprint}|{text_column}".encode()
+                         ).hexdigest()[:16]
     cache = Path(bundled._cache_root()) / f"bpe-{vocab_size}-{key}"
     with training_args.main_process_first(desc="tokenizer training"):
         if (cache / "tokenizer_config.json").is_file():

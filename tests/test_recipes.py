@@ -364,6 +364,15 @@ def test_compare_refuses_results_of_other_arguments_and_arms_get_their_own_hub_r
         compare.main(arguments[:8] + ["--metrics", "eval_loss", "eval_acuracy"] + arguments[8:])
     with pytest.raises(SystemExit, match="holds results made with other recipe arguments.*--overwrite"):
         compare.main(arguments[:-6] + ["--max_steps", "2", "--do_predict", "False", "--report_to", "none"])
+    # a run made under another launcher (2 processes: twice the global batch) does not pool with the others
+    recipe_args = arguments[arguments.index("--") + 1:]
+    record = json.loads((out / "dot" / "seed_0" / "recipe_results.json").read_text())
+    record.update(seed=1, argv=compare.arm_arguments(str(out), recipe_args, "dot", 1)[0])
+    record["metrics"]["n_processes"] = 2
+    (out / "dot" / "seed_1").mkdir()
+    (out / "dot" / "seed_1" / "recipe_results.json").write_text(json.dumps(record))
+    with pytest.raises(SystemExit, match=r"different numbers of processes \[1, 2\]"):
+        compare.main([*arguments[:3], "0", "1", *arguments[4:]])
     assert with_arm_hub_id(["--smoke", "--hub_model_id", "me/a"], "dot") == ["--smoke", "--hub_model_id", "me/a-dot"]
     assert canonical_flags(["--neural_layers", "0", "-1", "--smoke"]) == {"neural_layers": "0 -1", "smoke": "True"}
     assert comparable_flags(["--smoke", "--learning_rate", "1e-3"]) == comparable_flags(
@@ -374,6 +383,46 @@ def test_compare_refuses_results_of_other_arguments_and_arms_get_their_own_hub_r
     assert [flag_value(argv, "hub_model_id") for argv in arms] == ["exp-neural-seed3", "exp-dot-seed3"]
     assert with_arm_hub_id(["--hub_model_id=me/run"], "neural-seed0") == ["--hub_model_id", "me/run-neural-seed0"]
     assert with_arm_hub_id(["--smoke"], "dot") == ["--smoke"]
+
+
+def test_the_retrained_tokenizer_is_cached_per_text_column(tmp_path, monkeypatch):
+    # one data set's fingerprint covers every column: a run on column "b" got the BPE trained on column "a"
+    import datasets
+    import run_clm
+    from common import bundled
+    from transformers import AutoTokenizer, TrainingArguments
+
+    monkeypatch.setenv("HF_NEURAL_ATTENTION_CACHE", str(tmp_path / "cache"))
+    base = AutoTokenizer.from_pretrained(bundled.gpt2_tokenizer_dir())
+    rows = datasets.Dataset.from_dict({"a": ["the cat sat on the mat"] * 50, "b": ["xyzqj qjxyz zzqj"] * 50})
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True)
+    vocabularies = [run_clm.retrained_tokenizer(base, rows, column, 300, args).get_vocab() for column in ("a", "b")]
+    assert vocabularies[0] != vocabularies[1]
+
+
+def test_an_ab_run_names_its_arms_repos_after_its_folder_and_reads_resume_true_as_latest(tmp_path):
+    # without --hub_model_id every A/B run pushed to <user>/neural and <user>/dot; --resume_from_checkpoint True (a
+    # single run's "latest") was refused as one arm's checkpoint
+    import run_clm
+    from common.ab import run_ab
+    from common.cli import flag_value
+
+    class FirstArm(Exception):
+        pass
+
+    arms = []
+
+    def first_arm(argv: list[str]) -> None:
+        arms.append(argv)
+        raise FirstArm
+
+    with pytest.raises(FirstArm):
+        run_ab(["--smoke", "--push_to_hub", "--output_dir", str(tmp_path / "exp")], first_arm, run_clm.parse_args,
+               "clm", "language modelling")
+    assert flag_value(arms[0], "hub_model_id") == "exp-neural"
+    with pytest.raises(ValueError, match="latest: no checkpoint of the neural and dot arm"):
+        run_ab(["--smoke", "--output_dir", str(tmp_path / "new"), "--resume_from_checkpoint", "True"], first_arm,
+               run_clm.parse_args, "clm", "language modelling")
 
 
 def test_resuming_with_other_attention_or_size_flags_is_refused_before_training(tmp_path):

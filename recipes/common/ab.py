@@ -8,7 +8,7 @@ from typing import Any
 
 from transformers.trainer_utils import get_last_checkpoint
 
-from common.cli import strip_flag, with_arm_hub_id
+from common.cli import flag_is_true, flag_value, strip_flag, with_arm_hub_id
 from common.report import HEADLINE_METRICS, comparison_table
 
 Record = dict[str, Any]
@@ -22,6 +22,8 @@ def run_ab(argv: list[str], run: Callable[[list[str]], Record], parse_args: Call
     """
     *_, training_args = parse_args(argv)
     resume = training_args.resume_from_checkpoint
+    if resume in ("True", "true"):  # as a single run reads it
+        resume = "latest"
     if resume not in (None, "latest"):  # one checkpoint holds one arm: the other's optimizer state would not fit
         raise ValueError(f"--resume_from_checkpoint {resume} names one arm's checkpoint, and --attention ab runs two; "
                          "use --resume_from_checkpoint latest (each arm resumes from its own folder), or resume one "
@@ -35,6 +37,9 @@ def run_ab(argv: list[str], run: Callable[[list[str]], Record], parse_args: Call
                              f"{training_args.output_dir}/{{{','.join(missing)}}}. Resume the other arm alone with "
                              "--attention and its --output_dir, or drop --resume_from_checkpoint to start both anew.")
     base = strip_flag(strip_flag(argv, "attention"), "output_dir")
+    if flag_is_true(argv, "push_to_hub") and flag_value(argv, "hub_model_id") is None:
+        # transformers would name each arm's repo after its folder: every A/B run would push to <user>/neural, /dot
+        base = base + ["--hub_model_id", os.path.basename(os.path.abspath(training_args.output_dir))]
     records = [run(with_arm_hub_id(base, arm) + ["--attention", arm, "--output_dir",
                                                  os.path.join(training_args.output_dir, arm)])
                for arm in ("neural", "dot")]
