@@ -397,7 +397,7 @@ def main(argv=None):
         defaults.update(seq_lens=[256, 1024], dims=[2, 16], reps=3, modes=["forward+backward"],
                         output=ROOT / "benchmarks" / "results" / "quick")
     if args.position_bias:  # its own folder: the kept results are without a bias
-        defaults["output"] = ROOT / "benchmarks" / "results" / "position_bias" / ("quick" if args.quick else "")
+        defaults["output"] = defaults["output"] / "position_bias"
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)

@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights)")
     parser.add_argument("--quick", action="store_true", help="seq 256, 2 layers, 4 steps")
     parser.add_argument("--output", type=Path, default=None,
-                        help="default: results/compile.csv (results/compile_quick.csv with --quick)")
+                        help="default: results/compile.csv (results/quick/compile.csv with --quick)")
     args = parser.parse_args()
     check_device(parser, args.device)
     fill_defaults(args, dict(seq_len=256, layers=2, steps=4), dict(seq_len=1024, layers=12, steps=6), "compile")

@@ -79,12 +79,13 @@ def train_step(model: GPT2LMHeadModel, optimizer: torch.optim.Optimizer, ids: to
 
 def fill_defaults(args: argparse.Namespace, quick: dict, full: dict, name: str) -> None:
     """Sizes the user did not give: ``quick`` with ``--quick``, else ``full``; an explicit flag always wins. The
-    output defaults to ``results/<name>.csv``, or ``results/<name>_quick.csv`` so a quick run keeps the results."""
+    output defaults to ``results/<name>.csv``, or ``results/quick/<name>.csv`` (not kept) so a quick run keeps the
+    results."""
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.output is None:
-        args.output = Path(__file__).parent / "results" / f"{name}{'_quick' if args.quick else ''}.csv"
+        args.output = Path(__file__).parent / "results" / ("quick" if args.quick else "") / f"{name}.csv"
 
 
 def report(rows: list[dict], output: Path, title: str, columns: dict[str, str]) -> None:
@@ -150,7 +151,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights)")
     parser.add_argument("--output", type=Path, default=None,
-                        help="default: results/end_to_end.csv (results/end_to_end_quick.csv with --quick)")
+                        help="default: results/end_to_end.csv (results/quick/end_to_end.csv with --quick)")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     check_device(parser, args.device)

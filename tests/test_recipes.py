@@ -493,6 +493,21 @@ def test_resume_latest_without_checkpoints_names_the_save_strategy(tmp_path):
                        "--resume_from_checkpoint", "latest", "--report_to", "none"])
 
 
+def test_quick_benchmark_runs_write_where_nothing_kept_lives():
+    # the quick runs of bench_compile / bench_end_to_end wrote results/<name>_quick.csv, which the README cites
+    import argparse
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_end_to_end
+
+    for quick, expected in ((True, REPO / "benchmarks" / "results" / "quick" / "compile.csv"),
+                            (False, REPO / "benchmarks" / "results" / "compile.csv")):
+        args = argparse.Namespace(quick=quick, output=None, steps=None)
+        bench_end_to_end.fill_defaults(args, {"steps": 1}, {"steps": 2}, "compile")
+        assert args.output == expected and args.steps == (1 if quick else 2)
+    assert "benchmarks/results/quick/" in (REPO / ".gitignore").read_text().split()  # never a kept result
+
+
 @pytest.mark.parametrize("flags", [["--backends", "tiled", "--modes", "forward"],
                                    ["--position-bias", "--backends", "sdpa", "tiled", "eager"]])
 def test_bench_attention_writes_every_output(tmp_path, flags):
