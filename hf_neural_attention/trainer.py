@@ -104,7 +104,20 @@ class NeuralAttentionTrainer(Trainer):
         restore_neural_adapter_weights(wrapped, checkpoint)
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
-        super().create_model_card(*args, **kwargs)
+        # transformers takes the empty _name_or_path of a model built from a config for its base model ("a
+        # fine-tuned version of [](https://huggingface.co/)"); a folder it does not take, and the card then says the
+        # model was trained from scratch
+        config = getattr(unwrap_model(self.accelerator.unwrap_model(self.model)), "config", None)
+        from_scratch = (not args and kwargs.get("finetuned_from") is None and self.is_world_process_zero()
+                        and getattr(config, "_name_or_path", None) == "")
+        if from_scratch:
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            config._name_or_path = self.args.output_dir
+        try:
+            super().create_model_card(*args, **kwargs)
+        finally:
+            if from_scratch:
+                config._name_or_path = ""
         if not self.is_world_process_zero():
             return
         wrapped = self.accelerator.unwrap_model(self.model)

@@ -156,3 +156,21 @@ def test_a_peft_model_is_pushed_with_the_scorers_and_a_card_that_loads_base_scor
         trained = model.eval()(ids).logits
         assert (trained - GPT2LMHeadModel.from_pretrained(tmp_path / "base")(ids).logits).abs().max() > 1e-3
         torch.testing.assert_close(loaded(ids).logits, trained, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("patched", [True, False], ids=["neural", "dot"])
+def test_the_card_of_a_model_trained_from_scratch_says_so(tmp_path, patched):
+    # transformers took the empty _name_or_path of a model built from a config for its base model: "This model is a
+    # fine-tuned version of [](https://huggingface.co/)"
+    model = tiny_gpt2()
+    if patched:
+        patch_model(model, layers=[0], proj_dim=4)
+    rows = [{"input_ids": row, "labels": row} for row in random_ids(4, 12)]
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=4,
+                             report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = NeuralAttentionTrainer(model=model.train(), args=args, train_dataset=_ListDataset(rows))
+    trainer.train()
+    trainer.create_model_card()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "This model was trained from scratch" in card and "fine-tuned version of []" not in card
+    assert model.config._name_or_path == ""
