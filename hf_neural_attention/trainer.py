@@ -16,13 +16,17 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import shutil
 from collections.abc import Iterable
 from typing import Any
 
 from safetensors import safe_open
 from transformers import PreTrainedModel, Trainer
+from transformers.trainer_utils import HubStrategy
 
-from .adapters import WEIGHTS_NAME, restore_neural_adapter_weights, save_neural_adapter
+from .adapters import CONFIG_NAME as ADAPTER_CONFIG
+from .adapters import WEIGHTS_NAME as ADAPTER_WEIGHTS
+from .adapters import restore_neural_adapter_weights, save_neural_adapter
 from .hub_classes import is_hub_class
 from .model_card import merge_training_card
 from .patching import adapter_only_saver, neural_settings, unwrap_model
@@ -53,6 +57,21 @@ class NeuralAttentionTrainer(Trainer):
                                 state_dict=state_dict)
         except ValueError as error:  # the weights are saved: a missing adapter must not end the training run
             logger.warning("No adapter was written beside the weights: %s", error)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Trainer's push of each save (``hub_strategy="every_save"``) copies the files it knows from the checkpoint
+        and uploads the output folder: the code files a Hub class's checkpoint loads with (its config.json names
+        them in ``auto_map``), the neural adapter and our card stayed behind, and those commits did not load."""
+        if self.is_world_process_zero() and self.args.hub_strategy != HubStrategy.END:
+            names = [os.path.basename(path) for path in glob.glob(os.path.join(checkpoint_folder, "*.py"))]
+            names += [ADAPTER_WEIGHTS, ADAPTER_CONFIG]
+            if not os.path.isfile(os.path.join(self.args.output_dir, "README.md")):  # Trainer's card, once written
+                names.append("README.md")
+            for name in names:
+                source = os.path.join(checkpoint_folder, name)
+                if os.path.isfile(source):
+                    shutil.copy(source, os.path.join(self.args.output_dir, name))
+        super()._push_from_checkpoint(checkpoint_folder)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -97,9 +116,9 @@ class NeuralAttentionTrainer(Trainer):
         if (adapter_only_saver(wrapped) is None or neural_settings(model) is None or self.is_deepspeed_enabled
                 or self.is_fsdp_enabled):
             return
-        if not os.path.isfile(os.path.join(checkpoint, WEIGHTS_NAME)):
+        if not os.path.isfile(os.path.join(checkpoint, ADAPTER_WEIGHTS)):
             logger.warning("%s has no %s (not written by NeuralAttentionTrainer?): the scorers keep their current "
-                           "weights, not the checkpoint's.", checkpoint, WEIGHTS_NAME)
+                           "weights, not the checkpoint's.", checkpoint, ADAPTER_WEIGHTS)
             return
         restore_neural_adapter_weights(wrapped, checkpoint)
 

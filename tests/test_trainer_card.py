@@ -174,3 +174,31 @@ def test_the_card_of_a_model_trained_from_scratch_says_so(tmp_path, patched):
     card = (tmp_path / "out" / "README.md").read_text()
     assert "This model was trained from scratch" in card and "fine-tuned version of []" not in card
     assert model.config._name_or_path == ""
+
+
+def test_a_push_at_every_save_uploads_what_loads_the_checkpoint(tmp_path, monkeypatch):
+    # Trainer's push of each save copied only the files it knows: config.json named our code files in auto_map, but
+    # the commit held none of them (nor the card), so it did not load with trust_remote_code
+    from concurrent.futures import Future
+
+    uploads: list[set[str]] = []
+
+    def upload_folder(self, *, repo_id, folder_path, ignore_patterns=None, **kwargs):
+        folder = Path(folder_path)
+        files = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
+        uploads.append(set(filter_repo_objects(files, ignore_patterns=[*(ignore_patterns or []),
+                                                                      *DEFAULT_IGNORE_PATTERNS])))
+        done = Future()
+        done.set_result(None)
+        return done
+
+    fake_hub_upload(monkeypatch, tmp_path / "hub")  # create_repo
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    model = patch_model(tiny_gpt2(), layers=[0], proj_dim=4)
+    rows = [{"input_ids": row, "labels": row} for row in random_ids(4, 12)]
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, save_steps=1, per_device_train_batch_size=4,
+                             report_to=[], use_cpu=True, push_to_hub=True, hub_model_id="me/every-save",
+                             hub_strategy="every_save", disable_tqdm=True)
+    NeuralAttentionTrainer(model=model.train(), args=args, train_dataset=_ListDataset(rows)).train()
+    assert {"config.json", "model.safetensors", "modeling_neural_attention.py", "configuration_neural_attention.py",
+            "README.md"} <= uploads[0]
