@@ -66,8 +66,8 @@ def _register_model_card_writer() -> None:
     before this import (``transformers_modules.<checkpoint>.modeling_neural_attention``), whose models are Hub-class
     models all the same and would otherwise save without a card."""
     for name, module in list(sys.modules.items()):
-        copy = name.startswith("transformers_modules.") and name.endswith(".modeling_neural_attention")
-        if module is _modeling or (copy and hasattr(module, "register_model_card_writer")):
+        remote_copy = name.startswith("transformers_modules.") and name.endswith(".modeling_neural_attention")
+        if module is _modeling or (remote_copy and hasattr(module, "register_model_card_writer")):
             module.register_model_card_writer(write_model_card)
 
 

@@ -91,21 +91,14 @@ class NeuralAttentionTrainer(Trainer):
         if (self.is_deepspeed_enabled or self.is_fsdp_enabled or not isinstance(target, PreTrainedModel)
                 or adapter_only_saver(target) is not None):
             return  # their own checkpoint formats; a PEFT model loads its adapter alone
-        paths = sorted(glob.glob(os.path.join(checkpoint, "model*.safetensors")))
-        keys = {}
-        for path in paths:
+        own, state = target.state_dict(), {}
+        for path in sorted(glob.glob(os.path.join(checkpoint, "model*.safetensors"))):  # one file, or the shards
             with safe_open(path, framework="pt") as weights:
-                keys.update(dict.fromkeys(weights.keys(), path))  # noqa: SIM118  (safe_open has no __iter__)
-        own = target.state_dict()
-        moved = {key: name for key, name in checkpoint_names(target, keys).items()
-                 if key != name and key not in own and name in own}  # fmt: skip
-        if not moved:
-            return
-        state = {}
-        for key, name in moved.items():
-            with safe_open(keys[key], framework="pt") as weights:
-                state[name] = weights.get_tensor(key)
-        target.load_state_dict(state, strict=False)
+                for key, name in checkpoint_names(target, weights.keys()).items():
+                    if key != name and key not in own and name in own:
+                        state[name] = weights.get_tensor(key)
+        if state:
+            target.load_state_dict(state, strict=False)
 
     def _restore_scorers(self, checkpoint: str) -> None:
         """Load a PEFT model's scorers from the adapter ``_save`` wrote: Trainer loads PEFT's own adapter only,
