@@ -250,7 +250,7 @@ def _check_weights_fit(weights: dict[str, torch.Tensor], expected: dict[str, tor
     if not_float:
         dtype = weights[not_float[0]].dtype
         raise ValueError(f"{source}: scorer weights {not_float} are not floating point ({dtype}); the adapter is "
-                         f"corrupt. {advice}.")
+                         "corrupt (save it again from the trained model); nothing was changed.")
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     mismatched = sorted(k for k in set(expected) & set(weights) if weights[k].shape != expected[k])

@@ -267,8 +267,8 @@ def _warn_if_built_by_a_stock_class(module: nn.Module) -> None:
     if type(config).__name__.startswith("NeuralAttention") and getattr(config, "neural_attention_layers", None):
         logger.warning_once(
             f"{type(config).__name__} names neural layers {config.neural_attention_layers}, but the model running it "
-            "has no neural scorers: a stock class built from it runs dot-product attention in every layer (a stock "
-            "head refuses save_pretrained). Build the model with AutoModelFor...from_config(config), or from a plain "
+            "has no neural scorers: a stock class built from it runs dot-product attention in every layer (and "
+            "refuses save_pretrained). Build the model with AutoModelFor...from_config(config), or from a plain "
             "config for a dot-product model."
         )
 

@@ -12,15 +12,14 @@ import functools
 import json
 import logging
 import operator
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import transformers
 from huggingface_hub.dataclasses import strict  # a dependency of transformers, present wherever it is
 from huggingface_hub.errors import StrictDataclassError
 from transformers import GPT2Config, ViTConfig
-from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
 MIN_PROJ_DIM = 2
 """Floor of the default projected size d'. The authors' rule ``head_dim // 32`` gives 0 below head_dim 32."""
@@ -203,6 +202,27 @@ def clear_from_config(model_config: Any) -> None:
     model_config.__dict__.pop(FALLBACK_CONFIG_ATTRIBUTE, None)
 
 
+_SCORER_ATTRIBUTE = "neural_scorer"
+"""Where a patched attention module holds its scorer (``backend_neural_attention.SCORER_ATTRIBUTE``, which imports
+this file)."""
+
+
+def _model_saving(config: Any) -> torch.nn.Module | None:
+    """The model whose ``save_pretrained`` is writing ``config``, or ``None`` for a config saved on its own.
+    transformers hands a config no reference to its model: the caller's frames are searched (a few levels up) for
+    the ``save_pretrained`` of a model holding this very config."""
+    frame = sys._getframe(2)
+    for _ in range(8):
+        if frame is None:
+            break
+        if frame.f_code.co_name == "save_pretrained":
+            model = frame.f_locals.get("model_to_save", frame.f_locals.get("self"))
+            if isinstance(model, torch.nn.Module) and getattr(model, "config", None) is config:
+                return model
+        frame = frame.f_back
+    return None
+
+
 # --- Hub config classes ----------------------------------------------------------------------------------------
 # Below: transformers config classes for checkpoints that carry neural layers. They subclass the model's own config
 # with a *unique* ``model_type``: re-using "gpt2"/"vit" would make a load without remote code silently return a stock
@@ -297,29 +317,24 @@ class NeuralAttentionConfigMixin:
             )
 
     def save_pretrained(self, save_directory: Any, push_to_hub: bool = False, **kwargs: Any) -> None:
-        """Write config.json, unless the model saving it is a stock class (see ``check_saved_by_neural_class``)."""
-        self.check_saved_by_neural_class()
+        """Write config.json, unless a model without neural scorers is saving it (see ``check_saved_with_scorers``)."""
+        self.check_saved_with_scorers()
         super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
-    def check_saved_by_neural_class(self) -> None:
-        """Refuse a config whose ``architectures`` (set by ``save_pretrained`` to the saving model's class) names a
-        stock head of the model (``GPT2LMHeadModel``): built from a neural config, it has no scorers and runs
-        dot-product attention (patched, it turns into the Hub class, or gets a stock config), so its checkpoint would
-        name neural layers without their weights. The bare model (``GPT2Model``) saves: the body of a patched model,
-        scorers and all, is one."""
-        plain = next(cls for cls in type(self).__mro__ if not issubclass(cls, NeuralAttentionConfigMixin))
-        body = MODEL_MAPPING_NAMES.get(plain.model_type)
-        stock = [name for name in self.architectures or [] if name != body
-                 and getattr(getattr(transformers, name, None), "config_class", None) is plain]  # fmt: skip
-        if not stock:
+    def check_saved_with_scorers(self) -> None:
+        """Refuse a config that a model without scorers saves: a stock class built from a neural config
+        (``GPT2LMHeadModel(patched.config)``) runs dot-product attention, and its checkpoint would name neural layers
+        without their weights. A config saved on its own, or by a model with scorers, passes."""
+        model = _model_saving(self)
+        if model is None or any(hasattr(module, _SCORER_ATTRIBUTE) for module in model.modules()):
             return
-        self.architectures = None  # the stock class transformers wrote here just now: left, a shared config keeps it
+        plain = next(cls for cls in type(self).__mro__ if not issubclass(cls, NeuralAttentionConfigMixin))
         raise ValueError(
-            f"Not saving: this {type(self).__name__} belongs to a {stock[0]}, a stock class, which built no neural "
-            "scorers from it (it runs dot-product attention in every layer). Its checkpoint would name neural layers "
-            "it has no weights for. For a neural model, patch it (patch_model) or build it with "
-            f"AutoModelFor...from_config(config); for a dot-product one, build it from a plain {plain.__name__} (the "
-            "config the neural model was patched from)."
+            f"Not saving: this {type(self).__name__} names neural layers {self.neural_attention_layers}, but the "
+            f"{type(model).__name__} saving it has no neural scorers (a stock class built from it runs dot-product "
+            "attention in every layer), so the checkpoint would not load. For a neural model, patch it (patch_model) "
+            f"or build it with AutoModelFor...from_config(config); for a dot-product one, build it from a plain "
+            f"{plain.__name__} (the config the neural model was patched from)."
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -36,7 +36,6 @@ HUB_CLASS_FOR: dict[type, type] = {
 }
 STOCK_CLASS_FOR: dict[type, type] = {hub: stock for stock, hub in HUB_CLASS_FOR.items()}
 STOCK_CLASS_BY_NAME: dict[str, str] = {hub.__name__: stock.__name__ for stock, hub in HUB_CLASS_FOR.items()}
-HUB_CLASS_BY_NAME: dict[str, str] = {stock: hub for hub, stock in STOCK_CLASS_BY_NAME.items()}
 HUB_CONFIG_FOR: dict[type, type] = {GPT2Config: NeuralAttentionGPT2Config, ViTConfig: NeuralAttentionViTConfig}
 STOCK_CONFIG_FOR: dict[type, type] = {hub: stock for stock, hub in HUB_CONFIG_FOR.items()}
 
@@ -96,9 +95,8 @@ def adopt_hub_class(model: nn.Module) -> bool:
             stock_type = config.__dict__.pop("model_type")
             object.__setattr__(config, _STASH, stock_type)
         config.__class__ = hub_config
-        if config.__dict__.get("architectures"):  # the base checkpoint's, for a config saved on its own
-            config.__dict__["architectures"] = [HUB_CLASS_BY_NAME.get(name, name)
-                                                for name in config.__dict__["architectures"]]
+        if config.__dict__.get("architectures"):  # the base checkpoint's: for a config saved on its own, this class
+            config.__dict__["architectures"] = [hub_class.__name__]
         name = getattr(config, "_name_or_path", "") or None
         config.neural_attention_base_model = name
     config.neural_attention_version = PACKAGE_VERSION

@@ -62,7 +62,10 @@ class NeuralAttentionTrainer(Trainer):
         """Trainer's push of each save (``hub_strategy="every_save"``) copies the files it knows from the checkpoint
         and uploads the output folder: the code files a Hub class's checkpoint loads with (its config.json names
         them in ``auto_map``), the neural adapter and our card stayed behind, and those commits did not load."""
-        if self.is_world_process_zero() and self.args.hub_strategy != HubStrategy.END:
+        # only for a push that happens (Trainer skips one while the last is uploading this folder): else the folder
+        # would hold this save's adapter beside the last one's weights
+        idle = self.args.hub_always_push or self.push_in_progress is None or self.push_in_progress.is_done()
+        if self.is_world_process_zero() and self.args.hub_strategy != HubStrategy.END and idle:
             names = [os.path.basename(path) for path in glob.glob(os.path.join(checkpoint_folder, "*.py"))]
             names += [ADAPTER_WEIGHTS, ADAPTER_CONFIG]
             if not os.path.isfile(os.path.join(self.args.output_dir, "README.md")):  # Trainer's card, once written

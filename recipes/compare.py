@@ -172,14 +172,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run every (arm, seed), then write the CSV, the markdown table and the plots."""
     args, recipe_args = parse(list(sys.argv[1:] if argv is None else argv))
     output_dir = Path(args.output_dir)
-    records = [run_one(args, recipe_args, arm, seed) for seed in args.seeds for arm in args.arms]
+    records = []
+    for seed in args.seeds:
+        for arm in args.arms:
+            records.append(run_one(args, recipe_args, arm, seed))
+            processes = sorted({r["metrics"].get("n_processes", 1) for r in records})
+            if len(processes) > 1:  # a reused run and a new one under another launcher: other global batches
+                raise SystemExit(f"The runs in {output_dir} were made with different numbers of processes "
+                                 f"{processes}, so with different global batches: they do not pool into one table. "
+                                 "Rerun them under one launcher with --overwrite, or use another --output_dir.")
     if int(os.environ.get("RANK", "0")) != 0:
         return {"records": records}
-    processes = sorted({r["metrics"].get("n_processes", 1) for r in records})
-    if len(processes) > 1:  # a reused run and a new one under another launcher: other global batches
-        raise SystemExit(f"The runs in {output_dir} were made with different numbers of processes {processes}, so with "
-                         "different global batches: they do not pool into one table. Rerun them under one launcher "
-                         "with --overwrite, or use another --output_dir.")
     output_dir.mkdir(parents=True, exist_ok=True)
     write_csv(records, output_dir / "results.csv")
     reported = {k for r in records for k, v in r["metrics"].items() if isinstance(v, (int, float))}

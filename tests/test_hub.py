@@ -859,10 +859,12 @@ def test_a_stock_class_built_from_a_hub_config_says_it_is_dot_product_and_saves_
     with caplog.at_level(logging.WARNING):
         logits(stock, "gpt2-lm")
     assert "names neural layers [0], but the model running it has no neural scorers" in caplog.text
-    with pytest.raises(ValueError, match="belongs to a GPT2LMHeadModel, a stock class, which built no neural scorers"):
+    with pytest.raises(ValueError, match=r"names neural layers \[0\], but the GPT2LMHeadModel saving it has no neural"):
         stock.save_pretrained(tmp_path / "stock")  # config.json would promise scorer weights it has not got
     assert not any((tmp_path / "stock").glob("*"))
-    hub.config.save_pretrained(tmp_path / "config")  # the refused save left no stock class on the shared config
+    with pytest.raises(ValueError, match="the GPT2Model saving it has no neural scorers"):  # a bare body alike
+        GPT2Model(hub.config).save_pretrained(tmp_path / "stock-body")
+    hub.config.save_pretrained(tmp_path / "config")  # a config saved on its own
     # what does carry the scorers saves: the body of a patched model (a stock class), a subclass of a Hub class
     hub.transformer.save_pretrained(tmp_path / "body")
     assert [index for index, _ in neural_layers(AutoModel.from_pretrained(tmp_path / "body"))] == [0]
