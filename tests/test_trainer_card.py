@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -199,6 +200,14 @@ def test_a_push_at_every_save_uploads_what_loads_the_checkpoint(tmp_path, monkey
     args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, save_steps=1, per_device_train_batch_size=4,
                              report_to=[], use_cpu=True, push_to_hub=True, hub_model_id="me/every-save",
                              hub_strategy="every_save", disable_tqdm=True)
-    NeuralAttentionTrainer(model=model.train(), args=args, train_dataset=_ListDataset(rows)).train()
+    trainer = NeuralAttentionTrainer(model=model.train(), args=args, train_dataset=_ListDataset(rows))
+    trainer.train()
     assert {"config.json", "model.safetensors", "modeling_neural_attention.py", "configuration_neural_attention.py",
             "README.md"} <= uploads[0]
+    # while the last push still uploads the folder, Trainer skips the next one: nothing of its save may enter it
+    later = tmp_path / "out" / "checkpoint-9"
+    later.mkdir()
+    (later / "neural_adapter.safetensors").write_bytes(b"step 9")
+    trainer.push_in_progress = SimpleNamespace(is_done=lambda: False)
+    trainer._push_from_checkpoint(str(later))
+    assert not (tmp_path / "out" / "neural_adapter.safetensors").exists() and len(uploads) == 1
