@@ -30,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common.cli import comparable_flags, flag_is_true, flag_value, with_arm_hub_id  # noqa: E402
+from common.cli import comparable_flags, with_arm_hub_id, with_default_hub_id  # noqa: E402
 from common.report import HEADLINE_METRICS, comparison_table, read_results, summarize  # noqa: E402
 
 RECIPES = {"clm": "run_clm", "image": "run_image_classification"}
@@ -63,11 +63,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def arm_arguments(output_dir: str, recipe_args: list[str], arm: str, seed: int) -> tuple[list[str], Path]:
     """The recipe arguments of one arm and seed, and the folder they write to."""
     out = Path(output_dir) / arm / f"seed_{seed}"
-    if flag_is_true(recipe_args, "push_to_hub") and flag_value(recipe_args, "hub_model_id") is None:
-        # transformers would name every arm's repo after its folder, seed_<N>: the arms would overwrite each other
-        recipe_args = recipe_args + ["--hub_model_id", Path(output_dir).resolve().name]
-    run_args = with_arm_hub_id(recipe_args, f"{arm}-seed{seed}") + ["--attention", arm, "--seed", str(seed),
-                                                                      "--output_dir", str(out)]
+    pushed = with_arm_hub_id(with_default_hub_id(recipe_args, output_dir), f"{arm}-seed{seed}")
+    run_args = pushed + ["--attention", arm, "--seed", str(seed), "--output_dir", str(out)]
     return run_args, out
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from transformers.trainer_utils import get_last_checkpoint
 
-from common.cli import flag_is_true, flag_value, strip_flag, with_arm_hub_id
+from common.cli import strip_flag, with_arm_hub_id, with_default_hub_id
 from common.report import HEADLINE_METRICS, comparison_table
 
 Record = dict[str, Any]
@@ -36,10 +36,7 @@ def run_ab(argv: list[str], run: Callable[[list[str]], Record], parse_args: Call
             raise ValueError(f"--resume_from_checkpoint latest: no checkpoint of the {' and '.join(missing)} arm in "
                              f"{training_args.output_dir}/{{{','.join(missing)}}}. Resume the other arm alone with "
                              "--attention and its --output_dir, or drop --resume_from_checkpoint to start both anew.")
-    base = strip_flag(strip_flag(argv, "attention"), "output_dir")
-    if flag_is_true(argv, "push_to_hub") and flag_value(argv, "hub_model_id") is None:
-        # transformers would name each arm's repo after its folder: every A/B run would push to <user>/neural, /dot
-        base = base + ["--hub_model_id", os.path.basename(os.path.abspath(training_args.output_dir))]
+    base = with_default_hub_id(strip_flag(strip_flag(argv, "attention"), "output_dir"), training_args.output_dir)
     records = [run(with_arm_hub_id(base, arm) + ["--attention", arm, "--output_dir",
                                                  os.path.join(training_args.output_dir, arm)])
                for arm in ("neural", "dot")]

@@ -122,6 +122,14 @@ def strip_flag(argv: list[str], name: str, takes_value: bool = True) -> list[str
     return out
 
 
+def with_default_hub_id(argv: list[str], output_dir: str | os.PathLike) -> list[str]:
+    """``argv`` with ``--hub_model_id <name of output_dir>`` where it pushes without an id: transformers would name
+    each arm's repo after the arm's own folder (``neural``, ``seed_0``), the same in every experiment."""
+    if flag_is_true(argv, "push_to_hub") and flag_value(argv, "hub_model_id") is None:
+        return argv + ["--hub_model_id", os.path.basename(os.path.abspath(output_dir))]
+    return argv
+
+
 def with_arm_hub_id(argv: list[str], suffix: str) -> list[str]:
     """``argv`` whose ``--hub_model_id`` (if any) gets ``-<suffix>``: each arm of an A/B pushes to a repo of its
     own (without an id, transformers names the repo after the arm's output folder)."""
