@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
 from .backend_neural_attention import SCORER_ATTRIBUTE
-from .configuration_neural_attention import PACKAGE_VERSION, NeuralAttentionConfig, _version_tuple
+from .configuration_neural_attention import KERNEL_CHOICES, PACKAGE_VERSION, NeuralAttentionConfig, _version_tuple
 from .hub_classes import stock_class_of
 from .modeling_neural_attention import head_shape
 from .patching import (
@@ -222,9 +222,11 @@ def restore_neural_adapter_weights(model: PreTrainedModel, adapter_directory: st
     metadata = read_adapter_config(adapter_directory)
     weights = _read_weights(Path(adapter_directory) / WEIGHTS_NAME)
     layers, settings = neural_settings(unwrap_model(model)) or ([], None)
-    kernel_choices = {"backend": None, "mlp_precision": None}  # how the scorers run, not what they compute
-    saved = {**metadata["settings"].to_dict(), **kernel_choices}
-    if settings is None or metadata["layers"] != layers or saved != {**settings.to_dict(), **kernel_choices}:
+    def what_is_computed(config: NeuralAttentionConfig) -> dict[str, Any]:
+        return {name: value for name, value in config.to_dict().items() if name not in KERNEL_CHOICES}
+
+    if (settings is None or metadata["layers"] != layers
+            or what_is_computed(metadata["settings"]) != what_is_computed(settings)):
         raise ValueError(
             f"Adapter {adapter_directory} was saved with layers {metadata['layers']} and settings "
             f"{metadata['settings']}; this model has layers {layers} and settings {settings}. Resume with the settings "

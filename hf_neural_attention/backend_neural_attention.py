@@ -20,7 +20,7 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import eager_mask, sdpa_mask
 from transformers.utils import logging
 
-from .configuration_neural_attention import FALLBACK_CONFIG_ATTRIBUTE
+from .configuration_neural_attention import FALLBACK_CONFIG_ATTRIBUTE, SCORER_ATTRIBUTE
 
 # imported here, not where first used: importing a kernel file registers its custom ops, which must not happen while
 # torch.compile traces a first call (Triton's file is the exception: it imports triton, so it loads on demand)
@@ -30,7 +30,6 @@ from .kernels_neural_attention import causal_mask, neural_attention_tiled
 logger = logging.get_logger(__name__)
 
 ATTENTION_NAME = "neural_attention"
-SCORER_ATTRIBUTE = "neural_scorer"
 FALLBACK_ATTRIBUTE = "neural_attention_fallback"
 """Set by the patcher on every attention module: the implementation unpatched modules keep (``sdpa``/``eager``)."""
 

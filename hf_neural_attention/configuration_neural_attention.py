@@ -29,6 +29,9 @@ ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
 MODES = ("replace", "residual")
 BACKENDS = ("auto", "eager", "tiled", "cpp", "triton")
 MLP_PRECISIONS = ("fp32", "fp16")
+KERNEL_CHOICES = ("backend", "mlp_precision")
+"""The settings that pick how the scores are computed (which kernel, the precision of its per-pair MLP), not what the
+scorers are: a resumed run or a loaded checkpoint may change them."""
 
 
 @dataclass
@@ -202,9 +205,8 @@ def clear_from_config(model_config: Any) -> None:
     model_config.__dict__.pop(FALLBACK_CONFIG_ATTRIBUTE, None)
 
 
-_SCORER_ATTRIBUTE = "neural_scorer"
-"""Where a patched attention module holds its scorer (``backend_neural_attention.SCORER_ATTRIBUTE``, which imports
-this file)."""
+SCORER_ATTRIBUTE = "neural_scorer"
+"""Where a patched attention module holds its ``NeuralScorer``."""
 
 
 def _model_saving(config: Any) -> torch.nn.Module | None:
@@ -326,7 +328,7 @@ class NeuralAttentionConfigMixin:
         (``GPT2LMHeadModel(patched.config)``) runs dot-product attention, and its checkpoint would name neural layers
         without their weights. A config saved on its own, or by a model with scorers, passes."""
         model = _model_saving(self)
-        if model is None or any(hasattr(module, _SCORER_ATTRIBUTE) for module in model.modules()):
+        if model is None or any(hasattr(module, SCORER_ATTRIBUTE) for module in model.modules()):
             return
         plain = next(cls for cls in type(self).__mro__ if not issubclass(cls, NeuralAttentionConfigMixin))
         raise ValueError(

@@ -32,6 +32,7 @@ from .backend_neural_attention import ATTENTION_NAME, FALLBACK_ATTRIBUTE, SCORER
 from .configuration_neural_attention import (
     CONFIG_PREFIX,
     FALLBACK_CONFIG_ATTRIBUTE,
+    KERNEL_CHOICES,
     PACKAGE_VERSION,
     NeuralAttentionGPT2Config,
     NeuralAttentionViTConfig,
@@ -472,7 +473,7 @@ def check_config_describes_scorers(model: nn.Module) -> None:
         problems += [f"{name}={value!r} (the scorers have {actual[name]!r})" for name, value
                      in NeuralScorer.weight_layout(recorded_settings, scorer.head_dim).items() if value != actual[name]]
         problems += [f"{name}={getattr(recorded_settings, name)!r} (the scorers run {getattr(scorer.settings, name)!r})"
-                     for name in ("backend", "mlp_precision")
+                     for name in KERNEL_CHOICES
                      if getattr(recorded_settings, name) != getattr(scorer.settings, name)]
     if problems:
         raise ValueError(

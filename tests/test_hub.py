@@ -64,6 +64,11 @@ TRAVELLING = {
 SEQ = 8
 
 
+# accelerate's device_map for gpt2_config(): layer 0 (the patched one) offloaded to disk, the rest on the CPU
+OFFLOAD_LAYER_0 = {"transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.drop": "cpu",
+                   "transformer.h.0": "disk", "transformer.h.1": "cpu", "transformer.ln_f": "cpu", "lm_head": "cpu"}
+
+
 # --- tiny models --------------------------------------------------------------------------------------------------
 def gpt2_config(**overrides) -> GPT2Config:
     values = dict(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=32, bos_token_id=0, eos_token_id=0,
@@ -296,9 +301,7 @@ def test_a_neural_layer_offloaded_by_accelerate_is_brought_in_for_its_forward(ba
     model = patched("gpt2-lm", layers=[0], backend=backend)
     expected = logits(model, "gpt2-lm")
     model.save_pretrained(tmp_path / "saved")
-    device_map = {"transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.drop": "cpu",
-                  "transformer.h.0": "disk", "transformer.h.1": "cpu", "transformer.ln_f": "cpu", "lm_head": "cpu"}
-    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", device_map=device_map,
+    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", device_map=OFFLOAD_LAYER_0,
                                                      offload_folder=tmp_path / "offload").eval()
     assert scorers(offloaded)[0].hidden_weight.is_meta  # really offloaded
     assert torch.equal(logits(offloaded, "gpt2-lm"), expected)
@@ -313,16 +316,14 @@ def test_an_offloaded_layer_is_patched_with_real_scorers_and_an_offloaded_scorer
     model.save_pretrained(tmp_path / "saved")
     torch.manual_seed(0)
     GPT2LMHeadModel(gpt2_config()).save_pretrained(tmp_path / "base")  # the weights `model` was patched from
-    device_map = {"transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.drop": "cpu",
-                  "transformer.h.0": "disk", "transformer.h.1": "cpu", "transformer.ln_f": "cpu", "lm_head": "cpu"}
-    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", device_map=device_map,
+    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", device_map=OFFLOAD_LAYER_0,
                                                      offload_folder=tmp_path / "offload").eval()
     hna.save_neural_adapter(offloaded, tmp_path / "adapter")
     saved = load_file(tmp_path / "adapter" / "neural_adapter.safetensors")
     expected = adapter_state_dict(model)
     assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved)
 
-    base = GPT2LMHeadModel.from_pretrained(tmp_path / "base", device_map=device_map,
+    base = GPT2LMHeadModel.from_pretrained(tmp_path / "base", device_map=OFFLOAD_LAYER_0,
                                            offload_folder=tmp_path / "offload_base").eval()
     assert base.transformer.h[0].attn.c_attn.weight.is_meta  # really offloaded
     hna.load_neural_adapter(base, tmp_path / "adapter")

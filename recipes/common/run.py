@@ -13,11 +13,9 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from common.report import eval_curve, final_metrics_line, write_results
-from hf_neural_attention.configuration_neural_attention import CONFIG_PREFIX, NeuralAttentionConfig
+from hf_neural_attention.configuration_neural_attention import CONFIG_PREFIX, KERNEL_CHOICES, NeuralAttentionConfig
 from hf_neural_attention.trainer import checkpoint_names
 
-# settings that pick a kernel: a resumed run may change them
-_KERNEL_CHOICES = ("backend", "mlp_precision")
 _SIZE_FIELDS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size",
                 "intermediate_size", "image_size", "patch_size", "num_channels")
 
@@ -30,7 +28,7 @@ def _recorded_attention(config: dict[str, Any]) -> dict[str, Any]:
         return {"layers": None}
     defaults = NeuralAttentionConfig().to_dict()
     return {"layers": layers, **{name: config.get(CONFIG_PREFIX + name, defaults[name])
-                                 for name in NeuralAttentionConfig.field_names() if name not in _KERNEL_CHOICES}}
+                                 for name in NeuralAttentionConfig.field_names() if name not in KERNEL_CHOICES}}
 
 
 def check_resumable(model: torch.nn.Module, checkpoint: str) -> None:
