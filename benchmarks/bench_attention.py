@@ -56,20 +56,20 @@ from peak_memory import peak_extra_mb  # noqa: E402
 
 
 def _load_kernel_files():
-    """The two CPU kernel files, imported as a bare package: the ``hf_neural_attention`` ``__init__`` imports
+    """The CPU kernel files, imported as a bare package: the ``hf_neural_attention`` ``__init__`` imports
     transformers, which costs 5-10 s in every memory-probe subprocess (the files need only torch and each other)."""
     package = types.ModuleType("_neural_attention_kernels")
     package.__path__ = [str(ROOT / "hf_neural_attention")]
     sys.modules[package.__name__] = package
-    kernels = importlib.import_module(f"{package.__name__}.kernels_neural_attention")
+    tiled = importlib.import_module(f"{package.__name__}.tiled_neural_attention")
     cpp = importlib.import_module(f"{package.__name__}.cpp_neural_attention")
     fused = importlib.import_module(f"{package.__name__}.fused_cpp_neural_attention")
-    return kernels, cpp, fused
+    return tiled, cpp, fused
 
 
-_kernels, _cpp, _fused = _load_kernel_files()
+_tiled, _cpp, _fused = _load_kernel_files()
 cpp_available, neural_attention_cpp = _cpp.cpp_available, _cpp.neural_attention_cpp
-neural_attention_tiled = _kernels.neural_attention_tiled
+neural_attention_tiled = _tiled.neural_attention_tiled
 neural_attention_fused_cpp = _fused.neural_attention_fused_cpp
 
 BACKENDS = ("sdpa", "tiled", "cpp", "fused-cpp", "cpp-authors", "eager")

@@ -25,7 +25,8 @@ from .configuration_neural_attention import FALLBACK_CONFIG_ATTRIBUTE, SCORER_AT
 # imported here, not where first used: importing a kernel file registers its custom ops, which must not happen while
 # torch.compile traces a first call (Triton's file is the exception: it imports triton, so it loads on demand)
 from .fused_cpp_neural_attention import fused_cpp_available, neural_attention_fused_cpp
-from .kernels_neural_attention import causal_mask, neural_attention_tiled
+from .kernels_neural_attention import causal_mask
+from .tiled_neural_attention import neural_attention_tiled
 
 logger = logging.get_logger(__name__)
 

@@ -1,7 +1,7 @@
 """C++ per-pair MLP for the tiled CPU neural attention, compiled on first use.
 
 ``neural_attention_cpp`` runs the tiling, online softmax and backward of
-:func:`kernels_neural_attention.neural_attention_tiled`, with the per-pair MLP of a tile (both ``mlp="paper"``
+:func:`tiled_neural_attention.neural_attention_tiled`, with the per-pair MLP of a tile (both ``mlp="paper"``
 and ``mlp="authors"``) computed by a small C++ kernel built through ``torch.utils.cpp_extension.load_inline``:
 the hidden units of a pair never leave registers / L1, so no ``(batch*heads, hidden, block_q, block_k)``
 temporary exists. Activations (exp, tanh, erf) use branch-free polynomial approximations (fp32 relative error
@@ -30,7 +30,8 @@ import threading
 import torch
 from torch import Tensor
 
-from .kernels_neural_attention import ACTIVATIONS, neural_attention_tiled, tiled_ops
+from .kernels_neural_attention import ACTIVATION_CODES, ACTIVATIONS
+from .tiled_neural_attention import neural_attention_tiled, tiled_ops
 
 __all__ = ["cpp_available", "cpp_is_built", "neural_attention_cpp"]
 
@@ -616,7 +617,6 @@ torch::Tensor approx_math(torch::Tensor x, int64_t fn);
 """
 
 _FUNCTIONS = ["paper_scores", "paper_backward", "authors_scores", "authors_backward", "approx_math"]
-_ACT_CODE = {"relu": 0, "gelu": 1, "silu": 2, "tanh": 3}
 
 _cpp_lock = threading.Lock()
 _cpp_state: dict = {}
@@ -764,7 +764,7 @@ def cpp_is_built() -> bool:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# scorers (the interface of kernels_neural_attention: scores / scores_for_backward / backward / grads)
+# scorers (the interface of tiled_neural_attention: scores / scores_for_backward / backward / grads)
 # --------------------------------------------------------------------------------------------------------------
 class _CppPaperScorer:
     """``score_ij = sum_m w_m act(A_im + B_jm)``; ``At``/``Bt`` ``(G, hidden, len)``, ``w`` ``(G, hidden)``."""
@@ -773,7 +773,7 @@ class _CppPaperScorer:
 
     def __init__(self, module, At: Tensor, Bt: Tensor, w: Tensor, activation: str, need_grad: bool):
         self.m, self.At, self.Bt, self.w = module, At, Bt, w.contiguous()
-        self.code = _ACT_CODE[activation]
+        self.code = ACTIVATION_CODES[activation]
         if need_grad:
             self.GA = torch.zeros_like(At)
             self.GB = torch.zeros_like(Bt)
@@ -874,7 +874,7 @@ def neural_attention_cpp(
     block_size: int | tuple[int, int] | None = None,
 ) -> Tensor:
     """Same contract (``docs/design.md``), tiling and results as
-    :func:`kernels_neural_attention.neural_attention_tiled`, with the per-pair MLP (``mlp="paper"`` with any
+    :func:`tiled_neural_attention.neural_attention_tiled`, with the per-pair MLP (``mlp="paper"`` with any
     activation, ``mlp="authors"``) in C++. Compiles on first use; falls back to the PyTorch scorers when the
     extension cannot be built or ``NEURAL_ATTENTION_NO_CPP=1``.
 

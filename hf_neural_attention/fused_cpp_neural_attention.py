@@ -35,9 +35,7 @@ This file travels with Hub checkpoints: it imports only torch, the standard libr
 
 from __future__ import annotations
 
-import hashlib
 import threading
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -50,6 +48,7 @@ from .cpp_neural_attention import (
     neural_attention_cpp,
 )
 from .kernels_neural_attention import (
+    ACTIVATION_CODES,
     as_4d,
     autocast_off,
     bias_grad_rows,
@@ -57,12 +56,15 @@ from .kernels_neural_attention import (
     fold_causal_into_mask,
     kernel_op,
     once_differentiable_always,
+    relu_grads,
     relu_signed_max_operands,
-    relu_weight_grad,
     seed_tensor,
+    source_tag,
     sum_to_bias_shape,
     visible_rows,
+    weight_grad,
     zero_invisible_rows,
+    zero_unseen_operands,
 )
 
 __all__ = ["fused_cpp_available", "fused_cpp_is_built", "neural_attention_fused_cpp"]
@@ -909,7 +911,6 @@ _HEADERS = "#include <limits>\n#include <optional>\n#if !defined(_WIN32)\n#inclu
 _SOURCE = _HEADERS + _MATH + _FUSED_BODY + _FUSED_DECLS
 _FUNCTIONS = ["fused_forward", "fused_backward"]
 _PREFIX = "neural_attention_fused_cpu"
-_ACT_CODE = {"relu": 0, "gelu": 1, "silu": 2, "tanh": 3}
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLOCK = 64
 
@@ -943,7 +944,7 @@ def _use_single_pass(groups: int) -> bool:
 
 # the ops' names carry this file's and the kernel source's hash: a Hub checkpoint's copy of another version must not
 # reuse them
-_OP_TAG = hashlib.sha256(Path(__file__).read_bytes() + _SOURCE.encode()).hexdigest()[:12]
+_OP_TAG = source_tag(__file__, _SOURCE)
 
 
 def _forward_fake(A, Bt, V, w, dq, dk, mask, bias, cvec, batch, heads, causal, dot_scale, act, block, dropout_p,
@@ -1006,7 +1007,7 @@ class _FusedFunction(torch.autograd.Function):
     relu runs in signed-max form (``relu_signed_max_operands``; ``relu_row`` in the C++ source): the kernels get A
     and -B centred and scaled per unit, the signs of w and the per-key constant cvec (G, k_len); their backward
     returns the raw sums sum_j relu'(pre_ij) dS_ij (and over i for B), which this function turns into dA = raw w,
-    dB = raw w and, since relu(x) = x relu'(x), dw = sum_i A_i raw_i + sum_j B_j raw_j (``relu_weight_grad``).
+    dB = raw w and, since relu(x) = x relu'(x), dw = sum_i A_i raw_i + sum_j B_j raw_j (``relu_grads``).
     """
 
     @staticmethod
@@ -1017,7 +1018,7 @@ class _FusedFunction(torch.autograd.Function):
         G = batch * heads
         wg = w.reshape(-1, hidden).expand(heads, hidden).unsqueeze(0).expand(batch, heads, hidden)
         wg = wg.reshape(G, hidden).contiguous()
-        relu = cfg["act"] == _ACT_CODE["relu"]
+        relu = cfg["act"] == ACTIVATION_CODES["relu"]
         # rows no pair sees are zeroed (garbage there, even NaN, must not reach visible rows or dw)
         q_vis, k_vis = visible_rows(mask, cfg["causal"], q_len, k_len, A.device)
         if relu:
@@ -1032,19 +1033,17 @@ class _FusedFunction(torch.autograd.Function):
             cvec = wg.new_empty(0)
             kernel_w, Ak, Bk = wg, Af.contiguous(), Bf
         Bt = Bk.transpose(1, 2).contiguous()
-        # also values no query sees (a fully masked row's P @ V would take 0 * NaN) and the dot operands' rows
-        # (dS^T @ dot_query would carry a masked query's garbage into every key's gradient)
-        Vf = zero_invisible_rows(V, k_vis).reshape(G, k_len, v_dim).contiguous()
-        dqf = zero_invisible_rows(dq, q_vis).reshape(G, q_len, -1).contiguous() if dq is not None else None
-        dkf = zero_invisible_rows(dk, k_vis).reshape(G, k_len, -1).contiguous() if dk is not None else None
+        V, dq, dk = zero_unseen_operands(V, dq, dk, q_vis, k_vis)
+        Vf = V.reshape(G, k_len, v_dim).contiguous()
+        dqf = dq.reshape(G, q_len, -1).contiguous() if dq is not None else None
+        dkf = dk.reshape(G, k_len, -1).contiguous() if dk is not None else None
         out, stats = _fused_forward(
             Ak, Bt, Vf, kernel_w, dqf, dkf, mask, bias, cvec, batch, heads, cfg["causal"], cfg["dot_scale"],
             cfg["act"], cfg["block"], cfg["dropout_p"], cfg["seed"],
         )  # fmt: skip
         ctx.cfg = cfg
         ctx.shape = (batch, heads, q_len, k_len, hidden, v_dim)
-        ctx.save_for_backward(Ak, Bt, Vf, kernel_w, dqf, dkf, mask, bias, out, stats, w, cvec, A, B, wg, q_vis,
-                              k_vis)  # fmt: skip
+        ctx.save_for_backward(Ak, Bt, Vf, kernel_w, dqf, dkf, mask, bias, out, stats, w, cvec, A, B, q_vis, k_vis)
         ctx.dot_shapes = (dq.shape if dq is not None else None, dk.shape if dk is not None else None)
         return out.view(batch, heads, q_len, v_dim)
 
@@ -1052,7 +1051,7 @@ class _FusedFunction(torch.autograd.Function):
     @once_differentiable_always  # the C++ backward is not differentiable: a second derivative must raise
     @autocast_off
     def backward(ctx, grad_out):
-        Ak, Bt, Vf, kernel_w, dqf, dkf, mask, bias, out, stats, w, cvec, A, B, wg, q_vis, k_vis = ctx.saved_tensors
+        Ak, Bt, Vf, kernel_w, dqf, dkf, mask, bias, out, stats, w, cvec, A, B, q_vis, k_vis = ctx.saved_tensors
         bias_grad = bias is not None and ctx.needs_input_grad[6]  # no (G, q_len, k_len) buffer for a fixed bias
         cfg = ctx.cfg
         batch, heads, q_len, k_len, hidden, v_dim = ctx.shape
@@ -1066,14 +1065,10 @@ class _FusedFunction(torch.autograd.Function):
             Ak, At, Bk, Bt, Vf, kernel_w, dqf, dkf, mask, bias, bias_grad, rows, cvec, stats, dO, D, batch, heads,
             cfg["causal"], cfg["dot_scale"], cfg["act"], cfg["block"], cfg["dropout_p"], cfg["seed"],
         )  # fmt: skip
-        if cfg["act"] == _ACT_CODE["relu"]:  # raw sums -> gradients (see the class docstring)
+        if cfg["act"] == ACTIVATION_CODES["relu"]:  # raw sums -> gradients (see the class docstring)
             raw_q, raw_k = dA.view(batch, heads, q_len, hidden), dB.view(batch, heads, k_len, hidden)
-            dw = relu_weight_grad(A, B, raw_q, raw_k, q_vis, k_vis).reshape(G, hidden)
-            dA, dB = dA * wg.unsqueeze(1), dB * wg.unsqueeze(1)
-        dw = dw.view(batch, heads, hidden).sum(0)
-        if w.shape[0] == 1 and heads != 1 or w.dim() == 1:
-            dw = dw.sum(0, keepdim=True)
-        dw = dw.reshape(w.shape)
+            dA, dB, dw = relu_grads(A, B, raw_q, raw_k, w.reshape(-1, hidden), q_vis, k_vis)
+        dw = weight_grad(dw.reshape(G, hidden), batch, heads, w.shape, dw.dtype)
         dq_shape, dk_shape = ctx.dot_shapes
         ddq_o = ddq.view(dq_shape) if dq_shape is not None else None
         ddk_o = ddk.view(dk_shape) if dk_shape is not None else None
@@ -1152,7 +1147,7 @@ def neural_attention_fused_cpp(
     cfg = {
         "causal": bool(causal),
         "dot_scale": float(dot_scale),
-        "act": _ACT_CODE[activation],
+        "act": ACTIVATION_CODES[activation],
         "block": BLOCK,
         "dropout_p": float(dropout_p),
         # the pair's keep decision hashes (seed, index): a 63-bit seed, drawn from torch's generator when not given

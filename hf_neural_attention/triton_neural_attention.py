@@ -27,14 +27,13 @@ This file travels with Hub checkpoints: it imports only torch, stdlib, its flat 
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
-from pathlib import Path
 
 import torch
 
 from .kernels_neural_attention import (
+    ACTIVATION_CODES,
     as_4d,
     autocast_off,
     bias_grad_rows,
@@ -42,12 +41,15 @@ from .kernels_neural_attention import (
     empty_attention,
     kernel_op,
     once_differentiable_always,
+    relu_grads,
     relu_signed_max_operands,
-    relu_weight_grad,
     seed_tensor,
+    source_tag,
     sum_to_bias_shape,
     visible_rows,
+    weight_grad,
     zero_invisible_rows,
+    zero_unseen_operands,
 )
 
 try:  # triton is optional: importing this module must never fail without it
@@ -62,7 +64,6 @@ except ImportError:  # pragma: no cover - exercised only on machines without tri
 
 __all__ = ["TRITON_AVAILABLE", "neural_attention_triton", "triton_is_usable"]
 
-_ACTIVATIONS = {"relu": 0, "gelu": 1, "silu": 2, "tanh": 3}
 # authors' MLP: from this width on (d' > 8) its second layer runs as a tensor-core GEMM (see `_authors_layers`)
 _AUTHORS_GEMM_FROM = tl.constexpr(8) if TRITON_AVAILABLE else None
 # half_mlp with 16-bit inputs: for d' in [_HALF_MMA_FROM, _HALF_MMA_UNTIL] the backward sums its relu masks on the
@@ -540,7 +541,7 @@ if TRITON_AVAILABLE:
         d_own: (ROWS, HIDP), the gradient of the rows' own projection (dA in the query-side kernel, dB in the key-side
         one): a sum along axis 1. dw: (HIDP,) [paper] / (HID2P,) [authors, w3]; dw2: (HID2P, HIDP) and db2: (HID2P,)
         [authors only]. Returns (d_own, dw, dw2, db2).
-        Paper MLP with relu: d_own is without the w_m factor and dw stays untouched (see `_relu_grads`).
+        Paper MLP with relu: d_own is without the w_m factor and dw stays untouched (see ``relu_grads``).
         """
         offs_h = tl.arange(0, HIDP)
         if AUTHORS and HID > _AUTHORS_GEMM_FROM:  # GEMMs over the tile's pairs on the tensor cores
@@ -897,34 +898,6 @@ def _head_weight(w: torch.Tensor, heads: int, name: str, tail: tuple[int, ...]) 
     return w, (0 if w.shape[0] == 1 else math.prod(tail))
 
 
-def _reduce_weight_grad(part: torch.Tensor, batch: int, heads: int, meta) -> torch.Tensor:
-    """part: (batch*heads, n_blocks, *tail) per-program partial sums -> gradient shaped like the weight.
-
-    meta = (weight.dim(), weight.shape[0], weight.dtype). Fixed-order torch reductions: deterministic.
-    """
-    w_dim, w_heads, w_dtype = meta
-    g = part.view(batch, heads, *part.shape[1:]).sum(dim=2).sum(dim=0)  # (heads, *tail)
-    if w_dim == g.dim() - 1:  # weight given without the heads dim
-        g = g.sum(dim=0)
-    elif w_heads == 1:
-        g = g.sum(dim=0, keepdim=True)
-    return g.to(w_dtype)
-
-
-def _relu_grads(A, Bk, dA_raw, dB_raw, W, heads, visible=(None, None)):
-    """Finish the relu paper-MLP gradients the kernels leave raw (without the output weight w).
-
-    A: (batch, heads, q_len, hidden), Bk: (batch, heads, k_len, hidden); dA_raw / dB_raw (fp32, same shapes) hold
-    sum_j relu'(pre_ij) dS_ij and sum_i relu'(pre_ij) dS_ij; W: (heads or 1, hidden) fp32. Returns (dA, dB,
-    per-(batch*head) dw partials shaped (batch*heads, 1, hidden)); dw from ``relu_weight_grad`` (``visible``: as
-    for ``_paper_operands``).
-    """
-    batch, _, _, hidden = A.shape
-    w = W.view(1, -1, 1, hidden)
-    dw = relu_weight_grad(A, Bk, dA_raw, dB_raw, *visible)  # (batch, heads, hidden)
-    return dA_raw * w, dB_raw * w, dw.reshape(batch * heads, 1, hidden)
-
-
 def _finite_abs_max(x: torch.Tensor) -> torch.Tensor:
     """max |x| over the finite entries of each (batch, head): ``(batch, heads, len, hidden)`` -> ``(batch, heads)``."""
     return torch.where(torch.isfinite(x), x.abs(), 0.0).amax(dim=(2, 3))
@@ -1017,7 +990,8 @@ def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, 
         if half and min(launch[prefix][3], hidden_pad) > 8:
             raise ValueError(f"half_mlp=True sums at most 8 units in fp16 (its operands reach 2^12); got "
                              f"{prefix}unroll={launch[prefix][3]} with d'={hidden}: pass {prefix}unroll <= 8")
-    V = _last_dim_contiguous(zero_invisible_rows(value, visible[1]))  # P @ V would take 0 * NaN from unseen keys
+    value, dot_query, dot_key = zero_unseen_operands(value, dot_query, dot_key, *visible)
+    V = _last_dim_contiguous(value)
     if authors:
         hidden2 = second_weight.shape[-2]
         W, w_hs = _head_weight(output_weight, heads, "output_weight", (hidden2,))
@@ -1043,9 +1017,8 @@ def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, 
         a_bs, b_bs = hidden_pad * q_pad, hidden_pad * k_pad
     DQ, DK, dd, dot_strides = A, A, 1, (0,) * 6  # dummies, never read
     if has_dot:
-        # rows no pair sees zeroed here too: dS^T @ dot_query would carry a masked query's garbage into every key
-        DQ = _last_dim_contiguous(zero_invisible_rows(dot_query, visible[0]))
-        DK = _last_dim_contiguous(zero_invisible_rows(dot_key.to(DQ.dtype), visible[1]))
+        DQ = _last_dim_contiguous(dot_query)
+        DK = _last_dim_contiguous(dot_key.to(DQ.dtype))
         dd, dot_strides = DQ.shape[-1], (*DQ.stride()[:3], *DK.stride()[:3])
     Mask, mstrides = A, (0, 0, 0, 0)
     if mask is not None:
@@ -1070,7 +1043,7 @@ def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, 
     mma_pad = 16 if mma_sums else 1
     constexprs = dict(
         HID=hidden, HIDP=max(hidden_pad, mma_pad), HID2=hidden2, HID2P=_pow2(hidden2, mma_pad), AUTHORS=authors,
-        ACT=_ACTIVATIONS[cfg["activation"]], DV=v_dim, DVP=_pow2(v_dim, 16), DD=dd, DDP=_pow2(dd, 16),
+        ACT=ACTIVATION_CODES[cfg["activation"]], DV=v_dim, DVP=_pow2(v_dim, 16), DD=dd, DDP=_pow2(dd, 16),
         HAS_DOT=has_dot, HAS_MASK=mask is not None, HAS_BIAS=score_bias is not None, CAUSAL=bool(cfg["causal"]),
         DROPOUT=dropout_p > 0.0, DOT_DTYPE=_TL_DTYPES[low], UPCAST=interp, UNROLL=min(unroll, hidden_pad), HALF=half,
         BLOCK_M=bm, BLOCK_N=bn,
@@ -1093,8 +1066,8 @@ def _backward_constexprs(constexprs: dict, launch: tuple[int, int, int, int]) ->
 
 _LAUNCH_KEYS = ("block_m", "block_n", "num_warps", "unroll", "bwd_block_m", "bwd_block_n", "bwd_num_warps",
                 "bwd_unroll", "half_mlp")
-# the ops' names carry this file's hash: a Hub checkpoint's copy of another version must not reuse them
-_OP_TAG = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+# the ops' names carry the kernel's source hash: a Hub checkpoint's copy of another version must not reuse them
+_OP_TAG = source_tag(__file__)
 
 
 def _config(activation: str, causal: bool, dot_scale: float, dropout_p: float, seed: torch.Tensor,
@@ -1214,18 +1187,18 @@ def _triton_backward(
         _bwd_q_kernel[(triton.cdiv(q_len, own), min(rows, batch - b0) * heads)](
             *lead, dA, dDQ, dS, b0 * heads, num_warps=num_warps, **ce)
 
-    if not authors and activation == "relu":  # the relu weight gradient is finished here from the raw inputs
-        W = output_weight.detach().float().reshape(-1, hidden)  # (heads or 1, hidden)
-        dA, dB, dW_part = _relu_grads(query_hidden, key_hidden, dA, dB, W, heads, visible)
+    if not authors and activation == "relu":  # the kernels leave the relu gradients raw (without w)
+        W = output_weight.detach().reshape(-1, hidden)  # (heads or 1, hidden)
+        dA, dB, dw = relu_grads(query_hidden, key_hidden, dA, dB, W, *visible)
+        dW_part = dw.reshape(batch * heads, 1, hidden)
 
-    def meta(weight):
-        return (weight.dim(), weight.shape[0], weight.dtype)
+    def summed(part, weight):  # (batch * heads, key blocks, *tail) -> like the weight
+        return weight_grad(part.sum(dim=1), batch, heads, weight.shape, weight.dtype)
 
     # every output a fresh tensor: a custom op's outputs may not alias its inputs or each other
-    g_w = _reduce_weight_grad(dW_part, batch, heads, meta(output_weight))
-    g_w2 = _reduce_weight_grad(dW2_part, batch, heads, meta(second_weight)) if authors else value.new_empty(0)
-    g_b2 = (_reduce_weight_grad(dB2_part, batch, heads, meta(second_bias)) if second_bias is not None
-            else value.new_empty(0))  # fmt: skip
+    g_w = summed(dW_part, output_weight)
+    g_w2 = summed(dW2_part, second_weight) if authors else value.new_empty(0)
+    g_b2 = summed(dB2_part, second_bias) if second_bias is not None else value.new_empty(0)
     g_dq = dDQ.to(dot_query.dtype) if has_dot else value.new_empty(0)
     g_dk = dDK.to(dot_key.dtype) if has_dot else value.new_empty(0)
     g_bias = sum_to_bias_shape(dS, score_bias.shape).to(score_bias.dtype) if bias_grad else value.new_empty(0)

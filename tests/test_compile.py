@@ -21,7 +21,8 @@ import torch
 from hf_neural_attention import NeuralAttentionConfig, patch_model
 from hf_neural_attention import cpp_neural_attention as cpp
 from hf_neural_attention import fused_cpp_neural_attention as fused
-from hf_neural_attention import kernels_neural_attention as tiled
+from hf_neural_attention import kernels_neural_attention as kernels
+from hf_neural_attention import tiled_neural_attention as tiled
 from hf_neural_attention import triton_neural_attention as triton
 from tests.models import random_ids, tiny_gpt2, tiny_vit
 
@@ -296,12 +297,12 @@ def test_user_scorer_factories_get_ops_of_their_own():
 def test_seed_tensor_draws_only_with_dropout():
     torch.manual_seed(0)
     state = torch.get_rng_state()
-    assert int(tiled.seed_tensor(0.0, None)) == 0
+    assert int(kernels.seed_tensor(0.0, None)) == 0
     assert torch.equal(torch.get_rng_state(), state)  # no dropout: the caller's random stream is untouched
-    drawn = tiled.seed_tensor(0.1, None)
+    drawn = kernels.seed_tensor(0.1, None)
     assert drawn.dtype == torch.int64 and drawn.dim() == 0 and 0 <= int(drawn) < 2**62
-    assert int(tiled.seed_tensor(0.1, -1)) == 2**63 - 1  # kept to 63 bits, an int or a tensor alike
-    assert int(tiled.seed_tensor(0.1, torch.tensor(-1))) == 2**63 - 1
+    assert int(kernels.seed_tensor(0.1, -1)) == 2**63 - 1  # kept to 63 bits, an int or a tensor alike
+    assert int(kernels.seed_tensor(0.1, torch.tensor(-1))) == 2**63 - 1
 
 
 @needs_cpp

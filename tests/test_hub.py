@@ -57,8 +57,9 @@ TRAVELLING = {
     "modeling_neural_attention.py",
     "backend_neural_attention.py",
     "scoring_neural_attention.py",
-    "kernels_neural_attention.py",  # imported lazily by the backend, copied all the same
-    "cpp_neural_attention.py",  # likewise (imports kernels_neural_attention)
+    "kernels_neural_attention.py",
+    "tiled_neural_attention.py",
+    "cpp_neural_attention.py",
     "triton_neural_attention.py",
 }
 SEQ = 8

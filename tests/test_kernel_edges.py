@@ -11,7 +11,7 @@ import torch
 from hf_neural_attention import neural_attention_forward
 from hf_neural_attention.cpp_neural_attention import neural_attention_cpp
 from hf_neural_attention.fused_cpp_neural_attention import neural_attention_fused_cpp
-from hf_neural_attention.kernels_neural_attention import neural_attention_tiled
+from hf_neural_attention.tiled_neural_attention import neural_attention_tiled
 from tests.reference import causal_visible, drawn_seed, kernel_reference
 from tests.test_masks import _inputs as _masks_inputs
 from tests.test_masks import _layer

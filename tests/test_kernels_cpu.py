@@ -18,7 +18,7 @@ import torch
 
 from hf_neural_attention.cpp_neural_attention import cpp_available, cpp_is_built, neural_attention_cpp
 from hf_neural_attention.fused_cpp_neural_attention import neural_attention_fused_cpp
-from hf_neural_attention.kernels_neural_attention import choose_block_size, neural_attention_tiled
+from hf_neural_attention.tiled_neural_attention import choose_block_size, neural_attention_tiled
 from tests.reference import fresh_seed
 
 torch.set_num_threads(1)

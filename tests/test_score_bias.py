@@ -18,7 +18,7 @@ from hf_neural_attention import backend_neural_attention as backend
 from hf_neural_attention import patch_model, set_backend
 from hf_neural_attention.cpp_neural_attention import cpp_available, neural_attention_cpp
 from hf_neural_attention.fused_cpp_neural_attention import neural_attention_fused_cpp
-from hf_neural_attention.kernels_neural_attention import neural_attention_tiled
+from hf_neural_attention.tiled_neural_attention import neural_attention_tiled
 from hf_neural_attention.triton_neural_attention import triton_is_usable
 from tests.models import tiny_t5
 from tests.reference import fresh_seed, kernel_reference
@@ -172,7 +172,7 @@ def test_rows_a_large_negative_bias_covers_match_fp32_materialising_attention(ke
 def test_a_fixed_bias_gets_no_gradient_computed_and_changes_nothing_else():
     # a bias that does not require grad (a float mask, an ALiBi buffer): the backward op computes no bias-sized
     # gradient, and everything else is as with a bias that requires one
-    from hf_neural_attention.kernels_neural_attention import tiled_ops
+    from hf_neural_attention.tiled_neural_attention import tiled_ops
 
     t, g = make_inputs(46, bias_shape=(2, 3, 11, 13))
     forward_op, backward_op = tiled_ops()
