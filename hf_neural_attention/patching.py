@@ -249,6 +249,13 @@ def adapter_only_saver(model: nn.Module) -> str | None:
     return None
 
 
+def _can_switch_implementation(cls: type) -> bool:
+    """Whether ``set_attn_implementation`` switches a ``cls`` instance (transformers decides by reading the source of
+    its module, and only warns where it cannot: the patch would then be half done)."""
+    check = getattr(cls, "_can_set_attn_implementation", None)
+    return True if check is None else bool(check())
+
+
 def _patch(model: nn.Module, layers: LayerSelection, config: NeuralAttentionConfig | None, settings: dict) -> None:
     """``patch_model`` on the unwrapped model."""
     if config is not None and not isinstance(config, NeuralAttentionConfig):
@@ -320,6 +327,13 @@ def _patch(model: nn.Module, layers: LayerSelection, config: NeuralAttentionConf
         if num_heads % max(getattr(module, "num_key_value_groups", 1), 1):
             raise ValueError(f"Layer {index} ({name}): heads are not a multiple of its key/value groups.")
 
+    if implementation != ATTENTION_NAME and not _can_switch_implementation(type(model)):
+        raise ValueError(
+            f"transformers will not switch {type(model).__name__} to another attention implementation: it reads the "
+            "source of the module that defines the class to decide, and could not (a class defined in a notebook or "
+            "a REPL), or found an attention class there that does not call ALL_ATTENTION_FUNCTIONS. Define "
+            f"{type(model).__name__} in a .py file, or patch a stock transformers class. Nothing was changed."
+        )
     parents = _check_config_sharing(model)
 
     # All checks passed: from here on the model is modified. The caller may hold the config to build a stock model
@@ -487,8 +501,10 @@ def unpatch_model(model: nn.Module) -> nn.Module:
                 f"outside it; unpatch_model({type(parent).__name__}) instead (nothing was changed)."
             )
     modules = find_attention_modules(model)
-    # each model goes back to its own fallback (a wrapper may hold a GPT-2 on eager beside a Llama on sdpa)
-    fallbacks = {id(module): getattr(module, FALLBACK_ATTRIBUTE, "sdpa") for _, module in modules}
+    # each model goes back to its own fallback (a wrapper may hold a GPT-2 on eager beside a Llama on sdpa); a model
+    # never patched has none and keeps its implementation
+    fallbacks = {id(module): getattr(module, FALLBACK_ATTRIBUTE) for _, module in modules
+                 if hasattr(module, FALLBACK_ATTRIBUTE)}  # fmt: skip
     for _, module in modules + find_cross_attention_modules(model):
         if getattr(module, SCORER_ATTRIBUTE, None) is not None:
             delattr(module, SCORER_ATTRIBUTE)
@@ -516,7 +532,9 @@ def unpatch_model(model: nn.Module) -> nn.Module:
                 continue
             own = [fallbacks[id(inner)] for inner in module.modules() if id(inner) in fallbacks]
             current = _current_implementation(module)
-            if own and (current == ATTENTION_NAME or (len(set(own)) == 1 and current != own[0])):
+            if current == ATTENTION_NAME:  # "sdpa" where no layer says: a stock class built from a patched config
+                module.set_attn_implementation(own[0] if own else "sdpa")
+            elif len(set(own)) == 1 and current != own[0]:
                 module.set_attn_implementation(own[0])
             # where the towers' fallbacks differ (each gets its own after this), a composite's own value goes back
             # as it was: Llava's follows its language model, not the first tower's own[0]. Where they agree, own[0]
@@ -527,7 +545,7 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     for _, module in modules:  # configs only the layers hold (see _patch)
         held = getattr(module, "config", None)
         if getattr(held, "_attn_implementation", None) == ATTENTION_NAME:
-            held._attn_implementation_internal = fallbacks[id(module)]
+            held._attn_implementation_internal = fallbacks.get(id(module), "sdpa")
     return model
 
 

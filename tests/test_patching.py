@@ -703,6 +703,35 @@ def test_set_attn_implementation_keeps_the_neural_layers_of_models_without_a_hub
         torch.testing.assert_close(model(ids).logits, stock(ids).logits, rtol=0, atol=1e-5)
 
 
+def test_a_model_transformers_will_not_switch_is_refused_before_anything_changes():
+    # transformers decides whether set_attn_implementation may switch a class by reading the source of its module; a
+    # class defined in a notebook has none, and it only warns: the scorers were attached, the switch was not made
+    namespace: dict = {}
+    exec("from transformers import GPT2LMHeadModel\nclass NotebookLM(GPT2LMHeadModel): pass", namespace)
+    notebook_class = namespace["NotebookLM"]
+    # transformers caches its answer on the class, and a subclass inherits the stock class's once a stock GPT-2 was
+    # switched in this process: as in a fresh one, NotebookLM's own answer is asked for
+    notebook_class._can_set_attn_implementation_cached_value = None
+    model = notebook_class(tiny_gpt2_config())
+    config, state = model.config, {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="will not switch NotebookLM.*Nothing was changed"):
+        patch_model(model, layers=[0])
+    assert neural_layers(model) == [] and model.config is config and config._attn_implementation == "sdpa"
+    assert model.state_dict().keys() == state.keys() and not hasattr(model.transformer.h[0].attn, "neural_scorer")
+    assert patch_model(tiny_gpt2(), layers=[0]) is not None  # a stock class is switched as before
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_unpatching_a_model_never_patched_changes_nothing(implementation):
+    model = tiny_gpt2()
+    model.set_attn_implementation(implementation)
+    ids = random_ids(2, 8)
+    before = model(ids).logits
+    assert unpatch_model(model) is model
+    assert type(model) is GPT2LMHeadModel and model.config._attn_implementation == implementation
+    torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
+
+
 def test_unpatch_keeps_the_implementation_set_after_patching():
     # README: set_attn_implementation after patching sets what the unpatched layers use; unpatching keeps it (a
     # composite's own value restored by unpatch_model once overrode it with the value from before patching)
