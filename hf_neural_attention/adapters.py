@@ -129,13 +129,18 @@ def adapter_state_dict(model: PreTrainedModel, state_dict: dict[str, torch.Tenso
     # the names state_dict() gives: FSDP's and activation checkpointing's wrappers drop their prefixes there
     full_names = {id(param): name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
                   for name, param in model.named_parameters(remove_duplicate=False)}
-    state = {}
+    state, shapes = {}, {}
     for prefix, scorer in _running_scorers(model).items():
         # named before the weights are brought in, which may swap in other parameter objects
         owned = {name: full_names.get(id(param)) for name, param in scorer.named_parameters()}
         with _brought_in(scorer):
             for name, param in scorer.named_parameters():
                 state[f"{prefix}.{name}"] = _adapter_value(f"{prefix}.{name}", param, owned[name], state_dict)
+                shapes[f"{prefix}.{name}"] = torch.Size(getattr(param, "ds_shape", param.shape))  # ZeRO-3: whole
+    # what the loaders would refuse is not written: a diverged model's NaN, a state_dict of another model
+    _check_weights_fit(state, shapes, "The scorer weights to save", f"{type(unwrap_model(model)).__name__}'s scorers "
+                       "(weights", "Nothing was written: pass the state dict of this model, and save a model whose "
+                       "training did not diverge")
     return state
 
 
@@ -158,11 +163,15 @@ def _adapter_value(key: str, param: torch.nn.Parameter, full_name: str | None,
     else:
         raise ValueError(f"The state dict given has no entry {full_name!r} for scorer parameter {key}, which is "
                          "sharded here (frozen parameters left out?); nothing was written.")
+    if value.device.type == "meta":
+        raise ValueError(f"Scorer parameter {key} is on the meta device: the model was built without weights "
+                         "(init_empty_weights, device='meta'). Load or initialise its weights first; nothing was "
+                         "written.")
     return value.detach().contiguous().cpu()
 
 
 def save_neural_adapter(
-    model: PreTrainedModel, save_directory: str | os.PathLike, base_model: str | None = None,
+    model: PreTrainedModel, save_directory: str | os.PathLike, base_model: str | os.PathLike | None = None,
     revision: str | None = None, *, state_dict: dict[str, torch.Tensor] | None = None,
 ) -> list[Path]:
     """Write the scorer weights and settings of a patched model to ``save_directory``.
@@ -179,7 +188,9 @@ def save_neural_adapter(
         The two files written.
 
     Raises:
-        ValueError: the model has no neural layers; a scorer is sharded and no ``state_dict`` holds it.
+        ValueError: the model has no neural layers; a scorer is sharded and no ``state_dict`` holds it; the weights
+            to save would not load (non-finite, of other shapes, on the meta device). Nothing is written then.
+        TypeError: ``base_model`` or ``revision`` is not a str (or a path).
     """
     weights = adapter_state_dict(model, state_dict)  # before anything is written: it may refuse
     model = unwrap_model(model)  # torch.compile's or PEFT's wrapper: record the model's own class
@@ -189,6 +200,12 @@ def save_neural_adapter(
     layers, settings = recorded
     base_model = (base_model or getattr(model.config, "neural_attention_base_model", None)
                   or getattr(model.config, "_name_or_path", None) or None)
+    if isinstance(base_model, os.PathLike):
+        base_model = os.fspath(base_model)
+    for name, value in (("base_model", base_model), ("revision", revision)):
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"{name} must be a Hub id or a path (a str), got {type(value).__name__}; nothing was "
+                            "written.")
     model_class = stock_class_of(type(model)) or type(model)
     whole_model = _names_root(model)[1]
     metadata = {
@@ -205,10 +222,15 @@ def save_neural_adapter(
     }
     if whole_model:
         metadata["names_relative_to"] = "model"
+    config_text = json.dumps(metadata, indent=2, sort_keys=True) + "\n"
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-    (directory / CONFIG_NAME).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+    # each file written beside its final name, then renamed over it: an adapter already there is never left half
+    # overwritten by a save that fails midway
+    save_file(weights, str(directory / f".{WEIGHTS_NAME}.partial"), metadata={"format": "pt"})
+    (directory / f".{CONFIG_NAME}.partial").write_text(config_text)
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        os.replace(directory / f".{name}.partial", directory / name)
     return [directory / WEIGHTS_NAME, directory / CONFIG_NAME]
 
 
@@ -249,16 +271,15 @@ def _check_weights_fit(weights: dict[str, torch.Tensor], expected: dict[str, tor
     """Raise ``ValueError`` "<source> does not fit <target> ...). <advice>." for weights missing, unexpected, of other
     shapes, not floating point or not finite."""
     not_float = sorted(k for k, tensor in weights.items() if not tensor.is_floating_point())
-    if not_float:
-        dtype = weights[not_float[0]].dtype
-        raise ValueError(f"{source}: scorer weights {not_float} are not floating point ({dtype}); the adapter is "
-                         "corrupt (save it again from the trained model); nothing was changed.")
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     mismatched = sorted(k for k in set(expected) & set(weights) if weights[k].shape != expected[k])
-    non_finite = sorted(k for k, tensor in weights.items() if not torch.isfinite(tensor.float()).all())
+    non_finite = sorted(k for k, tensor in weights.items()
+                        if tensor.is_floating_point() and not torch.isfinite(tensor).all())  # fmt: skip
+    dtype = weights[not_float[0]].dtype if not_float else None
     problems = [f"{label}: {names}" for label, names in (
-        ("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched), ("non-finite", non_finite),
+        (f"not floating point ({dtype})", not_float), ("missing", missing), ("unexpected", unexpected),
+        ("wrong shape", mismatched), ("non-finite", non_finite),
     ) if names]
     if problems:
         raise ValueError(f"{source} does not fit {target} " + "; ".join(problems) + f"). {advice}.")

@@ -349,7 +349,7 @@ class NeuralAttentionConfigMixin:
 
 def _value_errors(cls: type) -> type:
     """Make the strict dataclass report an invalid field as a ``ValueError``: at construction (and so on load from
-    config.json) and on assignment.
+    config.json), on assignment and on ``validate()`` (which transformers' save calls).
 
     huggingface_hub's strict dataclasses raise their own ``StrictDataclassError`` (not a ``ValueError``); callers of
     a config expect the standard type, with the message saying which field is wrong and how to fix it.
@@ -372,7 +372,16 @@ def _value_errors(cls: type) -> type:
         except StrictDataclassError as error:
             raise ValueError(f"Invalid value for {cls.__name__}.{name}: {error}") from error
 
-    cls.__init__, cls.__setattr__ = __init__, __setattr__
+    strict_validate = cls.validate
+
+    @functools.wraps(strict_validate)
+    def validate(self) -> None:  # transformers' save_pretrained calls it
+        try:
+            strict_validate(self)
+        except StrictDataclassError as error:
+            raise ValueError(f"Invalid {cls.__name__}: {error}") from error
+
+    cls.__init__, cls.__setattr__, cls.validate = __init__, __setattr__, validate
     return cls
 
 

@@ -153,6 +153,9 @@ def attach_scorers(model: PreTrainedModel, fallback: str) -> None:
             "with patch_model."
         )
     layers, settings = recorded
+    if sorted(set(layers)) != list(layers):  # from_pretrained's keyword arguments reach the config unvalidated
+        raise ValueError(f"config.neural_attention_layers must be sorted and without repeats, got {layers}; pass "
+                         f"{sorted(set(layers))}.")
     modules = find_self_attention_modules(model)
     bad = [i for i in layers if not 0 <= i < len(modules)]
     if bad:
@@ -397,10 +400,12 @@ class NeuralAttentionModelMixin:
         folder ends with, instead of transformers' generic card.
 
         Raises:
-            ValueError: ``config.neural_attention_*`` no longer describes the scorers' weights (edited by hand): the
-                checkpoint would not load as saved. Nothing is written.
+            ValueError: ``config.neural_attention_*`` no longer describes the scorers' weights (edited by hand), or
+                scorer weights are non-finite (a diverged run) or absent (meta device): the checkpoint would not
+                load as saved. Nothing is written.
         """
         check_config_describes_scorers(self)
+        check_scorer_values(self, kwargs.get("state_dict"))
         siblings = _AUTO_MAP_FOR.get(type(self.config), {})
         if siblings and self._auto_class is not None:  # remote code loads any head (or the body) of the checkpoint
             auto_map = getattr(self.config, "auto_map", None) or {}
@@ -466,7 +471,7 @@ def check_config_describes_scorers(model: nn.Module) -> None:
     carried = [(index, scorer) for index, scorer in carried if scorer is not None]
     layers = [index for index, _ in carried]
     recorded_layers, recorded_settings = recorded if recorded is not None else ([], None)
-    problems = [] if sorted(recorded_layers) == layers else [f"layers {sorted(recorded_layers)} (scorers in {layers})"]
+    problems = [] if list(recorded_layers) == layers else [f"layers {list(recorded_layers)} (scorers in {layers})"]
     if carried and recorded_settings is not None:  # what shapes or uses the weights, resolved (None = default)
         scorer = carried[0][1]
         actual = NeuralScorer.weight_layout(scorer.settings, scorer.head_dim)
@@ -481,6 +486,32 @@ def check_config_describes_scorers(model: nn.Module) -> None:
             "config does not rebuild them; restore the field, or use set_backend(model, ...) / unpatch_model and "
             "patch_model from hf_neural_attention. Nothing was saved."
         )
+
+
+def check_scorer_values(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Raise ``ValueError`` where the scorer weights a save would write cannot load: non-finite (``from_pretrained``
+    refuses them), or on the meta device (a model built without weights; transformers would fail after writing
+    config.json). Values from ``state_dict`` where given (the gathered weights of a sharded model), else from the
+    parameters; shards this process does not hold (DeepSpeed ZeRO-3, FSDP2) and accelerate's offloaded weights
+    (which transformers saves from their offload) are not read."""
+    names = scorer_state_names(model)
+    if state_dict is not None:
+        values = {name: state_dict[name] for name in names if name in state_dict}
+    else:
+        values = {name: param for name, param in model.named_parameters() if name in set(names)
+                  and not (hasattr(param, "ds_shape") and param.numel() == 0) and not hasattr(param, "full_tensor")}
+    offloaded = [f"{name}." for name, module in model.named_modules()
+                 if getattr(getattr(module, "_hf_hook", None), "offload", False)]  # fmt: skip
+    meta = sorted(name for name, value in values.items()
+                  if value.device.type == "meta" and not any(name.startswith(prefix) for prefix in offloaded))
+    non_finite = sorted(name for name, value in values.items() if value.device.type != "meta"
+                        and value.is_floating_point() and not torch.isfinite(value.detach()).all())
+    if meta:
+        raise ValueError(f"Scorer weights {meta} are on the meta device: the model was built without weights. Load "
+                         "or initialise them first. Nothing was saved.")
+    if non_finite:
+        raise ValueError(f"Scorer weights {non_finite} are not finite (a diverged run?): from_pretrained refuses such "
+                         "a checkpoint. Save an earlier state of the model. Nothing was saved.")
 
 
 def _check_loaded_scorers(model: nn.Module, info: dict, source: Any, from_neural_checkpoint: bool,
@@ -536,6 +567,7 @@ def _push_with_card(model: PreTrainedModel, repo_id: str, writer: ModelCardWrite
     from huggingface_hub import HfApi
 
     check_config_describes_scorers(model)  # before the repository is created: a refused push leaves nothing behind
+    check_scorer_values(model)
     tags = kwargs.pop("tags", None)
     if tags:
         model.add_model_tags(tags)

@@ -310,7 +310,7 @@ def _assert_untouched(model, reference_state):
 
 
 DAMAGE_MESSAGES = {  # the message names the problem (these raised AttributeError, TypeError or a bare range error)
-    "integer": r"not floating point \(torch\.int64\); the adapter is corrupt",
+    "integer": r"not floating point \(torch\.int64\)",
     "json-list": "holds a JSON list, not an object",
     "version-string": "format_version must be an integer, got '1'",
     "layers": r"saved for layers \[1, 7\], which GPT2LMHeadModel cannot hold.*base model it was trained on",
@@ -350,6 +350,44 @@ def test_bad_adapters_leave_the_model_untouched(tmp_path, damage):
         load_neural_adapter(base, tmp_path)
     _assert_untouched(base, reference)
     assert type(base) is GPT2LMHeadModel and base.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("fault", ["nan", "state-dict-shape", "state-dict-integer", "revision", "meta"])
+def test_a_refused_save_leaves_the_adapter_already_in_the_folder_loadable(tmp_path, fault):
+    # every refusal comes before a byte is written: a save that failed midway once left new weights beside the old
+    # config (a revision that was not a str failed in json.dumps after the weights were written)
+    trained = trained_adapter(tmp_path)
+    saved = {name: (tmp_path / name).read_bytes() for name in (WEIGHTS_NAME, CONFIG_NAME)}
+    other = patch_model(tiny_gpt2(), layers=[1], proj_dim=4, mode="residual")
+    key = next(name for name in other.state_dict() if ".neural_scorer." in name)
+    arguments, message = {}, None
+    if fault == "nan":  # a diverged run: the loaders refuse non-finite scorer weights, so the save does too
+        with torch.no_grad():
+            other.get_parameter(key).fill_(float("nan"))
+        message = "non-finite"
+    elif fault.startswith("state-dict"):
+        state = dict(other.state_dict())
+        state[key] = state[key][..., :1] if fault == "state-dict-shape" else state[key].long()
+        arguments = {"state_dict": state}
+        message = "wrong shape" if fault == "state-dict-shape" else r"not floating point \(torch.int64\)"
+    elif fault == "revision":
+        arguments = {"revision": 3}
+        message = "revision must be a Hub id or a path"
+    else:
+        with torch.device("meta"):
+            other = patch_model(GPT2LMHeadModel(tiny_gpt2().config), layers=[1], proj_dim=4, mode="residual")
+        message = "meta device"
+    with pytest.raises((ValueError, TypeError), match=message):
+        save_neural_adapter(other, tmp_path, **arguments)
+    assert {name: (tmp_path / name).read_bytes() for name in (WEIGHTS_NAME, CONFIG_NAME)} == saved
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(saved)
+    torch.testing.assert_close(output(load_neural_adapter(tiny_gpt2(), tmp_path)), output(trained), rtol=0, atol=0)
+
+
+def test_a_path_names_the_base_model_as_a_str(tmp_path):
+    model = patch_model(tiny_gpt2(), layers=[0])
+    save_neural_adapter(model, tmp_path, base_model=tmp_path / "base")
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["base_model"] == str(tmp_path / "base")
 
 
 def test_settings_added_after_0_1_are_written_only_off_their_default(tmp_path):

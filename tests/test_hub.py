@@ -17,6 +17,7 @@ import torch
 import transformers.utils.hub
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoConfig,
@@ -614,7 +615,7 @@ def test_bad_checkpoints_fail_clearly(tmp_path):
     folder = variant("truncated")
     data = (folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(Exception):  # noqa: B017 - safetensors' own error type; anything but a half-loaded model
+    with pytest.raises(SafetensorError, match="deserializing header"):  # not a half-loaded model
         AutoModelForCausalLM.from_pretrained(folder)
 
     folder = variant("extra")
@@ -723,6 +724,10 @@ def test_a_hand_edited_config_is_refused_at_save_and_nothing_is_written(tmp_path
     with pytest.raises(ValueError, match=r"layers \[0, 1\] \(scorers in \[0\]\)"):
         model.save_pretrained(tmp_path / "out")
     model.config.neural_attention_layers = [0]
+    two = patched("gpt2-lm", layers=(0, 1))
+    two.config.neural_attention_layers = [1, 0]  # the config validator refused it at save, after the code files
+    with pytest.raises(ValueError, match=r"layers \[1, 0\] \(scorers in \[0, 1\]\)"):
+        two.save_pretrained(tmp_path / "out")
     # the kernel choices too: the running model ignores the edit, and a checkpoint saying "triton" fails on CPU
     for field, value in (("backend", "triton"), ("mlp_precision", "fp16")):
         before = getattr(model.config, f"neural_attention_{field}")
@@ -731,6 +736,36 @@ def test_a_hand_edited_config_is_refused_at_save_and_nothing_is_written(tmp_path
             model.save_pretrained(tmp_path / "out")
         setattr(model.config, f"neural_attention_{field}", before)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("layers", [[1, 0], [0, 0]])
+def test_layers_passed_to_from_pretrained_unsorted_or_repeated_are_refused(tmp_path, layers):
+    # keyword arguments reach the config after its validator ran: [0, 0] built one scorer and saved a config naming two
+    STOCK["gpt2-lm"][0](STOCK["gpt2-lm"][1]()).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=rf"sorted and without repeats, got \{layers}; pass \{sorted(set(layers))}"):
+        NeuralAttentionGPT2ForCausalLM.from_pretrained(tmp_path, neural_attention_layers=layers)
+
+
+@pytest.mark.parametrize("fault", ["nan", "meta"])
+def test_a_save_that_would_not_load_is_refused_and_the_checkpoint_there_is_kept(tmp_path, fault):
+    # from_pretrained refuses non-finite scorer weights; transformers fails on meta weights after writing config.json
+    model = patched("gpt2-lm")
+    model.save_pretrained(tmp_path)
+    files = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    if fault == "nan":  # a diverged run
+        broken = copy.deepcopy(model)
+        with torch.no_grad():
+            broken.get_parameter("transformer.h.0.attn.neural_scorer.output_weight").fill_(float("nan"))
+        message = r"not finite \(a diverged run\?\).*Nothing was saved"
+    else:
+        with torch.device("meta"):
+            broken = type(model)(copy.deepcopy(model.config))
+        message = "on the meta device.*Nothing was saved"
+    with pytest.raises(ValueError, match=message):
+        broken.save_pretrained(tmp_path)
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == files
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    torch.testing.assert_close(logits(reloaded, "gpt2-lm"), logits(model, "gpt2-lm"), rtol=0, atol=0)
 
 
 def test_a_push_with_a_hand_edited_config_is_refused_before_the_repository_is_created(tmp_path, monkeypatch):
