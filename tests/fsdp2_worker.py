@@ -34,6 +34,7 @@ def main(backend: str, steps: int = 3) -> None:
     single = GPT2LMHeadModel(config)
     hna.patch_model(single, layers=[0], proj_dim=4, backend=backend)
     sharded = copy.deepcopy(single)
+    initial = copy.deepcopy(single.state_dict())
     mesh = init_device_mesh("cpu", (world,))
     for block in sharded.transformer.h:
         fully_shard(block, mesh=mesh)
@@ -62,8 +63,11 @@ def main(backend: str, steps: int = 3) -> None:
         reference = single.state_dict()
         diffs = {k: (full[k] - reference[k]).abs().max().item() for k in reference if k in full}
         scorer_keys = [k for k in reference if "neural_scorer" in k]
+        # each scorer weight's difference against how far training moved it: its update may be as small as 1e-5
+        updates = {k: (reference[k] - initial[k]).abs().max().item() for k in scorer_keys}
         report = dict(losses=losses, missing=sorted(set(reference) - set(full)), scorer_keys=scorer_keys,
-                      max_diff=max(diffs.values()), scorer_max_diff=max(diffs[k] for k in scorer_keys))  # fmt: skip
+                      max_diff=max(diffs.values()), scorer_diffs={k: diffs[k] for k in scorer_keys},
+                      scorer_updates=updates)  # fmt: skip
         print(json.dumps(report), flush=True)
     # Orderly shutdown: drop everything that holds the process group (FSDP state, the mesh), then destroy it while
     # the interpreter is fully alive. Gloo's worker threads outliving that into interpreter finalisation abort the

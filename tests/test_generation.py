@@ -3,6 +3,7 @@ caches, padded batches, every backend (Triton interpreted on CPU)."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 
 import pytest
@@ -83,18 +84,24 @@ def test_bfloat16_decoding_matches_a_full_pass(backend, mlp):
     torch.manual_seed(0)
     model = sharpen_scorers(patch_model(tiny_gpt2(), layers=[0, -1],
                                         config=NeuralAttentionConfig(backend=backend, proj_dim=4, mlp=mlp)))
+    silenced = copy.deepcopy(model)  # scores 0 (uniform attention in the neural layers)
+    with torch.no_grad():
+        for factor, scored in ((5.0 if mlp == "authors" else 1.0, model), (0.0, silenced)):
+            for name, parameter in scored.named_parameters():  # authors x5: its scores moved the logits too little
+                if name.endswith("neural_scorer.output_weight"):
+                    parameter.mul_(factor)
     ids = random_ids(2, 11, seed=8)
     attention_mask = torch.ones_like(ids)
     attention_mask[0, :3] = 0
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     fp32, _ = _prefill_then_decode(model, ids, attention_mask, position_ids, 7)
+    without_scores, _ = _prefill_then_decode(silenced, ids, attention_mask, position_ids, 7)
     full, decoded = _prefill_then_decode(model.to(torch.bfloat16), ids, attention_mask, position_ids, 7)
-    stock, _ = _prefill_then_decode(tiny_gpt2().to(torch.bfloat16), ids, attention_mask, position_ids, 7)
-    scale = fp32.abs().max()
-    # the neural layers move the logits by 4e-2 (paper) / 6e-3 (authors) of their largest, beyond both tolerances
-    assert (full - stock).abs().max() > 3e-3 * scale
-    torch.testing.assert_close(decoded, full[:, 7:], rtol=0, atol=2e-3 * scale.item())
-    torch.testing.assert_close(full, fp32, rtol=0, atol=1e-2 * scale.item())  # 4.3e-3 measured
+    scale = fp32.abs().max().item()
+    torch.testing.assert_close(decoded, full[:, 7:], rtol=0, atol=2e-3 * scale)
+    torch.testing.assert_close(full, fp32, rtol=0, atol=1e-2 * scale)  # 4.6e-3 measured
+    # the neural scores move the logits by 4e-2 (paper) / 2.4e-2 (authors) of their largest: beyond the tolerances
+    assert (fp32 - without_scores).abs().max() > 2 * 1e-2 * scale
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

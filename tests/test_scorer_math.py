@@ -228,9 +228,14 @@ def test_under_autocast_only_the_first_layer_runs_in_16_bits_on_the_materialisin
         logits = scorer.scores(query, key, 0.37)
         query_hidden, key_hidden, *weights = scorer(query, key)
     assert logits.dtype == torch.float32
-    weights = [None if w is None else w.detach().double() for w in weights]
-    pre = query_hidden.detach().double()[:, :, :, None, :] + key_hidden.detach().double()[:, :, None, :, :]
-    expected = scorer.pair_scores(pre, *weights) + 0.37 * query.double() @ key.double().transpose(-1, -2)
+    output_weight, second_weight, second_bias = [None if w is None else w.detach().double() for w in weights]
+    # the per-pair MLP in float64, written out here, from the very A and B autocast gave
+    hidden = (query_hidden.detach().double()[:, :, :, None, :] + key_hidden.detach().double()[:, :, None, :, :]).relu()
+    if second_weight is not None:  # authors: relu(W2 h + b2), shared by the heads
+        hidden = (torch.einsum("bhijk,mk->bhijm", hidden, second_weight.reshape(second_weight.shape[-2:]))
+                  + second_bias.reshape(-1)).relu()
+    mlp_scores = torch.einsum("bhijm,hm->bhij", hidden, output_weight.expand(2, -1))
+    expected = mlp_scores + 0.37 * query.double() @ key.double().transpose(-1, -2)
     assert_matches(logits.detach(), expected, "scores")
     with torch.device("meta"):  # a device without autocast (meta: shape inference) takes no guard, and refuses one
         meta = NeuralScorer(8, 2, NeuralAttentionConfig(proj_dim=4, mlp=mlp))
