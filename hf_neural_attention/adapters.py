@@ -30,6 +30,7 @@ from .configuration_neural_attention import KERNEL_CHOICES, PACKAGE_VERSION, Neu
 from .hub_classes import stock_class_of
 from .modeling_neural_attention import head_shape
 from .patching import (
+    check_is_model,
     find_attention_modules,
     neural_settings,
     patch_model,
@@ -126,6 +127,7 @@ def adapter_state_dict(model: PreTrainedModel, state_dict: dict[str, torch.Tenso
     Raises:
         ValueError: a scorer parameter is sharded and no ``state_dict`` is given, or ``state_dict`` lacks it.
     """
+    check_is_model(model)
     # the names state_dict() gives: FSDP's and activation checkpointing's wrappers drop their prefixes there
     full_names = {id(param): name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
                   for name, param in model.named_parameters(remove_duplicate=False)}
@@ -382,10 +384,14 @@ def load_neural_adapter(
         if not name:
             raise ValueError("The adapter names no base model; pass the model or its Hub id.")
         recorded_class = metadata.get("model_class")
-        model_class = getattr(transformers, recorded_class, None) if recorded_class else transformers.AutoModel
+        model_class = transformers.AutoModel
+        if recorded_class:  # a model class transformers exports, nothing else (the config is a file anyone may edit)
+            found = getattr(transformers, recorded_class, None) if isinstance(recorded_class, str) else None
+            model_class = found if isinstance(found, type) and issubclass(found, transformers.PreTrainedModel) else None
         if model_class is None:  # falling back to AutoModel would silently drop the task head
-            raise ValueError(f"The adapter was saved from a {recorded_class}, which transformers does not provide; "
-                             "load the base model yourself and pass it: load_neural_adapter(model, directory).")
+            raise ValueError(f"The adapter was saved from a {recorded_class!r}, not a model class transformers "
+                             "provides; load the base model yourself and pass it: load_neural_adapter(model, "
+                             "directory).")
         from_pretrained_kwargs.setdefault("revision", metadata.get("base_model_revision"))
         model = model_class.from_pretrained(name, **from_pretrained_kwargs)
     else:

@@ -16,6 +16,7 @@ import logging
 import operator
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cache
+from typing import Any
 
 import torch
 from torch import nn
@@ -102,10 +103,22 @@ def _is_bool_tensor(value: object) -> bool:
     return isinstance(value, torch.Tensor) and value.dtype == torch.bool
 
 
+def check_is_model(model: Any) -> None:
+    """``TypeError`` unless ``model`` is an ``nn.Module`` (a Hub id passed where the loaded model belongs)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Expected a model (a torch nn.Module, such as a transformers PreTrainedModel), got "
+                        f"{type(model).__name__}; load it first (e.g. AutoModelForCausalLM.from_pretrained(...)).")
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The transformers model inside ``torch.compile``'s, PEFT's or a distributed wrapper (DDP, FSDP, DeepSpeed), or
     ``model`` itself: the model whose class, config and layers ``patch_model`` changes (the wrappers keep no class
-    or config of their own that a checkpoint would record)."""
+    or config of their own that a checkpoint would record).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module`` (every public function that takes a model checks it here).
+    """
+    check_is_model(model)
     while not isinstance(model, PreTrainedModel):
         if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
             model = model._orig_mod

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model, ViTConfig, ViTForImageClassification
 
+import hf_neural_attention as hna
 from hf_neural_attention import load_neural_adapter, patch_model, save_neural_adapter
 from hf_neural_attention.adapters import CONFIG_NAME, WEIGHTS_NAME
 
@@ -224,12 +225,24 @@ def test_adapter_from_a_state_dict_without_the_frozen_scorers_takes_them_from_th
     assert any(torch.all(t == 7.0) for t in load_file(tmp_path / "given" / WEIGHTS_NAME).values())
 
 
-def test_adapter_naming_a_class_transformers_lacks_is_refused_by_name(tmp_path):
+@pytest.mark.parametrize("recorded", ["MyCustomLM", "logging", "GPT2Config", 5])
+def test_adapter_naming_a_class_transformers_lacks_is_refused_by_name(tmp_path, recorded):
+    # not a model class: a name transformers lacks, or one of its modules, configs, or not a name at all (the
+    # adapter's config is a file anyone may edit: these raised AttributeError / TypeError)
     trained_adapter(tmp_path / "adapter")
     config_path = tmp_path / "adapter" / CONFIG_NAME
-    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "model_class": "MyCustomLM"}))
-    with pytest.raises(ValueError, match="saved from a MyCustomLM.*load_neural_adapter\\(model, directory\\)"):
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "model_class": recorded}))
+    with pytest.raises(ValueError, match=f"saved from a {recorded!r}.*load_neural_adapter\\(model, directory\\)"):
         load_neural_adapter(str(tmp_path / "base"), tmp_path / "adapter")
+
+
+@pytest.mark.parametrize("call", ["save_neural_adapter", "load_neural_adapter", "set_backend", "neural_layers"])
+def test_a_name_where_a_model_belongs_is_a_type_error_saying_so(tmp_path, call):
+    trained_adapter(tmp_path)
+    arguments = {"save_neural_adapter": ("gpt2", tmp_path / "out"), "load_neural_adapter": (123, tmp_path),
+                 "set_backend": ("gpt2", "auto"), "neural_layers": ("gpt2",)}[call]
+    with pytest.raises(TypeError, match=r"Expected a model \(a torch nn.Module"):
+        getattr(hna, call)(*arguments)
 
 
 def test_adapter_for_vit(tmp_path):
