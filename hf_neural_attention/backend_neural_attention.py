@@ -176,8 +176,8 @@ def materialised_neural_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores every pair at once (memory O(n^2 * hidden)); returns ``(out, probabilities)``.
 
-    ``out`` is ``(batch, heads, q_len, v_dim)``, probabilities ``(batch, heads, q_len, k_len)`` (before dropout is
-    applied to what multiplies ``value``, after it in the returned tensor, like transformers' eager path).
+    ``out`` is ``(batch, heads, q_len, v_dim)``, probabilities ``(batch, heads, q_len, k_len)``: the ones that
+    multiplied ``value``, so after dropout when it is on (as transformers' eager path returns them).
     Fully masked query rows get all-zero probabilities, hence zero output.
     """
     logits = scorer.scores(query, key, scaling)  # fp32 (fp64 for fp64 inputs)

@@ -40,13 +40,8 @@ import threading
 import torch
 from torch import Tensor
 
-from .cpp_neural_attention import (
-    _CPP_SOURCE,
-    OPENMP_FLAGS,
-    extension_is_built,
-    load_extension,
-    neural_attention_cpp,
-)
+from .cpp_build_neural_attention import CPP_MATH, OPENMP_FLAGS, extension_is_built, load_extension
+from .cpp_neural_attention import neural_attention_cpp
 from .kernels_neural_attention import (
     ACTIVATION_CODES,
     as_4d,
@@ -68,10 +63,6 @@ from .kernels_neural_attention import (
 )
 
 __all__ = ["fused_cpp_available", "fused_cpp_is_built", "neural_attention_fused_cpp"]
-
-# the fp32 math helpers (exp/tanh/erf approximations, activations and derivatives) of the per-pair kernel
-_MARKER = '// mlp="paper": score_ij'
-_MATH = _CPP_SOURCE[: _CPP_SOURCE.index(_MARKER)]
 
 _FUSED_BODY = r"""
 // fused forward / backward (the anonymous namespace of the math helpers is still open)
@@ -908,7 +899,7 @@ std::vector<torch::Tensor> fused_backward(torch::Tensor A, torch::Tensor At, tor
 """
 
 _HEADERS = "#include <limits>\n#include <optional>\n#if !defined(_WIN32)\n#include <dlfcn.h>\n#endif\n"
-_SOURCE = _HEADERS + _MATH + _FUSED_BODY + _FUSED_DECLS
+_SOURCE = _HEADERS + CPP_MATH + _FUSED_BODY + _FUSED_DECLS
 _FUNCTIONS = ["fused_forward", "fused_backward"]
 _PREFIX = "neural_attention_fused_cpu"
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -918,7 +909,7 @@ _lock = threading.Lock()
 _state: dict = {}
 
 
-_CFLAGS = _LDFLAGS = OPENMP_FLAGS  # at::parallel_for is serial without OpenMP (see cpp_neural_attention)
+_CFLAGS = _LDFLAGS = OPENMP_FLAGS  # at::parallel_for is serial without OpenMP (see cpp_build_neural_attention)
 
 
 def _module():
@@ -1124,7 +1115,7 @@ def neural_attention_fused_cpp(
             dot_scale=dot_scale, dropout_p=dropout_p, generator_seed=generator_seed, score_bias=score_bias,
         )  # fmt: skip
 
-    # shapes, dtypes of masks and the dropout range: checked once, here (ValueError / TypeError)
+    # shapes, dtypes of masks and the dropout range (ValueError / TypeError); the delegated call above checks its own
     output_weight, second_weight, second_bias = check_kernel_inputs(
         query_hidden, key_hidden, value, output_weight, second_weight, second_bias, activation, mask, dot_query,
         dot_key, dropout_p, score_bias,

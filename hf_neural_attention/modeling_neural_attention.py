@@ -54,7 +54,7 @@ def register_model_card_writer(writer: ModelCardWriter | None) -> None:
     _model_card_writer = writer
 
 
-# --- finding and equipping the self-attention layers (same rules as hf_neural_attention.patching) ------------------
+# --- finding and equipping the self-attention layers (hf_neural_attention.patching uses these too) --------------
 @cache
 def _goes_through_attention_interface(cls: type) -> bool:
     try:
@@ -114,6 +114,24 @@ def head_shape(module: nn.Module, model_config: Any) -> tuple[int, int]:
     return int(head_dim), int(num_heads)
 
 
+def build_scorer(module: nn.Module, model: nn.Module, settings: Any) -> NeuralScorer:
+    """A fresh scorer for the self-attention ``module`` of ``model``: its head shape, ``settings`` (a
+    ``NeuralAttentionConfig``), on the module's device and compute dtype (``scorer_placement``)."""
+    head_dim, num_heads = head_shape(module, model.config)
+    return NeuralScorer(head_dim, num_heads, settings).to(**scorer_placement(module, model))
+
+
+def neural_settings(model: nn.Module) -> tuple[list[int], Any] | None:
+    """``(patched layer indices, their shared settings)`` as the modules carry them, or ``None`` when no layer
+    carries a scorer (whatever ``neural_attention_*`` fields the config may still hold)."""
+    scorers = [(index, getattr(module, SCORER_ATTRIBUTE, None)) for index, (_, module)
+               in enumerate(find_self_attention_modules(model))]  # fmt: skip
+    layers = [index for index, scorer in scorers if scorer is not None]
+    if not layers:
+        return None
+    return layers, scorers[layers[0]][1].settings
+
+
 def scorer_placement(module: nn.Module, model: nn.Module) -> dict[str, Any]:
     """``device`` and ``dtype`` for the scorer of an attention module: its parameters' device, and the dtype of its
     first 16-bit-or-wider floating parameter. Quantized projections (bitsandbytes' uint8, fp8 checkpoints) are
@@ -167,9 +185,7 @@ def attach_scorers(model: PreTrainedModel, fallback: str) -> None:
         module = modules[index][1]
         if getattr(module, SCORER_ATTRIBUTE, None) is not None:
             continue
-        head_dim, num_heads = head_shape(module, model.config)
-        scorer = NeuralScorer(head_dim, num_heads, settings).to(**scorer_placement(module, model))
-        setattr(module, SCORER_ATTRIBUTE, scorer)
+        setattr(module, SCORER_ATTRIBUTE, build_scorer(module, model, settings))
     set_fallback(model, fallback)
     model.config._attn_implementation_internal = ATTENTION_NAME
     name_fallbacks(model)
@@ -466,14 +482,11 @@ def check_config_describes_scorers(model: nn.Module) -> None:
     saved. Fields compare resolved (``proj_dim=None`` is ``head_dim // 32``); the backend and MLP precision as given
     (a field edited by hand is not what runs: the checkpoint would load onto another kernel, or none)."""
     recorded = read_from_config(model.config)
-    carried = [(index, getattr(module, SCORER_ATTRIBUTE, None))
-               for index, (_, module) in enumerate(find_self_attention_modules(model))]  # fmt: skip
-    carried = [(index, scorer) for index, scorer in carried if scorer is not None]
-    layers = [index for index, _ in carried]
+    layers, carried = neural_settings(model) or ([], None)
     recorded_layers, recorded_settings = recorded if recorded is not None else ([], None)
     problems = [] if list(recorded_layers) == layers else [f"layers {list(recorded_layers)} (scorers in {layers})"]
-    if carried and recorded_settings is not None:  # what shapes or uses the weights, resolved (None = default)
-        scorer = carried[0][1]
+    if carried is not None and recorded_settings is not None:  # what shapes or uses the weights, resolved
+        scorer = getattr(find_self_attention_modules(model)[layers[0]][1], SCORER_ATTRIBUTE)
         actual = NeuralScorer.weight_layout(scorer.settings, scorer.head_dim)
         problems += [f"{name}={value!r} (the scorers have {actual[name]!r})" for name, value
                      in NeuralScorer.weight_layout(recorded_settings, scorer.head_dim).items() if value != actual[name]]

@@ -31,20 +31,21 @@ from .configuration_neural_attention import (
 )
 from .hub_classes import adopt_hub_class, is_hub_class, restore_stock_class
 from .modeling_neural_attention import (
+    FALLBACK_IMPLEMENTATIONS,
+    build_scorer,
     find_cross_attention_modules,
     find_self_attention_modules,
     head_shape,
     is_keep_neural_attention_hook,
     name_fallbacks,
+    neural_settings,
     register_keep_neural_attention_hook,
-    scorer_placement,
     scorer_state_names,
 )
 from .scoring_neural_attention import NeuralScorer
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_FALLBACKS = ("sdpa", "eager")
 PREVIOUS_IMPLEMENTATION_ATTRIBUTE = "_neural_attention_previous_implementation"  # on the patched model
 LayerSelection = int | str | Iterable[int]
 
@@ -169,7 +170,7 @@ def _module_fallback(module: nn.Module, name: str, model_implementation: str | N
         recorded = getattr(getattr(module, "config", None), FALLBACK_CONFIG_ATTRIBUTE, None) or "sdpa"
         return getattr(module, FALLBACK_ATTRIBUTE, recorded)
     own = getattr(getattr(module, "config", None), "_attn_implementation", None) or model_implementation
-    if own is None or own in SUPPORTED_FALLBACKS:
+    if own is None or own in FALLBACK_IMPLEMENTATIONS:
         return own or "sdpa"
     where = "the model" if own == model_implementation else name
     raise ValueError(
@@ -355,9 +356,7 @@ def _patch(model: nn.Module, layers: LayerSelection, config: NeuralAttentionConf
     _give_model_its_own_config(model, parents)
     for index in chosen:
         name, module = modules[index]
-        head_dim, num_heads = head_shape(module, model.config)
-        scorer = NeuralScorer(head_dim, num_heads, config).to(**scorer_placement(module, model))
-        setattr(module, SCORER_ATTRIBUTE, scorer)
+        setattr(module, SCORER_ATTRIBUTE, build_scorer(module, model, config))
     for (_, module), fallback in zip(interface, fallbacks, strict=True):
         setattr(module, FALLBACK_ATTRIBUTE, fallback)
     if implementation != ATTENTION_NAME:
@@ -570,17 +569,6 @@ def neural_layers(model: nn.Module) -> list[tuple[int, str]]:
         for index, (name, module) in enumerate(find_attention_modules(unwrap_model(model)))
         if getattr(module, SCORER_ATTRIBUTE, None) is not None
     ]
-
-
-def neural_settings(model: nn.Module) -> tuple[list[int], NeuralAttentionConfig] | None:
-    """``(patched layer indices, their shared settings)`` as the modules carry them, or ``None`` when no layer
-    carries a scorer (whatever ``neural_attention_*`` fields the config may still hold)."""
-    scorers = [(index, getattr(module, SCORER_ATTRIBUTE, None)) for index, (_, module)
-               in enumerate(find_attention_modules(model))]  # fmt: skip
-    layers = [index for index, scorer in scorers if scorer is not None]
-    if not layers:
-        return None
-    return layers, scorers[layers[0]][1].settings
 
 
 def set_backend(model: nn.Module, backend: str, *, mlp_precision: str | None = None) -> None:

@@ -143,8 +143,8 @@ class NeuralScorer(nn.Module):
             key: ``(batch, heads, k_len, head_dim)`` (already repeated to ``heads`` under GQA).
 
         Returns:
-            ``A``: ``(batch, heads, q_len, hidden)`` and ``B``: ``(batch, heads, k_len, hidden)``, in the dtype of
-            the scorer's weights' compute type (fp32 when the inputs are lower precision).
+            ``A``: ``(batch, heads, q_len, hidden)`` and ``B``: ``(batch, heads, k_len, hidden)``, in the inputs'
+            dtype promoted to at least fp32 (fp32 for bf16 / fp16 inputs, fp64 for fp64).
         """
         compute_dtype = torch.promote_types(query.dtype, torch.float32)
         w_hq, w_hk = self.hidden_weight.to(compute_dtype).split(self.proj_dim, dim=-1)  # (H, M, d') each

@@ -1308,5 +1308,5 @@ def neural_attention_triton(
               1 if half_mlp else None)
     cfg = dict(activation=activation, causal=bool(causal), dot_scale=float(dot_scale), dropout_p=float(dropout_p),
                seed=seed_tensor(dropout_p, generator_seed, bound=2**31 - 1),
-               launch=[-1 if value is None else int(value) for value in tuning])  # fmt: skip
+               launch=[-1 if setting is None else int(setting) for setting in tuning])  # fmt: skip
     return _NeuralAttentionTriton.apply(*inputs[:8], score_bias, mask, cfg)

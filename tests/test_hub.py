@@ -60,6 +60,7 @@ TRAVELLING = {
     "scoring_neural_attention.py",
     "kernels_neural_attention.py",
     "tiled_neural_attention.py",
+    "cpp_build_neural_attention.py",
     "cpp_neural_attention.py",
     "triton_neural_attention.py",
 }

@@ -473,7 +473,7 @@ def test_a_native_build_is_named_for_its_cpu(monkeypatch):
     """A -march=native build hashes the CPU into its name: a build cache shared between machines (a cluster's home
     directory) must not hand one CPU's build to another, where a missing instruction kills the process. A portable
     build (NEURAL_ATTENTION_CPP_NATIVE=0) keeps one name everywhere. The other machine is faked by its description."""
-    from hf_neural_attention import cpp_neural_attention as c
+    from hf_neural_attention import cpp_build_neural_attention as c
 
     here = c._host_cpu()  # the compiler's expansion of -march=native, else /proc/cpuinfo's description
     assert here.strip()
@@ -493,7 +493,7 @@ def test_a_native_build_is_named_for_its_cpu(monkeypatch):
         monkeypatch.setenv("NEURAL_ATTENTION_CPP_NATIVE", native)
         for cpu in (here, here + " avx512f"):
             monkeypatch.setattr(c, "_host_cpu", lambda cpu=cpu: cpu)
-            names[native, cpu] = c._extension_name()
+            names[native, cpu] = c._extension_name("neural_attention_cpu", "// a kernel")
     assert names["1", here] != names["1", here + " avx512f"]
     assert names["0", here] == names["0", here + " avx512f"] != names["1", here]
 
