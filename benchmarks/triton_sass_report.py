@@ -43,6 +43,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root
 
+import hf_neural_attention.triton_kernels_neural_attention as tk  # noqa: E402
 import hf_neural_attention.triton_neural_attention as tna  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -96,7 +97,8 @@ def compile_kernel(fn, args: list, constexprs: dict, num_warps: int, arch: int):
         if isinstance(value, torch.Tensor) or (type(value) is int and value % 16 == 0):
             attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn, signature, fixed, attrs)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
+    options = dict(num_warps=num_warps, **tna.COMPILE_OPTIONS)  # as the kernel launches them
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def _cuobjdump_text(kernel, flag: str) -> str:
@@ -160,9 +162,9 @@ def inputs(authors: bool, hidden: int, activation: str, dot: bool, mask: bool, d
     kv_ce, q_ce = tna._backward_constexprs(ce, launches["bwd_"])
     q_ce["BIAS_GRAD"], q_ce["BIAS_ACC"] = bool(bias), bias == "add"
     return {
-        "fwd": (tna._fwd_kernel, [*tensors, *scalars, out, stats[0], stats[-1], *out.stride()[:3]], ce, launches[""]),
-        "bwd_kv": (tna._bwd_kv_kernel, [*lead, f32, f32, f32, part, part, part, 4], kv_ce, launches["bwd_"]),
-        "bwd_q": (tna._bwd_q_kernel, [*lead, f32, f32, torch.empty(b, h, n, n), 0], q_ce, launches["bwd_"]),
+        "fwd": (tk.fwd_kernel, [*tensors, *scalars, out, stats[0], stats[-1], *out.stride()[:3]], ce, launches[""]),
+        "bwd_kv": (tk.bwd_kv_kernel, [*lead, f32, f32, f32, part, part, part, 4], kv_ce, launches["bwd_"]),
+        "bwd_q": (tk.bwd_q_kernel, [*lead, f32, f32, torch.empty(b, h, n, n), 0], q_ce, launches["bwd_"]),
     }
 
 

@@ -935,7 +935,7 @@ def _use_single_pass(groups: int) -> bool:
 
 # the ops' names carry this file's and the kernel source's hash: a Hub checkpoint's copy of another version must not
 # reuse them
-_OP_TAG = source_tag(__file__, _SOURCE)
+_OP_TAG = source_tag(__file__, text=_SOURCE)
 
 
 def _forward_fake(A, Bt, V, w, dq, dk, mask, bias, cvec, batch, heads, causal, dot_scale, act, block, dropout_p,

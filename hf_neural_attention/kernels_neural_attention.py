@@ -276,14 +276,15 @@ def kernel_op(name: str, fake: Callable) -> Callable[[Callable], Callable]:
     return wrap
 
 
-def source_tag(path: str | Path, *extra: str) -> str:
-    """12 hex digits naming a kernel's source: ``path`` (the kernel's file), this file (whose helpers the kernel runs)
-    and ``extra`` (e.g. a C++ source). Custom op names carry it: the plugin and a Hub checkpoint's copy of another
-    version may both be imported in one process, and an op name must not be reused for other code (see
+def source_tag(*paths: str | Path, text: str = "") -> str:
+    """12 hex digits naming a kernel's source: its ``paths`` (the kernel's files), this file (whose helpers the
+    kernel runs) and ``text`` (e.g. a C++ source). Custom op names carry it: the plugin and a Hub checkpoint's copy of
+    another version may both be imported in one process, and an op name must not be reused for other code (see
     :func:`kernel_op`)."""
-    digest = hashlib.sha256(Path(path).read_bytes() + Path(__file__).read_bytes())
-    for text in extra:
-        digest.update(text.encode())
+    digest = hashlib.sha256()
+    for path in (*paths, __file__):
+        digest.update(Path(path).read_bytes())
+    digest.update(text.encode())
     return digest.hexdigest()[:12]
 
 # --------------------------------------------------------------------------------------------------------------

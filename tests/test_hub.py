@@ -63,6 +63,7 @@ TRAVELLING = {
     "cpp_build_neural_attention.py",
     "cpp_neural_attention.py",
     "triton_neural_attention.py",
+    "triton_kernels_neural_attention.py",
 }
 SEQ = 8
 

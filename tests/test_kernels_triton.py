@@ -15,6 +15,7 @@ from tests.reference import bias_in_layout, drawn_seed, fresh_seed, kernel_refer
 
 _CUDA = torch.cuda.is_available()
 _MODULE = "hf_neural_attention.triton_neural_attention"
+_KERNELS = "hf_neural_attention.triton_kernels_neural_attention"
 
 # TRITON_INTERPRET must be set before triton / the kernels are imported (jit decides at decoration time).
 # It is restored right after import so that it does not leak into other test modules of the session.
@@ -23,9 +24,11 @@ if not _CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 try:
     triton = pytest.importorskip("triton")
+    tk = importlib.import_module(_KERNELS)
+    if not _CUDA and type(tk.fwd_kernel).__name__ != "InterpretedFunction":  # imported earlier without it
+        tk = importlib.reload(sys.modules[_KERNELS])
+        importlib.reload(sys.modules[_MODULE])  # the launcher holds the kernels it imported
     tna = importlib.import_module(_MODULE)
-    if not _CUDA and type(tna._fwd_kernel).__name__ != "InterpretedFunction":
-        tna = importlib.reload(sys.modules[_MODULE])  # imported earlier without the interpreter
 finally:
     if _saved_env is None:
         os.environ.pop("TRITON_INTERPRET", None)
@@ -332,7 +335,7 @@ def test_bf16_rounding_is_to_nearest_even():
     @triton.jit
     def round_kernel(X, Y, N: tl.constexpr):
         offs = tl.arange(0, N)
-        tl.store(Y + offs, tna._rounded(tl.load(X + offs), tl.bfloat16, not _CUDA).to(tl.float32))
+        tl.store(Y + offs, tk._rounded(tl.load(X + offs), tl.bfloat16, not _CUDA).to(tl.float32))
 
     g = torch.Generator().manual_seed(fresh_seed(91))
     x = torch.randn(4096, generator=g) * torch.exp(torch.randn(4096, generator=g) * 4)
@@ -503,7 +506,7 @@ def _fp16_exact_inputs(seed, dtype, b=2, h=2, lq=19, lk=19, hidden=8, vdim=5):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("masking", ["causal", "padding"])
-@pytest.mark.parametrize("hidden", [4, 8, 12])  # below / in [_HALF_MMA_FROM, _HALF_MMA_UNTIL]: fp32 / MMA sums
+@pytest.mark.parametrize("hidden", [4, 8, 12])  # below / in [HALF_MMA_FROM, HALF_MMA_UNTIL]: fp32 / MMA sums
 def test_half_mlp_matches_reference_on_fp16_exact_operands(dtype, masking, hidden):
     seed = drawn_seed()
     print(f"seed {seed}")
@@ -730,7 +733,7 @@ def test_pair_offsets_stay_exact_past_int32():
     @triton.jit
     def offsets(Out, start_q, start_k, sq, sk, BLOCK: tl.constexpr):
         r = tl.arange(0, BLOCK)
-        ptrs = tna._pair_ptrs(tl.zeros((), tl.int64), sq, sk, start_q, start_k, start_q + r, start_k + r, False)
+        ptrs = tk._pair_ptrs(tl.zeros((), tl.int64), sq, sk, start_q, start_k, start_q + r, start_k + r, False)
         tl.store(Out + r[:, None] * BLOCK + r[None, :], ptrs)
 
     n, start_q, start_k = 50_000, 46_336, 49_984
