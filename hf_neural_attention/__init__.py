@@ -7,13 +7,8 @@ registers the Hub config/model classes with transformers' Auto classes (so check
 
 import sys
 
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForImageClassification,
-    AutoModelForSequenceClassification,
-)
+import transformers
+from transformers import AutoConfig
 
 from . import modeling_neural_attention as _modeling
 from .adapters import load_neural_adapter, save_neural_adapter
@@ -49,16 +44,10 @@ __version__ = PACKAGE_VERSION
 
 def _register_auto_classes() -> None:
     """Make ``AutoConfig``/``AutoModelFor...`` resolve our model types (idempotent)."""
-    for config_class in (NeuralAttentionGPT2Config, NeuralAttentionViTConfig):
+    for config_class, heads in _modeling._AUTO_MAP_FOR.items():
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
-    for auto_class, model_class in (
-        (AutoModelForCausalLM, NeuralAttentionGPT2ForCausalLM),
-        (AutoModelForSequenceClassification, NeuralAttentionGPT2ForSequenceClassification),
-        (AutoModelForImageClassification, NeuralAttentionViTForImageClassification),
-        (AutoModel, NeuralAttentionGPT2Model),
-        (AutoModel, NeuralAttentionViTModel),
-    ):
-        auto_class.register(model_class.config_class, model_class, exist_ok=True)
+        for auto_name, model_class in heads.items():
+            getattr(transformers, auto_name).register(config_class, model_class, exist_ok=True)
 
 
 def _register_model_card_writer() -> None:

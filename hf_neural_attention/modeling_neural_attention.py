@@ -671,10 +671,7 @@ _AUTO_MAP_FOR = {
     },
 }
 
-NeuralAttentionGPT2Config.register_for_auto_class()
-NeuralAttentionViTConfig.register_for_auto_class()
-NeuralAttentionGPT2Model.register_for_auto_class("AutoModel")
-NeuralAttentionGPT2ForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-NeuralAttentionGPT2ForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
-NeuralAttentionViTForImageClassification.register_for_auto_class("AutoModelForImageClassification")
-NeuralAttentionViTModel.register_for_auto_class("AutoModel")
+for _config_class, _heads in _AUTO_MAP_FOR.items():
+    _config_class.register_for_auto_class()
+    for _auto_name, _model_class in _heads.items():
+        _model_class.register_for_auto_class(_auto_name)

@@ -130,10 +130,12 @@ def no_training(monkeypatch):
 
 def test_resolve_layers():
     assert resolve_layers(["0", "-1"], 4) == [0, 3] and resolve_layers(["all"], 3) == [0, 1, 2]
-    with pytest.raises(ValueError, match="outside the model: it has 4 layers"):
+    with pytest.raises(ValueError, match="--neural_layers 4: Layer 4 is out of range: this model has 4"):
         resolve_layers(["4"], 4)
-    with pytest.raises(ValueError, match="names layer 3 twice"):  # as patch_model refuses it (merged before)
-        resolve_layers(["3", "-1"], 4)
+    with pytest.raises(ValueError, match=r"--neural_layers 3 -1: Layers \[3\] are selected more than once"):
+        resolve_layers(["3", "-1"], 4)  # as patch_model refuses it (merged before)
+    with pytest.raises(ValueError, match="takes integers or 'all', got 'first'"):
+        resolve_layers(["first"], 4)
 
 
 @pytest.mark.parametrize("recipe", ["run_clm", "run_image_classification"])

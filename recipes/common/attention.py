@@ -8,7 +8,14 @@ from typing import Any
 
 import torch
 
-from hf_neural_attention import NeuralAttentionConfig, neural_layers, patch_model, scorer_parameters, set_backend
+from hf_neural_attention import (
+    NeuralAttentionConfig,
+    neural_layers,
+    patch_model,
+    patching,
+    scorer_parameters,
+    set_backend,
+)
 from hf_neural_attention.configuration_neural_attention import (
     ACTIVATIONS,
     BACKENDS,
@@ -68,28 +75,20 @@ class AttentionArguments:
 
 
 def resolve_layers(spec: list[str] | str, num_layers: int) -> list[int]:
-    """Turn ``["0", "-1"]`` / ``"all"`` into sorted layer indices, or raise ``ValueError`` before any training."""
+    """Turn ``["0", "-1"]`` / ``"all"`` into sorted layer indices, or raise ``ValueError`` before any training (the
+    rules are patch_model's, ``hf_neural_attention.patching.resolve_layers``; only the command line's text is
+    parsed here)."""
     items = [spec] if isinstance(spec, str) else list(spec)
     if len(items) == 1 and str(items[0]).lower() == "all":
         return list(range(num_layers))
-    layers: list[int] = []
-    for item in items:
-        try:
-            index = int(item)
-        except ValueError:
-            raise ValueError(f"--neural_layers takes integers or 'all', got {item!r}.") from None
-        if not -num_layers <= index < num_layers:
-            raise ValueError(
-                f"--neural_layers {index} is outside the model: it has {num_layers} layers "
-                f"(valid: 0..{num_layers - 1}, or -{num_layers}..-1 from the end, or 'all')."
-            )
-        if index % num_layers in layers:
-            raise ValueError(f"--neural_layers names layer {index % num_layers} twice (negative indices count from "
-                             "the end); give each layer once.")
-        layers.append(index % num_layers)
-    if not layers:
-        raise ValueError("--neural_layers is empty; give at least one layer or 'all'.")
-    return sorted(layers)
+    try:
+        indices = [int(item) for item in items]
+    except ValueError:
+        raise ValueError(f"--neural_layers takes integers or 'all', got {' '.join(map(str, items))!r}.") from None
+    try:
+        return patching.resolve_layers(indices, num_layers)
+    except ValueError as error:
+        raise ValueError(f"--neural_layers {' '.join(map(str, items))}: {error}") from None
 
 
 def neural_config_kwargs(args: AttentionArguments) -> dict[str, Any]:
