@@ -34,6 +34,7 @@ from .patching import (
     find_attention_modules,
     neural_settings,
     patch_model,
+    required_neural_settings,
     resolve_layers,
     unpatch_model,
     unwrap_model,
@@ -196,10 +197,7 @@ def save_neural_adapter(
     """
     weights = adapter_state_dict(model, state_dict)  # before anything is written: it may refuse
     model = unwrap_model(model)  # torch.compile's or PEFT's wrapper: record the model's own class
-    recorded = neural_settings(model)
-    if recorded is None:
-        raise ValueError("This model has no neural layers; patch it with patch_model(model, layers=...) first.")
-    layers, settings = recorded
+    layers, settings = required_neural_settings(model)
     base_model = (base_model or getattr(model.config, "neural_attention_base_model", None)
                   or getattr(model.config, "_name_or_path", None) or None)
     if isinstance(base_model, os.PathLike):

@@ -137,15 +137,23 @@ class NeuralAttentionConfig:
         return (self.hidden_dim if self.hidden_dim is not None else proj_dim,)
 
     def resolved_share_across_heads(self) -> bool:
+        """Whether one scorer serves every head: as given, else per head for ``"paper"`` and shared for
+        ``"authors"`` (their code)."""
         if self.share_across_heads is not None:
             return self.share_across_heads
         return self.mlp == "authors"
 
+    def resolved_activation(self) -> str:
+        """The activation that runs: ``"relu"`` for ``"authors"`` (their MLP has no other), else ``activation``."""
+        return "relu" if self.mlp == "authors" else self.activation
+
     # --- (de)serialisation ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """The fields as given (``None`` not resolved), by name."""
         return dataclasses.asdict(self)
 
     def to_json_string(self) -> str:
+        """``to_dict`` as JSON, keys sorted."""
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
@@ -163,6 +171,7 @@ class NeuralAttentionConfig:
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
+        """The settings' names, in declaration order."""
         return tuple(f.name for f in dataclasses.fields(cls))
 
 

@@ -571,6 +571,14 @@ def neural_layers(model: nn.Module) -> list[tuple[int, str]]:
     ]
 
 
+def required_neural_settings(model: nn.Module) -> tuple[list[int], NeuralAttentionConfig]:
+    """``neural_settings(model)``, or ``ValueError`` for a model without neural layers."""
+    recorded = neural_settings(model)
+    if recorded is None:
+        raise ValueError("This model has no neural layers; patch it with patch_model(model, layers=...) first.")
+    return recorded
+
+
 def set_backend(model: nn.Module, backend: str, *, mlp_precision: str | None = None) -> None:
     """Switch the scoring backend of every neural layer, in place (e.g. to compare kernels on one loaded model).
 
@@ -584,10 +592,7 @@ def set_backend(model: nn.Module, backend: str, *, mlp_precision: str | None = N
             the model is then unchanged.
     """
     model = unwrap_model(model)
-    recorded = neural_settings(model)
-    if recorded is None:
-        raise ValueError("This model has no neural layers; patch it with patch_model(model, layers=...) first.")
-    layers, settings = recorded
+    layers, settings = required_neural_settings(model)
     changes = {"backend": backend} if mlp_precision is None else {"backend": backend, "mlp_precision": mlp_precision}
     switched = NeuralAttentionConfig(**{**settings.to_dict(), **changes})
     modules = find_attention_modules(model)

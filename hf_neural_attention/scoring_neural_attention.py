@@ -67,7 +67,7 @@ class NeuralScorer(nn.Module):
         self.proj_dim = settings.resolved_proj_dim(head_dim)
         self.hidden_dims = settings.resolved_hidden_dims(head_dim)
         self.weight_heads = 1 if settings.resolved_share_across_heads() else num_heads
-        self.activation_name = "relu" if settings.mlp == "authors" else settings.activation
+        self.activation_name = settings.resolved_activation()
         self.residual = settings.mode == "residual"
 
         heads, proj, hidden = self.weight_heads, self.proj_dim, self.hidden_dims[0]
@@ -100,7 +100,7 @@ class NeuralScorer(nn.Module):
             "hidden_dims": settings.resolved_hidden_dims(head_dim),
             "share_across_heads": settings.resolved_share_across_heads(),
             "mlp": settings.mlp,
-            "activation": "relu" if settings.mlp == "authors" else settings.activation,
+            "activation": settings.resolved_activation(),
             "mode": settings.mode,
         }
 
