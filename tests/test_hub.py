@@ -54,6 +54,7 @@ from tests.models import random_ids, sharpen_scorers, tiny_gpt2, tiny_gpt2_confi
 PACKAGE_DIR = Path(hna.__file__).parent
 TRAVELLING = {
     "fused_cpp_neural_attention.py",
+    "fused_cpp_source_neural_attention.py",
     "configuration_neural_attention.py",
     "modeling_neural_attention.py",
     "backend_neural_attention.py",
