@@ -270,8 +270,9 @@ def _can_switch_implementation(cls: type) -> bool:
     return True if check is None else bool(check())
 
 
-def _patch(model: nn.Module, layers: LayerSelection, config: NeuralAttentionConfig | None, settings: dict) -> None:
-    """``patch_model`` on the unwrapped model."""
+def _patch_settings(config: NeuralAttentionConfig | None, settings: dict) -> NeuralAttentionConfig:
+    """The validated settings ``patch_model`` was given: ``config`` overridden by keyword ``settings``, always a copy
+    (the scorers must not follow later edits of the caller's object, the next arm of a sweep)."""
     if config is not None and not isinstance(config, NeuralAttentionConfig):
         raise TypeError(f"config must be a NeuralAttentionConfig, got {type(config).__name__}.")
     unknown = sorted(set(settings) - set(NeuralAttentionConfig.field_names()))
@@ -281,8 +282,12 @@ def _patch(model: nn.Module, layers: LayerSelection, config: NeuralAttentionConf
                           if hint)  # fmt: skip
         raise TypeError(f"patch_model got unknown setting(s) {unknown}{guesses}; the settings are "
                         f"NeuralAttentionConfig's fields: {', '.join(NeuralAttentionConfig.field_names())}.")
-    # always a copy: the scorers must not follow later edits of the caller's object (the next arm of a sweep)
-    config = NeuralAttentionConfig(**{**(config.to_dict() if config is not None else {}), **settings})
+    return NeuralAttentionConfig(**{**(config.to_dict() if config is not None else {}), **settings})
+
+
+def _patch(model: nn.Module, layers: LayerSelection, config: NeuralAttentionConfig | None, settings: dict) -> None:
+    """``patch_model`` on the unwrapped model: every check first, then the changes."""
+    config = _patch_settings(config, settings)
 
     modules = find_attention_modules(model)
     if not modules:
@@ -385,15 +390,23 @@ def _patch(model: nn.Module, layers: LayerSelection, config: NeuralAttentionConf
                          and parent.__dict__.get("config") is model.config), None)  # fmt: skip
     if parent_model is None:
         adopt_hub_class(model)
+    _warn_where_saving_needs_more(model, parents, parent_model, bool(present))
+
+
+def _warn_where_saving_needs_more(model: nn.Module, parents: list[nn.Module], parent_model: nn.Module | None,
+                                  adding: bool) -> None:
+    """After a patch: warn where ``save_pretrained`` alone does not make a checkpoint that loads with its scorers (a
+    tower of a composite, a model without a Hub class or a sub-model sharing its parent's config). ``adding``: the
+    model had neural layers before (it was warned then)."""
     composite = next((parent for parent in parents if isinstance(parent, PreTrainedModel)
                       and parent.__dict__.get("config") is not model.config), None)  # fmt: skip
-    if composite is not None and is_hub_class(type(model)) and not present:
+    if composite is not None and is_hub_class(type(model)) and not adding:
         logger.warning(
             "%s is a tower of %s, whose save_pretrained records it as model_type %r: that checkpoint loads only where "
             "hf_neural_attention is imported (trust_remote_code does not reach a composite's sub-configs). For users "
             "without the plugin, save the scorers with save_neural_adapter on the composite, beside the weights of "
             "an unpatched one.", type(model).__name__, type(composite).__name__, model.config.model_type)
-    if present or is_hub_class(type(model)):  # adding layers, or now a Hub class
+    if adding or is_hub_class(type(model)):  # warned when the first layers were patched, or now a Hub class
         return
     reason = (f"a sub-model of {type(parent_model).__name__}, which shares its config" if parent_model is not None
               else "no neural-attention Hub class")
