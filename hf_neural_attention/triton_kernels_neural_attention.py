@@ -746,3 +746,6 @@ if TRITON_AVAILABLE:
             _store_tile(dDQ + bh * Lq * DD, offs_m, Lq, DD, dq * dot_scale, DD, DDP)
 
 # fmt: on
+
+if not TRITON_AVAILABLE:  # the launcher imports these names whether or not triton is there (it never launches then)
+    fwd_kernel = bwd_kv_kernel = bwd_q_kernel = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -982,3 +983,53 @@ def test_sub_models_sharing_one_config_with_their_parent_are_refused():
     patch_model(dual.query, layers=[0])
     assert [i for i, _ in neural_layers(dual.query)] == [0] and neural_layers(dual.document) == []
     assert not hasattr(dual.document.config, "neural_attention_layers")
+
+
+_WITHOUT_TRITON_SCRIPT = """
+import importlib.abc, sys
+
+class NoTriton(importlib.abc.MetaPathFinder):  # as on a machine where triton is not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "triton":
+            raise ModuleNotFoundError("No module named 'triton'")
+
+sys.meta_path.insert(0, NoTriton())
+import torch
+from hf_neural_attention import patch_model, set_backend
+from hf_neural_attention.triton_neural_attention import TRITON_AVAILABLE, triton_is_usable
+from tests.models import random_ids, tiny_gpt2
+
+assert not TRITON_AVAILABLE and not triton_is_usable() and "triton" not in sys.modules
+model = patch_model(tiny_gpt2(), layers=[0])
+ids = random_ids(2, 7)
+outputs = {}
+for backend in ("auto", "tiled", "cpp", "eager"):
+    set_backend(model, backend)
+    model(ids, labels=ids).loss.backward()
+    outputs[backend] = model(ids).logits.detach()
+for backend, logits in outputs.items():
+    torch.testing.assert_close(logits, outputs["eager"], rtol=1e-5, atol=1e-6)
+set_backend(model, "triton")
+try:
+    model(ids)
+except ValueError as error:
+    assert "triton" in str(error), error
+else:
+    raise AssertionError("backend='triton' ran without triton")
+print("without triton ok")
+"""
+
+
+def test_every_cpu_backend_runs_where_triton_is_not_installed():
+    # the Triton launcher is imported on every fused call; without triton it must import all the same (it once
+    # imported kernel names that only exist when triton does, and every neural forward failed)
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_TRITON_SCRIPT], cwd=Path(__file__).resolve().parents[1],
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "without triton ok" in done.stdout
