@@ -139,12 +139,20 @@ def adapter_state_dict(model: PreTrainedModel, state_dict: dict[str, torch.Tenso
         with _brought_in(scorer):
             for name, param in scorer.named_parameters():
                 state[f"{prefix}.{name}"] = _adapter_value(f"{prefix}.{name}", param, owned[name], state_dict)
-                shapes[f"{prefix}.{name}"] = torch.Size(getattr(param, "ds_shape", param.shape))  # ZeRO-3: whole
+        shapes.update({f"{prefix}.{name}": shape for name, shape in _declared_shapes(scorer).items()})
     # what the loaders would refuse is not written: a diverged model's NaN, a state_dict of another model
     _check_weights_fit(state, shapes, "The scorer weights to save", f"{type(unwrap_model(model)).__name__}'s scorers "
                        "(weights", "Nothing was written: pass the state dict of this model, and save a model whose "
                        "training did not diverge")
     return state
+
+
+def _declared_shapes(scorer: NeuralScorer) -> dict[str, torch.Size]:
+    """The whole shape of each of ``scorer``'s parameters, from its settings: a sharded parameter's own shape is its
+    shard's (ZeRO-3: empty; FSDP1: a flat slice)."""
+    with torch.device("meta"):
+        return {name: param.shape for name, param in
+                NeuralScorer(scorer.head_dim, scorer.num_heads, scorer.settings).named_parameters()}
 
 
 def _adapter_value(key: str, param: torch.nn.Parameter, full_name: str | None,
@@ -225,12 +233,17 @@ def save_neural_adapter(
     config_text = json.dumps(metadata, indent=2, sort_keys=True) + "\n"
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
-    # each file written beside its final name, then renamed over it: an adapter already there is never left half
-    # overwritten by a save that fails midway
-    save_file(weights, str(directory / f".{WEIGHTS_NAME}.partial"), metadata={"format": "pt"})
-    (directory / f".{CONFIG_NAME}.partial").write_text(config_text)
-    for name in (WEIGHTS_NAME, CONFIG_NAME):
-        os.replace(directory / f".{name}.partial", directory / name)
+    # both files written beside their final names, then renamed over them: a save that fails while writing (a full
+    # disk) leaves the adapter already there as it was, and no partial file
+    partial = {name: directory / f".{name}.partial" for name in (WEIGHTS_NAME, CONFIG_NAME)}
+    try:
+        save_file(weights, str(partial[WEIGHTS_NAME]), metadata={"format": "pt"})
+        partial[CONFIG_NAME].write_text(config_text)
+        for name, path in partial.items():
+            os.replace(path, directory / name)
+    finally:
+        for path in partial.values():
+            path.unlink(missing_ok=True)
     return [directory / WEIGHTS_NAME, directory / CONFIG_NAME]
 
 

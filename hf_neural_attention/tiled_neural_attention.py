@@ -523,7 +523,7 @@ def tiled_ops(scorer_factory: ScorerFactory | None = None) -> tuple[Callable, Ca
         if torch.compiler.is_compiling():
             raise RuntimeError(
                 f"scorer_factory {scorer_factory!r} is first used inside torch.compile, which cannot register its "
-                "ops; call kernels_neural_attention.tiled_ops(scorer_factory) once before compiling."
+                "ops; call tiled_neural_attention.tiled_ops(scorer_factory) once before compiling."
             )
         # one op pair per factory: module-level functions by name (stable across processes, for compile caches), any
         # other object (lambdas and closures of one module share a name) by identity

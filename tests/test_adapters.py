@@ -2,6 +2,7 @@
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -394,6 +395,21 @@ def test_a_refused_save_leaves_the_adapter_already_in_the_folder_loadable(tmp_pa
         save_neural_adapter(other, tmp_path, **arguments)
     assert {name: (tmp_path / name).read_bytes() for name in (WEIGHTS_NAME, CONFIG_NAME)} == saved
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(saved)
+    torch.testing.assert_close(output(load_neural_adapter(tiny_gpt2(), tmp_path)), output(trained), rtol=0, atol=0)
+
+
+def test_a_save_failing_while_it_writes_leaves_the_adapter_there_and_no_partial_file(tmp_path, monkeypatch):
+    trained = trained_adapter(tmp_path)
+    saved = {name: (tmp_path / name).read_bytes() for name in (WEIGHTS_NAME, CONFIG_NAME)}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)  # the weights were written, the config is not
+    with pytest.raises(OSError, match="No space left"):
+        save_neural_adapter(patch_model(tiny_gpt2(), layers=[1], proj_dim=4, mode="residual"), tmp_path)
+    monkeypatch.undo()
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == saved
     torch.testing.assert_close(output(load_neural_adapter(tiny_gpt2(), tmp_path)), output(trained), rtol=0, atol=0)
 
 

@@ -42,3 +42,18 @@ def test_fsdp2_sharded_training_equals_single_process(backend):
     assert report["max_diff"] <= 1e-5
     for key, update in report["scorer_updates"].items():  # trained, and the same training, weight by weight
         assert update > 0 and report["scorer_diffs"][key] <= 1e-2 * update, (key, report["scorer_diffs"][key], update)
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo")
+def test_an_fsdp1_model_saves_its_adapter_from_the_full_state_dict():
+    # FSDP1's parameters are flat shards (their shapes are not the scorer's): the adapter's shape check must take
+    # the shapes the scorer declares; it refused every weight as "wrong shape" once
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(REPO / "tests" / "fsdp1_worker.py")]  # fmt: skip
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    report = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+    assert all(len(shape) == 1 for shape in report["shard_shapes"])  # flat: the case under test
+    assert report["names_equal"] and report["values_equal"]
