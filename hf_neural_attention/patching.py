@@ -530,6 +530,7 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     # never patched has none and keeps its implementation
     fallbacks = {id(module): getattr(module, FALLBACK_ATTRIBUTE) for _, module in modules
                  if hasattr(module, FALLBACK_ATTRIBUTE)}  # fmt: skip
+    attention_ids = {id(module) for _, module in modules}
     for _, module in modules + find_cross_attention_modules(model):
         if getattr(module, SCORER_ATTRIBUTE, None) is not None:
             delattr(module, SCORER_ATTRIBUTE)
@@ -555,11 +556,14 @@ def unpatch_model(model: nn.Module) -> nn.Module:
         for module in holder.modules():
             if not isinstance(module, PreTrainedModel):
                 continue
-            own = [fallbacks[id(inner)] for inner in module.modules() if id(inner) in fallbacks]
+            layers = [id(inner) for inner in module.modules() if id(inner) in attention_ids]
+            own = [fallbacks[layer] for layer in layers if layer in fallbacks]
             current = _current_implementation(module)
             if current == ATTENTION_NAME:  # "sdpa" where no layer says: a stock class built from a patched config
                 module.set_attn_implementation(own[0] if own else "sdpa")
-            elif len(set(own)) == 1 and current != own[0]:
+            elif len(own) == len(layers) and len(set(own)) == 1 and current != own[0]:
+                # a tower the composite's switch just moved (all its layers were under the patch); not a composite
+                # of which one tower was patched, whose other towers would follow it
                 module.set_attn_implementation(own[0])
             # where the towers' fallbacks differ (each gets its own after this), a composite's own value goes back
             # as it was: Llava's follows its language model, not the first tower's own[0]. Where they agree, own[0]

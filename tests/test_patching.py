@@ -1033,3 +1033,22 @@ def test_every_cpu_backend_runs_where_triton_is_not_installed():
                           env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "without triton ok" in done.stdout
+
+
+@pytest.mark.parametrize("tower", ["language_model", "vision_tower"])
+@pytest.mark.parametrize("vision,text", [("sdpa", "eager"), ("eager", "sdpa")])
+def test_unpatching_a_composite_one_of_whose_towers_was_patched_restores_every_tower(tower, vision, text):
+    # the composite's own layers were not all under the patch: its other tower once followed the patched one's
+    # fallback (a tower on eager beside one on sdpa: both ended on one of them)
+    def implementations(model):
+        config = model.config
+        return (config._attn_implementation, config.vision_config._attn_implementation,
+                config.text_config._attn_implementation)
+
+    model = _tiny_llava()
+    model.set_attn_implementation({"vision_config": vision, "text_config": text})
+    before = implementations(model)
+    patch_model(getattr(model.model, tower), layers=[0], proj_dim=4)
+    assert ATTENTION_NAME in implementations(model)
+    unpatch_model(model)
+    assert implementations(model) == before
