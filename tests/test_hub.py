@@ -336,6 +336,23 @@ def test_an_offloaded_layer_is_patched_with_real_scorers_and_an_offloaded_scorer
     assert torch.equal(logits(base, "gpt2-lm"), logits(model, "gpt2-lm"))
 
 
+def test_patching_on_load_with_the_neural_layer_offloaded_to_disk_gives_its_scorers_weights(tmp_path):
+    # the offload map is built from the checkpoint, which has no scorer: the first forward failed on the missing key,
+    # and a save after writing config.json and the code files
+    torch.manual_seed(0)
+    GPT2LMHeadModel(gpt2_config()).save_pretrained(tmp_path / "base")
+    model = NeuralAttentionGPT2ForCausalLM.from_pretrained(
+        tmp_path / "base", neural_attention_layers=[0], neural_attention_proj_dim=4, device_map=OFFLOAD_LAYER_0,
+        offload_folder=tmp_path / "offload").eval()  # fmt: skip
+    assert scorers(model)[0].hidden_weight.is_meta  # really offloaded
+    out = logits(model, "gpt2-lm")
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
+    weights = scorers(reloaded)[0]
+    assert torch.isfinite(weights.hidden_weight).all() and weights.hidden_weight.abs().sum() > 0  # its own init
+    torch.testing.assert_close(logits(reloaded, "gpt2-lm"), out, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("switched", ["sub-model", "shared config"])
 def test_a_loaded_model_keeps_its_scorers_when_a_stock_relative_switches_attention(switched, tmp_path):
     # from_pretrained builds the Hub class without patch_model: it must guard its forward the same way. A stock
