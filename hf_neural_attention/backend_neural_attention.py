@@ -90,6 +90,12 @@ def _normalise_mask(
             f"Expected a 4-D attention mask (batch, heads, q_len, k_len), got shape {tuple(attention_mask.shape)}."
         )
     attention_mask = attention_mask[..., :k_len]
+    full = (query.shape[0], query.shape[1], q_len, k_len)
+    if any(size not in (1, want) for size, want in zip(attention_mask.shape, full, strict=True)):
+        raise ValueError(  # every backend alike (the materialising one failed in torch's broadcasting)
+            f"The attention mask {tuple(attention_mask.shape)} (keys cut to {k_len}) does not broadcast to (batch, "
+            f"heads, q_len, k_len) = {full}; each dim must be 1 or that size."
+        )
     if attention_mask.dtype == torch.bool:
         return attention_mask, False, None
     if not attention_mask.is_floating_point():

@@ -141,6 +141,18 @@ def test_a_real_additive_bias_is_added_to_the_scores(backend):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9, msg=name)
 
 
+@pytest.mark.parametrize("backend", ["eager", "tiled", "cpp", "auto"])
+@pytest.mark.parametrize("shape", [(2, 1, 4, 7), (2, 3, 5, 7), (3, 1, 5, 7), (2, 1, 5, 6)])
+def test_a_mask_of_another_shape_is_the_same_value_error_on_every_backend(backend, shape):
+    # the materialising backend failed in torch's broadcasting (a RuntimeError naming no mask) where the fused ones
+    # said what was wrong
+    layer = _layer(backend, torch.float32)
+    query, key, value = _inputs(2, 2, 5, 7, dtype=torch.float32)
+    for mask in (torch.ones(shape, dtype=torch.bool), torch.zeros(shape)):
+        with pytest.raises(ValueError, match=r"does not broadcast to \(batch, heads, q_len, k_len\) = \(2, 2, 5, 7\)"):
+            neural_attention_forward(layer, query, key, value, mask)
+
+
 def test_unsupported_features_raise_not_implemented():
     layer = _layer("eager", torch.float64)
     query, key, value = _inputs(1, 2, 3, 3)
