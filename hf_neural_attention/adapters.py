@@ -134,6 +134,12 @@ def adapter_state_dict(model: PreTrainedModel, state_dict: dict[str, torch.Tenso
                   for name, param in model.named_parameters(remove_duplicate=False)}
     state, shapes = {}, {}
     for prefix, scorer in _running_scorers(model).items():
+        if not any(True for _ in scorer.parameters()):
+            raise ValueError(
+                f"{prefix} holds no parameters of its own: FSDP with use_orig_params=False flattened them into its "
+                "wrapper's. Wrap with use_orig_params=True (accelerate's default) to save the adapter; nothing was "
+                "written."
+            )
         # named before the weights are brought in, which may swap in other parameter objects
         owned = {name: full_names.get(id(param)) for name, param in scorer.named_parameters()}
         with _brought_in(scorer):

@@ -402,8 +402,7 @@ class NeuralAttentionModelMixin:
             ) from error
         source_type = getattr(model.config, "_neural_attention_source_type", None) or ""
         from_neural_checkpoint = source_type.startswith(CONFIG_PREFIX)
-        if not from_neural_checkpoint:
-            _offload_fresh_scorers(model)
+        _offload_fresh_scorers(model)
         _check_loaded_scorers(model, info, pretrained_model_name_or_path, from_neural_checkpoint,
                               fresh_on_mismatch=bool(kwargs.get("ignore_mismatched_sizes")))
         if not from_neural_checkpoint and model.config.neural_attention_base_model is None:
@@ -532,17 +531,19 @@ def check_scorer_values(model: nn.Module, state_dict: dict[str, torch.Tensor] | 
 def _offload_fresh_scorers(model: nn.Module) -> None:
     """Give fresh scorers that accelerate offloads (``device_map`` with ``"disk"``) their initial weights.
 
-    Loading a plain checkpoint into a Hub class, transformers offloads a layer's weights from the checkpoint, which
-    has no scorer: the offload map lacks them, and the first forward (or a save) fails on the missing key. A fresh
-    scorer's weights (its own init, in the model's dtype) are put into the map's in-memory part, where accelerate
-    looks first."""
+    transformers offloads a layer's weights from the checkpoint: where that has no scorer (a plain checkpoint loaded
+    into a Hub class) the offload map lacks them, and where the scorer is started afresh
+    (``ignore_mismatched_sizes=True`` with other settings) it holds the checkpoint's, of other shapes; the first
+    forward (or a save) fails. A fresh scorer's weights (its own init, in the model's dtype) are put into the map's
+    in-memory part, where accelerate looks first. Trained weights that fit are left alone."""
     for module in model.modules():
         hook = getattr(module, "_hf_hook", None)
         weights = getattr(hook, "weights_map", None)
         if not isinstance(module, NeuralScorer) or not getattr(hook, "offload", False) or weights is None:
             continue
         loader, prefix = getattr(weights, "dataset", None), getattr(weights, "prefix", "")
-        missing = [(name, param) for name, param in module.named_parameters(recurse=False) if name not in weights]
+        missing = [(name, param) for name, param in module.named_parameters(recurse=False)
+                   if name not in weights or weights[name].shape != param.shape]
         if not missing or not isinstance(getattr(loader, "state_dict", None), dict):
             continue
         fresh = NeuralScorer(module.head_dim, module.num_heads, module.settings)

@@ -57,3 +57,4 @@ def test_an_fsdp1_model_saves_its_adapter_from_the_full_state_dict():
     report = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
     assert all(len(shape) == 1 for shape in report["shard_shapes"])  # flat: the case under test
     assert report["names_equal"] and report["values_equal"]
+    assert "use_orig_params=False flattened them" in (report["flat_error"] or "")

@@ -353,6 +353,17 @@ def test_patching_on_load_with_the_neural_layer_offloaded_to_disk_gives_its_scor
     torch.testing.assert_close(logits(reloaded, "gpt2-lm"), out, rtol=0, atol=0)
 
 
+def test_scorers_started_afresh_at_load_with_their_layer_offloaded_to_disk_run(tmp_path):
+    # ignore_mismatched_sizes with other settings: the offload map held the checkpoint's scorer weights, of the old
+    # shapes (transformers' own heads fail the same way when offloaded)
+    patched("gpt2-lm").save_pretrained(tmp_path / "saved")  # proj_dim 4
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "saved", neural_attention_proj_dim=8, ignore_mismatched_sizes=True, device_map=OFFLOAD_LAYER_0,
+        offload_folder=tmp_path / "offload").eval()  # fmt: skip
+    assert scorers(model)[0].hidden_weight.is_meta and scorers(model)[0].proj_dim == 8
+    assert torch.isfinite(logits(model, "gpt2-lm")).all()
+
+
 @pytest.mark.parametrize("switched", ["sub-model", "shared config"])
 def test_a_loaded_model_keeps_its_scorers_when_a_stock_relative_switches_attention(switched, tmp_path):
     # from_pretrained builds the Hub class without patch_model: it must guard its forward the same way. A stock
