@@ -174,7 +174,7 @@ def test_clm_input_errors(tmp_path, no_training):
     import run_clm
 
     base = ["--smoke", "--output_dir", str(tmp_path / "out")]
-    with pytest.raises(ValueError, match="--neural_layers 5 is outside the model: it has 2 layers"):
+    with pytest.raises(ValueError, match="--neural_layers 5: Layer 5 is out of range: this model has 2 self-attention"):
         run_clm.run(base + ["--neural_layers", "5"])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"content": "no text column here"}\n' * 4)
@@ -250,7 +250,7 @@ def test_image_input_errors(tmp_path, no_training):
         run_image.run(base + ["--patch_size", "3"])
     with pytest.raises(ValueError, match="--hidden_size size a model trained from scratch.*--from_scratch"):
         run_image.run(base + ["--model_name_or_path", str(tmp_path / "vit"), "--hidden_size", "64"])
-    with pytest.raises(ValueError, match="--neural_layers -3 is outside the model"):
+    with pytest.raises(ValueError, match="--neural_layers -3: Layer -3 is out of range"):
         run_image.run(base + ["--neural_layers", "-3"])
     with pytest.raises(ValueError, match="No label column 'nope'"):
         run_image.run(base + ["--label_column_name", "nope"])
