@@ -28,7 +28,7 @@ from transformers import PreTrainedModel
 from .backend_neural_attention import SCORER_ATTRIBUTE
 from .configuration_neural_attention import KERNEL_CHOICES, PACKAGE_VERSION, NeuralAttentionConfig, _version_tuple
 from .hub_classes import stock_class_of
-from .modeling_neural_attention import head_shape
+from .modeling_neural_attention import head_shape, is_offloaded, is_sharded
 from .patching import (
     check_is_model,
     find_attention_modules,
@@ -82,12 +82,6 @@ def _active_scorer(scorer: torch.nn.Module) -> torch.nn.Module:
     return copies[active]
 
 
-def _is_sharded(param: torch.Tensor) -> bool:
-    """A parameter whose full value this process does not hold: DeepSpeed ZeRO-3's partition (an empty tensor
-    with ``ds_shape``), or FSDP2's DTensor shard."""
-    return hasattr(param, "ds_shape") and param.numel() == 0 or hasattr(param, "full_tensor")
-
-
 def _running_scorers(model: PreTrainedModel) -> dict[str, torch.nn.Module]:
     """The scorers that run (see ``_active_scorer``), by the prefix of their parameters' names in an adapter."""
     scorers = {}
@@ -107,7 +101,7 @@ def _adapter_parameters(model: PreTrainedModel) -> dict[str, torch.nn.Parameter]
 def _brought_in(scorer: torch.nn.Module) -> contextlib.AbstractContextManager:
     """Within it, the weights of a scorer accelerate offloads (``device_map`` with ``"cpu"`` / ``"disk"``: meta
     tensors between calls) are real, on the CPU."""
-    if not getattr(getattr(scorer, "_hf_hook", None), "offload", False):
+    if not is_offloaded(scorer):
         return contextlib.nullcontext()
     from accelerate.utils import align_module_device  # installed wherever its hooks are
 
@@ -165,7 +159,7 @@ def _adapter_value(key: str, param: torch.nn.Parameter, full_name: str | None,
                    state_dict: dict[str, torch.Tensor] | None) -> torch.Tensor:
     """What ``adapter_state_dict`` stores for the scorer parameter ``key`` (``full_name`` in ``state_dict``)."""
     if state_dict is None:
-        if _is_sharded(param):
+        if is_sharded(param):
             raise ValueError(
                 f"Scorer parameter {key} is sharded (DeepSpeed ZeRO-3 or FSDP2): this process does not hold its "
                 "value. Pass the gathered state dict, save_neural_adapter(model, directory, "
@@ -175,7 +169,7 @@ def _adapter_value(key: str, param: torch.nn.Parameter, full_name: str | None,
         value = param
     elif full_name in state_dict:
         value = state_dict[full_name]
-    elif not _is_sharded(param):  # left out of it (Trainer's ZeRO-3 save of a PEFT model drops frozen parameters),
+    elif not is_sharded(param):  # left out of it (Trainer's ZeRO-3 save of a PEFT model drops frozen parameters),
         value = param  # but whole here: small ones stay whole under ZeRO-3
     else:
         raise ValueError(f"The state dict given has no entry {full_name!r} for scorer parameter {key}, which is "

@@ -502,6 +502,18 @@ def check_config_describes_scorers(model: nn.Module) -> None:
         )
 
 
+def is_sharded(param: torch.Tensor) -> bool:
+    """A parameter whose full value this process does not hold: DeepSpeed ZeRO-3's partition (an empty tensor
+    with ``ds_shape``), or FSDP2's DTensor shard."""
+    return hasattr(param, "ds_shape") and param.numel() == 0 or hasattr(param, "full_tensor")
+
+
+def is_offloaded(module: nn.Module) -> bool:
+    """Whether accelerate offloads ``module``'s weights (``device_map`` with ``"cpu"`` / ``"disk"``): its own hook
+    brings them in around each call, and they are meta tensors between calls."""
+    return bool(getattr(getattr(module, "_hf_hook", None), "offload", False))
+
+
 def check_scorer_values(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Raise ``ValueError`` where the scorer weights a save would write cannot load: non-finite (``from_pretrained``
     refuses them), or on the meta device (a model built without weights; transformers would fail after writing
@@ -512,10 +524,9 @@ def check_scorer_values(model: nn.Module, state_dict: dict[str, torch.Tensor] | 
     if state_dict is not None:
         values = {name: state_dict[name] for name in names if name in state_dict}
     else:
-        values = {name: param for name, param in model.named_parameters() if name in set(names)
-                  and not (hasattr(param, "ds_shape") and param.numel() == 0) and not hasattr(param, "full_tensor")}
-    offloaded = [f"{name}." for name, module in model.named_modules()
-                 if getattr(getattr(module, "_hf_hook", None), "offload", False)]  # fmt: skip
+        values = {name: param for name, param in model.named_parameters()
+                  if name in set(names) and not is_sharded(param)}  # fmt: skip
+    offloaded = [f"{name}." for name, module in model.named_modules() if is_offloaded(module)]
     meta = sorted(name for name, value in values.items()
                   if value.device.type == "meta" and not any(name.startswith(prefix) for prefix in offloaded))
     non_finite = sorted(name for name, value in values.items() if value.device.type != "meta"
@@ -537,9 +548,8 @@ def _offload_fresh_scorers(model: nn.Module) -> None:
     forward (or a save) fails. A fresh scorer's weights (its own init, in the model's dtype) are put into the map's
     in-memory part, where accelerate looks first. Trained weights that fit are left alone."""
     for module in model.modules():
-        hook = getattr(module, "_hf_hook", None)
-        weights = getattr(hook, "weights_map", None)
-        if not isinstance(module, NeuralScorer) or not getattr(hook, "offload", False) or weights is None:
+        weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+        if not isinstance(module, NeuralScorer) or not is_offloaded(module) or weights is None:
             continue
         loader, prefix = getattr(weights, "dataset", None), getattr(weights, "prefix", "")
         missing = [(name, param) for name, param in module.named_parameters(recurse=False)
