@@ -520,12 +520,11 @@ def check_scorer_values(model: nn.Module, state_dict: dict[str, torch.Tensor] | 
     config.json). Values from ``state_dict`` where given (the gathered weights of a sharded model), else from the
     parameters; shards this process does not hold (DeepSpeed ZeRO-3, FSDP2) and accelerate's offloaded weights
     (which transformers saves from their offload) are not read."""
-    names = scorer_state_names(model)
+    names = set(scorer_state_names(model))
     if state_dict is not None:
         values = {name: state_dict[name] for name in names if name in state_dict}
     else:
-        values = {name: param for name, param in model.named_parameters()
-                  if name in set(names) and not is_sharded(param)}  # fmt: skip
+        values = {name: param for name, param in model.named_parameters() if name in names and not is_sharded(param)}
     offloaded = [f"{name}." for name, module in model.named_modules() if is_offloaded(module)]
     meta = sorted(name for name, value in values.items()
                   if value.device.type == "meta" and not any(name.startswith(prefix) for prefix in offloaded))
@@ -552,8 +551,9 @@ def _offload_fresh_scorers(model: nn.Module) -> None:
         if not isinstance(module, NeuralScorer) or not is_offloaded(module) or weights is None:
             continue
         loader, prefix = getattr(weights, "dataset", None), getattr(weights, "prefix", "")
+        # one read of each entry (a disk-offloaded one is loaded from disk to be looked at)
         missing = [(name, param) for name, param in module.named_parameters(recurse=False)
-                   if name not in weights or weights[name].shape != param.shape]
+                   if getattr(weights.get(name), "shape", None) != param.shape]
         if not missing or not isinstance(getattr(loader, "state_dict", None), dict):
             continue
         fresh = NeuralScorer(module.head_dim, module.num_heads, module.settings)
