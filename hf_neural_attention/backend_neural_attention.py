@@ -309,6 +309,65 @@ def _eager_fallback(module, query, key, value, attention_mask, **kwargs):
 
 
 # --- the registered function ----------------------------------------------------------------------------------
+def _unpatched_forward(module, query, key, value, attention_mask, **kwargs):
+    """A module without a scorer: the implementation the model used before patching, or eager's for weights."""
+    if not hasattr(module, FALLBACK_ATTRIBUTE):
+        _warn_if_built_by_a_stock_class(module)
+    if _wants_attention_weights(kwargs):
+        # SDPA returns no weights and transformers drops the Nones: attentions[i] would no longer be layer i
+        return _eager_fallback(module, query, key, value, attention_mask, **kwargs)
+    return _fallback_function(module)(module, query, key, value, attention_mask, **kwargs)
+
+
+def _check_scorer_fits(module: nn.Module, scorer: nn.Module, query: torch.Tensor, kwargs: dict) -> None:
+    """Refuse a call the scorer cannot serve: a feature it does not model, or heads it was not built for."""
+    for name, feature in _UNSUPPORTED_KWARGS.items():
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(
+                f"Neural attention does not support {feature} (`{name}` was passed by {type(module).__name__}); "
+                "do not patch layers that use it."
+            )
+    # per-head weights need the heads they were made for; weights shared by the heads only the head size
+    if query.shape[-1] != scorer.head_dim or (query.shape[1] != scorer.num_heads and scorer.weight_heads != 1):
+        raise ValueError(
+            f"{type(module).__name__} called attention with {query.shape[1]} heads of size {query.shape[-1]}, but "
+            f"its neural scorer was built for {scorer.num_heads} of size {scorer.head_dim}: this module is not a "
+            "multi-head self-attention over tokens (e.g. attention over layers). Unpatch it (unpatch_model) and patch "
+            "another layer."
+        )
+
+
+def _masking(
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict
+) -> tuple[torch.Tensor | None, bool, torch.Tensor | None]:
+    """``(bool_mask, causal, additive_bias)`` of a call: its mask, sliding window and position bias, combined.
+
+    query ``(batch, heads, q_len, head_dim)``, key ``(batch, heads, k_len, head_dim)`` (kv heads already repeated).
+    """
+    is_causal = _is_causal(module, kwargs)
+    mask, causal, bias = _normalise_mask(attention_mask, query, key, is_causal)
+    if kwargs.get("sliding_window") is not None:
+        mask, causal = _apply_sliding_window(int(kwargs["sliding_window"]), mask, causal, query.shape[-2],
+                                             key.shape[-2], query.device, is_causal)  # fmt: skip
+    position_bias = kwargs.get("position_bias")
+    if position_bias is not None:
+        bias = position_bias if bias is None else bias + position_bias
+    return mask, causal, bias
+
+
+def _fused_kernel(backend: str, scorer: nn.Module) -> tuple[Callable, dict]:
+    """The kernel function of a fused ``backend`` and the keyword options it takes from the scorer's settings."""
+    if backend == "triton":
+        from .triton_neural_attention import neural_attention_triton
+
+        return neural_attention_triton, {"half_mlp": scorer.settings.mlp_precision == "fp16"}
+    if backend == "cpp":
+        # fully fused for the paper MLP (fp32 arithmetic, dropout and a score bias included); the authors MLP goes to
+        # the tiled C++ path
+        return neural_attention_fused_cpp, {}
+    return neural_attention_tiled, {}
+
+
 def neural_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -333,41 +392,15 @@ def neural_attention_forward(
         kwargs["indices"] = None  # as the model passes it to eager / SDPA
     scorer = getattr(module, SCORER_ATTRIBUTE, None)
     if scorer is None:
-        if not hasattr(module, FALLBACK_ATTRIBUTE):
-            _warn_if_built_by_a_stock_class(module)
-        if _wants_attention_weights(kwargs):
-            # SDPA returns no weights and transformers drops the Nones: attentions[i] would no longer be layer i
-            return _eager_fallback(module, query, key, value, attention_mask, **kwargs)
-        return _fallback_function(module)(module, query, key, value, attention_mask, **kwargs)
+        return _unpatched_forward(module, query, key, value, attention_mask, **kwargs)
+    _check_scorer_fits(module, scorer, query, kwargs)
 
-    for name, feature in _UNSUPPORTED_KWARGS.items():
-        if kwargs.get(name) is not None:
-            raise NotImplementedError(
-                f"Neural attention does not support {feature} (`{name}` was passed by {type(module).__name__}); "
-                "do not patch layers that use it."
-            )
-
-    # per-head weights need the heads they were made for; weights shared by the heads only the head size
-    if query.shape[-1] != scorer.head_dim or (query.shape[1] != scorer.num_heads and scorer.weight_heads != 1):
-        raise ValueError(
-            f"{type(module).__name__} called attention with {query.shape[1]} heads of size {query.shape[-1]}, but "
-            f"its neural scorer was built for {scorer.num_heads} of size {scorer.head_dim}: this module is not a "
-            "multi-head self-attention over tokens (e.g. attention over layers). Unpatch it (unpatch_model) and patch "
-            "another layer."
-        )
     num_groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, num_groups), repeat_kv(value, num_groups)
     scaling = kwargs.get("scaling")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    is_causal = _is_causal(module, kwargs)
-    mask, causal, bias = _normalise_mask(attention_mask, query, key, is_causal)
-    if kwargs.get("sliding_window") is not None:
-        mask, causal = _apply_sliding_window(int(kwargs["sliding_window"]), mask, causal, query.shape[-2],
-                                             key.shape[-2], query.device, is_causal)
-    position_bias = kwargs.get("position_bias")
-    if position_bias is not None:
-        bias = position_bias if bias is None else bias + position_bias
+    mask, causal, bias = _masking(module, query, key, attention_mask, kwargs)
     dropout_p = float(kwargs.get("dropout", 0.0) or 0.0)
 
     needs_probabilities = _wants_attention_weights(kwargs)
@@ -378,38 +411,16 @@ def neural_attention_forward(
         )
         return out.transpose(1, 2).contiguous(), probabilities if needs_probabilities else None
 
-    options = {}
-    if backend == "triton":
-        from .triton_neural_attention import neural_attention_triton as kernel
-
-        options["half_mlp"] = scorer.settings.mlp_precision == "fp16"
-    elif backend == "cpp":
-        # fully fused for the paper MLP (fp32 arithmetic, dropout and a score bias included); the authors MLP goes to
-        # the tiled C++ path
-        kernel = neural_attention_fused_cpp
-    else:
-        kernel = neural_attention_tiled
+    kernel, options = _fused_kernel(backend, scorer)
     query_hidden, key_hidden, output_weight, second_weight, second_bias = scorer(query, key)  # a call: module hooks
     # a 0-d tensor, not an int: an .item() here would break a torch.compile graph
     seed = torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0.0 else None
     out = kernel(
-        query_hidden,
-        key_hidden,
-        value,
-        output_weight,
-        second_weight,
-        second_bias,
-        activation=scorer.activation_name,
-        mask=mask,
-        causal=causal,
-        dot_query=query if scorer.residual else None,
-        dot_key=key if scorer.residual else None,
-        dot_scale=scaling,
-        dropout_p=dropout_p,
-        generator_seed=seed,
-        score_bias=bias,
-        **options,
-    )
+        query_hidden, key_hidden, value, output_weight, second_weight, second_bias,
+        activation=scorer.activation_name, mask=mask, causal=causal,
+        dot_query=query if scorer.residual else None, dot_key=key if scorer.residual else None, dot_scale=scaling,
+        dropout_p=dropout_p, generator_seed=seed, score_bias=bias, **options,
+    )  # fmt: skip
     return out.transpose(1, 2).contiguous(), None
 
 
