@@ -226,34 +226,19 @@ def _paper_operands(query_hidden, key_hidden, W, relu, hidden_pad, length_pad, v
     return a, b, Ck, W, inverse
 
 
-def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key,
-                 mask, cfg, visible=(None, None), score_bias=None):
-    """Kernel-ready tensors, the leading scalar arguments shared by the three kernels, and the constexprs.
-
-    Returns (tensors, scalars, constexprs, launch): tensors = (A, B, Ck, V, W, W2, B2, DQ, DK, Mask, Bias, Scale)
-    with fp32 per-head weights and dummies (never read) for absent optional inputs (Scale: see ``half``
-    of `_paper_operands`; Bias: ``score_bias`` (4-D) expanded to (batch, heads, Lq, Lk), an fp32 copy if it is
-    float64); scalars = (H, Lq, Lk,
-    LqP, LkP, A / B per-(batch, head) strides, V/DQ/DK/Mask/Bias strides, per-head weight strides, dot_scale,
-    dropout_p, dropout_scale, seed); launch = {"": forward, "bwd_": backward} (BLOCK_M, BLOCK_N, num_warps,
-    unroll), the user's choice or the defaults. Paper MLP: A, B, Ck from `_paper_operands` (LqP / LkP the padded
-    lengths) and W padded to HIDP units; authors' MLP: A, B (batch*heads, len, hidden) contiguous, LqP / LkP = Lq / Lk.
-    """
-    batch, heads, q_len, hidden = query_hidden.shape
-    k_len, v_dim = key_hidden.shape[2], value.shape[-1]
-    authors, has_dot = second_weight is not None, dot_query is not None
+def _launch_settings(cfg: dict, *, authors: bool, has_dot: bool, has_mask: bool, has_bias: bool, fp32: bool,
+                     width: int, q_len: int, hidden: int, interp: bool) -> dict:
+    """{"": forward, "bwd_": backward} (BLOCK_M, BLOCK_N, num_warps, unroll): the caller's choice (``cfg``'s
+    ``block_m``, ``bwd_block_m``, ...), else the defaults of `_default_launch`; validated against ``half_mlp``."""
     half = bool(cfg.get("half_mlp"))
     if half and (authors or cfg["activation"] != "relu"):
         what = "the authors' MLP" if authors else f"activation={cfg['activation']!r}"
         raise ValueError(f"half_mlp=True packs the paper MLP's relu units (its signed-max form); it does not apply to "
                          f"{what}: leave half_mlp unset")
-    interp = _interpreting()
     # the widest tiles only where they do not spill registers (sm_90): relu without the dot term, and at most one of a
     # mask, a score bias and dropout
-    extras = (mask is not None) + (score_bias is not None) + (float(cfg["dropout_p"]) > 0.0)
+    extras = has_mask + has_bias + (float(cfg["dropout_p"]) > 0.0)
     lean = cfg["activation"] == "relu" and not has_dot and extras <= 1
-    fp32 = value.dtype == torch.float32
-    width = _pow2(max(v_dim, dot_query.shape[-1] if has_dot else 1))
     launch = {}
     for prefix, backward in (("", False), ("bwd_", True)):
         defaults = dict(zip(("block_m", "block_n", "num_warps", "unroll"), _default_launch(
@@ -265,51 +250,93 @@ def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, 
         # backward: its own setting, else the caller's forward setting, else its default
         launch[prefix] = tuple(next((v for v in (cfg.get(prefix + key), cfg.get(key)) if v is not None), default)
                                for key, default in defaults.items())
-    hidden_pad = _pow2(hidden)
-    for prefix in ("", "bwd_"):  # the kernels unroll at most hidden_pad units
-        if half and min(launch[prefix][3], hidden_pad) > 8:
+        # the kernels unroll at most hidden_pad units
+        if half and min(launch[prefix][3], _pow2(hidden)) > 8:
             raise ValueError(f"half_mlp=True sums at most 8 units in fp16 (its operands reach 2^12); got "
                              f"{prefix}unroll={launch[prefix][3]} with d'={hidden}: pass {prefix}unroll <= 8")
-    value, dot_query, dot_key = zero_unseen_operands(value, dot_query, dot_key, *visible)
-    V = _last_dim_contiguous(value)
-    if authors:
+    return launch
+
+
+def _scorer_operands(query_hidden, key_hidden, output_weight, second_weight, second_bias, cfg, launch, visible,
+                     device):  # fmt: skip
+    """The scorer's kernel tensors and their strides.
+
+    Returns ((A, B, Ck, W, W2, B2, Scale), (q_pad, k_pad), (a_bs, b_bs, w_hs, w2_hs, b2_hs), hidden2). Paper MLP:
+    A, B, Ck, W, Scale from `_paper_operands` (q_pad / k_pad the padded lengths), W2 / B2 unused dummies, hidden2 1.
+    Authors' MLP: A, B ``(batch*heads, len, hidden)`` contiguous, q_pad / k_pad = q_len / k_len, Ck a dummy, Scale
+    ones. a_bs / b_bs: A's / B's per-(batch, head) strides; w*_hs: the weights' per-head strides (0: shared).
+    """
+    batch, heads, q_len, hidden = query_hidden.shape
+    k_len = key_hidden.shape[2]
+    if second_weight is not None:  # the authors' MLP
         hidden2 = second_weight.shape[-2]
         W, w_hs = _head_weight(output_weight, heads, "output_weight", (hidden2,))
         W2, w2_hs = _head_weight(second_weight, heads, "second_weight", (hidden2, hidden))
         if second_bias is None:
-            B2, b2_hs = torch.zeros(1, hidden2, device=V.device, dtype=torch.float32), 0
+            B2, b2_hs = torch.zeros(1, hidden2, device=device, dtype=torch.float32), 0
         else:
             B2, b2_hs = _head_weight(second_bias, heads, "second_bias", (hidden2,))
         A = zero_invisible_rows(query_hidden, visible[0]).contiguous()
-        Bk = zero_invisible_rows(key_hidden, visible[1]).contiguous()
-        Ck, q_pad, k_pad = W, q_len, k_len  # Ck: an unused dummy
-        Scale = torch.ones(batch * heads, device=V.device, dtype=torch.float32)
-        a_bs, b_bs = q_len * hidden, k_len * hidden
-    else:
-        hidden2 = 1
-        W, w_hs = _head_weight(output_weight, heads, "output_weight", (hidden,))
-        length_pad = max(max(launch[""][:2]), max(launch["bwd_"][:2]))  # every block the kernels step by
-        A, Bk, Ck, W, Scale = _paper_operands(query_hidden, key_hidden, W, cfg["activation"] == "relu", hidden_pad,
-                                              length_pad, visible, half)  # fmt: skip
-        w_hs = 0 if w_hs == 0 else hidden_pad
-        W2, w2_hs, B2, b2_hs = W, 0, W, 0  # unused dummies
-        q_pad, k_pad = A.shape[-1], Bk.shape[-1]
-        a_bs, b_bs = hidden_pad * q_pad, hidden_pad * k_pad
-    DQ, DK, dd, dot_strides = A, A, 1, (0,) * 6  # dummies, never read
-    if has_dot:
+        B = zero_invisible_rows(key_hidden, visible[1]).contiguous()
+        Scale = torch.ones(batch * heads, device=device, dtype=torch.float32)
+        return (A, B, W, W, W2, B2, Scale), (q_len, k_len), (q_len * hidden, k_len * hidden, w_hs, w2_hs, b2_hs), \
+            hidden2  # fmt: skip
+    hidden_pad = _pow2(hidden)
+    W, w_hs = _head_weight(output_weight, heads, "output_weight", (hidden,))
+    length_pad = max(max(launch[""][:2]), max(launch["bwd_"][:2]))  # every block the kernels step by
+    A, B, Ck, W, Scale = _paper_operands(query_hidden, key_hidden, W, cfg["activation"] == "relu", hidden_pad,
+                                         length_pad, visible, bool(cfg.get("half_mlp")))  # fmt: skip
+    q_pad, k_pad = A.shape[-1], B.shape[-1]
+    strides = (hidden_pad * q_pad, hidden_pad * k_pad, 0 if w_hs == 0 else hidden_pad, 0, 0)
+    return (A, B, Ck, W, W, W, Scale), (q_pad, k_pad), strides, 1
+
+
+def _optional_operands(dot_query, dot_key, mask, score_bias, shape, dummy):
+    """(DQ, DK, Mask, Bias) and (dd, dot strides, mask strides, bias strides) for the optional inputs; ``dummy`` (never
+    read, zero strides) stands in for each one absent. ``shape`` = (batch, heads, q_len, k_len): the mask and a 4-D
+    ``score_bias`` are expanded to it; the bias is read in its own dtype (16-bit stays 16-bit; float64 becomes fp32)."""
+    DQ, DK, dd, dot_strides = dummy, dummy, 1, (0,) * 6
+    if dot_query is not None:
         DQ = _last_dim_contiguous(dot_query)
         DK = _last_dim_contiguous(dot_key.to(DQ.dtype))
         dd, dot_strides = DQ.shape[-1], (*DQ.stride()[:3], *DK.stride()[:3])
-    Mask, mstrides = A, (0, 0, 0, 0)
+    Mask, mask_strides = dummy, (0, 0, 0, 0)
     if mask is not None:
-        Mask = mask.to(device=V.device, dtype=torch.uint8).expand(batch, heads, q_len, k_len)
-        mstrides = Mask.stride()
-    Bias, bias_strides = A, (0, 0, 0, 0)
-    if score_bias is not None:  # read in its own dtype (16-bit biases stay 16-bit), added in fp32
+        Mask = mask.to(device=dummy.device, dtype=torch.uint8).expand(*shape)
+        mask_strides = Mask.stride()
+    Bias, bias_strides = dummy, (0, 0, 0, 0)
+    if score_bias is not None:  # added in fp32
         if score_bias.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             score_bias = score_bias.float()
-        Bias = score_bias.expand(batch, heads, q_len, k_len)
+        Bias = score_bias.expand(*shape)
         bias_strides = Bias.stride()
+    return (DQ, DK, Mask, Bias), (dd, dot_strides, mask_strides, bias_strides)
+
+
+def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key,
+                 mask, cfg, visible=(None, None), score_bias=None):
+    """Kernel-ready tensors, the leading scalar arguments shared by the three kernels, and the constexprs.
+
+    Returns (tensors, scalars, constexprs, launch): tensors = (A, B, Ck, V, W, W2, B2, DQ, DK, Mask, Bias, Scale)
+    (see `_scorer_operands` and `_optional_operands`); scalars = (H, Lq, Lk, LqP, LkP, A / B per-(batch, head)
+    strides, V/DQ/DK/Mask/Bias strides, per-head weight strides, dot_scale, dropout_p, dropout_scale, seed); launch
+    = `_launch_settings`' {"": forward, "bwd_": backward} (BLOCK_M, BLOCK_N, num_warps, unroll).
+    """
+    batch, heads, q_len, hidden = query_hidden.shape
+    k_len, v_dim = key_hidden.shape[2], value.shape[-1]
+    authors, has_dot, half = second_weight is not None, dot_query is not None, bool(cfg.get("half_mlp"))
+    interp = _interpreting()
+    width = _pow2(max(v_dim, dot_query.shape[-1] if has_dot else 1))
+    launch = _launch_settings(cfg, authors=authors, has_dot=has_dot, has_mask=mask is not None,
+                              has_bias=score_bias is not None, fp32=value.dtype == torch.float32, width=width,
+                              q_len=q_len, hidden=hidden, interp=interp)  # fmt: skip
+    value, dot_query, dot_key = zero_unseen_operands(value, dot_query, dot_key, *visible)
+    V = _last_dim_contiguous(value)
+    (A, Bk, Ck, W, W2, B2, Scale), (q_pad, k_pad), scorer_strides, hidden2 = _scorer_operands(
+        query_hidden, key_hidden, output_weight, second_weight, second_bias, cfg, launch, visible, V.device)
+    (DQ, DK, Mask, Bias), (dd, dot_strides, mask_strides, bias_strides) = _optional_operands(
+        dot_query, dot_key, mask, score_bias, (batch, heads, q_len, k_len), A)
+    a_bs, b_bs, w_hs, w2_hs, b2_hs = scorer_strides
 
     bm, bn, _, unroll = launch[""]
     dropout_p = float(cfg["dropout_p"])
@@ -321,6 +348,7 @@ def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, 
     half_mma = half and HALF_MMA_FROM.value <= hidden <= HALF_MMA_UNTIL.value and low != torch.float32
     mma_sums = (authors and hidden > AUTHORS_GEMM_FROM.value) or half_mma
     mma_pad = 16 if mma_sums else 1
+    hidden_pad = _pow2(hidden)
     constexprs = dict(
         HID=hidden, HIDP=max(hidden_pad, mma_pad), HID2=hidden2, HID2P=_pow2(hidden2, mma_pad), AUTHORS=authors,
         ACT=ACTIVATION_CODES[cfg["activation"]], DV=v_dim, DVP=_pow2(v_dim, 16), DD=dd, DDP=_pow2(dd, 16),
@@ -328,7 +356,7 @@ def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, 
         DROPOUT=dropout_p > 0.0, DOT_DTYPE=_TL_DTYPES[low], UPCAST=interp, UNROLL=min(unroll, hidden_pad), HALF=half,
         BLOCK_M=bm, BLOCK_N=bn,
     )  # fmt: skip
-    scalars = (heads, q_len, k_len, q_pad, k_pad, a_bs, b_bs, *V.stride()[:3], *dot_strides, *mstrides,
+    scalars = (heads, q_len, k_len, q_pad, k_pad, a_bs, b_bs, *V.stride()[:3], *dot_strides, *mask_strides,
                *bias_strides, w_hs, w2_hs, b2_hs, float(cfg["dot_scale"]), dropout_p, dropout_scale,
                int(cfg["seed"]))  # fmt: skip
     return (A, Bk, Ck, V, W, W2, B2, DQ, DK, Mask, Bias, Scale), scalars, constexprs, launch
