@@ -7,7 +7,9 @@ transformers (and its dependency huggingface_hub) and flat siblings.
 """
 
 # No `from __future__ import annotations`: strict dataclasses validate field types only from real annotations.
+import contextlib
 import dataclasses
+import difflib
 import functools
 import json
 import logging
@@ -253,6 +255,44 @@ def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
+def check_setting_names(kwargs: dict[str, Any], where: str) -> None:
+    """Refuse ``neural_attention_*`` keywords that name no setting, suggesting the closest one.
+
+    Raises:
+        ValueError: a keyword starting with ``neural_attention_`` that is not a ``NeuralAttentionConfigMixin`` field.
+    """
+    known = [f.name for f in dataclasses.fields(NeuralAttentionConfigMixin)]
+    for key in kwargs:
+        if key.startswith(CONFIG_PREFIX) and key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" Did you mean {close[0]}?" if close else ""
+            raise ValueError(f"{where} got {key}={kwargs[key]!r}, which is not a neural-attention setting.{hint} "
+                             f"The settings are {', '.join(known)}.")
+
+
+class _DropTypeWarning(logging.Filter):
+    """Drops transformers' "You are using a model of type `<plain>` to instantiate a model of type `<ours>`"."""
+
+    def __init__(self, plain_type: str, own_type: str) -> None:
+        super().__init__()
+        self.message = f"You are using a model of type `{plain_type}` to instantiate a model of type `{own_type}`"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.message)
+
+
+@contextlib.contextmanager
+def _quiet_type_warning(plain_type: str, own_type: str):
+    """While loading a config: no warning that a ``plain_type`` checkpoint builds our ``own_type`` config."""
+    where = logging.getLogger("transformers.configuration_utils")
+    drop = _DropTypeWarning(plain_type, own_type)
+    where.addFilter(drop)
+    try:
+        yield
+    finally:
+        where.removeFilter(drop)
+
+
 @dataclass(kw_only=True)
 class NeuralAttentionConfigMixin:
     """The neural-attention fields shared by every Hub config class (flat, typed, validated).
@@ -301,6 +341,23 @@ class NeuralAttentionConfigMixin:
                 "are ignored and results may differ. Upgrade with `pip install -U hf-neural-attention`.",
                 self.neural_attention_version, PACKAGE_VERSION,
             )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> Any:
+        """``PreTrainedConfig.from_pretrained`` without transformers' warning about a checkpoint of another type where
+        that type is our stock one: a plain GPT-2 / ViT checkpoint is the documented start of a neural model
+        (``from_pretrained("gpt2", neural_attention_layers=[0])``)."""
+        plain = next(base for base in cls.__mro__ if not issubclass(base, NeuralAttentionConfigMixin))
+        with _quiet_type_warning(plain.model_type, cls.model_type):
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
+        """``PreTrainedConfig.from_dict`` (which ``from_pretrained`` and ``AutoConfig`` call), refusing a misspelt
+        ``neural_attention_*`` keyword: transformers would drop it silently, or hand it to the model's ``__init__``.
+        Keys of config.json are not checked here (a newer version's are ignored with a warning, see above)."""
+        check_setting_names(kwargs, f"{cls.__name__}.from_pretrained")
+        return super().from_dict(config_dict, **kwargs)
 
     def neural_attention_settings(self) -> NeuralAttentionConfig:
         """The scorer settings held by the flat fields, validated."""

@@ -36,6 +36,7 @@ from .configuration_neural_attention import (
     PACKAGE_VERSION,
     NeuralAttentionGPT2Config,
     NeuralAttentionViTConfig,
+    check_setting_names,
     read_from_config,
 )
 from .scoring_neural_attention import NeuralScorer
@@ -383,8 +384,9 @@ class NeuralAttentionModelMixin:
 
         Raises:
             ValueError: scorer weights missing, unexpected, of other shapes or non-finite in a neural-attention
-                checkpoint.
+                checkpoint; a ``neural_attention_*`` keyword that names no setting.
         """
+        check_setting_names(kwargs, f"{cls.__name__}.from_pretrained")  # also where a config is passed
         want_info = kwargs.pop("output_loading_info", False)
         try:
             model, info = super().from_pretrained(

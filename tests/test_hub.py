@@ -34,6 +34,7 @@ from transformers import (
     ViTForImageClassification,
     ViTModel,
 )
+from transformers.testing_utils import CaptureLogger
 
 import hf_neural_attention as hna
 from hf_neural_attention import (
@@ -435,6 +436,40 @@ def test_plain_checkpoint_plus_settings(kind, tmp_path):
     assert torch.isfinite(loss) and scorer.hidden_weight.grad.abs().sum() > 0
     optimizer.step()
     assert not torch.equal(before, scorer.hidden_weight)
+
+
+@pytest.mark.parametrize("load", ["hub class", "auto model", "auto config", "hub config"])
+def test_a_misspelt_setting_at_load_is_refused_naming_the_setting_it_resembles(load, tmp_path):
+    plain, neural = tmp_path / "plain", tmp_path / "neural"
+    GPT2LMHeadModel(gpt2_config()).save_pretrained(plain)
+    patched("gpt2-lm").save_pretrained(neural)
+    call = {"hub class": lambda **kw: NeuralAttentionGPT2ForCausalLM.from_pretrained(plain, **kw),
+            "auto model": lambda **kw: AutoModelForCausalLM.from_pretrained(neural, **kw),  # would fail in __init__
+            "auto config": lambda **kw: AutoConfig.from_pretrained(neural, **kw),  # would drop it silently
+            "hub config": lambda **kw: NeuralAttentionGPT2Config.from_pretrained(plain, **kw)}[load]
+    for typo, meant in (("neural_attention_layer", "neural_attention_layers"),
+                        ("neural_attention_backnd", "neural_attention_backend")):
+        with pytest.raises(ValueError, match=f"got {typo}=.*not a neural-attention setting. Did you mean {meant}\\?"):
+            call(**{typo: "tiled"})
+    loaded = call(neural_attention_backend="tiled")  # the right spelling still loads
+    assert (loaded if load.endswith("config") else loaded.config).neural_attention_backend == "tiled"
+
+
+def test_a_plain_checkpoint_of_the_stock_type_loads_into_a_hub_class_without_the_other_type_warning(tmp_path):
+    GPT2LMHeadModel(gpt2_config()).save_pretrained(tmp_path / "gpt2")
+    ViTForImageClassification(vit_config()).save_pretrained(tmp_path / "vit")
+    config_logger = transformers.utils.logging.get_logger("transformers.configuration_utils")
+    verbosity = transformers.utils.logging.get_verbosity()  # conftest keeps transformers to errors
+    transformers.utils.logging.set_verbosity_warning()
+    try:
+        with CaptureLogger(config_logger) as captured:
+            NeuralAttentionGPT2ForCausalLM.from_pretrained(tmp_path / "gpt2", neural_attention_layers=[0])
+        assert "to instantiate a model of type" not in captured.out
+        with CaptureLogger(config_logger) as captured:  # another type still gets transformers' warning (seen here)
+            NeuralAttentionGPT2Config.from_pretrained(tmp_path / "vit")
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+    assert "You are using a model of type `vit` to instantiate a model of type `neural_attention_gpt2`" in captured.out
 
 
 # --- without the plugin ----------------------------------------------------------------------------------------
