@@ -18,6 +18,7 @@ from functools import cache
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 from transformers import (
     GPT2ForSequenceClassification,
@@ -708,7 +709,22 @@ _AUTO_MAP_FOR = {
     },
 }
 
+
+
+def _name_in_task_tables(auto_name: str, config_class: type, model_class: type) -> None:
+    """Enter ``model_class``'s name in the table of model names behind the Auto class ``auto_name``
+    (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``, ...), where transformers looks up what kind of model a class is:
+    Trainer's label smoothing shifts the labels only for a name in the causal-LM table (unshifted, a neural arm
+    learnt to copy its input while the stock arm predicted the next token), and pipelines log an error for a name
+    outside their task's table. Registering with the Auto class does not reach those tables."""
+    mapping = getattr(getattr(transformers, auto_name, None), "_model_mapping", None)
+    names = getattr(mapping, "_model_mapping", None)  # the OrderedDict model_type -> class name
+    if isinstance(names, dict):
+        names.setdefault(config_class.model_type, model_class.__name__)
+
+
 for _config_class, _heads in _AUTO_MAP_FOR.items():
     _config_class.register_for_auto_class()
     for _auto_name, _model_class in _heads.items():
         _model_class.register_for_auto_class(_auto_name)
+        _name_in_task_tables(_auto_name, _config_class, _model_class)

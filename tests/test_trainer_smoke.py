@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
@@ -80,3 +81,25 @@ def test_a_resumed_vit_run_loads_the_weights_its_checkpoint_keeps_under_legacy_n
         uninterrupted = train(patched)
         resumed = train(patched, resume=str(tmp_path / f"run-{patched}" / "checkpoint-2"))
         assert all(torch.equal(uninterrupted[name], resumed[name]) for name in uninterrupted), patched
+
+
+def test_label_smoothing_shifts_the_labels_of_a_neural_language_model_as_of_the_stock_one(tmp_path):
+    # Trainer shifts the labels for label smoothing only for class names in transformers' causal-LM table: the Hub
+    # class a patched GPT-2 becomes was missing there, so the neural arm learnt to copy its input token
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    stock = tiny_gpt2().eval()
+    neural = patch_model(tiny_gpt2(), layers=[0]).eval()
+    assert type(neural).__name__ == "NeuralAttentionGPT2ForCausalLM"
+    args = TrainingArguments(output_dir=str(tmp_path), label_smoothing_factor=0.1, report_to=[], use_cpu=True)
+    ids = torch.randint(1, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    for model in (stock, neural):
+        loss = Trainer(model=model, args=args).compute_loss(model, {"input_ids": ids, "labels": ids})
+        with torch.no_grad():
+            outputs = model(ids)
+        # by hand: next-token targets, (1 - eps) * nll + eps * mean over the vocabulary of -log p
+        log_p = outputs.logits[:, :-1].float().log_softmax(-1)
+        nll = -log_p.gather(-1, ids[:, 1:, None]).squeeze(-1)
+        expected = (0.9 * nll + 0.1 * -log_p.mean(-1)).mean()
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-5), type(model).__name__
+        assert loss.item() == pytest.approx(LabelSmoother(0.1)(outputs, ids, shift_labels=True).item(), rel=1e-5)
