@@ -198,7 +198,7 @@ class NeuralScorer(nn.Module):
             batch, heads, q_len, k_len, width = hidden.shape
             flat = hidden.reshape(batch, heads, q_len * k_len, width)
             flat = flat @ second_weight.to(flat.dtype).transpose(-1, -2) + second_bias.to(flat.dtype)[:, None, :]
-            hidden = F.relu(flat).reshape(batch, heads, q_len, k_len, -1)
+            hidden = F.relu(flat).reshape(batch, heads, q_len, k_len, second_weight.shape[-2])  # not -1: 0 pairs
         return (hidden * output_weight.to(hidden.dtype)[None, :, None, None, :]).sum(-1)
 
     def scores(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:

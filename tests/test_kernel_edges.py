@@ -8,13 +8,14 @@ import importlib.util
 import pytest
 import torch
 
-from hf_neural_attention import neural_attention_forward
+from hf_neural_attention import NeuralAttentionConfig, NeuralScorer, neural_attention_forward
 from hf_neural_attention.cpp_neural_attention import neural_attention_cpp
 from hf_neural_attention.fused_cpp_neural_attention import neural_attention_fused_cpp
 from hf_neural_attention.tiled_neural_attention import neural_attention_tiled
 from tests.reference import causal_visible, drawn_seed, kernel_reference
 from tests.test_masks import _inputs as _masks_inputs
 from tests.test_masks import _layer
+from tests.test_scorer_math import ScoredLayer
 
 KERNELS = {"tiled": neural_attention_tiled, "cpp": neural_attention_cpp, "fused-cpp": neural_attention_fused_cpp}
 if importlib.util.find_spec("triton") is not None:  # under TRITON_INTERPRET=1 (conftest) on CPU tensors
@@ -74,6 +75,26 @@ def test_empty_inputs_stay_in_the_graph_with_zero_gradients(kernel, empty):
     grads = torch.autograd.grad(out.sum(), list(args.values()))
     for (name, tensor), grad in zip(args.items(), grads, strict=True):
         assert grad.shape == tensor.shape and not grad.any(), name
+
+
+@pytest.mark.parametrize("backend", ["eager", "probabilities", *KERNELS])
+@pytest.mark.parametrize("mlp", ["paper", "authors"])
+@pytest.mark.parametrize("empty", ["q_len", "k_len", "batch"])
+def test_an_empty_call_of_the_attention_function_returns_empty_on_every_path(backend, mlp, empty):
+    # the materialising path (eager, and every backend's output_attentions) once failed in a reshape for the authors'
+    # MLP: -1 cannot be inferred from zero pairs
+    sizes = {"batch": 2, "q_len": 3, "k_len": 4, empty: 0}
+    backends = {"probabilities": "auto", "fused-cpp": "auto", "cpp": "cpp", "tiled": "tiled", "triton": "triton"}
+    scorer = NeuralScorer(8, 2, NeuralAttentionConfig(proj_dim=4, mlp=mlp, backend=backends.get(backend, backend)))
+    query, key, value = (torch.randn(sizes["batch"], 2, sizes[n], 8, requires_grad=True)
+                         for n in ("q_len", "k_len", "k_len"))  # fmt: skip
+    out, weights = neural_attention_forward(ScoredLayer(scorer, is_causal=True), query, key, value, None,
+                                            output_attentions=backend == "probabilities")  # fmt: skip
+    assert out.shape == (sizes["batch"], sizes["q_len"], 2, 8)
+    if backend == "probabilities":
+        assert weights.shape == (sizes["batch"], 2, sizes["q_len"], sizes["k_len"])
+    grads = torch.autograd.grad(out.sum(), [query, key, value, *scorer.parameters()], allow_unused=True)
+    assert all(grad is None or not grad.any() for grad in grads)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
