@@ -13,8 +13,9 @@ The paper's regime (train from scratch; the authors used 8 layers, 512 wide, 102
     accelerate launch recipes/run_clm.py --from_scratch --n_layer 8 --n_embd 512 --n_head 8 --block_size 1024 \\
         --tokenizer_vocab_size 0 --dataset_name wikitext --dataset_config_name wikitext-103-raw-v1 ...
 
-Metrics: eval loss, perplexity = exp(eval loss), next-token accuracy on the validation blocks, and the strided
-sliding-window perplexity of the test split (see ``common/sliding_window.py`` for how it differs from the authors').
+Metrics: eval loss, perplexity = exp(eval nll: the loss without label smoothing), next-token accuracy on the
+validation blocks, and the strided sliding-window perplexity of the test split (see ``common/sliding_window.py`` for
+how it differs from the authors').
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ from common.attention import (  # noqa: E402
 )
 from common.cli import flag_is_true, given_flags, parse_with_presets  # noqa: E402
 from common.metrics import (  # noqa: E402
-    causal_lm_argmax,
     causal_lm_metrics,
+    causal_lm_per_block,
     load_metric,
     perplexity_from_loss,
 )
@@ -417,7 +418,7 @@ def run(argv: list[str]) -> dict[str, Any]:
         processing_class=tokenizer,
         data_collator=default_data_collator,
         compute_metrics=causal_lm_metrics(),
-        preprocess_logits_for_metrics=causal_lm_argmax,
+        preprocess_logits_for_metrics=causal_lm_per_block(training_args.label_smoothing_factor),
     )
     metrics: dict[str, Any] = {"n_parameters": n_params, "n_scorer_parameters": n_scorer,
                                "n_processes": training_args.world_size}
@@ -425,7 +426,7 @@ def run(argv: list[str]) -> dict[str, Any]:
         metrics.update(run_steps.train(trainer, training_args))
     if training_args.do_eval:
         eval_metrics = trainer.evaluate()
-        eval_metrics["eval_perplexity"] = perplexity_from_loss(eval_metrics["eval_loss"])
+        eval_metrics["eval_perplexity"] = perplexity_from_loss(eval_metrics["eval_nll"])  # eval_loss if unsmoothed
         metrics.update(eval_metrics)
     if training_args.do_predict:
         metrics.update(sliding_window_metrics(trainer, test_ids, block_size, data_args, test_split))

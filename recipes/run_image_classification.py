@@ -305,7 +305,7 @@ def run(argv: list[str]) -> dict[str, Any]:
         eval_dataset=splits["validation"] if training_args.do_eval else None,
         processing_class=processor,
         data_collator=collate,
-        compute_metrics=classification_metrics(),
+        compute_metrics=classification_metrics(training_args.label_smoothing_factor),
     )
     metrics: dict[str, Any] = {"n_parameters": n_params, "n_scorer_parameters": n_scorer,
                                "n_processes": training_args.world_size}

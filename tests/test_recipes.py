@@ -21,7 +21,7 @@ sys.path.insert(0, str(REPO))
 from common import bundled  # noqa: E402
 from common.attention import resolve_layers  # noqa: E402
 from common.cli import parse_with_presets  # noqa: E402
-from common.metrics import load_metric  # noqa: E402
+from common.metrics import causal_lm_metrics, causal_lm_per_block, classification_metrics, load_metric  # noqa: E402
 from common.offline import OfflineResourceError, hub_reachable  # noqa: E402
 from common.report import FINAL_PREFIX, comparison_table  # noqa: E402
 from common.sliding_window import sliding_window_nll, window_plan  # noqa: E402
@@ -62,6 +62,33 @@ def test_perplexity_metric_matches_hand_values():
     assert result["perplexity"] == pytest.approx(math.exp(2.0))
     with pytest.raises(ValueError, match="at least one scored token"):
         perplexity.compute(nll_sum=[0.0], token_count=[0])
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_the_recipes_losses_are_trainers_per_sample_with_label_smoothing_and_ignored_labels(smoothing):
+    from transformers import EvalPrediction
+    from transformers.modeling_outputs import CausalLMOutput
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    generator = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(3, 7, 11, generator=generator), torch.randint(0, 11, (3, 7), generator=generator)
+    labels[0, 3:] = -100  # padding: a shorter block
+    per_block = causal_lm_per_block(smoothing)(logits, labels)
+    metrics = causal_lm_metrics()(EvalPrediction(predictions=tuple(t.numpy() for t in per_block),
+                                                 label_ids=labels.numpy()))
+    smoothed = LabelSmoother(smoothing)(CausalLMOutput(logits=logits), labels, shift_labels=True)
+    plain = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1))
+    assert metrics["loss"] == pytest.approx(smoothed.item() if smoothing else plain.item(), rel=1e-5)
+    assert metrics["nll"] == pytest.approx(plain.item(), rel=1e-5)
+    shifted_hits = (logits[:, :-1].argmax(-1) == labels[:, 1:])[labels[:, 1:] != -100]
+    assert metrics["accuracy"] == pytest.approx(shifted_hits.float().mean().item())
+
+    images = torch.randn(5, 4, generator=generator)
+    classes = torch.randint(0, 4, (5,), generator=generator)
+    metrics = classification_metrics(smoothing)(EvalPrediction(predictions=images.numpy(), label_ids=classes.numpy()))
+    expected = LabelSmoother(smoothing)({"logits": images}, classes[:, None])  # Trainer's (labels with a class dim)
+    assert metrics["loss"] == pytest.approx(expected.item(), rel=1e-6)
+    assert metrics["accuracy"] == pytest.approx((images.argmax(-1) == classes).float().mean().item())
 
 
 def test_window_plan_scores_every_token_once():
@@ -318,10 +345,12 @@ def test_smoke_end_to_end_then_two_process_resume(tmp_path, script, auto_class, 
                              capture_output=True, text=True, timeout=240)  # fmt: skip
     assert refused.returncode != 0 and "needs a stock checkpoint" in refused.stderr, refused.stderr[-2000:]
 
-    # 2 processes (gloo), resuming the single run's step-2 checkpoint, training on to step 6.
+    # 2 processes (gloo), resuming the single run's step-2 checkpoint, training on to step 6. 13 evaluation samples in
+    # batches of 5 per process: accelerate fills the last batch up with samples from the split's start
     ddp = tmp_path / "ddp"
+    uneven = ["--max_eval_samples", "13", "--per_device_eval_batch_size", "5"]
     out = launch([str(RECIPES / script), "--smoke", "--output_dir", str(ddp), "--max_steps", "6",
-                  "--resume_from_checkpoint", str(single / "checkpoint-2")], distributed=True)
+                  "--resume_from_checkpoint", str(single / "checkpoint-2"), *uneven], distributed=True)
     ddp_metrics = final_metrics(out)
     assert ddp_metrics["n_processes"] == 2 and set(ddp_metrics) == set(metrics)
     state = json.loads((ddp / "trainer_state.json").read_text())
@@ -329,6 +358,16 @@ def test_smoke_end_to_end_then_two_process_resume(tmp_path, script, auto_class, 
     logged = [e["step"] for e in state["log_history"] if "loss" in e]
     assert logged[0] == 1 and logged[-1] == 6  # history carried over from the checkpoint, continued from 3
     _check_saved(ddp, auto_class, hub_class)
+
+    # ... and its losses are those of the same weights evaluated in one process: Trainer's own loss counted the
+    # samples that filled the last batch up (the accuracy, gathered per sample, never did)
+    alone = final_metrics(launch([str(RECIPES / script), "--smoke", "--output_dir", str(tmp_path / "alone"),
+                                  "--model_name_or_path", str(ddp), "--do_train", "False", *uneven,
+                                  *(["--do_predict", "False"] if script == "run_clm.py" else [])]))
+    compared = [key for key in ("eval_loss", "eval_nll", "eval_accuracy", "test_loss", "test_accuracy") if key in alone]
+    assert len(compared) == (3 if script == "run_clm.py" else 4)
+    for key in compared:
+        assert ddp_metrics[key] == pytest.approx(alone[key], rel=1e-6), key
 
 
 def test_compare_two_seeds_writes_csv_table_and_plots(tmp_path):

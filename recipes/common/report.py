@@ -15,7 +15,8 @@ HEADLINE_METRICS = {
     "clm": ["eval_loss", "eval_perplexity", "eval_accuracy", "test_sliding_perplexity", "train_runtime"],
     "image": ["eval_loss", "eval_accuracy", "test_loss", "test_accuracy", "train_runtime"],
 }
-LOWER_IS_BETTER = {"eval_loss", "eval_perplexity", "test_loss", "test_sliding_perplexity", "test_sliding_nll"}
+LOWER_IS_BETTER = {"eval_loss", "eval_nll", "eval_perplexity", "test_loss", "test_sliding_perplexity",
+                   "test_sliding_nll"}
 
 
 def eval_curve(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
