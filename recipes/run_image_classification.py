@@ -54,12 +54,14 @@ from common.cli import flag_is_true, given_flags, parse_with_presets, strip_flag
 from common.images import (  # noqa: E402
     IMAGE_COLUMNS,
     LABEL_COLUMNS,
+    Augmentation,
+    AugmentationEpoch,
     collate,
     find_column,
     label_names,
     load_image_dataset,
-    make_augment,
     make_transform,
+    with_sample_index,
 )
 from common.metrics import classification_metrics  # noqa: E402
 from common.offline import check_model_reachable  # noqa: E402
@@ -280,11 +282,16 @@ def run(argv: list[str]) -> dict[str, Any]:
     check_geometry(config, processor)
     layers = validate_attention_args(attn_args, config.num_hidden_layers)
 
-    augment = data_args.augment if data_args.augment != "auto" else ("crop" if bundled_data else "crop_flip")
+    kind = data_args.augment if data_args.augment != "auto" else ("crop" if bundled_data else "crop_flip")
+    augmentation = Augmentation(kind, training_args.seed) if kind != "none" else None
+    if augmentation is not None:
+        splits["train"] = with_sample_index(splits["train"])
+        if training_args.dataloader_persistent_workers and training_args.dataloader_num_workers > 0:
+            logger.warning("Persistent DataLoader workers keep the augmentation of the epoch they started in: every "
+                           "epoch sees the same crops. Leave out --dataloader_persistent_workers to vary them.")
     for split in splits:
-        seed = training_args.seed + training_args.process_index
-        aug = make_augment(augment, seed) if split == "train" and augment != "none" else None
-        splits[split].set_transform(make_transform(processor, image_column, label_column, label_ids, aug))
+        splits[split].set_transform(make_transform(processor, image_column, label_column, label_ids,
+                                                   augmentation if split == "train" else None))
 
     set_seed(training_args.seed)  # same base initialisation in both arms for a given seed
     if pretrained:
@@ -306,6 +313,7 @@ def run(argv: list[str]) -> dict[str, Any]:
         processing_class=processor,
         data_collator=collate,
         compute_metrics=classification_metrics(training_args.label_smoothing_factor),
+        callbacks=[AugmentationEpoch(augmentation)] if augmentation is not None else None,
     )
     metrics: dict[str, Any] = {"n_parameters": n_params, "n_scorer_parameters": n_scorer,
                                "n_processes": training_args.world_size}

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
@@ -368,6 +370,47 @@ def test_smoke_end_to_end_then_two_process_resume(tmp_path, script, auto_class, 
     assert len(compared) == (3 if script == "run_clm.py" else 4)
     for key in compared:
         assert ddp_metrics[key] == pytest.approx(alone[key], rel=1e-6), key
+
+
+def test_an_image_run_resumed_halfway_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
+    # the augmentation's generator was not in the checkpoint: the resumed run drew the first half's crops again
+    flags = ["--smoke", "--max_steps", "12", "--save_strategy", "steps", "--save_steps", "6", "--do_predict", "False",
+             "--max_train_samples", "40"]  # 5 batches an epoch: the resume starts inside the second epoch
+    launch([str(RECIPES / "run_image_classification.py"), *flags, "--output_dir", str(tmp_path / "full")])
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-6", tmp_path / "resumed" / "checkpoint-6")
+    launch([str(RECIPES / "run_image_classification.py"), *flags, "--output_dir", str(tmp_path / "resumed"),
+            "--resume_from_checkpoint", "latest"])
+    full, resumed = (load_file(tmp_path / run / "model.safetensors") for run in ("full", "resumed"))
+    assert full.keys() == resumed.keys()
+    for name in full:
+        torch.testing.assert_close(resumed[name], full[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_augmentations_depend_on_the_epoch_and_the_sample_not_on_the_worker(workers):
+    from common.images import Augmentation, bundled_digits, make_transform, with_sample_index
+    from transformers import ViTImageProcessor
+
+    digits = with_sample_index(bundled_digits()["train"].select(range(12)))
+    processor = ViTImageProcessor(size={"height": 8, "width": 8}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    augmentation = Augmentation("crop", seed=42)
+    digits.set_transform(make_transform(processor, "image", "label", None, augmentation))
+    plain = bundled_digits()["train"].select(range(12))
+    plain.set_transform(make_transform(processor, "image", "label", None, None))
+
+    def epoch(dataset, epoch_index):  # the pixels of every sample, in order
+        augmentation.epoch = epoch_index
+        loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=workers,
+                                             collate_fn=lambda batch: batch[0]["pixel_values"])
+        return torch.stack(list(loader))
+
+    first, again, second = epoch(digits, 0), epoch(digits, 0), epoch(digits, 1)
+    expected = torch.stack([digits[i]["pixel_values"] for i in range(12)])  # epoch 1 is set: drawn in this process
+    assert torch.equal(second, expected) and torch.equal(first, again)
+    assert not torch.equal(first, second)  # a new epoch, new crops
+    moved = [not torch.equal(first[i], plain[i]["pixel_values"]) for i in range(12)]
+    assert 3 <= sum(moved) < 12  # crops by up to one pixel: most samples moved, some by (0, 0)
 
 
 def test_compare_two_seeds_writes_csv_table_and_plots(tmp_path):

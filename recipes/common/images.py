@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from collections.abc import Callable
@@ -10,6 +11,7 @@ from typing import Any
 import datasets
 import torch
 from PIL import Image, ImageOps
+from transformers import TrainerCallback
 
 from common import bundled
 from common.offline import load_named_dataset
@@ -94,28 +96,57 @@ def pad_crop(image: Image.Image, pad: int, rng: random.Random) -> Image.Image:
     return padded.crop((left, top, left + width, top + height))
 
 
-def make_augment(kind: str, seed: int) -> Callable[[Image.Image], Image.Image]:
-    """``none``, ``crop`` (random translation by 1/8 of the side) or ``crop_flip`` (plus horizontal flips)."""
-    rng = random.Random(seed)
+INDEX_COLUMN = "__augment_index__"
+"""The column of sample indices an augmented split carries (`with_sample_index`): each sample's draws are seeded by
+it, so that they do not depend on which process, DataLoader worker or resumed run transforms the sample."""
 
-    def augment(image: Image.Image) -> Image.Image:
-        if kind in ("crop", "crop_flip"):
+
+class Augmentation:
+    """``none``, ``crop`` (random translation by 1/8 of the side) or ``crop_flip`` (plus horizontal flips).
+
+    The draws for a sample are a function of ``(seed, epoch, sample index)``: the same in one process or several, in
+    any DataLoader worker (a generator kept in the transform was copied into every worker, which then drew the same
+    sequence), and after a resume (a generator's state was not in the checkpoint). ``epoch`` is set by
+    `AugmentationEpoch`; DataLoader workers read it when they start, at every epoch unless they are persistent."""
+
+    def __init__(self, kind: str, seed: int) -> None:
+        self.kind, self.seed, self.epoch = kind, seed, 0
+
+    def __call__(self, image: Image.Image, index: int) -> Image.Image:
+        rng = random.Random(f"{self.seed}/{self.epoch}/{index}")  # str seeds hash with sha512: stable across runs
+        if self.kind in ("crop", "crop_flip"):
             image = pad_crop(image, max(min(image.size) // 8, 1), rng)
-        if kind == "crop_flip" and rng.random() < 0.5:
+        if self.kind == "crop_flip" and rng.random() < 0.5:
             image = ImageOps.mirror(image)
         return image
 
-    return augment
+
+class AugmentationEpoch(TrainerCallback):
+    """Tells an `Augmentation` the epoch Trainer starts (also where a resumed run starts)."""
+
+    def __init__(self, augmentation: Augmentation) -> None:
+        self.augmentation = augmentation
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # state.epoch is epoch + steps done / steps per epoch: a whole number at an epoch's start, or the fraction
+        # a resumed checkpoint had reached within its epoch
+        self.augmentation.epoch = math.floor(state.epoch + 1e-9)
+
+
+def with_sample_index(dataset: datasets.Dataset) -> datasets.Dataset:
+    """``dataset`` plus `INDEX_COLUMN`, each row's position (what `Augmentation` seeds its draws with)."""
+    return dataset.add_column(INDEX_COLUMN, list(range(len(dataset))))
 
 
 def make_transform(processor: Any, image_column: str, label_column: str, label_ids: dict[Any, int] | None,
-                   augment: Callable[[Image.Image], Image.Image] | None) -> Callable[[dict], dict]:
-    """A ``set_transform`` function: RGB conversion, optional augmentation, the model's image processor."""
+                   augment: Augmentation | None) -> Callable[[dict], dict]:
+    """A ``set_transform`` function: RGB conversion, optional augmentation (the split needs `with_sample_index`),
+    the model's image processor."""
 
     def transform(batch: dict[str, list]) -> dict[str, Any]:
         images = [img.convert("RGB") for img in batch[image_column]]
         if augment is not None:
-            images = [augment(img) for img in images]
+            images = [augment(img, index) for img, index in zip(images, batch[INDEX_COLUMN], strict=True)]
         labels = batch[label_column]
         if label_ids is not None:
             labels = [label_ids[str(v)] for v in labels]
