@@ -128,7 +128,21 @@ def test_comparison_table_mean_and_spread():
     runs = [{"attention": arm, "seed": s, "metrics": {"m": v}}
             for arm, s, v in [("neural", 0, 1.0), ("neural", 1, 3.0), ("dot", 0, 2.0), ("dot", 1, 2.0)]]
     table = comparison_table(runs, ["m"])
-    assert "| neural | 2 ± 1.414 |" in table and "| dot | 2 ± 0 |" in table and "| neural - dot | 0 |" in table
+    assert "| neural | 2 ± 1.414 |" in table and "| dot | 2 ± 0 |" in table
+    assert "| neural - dot | 0 ± 1.414 |" in table  # the per-seed differences -2 and 1: mean and spread
+
+
+def test_comparison_table_pairs_seeds_and_says_when_a_seed_has_no_value():
+    # a diverged seed (NaN): the difference is over the seeds both arms have, not the difference of unpaired means
+    runs = [{"attention": arm, "seed": s, "metrics": {"m": v}}
+            for arm, s, v in [("neural", 0, 1.0), ("neural", 1, float("nan")), ("neural", 2, 5.0),
+                              ("dot", 0, 2.0), ("dot", 1, 2.0), ("dot", 2, 3.0)]]  # fmt: skip
+    table = comparison_table(runs, ["m"])
+    assert "| neural | 3 ± 2.828 (2 of 3) |" in table and "| dot | 2.333 ± 0.5774 |" in table
+    assert "| neural - dot | 0.5 ± 2.121 (2 of 3) |" in table  # seeds 0 and 2: -1 and 2
+    single = comparison_table([{"attention": "neural", "seed": 42, "metrics": {"m": 1.0}},
+                               {"attention": "dot", "seed": 42, "metrics": {"m": 2.5}}], ["m"])
+    assert single.splitlines()[-1] == "| neural - dot | -1.5 |"
 
 
 def test_bundled_tokenizer_and_digits():

@@ -66,23 +66,37 @@ def summarize(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(clean), (statistics.stdev(clean) if len(clean) > 1 else 0.0)
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def _cell(values: list[float], expected: int) -> str:
+    """``mean ± std`` of the finite ``values`` (no spread for one expected value), with ``(k of n)`` when some of the
+    ``expected`` ones are missing or not finite (a diverged seed): the mean is then over fewer seeds."""
+    clean = [v for v in values if _finite(v)]
+    mean, std = summarize(clean)
+    cell = _fmt(mean) + (f" ± {_fmt(std)}" if expected > 1 and clean else "")
+    return cell + (f" ({len(clean)} of {expected})" if len(clean) < expected else "")
+
+
 def comparison_table(runs: list[dict[str, Any]], metrics: list[str]) -> str:
-    """Markdown table: one row per arm, ``mean ± std (n seeds)`` per metric, then the neural - dot difference."""
+    """Markdown table: one row per arm, ``mean ± std`` over its seeds per metric, then the neural - dot difference
+    paired by seed (``mean ± std`` of the per-seed differences, over the seeds where both arms have a finite value)."""
     arms = [arm for arm in ("neural", "dot") if any(r["attention"] == arm for r in runs)]
     arms += sorted({r["attention"] for r in runs} - set(arms))
     seeds = sorted({r.get("seed") for r in runs}, key=str)
     header = f"| arm (seeds: {', '.join(map(str, seeds))}) | " + " | ".join(metrics) + " |"
     lines = [header, "|" + "---|" * (len(metrics) + 1)]
-    means: dict[str, dict[str, float]] = {}
+    by_seed: dict[str, dict[Any, dict[str, Any]]] = {arm: {} for arm in arms}
+    for run in runs:
+        by_seed[run["attention"]][run.get("seed")] = run["metrics"]
     for arm in arms:
-        cells = []
-        means[arm] = {}
-        for metric in metrics:
-            mean, std = summarize([r["metrics"].get(metric, float("nan")) for r in runs if r["attention"] == arm])
-            means[arm][metric] = mean
-            cells.append(_fmt(mean) + (f" ± {_fmt(std)}" if len(seeds) > 1 else ""))
+        cells = [_cell([m.get(metric, float("nan")) for m in by_seed[arm].values()], len(by_seed[arm]))
+                 for metric in metrics]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    if {"neural", "dot"} <= set(means):
-        diffs = [_fmt(means["neural"][m] - means["dot"][m]) for m in metrics]
-        lines.append("| neural - dot | " + " | ".join(diffs) + " |")
+    if {"neural", "dot"} <= set(arms):
+        paired = sorted(set(by_seed["neural"]) & set(by_seed["dot"]), key=str)
+        cells = [_cell([by_seed["neural"][s].get(m, float("nan")) - by_seed["dot"][s].get(m, float("nan"))
+                        for s in paired], len(paired)) for m in metrics]  # fmt: skip
+        lines.append("| neural - dot | " + " | ".join(cells) + " |")
     return "\n".join(lines)
