@@ -229,6 +229,11 @@ def _with_newline(lines: list[str | None]) -> list[str]:
     return [(line or "") if (line or "").endswith("\n") else (line or "") + "\n" for line in lines]
 
 
+BYTE_LEVEL_FLOOR = 257
+"""The smallest vocabulary a retrained GPT-2 BPE has: its 256 byte tokens and ``<|endoftext|>`` (a smaller
+``--tokenizer_vocab_size`` was silently raised to it)."""
+
+
 def retrained_tokenizer(
     base: PreTrainedTokenizerBase, raw_train: datasets.Dataset, text_column: str, vocab_size: int,
     training_args: TrainingArguments,
@@ -384,6 +389,10 @@ def run(argv: list[str]) -> dict[str, Any]:
     # Everything that can be wrong with the inputs is checked before training starts.
     if model_args.tokenizer_vocab_size and model_args.model_name_or_path and not model_args.from_scratch:
         raise ValueError("--tokenizer_vocab_size retrains the tokenizer: only valid when training from scratch.")
+    if model_args.tokenizer_vocab_size and model_args.tokenizer_vocab_size < BYTE_LEVEL_FLOOR:
+        raise ValueError(f"--tokenizer_vocab_size {model_args.tokenizer_vocab_size} is below what a byte-level BPE "
+                         f"holds before any merge ({BYTE_LEVEL_FLOOR}: 256 bytes and <|endoftext|>); give at least "
+                         f"{BYTE_LEVEL_FLOOR}, or 0 to keep the tokenizer.")
     config = base_config(model_args)
     layers = validate_attention_args(attn_args, config.num_hidden_layers)
     raw = load_raw_text(data_args)
@@ -451,11 +460,15 @@ def test_stride(data_args: DataArguments, block_size: int) -> int:
 def check_data_limits(data_args: DataArguments, block_size: int, training_args: TrainingArguments) -> None:
     """Refuse, before anything trains, the limits that could only fail after it (``ValueError`` naming the flag);
     limits of a pass that does not run (``--do_predict False``, ...) are left alone."""
+    if data_args.block_size is not None and data_args.block_size < 2:  # 0 once meant "the default", silently
+        raise ValueError(f"--block_size {data_args.block_size}: a block needs at least 2 tokens (each scored token "
+                         "follows another); leave it out for the model's maximum, at most 1024.")
     stride = test_stride(data_args, block_size)
     if training_args.do_predict and not 0 < stride < block_size:
         raise ValueError(f"--sliding_window_stride {stride} must be in 1..{block_size - 1} (below --block_size "
                          f"{block_size}: every scored token needs its predecessor inside the window).")
     for flag, value, least, used in (
+        ("--max_train_lines", data_args.max_train_lines, 1, True),  # the tokenizer and the validation split read it
         ("--max_test_tokens", data_args.max_test_tokens, 2, training_args.do_predict),
         ("--max_train_samples", data_args.max_train_samples, 1, training_args.do_train),
         ("--max_eval_samples", data_args.max_eval_samples, 1, training_args.do_eval),

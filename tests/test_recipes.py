@@ -232,6 +232,10 @@ def test_clm_input_errors(tmp_path, no_training):
                            (["--sliding_window_stride", "0"], r"--sliding_window_stride 0 must be in 1\.\.31"),
                            (["--max_test_tokens", "1"], "--max_test_tokens 1 leaves nothing"),
                            (["--max_train_samples", "0"], "--max_train_samples 0 leaves nothing"),
+                           (["--max_train_lines", "0"], "--max_train_lines 0 leaves nothing"),
+                           (["--block_size", "0"], "--block_size 0: a block needs at least 2 tokens"),
+                           (["--block_size", "1"], "--block_size 1: a block needs at least 2 tokens"),
+                           (["--tokenizer_vocab_size", "50"], r"--tokenizer_vocab_size 50 is below .* \(257: 256"),
                            (["--mlp", "authors", "--mlp_precision", "fp16"], r"mlp_precision='fp16'.*mlp='authors'"),
                            ):  # fmt: skip
         with pytest.raises(ValueError, match=message):
