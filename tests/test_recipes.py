@@ -390,15 +390,16 @@ def test_smoke_end_to_end_then_two_process_resume(tmp_path, script, auto_class, 
         assert ddp_metrics[key] == pytest.approx(alone[key], rel=1e-6), key
 
 
-def test_an_image_run_resumed_halfway_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
-    # the augmentation's generator was not in the checkpoint: the resumed run drew the first half's crops again
+@pytest.mark.parametrize("script, samples", [("run_image_classification.py", "40"), ("run_clm.py", "20")])
+def test_a_run_resumed_halfway_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, script, samples):
+    # the image augmentation's generator was not in the checkpoint: the resumed run drew the first half's crops again
     flags = ["--smoke", "--max_steps", "12", "--save_strategy", "steps", "--save_steps", "6", "--do_predict", "False",
-             "--max_train_samples", "40"]  # 5 batches an epoch: the resume starts inside the second epoch
-    launch([str(RECIPES / "run_image_classification.py"), *flags, "--output_dir", str(tmp_path / "full")])
+             "--max_train_samples", samples]  # 5 batches an epoch: the resume starts inside the second epoch
+    launch([str(RECIPES / script), *flags, "--output_dir", str(tmp_path / "full")])
     (tmp_path / "resumed").mkdir()
     shutil.copytree(tmp_path / "full" / "checkpoint-6", tmp_path / "resumed" / "checkpoint-6")
-    launch([str(RECIPES / "run_image_classification.py"), *flags, "--output_dir", str(tmp_path / "resumed"),
-            "--resume_from_checkpoint", "latest"])
+    launch([str(RECIPES / script), *flags, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint",
+            "latest"])
     full, resumed = (load_file(tmp_path / run / "model.safetensors") for run in ("full", "resumed"))
     assert full.keys() == resumed.keys()
     for name in full:
