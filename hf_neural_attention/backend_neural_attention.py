@@ -25,7 +25,7 @@ from .configuration_neural_attention import FALLBACK_CONFIG_ATTRIBUTE, SCORER_AT
 # imported here, not where first used: importing a kernel file registers its custom ops, which must not happen while
 # torch.compile traces a first call (Triton's file is the exception: it imports triton, so it loads on demand)
 from .fused_cpp_neural_attention import fused_cpp_available, neural_attention_fused_cpp
-from .kernels_neural_attention import causal_mask
+from .kernels_neural_attention import causal_mask, check_softcap
 from .tiled_neural_attention import neural_attention_tiled
 
 logger = logging.get_logger(__name__)
@@ -35,10 +35,11 @@ FALLBACK_ATTRIBUTE = "neural_attention_fallback"
 """Set by the patcher on every attention module: the implementation unpatched modules keep (``sdpa``/``eager``)."""
 
 _UNSUPPORTED_KWARGS = {
-    "softcap": "logit soft-capping",
     "s_aux": "attention sinks",
     "sinks": "attention sinks",
 }
+_SOFTCAP_BACKENDS = ("eager", "tiled")
+"""The backends with Gemma 2's logit soft-capping; ``auto`` takes the tiled kernel for a capped layer."""
 
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # Triton and the C++ kernel compute in fp32
@@ -179,14 +180,18 @@ def materialised_neural_attention(
     bias: torch.Tensor | None,
     scaling: float,
     dropout_p: float,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores every pair at once (memory O(n^2 * hidden)); returns ``(out, probabilities)``.
 
     ``out`` is ``(batch, heads, q_len, v_dim)``, probabilities ``(batch, heads, q_len, k_len)``: the ones that
     multiplied ``value``, so after dropout when it is on (as transformers' eager path returns them).
-    Fully masked query rows get all-zero probabilities, hence zero output.
+    Fully masked query rows get all-zero probabilities, hence zero output. ``softcap``: Gemma 2's logit soft-capping,
+    ``softcap * tanh(score / softcap)`` before the bias and the mask (as its eager attention does).
     """
     logits = scorer.scores(query, key, scaling)  # fp32 (fp64 for fp64 inputs)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     if bias is not None:
         logits = logits + bias.to(logits.dtype)
     if causal:
@@ -211,7 +216,7 @@ _SWITCH_BACKEND = (" (a checkpoint keeps the backend it was saved with: load it 
                    "'auto'))")
 
 
-def choose_backend(requested: str, query: torch.Tensor, *, needs_probabilities: bool) -> str:
+def choose_backend(requested: str, query: torch.Tensor, *, needs_probabilities: bool, softcap: bool = False) -> str:
     """The backend that will run: ``"eager"``, ``"tiled"``, ``"cpp"`` or ``"triton"``.
 
     ``auto`` takes the fused path that applies: Triton on CUDA when installed (on a GPU older than compute capability
@@ -219,10 +224,22 @@ def choose_backend(requested: str, query: torch.Tensor, *, needs_probabilities: 
     cached), else the pure PyTorch tiled kernel; float64 inputs always take the tiled kernel (the fused ones compute in
     fp32). Every backend falls back to ``eager`` for a call that must return probabilities, since fused kernels never
     form the probability matrix.
-    A real additive bias (T5's position bias) takes the same path: every fused kernel adds it to its scores.
+    A real additive bias (T5's position bias) takes the same path: every fused kernel adds it to its scores. A layer
+    with logit soft-capping (``softcap``: Gemma 2) takes the tiled kernel, the one fused kernel that has it.
+
+    Raises:
+        ValueError: ``softcap`` with a requested backend that does not have it (``cpp``, ``triton``).
     """
     if needs_probabilities or requested == "eager":
         return "eager"
+    if softcap:
+        if requested not in ("auto", *_SOFTCAP_BACKENDS):
+            raise ValueError(
+                f"backend={requested!r} has no logit soft-capping (Gemma 2's attn_logit_softcapping); the "
+                f"{' and '.join(_SOFTCAP_BACKENDS)} backends have it: use backend='auto' (which picks the tiled "
+                f"kernel for such a layer){_SWITCH_BACKEND}."
+            )
+        return "tiled"
     return _fused_backend(requested, query)
 
 
@@ -402,16 +419,21 @@ def neural_attention_forward(
         scaling = query.shape[-1] ** -0.5
     mask, causal, bias = _masking(module, query, key, attention_mask, kwargs)
     dropout_p = float(kwargs.get("dropout", 0.0) or 0.0)
+    softcap = kwargs.get("softcap")
+    check_softcap(softcap)
 
     needs_probabilities = _wants_attention_weights(kwargs)
-    backend = choose_backend(scorer.settings.backend, query, needs_probabilities=needs_probabilities)
+    backend = choose_backend(scorer.settings.backend, query, needs_probabilities=needs_probabilities,
+                             softcap=softcap is not None)  # fmt: skip
     if backend == "eager":
-        out, probabilities = materialised_neural_attention(
-            scorer, query, key, value, mask=mask, causal=causal, bias=bias, scaling=scaling, dropout_p=dropout_p
-        )
+        out, probabilities = materialised_neural_attention(scorer, query, key, value, mask=mask, causal=causal,
+                                                           bias=bias, scaling=scaling, dropout_p=dropout_p,
+                                                           softcap=softcap)  # fmt: skip
         return out.transpose(1, 2).contiguous(), probabilities if needs_probabilities else None
 
     kernel, options = _fused_kernel(backend, scorer)
+    if softcap is not None:  # only the tiled kernel takes it (choose_backend)
+        options["softcap"] = softcap
     query_hidden, key_hidden, output_weight, second_weight, second_bias = scorer(query, key)  # a call: module hooks
     # a 0-d tensor, not an int: an .item() here would break a torch.compile graph
     seed = torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0.0 else None

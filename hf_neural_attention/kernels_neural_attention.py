@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ __all__ = [
     "ACTIVATION_CODES",
     "as_4d",
     "autocast_off",
+    "check_softcap",
     "bias_grad_rows",
     "causal_mask",
     "centre_hidden",
@@ -91,6 +93,15 @@ def visible_rows(
     if causal:
         pairs = pairs & causal_mask(q_len, k_len, mask.device)
     return pairs.any(-1).unsqueeze(-1), pairs.any(-2).unsqueeze(-1)
+
+
+def check_softcap(softcap: float | None) -> None:
+    """Refuse a logit soft-cap (``softcap * tanh(score / softcap)``, Gemma 2's) that is not a positive finite number;
+    ``None`` is no cap."""
+    if softcap is None:
+        return
+    if isinstance(softcap, bool) or not isinstance(softcap, int | float) or not math.isfinite(softcap) or softcap <= 0:
+        raise ValueError(f"softcap must be a positive number (Gemma 2 uses 50.0), or None for no cap; got {softcap!r}")
 
 
 def empty_attention(tensors: tuple[Tensor | None, ...]) -> Tensor:

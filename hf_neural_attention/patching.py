@@ -191,12 +191,11 @@ def _passes_block_selection(cls: type) -> bool:
 
 
 def _unsupported_feature(module: nn.Module) -> str | None:
-    """What an attention module does that the neural scorer cannot (Gemma 2's soft-capping, gpt-oss' sinks), or
-    ``None``. Sliding windows are supported: transformers draws them into the layer's mask."""
+    """What an attention module does that the neural scorer cannot (gpt-oss' sinks), or ``None``. Sliding windows
+    are supported (transformers draws them into the layer's mask), and so is Gemma 2's logit soft-capping (the
+    attention function gets it per call: the eager path and the tiled kernel cap the neural scores)."""
     if getattr(module, "sinks", None) is not None or getattr(module, "sink_proj", None) is not None:  # per token
         return "attention sinks"
-    if getattr(module, "attn_logit_softcapping", None) is not None:
-        return "logit soft-capping"
     return None
 
 

@@ -41,6 +41,7 @@ from .kernels_neural_attention import (
     autocast_off,
     centre_hidden,
     check_kernel_inputs,
+    check_softcap,
     empty_attention,
     fold_causal_into_mask,
     kernel_op,
@@ -317,18 +318,30 @@ class _TileMasks:
 
 
 def _complete_scores(s: Tensor, dqs: Tensor | None, dkf: Tensor | None, bias: Tensor | None, tm: Tensor | None,
-                     i0: int, i1: int, j0: int, j1: int, batch: int, heads: int) -> Tensor:
+                     i0: int, i1: int, j0: int, j1: int, batch: int, heads: int, softcap: float = 0.0,
+                     slope: bool = False) -> Tensor | None:
     """The tile's logits from its MLP scores ``s`` ``(G, bq, bk)``, in place: plus the residual mode's scaled ``q.k``
-    (``dqs`` ``(G, q_len, d)``, ``dkf`` ``(G, k_len, d)``), plus the tile's part of ``bias`` ``(batch|1, heads|1,
-    q_len|1, k_len|1)`` (broadcast through a ``(batch, heads, bq, bk)`` view: no copy of the bias per tile), -inf
-    where the tile mask ``tm`` (None: all visible) is False. The same in both passes: backward recomputes them."""
+    (``dqs`` ``(G, q_len, d)``, ``dkf`` ``(G, k_len, d)``), capped to ``softcap * tanh(s / softcap)`` (Gemma 2's
+    logit soft-capping; 0: none), plus the tile's part of ``bias`` ``(batch|1, heads|1, q_len|1, k_len|1)``
+    (broadcast through a ``(batch, heads, bq, bk)`` view: no copy of the bias per tile), -inf where the tile mask
+    ``tm`` (None: all visible) is False. The same in both passes: backward recomputes them.
+
+    Returns, with ``slope`` and a cap, the cap's derivative ``1 - tanh^2`` ``(G, bq, bk)`` (what the gradient of the
+    capped logits is multiplied by on its way to the MLP and the dot term; not to the bias, added after), else None.
+    """
     if dqs is not None:
         s.baddbmm_(dqs[:, i0:i1], dkf[:, j0:j1].transpose(1, 2))
+    derivative = None
+    if softcap:
+        s.div_(softcap).tanh_()
+        if slope:
+            derivative = 1.0 - s.square()
+        s.mul_(softcap)
     if bias is not None:
         s.view(batch, heads, i1 - i0, j1 - j0).add_(_tile_of(bias, i0, i1, j0, j1))
     if tm is not None:
         s.masked_fill_(~tm, -math.inf)
-    return s
+    return derivative
 
 
 
@@ -388,7 +401,7 @@ def _blocks(block: list[int], G: int, tile_width: int, q_len: int, k_len: int):
 def _tiled_forward(factory: ScorerFactory | None, A: Tensor, B: Tensor, V: Tensor, w: Tensor, W2: Tensor | None,
                    b2: Tensor | None, dq: Tensor | None, dk: Tensor | None, mask: Tensor | None, bias: Tensor | None,
                    activation: str, causal: bool, dot_scale: float, dropout_p: float, seed: Tensor,
-                   block: list[int]) -> tuple[Tensor, Tensor]:
+                   block: list[int], softcap: float) -> tuple[Tensor, Tensor]:
     """``(out, stats)``: ``(G, q_len, v_dim)`` and ``(G, q_len, 2)`` in the compute dtype (``G = batch * heads``).
 
     ``stats[..., 0]`` is each row's score maximum, ``stats[..., 1]`` the log of its softmax denominator (``+inf`` for
@@ -417,7 +430,7 @@ def _tiled_forward(factory: ScorerFactory | None, A: Tensor, B: Tensor, V: Tenso
             if tm is False:
                 continue
             s = scorer.scores(i0, i1, j0, j1)
-            _complete_scores(s, dqs, dkf, bias, tm, i0, i1, j0, j1, batch, heads)
+            _complete_scores(s, dqs, dkf, bias, tm, i0, i1, j0, j1, batch, heads, softcap)
             m_new = torch.maximum(m, s.amax(-1))
             m_safe_new = m_new.masked_fill(m_new == -math.inf, 0.0)
             pr = torch.exp_(s.sub_(m_safe_new.unsqueeze(-1)))
@@ -438,7 +451,8 @@ def _tiled_forward(factory: ScorerFactory | None, A: Tensor, B: Tensor, V: Tenso
 def _tiled_backward(factory: ScorerFactory | None, A: Tensor, B: Tensor, V: Tensor, w: Tensor, W2: Tensor | None,
                     b2: Tensor | None, dq: Tensor | None, dk: Tensor | None, mask: Tensor | None, bias: Tensor | None,
                     bias_grad: bool, out: Tensor, stats: Tensor, grad_out: Tensor, activation: str, causal: bool,
-                    dot_scale: float, dropout_p: float, seed: Tensor, block: list[int]) -> tuple[Tensor, ...]:
+                    dot_scale: float, dropout_p: float, seed: Tensor, block: list[int],
+                    softcap: float) -> tuple[Tensor, ...]:
     """Gradients of ``A, B, V, w, W2, b2, dq, dk, bias``, each shaped and typed like its input (empty for an absent
     one, and for the bias unless ``bias_grad``: a mask-derived bias or a fixed ALiBi buffer needs none); the scores
     are recomputed tile by tile. The bias's gradient is the scores' (summed where it broadcasts)."""
@@ -467,7 +481,7 @@ def _tiled_backward(factory: ScorerFactory | None, A: Tensor, B: Tensor, V: Tens
             if tm is False:
                 continue
             s, cache = scorer.scores_for_backward(i0, i1, j0, j1)
-            _complete_scores(s, dqs, dkf, bias, tm, i0, i1, j0, j1, batch, heads)
+            cap_slope = _complete_scores(s, dqs, dkf, bias, tm, i0, i1, j0, j1, batch, heads, softcap, slope=True)
             pr = torch.exp_(s.sub_(max_i).sub_(log_denom_i))
             dp = torch.bmm(dO_i, Vf[:, j0:j1].transpose(1, 2))
             if p > 0.0:
@@ -479,6 +493,8 @@ def _tiled_backward(factory: ScorerFactory | None, A: Tensor, B: Tensor, V: Tens
             ds = pr.mul_(dp.sub_(D_i))
             if dbias is not None:
                 _accumulate_bias_grad(dbias, ds, i0, i1, j0, j1, batch, heads)
+            if cap_slope is not None:  # from the capped logits to the MLP's scores (and the dot term)
+                ds.mul_(cap_slope)
             scorer.backward(cache, ds, i0, i1, j0, j1)
             if dot:
                 ddq[:, i0:i1].baddbmm_(ds, dkf[:, j0:j1])
@@ -539,17 +555,18 @@ def tiled_ops(scorer_factory: ScorerFactory | None = None) -> tuple[Callable, Ca
         def forward(A: Tensor, B: Tensor, V: Tensor, w: Tensor, W2: Tensor | None, b2: Tensor | None,
                     dq: Tensor | None, dk: Tensor | None, mask: Tensor | None, bias: Tensor | None, activation: str,
                     causal: bool, dot_scale: float, dropout_p: float, seed: Tensor,
-                    block: list[int]) -> tuple[Tensor, Tensor]:
+                    block: list[int], softcap: float) -> tuple[Tensor, Tensor]:
             return _tiled_forward(scorer_factory, A, B, V, w, W2, b2, dq, dk, mask, bias, activation, causal,
-                                  dot_scale, dropout_p, seed, block)  # fmt: skip
+                                  dot_scale, dropout_p, seed, block, softcap)  # fmt: skip
 
         def backward(A: Tensor, B: Tensor, V: Tensor, w: Tensor, W2: Tensor | None, b2: Tensor | None,
                      dq: Tensor | None, dk: Tensor | None, mask: Tensor | None, bias: Tensor | None, bias_grad: bool,
                      out: Tensor, stats: Tensor, grad_out: Tensor, activation: str, causal: bool, dot_scale: float,
-                     dropout_p: float, seed: Tensor, block: list[int]
+                     dropout_p: float, seed: Tensor, block: list[int], softcap: float
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
             return _tiled_backward(scorer_factory, A, B, V, w, W2, b2, dq, dk, mask, bias, bias_grad, out, stats,
-                                   grad_out, activation, causal, dot_scale, dropout_p, seed, block)  # fmt: skip
+                                   grad_out, activation, causal, dot_scale, dropout_p, seed, block,
+                                   softcap)  # fmt: skip
 
         _TILED_OPS[scorer_factory] = (kernel_op(f"tiled_forward_{tag}", _forward_fake)(forward),
                                       kernel_op(f"tiled_backward_{tag}", _backward_fake)(backward))  # fmt: skip
@@ -569,7 +586,8 @@ class _NeuralAttentionFunction(torch.autograd.Function):
     @autocast_off
     def forward(ctx, A, B, V, w, W2, b2, dq, dk, mask, bias, cfg):
         inputs = (A, B, V, w, W2, b2, dq, dk)
-        settings = (cfg["activation"], cfg["causal"], cfg["dot_scale"], cfg["dropout_p"], cfg["seed"], cfg["block"])
+        settings = (cfg["activation"], cfg["causal"], cfg["dot_scale"], cfg["dropout_p"], cfg["seed"], cfg["block"],
+                    cfg["softcap"])
         forward_op, _ = cfg["ops"]
         out, stats = forward_op(*inputs, mask, bias, *settings)
         ctx.save_for_backward(*inputs, mask, bias, out, stats)
@@ -625,6 +643,7 @@ def neural_attention_tiled(
     score_bias: Tensor | None = None,
     block_size: int | tuple[int, int] | None = None,
     scorer_factory: ScorerFactory | None = None,
+    softcap: float | None = None,
 ) -> Tensor:
     """Neural attention, tiled over query and key blocks with an online softmax (pure PyTorch).
 
@@ -633,7 +652,8 @@ def neural_attention_tiled(
     (float, broadcastable to ``(b, h, q_len, k_len)``; T5's position bias, ALiBi) is added to every score, read tile
     by tile, and gets its gradient. ``block_size`` overrides the automatic ``(block_q, block_k)`` (an int sets both);
     the dropout pattern depends on it. ``scorer_factory`` supplies another implementation of the per-pair MLP (see
-    :data:`ScorerFactory`).
+    :data:`ScorerFactory`). ``softcap`` (Gemma 2's logit soft-capping) replaces each score by
+    ``softcap * tanh(score / softcap)`` before the bias is added; only this kernel and the materialising path have it.
     """
     output_weight, second_weight, second_bias = check_kernel_inputs(
         query_hidden, key_hidden, value, output_weight, second_weight, second_bias, activation, mask, dot_query,
@@ -655,6 +675,7 @@ def neural_attention_tiled(
         block = [int(block_size[0]), int(block_size[1])]
     if min(block) == 0 or (min(block) < 0 and block != [-1, -1]):
         raise ValueError(f"block_size must be positive, got {block_size}")
+    check_softcap(softcap)
     cfg = {
         "ops": tiled_ops(scorer_factory),
         "activation": activation,
@@ -663,6 +684,7 @@ def neural_attention_tiled(
         "dropout_p": float(dropout_p),
         "seed": seed_tensor(dropout_p, generator_seed),
         "block": block,
+        "softcap": float(softcap or 0.0),
     }
     # rows no pair sees get no gradient; zeroed (differentiably), garbage there (even NaN) cannot reach dw
     query_visible, key_visible = visible_rows(mask, cfg["causal"], q_len, k_len, query_hidden.device)

@@ -130,3 +130,13 @@ def sharpen_scorers(model: torch.nn.Module, factor: float = SHARPEN) -> torch.nn
             if ".neural_scorer." in f".{name}" and name.endswith("down_weight"):
                 parameter.mul_(factor)
     return model
+
+
+def loss_and_grads(models: dict[str, torch.nn.Module], ids: torch.Tensor) -> dict[str, tuple[torch.Tensor, list]]:
+    """Each language model's loss on ``ids`` (as its own labels) and its parameters' gradients, by name."""
+    results = {}
+    for name, model in models.items():
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        results[name] = (loss.detach(), [p.grad for p in model.parameters()])
+    return results

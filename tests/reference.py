@@ -159,14 +159,16 @@ def kernel_reference(query_hidden: torch.Tensor, key_hidden: torch.Tensor, value
                      second_bias: torch.Tensor | None = None, *, activation: str = "relu",
                      mask: torch.Tensor | None = None, causal: bool = False, dot_query: torch.Tensor | None = None,
                      dot_key: torch.Tensor | None = None, dot_scale: float = 1.0, keep: torch.Tensor | None = None,
-                     score_bias: torch.Tensor | None = None) -> torch.Tensor:
+                     score_bias: torch.Tensor | None = None, softcap: float | None = None) -> torch.Tensor:
     """The fused-kernel contract of ``docs/design.md`` in float64, materialising ``(b, h, lq, lk, hidden)``.
 
     Same arguments as the kernels (``A = query_hidden``, ``B = key_hidden``; per-head weights with a leading
     heads-or-1 axis, or without it). ``mlp="authors"`` when ``second_weight`` is given (relu layers). Query rows
     with no visible key give zero output. ``keep``: optional dropout multiplier broadcastable to
     ``(b, h, lq, lk)``, applied to the probabilities as given -- the CALLER applies the ``1 / (1 - p)``
-    scaling (pass ``keep_mask / (1 - p)``). Returns ``(b, h, lq, v_dim)`` float64, differentiable w.r.t. every input.
+    scaling (pass ``keep_mask / (1 - p)``). ``softcap``: scores (dot term included) become
+    ``softcap * tanh(score / softcap)`` before the bias. Returns ``(b, h, lq, v_dim)`` float64, differentiable w.r.t.
+    every input.
     """
     w = output_weight.double()
     w = w[None] if w.dim() == 1 else w
@@ -181,6 +183,8 @@ def kernel_reference(query_hidden: torch.Tensor, key_hidden: torch.Tensor, value
         scores = (torch.relu(z) * w[None, :, None, None, :]).sum(-1)
     if dot_query is not None:
         scores = scores + dot_scale * dot_query.double() @ dot_key.double().transpose(-1, -2)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     if score_bias is not None:
         scores = scores + score_bias.double()
     lq, lk = scores.shape[-2:]

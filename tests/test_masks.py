@@ -156,8 +156,8 @@ def test_a_mask_of_another_shape_is_the_same_value_error_on_every_backend(backen
 def test_unsupported_features_raise_not_implemented():
     layer = _layer("eager", torch.float64)
     query, key, value = _inputs(1, 2, 3, 3)
-    for kwargs in ({"softcap": 30.0}, {"s_aux": torch.zeros(2)}):
-        with pytest.raises(NotImplementedError, match="does not support"):
+    for kwargs in ({"s_aux": torch.zeros(2)}, {"sinks": torch.zeros(2)}):  # (soft-capping: test_softcap.py)
+        with pytest.raises(NotImplementedError, match="does not support attention sinks"):
             neural_attention_forward(layer, query, key, value, None, **kwargs)
 
 

@@ -6,10 +6,10 @@ import copy
 
 import pytest
 import torch
-from transformers import Gemma2Config, Gemma2ForCausalLM, GptOssConfig, GptOssForCausalLM
+from transformers import GptOssConfig, GptOssForCausalLM
 
 from hf_neural_attention import NeuralAttentionConfig, neural_attention_forward, patch_model, set_backend
-from tests.models import random_ids, tiny_gemma3, tiny_mistral
+from tests.models import loss_and_grads, random_ids, tiny_gemma3, tiny_mistral
 from tests.test_generation import _generate
 from tests.test_masks import BACKENDS, _inputs, _layer
 from tests.test_scorer_math import HAS_TRITON, KERNEL_CASES
@@ -51,12 +51,7 @@ def test_fused_backends_equal_the_materialising_one_in_training(backend):
     base = patch_model(tiny_mistral(sliding_window=WINDOW, layers=2), layers=[0, 1], backend="eager")
     models = {"eager": base, backend: copy.deepcopy(base)}
     set_backend(models[backend], backend)
-    ids = random_ids(2, 11)
-    grads = {}
-    for name, model in models.items():
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        grads[name] = (loss.detach(), [p.grad for p in model.parameters()])
+    grads = loss_and_grads(models, random_ids(2, 11))
     torch.testing.assert_close(grads[backend][0], grads["eager"][0], rtol=1e-5, atol=1e-6)
     for fused, eager in zip(grads[backend][1], grads["eager"][1], strict=True):
         torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-6)
@@ -115,12 +110,6 @@ def test_gemma3_sliding_and_full_layers_decode_with_their_caches():
     torch.testing.assert_close(cached_scores, uncached_scores, rtol=1e-5, atol=1e-5)
 
 
-def _gemma2():
-    return Gemma2ForCausalLM(Gemma2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                          max_position_embeddings=64, sliding_window=4))
-
-
 def _gpt_oss():
     return GptOssForCausalLM(GptOssConfig(vocab_size=97, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
                                           num_attention_heads=4, num_key_value_heads=2, head_dim=8,
@@ -128,11 +117,10 @@ def _gpt_oss():
                                           num_experts_per_tok=1))
 
 
-@pytest.mark.parametrize(("build", "feature"), [(_gemma2, "soft-capping"), (_gpt_oss, "attention sinks")])
-def test_layers_with_soft_capping_or_sinks_are_refused_at_patch_time(build, feature):
-    model = build()
+def test_layers_with_attention_sinks_are_refused_at_patch_time():  # (Gemma 2's soft-capping: test_softcap.py)
+    model = _gpt_oss()
     before = copy.deepcopy(model.config.to_dict())
-    with pytest.raises(ValueError, match=f"uses .*{feature}.*no layer of this model can be patched"):
+    with pytest.raises(ValueError, match="uses .*attention sinks.*no layer of this model can be patched"):
         patch_model(model, layers=[0])
     assert model.config.to_dict() == before
     assert not any(hasattr(module, "neural_scorer") for module in model.modules())
