@@ -25,7 +25,7 @@ from .configuration_neural_attention import FALLBACK_CONFIG_ATTRIBUTE, SCORER_AT
 # imported here, not where first used: importing a kernel file registers its custom ops, which must not happen while
 # torch.compile traces a first call (Triton's file is the exception: it imports triton, so it loads on demand)
 from .fused_cpp_neural_attention import fused_cpp_available, neural_attention_fused_cpp
-from .kernels_neural_attention import causal_mask, check_softcap
+from .kernels_neural_attention import causal_mask, check_sinks, check_softcap
 from .tiled_neural_attention import neural_attention_tiled
 
 logger = logging.get_logger(__name__)
@@ -34,12 +34,9 @@ ATTENTION_NAME = "neural_attention"
 FALLBACK_ATTRIBUTE = "neural_attention_fallback"
 """Set by the patcher on every attention module: the implementation unpatched modules keep (``sdpa``/``eager``)."""
 
-_UNSUPPORTED_KWARGS = {
-    "s_aux": "attention sinks",
-    "sinks": "attention sinks",
-}
-_SOFTCAP_BACKENDS = ("eager", "tiled")
-"""The backends with Gemma 2's logit soft-capping; ``auto`` takes the tiled kernel for a capped layer."""
+_TILED_ONLY_BACKENDS = ("eager", "tiled")
+"""The backends with logit soft-capping (Gemma 2) and attention sinks (gpt-oss); ``auto`` takes the tiled kernel for
+a layer with either."""
 
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # Triton and the C++ kernel compute in fp32
@@ -181,13 +178,16 @@ def materialised_neural_attention(
     scaling: float,
     dropout_p: float,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores every pair at once (memory O(n^2 * hidden)); returns ``(out, probabilities)``.
 
     ``out`` is ``(batch, heads, q_len, v_dim)``, probabilities ``(batch, heads, q_len, k_len)``: the ones that
     multiplied ``value``, so after dropout when it is on (as transformers' eager path returns them).
     Fully masked query rows get all-zero probabilities, hence zero output. ``softcap``: Gemma 2's logit soft-capping,
-    ``softcap * tanh(score / softcap)`` before the bias and the mask (as its eager attention does).
+    ``softcap * tanh(score / softcap)`` before the bias and the mask (as its eager attention does). ``sinks``
+    ``(batch|1, heads|1, q_len|1, 1)``: attention sinks (gpt-oss), one more logit per row in the softmax, dropped
+    after it.
     """
     logits = scorer.scores(query, key, scaling)  # fp32 (fp64 for fp64 inputs)
     if softcap is not None:
@@ -201,7 +201,11 @@ def materialised_neural_attention(
         mask = seen if mask is None else mask & seen
     if mask is not None:
         logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
-    probabilities = torch.softmax(logits, dim=-1)
+    if sinks is not None:
+        sink_column = sinks.to(logits.dtype).expand(*logits.shape[:-1], 1)
+        probabilities = torch.softmax(torch.cat([logits, sink_column], dim=-1), dim=-1)[..., :-1]
+    else:
+        probabilities = torch.softmax(logits, dim=-1)
     if mask is not None:
         probabilities = probabilities.masked_fill(~mask, 0.0)  # fully masked rows: zeros, not uniform
     if dropout_p > 0.0:
@@ -216,7 +220,8 @@ _SWITCH_BACKEND = (" (a checkpoint keeps the backend it was saved with: load it 
                    "'auto'))")
 
 
-def choose_backend(requested: str, query: torch.Tensor, *, needs_probabilities: bool, softcap: bool = False) -> str:
+def choose_backend(requested: str, query: torch.Tensor, *, needs_probabilities: bool,
+                   tiled_only: str | None = None) -> str:
     """The backend that will run: ``"eager"``, ``"tiled"``, ``"cpp"`` or ``"triton"``.
 
     ``auto`` takes the fused path that applies: Triton on CUDA when installed (on a GPU older than compute capability
@@ -224,20 +229,19 @@ def choose_backend(requested: str, query: torch.Tensor, *, needs_probabilities: 
     cached), else the pure PyTorch tiled kernel; float64 inputs always take the tiled kernel (the fused ones compute in
     fp32). Every backend falls back to ``eager`` for a call that must return probabilities, since fused kernels never
     form the probability matrix.
-    A real additive bias (T5's position bias) takes the same path: every fused kernel adds it to its scores. A layer
-    with logit soft-capping (``softcap``: Gemma 2) takes the tiled kernel, the one fused kernel that has it.
+    A real additive bias (T5's position bias) takes the same path: every fused kernel adds it to its scores. A call
+    with a feature only the tiled kernel has (``tiled_only`` names it: logit soft-capping, attention sinks) takes it.
 
     Raises:
-        ValueError: ``softcap`` with a requested backend that does not have it (``cpp``, ``triton``).
+        ValueError: ``tiled_only`` with a requested backend that does not have it (``cpp``, ``triton``).
     """
     if needs_probabilities or requested == "eager":
         return "eager"
-    if softcap:
-        if requested not in ("auto", *_SOFTCAP_BACKENDS):
+    if tiled_only:
+        if requested not in ("auto", *_TILED_ONLY_BACKENDS):
             raise ValueError(
-                f"backend={requested!r} has no logit soft-capping (Gemma 2's attn_logit_softcapping); the "
-                f"{' and '.join(_SOFTCAP_BACKENDS)} backends have it: use backend='auto' (which picks the tiled "
-                f"kernel for such a layer){_SWITCH_BACKEND}."
+                f"backend={requested!r} has no {tiled_only}; the {' and '.join(_TILED_ONLY_BACKENDS)} backends have "
+                f"it: use backend='auto' (which picks the tiled kernel for such a layer){_SWITCH_BACKEND}."
             )
         return "tiled"
     return _fused_backend(requested, query)
@@ -336,14 +340,8 @@ def _unpatched_forward(module, query, key, value, attention_mask, **kwargs):
     return _fallback_function(module)(module, query, key, value, attention_mask, **kwargs)
 
 
-def _check_scorer_fits(module: nn.Module, scorer: nn.Module, query: torch.Tensor, kwargs: dict) -> None:
-    """Refuse a call the scorer cannot serve: a feature it does not model, or heads it was not built for."""
-    for name, feature in _UNSUPPORTED_KWARGS.items():
-        if kwargs.get(name) is not None:
-            raise NotImplementedError(
-                f"Neural attention does not support {feature} (`{name}` was passed by {type(module).__name__}); "
-                "do not patch layers that use it."
-            )
+def _check_scorer_fits(module: nn.Module, scorer: nn.Module, query: torch.Tensor) -> None:
+    """Refuse a call with heads the scorer was not built for."""
     # per-head weights need the heads they were made for; weights shared by the heads only the head size
     if query.shape[-1] != scorer.head_dim or (query.shape[1] != scorer.num_heads and scorer.weight_heads != 1):
         raise ValueError(
@@ -370,6 +368,15 @@ def _masking(
     if position_bias is not None:
         bias = position_bias if bias is None else bias + position_bias
     return mask, causal, bias
+
+
+def _sink_logits(kwargs: dict) -> torch.Tensor | None:
+    """The call's attention-sink logits as ``(batch|1, heads|1, q_len|1, 1)``: gpt-oss' per-head ``s_aux``
+    ``(heads,)`` becomes ``(1, heads, 1, 1)``; per-token ``sinks`` (Inkling 2) come in that shape already."""
+    s_aux, sinks = kwargs.get("s_aux"), kwargs.get("sinks")
+    if s_aux is not None and torch.is_tensor(s_aux) and s_aux.dim() == 1:
+        return s_aux.reshape(1, -1, 1, 1)
+    return s_aux if s_aux is not None else sinks
 
 
 def _fused_kernel(backend: str, scorer: nn.Module) -> tuple[Callable, dict]:
@@ -410,7 +417,7 @@ def neural_attention_forward(
     scorer = getattr(module, SCORER_ATTRIBUTE, None)
     if scorer is None:
         return _unpatched_forward(module, query, key, value, attention_mask, **kwargs)
-    _check_scorer_fits(module, scorer, query, kwargs)
+    _check_scorer_fits(module, scorer, query)
 
     num_groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, num_groups), repeat_kv(value, num_groups)
@@ -419,21 +426,24 @@ def neural_attention_forward(
         scaling = query.shape[-1] ** -0.5
     mask, causal, bias = _masking(module, query, key, attention_mask, kwargs)
     dropout_p = float(kwargs.get("dropout", 0.0) or 0.0)
-    softcap = kwargs.get("softcap")
+    softcap, sinks = kwargs.get("softcap"), _sink_logits(kwargs)
     check_softcap(softcap)
+    check_sinks(sinks, query.shape[0], query.shape[1], query.shape[2])
+    tiled_only = {"softcap": softcap, "sinks": sinks}  # what only the tiled kernel (and eager) computes
+    features = {"softcap": "logit soft-capping (Gemma 2)", "sinks": "attention sinks (gpt-oss)"}
+    needed = " and ".join(features[name] for name, value in tiled_only.items() if value is not None) or None
 
     needs_probabilities = _wants_attention_weights(kwargs)
     backend = choose_backend(scorer.settings.backend, query, needs_probabilities=needs_probabilities,
-                             softcap=softcap is not None)  # fmt: skip
+                             tiled_only=needed)  # fmt: skip
     if backend == "eager":
         out, probabilities = materialised_neural_attention(scorer, query, key, value, mask=mask, causal=causal,
                                                            bias=bias, scaling=scaling, dropout_p=dropout_p,
-                                                           softcap=softcap)  # fmt: skip
+                                                           softcap=softcap, sinks=sinks)  # fmt: skip
         return out.transpose(1, 2).contiguous(), probabilities if needs_probabilities else None
 
     kernel, options = _fused_kernel(backend, scorer)
-    if softcap is not None:  # only the tiled kernel takes it (choose_backend)
-        options["softcap"] = softcap
+    options.update({name: value for name, value in tiled_only.items() if value is not None})  # backend: tiled
     query_hidden, key_hidden, output_weight, second_weight, second_bias = scorer(query, key)  # a call: module hooks
     # a 0-d tensor, not an int: an .item() here would break a torch.compile graph
     seed = torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0.0 else None

@@ -34,6 +34,7 @@ __all__ = [
     "ACTIVATION_CODES",
     "as_4d",
     "autocast_off",
+    "check_sinks",
     "check_softcap",
     "bias_grad_rows",
     "causal_mask",
@@ -93,6 +94,18 @@ def visible_rows(
     if causal:
         pairs = pairs & causal_mask(q_len, k_len, mask.device)
     return pairs.any(-1).unsqueeze(-1), pairs.any(-2).unsqueeze(-1)
+
+
+def check_sinks(sinks: Tensor | None, batch: int, heads: int, q_len: int) -> None:
+    """Refuse attention-sink logits that are not a float tensor broadcastable to ``(batch, heads, q_len, 1)``."""
+    if sinks is None:
+        return
+    full = (batch, heads, q_len, 1)
+    if (not torch.is_tensor(sinks) or not sinks.is_floating_point() or sinks.dim() != 4
+            or any(size not in (1, want) for size, want in zip(sinks.shape, full, strict=True))):
+        what = f"a {sinks.dtype} tensor of shape {tuple(sinks.shape)}" if torch.is_tensor(sinks) else repr(sinks)
+        raise ValueError(f"sinks must be float logits of shape (batch|1, heads|1, q_len|1, 1), broadcastable to {full} "
+                         f"(gpt-oss: its per-head sinks as (1, heads, 1, 1)); got {what}.")
 
 
 def check_softcap(softcap: float | None) -> None:

@@ -190,15 +190,6 @@ def _passes_block_selection(cls: type) -> bool:
         return False
 
 
-def _unsupported_feature(module: nn.Module) -> str | None:
-    """What an attention module does that the neural scorer cannot (gpt-oss' sinks), or ``None``. Sliding windows
-    are supported (transformers draws them into the layer's mask), and so is Gemma 2's logit soft-capping (the
-    attention function gets it per call: the eager path and the tiled kernel cap the neural scores)."""
-    if getattr(module, "sinks", None) is not None or getattr(module, "sink_proj", None) is not None:  # per token
-        return "attention sinks"
-    return None
-
-
 def patch_model(
     model: PreTrainedModel,
     layers: LayerSelection = 0,
@@ -335,12 +326,6 @@ def _patch(model: nn.Module, layers: LayerSelection, config: NeuralAttentionConf
 
     for index in chosen:
         name, module = modules[index]
-        unsupported = _unsupported_feature(module)
-        if unsupported is not None:
-            others = any(_unsupported_feature(other) is None for _, other in modules)
-            advice = "choose another layer" if others else "no layer of this model can be patched"
-            raise ValueError(f"Layer {index} ({name}) uses {unsupported}, which neural attention does not support; "
-                             f"{advice}.")
         head_dim, num_heads = head_shape(module, model.config)
         if num_heads % max(getattr(module, "num_key_value_groups", 1), 1):
             raise ValueError(f"Layer {index} ({name}): heads are not a multiple of its key/value groups.")

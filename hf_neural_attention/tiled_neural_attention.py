@@ -41,6 +41,7 @@ from .kernels_neural_attention import (
     autocast_off,
     centre_hidden,
     check_kernel_inputs,
+    check_sinks,
     check_softcap,
     empty_attention,
     fold_causal_into_mask,
@@ -353,6 +354,11 @@ def _accumulate_bias_grad(dbias: Tensor, ds: Tensor, i0: int, i1: int, j0: int, 
     _tile_of(dbias, i0, i1, j0, j1).add_(g)
 
 
+def _sink_rows(sinks: Tensor, i0: int, i1: int, batch: int, heads: int, cdt: torch.dtype) -> Tensor:
+    """The sink logits of query rows ``i0:i1``, ``(G, bq)``, from ``sinks`` ``(batch|1, heads|1, q_len|1, 1)``."""
+    return _tile_of(sinks, i0, i1, 0, 1).to(cdt).expand(batch, heads, i1 - i0, 1).reshape(batch * heads, i1 - i0)
+
+
 def _dropout_keep(seed: int, tile: int, shape: tuple[int, ...], p: float, dtype: torch.dtype,
                   device: torch.device) -> Tensor:
     """The tile's scaled keep-mask: a CPU ``torch.Generator`` seeded ``seed + tile`` (the same pattern on every
@@ -400,18 +406,19 @@ def _blocks(block: list[int], G: int, tile_width: int, q_len: int, k_len: int):
 
 def _tiled_forward(factory: ScorerFactory | None, A: Tensor, B: Tensor, V: Tensor, w: Tensor, W2: Tensor | None,
                    b2: Tensor | None, dq: Tensor | None, dk: Tensor | None, mask: Tensor | None, bias: Tensor | None,
-                   activation: str, causal: bool, dot_scale: float, dropout_p: float, seed: Tensor,
-                   block: list[int], softcap: float) -> tuple[Tensor, Tensor]:
+                   sinks: Tensor | None, activation: str, causal: bool, dot_scale: float, dropout_p: float,
+                   seed: Tensor, block: list[int], softcap: float) -> tuple[Tensor, Tensor]:
     """``(out, stats)``: ``(G, q_len, v_dim)`` and ``(G, q_len, 2)`` in the compute dtype (``G = batch * heads``).
 
     ``stats[..., 0]`` is each row's score maximum, ``stats[..., 1]`` the log of its softmax denominator (``+inf`` for
     a row no key is visible to). Kept apart, not summed into one log-sum-exp: a large negative score bias (a float
     mask of -1e9) puts the maximum where adding ``log(denom)`` rounds away, and backward's probabilities would be
-    ``denom`` times too large."""
+    ``denom`` times too large. ``sinks`` (attention sinks, gpt-oss): one more logit per row in the denominator, with
+    no value: folded in after the keys, as a key of value zero."""
     batch, heads, q_len, _ = A.shape
     k_len, v_dim = B.shape[2], V.shape[3]
     G, dev = batch * heads, A.device
-    cdt = _compute_dtype(A, B, V, w, W2, b2, dq, dk, bias)
+    cdt = _compute_dtype(A, B, V, w, W2, b2, dq, dk, bias, sinks)
     At, Bt, Vf, wg, W2g, b2g, dqs, dkf = _operands(A, B, V, w, W2, b2, dq, dk, dot_scale, cdt)
     scorer = _make_scorer(factory, activation, At, Bt, wg, W2g, b2g, need_grad=False)
     q_blocks, k_blocks = _blocks(block, G, scorer.tile_width, q_len, k_len)
@@ -440,6 +447,14 @@ def _tiled_forward(factory: ScorerFactory | None, A: Tensor, B: Tensor, V: Tenso
                 pr = pr.mul_(_dropout_keep(seed, qi * len(k_blocks) + kj, pr.shape, p, cdt, dev))
             acc = acc.mul_(alpha.unsqueeze(-1)).baddbmm_(pr, Vf[:, j0:j1])
             m, m_safe = m_new, m_safe_new
+        if sinks is not None:  # (a row no key is visible to: all weight on the sink, zero output as without one)
+            sink = _sink_rows(sinks, i0, i1, batch, heads, cdt)
+            m_new = torch.maximum(m, sink)
+            m_safe_new = m_new.masked_fill(m_new == -math.inf, 0.0)
+            alpha = torch.exp(m_safe - m_safe_new).masked_fill_(m == -math.inf, 0.0)
+            denom = denom.mul_(alpha).add_(torch.exp(sink - m_safe_new))
+            acc = acc.mul_(alpha.unsqueeze(-1))
+            m_safe = m_safe_new
         visible = denom > 0
         tiny = torch.finfo(cdt).tiny
         out[:, i0:i1] = torch.where(visible.unsqueeze(-1), acc / denom.clamp_min(tiny).unsqueeze(-1), 0.0)
@@ -450,12 +465,13 @@ def _tiled_forward(factory: ScorerFactory | None, A: Tensor, B: Tensor, V: Tenso
 
 def _tiled_backward(factory: ScorerFactory | None, A: Tensor, B: Tensor, V: Tensor, w: Tensor, W2: Tensor | None,
                     b2: Tensor | None, dq: Tensor | None, dk: Tensor | None, mask: Tensor | None, bias: Tensor | None,
-                    bias_grad: bool, out: Tensor, stats: Tensor, grad_out: Tensor, activation: str, causal: bool,
-                    dot_scale: float, dropout_p: float, seed: Tensor, block: list[int],
+                    sinks: Tensor | None, bias_grad: bool, out: Tensor, stats: Tensor, grad_out: Tensor,
+                    activation: str, causal: bool, dot_scale: float, dropout_p: float, seed: Tensor, block: list[int],
                     softcap: float) -> tuple[Tensor, ...]:
-    """Gradients of ``A, B, V, w, W2, b2, dq, dk, bias``, each shaped and typed like its input (empty for an absent
-    one, and for the bias unless ``bias_grad``: a mask-derived bias or a fixed ALiBi buffer needs none); the scores
-    are recomputed tile by tile. The bias's gradient is the scores' (summed where it broadcasts)."""
+    """Gradients of ``A, B, V, w, W2, b2, dq, dk, bias, sinks``, each shaped and typed like its input (empty for an
+    absent one, and for the bias unless ``bias_grad``: a mask-derived bias or a fixed ALiBi buffer needs none); the
+    scores are recomputed tile by tile. The bias's gradient is the scores' (summed where it broadcasts); a sink's is
+    ``-p_sink * D`` per row (``D = rowsum(dO * O)``: the sink has no value), summed where it broadcasts."""
     batch, heads, q_len, hidden = A.shape
     k_len, v_dim = B.shape[2], V.shape[3]
     G, dev = batch * heads, A.device
@@ -473,9 +489,14 @@ def _tiled_backward(factory: ScorerFactory | None, A: Tensor, B: Tensor, V: Tens
     ddq = torch.zeros_like(dqs) if dot else None
     ddk = torch.zeros_like(dkf) if dot else None
     dbias = torch.zeros(bias.shape, dtype=cdt, device=dev) if bias is not None and bias_grad else None
+    dsinks = torch.zeros(sinks.shape, dtype=cdt, device=dev) if sinks is not None else None
     for qi, (i0, i1) in enumerate(q_blocks):
         dO_i, D_i = dO[:, i0:i1], D[:, i0:i1, None]
         max_i, log_denom_i = stats[:, i0:i1, 0:1], stats[:, i0:i1, 1:2]
+        if dsinks is not None:
+            p_sink = torch.exp(_sink_rows(sinks, i0, i1, batch, heads, cdt) - max_i[..., 0] - log_denom_i[..., 0])
+            grad = (-p_sink * D_i[..., 0]).view(batch, heads, i1 - i0, 1)
+            _tile_of(dsinks, i0, i1, 0, 1).add_(sum_to_bias_shape(grad, dsinks.shape))
         for kj, (j0, j1) in enumerate(k_blocks):
             tm = tile_masks(i0, i1, j0, j1)
             if tm is False:
@@ -501,7 +522,7 @@ def _tiled_backward(factory: ScorerFactory | None, A: Tensor, B: Tensor, V: Tens
                 ddk[:, j0:j1].baddbmm_(ds.transpose(1, 2), dqs[:, i0:i1])
 
     dAt, dBt, dparams = scorer.grads()
-    absent = [A.new_empty(0) for _ in range(5)]  # distinct tensors: an op's outputs may not alias each other
+    absent = [A.new_empty(0) for _ in range(6)]  # distinct tensors: an op's outputs may not alias each other
     return (
         dAt.transpose(1, 2).reshape(batch, heads, q_len, hidden).to(A.dtype).contiguous(),
         dBt.transpose(1, 2).reshape(batch, heads, k_len, hidden).to(B.dtype).contiguous(),
@@ -512,18 +533,19 @@ def _tiled_backward(factory: ScorerFactory | None, A: Tensor, B: Tensor, V: Tens
         (ddq * dot_scale).view(dq.shape).to(dq.dtype).contiguous() if dot else absent[2],
         ddk.view(dk.shape).to(dk.dtype).contiguous() if dot else absent[3],
         dbias.to(bias.dtype) if dbias is not None else absent[4],
+        dsinks.to(sinks.dtype) if dsinks is not None else absent[5],
     )
 
 
-def _forward_fake(A, B, V, w, W2, b2, dq, dk, mask, bias, *args):
-    cdt = _compute_dtype(A, B, V, w, W2, b2, dq, dk, bias)
+def _forward_fake(A, B, V, w, W2, b2, dq, dk, mask, bias, sinks, *args):
+    cdt = _compute_dtype(A, B, V, w, W2, b2, dq, dk, bias, sinks)
     G, q_len = A.shape[0] * A.shape[1], A.shape[2]
     return V.new_empty(G, q_len, V.shape[3], dtype=cdt), V.new_empty(G, q_len, 2, dtype=cdt)
 
 
-def _backward_fake(A, B, V, w, W2, b2, dq, dk, mask, bias, bias_grad, *args):
+def _backward_fake(A, B, V, w, W2, b2, dq, dk, mask, bias, sinks, bias_grad, *args):
     return tuple(A.new_empty(0) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
-                 for t in (A, B, V, w, W2, b2, dq, dk, bias if bias_grad else None))  # fmt: skip
+                 for t in (A, B, V, w, W2, b2, dq, dk, bias if bias_grad else None, sinks))  # fmt: skip
 
 
 _FILE_TAG = source_tag(__file__)
@@ -553,19 +575,20 @@ def tiled_ops(scorer_factory: ScorerFactory | None = None) -> tuple[Callable, Ca
         tag = hashlib.sha256(f"{_FILE_TAG}:{name}".encode()).hexdigest()[:12]
 
         def forward(A: Tensor, B: Tensor, V: Tensor, w: Tensor, W2: Tensor | None, b2: Tensor | None,
-                    dq: Tensor | None, dk: Tensor | None, mask: Tensor | None, bias: Tensor | None, activation: str,
-                    causal: bool, dot_scale: float, dropout_p: float, seed: Tensor,
-                    block: list[int], softcap: float) -> tuple[Tensor, Tensor]:
-            return _tiled_forward(scorer_factory, A, B, V, w, W2, b2, dq, dk, mask, bias, activation, causal,
+                    dq: Tensor | None, dk: Tensor | None, mask: Tensor | None, bias: Tensor | None,
+                    sinks: Tensor | None, activation: str, causal: bool, dot_scale: float, dropout_p: float,
+                    seed: Tensor, block: list[int], softcap: float) -> tuple[Tensor, Tensor]:
+            return _tiled_forward(scorer_factory, A, B, V, w, W2, b2, dq, dk, mask, bias, sinks, activation, causal,
                                   dot_scale, dropout_p, seed, block, softcap)  # fmt: skip
 
         def backward(A: Tensor, B: Tensor, V: Tensor, w: Tensor, W2: Tensor | None, b2: Tensor | None,
-                     dq: Tensor | None, dk: Tensor | None, mask: Tensor | None, bias: Tensor | None, bias_grad: bool,
-                     out: Tensor, stats: Tensor, grad_out: Tensor, activation: str, causal: bool, dot_scale: float,
-                     dropout_p: float, seed: Tensor, block: list[int], softcap: float
-                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-            return _tiled_backward(scorer_factory, A, B, V, w, W2, b2, dq, dk, mask, bias, bias_grad, out, stats,
-                                   grad_out, activation, causal, dot_scale, dropout_p, seed, block,
+                     dq: Tensor | None, dk: Tensor | None, mask: Tensor | None, bias: Tensor | None,
+                     sinks: Tensor | None, bias_grad: bool, out: Tensor, stats: Tensor, grad_out: Tensor,
+                     activation: str, causal: bool, dot_scale: float, dropout_p: float, seed: Tensor,
+                     block: list[int], softcap: float
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+            return _tiled_backward(scorer_factory, A, B, V, w, W2, b2, dq, dk, mask, bias, sinks, bias_grad, out,
+                                   stats, grad_out, activation, causal, dot_scale, dropout_p, seed, block,
                                    softcap)  # fmt: skip
 
         _TILED_OPS[scorer_factory] = (kernel_op(f"tiled_forward_{tag}", _forward_fake)(forward),
@@ -584,13 +607,13 @@ class _NeuralAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     @autocast_off
-    def forward(ctx, A, B, V, w, W2, b2, dq, dk, mask, bias, cfg):
+    def forward(ctx, A, B, V, w, W2, b2, dq, dk, mask, bias, sinks, cfg):
         inputs = (A, B, V, w, W2, b2, dq, dk)
         settings = (cfg["activation"], cfg["causal"], cfg["dot_scale"], cfg["dropout_p"], cfg["seed"], cfg["block"],
                     cfg["softcap"])
         forward_op, _ = cfg["ops"]
-        out, stats = forward_op(*inputs, mask, bias, *settings)
-        ctx.save_for_backward(*inputs, mask, bias, out, stats)
+        out, stats = forward_op(*inputs, mask, bias, sinks, *settings)
+        ctx.save_for_backward(*inputs, mask, bias, sinks, out, stats)
         ctx.settings, ctx.ops = settings, cfg["ops"]
         batch, heads, q_len, _ = A.shape
         out = out.view(batch, heads, q_len, V.shape[3])
@@ -602,12 +625,13 @@ class _NeuralAttentionFunction(torch.autograd.Function):
     @once_differentiable_always  # the backward op is not differentiable: a second derivative must raise
     @autocast_off
     def backward(ctx, grad_out):
-        *inputs, mask, bias, out, stats = ctx.saved_tensors
+        *inputs, mask, bias, sinks, out, stats = ctx.saved_tensors
         _, backward_op = ctx.ops
         bias_grad = bias is not None and ctx.needs_input_grad[9]
-        *grads, dbias = backward_op(*inputs, mask, bias, bias_grad, out, stats, grad_out.contiguous(), *ctx.settings)
+        *grads, dbias, dsinks = backward_op(*inputs, mask, bias, sinks, bias_grad, out, stats, grad_out.contiguous(),
+                                            *ctx.settings)  # fmt: skip
         return (*(None if t is None else g for t, g in zip(inputs, grads, strict=True)), None,
-                dbias if bias_grad else None, None)
+                dbias if bias_grad else None, dsinks if sinks is not None else None, None)
 
 
 def _make_scorer(factory: ScorerFactory | None, activation: str, At: Tensor, Bt: Tensor, wg: Tensor,
@@ -644,6 +668,7 @@ def neural_attention_tiled(
     block_size: int | tuple[int, int] | None = None,
     scorer_factory: ScorerFactory | None = None,
     softcap: float | None = None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """Neural attention, tiled over query and key blocks with an online softmax (pure PyTorch).
 
@@ -653,7 +678,9 @@ def neural_attention_tiled(
     by tile, and gets its gradient. ``block_size`` overrides the automatic ``(block_q, block_k)`` (an int sets both);
     the dropout pattern depends on it. ``scorer_factory`` supplies another implementation of the per-pair MLP (see
     :data:`ScorerFactory`). ``softcap`` (Gemma 2's logit soft-capping) replaces each score by
-    ``softcap * tanh(score / softcap)`` before the bias is added; only this kernel and the materialising path have it.
+    ``softcap * tanh(score / softcap)`` before the bias is added; ``sinks`` (attention sinks: gpt-oss per head,
+    ``(1, heads, 1, 1)``; per query, ``(batch, heads, q_len, 1)``) add one logit per row to the softmax's denominator,
+    with no value, and get their gradient. Only this kernel and the materialising path have the two.
     """
     output_weight, second_weight, second_bias = check_kernel_inputs(
         query_hidden, key_hidden, value, output_weight, second_weight, second_bias, activation, mask, dot_query,
@@ -661,9 +688,10 @@ def neural_attention_tiled(
     )  # fmt: skip
     batch, heads, q_len, _ = query_hidden.shape
     k_len = key_hidden.shape[2]
-    if q_len == 0 or k_len == 0 or batch * heads == 0:
+    check_sinks(sinks, batch, heads, q_len)
+    if q_len == 0 or k_len == 0 or batch * heads == 0:  # (with sinks too: every row's weight on its sink)
         return empty_attention((query_hidden, key_hidden, value, output_weight, second_weight, second_bias,
-                                dot_query, dot_key, score_bias))  # fmt: skip
+                                dot_query, dot_key, score_bias, sinks))  # fmt: skip
     if score_bias is not None:
         score_bias = as_4d(score_bias)
     mask, causal = fold_causal_into_mask(mask, causal, q_len, k_len)
@@ -690,10 +718,10 @@ def neural_attention_tiled(
     query_visible, key_visible = visible_rows(mask, cfg["causal"], q_len, k_len, query_hidden.device)
     # centred in the kernel's compute dtype (after the cast: bf16 offsets would round first; fp64 if any input is)
     cdt = _compute_dtype(query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key,
-                         score_bias)
+                         score_bias, sinks)
     query_hidden, key_hidden = centre_hidden(query_hidden.to(cdt), key_hidden.to(cdt), query_visible, key_visible)
     value, dot_query, dot_key = zero_unseen_operands(value, dot_query, dot_key, query_visible, key_visible)
     return _NeuralAttentionFunction.apply(
         query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key, mask,
-        score_bias, cfg,
+        score_bias, sinks, cfg,
     )

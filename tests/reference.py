@@ -159,7 +159,8 @@ def kernel_reference(query_hidden: torch.Tensor, key_hidden: torch.Tensor, value
                      second_bias: torch.Tensor | None = None, *, activation: str = "relu",
                      mask: torch.Tensor | None = None, causal: bool = False, dot_query: torch.Tensor | None = None,
                      dot_key: torch.Tensor | None = None, dot_scale: float = 1.0, keep: torch.Tensor | None = None,
-                     score_bias: torch.Tensor | None = None, softcap: float | None = None) -> torch.Tensor:
+                     score_bias: torch.Tensor | None = None, softcap: float | None = None,
+                     sinks: torch.Tensor | None = None) -> torch.Tensor:
     """The fused-kernel contract of ``docs/design.md`` in float64, materialising ``(b, h, lq, lk, hidden)``.
 
     Same arguments as the kernels (``A = query_hidden``, ``B = key_hidden``; per-head weights with a leading
@@ -167,8 +168,9 @@ def kernel_reference(query_hidden: torch.Tensor, key_hidden: torch.Tensor, value
     with no visible key give zero output. ``keep``: optional dropout multiplier broadcastable to
     ``(b, h, lq, lk)``, applied to the probabilities as given -- the CALLER applies the ``1 / (1 - p)``
     scaling (pass ``keep_mask / (1 - p)``). ``softcap``: scores (dot term included) become
-    ``softcap * tanh(score / softcap)`` before the bias. Returns ``(b, h, lq, v_dim)`` float64, differentiable w.r.t.
-    every input.
+    ``softcap * tanh(score / softcap)`` before the bias. ``sinks`` ``(b|1, h|1, lq|1, 1)``: one more logit per row in
+    the softmax, with no value (attention sinks). Returns ``(b, h, lq, v_dim)`` float64, differentiable w.r.t. every
+    input.
     """
     w = output_weight.double()
     w = w[None] if w.dim() == 1 else w
@@ -195,7 +197,12 @@ def kernel_reference(query_hidden: torch.Tensor, key_hidden: torch.Tensor, value
         valid = valid & causal_visible(lq, lk).to(scores.device)
     scores = scores.masked_fill(~valid, float("-inf"))
     scores = torch.where(valid.any(-1, keepdim=True), scores, torch.zeros_like(scores))  # no NaN rows
-    probabilities = torch.softmax(scores, -1) * valid
+    if sinks is not None:  # a row no key is visible to puts all its weight on the sink: zero output
+        sink = sinks.double().expand(*scores.shape[:-1], 1)
+        scores = torch.where(valid.any(-1, keepdim=True), scores, float("-inf"))
+        probabilities = torch.softmax(torch.cat([scores, sink], -1), -1)[..., :-1] * valid
+    else:
+        probabilities = torch.softmax(scores, -1) * valid
     if keep is not None:
         probabilities = probabilities * keep.to(probabilities)
     return probabilities @ value.double()

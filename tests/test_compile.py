@@ -245,12 +245,14 @@ def test_tiled_ops_pass_opcheck(scorers, mlp, bias_shape):
     forward_op, backward_op = tiled.tiled_ops(cpp._cpp_scorer_factory if scorers == "cpp" else None)
     inputs, mask = _op_inputs(mlp)
     bias = None if bias_shape is None else _rand(*bias_shape, seed=12)  # a score bias (T5's position bias)
+    sinks = None if bias_shape is None else _rand(1, 2, 1, 1, seed=13)  # attention sinks (gpt-oss)
     settings = ("relu", False, 0.4, 0.2, torch.tensor(77), [4, 4], 1.5)  # the last: a soft-cap (Gemma 2)
-    torch.library.opcheck(forward_op.op, (*inputs, mask, bias, *settings))
-    out, stats = forward_op(*inputs, mask, bias, *settings)
+    torch.library.opcheck(forward_op.op, (*inputs, mask, bias, sinks, *settings))
+    out, stats = forward_op(*inputs, mask, bias, sinks, *settings)
     grad_out = _rand(*out.shape, seed=11)
     for bias_grad in {False, bias is not None}:  # a fixed bias (ALiBi, a float mask) gets no gradient computed
-        torch.library.opcheck(backward_op.op, (*inputs, mask, bias, bias_grad, out, stats, grad_out, *settings))
+        torch.library.opcheck(backward_op.op, (*inputs, mask, bias, sinks, bias_grad, out, stats, grad_out,
+                                               *settings))  # fmt: skip
 
 
 @needs_triton

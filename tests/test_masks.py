@@ -153,14 +153,6 @@ def test_a_mask_of_another_shape_is_the_same_value_error_on_every_backend(backen
             neural_attention_forward(layer, query, key, value, mask)
 
 
-def test_unsupported_features_raise_not_implemented():
-    layer = _layer("eager", torch.float64)
-    query, key, value = _inputs(1, 2, 3, 3)
-    for kwargs in ({"s_aux": torch.zeros(2)}, {"sinks": torch.zeros(2)}):  # (soft-capping: test_softcap.py)
-        with pytest.raises(NotImplementedError, match="does not support attention sinks"):
-            neural_attention_forward(layer, query, key, value, None, **kwargs)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_causality_future_tokens_never_change_past_logits(backend):
     model = patch_model(tiny_gpt2(), layers=[0], config=NeuralAttentionConfig(backend=backend))

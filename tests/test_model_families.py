@@ -168,8 +168,9 @@ def test_block_sparse_selection_is_refused():
 
 def test_attention_over_depth_and_per_token_sinks():
     """Inkling2 runs attention over its layers' outputs through the attention interface (the sequence where the
-    heads go), and computes attention sinks per token: a clear ValueError for each instead of a shape error deep in
-    the scorer, or a NotImplementedError at the first forward."""
+    heads go): a clear ValueError instead of a shape error deep in the scorer. Its self-attention computes attention
+    sinks per token, which the tiled kernel takes (``tests/test_softcap_and_sinks.py``): the same logits as the eager
+    path."""
     config = _config("inkling2_text", vocab_size=VOCAB, unpadded_vocab_size=VOCAB, hidden_size=32,
                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                      swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8, sliding_window_size=4,
@@ -178,8 +179,16 @@ def test_attention_over_depth_and_per_token_sinks():
     stock = AutoModelForCausalLM.from_config(config).eval()
     names = [name for name, _ in find_attention_modules(stock)]
     depth, sinks = names.index("model.layers.0.mlp_input"), names.index("model.layers.0.self_attn")
-    with pytest.raises(ValueError, match="attention sinks"):
-        patch_model(copy.deepcopy(stock), layers=[sinks])
+    with_sinks = patch_model(copy.deepcopy(stock), layers=[sinks], backend="eager")
+    with torch.no_grad():
+        logits = {}
+        for backend in ("eager", "auto"):
+            set_backend(with_sinks, backend)
+            logits[backend] = with_sinks(_ids(2, 8)).logits
+        torch.testing.assert_close(logits["auto"], logits["eager"], rtol=1e-5, atol=1e-5)
+        sink_weights = with_sinks.get_submodule(names[sinks]).sink_proj.weight
+        sink_weights.mul_(20.0)  # the sinks' logits reach the output
+        assert (with_sinks(_ids(2, 8)).logits - logits["auto"]).abs().max() > 1e-4
     model = patch_model(copy.deepcopy(stock), layers=[depth])
     with pytest.raises(ValueError, match="not a multi-head self-attention over tokens"), torch.no_grad():
         model(_ids(1, 8))

@@ -177,11 +177,11 @@ def test_a_fixed_bias_gets_no_gradient_computed_and_changes_nothing_else():
     t, g = make_inputs(46, bias_shape=(2, 3, 11, 13))
     forward_op, backward_op = tiled_ops()
     inputs = [None if t[n] is None else t[n].detach() for n in ("A", "B", "V", "w", "W2", "b2", "dq", "dk")]
-    settings = ("relu", True, 1.0, 0.0, torch.tensor(0), [4, 8])
-    out, stats = forward_op(*inputs, None, t["bias"].detach(), *settings)
+    settings = ("relu", True, 1.0, 0.0, torch.tensor(0), [4, 8], 0.0)  # no soft-cap
+    out, stats = forward_op(*inputs, None, t["bias"].detach(), None, *settings)  # (None: no attention sinks)
     grad_out = torch.randn(out.shape, generator=g)
-    *with_bias, dbias = backward_op(*inputs, None, t["bias"].detach(), True, out, stats, grad_out, *settings)
-    *fixed, no_dbias = backward_op(*inputs, None, t["bias"].detach(), False, out, stats, grad_out, *settings)
+    *with_bias, dbias, _ = backward_op(*inputs, None, t["bias"].detach(), None, True, out, stats, grad_out, *settings)
+    *fixed, no_dbias, _ = backward_op(*inputs, None, t["bias"].detach(), None, False, out, stats, grad_out, *settings)
     assert dbias.shape == t["bias"].shape and no_dbias.numel() == 0
     assert all(torch.equal(a, b) for a, b in zip(with_bias, fixed, strict=True))
     fixed = dict(t, bias=t["bias"].detach())

@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-from transformers import GptOssConfig, GptOssForCausalLM
 
 from hf_neural_attention import NeuralAttentionConfig, neural_attention_forward, patch_model, set_backend
 from tests.models import loss_and_grads, random_ids, tiny_gemma3, tiny_mistral
@@ -108,19 +107,3 @@ def test_gemma3_sliding_and_full_layers_decode_with_their_caches():
     uncached, uncached_scores = _generate(model, ids, use_cache=False)
     assert torch.equal(cached, uncached)
     torch.testing.assert_close(cached_scores, uncached_scores, rtol=1e-5, atol=1e-5)
-
-
-def _gpt_oss():
-    return GptOssForCausalLM(GptOssConfig(vocab_size=97, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                          max_position_embeddings=64, sliding_window=4, num_local_experts=2,
-                                          num_experts_per_tok=1))
-
-
-def test_layers_with_attention_sinks_are_refused_at_patch_time():  # (Gemma 2's soft-capping: test_softcap.py)
-    model = _gpt_oss()
-    before = copy.deepcopy(model.config.to_dict())
-    with pytest.raises(ValueError, match="uses .*attention sinks.*no layer of this model can be patched"):
-        patch_model(model, layers=[0])
-    assert model.config.to_dict() == before
-    assert not any(hasattr(module, "neural_scorer") for module in model.modules())
