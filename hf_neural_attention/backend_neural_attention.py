@@ -370,6 +370,18 @@ def _masking(
     return mask, causal, bias
 
 
+_TILED_ONLY_FEATURES = {"softcap": "logit soft-capping (Gemma 2)", "sinks": "attention sinks (gpt-oss)"}
+
+
+def _tiled_only_features(query: torch.Tensor, kwargs: dict) -> dict:
+    """The call's soft-cap and attention-sink logits, checked, under the tiled kernel's keywords; only those present
+    (``query`` ``(batch, heads, q_len, head_dim)`` gives the sinks' shape)."""
+    features = {"softcap": kwargs.get("softcap"), "sinks": _sink_logits(kwargs)}
+    check_softcap(features["softcap"])
+    check_sinks(features["sinks"], *query.shape[:3])
+    return {name: value for name, value in features.items() if value is not None}
+
+
 def _sink_logits(kwargs: dict) -> torch.Tensor | None:
     """The call's attention-sink logits as ``(batch|1, heads|1, q_len|1, 1)``: gpt-oss' per-head ``s_aux``
     ``(heads,)`` becomes ``(1, heads, 1, 1)``; per-token ``sinks`` (Inkling 2) come in that shape already."""
@@ -426,24 +438,19 @@ def neural_attention_forward(
         scaling = query.shape[-1] ** -0.5
     mask, causal, bias = _masking(module, query, key, attention_mask, kwargs)
     dropout_p = float(kwargs.get("dropout", 0.0) or 0.0)
-    softcap, sinks = kwargs.get("softcap"), _sink_logits(kwargs)
-    check_softcap(softcap)
-    check_sinks(sinks, query.shape[0], query.shape[1], query.shape[2])
-    tiled_only = {"softcap": softcap, "sinks": sinks}  # what only the tiled kernel (and eager) computes
-    features = {"softcap": "logit soft-capping (Gemma 2)", "sinks": "attention sinks (gpt-oss)"}
-    needed = " and ".join(features[name] for name, value in tiled_only.items() if value is not None) or None
+    extras = _tiled_only_features(query, kwargs)
 
     needs_probabilities = _wants_attention_weights(kwargs)
     backend = choose_backend(scorer.settings.backend, query, needs_probabilities=needs_probabilities,
-                             tiled_only=needed)  # fmt: skip
+                             tiled_only=" and ".join(_TILED_ONLY_FEATURES[name] for name in extras) or None)
     if backend == "eager":
         out, probabilities = materialised_neural_attention(scorer, query, key, value, mask=mask, causal=causal,
                                                            bias=bias, scaling=scaling, dropout_p=dropout_p,
-                                                           softcap=softcap, sinks=sinks)  # fmt: skip
+                                                           **extras)  # fmt: skip
         return out.transpose(1, 2).contiguous(), probabilities if needs_probabilities else None
 
     kernel, options = _fused_kernel(backend, scorer)
-    options.update({name: value for name, value in tiled_only.items() if value is not None})  # backend: tiled
+    options.update(extras)  # (the backend is then the tiled kernel: choose_backend)
     query_hidden, key_hidden, output_weight, second_weight, second_bias = scorer(query, key)  # a call: module hooks
     # a 0-d tensor, not an int: an .item() here would break a torch.compile graph
     seed = torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0.0 else None
