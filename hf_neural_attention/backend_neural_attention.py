@@ -474,6 +474,11 @@ def neural_attention_mask(**kwargs) -> torch.Tensor | None:
     mask to stay causal (a ``None`` mask then lost keys). Arguments are transformers' mask-interface keywords.
     """
     config = kwargs.get("config")
+    padding = kwargs.get("attention_mask")
+    if padding is not None and padding.dim() == 2 and "kv_length" in kwargs:
+        # cut to the columns the mask reads (the same mask): inductor then knows every read in bounds and emits no
+        # bounds check, which its C++ codegen can declare after use ("'tmp1' was not declared", decoding with padding)
+        kwargs["attention_mask"] = padding[:, : kwargs.get("kv_offset", 0) + kwargs["kv_length"]]
     if getattr(config, FALLBACK_CONFIG_ATTRIBUTE, "sdpa") == "eager":
         return eager_mask(**kwargs)
     if getattr(config, "num_kv_shared_layers", 0):

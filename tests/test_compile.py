@@ -8,6 +8,7 @@ each op's schema, fake (meta) function and aliasing on real inputs.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import os
 import subprocess
@@ -170,6 +171,25 @@ def test_inductor_compiles_the_default_cpu_backend():
     model = patch_model(tiny_gpt2(seed=6), layers=[0])  # backend "auto": the fused C++ kernel on CPU
     compiled = torch.compile(model, fullgraph=True)
     _assert_same_training_step(model, compiled, _padded_batch(), atol=1e-5)
+
+
+@needs_cpp  # (a C++ compiler, which inductor needs too)
+@pytest.mark.parametrize("backend", ["tiled", "cpp"])
+def test_inductor_decodes_a_padded_batch_from_a_dynamic_cache(backend):
+    # one token against a DynamicCache, left padding, symbolic lengths: the bool mask transformers builds from the 2-D
+    # padding mask was recomputed, bounds checked, in the kernels that zero the rows of the keys no query sees, and
+    # inductor's C++ code used the check's index before declaring it ("'tmp1' was not declared in this scope")
+    model = patch_model(tiny_gpt2(seed=8), layers=[0], config=NeuralAttentionConfig(backend=backend, proj_dim=4))
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    batch = _padded_batch()
+    ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        prompt = model(ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=positions[:, :-1])
+        step = {"input_ids": ids[:, -1:], "attention_mask": attention_mask, "position_ids": positions[:, -1:]}
+        expected = model(**step, past_key_values=copy.deepcopy(prompt.past_key_values)).logits
+        decoded = compiled(**step, past_key_values=prompt.past_key_values).logits
+    torch.testing.assert_close(decoded, expected, rtol=0, atol=1e-5)
 
 
 @needs_cpp
