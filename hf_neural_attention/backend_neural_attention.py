@@ -34,9 +34,9 @@ ATTENTION_NAME = "neural_attention"
 FALLBACK_ATTRIBUTE = "neural_attention_fallback"
 """Set by the patcher on every attention module: the implementation unpatched modules keep (``sdpa``/``eager``)."""
 
-_TILED_ONLY_BACKENDS = ("eager", "tiled")
-"""The backends with logit soft-capping (Gemma 2) and attention sinks (gpt-oss); ``auto`` takes the tiled kernel for
-a layer with either."""
+_CAP_AND_SINK_BACKENDS = ("eager", "tiled")
+"""The backends with logit soft-capping (Gemma 2) and attention sinks (gpt-oss, Inkling 2); ``auto`` takes the tiled
+kernel for a layer with either."""
 
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # Triton and the C++ kernel compute in fp32
@@ -221,7 +221,7 @@ _SWITCH_BACKEND = (" (a checkpoint keeps the backend it was saved with: load it 
 
 
 def choose_backend(requested: str, query: torch.Tensor, *, needs_probabilities: bool,
-                   tiled_only: str | None = None) -> str:
+                   cap_or_sinks: str | None = None) -> str:
     """The backend that will run: ``"eager"``, ``"tiled"``, ``"cpp"`` or ``"triton"``.
 
     ``auto`` takes the fused path that applies: Triton on CUDA when installed (on a GPU older than compute capability
@@ -230,18 +230,19 @@ def choose_backend(requested: str, query: torch.Tensor, *, needs_probabilities: 
     fp32). Every backend falls back to ``eager`` for a call that must return probabilities, since fused kernels never
     form the probability matrix.
     A real additive bias (T5's position bias) takes the same path: every fused kernel adds it to its scores. A call
-    with a feature only the tiled kernel has (``tiled_only`` names it: logit soft-capping, attention sinks) takes it.
+    with logit soft-capping or attention sinks (``cap_or_sinks`` names what it has) takes the tiled kernel, the one
+    fused kernel with them.
 
     Raises:
-        ValueError: ``tiled_only`` with a requested backend that does not have it (``cpp``, ``triton``).
+        ValueError: ``cap_or_sinks`` with a requested backend that does not have them (``cpp``, ``triton``).
     """
     if needs_probabilities or requested == "eager":
         return "eager"
-    if tiled_only:
-        if requested not in ("auto", *_TILED_ONLY_BACKENDS):
+    if cap_or_sinks:
+        if requested not in ("auto", *_CAP_AND_SINK_BACKENDS):
             raise ValueError(
-                f"backend={requested!r} has no {tiled_only}; the {' and '.join(_TILED_ONLY_BACKENDS)} backends have "
-                f"it: use backend='auto' (which picks the tiled kernel for such a layer){_SWITCH_BACKEND}."
+                f"backend={requested!r} has no {cap_or_sinks}; the {' and '.join(_CAP_AND_SINK_BACKENDS)} backends "
+                f"do: use backend='auto' (which picks the tiled kernel for such a layer){_SWITCH_BACKEND}."
             )
         return "tiled"
     return _fused_backend(requested, query)
@@ -370,12 +371,12 @@ def _masking(
     return mask, causal, bias
 
 
-_TILED_ONLY_FEATURES = {"softcap": "logit soft-capping (Gemma 2)", "sinks": "attention sinks (gpt-oss)"}
+_FEATURE_NAMES = {"softcap": "logit soft-capping", "sinks": "attention sinks"}
 
 
-def _tiled_only_features(query: torch.Tensor, kwargs: dict) -> dict:
-    """The call's soft-cap and attention-sink logits, checked, under the tiled kernel's keywords; only those present
-    (``query`` ``(batch, heads, q_len, head_dim)`` gives the sinks' shape)."""
+def _cap_and_sinks(query: torch.Tensor, kwargs: dict) -> dict:
+    """The call's soft-cap and attention-sink logits, checked, under the tiled kernel's (and the materialising path's)
+    keywords; only those present (``query`` ``(batch, heads, q_len, head_dim)`` gives the sinks' shape)."""
     features = {"softcap": kwargs.get("softcap"), "sinks": _sink_logits(kwargs)}
     check_softcap(features["softcap"])
     check_sinks(features["sinks"], *query.shape[:3])
@@ -383,12 +384,14 @@ def _tiled_only_features(query: torch.Tensor, kwargs: dict) -> dict:
 
 
 def _sink_logits(kwargs: dict) -> torch.Tensor | None:
-    """The call's attention-sink logits as ``(batch|1, heads|1, q_len|1, 1)``: gpt-oss' per-head ``s_aux``
-    ``(heads,)`` becomes ``(1, heads, 1, 1)``; per-token ``sinks`` (Inkling 2) come in that shape already."""
-    s_aux, sinks = kwargs.get("s_aux"), kwargs.get("sinks")
-    if s_aux is not None and torch.is_tensor(s_aux) and s_aux.dim() == 1:
-        return s_aux.reshape(1, -1, 1, 1)
-    return s_aux if s_aux is not None else sinks
+    """The call's attention-sink logits (``s_aux``: gpt-oss and kin; ``sinks``: Inkling 2) as ``(batch|1, heads|1,
+    q_len|1, 1)``: per-head ``(heads,)`` ones become ``(1, heads, 1, 1)``; per-token ones come in that shape."""
+    sinks = kwargs.get("s_aux")
+    if sinks is None:
+        sinks = kwargs.get("sinks")
+    if torch.is_tensor(sinks) and sinks.dim() == 1:
+        return sinks.reshape(1, -1, 1, 1)
+    return sinks
 
 
 def _fused_kernel(backend: str, scorer: nn.Module) -> tuple[Callable, dict]:
@@ -438,11 +441,11 @@ def neural_attention_forward(
         scaling = query.shape[-1] ** -0.5
     mask, causal, bias = _masking(module, query, key, attention_mask, kwargs)
     dropout_p = float(kwargs.get("dropout", 0.0) or 0.0)
-    extras = _tiled_only_features(query, kwargs)
+    extras = _cap_and_sinks(query, kwargs)
 
     needs_probabilities = _wants_attention_weights(kwargs)
     backend = choose_backend(scorer.settings.backend, query, needs_probabilities=needs_probabilities,
-                             tiled_only=" and ".join(_TILED_ONLY_FEATURES[name] for name in extras) or None)
+                             cap_or_sinks=" and ".join(_FEATURE_NAMES[name] for name in extras) or None)
     if backend == "eager":
         out, probabilities = materialised_neural_attention(scorer, query, key, value, mask=mask, causal=causal,
                                                            bias=bias, scaling=scaling, dropout_p=dropout_p,

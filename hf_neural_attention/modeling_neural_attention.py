@@ -710,7 +710,6 @@ _AUTO_MAP_FOR = {
 }
 
 
-
 def _name_in_task_tables(auto_name: str, config_class: type, model_class: type) -> None:
     """Enter ``model_class``'s name in the table of model names behind the Auto class ``auto_name``
     (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``, ...), where transformers looks up what kind of model a class is:

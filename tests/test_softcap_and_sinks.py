@@ -174,8 +174,17 @@ def test_a_cap_that_is_not_a_positive_number_is_refused(value):
                                    torch.ones(2).int()])  # 3 heads, 2 per row, a batch of 2 (of 1), integers
 def test_sinks_of_another_shape_or_dtype_are_refused(sinks):
     query = torch.randn(1, 2, 4, 8)
-    with pytest.raises(ValueError, match=r"sinks must be float logits of shape \(batch\|1, heads\|1, q_len\|1, 1\)"):
-        neural_attention_forward(_layer("auto"), query, query, query, None, s_aux=sinks)
+    message = r"sinks must be float logits of shape \(batch\|1, heads\|1, q_len\|1, 1\)"
+    for keyword in ("s_aux", "sinks"):
+        with pytest.raises(ValueError, match=message):
+            neural_attention_forward(_layer("auto"), query, query, query, None, **{keyword: sinks})
+
+
+def test_per_head_sinks_mean_the_same_under_either_keyword():
+    layer, query, sinks = _layer("auto"), torch.randn(1, 2, 4, 8), torch.tensor([1.0, -2.0])
+    out = {keyword: neural_attention_forward(layer, query, query, query, None, **{keyword: sinks})[0]
+           for keyword in ("s_aux", "sinks")}  # fmt: skip
+    torch.testing.assert_close(out["sinks"], out["s_aux"], rtol=0, atol=0)
 
 
 # --- Gemma 2 and gpt-oss ---------------------------------------------------------------------------------------------
