@@ -246,6 +246,9 @@ def run(argv: list[str]) -> dict[str, Any]:
     bundled_data = not (data_args.dataset_name or data_args.train_dir)
     raw = load_image_dataset(data_args.dataset_name, data_args.dataset_config_name, data_args.train_dir,
                              data_args.validation_dir, data_args.test_dir)
+    kind = data_args.augment if data_args.augment != "auto" else ("crop" if bundled_data else "crop_flip")
+    if kind != "none" and "train" in raw:  # before any shuffle or selection: no copy of the split (and its images)
+        raw["train"] = with_sample_index(raw["train"])
     splits = prepare_splits(raw, data_args)
     train = splits["train"]
     image_column = find_column(train, data_args.image_column_name, IMAGE_COLUMNS, "image", datasets.Image,
@@ -282,10 +285,8 @@ def run(argv: list[str]) -> dict[str, Any]:
     check_geometry(config, processor)
     layers = validate_attention_args(attn_args, config.num_hidden_layers)
 
-    kind = data_args.augment if data_args.augment != "auto" else ("crop" if bundled_data else "crop_flip")
     augmentation = Augmentation(kind, training_args.seed) if kind != "none" else None
     if augmentation is not None:
-        splits["train"] = with_sample_index(splits["train"])
         if training_args.dataloader_persistent_workers and training_args.dataloader_num_workers > 0:
             logger.warning("Persistent DataLoader workers keep the augmentation of the epoch they started in: every "
                            "epoch sees the same crops. Leave out --dataloader_persistent_workers to vary them.")

@@ -97,8 +97,9 @@ def pad_crop(image: Image.Image, pad: int, rng: random.Random) -> Image.Image:
 
 
 INDEX_COLUMN = "__augment_index__"
-"""The column of sample indices an augmented split carries (`with_sample_index`): each sample's draws are seeded by
-it, so that they do not depend on which process, DataLoader worker or resumed run transforms the sample."""
+"""The column of sample indices an augmented split carries (`with_sample_index`, given before the split is shuffled
+or cut: a row keeps its number in the data set): each sample's draws are seeded by it, so that they do not depend on
+which process, DataLoader worker or resumed run transforms the sample."""
 
 
 class Augmentation:
@@ -113,6 +114,7 @@ class Augmentation:
         self.kind, self.seed, self.epoch = kind, seed, 0
 
     def __call__(self, image: Image.Image, index: int) -> Image.Image:
+        """``image`` (sample ``index`` of the split, `INDEX_COLUMN`) with this epoch's draws for it."""
         rng = random.Random(f"{self.seed}/{self.epoch}/{index}")  # str seeds hash with sha512: stable across runs
         if self.kind in ("crop", "crop_flip"):
             image = pad_crop(image, max(min(image.size) // 8, 1), rng)
