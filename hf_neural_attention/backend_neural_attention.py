@@ -34,9 +34,9 @@ ATTENTION_NAME = "neural_attention"
 FALLBACK_ATTRIBUTE = "neural_attention_fallback"
 """Set by the patcher on every attention module: the implementation unpatched modules keep (``sdpa``/``eager``)."""
 
-_CAP_AND_SINK_BACKENDS = ("eager", "tiled")
-"""The backends with logit soft-capping (Gemma 2) and attention sinks (gpt-oss, Inkling 2); ``auto`` takes the tiled
-kernel for a layer with either."""
+_BACKENDS_WITH = {"softcap": ("eager", "tiled"), "sinks": ("eager", "tiled", "cpp")}
+"""The backends with logit soft-capping (Gemma 2) and with attention sinks (gpt-oss, Inkling 2); ``auto`` takes the
+tiled kernel where the fused kernel it would take lacks one of them."""
 
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # Triton and the C++ kernel compute in fp32
@@ -221,7 +221,7 @@ _SWITCH_BACKEND = (" (a checkpoint keeps the backend it was saved with: load it 
 
 
 def choose_backend(requested: str, query: torch.Tensor, *, needs_probabilities: bool,
-                   cap_or_sinks: str | None = None) -> str:
+                   features: tuple[str, ...] = ()) -> str:
     """The backend that will run: ``"eager"``, ``"tiled"``, ``"cpp"`` or ``"triton"``.
 
     ``auto`` takes the fused path that applies: Triton on CUDA when installed (on a GPU older than compute capability
@@ -230,21 +230,25 @@ def choose_backend(requested: str, query: torch.Tensor, *, needs_probabilities: 
     fp32). Every backend falls back to ``eager`` for a call that must return probabilities, since fused kernels never
     form the probability matrix.
     A real additive bias (T5's position bias) takes the same path: every fused kernel adds it to its scores. A call
-    with logit soft-capping or attention sinks (``cap_or_sinks`` names what it has) takes the tiled kernel, the one
-    fused kernel with them.
+    with logit soft-capping or attention sinks (``features``: ``"softcap"``, ``"sinks"``) takes a backend that has them
+    (``_BACKENDS_WITH``): ``auto`` falls back to the tiled kernel where its fused choice lacks one.
 
     Raises:
-        ValueError: ``cap_or_sinks`` with a requested backend that does not have them (``cpp``, ``triton``).
+        ValueError: a requested backend that lacks one of ``features``.
     """
     if needs_probabilities or requested == "eager":
         return "eager"
-    if cap_or_sinks:
-        if requested not in ("auto", *_CAP_AND_SINK_BACKENDS):
-            raise ValueError(
-                f"backend={requested!r} has no {cap_or_sinks}; the {' and '.join(_CAP_AND_SINK_BACKENDS)} backends "
-                f"do: use backend='auto' (which picks the tiled kernel for such a layer){_SWITCH_BACKEND}."
-            )
-        return "tiled"
+    def lacking(backend: str) -> list[str]:
+        return [_FEATURE_NAMES[name] for name in features if backend not in _BACKENDS_WITH[name]]
+
+    if requested == "auto":
+        backend = _fused_backend(requested, query)
+        return "tiled" if lacking(backend) else backend
+    if lacking(requested):
+        raise ValueError(
+            f"backend={requested!r} has no {' and '.join(lacking(requested))}; use backend='auto' (which picks a "
+            f"kernel that has it){_SWITCH_BACKEND}."
+        )
     return _fused_backend(requested, query)
 
 
@@ -445,7 +449,7 @@ def neural_attention_forward(
 
     needs_probabilities = _wants_attention_weights(kwargs)
     backend = choose_backend(scorer.settings.backend, query, needs_probabilities=needs_probabilities,
-                             cap_or_sinks=" and ".join(_FEATURE_NAMES[name] for name in extras) or None)
+                             features=tuple(extras))
     if backend == "eager":
         out, probabilities = materialised_neural_attention(scorer, query, key, value, mask=mask, causal=causal,
                                                            bias=bias, scaling=scaling, dropout_p=dropout_p,
@@ -453,7 +457,7 @@ def neural_attention_forward(
         return out.transpose(1, 2).contiguous(), probabilities if needs_probabilities else None
 
     kernel, options = _fused_kernel(backend, scorer)
-    options.update(extras)  # (the backend is then the tiled kernel: choose_backend)
+    options.update(extras)  # (a backend that has them: choose_backend)
     query_hidden, key_hidden, output_weight, second_weight, second_bias = scorer(query, key)  # a call: module hooks
     # a 0-d tensor, not an int: an .item() here would break a torch.compile graph
     seed = torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0.0 else None

@@ -610,8 +610,10 @@ def neural_attention_cpp(
     generator_seed: int | Tensor | None = None,
     score_bias: Tensor | None = None,
     block_size: int | tuple[int, int] | None = None,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
-    """Same contract (``docs/design.md``), tiling and results as
+    """Same contract (``docs/design.md``; ``softcap`` and ``sinks`` as there), tiling and results as
     :func:`tiled_neural_attention.neural_attention_tiled`, with the per-pair MLP (``mlp="paper"`` with any
     activation, ``mlp="authors"``) in C++. Compiles on first use; falls back to the PyTorch scorers when the
     extension cannot be built or ``NEURAL_ATTENTION_NO_CPP=1``.
@@ -624,5 +626,5 @@ def neural_attention_cpp(
         query_hidden, key_hidden, value, output_weight, second_weight, second_bias,
         activation=activation, mask=mask, causal=causal, dot_query=dot_query, dot_key=dot_key, dot_scale=dot_scale,
         dropout_p=dropout_p, generator_seed=generator_seed, score_bias=score_bias, block_size=block_size,
-        scorer_factory=_cpp_scorer_factory,
+        scorer_factory=_cpp_scorer_factory, softcap=softcap, sinks=sinks,
     )  # fmt: skip

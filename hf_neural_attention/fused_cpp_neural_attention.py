@@ -52,12 +52,16 @@ from .kernels_neural_attention import (
     autocast_off,
     bias_grad_rows,
     check_kernel_inputs,
+    check_sinks,
     fold_causal_into_mask,
+    fold_sinks,
     kernel_op,
     once_differentiable_always,
     relu_grads,
     relu_signed_max_operands,
     seed_tensor,
+    sink_grad,
+    sink_rows,
     source_tag,
     sum_to_bias_shape,
     visible_rows,
@@ -171,7 +175,7 @@ class _FusedFunction(torch.autograd.Function):
 
     @staticmethod
     @autocast_off
-    def forward(ctx, A, B, V, w, dq, dk, bias, mask, cfg):
+    def forward(ctx, A, B, V, w, dq, dk, bias, sinks, mask, cfg):
         batch, heads, q_len, hidden = A.shape
         k_len, v_dim = B.shape[2], V.shape[3]
         G = batch * heads
@@ -200,9 +204,16 @@ class _FusedFunction(torch.autograd.Function):
             Ak, Bt, Vf, kernel_w, dqf, dkf, mask, bias, cvec, batch, heads, cfg["causal"], cfg["dot_scale"],
             cfg["act"], cfg["block"], cfg["dropout_p"], cfg["seed"],
         )  # fmt: skip
+        sink = None
+        if sinks is not None:  # on the host, O(n): the kernel's backward then recomputes sink-inclusive probabilities
+            sink = sink_rows(sinks, batch, heads, q_len)
+            out, row_max, log_denom = fold_sinks(out, stats[0], stats[1], sink)
+            stats = torch.stack([row_max, log_denom])
         ctx.cfg = cfg
         ctx.shape = (batch, heads, q_len, k_len, hidden, v_dim)
-        ctx.save_for_backward(Ak, Bt, Vf, kernel_w, dqf, dkf, mask, bias, out, stats, w, cvec, A, B, q_vis, k_vis)
+        ctx.sinks_shape = None if sinks is None else sinks.shape
+        ctx.save_for_backward(Ak, Bt, Vf, kernel_w, dqf, dkf, mask, bias, out, stats, w, cvec, A, B, q_vis, k_vis,
+                              sink)  # fmt: skip
         ctx.dot_shapes = (dq.shape if dq is not None else None, dk.shape if dk is not None else None)
         return out.view(batch, heads, q_len, v_dim)
 
@@ -210,7 +221,7 @@ class _FusedFunction(torch.autograd.Function):
     @once_differentiable_always  # the C++ backward is not differentiable: a second derivative must raise
     @autocast_off
     def backward(ctx, grad_out):
-        Ak, Bt, Vf, kernel_w, dqf, dkf, mask, bias, out, stats, w, cvec, A, B, q_vis, k_vis = ctx.saved_tensors
+        Ak, Bt, Vf, kernel_w, dqf, dkf, mask, bias, out, stats, w, cvec, A, B, q_vis, k_vis, sink = ctx.saved_tensors
         bias_grad = bias is not None and ctx.needs_input_grad[6]  # no (G, q_len, k_len) buffer for a fixed bias
         cfg = ctx.cfg
         batch, heads, q_len, k_len, hidden, v_dim = ctx.shape
@@ -232,6 +243,10 @@ class _FusedFunction(torch.autograd.Function):
         ddq_o = ddq.view(dq_shape) if dq_shape is not None else None
         ddk_o = ddk.view(dk_shape) if dk_shape is not None else None
         dbias = sum_to_bias_shape(dS.view(-1, heads, q_len, k_len), bias.shape) if bias_grad else None
+        dsinks = None
+        if sink is not None and ctx.needs_input_grad[7]:
+            dsinks = sink_grad(sink, stats[0], stats[1], D).view(batch, heads, q_len, 1)
+            dsinks = sum_to_bias_shape(dsinks, ctx.sinks_shape)
         return (
             dA.view(batch, heads, q_len, hidden),
             dB.view(batch, heads, k_len, hidden),
@@ -240,6 +255,7 @@ class _FusedFunction(torch.autograd.Function):
             ddq_o,
             ddk_o,
             dbias,
+            dsinks,
             None,
             None,
         )
@@ -262,6 +278,7 @@ def neural_attention_fused_cpp(
     dropout_p: float = 0.0,
     generator_seed: int | Tensor | None = None,
     score_bias: Tensor | None = None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """The kernel contract of ``docs/design.md``, fully fused in C++ for ``mlp="paper"`` (fp32 arithmetic for fp32 /
     bf16 / fp16 inputs, dropout and a ``score_bias`` included); every other case runs
@@ -270,7 +287,8 @@ def neural_attention_fused_cpp(
     A ``score_bias`` (float, broadcastable to ``(b, h, q_len, k_len)``) is read in fp32 (a copy where it is not) and
     added to each score row; its gradient, when it requires one, is dS, written whole (``(b * h, q_len, k_len)``
     fp32, or ``bias_grad_rows`` batch rows at a time for a bias shared by the batch) and summed where the bias
-    broadcasts.
+    broadcasts. ``sinks`` (attention sinks, ``(b|1, h|1, q_len|1, 1)``) are folded into each row's finished softmax
+    on the host (`fold_sinks`), and get their gradient there.
 
     Shapes: ``query_hidden`` ``(b, h, q_len, hidden)``, ``key_hidden`` ``(b, h, k_len, hidden)``, ``value``
     ``(b, h, k_len, v_dim)`` -> ``(b, h, q_len, v_dim)``.
@@ -281,6 +299,7 @@ def neural_attention_fused_cpp(
             query_hidden, key_hidden, value, output_weight, second_weight, second_bias,
             activation=activation, mask=mask, causal=causal, dot_query=dot_query, dot_key=dot_key,
             dot_scale=dot_scale, dropout_p=dropout_p, generator_seed=generator_seed, score_bias=score_bias,
+            sinks=sinks,
         )  # fmt: skip
 
     # shapes, dtypes of masks and the dropout range (ValueError / TypeError); the delegated call above checks its own
@@ -290,7 +309,8 @@ def neural_attention_fused_cpp(
     )  # fmt: skip
     batch, heads, q_len, _ = query_hidden.shape
     k_len = key_hidden.shape[2]
-    tensors = [query_hidden, key_hidden, value, output_weight, dot_query, dot_key, score_bias]
+    check_sinks(sinks, batch, heads, q_len)
+    tensors = [query_hidden, key_hidden, value, output_weight, dot_query, dot_key, score_bias, sinks]
     if (
         second_weight is not None  # the authors' MLP
         or any(t is not None and (t.dtype not in _FLOAT_DTYPES or t.device.type != "cpu") for t in tensors)
@@ -317,5 +337,5 @@ def neural_attention_fused_cpp(
     fp32 = [None if t is None else t.float() for t in tensors]
     if score_bias is not None:  # 4-D: the kernel reads a broadcast dim with stride 0
         fp32[6] = as_4d(fp32[6])
-    out = _FusedFunction.apply(*fp32, mask, cfg)
+    out = _FusedFunction.apply(*fp32, mask, cfg)  # (fp32 ends with the score bias and the sinks)
     return out.to(value.dtype)

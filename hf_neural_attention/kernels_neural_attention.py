@@ -36,6 +36,9 @@ __all__ = [
     "autocast_off",
     "check_sinks",
     "check_softcap",
+    "fold_sinks",
+    "sink_grad",
+    "sink_rows",
     "bias_grad_rows",
     "causal_mask",
     "centre_hidden",
@@ -106,6 +109,36 @@ def check_sinks(sinks: Tensor | None, batch: int, heads: int, q_len: int) -> Non
         what = f"a {sinks.dtype} tensor of shape {tuple(sinks.shape)}" if torch.is_tensor(sinks) else repr(sinks)
         raise ValueError(f"sinks must be float logits of shape (batch|1, heads|1, q_len|1, 1), broadcastable to {full} "
                          f"(gpt-oss: its per-head sinks as (1, heads, 1, 1)); got {what}.")
+
+
+def sink_rows(sinks: Tensor, batch: int, heads: int, q_len: int) -> Tensor:
+    """Attention-sink logits ``(batch|1, heads|1, q_len|1, 1)`` as one per query row, ``(batch * heads, q_len)``."""
+    return sinks.expand(batch, heads, q_len, 1).reshape(batch * heads, q_len)
+
+
+def fold_sinks(out: Tensor, row_max: Tensor, log_denom: Tensor, sink: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Attention sinks folded into a finished softmax, for a kernel without them: ``(out, row_max, log_denom)``.
+
+    ``out`` ``(G, q_len, v_dim)``; ``row_max``, ``log_denom`` ``(G, q_len)``: each row's score maximum (not finite for
+    a row no key is visible to, which keeps its zero output) and log softmax denominator; ``sink`` ``(G, q_len)``
+    (`sink_rows`). A sink is one more term ``exp(sink)`` in the denominator, with no value: ``out`` is scaled by the
+    share the keys keep, ``sigmoid(lse - sink)``, and the statistics become the larger denominator's, from which a
+    kernel's backward recomputes the (sink-inclusive) probabilities; add `sink_grad` to its gradients.
+    """
+    seen = torch.isfinite(row_max)
+    new_max = torch.where(seen, torch.maximum(row_max, sink), row_max)
+    shift = torch.where(seen, row_max - new_max, 0.0)  # <= 0: no overflow below
+    new_log = torch.where(seen, torch.logaddexp(shift + log_denom, sink - new_max), log_denom)
+    keep = torch.where(seen, torch.exp(shift + log_denom - new_log), 1.0)
+    return out * keep.unsqueeze(-1), new_max, new_log
+
+
+def sink_grad(sink: Tensor, row_max: Tensor, log_denom: Tensor, D: Tensor) -> Tensor:
+    """The loss's gradient in each row's sink logit, ``(G, q_len)``: ``-p_sink * D`` with ``D = rowsum(dO * O)`` and
+    ``p_sink = exp(sink - row_max - log_denom)`` from `fold_sinks`' statistics (0 where no key is visible: zero
+    output)."""
+    exponent = torch.where(torch.isfinite(row_max), sink - row_max - log_denom, -math.inf)
+    return -torch.exp(exponent) * D
 
 
 def check_softcap(softcap: float | None) -> None:

@@ -10,12 +10,15 @@ a layer with either; the fused C++ and Triton kernels refuse them when forced):
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM, GptOssConfig, GptOssForCausalLM
 
 from hf_neural_attention import NeuralAttentionConfig, NeuralScorer, neural_attention_forward, patch_model, set_backend
+from hf_neural_attention.cpp_neural_attention import neural_attention_cpp
+from hf_neural_attention.fused_cpp_neural_attention import neural_attention_fused_cpp
 from hf_neural_attention.tiled_neural_attention import neural_attention_tiled
 from tests.models import loss_and_grads, random_ids, sharpen_scorers
 from tests.reference import drawn_seed, kernel_reference
@@ -25,6 +28,9 @@ from tests.test_scorer_math import ScoredLayer, assert_matches, largest_entry
 CAP = 1.5  # below the scores drawn here: the cap bends most of them
 POSITIONAL = ("query_hidden", "key_hidden", "value", "output_weight", "second_weight", "second_bias")
 SINK_SHAPES = {"per head": (1, 3, 1, 1), "per token": (2, 3, 9, 1)}
+TILED = {"tiled": functools.partial(neural_attention_tiled, block_size=4),  # several query and key tiles
+         "cpp": functools.partial(neural_attention_cpp, block_size=4)}  # the same tiles, the MLP in C++
+"""The kernels with the soft-cap; the fused C++ kernel also has sinks (folded in on the host)."""
 
 
 # --- the tiled kernel against the float64 reference -----------------------------------------------------------------
@@ -53,12 +59,12 @@ def _call(function, tensors: dict, **options):
                     **{k: v for k, v in tensors.items() if k not in POSITIONAL}, **options)  # fmt: skip
 
 
-def _assert_tiled_matches_reference(leaves: dict, dtype: torch.dtype, without: dict, **options) -> None:
-    """The tiled kernel (several query and key tiles) against the float64 reference, forward and every gradient, on
-    ``leaves`` (float64) cast to ``dtype``; the feature must move the reference's output (``without``: the reference
-    on the same inputs without it)."""
+def _assert_matches_reference(kernel, leaves: dict, dtype: torch.dtype, without: dict, **options) -> None:
+    """``kernel`` against the float64 reference, forward and every gradient, on ``leaves`` (float64) cast to
+    ``dtype``; the feature must move the reference's output (``without``: the reference on the same inputs without
+    it)."""
     inputs = {name: t.detach().to(dtype).requires_grad_() for name, t in leaves.items()}
-    out = _call(neural_attention_tiled, inputs, block_size=4, **options)
+    out = _call(kernel, inputs, **options)
     expected = _call(kernel_reference, leaves, **options)
     assert (expected - _call(kernel_reference, **without)).abs().max() > 0.05  # the feature matters here
     assert_matches(out, expected, "out")
@@ -71,11 +77,12 @@ def _assert_tiled_matches_reference(leaves: dict, dtype: torch.dtype, without: d
         assert_matches(x, y, name, floor=floor)
 
 
+@pytest.mark.parametrize("kernel", TILED)
 @pytest.mark.parametrize("authors", [False, True])
 @pytest.mark.parametrize("dot", [False, True])
 @pytest.mark.parametrize("extras", ["causal", "mask+bias"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_the_tiled_kernel_caps_scores_as_the_float64_reference(authors, dot, extras, dtype):
+def test_the_tiled_kernels_cap_scores_as_the_float64_reference(kernel, authors, dot, extras, dtype):
     leaves = _kernel_inputs(authors, dot, drawn_seed())
     g = torch.Generator().manual_seed(1)
     options = {"dot_scale": 0.4} if dot else {}
@@ -84,14 +91,17 @@ def test_the_tiled_kernel_caps_scores_as_the_float64_reference(authors, dot, ext
     else:
         options["mask"] = torch.rand(2, 1, 9, 11, generator=g) > 0.3
         leaves["score_bias"] = torch.randn(1, 3, 9, 11, generator=g, dtype=torch.float64).requires_grad_()
-    _assert_tiled_matches_reference(leaves, dtype, {"tensors": leaves, **options}, softcap=CAP, **options)
+    _assert_matches_reference(TILED[kernel], leaves, dtype, {"tensors": leaves, **options}, softcap=CAP, **options)
 
 
+@pytest.mark.parametrize("kernel", [*TILED, "fused-cpp"])
 @pytest.mark.parametrize("authors", [False, True])
 @pytest.mark.parametrize("sink_shape", SINK_SHAPES)
-@pytest.mark.parametrize("extras", ["causal", "mask+bias+cap"])
+@pytest.mark.parametrize("extras", ["causal", "mask+bias", "mask+bias+cap"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_the_tiled_kernel_adds_sinks_as_the_float64_reference(authors, sink_shape, extras, dtype):
+def test_the_kernels_add_sinks_as_the_float64_reference(kernel, authors, sink_shape, extras, dtype):
+    if kernel == "fused-cpp" and (extras.endswith("cap") or dtype == torch.float64):
+        pytest.skip("the fused C++ kernel has no soft-cap, and runs float64 on the tiled kernel")
     leaves = _kernel_inputs(authors, False, drawn_seed())
     g = torch.Generator().manual_seed(2)
     leaves["sinks"] = (2.0 * torch.randn(SINK_SHAPES[sink_shape], generator=g, dtype=torch.float64)).requires_grad_()
@@ -101,10 +111,10 @@ def test_the_tiled_kernel_adds_sinks_as_the_float64_reference(authors, sink_shap
     else:
         mask = torch.rand(2, 1, 9, 11, generator=g) > 0.3
         mask[1, :, 4] = False  # a row no key is visible to: all its weight on the sink
-        options.update(mask=mask, softcap=CAP)
+        options.update(mask=mask, **({"softcap": CAP} if extras.endswith("cap") else {}))
         leaves["score_bias"] = torch.randn(1, 3, 9, 11, generator=g, dtype=torch.float64).requires_grad_()
     without = {"tensors": {k: v for k, v in leaves.items() if k != "sinks"}, **options}
-    _assert_tiled_matches_reference(leaves, dtype, without, **options)
+    _assert_matches_reference(TILED.get(kernel, neural_attention_fused_cpp), leaves, dtype, without, **options)
 
 
 # --- the attention function ------------------------------------------------------------------------------------------
@@ -152,8 +162,8 @@ def test_every_path_of_the_attention_function_computes_the_features_as_by_hand(b
         torch.testing.assert_close(x, y, rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
-@pytest.mark.parametrize("feature", ["logit soft-capping", "attention sinks"])
+@pytest.mark.parametrize(("backend", "feature"), [("cpp", "logit soft-capping"), ("triton", "logit soft-capping"),
+                                                  ("triton", "attention sinks")])
 def test_a_backend_without_the_feature_is_refused_naming_the_one_that_has_it(backend, feature):
     query = torch.randn(1, 2, 4, 8)
     kwargs = {"softcap": CAP} if feature == "logit soft-capping" else {"s_aux": torch.zeros(2)}
@@ -221,12 +231,13 @@ def _without_the_feature(model):
 def test_models_train_alike_on_every_backend_with_the_feature_and_the_feature_matters(build):
     base = sharpen_scorers(patch_model(build(), layers=[0, 1], backend="eager"), 5.0)  # a sliding and a full layer
     models = {"eager": base}
-    for backend in ("tiled", "auto"):
+    fused = ("tiled", "auto") + (("cpp",) if build is _gpt_oss else ())  # auto: cpp for gpt-oss, tiled for Gemma 2
+    for backend in fused:
         models[backend] = copy.deepcopy(base)
         set_backend(models[backend], backend)
     ids = random_ids(2, 9)
     results = loss_and_grads(models, ids)
-    for name in ("tiled", "auto"):
+    for name in fused:
         torch.testing.assert_close(results[name][0], results["eager"][0], rtol=1e-5, atol=1e-6)
         for got, want in zip(results[name][1], results["eager"][1], strict=True):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
