@@ -48,6 +48,7 @@ from .kernels_neural_attention import (
     kernel_op,
     once_differentiable_always,
     seed_tensor,
+    sink_rows,
     source_tag,
     sum_to_bias_shape,
     visible_rows,
@@ -354,11 +355,6 @@ def _accumulate_bias_grad(dbias: Tensor, ds: Tensor, i0: int, i1: int, j0: int, 
     _tile_of(dbias, i0, i1, j0, j1).add_(g)
 
 
-def _sink_rows(sinks: Tensor, i0: int, i1: int, batch: int, heads: int, cdt: torch.dtype) -> Tensor:
-    """The sink logits of query rows ``i0:i1``, ``(G, bq)``, from ``sinks`` ``(batch|1, heads|1, q_len|1, 1)``."""
-    return _tile_of(sinks, i0, i1, 0, 1).to(cdt).expand(batch, heads, i1 - i0, 1).reshape(batch * heads, i1 - i0)
-
-
 def _dropout_keep(seed: int, tile: int, shape: tuple[int, ...], p: float, dtype: torch.dtype,
                   device: torch.device) -> Tensor:
     """The tile's scaled keep-mask: a CPU ``torch.Generator`` seeded ``seed + tile`` (the same pattern on every
@@ -424,6 +420,7 @@ def _tiled_forward(factory: ScorerFactory | None, A: Tensor, B: Tensor, V: Tenso
     q_blocks, k_blocks = _blocks(block, G, scorer.tile_width, q_len, k_len)
     tile_masks = _TileMasks(mask, causal, batch, heads, dev)
     p, seed = dropout_p, int(seed)
+    sink = None if sinks is None else sink_rows(sinks.to(cdt), batch, heads, q_len)  # (G, q_len)
 
     out = torch.zeros(G, q_len, v_dim, dtype=cdt, device=dev)
     stats = torch.empty(G, q_len, 2, dtype=cdt, device=dev)
@@ -447,12 +444,11 @@ def _tiled_forward(factory: ScorerFactory | None, A: Tensor, B: Tensor, V: Tenso
                 pr = pr.mul_(_dropout_keep(seed, qi * len(k_blocks) + kj, pr.shape, p, cdt, dev))
             acc = acc.mul_(alpha.unsqueeze(-1)).baddbmm_(pr, Vf[:, j0:j1])
             m, m_safe = m_new, m_safe_new
-        if sinks is not None:  # (a row no key is visible to: all weight on the sink, zero output as without one)
-            sink = _sink_rows(sinks, i0, i1, batch, heads, cdt)
-            m_new = torch.maximum(m, sink)
+        if sink is not None:  # (a row no key is visible to: all weight on the sink, zero output as without one)
+            m_new = torch.maximum(m, sink[:, i0:i1])
             m_safe_new = m_new.masked_fill(m_new == -math.inf, 0.0)
             alpha = torch.exp(m_safe - m_safe_new).masked_fill_(m == -math.inf, 0.0)
-            denom = denom.mul_(alpha).add_(torch.exp(sink - m_safe_new))
+            denom = denom.mul_(alpha).add_(torch.exp(sink[:, i0:i1] - m_safe_new))
             acc = acc.mul_(alpha.unsqueeze(-1))
             m_safe = m_safe_new
         visible = denom > 0
@@ -489,14 +485,9 @@ def _tiled_backward(factory: ScorerFactory | None, A: Tensor, B: Tensor, V: Tens
     ddq = torch.zeros_like(dqs) if dot else None
     ddk = torch.zeros_like(dkf) if dot else None
     dbias = torch.zeros(bias.shape, dtype=cdt, device=dev) if bias is not None and bias_grad else None
-    dsinks = torch.zeros(sinks.shape, dtype=cdt, device=dev) if sinks is not None else None
     for qi, (i0, i1) in enumerate(q_blocks):
         dO_i, D_i = dO[:, i0:i1], D[:, i0:i1, None]
         max_i, log_denom_i = stats[:, i0:i1, 0:1], stats[:, i0:i1, 1:2]
-        if dsinks is not None:
-            p_sink = torch.exp(_sink_rows(sinks, i0, i1, batch, heads, cdt) - max_i[..., 0] - log_denom_i[..., 0])
-            grad = (-p_sink * D_i[..., 0]).view(batch, heads, i1 - i0, 1)
-            _tile_of(dsinks, i0, i1, 0, 1).add_(sum_to_bias_shape(grad, dsinks.shape))
         for kj, (j0, j1) in enumerate(k_blocks):
             tm = tile_masks(i0, i1, j0, j1)
             if tm is False:
@@ -521,6 +512,10 @@ def _tiled_backward(factory: ScorerFactory | None, A: Tensor, B: Tensor, V: Tens
                 ddq[:, i0:i1].baddbmm_(ds, dkf[:, j0:j1])
                 ddk[:, j0:j1].baddbmm_(ds.transpose(1, 2), dqs[:, i0:i1])
 
+    dsinks = None
+    if sinks is not None:  # -p_sink * D per row, p_sink from the row statistics (which include the sink)
+        p_sink = torch.exp(sink_rows(sinks.to(cdt), batch, heads, q_len) - stats[..., 0] - stats[..., 1])
+        dsinks = sum_to_bias_shape((-p_sink * D).view(batch, heads, q_len, 1), sinks.shape)
     dAt, dBt, dparams = scorer.grads()
     absent = [A.new_empty(0) for _ in range(6)]  # distinct tensors: an op's outputs may not alias each other
     return (
