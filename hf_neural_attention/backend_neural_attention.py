@@ -34,9 +34,10 @@ ATTENTION_NAME = "neural_attention"
 FALLBACK_ATTRIBUTE = "neural_attention_fallback"
 """Set by the patcher on every attention module: the implementation unpatched modules keep (``sdpa``/``eager``)."""
 
-_BACKENDS_WITH = {"softcap": ("eager", "tiled"), "sinks": ("eager", "tiled", "cpp")}
-"""The backends with logit soft-capping (Gemma 2) and with attention sinks (gpt-oss, Inkling 2); ``auto`` takes the
-tiled kernel where the fused kernel it would take lacks one of them."""
+_BACKENDS_WITH = {"softcap": ("eager", "tiled", "cpp"), "sinks": ("eager", "tiled", "cpp")}
+"""The backends with logit soft-capping (Gemma 2; ``cpp`` runs such a call on its tiled loop with the C++ MLP) and with
+attention sinks (gpt-oss, Inkling 2); ``auto`` takes the tiled kernel where the fused kernel it would take (Triton)
+lacks one of them."""
 
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # Triton and the C++ kernel compute in fp32

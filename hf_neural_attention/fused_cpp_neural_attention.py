@@ -279,9 +279,10 @@ def neural_attention_fused_cpp(
     generator_seed: int | Tensor | None = None,
     score_bias: Tensor | None = None,
     sinks: Tensor | None = None,
+    softcap: float | None = None,
 ) -> Tensor:
     """The kernel contract of ``docs/design.md``, fully fused in C++ for ``mlp="paper"`` (fp32 arithmetic for fp32 /
-    bf16 / fp16 inputs, dropout and a ``score_bias`` included); every other case runs
+    bf16 / fp16 inputs, dropout and a ``score_bias`` included); every other case, a ``softcap`` included, runs
     :func:`cpp_neural_attention.neural_attention_cpp` (tiled, the MLP in C++).
 
     A ``score_bias`` (float, broadcastable to ``(b, h, q_len, k_len)``) is read in fp32 (a copy where it is not) and
@@ -299,7 +300,7 @@ def neural_attention_fused_cpp(
             query_hidden, key_hidden, value, output_weight, second_weight, second_bias,
             activation=activation, mask=mask, causal=causal, dot_query=dot_query, dot_key=dot_key,
             dot_scale=dot_scale, dropout_p=dropout_p, generator_seed=generator_seed, score_bias=score_bias,
-            sinks=sinks,
+            sinks=sinks, softcap=softcap,
         )  # fmt: skip
 
     # shapes, dtypes of masks and the dropout range (ValueError / TypeError); the delegated call above checks its own
@@ -313,6 +314,7 @@ def neural_attention_fused_cpp(
     tensors = [query_hidden, key_hidden, value, output_weight, dot_query, dot_key, score_bias, sinks]
     if (
         second_weight is not None  # the authors' MLP
+        or softcap is not None  # logit soft-capping (Gemma 2): the tiled loop has it
         or any(t is not None and (t.dtype not in _FLOAT_DTYPES or t.device.type != "cpu") for t in tensors)
         or q_len == 0
         or k_len == 0
