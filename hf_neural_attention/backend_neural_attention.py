@@ -38,6 +38,7 @@ _BACKENDS_WITH = {"softcap": ("eager", "tiled", "cpp"), "sinks": ("eager", "tile
 """The backends with logit soft-capping (Gemma 2; ``cpp`` runs such a call on its tiled loop with the C++ MLP) and with
 attention sinks (gpt-oss, Inkling 2); ``auto`` takes the tiled kernel where the fused kernel it would take (Triton)
 lacks one of them."""
+_FEATURE_NAMES = {"softcap": "logit soft-capping", "sinks": "attention sinks"}
 
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # Triton and the C++ kernel compute in fp32
@@ -376,12 +377,9 @@ def _masking(
     return mask, causal, bias
 
 
-_FEATURE_NAMES = {"softcap": "logit soft-capping", "sinks": "attention sinks"}
-
-
 def _cap_and_sinks(query: torch.Tensor, kwargs: dict) -> dict:
-    """The call's soft-cap and attention-sink logits, checked, under the tiled kernel's (and the materialising path's)
-    keywords; only those present (``query`` ``(batch, heads, q_len, head_dim)`` gives the sinks' shape)."""
+    """The call's soft-cap and attention-sink logits, checked, under the keywords of the kernels and of the
+    materialising path; only those present (``query`` ``(batch, heads, q_len, head_dim)`` gives the sinks' shape)."""
     features = {"softcap": kwargs.get("softcap"), "sinks": _sink_logits(kwargs)}
     check_softcap(features["softcap"])
     check_sinks(features["sinks"], *query.shape[:3])

@@ -37,7 +37,7 @@ def perplexity_from_loss(loss: float) -> float:
 # themselves (the per-sample values computed here are dropped with them, so the loss is exact).
 
 
-def _mean_over_classes_loss(log_p: np.ndarray, labels: np.ndarray, label_smoothing: float) -> np.ndarray:
+def _smoothed_cross_entropy(log_p: np.ndarray, labels: np.ndarray, label_smoothing: float) -> np.ndarray:
     """Per-sample cross-entropy from log-probabilities ``(samples, classes)``, label smoothing as Trainer's
     ``LabelSmoother`` (and torch's ``cross_entropy``): ``(1 - eps) * nll + eps * mean over classes of -log p``."""
     nll = -np.take_along_axis(log_p, labels[:, None], axis=-1)[:, 0]
@@ -55,7 +55,7 @@ def classification_metrics(label_smoothing: float = 0.0) -> Callable[[Any], dict
         labels = np.asarray(labels)
         top = logits.max(axis=-1, keepdims=True)
         log_p = logits - top - np.log(np.exp(logits - top).sum(axis=-1, keepdims=True))
-        loss = _mean_over_classes_loss(log_p, labels, label_smoothing).mean()
+        loss = _smoothed_cross_entropy(log_p, labels, label_smoothing).mean()
         return {**accuracy.compute(predictions=np.argmax(logits, axis=-1), references=labels), "loss": float(loss)}
 
     return compute
