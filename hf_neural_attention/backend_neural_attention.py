@@ -34,10 +34,10 @@ ATTENTION_NAME = "neural_attention"
 FALLBACK_ATTRIBUTE = "neural_attention_fallback"
 """Set by the patcher on every attention module: the implementation unpatched modules keep (``sdpa``/``eager``)."""
 
-_BACKENDS_WITH = {"softcap": ("eager", "tiled", "cpp"), "sinks": ("eager", "tiled", "cpp")}
-"""The backends with logit soft-capping (Gemma 2; ``cpp`` runs such a call on its tiled loop with the C++ MLP) and with
+_CAP_AND_SINK_BACKENDS = ("eager", "tiled", "cpp")
+"""The backends with logit soft-capping (Gemma 2; ``cpp`` runs such a call on its tiled loop with the C++ MLP) and
 attention sinks (gpt-oss, Inkling 2); ``auto`` takes the tiled kernel where the fused kernel it would take (Triton)
-lacks one of them."""
+has neither."""
 _FEATURE_NAMES = {"softcap": "logit soft-capping", "sinks": "attention sinks"}
 
 
@@ -233,23 +233,20 @@ def choose_backend(requested: str, query: torch.Tensor, *, needs_probabilities: 
     form the probability matrix.
     A real additive bias (T5's position bias) takes the same path: every fused kernel adds it to its scores. A call
     with logit soft-capping or attention sinks (``features``: ``"softcap"``, ``"sinks"``) takes a backend that has them
-    (``_BACKENDS_WITH``): ``auto`` falls back to the tiled kernel where its fused choice lacks one.
+    (``_CAP_AND_SINK_BACKENDS``): ``auto`` falls back to the tiled kernel where its fused choice lacks them.
 
     Raises:
         ValueError: a requested backend that lacks one of ``features``.
     """
     if needs_probabilities or requested == "eager":
         return "eager"
-    def lacking(backend: str) -> list[str]:
-        return [_FEATURE_NAMES[name] for name in features if backend not in _BACKENDS_WITH[name]]
-
     if requested == "auto":
         backend = _fused_backend(requested, query)
-        return "tiled" if lacking(backend) else backend
-    if lacking(requested):
+        return "tiled" if features and backend not in _CAP_AND_SINK_BACKENDS else backend
+    if features and requested not in _CAP_AND_SINK_BACKENDS:
         raise ValueError(
-            f"backend={requested!r} has no {' and '.join(lacking(requested))}; use backend='auto' (which picks a "
-            f"kernel that has it){_SWITCH_BACKEND}."
+            f"backend={requested!r} has no {' and '.join(_FEATURE_NAMES[name] for name in features)}; use "
+            f"backend='auto' (which picks a kernel that has it){_SWITCH_BACKEND}."
         )
     return _fused_backend(requested, query)
 

@@ -255,6 +255,12 @@ def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
+def closest_name(name: str, names: list[str] | tuple[str, ...]) -> str | None:
+    """The one of ``names`` a misspelt ``name`` most likely meant (difflib's closest match), or ``None``."""
+    close = difflib.get_close_matches(name, names, n=1)
+    return close[0] if close else None
+
+
 def check_setting_names(kwargs: dict[str, Any], where: str) -> None:
     """Refuse ``neural_attention_*`` keywords that name no setting, suggesting the closest one.
 
@@ -264,8 +270,8 @@ def check_setting_names(kwargs: dict[str, Any], where: str) -> None:
     known = [f.name for f in dataclasses.fields(NeuralAttentionConfigMixin)]
     for key in kwargs:
         if key.startswith(CONFIG_PREFIX) and key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f" Did you mean {close[0]}?" if close else ""
+            close = closest_name(key, known)
+            hint = f" Did you mean {close}?" if close else ""
             raise ValueError(f"{where} got {key}={kwargs[key]!r}, which is not a neural-attention setting.{hint} "
                              f"The settings are {', '.join(known)}.")
 

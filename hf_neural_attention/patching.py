@@ -9,7 +9,6 @@ the implementation the model had before (SDPA or eager), bit for bit.
 from __future__ import annotations
 
 import copy
-import difflib
 import gc
 import inspect
 import logging
@@ -27,6 +26,7 @@ from .configuration_neural_attention import (
     FALLBACK_CONFIG_ATTRIBUTE,
     NeuralAttentionConfig,
     clear_from_config,
+    closest_name,
     record_on_config,
 )
 from .hub_classes import adopt_hub_class, is_hub_class, restore_stock_class
@@ -267,8 +267,8 @@ def _patch_settings(config: NeuralAttentionConfig | None, settings: dict) -> Neu
         raise TypeError(f"config must be a NeuralAttentionConfig, got {type(config).__name__}.")
     unknown = sorted(set(settings) - set(NeuralAttentionConfig.field_names()))
     if unknown:
-        hints = [difflib.get_close_matches(name, NeuralAttentionConfig.field_names(), n=1) for name in unknown]
-        guesses = "".join(f" ({name}: did you mean {hint[0]}?)" for name, hint in zip(unknown, hints, strict=True)
+        hints = [closest_name(name, NeuralAttentionConfig.field_names()) for name in unknown]
+        guesses = "".join(f" ({name}: did you mean {hint}?)" for name, hint in zip(unknown, hints, strict=True)
                           if hint)  # fmt: skip
         raise TypeError(f"patch_model got unknown setting(s) {unknown}{guesses}; the settings are "
                         f"NeuralAttentionConfig's fields: {', '.join(NeuralAttentionConfig.field_names())}.")
