@@ -55,6 +55,7 @@ from .kernels_neural_attention import (
     check_sinks,
     fold_causal_into_mask,
     fold_sinks,
+    keeps_differentiable_inputs,
     kernel_op,
     once_differentiable_always,
     relu_grads,
@@ -175,6 +176,7 @@ class _FusedFunction(torch.autograd.Function):
 
     @staticmethod
     @autocast_off
+    @keeps_differentiable_inputs  # for the second-derivative error (see once_differentiable_always)
     def forward(ctx, A, B, V, w, dq, dk, bias, sinks, mask, cfg):
         batch, heads, q_len, hidden = A.shape
         k_len, v_dim = B.shape[2], V.shape[3]

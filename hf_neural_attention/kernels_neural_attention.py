@@ -44,6 +44,7 @@ __all__ = [
     "fold_causal_into_mask",
     "fold_sinks",
     "kernel_op",
+    "keeps_differentiable_inputs",
     "once_differentiable_always",
     "relu_grads",
     "relu_signed_max_operands",
@@ -414,14 +415,28 @@ SECOND_DERIVATIVE_ERROR = (
 )
 
 
-def once_differentiable_always(backward: Callable) -> Callable:
-    """``once_differentiable``, also when the incoming gradient does not depend on the output, and with an error
-    that names the fix.
+def keeps_differentiable_inputs(forward: Callable) -> Callable:
+    """Decorates an autograd Function's ``forward``: its inputs that require grad stay on ``ctx`` (references, no
+    copies), for `once_differentiable_always` to tie its error node to."""
 
-    ``once_differentiable`` marks the gradients it returns as non-differentiable only when some incoming gradient
-    requires grad: for ``out.sum()`` under ``create_graph=True`` they came back outside the graph, so a gradient
-    penalty silently lost its second-order term. Here every gradient of a ``create_graph=True`` backward carries the
-    error node, and differentiating it raises ``RuntimeError`` (torch's generic message did not say what to do).
+    @functools.wraps(forward)
+    def wrapper(ctx: Any, *args: Any) -> Any:
+        ctx.differentiable_inputs = tuple(a for a in args if isinstance(a, Tensor) and a.requires_grad)
+        return forward(ctx, *args)
+
+    return wrapper
+
+
+def once_differentiable_always(backward: Callable) -> Callable:
+    """``once_differentiable``, also when the incoming gradient does not depend on the output, also under
+    ``torch.autograd.grad``, and with an error that names the fix.
+
+    Under ``create_graph=True`` every gradient the backward returns comes out of an error node, and differentiating it
+    raises ``RuntimeError``. ``once_differentiable`` has two gaps this closes, each of which silently lost a gradient
+    penalty's second-order term: it marks the gradients only when some incoming gradient requires grad (not for
+    ``out.sum()``), and its error node's inputs are detached copies, so ``torch.autograd.grad(penalty, params)``
+    found no path through the node and never ran it. Here the node also takes the forward's inputs that require grad
+    (`keeps_differentiable_inputs`) and the incoming gradients: every path from a gradient back to the graph runs it.
     """
 
     @functools.wraps(backward)
@@ -431,9 +446,11 @@ def once_differentiable_always(backward: Callable) -> Callable:
         if not torch.is_grad_enabled():
             return grads  # a plain backward: first order only
         outputs = grads if isinstance(grads, tuple) else (grads,)
-        error = torch._C._functions.DelayedError(SECOND_DERIVATIVE_ERROR, len(outputs))
-        marked = error(*[None if g is None else g.detach().requires_grad_() for g in outputs])
-        marked = marked if isinstance(marked, tuple) else (marked,)
+        anchors = [*getattr(ctx, "differentiable_inputs", ()),
+                   *(g for g in grad_outputs if isinstance(g, Tensor) and g.requires_grad)]  # fmt: skip
+        error = torch._C._functions.DelayedError(SECOND_DERIVATIVE_ERROR, len(outputs) + len(anchors))
+        marked = error(*[None if g is None else g.detach().requires_grad_() for g in outputs], *anchors)
+        marked = (marked if isinstance(marked, tuple) else (marked,))[: len(outputs)]
         return marked if isinstance(grads, tuple) else marked[0]
 
     return wrapper

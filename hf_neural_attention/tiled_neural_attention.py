@@ -45,6 +45,7 @@ from .kernels_neural_attention import (
     check_softcap,
     empty_attention,
     fold_causal_into_mask,
+    keeps_differentiable_inputs,
     kernel_op,
     once_differentiable_always,
     seed_tensor,
@@ -602,6 +603,7 @@ class _NeuralAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     @autocast_off
+    @keeps_differentiable_inputs  # for the second-derivative error (see once_differentiable_always)
     def forward(ctx, A, B, V, w, W2, b2, dq, dk, mask, bias, sinks, cfg):
         inputs = (A, B, V, w, W2, b2, dq, dk)
         settings = (cfg["activation"], cfg["causal"], cfg["dot_scale"], cfg["dropout_p"], cfg["seed"], cfg["block"],

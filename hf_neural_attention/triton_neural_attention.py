@@ -43,6 +43,7 @@ from .kernels_neural_attention import (
     bias_grad_rows,
     check_kernel_inputs,
     empty_attention,
+    keeps_differentiable_inputs,
     kernel_op,
     once_differentiable_always,
     relu_grads,
@@ -524,6 +525,7 @@ class _NeuralAttentionTriton(torch.autograd.Function):
 
     @staticmethod
     @autocast_off
+    @keeps_differentiable_inputs  # for the second-derivative error (see once_differentiable_always)
     def forward(ctx, query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key,
                 score_bias, mask, cfg):  # fmt: skip
         inputs = (query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key,

@@ -55,11 +55,18 @@ def test_a_second_derivative_raises_instead_of_being_wrong(kernel, authors):
     out = KERNELS[kernel](**args, causal=True)
     # a loss whose gradient does depend on the output, and one whose gradient does not (out.sum(): the incoming
     # gradient is constant, and once_differentiable alone returned gradients outside the graph, silently)
+    # Differentiated by .backward() and by autograd.grad towards an input, whose path back through the backward's
+    # error node once_differentiable alone cut (its node took detached copies: autograd.grad never ran it and returned
+    # the penalty's gradient without the kernel's second-order term, silently)
     for loss in ((out**2).sum(), out.sum()):
-        (grad_query,) = torch.autograd.grad(loss, args["query_hidden"], create_graph=True, retain_graph=True)
-        assert grad_query.requires_grad
-        with pytest.raises(RuntimeError, match="no second derivative.*backend='eager'"):
-            grad_query.square().sum().backward()
+        for target in ("backward", "query_hidden", "output_weight", "value"):
+            (grad_query,) = torch.autograd.grad(loss, args["query_hidden"], create_graph=True, retain_graph=True)
+            assert grad_query.requires_grad
+            with pytest.raises(RuntimeError, match="no second derivative.*backend='eager'"):
+                if target == "backward":
+                    grad_query.square().sum().backward()
+                else:
+                    torch.autograd.grad(grad_query.square().sum(), args[target])
     # first order, the gradients are what they were
     (plain,) = torch.autograd.grad(out.sum(), args["query_hidden"], retain_graph=True)
     (marked,) = torch.autograd.grad(out.sum(), args["query_hidden"], create_graph=True)
