@@ -77,22 +77,38 @@ def _is_cross_attention(name: str, module: nn.Module) -> bool:
     return any(part in lowered for part in _CROSS_ATTENTION_NAMES)
 
 
+@cache
+def _attends_over_depth(cls: type) -> bool:
+    """Attention over each token's stacked layer outputs (Inkling 2's attention residuals, ``forward(block_states,
+    ...)``): its sequence is the layers and its one head the hidden size, not a self-attention over tokens."""
+    try:
+        first = next(iter(list(inspect.signature(cls.forward).parameters)[1:]), None)
+    except (TypeError, ValueError):
+        return False
+    return first == "block_states"
+
+
+def _is_self_attention(name: str, module: nn.Module) -> bool:
+    return not _is_cross_attention(name, module) and not _attends_over_depth(type(module))
+
+
 def find_self_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Self-attention modules on transformers' attention interface, in layer order; index = layer number."""
     return [
         (name, module)
         for name, module in model.named_modules()
-        if _goes_through_attention_interface(type(module)) and not _is_cross_attention(name, module)
+        if _goes_through_attention_interface(type(module)) and _is_self_attention(name, module)
     ]
 
 
-def find_cross_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Cross-attention modules on transformers' attention interface: never patched, but once their model is switched
-    to the neural attention function they dispatch through it, to the fallback they record."""
+def find_other_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The other modules on transformers' attention interface (cross-attention, attention over layer outputs): never
+    patched, but once their model is switched to the neural attention function they dispatch through it, to the
+    fallback they record."""
     return [
         (name, module)
         for name, module in model.named_modules()
-        if _goes_through_attention_interface(type(module)) and _is_cross_attention(name, module)
+        if _goes_through_attention_interface(type(module)) and not _is_self_attention(name, module)
     ]
 
 
@@ -197,7 +213,7 @@ def attach_scorers(model: PreTrainedModel, fallback: str) -> None:
 
 def set_fallback(model: nn.Module, fallback: str) -> None:
     """Set the implementation the model's unpatched layers use (``"sdpa"`` or ``"eager"``), cross-attention too."""
-    for _, module in find_self_attention_modules(model) + find_cross_attention_modules(model):
+    for _, module in find_self_attention_modules(model) + find_other_attention_modules(model):
         setattr(module, FALLBACK_ATTRIBUTE, fallback)
 
 

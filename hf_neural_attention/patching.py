@@ -33,7 +33,7 @@ from .hub_classes import adopt_hub_class, is_hub_class, restore_stock_class
 from .modeling_neural_attention import (
     FALLBACK_IMPLEMENTATIONS,
     build_scorer,
-    find_cross_attention_modules,
+    find_other_attention_modules,
     find_self_attention_modules,
     head_shape,
     is_keep_neural_attention_hook,
@@ -53,7 +53,8 @@ LayerSelection = int | str | Iterable[int]
 def find_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Self-attention modules that go through the attention interface, in layer order ``(name, module)``.
 
-    Cross-attention modules are never included: they attend to another sequence and are not "layers" here.
+    Cross-attention modules are never included (they attend to another sequence), nor attention over layer outputs
+    (Inkling 2's attention residuals): they are not "layers" here.
     """
     return find_self_attention_modules(model)
 
@@ -313,7 +314,7 @@ def _patch(model: nn.Module, layers: LayerSelection, config: NeuralAttentionConf
     implementation = _current_implementation(model)
     # cross-attention too: never patched, but it dispatches through the neural attention function once the model is
     # switched to it, and keeps its implementation there (else SDPA, not bit-equal to an eager model's)
-    interface = modules + find_cross_attention_modules(model)
+    interface = modules + find_other_attention_modules(model)
     fallbacks = [_module_fallback(module, name, implementation) for name, module in interface]
     block_sparse = [name for name, module in interface
                     if getattr(module, "indexer", None) is not None and _passes_block_selection(type(module))]
@@ -515,7 +516,7 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     fallbacks = {id(module): getattr(module, FALLBACK_ATTRIBUTE) for _, module in modules
                  if hasattr(module, FALLBACK_ATTRIBUTE)}  # fmt: skip
     attention_ids = {id(module) for _, module in modules}
-    for _, module in modules + find_cross_attention_modules(model):
+    for _, module in modules + find_other_attention_modules(model):
         if getattr(module, SCORER_ATTRIBUTE, None) is not None:
             delattr(module, SCORER_ATTRIBUTE)
         if hasattr(module, FALLBACK_ATTRIBUTE):

@@ -166,32 +166,48 @@ def test_block_sparse_selection_is_refused():
     assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
 
 
-def test_attention_over_depth_and_per_token_sinks():
-    """Inkling2 runs attention over its layers' outputs through the attention interface (the sequence where the
-    heads go): a clear ValueError instead of a shape error deep in the scorer. Its self-attention computes attention
-    sinks per token, which the tiled kernel takes (``tests/test_softcap_and_sinks.py``): the same logits as the eager
-    path."""
-    config = _config("inkling2_text", vocab_size=VOCAB, unpadded_vocab_size=VOCAB, hidden_size=32,
+@pytest.mark.parametrize("model_type", ["inkling2_text", "inkling2_loop_text"])
+def test_attention_over_depth_is_not_a_layer_and_per_token_sinks(model_type):
+    """Inkling 2 runs attention over each token's layer outputs through the attention interface (its "attention
+    residuals": the sequence is the layers). Those modules are not layers: ``layers="all"`` patched them, and the
+    first forward failed on their shapes. Its self-attention computes attention sinks per token, which every kernel
+    takes (``tests/test_softcap_and_sinks.py``): the same logits as the eager path."""
+    config = _config(model_type, vocab_size=VOCAB, unpadded_vocab_size=VOCAB, hidden_size=32,
                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                      swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8, sliding_window_size=4,
                      d_rel=4, rel_extent=8, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
                      n_layers_per_attn_res_block=1, max_position_embeddings=64, pad_token_id=0, eos_token_id=2)
     stock = AutoModelForCausalLM.from_config(config).eval()
     names = [name for name, _ in find_attention_modules(stock)]
-    depth, sinks = names.index("model.layers.0.mlp_input"), names.index("model.layers.0.self_attn")
-    with_sinks = patch_model(copy.deepcopy(stock), layers=[sinks], backend="eager")
+    assert names and all(name.endswith("self_attn") for name in names), names
+    ids = _ids(2, 8)
     with torch.no_grad():
+        reference = stock(ids).logits
+    residual = patch_model(copy.deepcopy(stock), layers="all", mode="residual")  # starts as the stock model
+    with_sinks = patch_model(copy.deepcopy(stock), layers="all", backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(residual(ids).logits, reference, rtol=1e-5, atol=1e-5)
         logits = {}
         for backend in ("eager", "auto"):
             set_backend(with_sinks, backend)
-            logits[backend] = with_sinks(_ids(2, 8)).logits
+            logits[backend] = with_sinks(ids).logits
         torch.testing.assert_close(logits["auto"], logits["eager"], rtol=1e-5, atol=1e-5)
-        sink_weights = with_sinks.get_submodule(names[sinks]).sink_proj.weight
+        sink_weights = with_sinks.get_submodule(names[0]).sink_proj.weight
         sink_weights.mul_(20.0)  # the sinks' logits reach the output
-        assert (with_sinks(_ids(2, 8)).logits - logits["auto"]).abs().max() > 1e-4
-    model = patch_model(copy.deepcopy(stock), layers=[depth])
-    with pytest.raises(ValueError, match="not a multi-head self-attention over tokens"), torch.no_grad():
-        model(_ids(1, 8))
+        assert (with_sinks(ids).logits - logits["auto"]).abs().max() > 1e-4
+
+
+def test_a_scorer_called_with_other_heads_is_refused_naming_the_module():
+    """The net under layer discovery: a patched module that calls attention with heads its scorer was not built for
+    (attention over something other than tokens) gets a ValueError, not a shape error deep in the scorer."""
+    from hf_neural_attention import NeuralScorer, neural_attention_forward
+    from tests.test_scorer_math import ScoredLayer
+
+    layer = ScoredLayer(NeuralScorer(8, 2, NeuralAttentionConfig(proj_dim=4)), is_causal=False)
+    query = torch.randn(1, 1, 5, 32)  # one head of the hidden size, as Inkling 2's attention residuals call it
+    with pytest.raises(ValueError, match="ScoredLayer called attention with 1 heads of size 32.*not a multi-head "
+                                         "self-attention over tokens"):
+        neural_attention_forward(layer, query, query, query, None)
 
 
 def test_a_learned_position_bias_starting_at_zero_gets_its_gradient():
