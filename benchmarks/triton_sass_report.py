@@ -134,11 +134,11 @@ def tile_loop_instructions(kernel, unit_iterations: int) -> int:
 
 
 def inputs(authors: bool, hidden: int, activation: str, dot: bool, mask: bool, dropout: bool, dtype, launch: dict,
-           bias: bool | str = False, dv: int = 64):
+           bias: bool | str = False, dv: int = 64, softcap: bool = False):
     """The three kernels' argument lists and constexprs, built by the module's own host code. ``bias``: a learned
     ``(1, heads, n, n)`` score bias (T5's position bias), its gradient written by the query-side backward (``"add"``:
     added to the buffer, as the launches for a batch-shared bias do). ``dv``: the value's (and the dot term's query
-    and key's) head size."""
+    and key's) head size. ``softcap``: Gemma 2's logit soft-capping (a cap of 50)."""
     b, h, n = 1, 2, 256
     q_h, k_h, v = (torch.randn(b, h, n, d, dtype=dtype) for d in (hidden, hidden, dv))
     if authors:
@@ -150,7 +150,8 @@ def inputs(authors: bool, hidden: int, activation: str, dot: bool, mask: bool, d
     dk = torch.randn(b, h, n, dv, dtype=dtype) if dot else None
     m = torch.rand(b, 1, n, n) > 0.2 if mask else None
     score_bias = torch.randn(1, h, n, n, dtype=dtype) if bias else None  # the inputs' dtype, as a bf16 T5 passes
-    cfg = dict(activation=activation, causal=True, dot_scale=1.0, dropout_p=0.1 if dropout else 0.0, seed=0, **launch)
+    cfg = dict(activation=activation, causal=True, dot_scale=1.0, dropout_p=0.1 if dropout else 0.0, seed=0,
+               softcap=50.0 if softcap else None, **launch)
     tensors, scalars, ce, launches = tna._launch_args(q_h, k_h, v, w, w2, b2, dq, dk, m, cfg, score_bias=score_bias)
     ce["UPCAST"] = False
     out = torch.empty(b, h, n, dv)  # the forward writes fp32 (rounded on the host)
@@ -168,22 +169,24 @@ def inputs(authors: bool, hidden: int, activation: str, dot: bool, mask: bool, d
     }
 
 
-def report(authors, hidden, activation, dot, mask, dropout, dtype, launch, arch, bias=False, dv=64) -> list[dict]:
+def report(authors, hidden, activation, dot, mask, dropout, dtype, launch, arch, bias=False, dv=64,
+           softcap=False) -> list[dict]:
     rows = []
     for name, (fn, args, ce, (rows_, cols_, warps, _)) in inputs(
-        authors, hidden, activation, dot, mask, dropout, dtype, launch, bias, dv
+        authors, hidden, activation, dot, mask, dropout, dtype, launch, bias, dv, softcap
     ).items():
         kernel = compile_kernel(fn, args, ce, warps, arch)
         regs, spill, shared = resources(kernel)
         iterations = 1 if authors else math.ceil(hidden / ce["UNROLL"])
         per_pair = tile_loop_instructions(kernel, iterations) * warps * 32 / (rows_ * cols_)
         rows.append(dict(kernel=name, mlp="authors" if authors else "paper", hidden=hidden, activation=activation,
-                         dot=dot, mask=mask, dropout=dropout, bias=bias, dtype=str(dtype).removeprefix("torch."),
+                         dot=dot, mask=mask, dropout=dropout, bias=bias, softcap=softcap,
+                         dtype=str(dtype).removeprefix("torch."),
                          half_mlp=bool(launch.get("half_mlp")), v_dim=dv, arch=arch, rows=rows_,
                          cols=cols_, num_warps=warps, unroll=ce["UNROLL"], registers=regs, spill_bytes=spill,
                          shared_bytes=shared, instructions_per_pair=round(per_pair, 1)))  # fmt: skip
         print(f"{name:7s} {rows[-1]['mlp']:7s} d'={hidden:2d} {activation:4s} dot={dot:d} mask={mask:d} "
-              f"dropout={dropout:d} bias={bias if bias == 'add' else int(bias)} "
+              f"dropout={dropout:d} bias={bias if bias == 'add' else int(bias)}{' softcap' if softcap else ''} "
               f"{rows[-1]['dtype']:8s}{' half_mlp' if launch.get('half_mlp') else ''} dv={dv} "
               f"tile {rows_}x{cols_} warps {warps} unroll {ce['UNROLL']}: "
               f"{regs:3d} registers, {spill:4d} B spilled, {shared // 1024:3d} KiB shared, "
@@ -200,6 +203,7 @@ def main() -> int:
     ap.add_argument("--half-mlp", action="store_true", help="also each launch with half_mlp=True (packed fp16 scores)")
     ap.add_argument("--bias", action="store_true", help="also each launch with a learned (1, heads, n, n) score bias")
     ap.add_argument("--mask", action="store_true", help="also each launch with a padding mask")
+    ap.add_argument("--softcap", action="store_true", help="also each launch with Gemma 2's logit soft-capping")
     ap.add_argument("--v-dim", type=positive_int, nargs="+", default=[64],
                     help="head sizes of the value (and of the dot term's query and key) to compile for")
     ap.add_argument("--tiles", nargs="+", default=None, metavar="ROWSxCOLSxWARPS",
@@ -216,9 +220,11 @@ def main() -> int:
         launch = {} if tile is None else dict(zip(("block_m", "block_n", "num_warps", "unroll"), tile, strict=True))
         for half in (False, True) if args.half_mlp else (False,):
             for mask in (False, True) if args.mask else (False,):
-                for bias in (False, True) if args.bias else (False,):
+                for bias, softcap in itertools.product((False, True) if args.bias else (False,),
+                                                       (False, True) if args.softcap else (False,)):
                     rows += report(False, hidden, "relu", False, mask, False, torch.bfloat16,
-                                   dict(launch, half_mlp=1) if half else launch, args.arch, bias=bias, dv=dv)
+                                   dict(launch, half_mlp=1) if half else launch, args.arch, bias=bias, dv=dv,
+                                   softcap=softcap)
     for dv in args.v_dim if args.variants else ():
         for *variant, launch in [
             (False, 16, "relu", False, False, False, torch.bfloat16, {"half_mlp": 1}),  # packed fp16 scores

@@ -34,13 +34,6 @@ ATTENTION_NAME = "neural_attention"
 FALLBACK_ATTRIBUTE = "neural_attention_fallback"
 """Set by the patcher on every attention module: the implementation unpatched modules keep (``sdpa``/``eager``)."""
 
-_CAP_AND_SINK_BACKENDS = ("eager", "tiled", "cpp")
-"""The backends with logit soft-capping (Gemma 2; ``cpp`` runs such a call on its tiled loop with the C++ MLP) and
-attention sinks (gpt-oss, Inkling 2); ``auto`` takes the tiled kernel where the fused kernel it would take (Triton)
-has neither."""
-_FEATURE_NAMES = {"softcap": "logit soft-capping", "sinks": "attention sinks"}
-
-
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # Triton and the C++ kernel compute in fp32
 
 try:  # how transformers collects returned attention weights (read on every call of an unpatched layer too)
@@ -222,8 +215,7 @@ _SWITCH_BACKEND = (" (a checkpoint keeps the backend it was saved with: load it 
                    "'auto'))")
 
 
-def choose_backend(requested: str, query: torch.Tensor, *, needs_probabilities: bool,
-                   features: tuple[str, ...] = ()) -> str:
+def choose_backend(requested: str, query: torch.Tensor, *, needs_probabilities: bool) -> str:
     """The backend that will run: ``"eager"``, ``"tiled"``, ``"cpp"`` or ``"triton"``.
 
     ``auto`` takes the fused path that applies: Triton on CUDA when installed (on a GPU older than compute capability
@@ -231,30 +223,13 @@ def choose_backend(requested: str, query: torch.Tensor, *, needs_probabilities: 
     cached), else the pure PyTorch tiled kernel; float64 inputs always take the tiled kernel (the fused ones compute in
     fp32). Every backend falls back to ``eager`` for a call that must return probabilities, since fused kernels never
     form the probability matrix.
-    A real additive bias (T5's position bias) takes the same path: every fused kernel adds it to its scores. A call
-    with logit soft-capping or attention sinks (``features``: ``"softcap"``, ``"sinks"``) takes a backend that has them
-    (``_CAP_AND_SINK_BACKENDS``): ``auto`` falls back to the tiled kernel where its fused choice lacks them.
-
-    Raises:
-        ValueError: a requested backend that lacks one of ``features``.
+    A real additive bias (T5's position bias), logit soft-capping (Gemma 2) and attention sinks (gpt-oss, Inkling 2)
+    take the same path: every backend has them.
     """
-    if needs_probabilities or requested == "eager":
-        return "eager"
-    if requested == "auto":
-        backend = _fused_backend(requested, query)
-        return "tiled" if features and backend not in _CAP_AND_SINK_BACKENDS else backend
-    if features and requested not in _CAP_AND_SINK_BACKENDS:
-        raise ValueError(
-            f"backend={requested!r} has no {' and '.join(_FEATURE_NAMES[name] for name in features)}; use "
-            f"backend='auto' (which picks a kernel that has it){_SWITCH_BACKEND}."
-        )
-    return _fused_backend(requested, query)
-
-
-def _fused_backend(requested: str, query: torch.Tensor) -> str:
-    """The fused backend ``requested`` resolves to for ``query`` (see :func:`choose_backend`)."""
     from .triton_neural_attention import triton_is_preferred, triton_is_usable  # imports triton only here
 
+    if needs_probabilities or requested == "eager":
+        return "eager"
     fused_dtype = query.dtype in _FUSED_DTYPES
     if requested == "triton":
         if not triton_is_usable(query):
@@ -444,8 +419,7 @@ def neural_attention_forward(
     extras = _cap_and_sinks(query, kwargs)
 
     needs_probabilities = _wants_attention_weights(kwargs)
-    backend = choose_backend(scorer.settings.backend, query, needs_probabilities=needs_probabilities,
-                             features=tuple(extras))
+    backend = choose_backend(scorer.settings.backend, query, needs_probabilities=needs_probabilities)
     if backend == "eager":
         out, probabilities = materialised_neural_attention(scorer, query, key, value, mask=mask, causal=causal,
                                                            bias=bias, scaling=scaling, dropout_p=dropout_p,
@@ -453,7 +427,7 @@ def neural_attention_forward(
         return out.transpose(1, 2).contiguous(), probabilities if needs_probabilities else None
 
     kernel, options = _fused_kernel(backend, scorer)
-    options.update(extras)  # (a backend that has them: choose_backend)
+    options.update(extras)
     query_hidden, key_hidden, output_weight, second_weight, second_bias = scorer(query, key)  # a call: module hooks
     # a 0-d tensor, not an int: an .item() here would break a torch.compile graph
     seed = torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0.0 else None

@@ -677,7 +677,7 @@ def neural_attention_tiled(
     :data:`ScorerFactory`). ``softcap`` (Gemma 2's logit soft-capping) replaces each score by
     ``softcap * tanh(score / softcap)`` before the bias is added; ``sinks`` (attention sinks: gpt-oss per head,
     ``(1, heads, 1, 1)``; per query, ``(batch, heads, q_len, 1)``) add one logit per row to the softmax's denominator,
-    with no value, and get their gradient. Only this kernel and the materialising path have the two.
+    with no value, and get their gradient.
     """
     output_weight, second_weight, second_bias = check_kernel_inputs(
         query_hidden, key_hidden, value, output_weight, second_weight, second_bias, activation, mask, dot_query,

@@ -89,6 +89,18 @@ if TRITON_AVAILABLE:
         return tl.exp2(x * 1.4426950408889634)
 
     @triton.jit
+    def _tanh(x):
+        """tanh(x) to a few ulp without libdevice, which the interpreter lacks: (1 - e) / (1 + e), e = exp(-2|x|) (one
+        ex2, one approximate division), which cancels near 0, where the odd Taylor series to x^7 takes over (its
+        truncation error below 1e-9 relative for |x| < 1/8). 3.3e-7 relative at most on the interpreter."""
+        ax = tl.abs(x)
+        e = _exp(-2.0 * ax)
+        x2 = x * x
+        near_zero = ax * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * -0.05396825396825397)))
+        t = tl.where(ax < 0.125, near_zero, tl.fdiv(1.0 - e, 1.0 + e, approx=True))
+        return tl.where(x < 0.0, -t, t)
+
+    @triton.jit
     def _mm_acc(a, b, acc, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
         """acc + a @ b with operands rounded to DOT_DTYPE (fp32 accumulation), accumulated in the MMA itself (no
         second accumulator tile in registers); acc None: a @ b.
@@ -418,21 +430,24 @@ if TRITON_AVAILABLE:
     @triton.jit
     def _tile_probs_grad(A_base, B_base, Ck_base, W_base, W2_base, B2_base, Mask_base, smq, smk, Bias_base, sxq, sxk,
                          q, k, v, do, lse, log_l, delta, start_q, start_k, offs_q, offs_k, Lq, Lk, LqP, LkP, bh,
-                         dot_scale, mlp_inv, dropout_p, dropout_scale, seed, HID: tl.constexpr, HIDP: tl.constexpr,
-                         HID2: tl.constexpr, HID2P: tl.constexpr, AUTHORS: tl.constexpr, ACT: tl.constexpr,
-                         HAS_DOT: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         dot_scale, mlp_inv, dropout_p, dropout_scale, seed, softcap, HID: tl.constexpr,
+                         HIDP: tl.constexpr, HID2: tl.constexpr, HID2P: tl.constexpr, AUTHORS: tl.constexpr,
+                         ACT: tl.constexpr, HAS_DOT: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                          CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
-                         UNROLL: tl.constexpr, HALF: tl.constexpr, KEY_ROWS: tl.constexpr, BLOCK_Q: tl.constexpr,
-                         BLOCK_K: tl.constexpr,
-                         ROWS: tl.constexpr, COLS: tl.constexpr):
+                         UNROLL: tl.constexpr, HALF: tl.constexpr, CAP: tl.constexpr, KEY_ROWS: tl.constexpr,
+                         BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
         """Recompute P of one (ROWS, COLS) tile from the stored row statistics (`_row_stats`); return (P after dropout,
-        dS = dL/dscores).
+        dS = dL/dscores, dS before the cap = dS * (1 - tanh^2): what reaches the MLP and the dot term; dS itself
+        without CAP). The score bias, added after the cap, takes dS.
 
         (ROWS, COLS) = (BLOCK_K, BLOCK_Q) when KEY_ROWS, else (BLOCK_Q, BLOCK_K).
         """
         s = _tile_scores(A_base, B_base, Ck_base, W_base, W2_base, B2_base, q, k, offs_q, offs_k, Lq, Lk, LqP, LkP,
                          dot_scale, mlp_inv, ROWS, COLS, HID, HIDP, HID2, HID2P, AUTHORS, ACT, HAS_DOT, DOT_DTYPE,
                          UPCAST, UNROLL, HALF, KEY_ROWS)
+        if CAP:
+            t = _tanh(s * (1.0 / softcap))  # (a scalar reciprocal: no division per pair)
+            s = softcap * t
         s = _add_bias(s, Bias_base, sxq, sxk, start_q, start_k, offs_q, offs_k, Lq, Lk, HAS_BIAS, KEY_ROWS)
         # rows with no visible key (and rows past Lq) have lse = +inf: p = 0 there without a mask
         s = _masked(s, float("-inf"), start_q, start_k, offs_q, offs_k, Lq, Lk, Mask_base, smq, smk, CAUSAL,
@@ -458,7 +473,11 @@ if TRITON_AVAILABLE:
         else:
             pd = p
         ds = p * (dp - delta2)
-        return pd, ds
+        if CAP:
+            ds_score = ds * (1.0 - t * t)
+        else:
+            ds_score = ds
+        return pd, ds, ds_score
 
     @triton.jit
     def _tile_mlp_backward(ds, A_base, B_base, W_base, W2_base, B2_base, offs_q, offs_k, Lq, Lk, LqP, LkP, d_own,
@@ -540,13 +559,13 @@ if TRITON_AVAILABLE:
     @triton.jit
     def fwd_kernel(A, B, Ck, V, W, W2, B2, DQ, DK, Mask, Bias, Scale, H, Lq, Lk, LqP, LkP, sab, sbb, svb, svh, svl,
                     sqb, sqh, sql, skb, skh, skl, smb, smh, smq, smk, sxb, sxh, sxq, sxk, w_hs, w2_hs, b2_hs,
-                    dot_scale, dropout_p, dropout_scale, seed, Out, LSE, LogL, sob, soh, sol,
+                    dot_scale, dropout_p, dropout_scale, seed, softcap, Out, LSE, LogL, sob, soh, sol,
                     HID: tl.constexpr, HIDP: tl.constexpr, HID2: tl.constexpr, HID2P: tl.constexpr,
                     AUTHORS: tl.constexpr, ACT: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
                     DD: tl.constexpr, DDP: tl.constexpr, HAS_DOT: tl.constexpr, HAS_MASK: tl.constexpr,
                     HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                    UPCAST: tl.constexpr, UNROLL: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
+                    UPCAST: tl.constexpr, UNROLL: tl.constexpr, HALF: tl.constexpr, CAP: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Forward. Grid (cdiv(Lq, BLOCK_M), batch*heads): one program per BLOCK_M query rows of one head.
 
         Loops over key blocks (causal: only up to the diagonal) with an online fp32 softmax. Writes Out
@@ -577,6 +596,8 @@ if TRITON_AVAILABLE:
             s = _tile_scores(A_base, B_base, Ck_base, W_base, W2_base, B2_base, q, k, offs_m, offs_n, Lq, Lk, LqP,
                              LkP, dot_scale, mlp_inv, BLOCK_M, BLOCK_N, HID, HIDP, HID2, HID2P, AUTHORS, ACT, HAS_DOT,
                              DOT_DTYPE, UPCAST, UNROLL, HALF, False)
+            if CAP:  # Gemma 2's soft-capping: of the neural (+ dot) score, before the bias and the mask
+                s = softcap * _tanh(s * (1.0 / softcap))
             s = _add_bias(s, Bias_base, sxq, sxk, pid_m * BLOCK_M, start_n, offs_m, offs_n, Lq, Lk, HAS_BIAS, False)
             s = _masked(s, float("-inf"), pid_m * BLOCK_M, start_n, offs_m, offs_n, Lq, Lk, Mask_base, smq, smk,
                         CAUSAL, HAS_MASK, BLOCK_M, BLOCK_N, False)
@@ -609,14 +630,15 @@ if TRITON_AVAILABLE:
     @triton.jit
     def bwd_kv_kernel(A, B, Ck, V, W, W2, B2, DQ, DK, Mask, Bias, Scale, H, Lq, Lk, LqP, LkP, sab, sbb, svb, svh,
                        svl, sqb, sqh, sql, skb, skh, skl, smb, smh, smq, smk, sxb, sxh, sxq, sxk, w_hs, w2_hs, b2_hs,
-                       dot_scale, dropout_p, dropout_scale, seed, DO, sdob, sdoh, sdol, LSE, LogL, Delta, dB, dV, dDK,
+                       dot_scale, dropout_p, dropout_scale, seed, softcap, DO, sdob, sdoh, sdol, LSE, LogL, Delta, dB,
+                       dV, dDK,
                        dW_part, dW2_part, dB2_part, n_blocks_n,
                        HID: tl.constexpr, HIDP: tl.constexpr, HID2: tl.constexpr, HID2P: tl.constexpr,
                        AUTHORS: tl.constexpr, ACT: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
                        DD: tl.constexpr, DDP: tl.constexpr, HAS_DOT: tl.constexpr, HAS_MASK: tl.constexpr,
                        HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                       UPCAST: tl.constexpr, UNROLL: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr):
+                       UPCAST: tl.constexpr, UNROLL: tl.constexpr, HALF: tl.constexpr, CAP: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Backward, key side. Grid (n_blocks_n = cdiv(Lk, BLOCK_N), batch*heads): one program per key block.
 
         Loops over query blocks (causal: from the diagonal on), recomputing P^T as (BLOCK_N keys, BLOCK_M queries)
@@ -651,12 +673,13 @@ if TRITON_AVAILABLE:
             q = _load_dot_tile(DQ_base, offs_m, Lq, sql, BLOCK_M, DD, DDP, HAS_DOT)
             do = _load_tile(DO + b * sdob + h * sdoh, offs_m, Lq, sdol, DV, DVP)
             lse, log_l, delta = _row_stats(LSE, LogL, Delta, bh, offs_m, Lq, HAS_BIAS)
-            pd, ds = _tile_probs_grad(A_base, B_base, Ck_base, W_base, W2_base, B2_base, Mask_base, smq, smk,
-                                      Bias_base, sxq, sxk, q, k, v, do, lse, log_l, delta, start_m, pid_n * BLOCK_N,
-                                      offs_m, offs_n, Lq, Lk, LqP, LkP, bh, dot_scale, mlp_inv, dropout_p,
-                                      dropout_scale, seed, HID, HIDP, HID2, HID2P, AUTHORS, ACT, HAS_DOT, HAS_MASK,
-                                      HAS_BIAS, CAUSAL, DROPOUT, DOT_DTYPE, UPCAST, UNROLL, HALF, True, BLOCK_M,
-                                      BLOCK_N, BLOCK_N, BLOCK_M)
+            pd, _ds_bias, ds = _tile_probs_grad(A_base, B_base, Ck_base, W_base, W2_base, B2_base, Mask_base, smq, smk,
+                                                Bias_base, sxq, sxk, q, k, v, do, lse, log_l, delta, start_m,
+                                                pid_n * BLOCK_N, offs_m, offs_n, Lq, Lk, LqP, LkP, bh, dot_scale,
+                                                mlp_inv, dropout_p, dropout_scale, seed, softcap, HID, HIDP, HID2,
+                                                HID2P, AUTHORS, ACT, HAS_DOT, HAS_MASK, HAS_BIAS, CAUSAL, DROPOUT,
+                                                DOT_DTYPE, UPCAST, UNROLL, HALF, CAP, True, BLOCK_M, BLOCK_N, BLOCK_N,
+                                                BLOCK_M)
             dv += _mm(pd, do, DOT_DTYPE, UPCAST)
             if HAS_DOT:
                 dk += _mm(ds, q, DOT_DTYPE, UPCAST)
@@ -681,13 +704,14 @@ if TRITON_AVAILABLE:
     @triton.jit
     def bwd_q_kernel(A, B, Ck, V, W, W2, B2, DQ, DK, Mask, Bias, Scale, H, Lq, Lk, LqP, LkP, sab, sbb, svb, svh,
                       svl, sqb, sqh, sql, skb, skh, skl, smb, smh, smq, smk, sxb, sxh, sxq, sxk, w_hs, w2_hs, b2_hs,
-                      dot_scale, dropout_p, dropout_scale, seed, DO, sdob, sdoh, sdol, LSE, LogL, Delta, dA, dDQ, dBias,
+                      dot_scale, dropout_p, dropout_scale, seed, softcap, DO, sdob, sdoh, sdol, LSE, LogL, Delta, dA,
+                      dDQ, dBias,
                       bh_start, HID: tl.constexpr, HIDP: tl.constexpr, HID2: tl.constexpr, HID2P: tl.constexpr,
                       AUTHORS: tl.constexpr, ACT: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
                       DD: tl.constexpr, DDP: tl.constexpr, HAS_DOT: tl.constexpr, HAS_MASK: tl.constexpr,
                       HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                      UPCAST: tl.constexpr, UNROLL: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr,
+                      UPCAST: tl.constexpr, UNROLL: tl.constexpr, HALF: tl.constexpr, CAP: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BIAS_GRAD: tl.constexpr, BIAS_ACC: tl.constexpr):
         """Backward, query side. Grid (cdiv(Lq, BLOCK_M), rows): one program per query block of batch*heads rows
         bh_start .. bh_start + rows.
@@ -720,22 +744,22 @@ if TRITON_AVAILABLE:
             offs_n = start_n + tl.arange(0, BLOCK_N)
             v = _load_tile(V_base, offs_n, Lk, svl, DV, DVP)
             k = _load_dot_tile(DK_base, offs_n, Lk, skl, BLOCK_N, DD, DDP, HAS_DOT)
-            pd, ds = _tile_probs_grad(A_base, B_base, Ck_base, W_base, W2_base, B2_base, Mask_base, smq, smk,
-                                      Bias_base, sxq, sxk, q, k, v, do, lse, log_l, delta, pid_m * BLOCK_M, start_n,
-                                      offs_m, offs_n, Lq, Lk, LqP, LkP, bh, dot_scale, mlp_inv, dropout_p,
-                                      dropout_scale, seed, HID, HIDP, HID2, HID2P, AUTHORS, ACT, HAS_DOT, HAS_MASK,
-                                      HAS_BIAS, CAUSAL, DROPOUT, DOT_DTYPE, UPCAST, UNROLL, HALF, False, BLOCK_M,
-                                      BLOCK_N, BLOCK_M, BLOCK_N)
+            pd, ds_bias, ds = _tile_probs_grad(A_base, B_base, Ck_base, W_base, W2_base, B2_base, Mask_base, smq, smk,
+                                               Bias_base, sxq, sxk, q, k, v, do, lse, log_l, delta, pid_m * BLOCK_M,
+                                               start_n, offs_m, offs_n, Lq, Lk, LqP, LkP, bh, dot_scale, mlp_inv,
+                                               dropout_p, dropout_scale, seed, softcap, HID, HIDP, HID2, HID2P,
+                                               AUTHORS, ACT, HAS_DOT, HAS_MASK, HAS_BIAS, CAUSAL, DROPOUT, DOT_DTYPE,
+                                               UPCAST, UNROLL, HALF, CAP, False, BLOCK_M, BLOCK_N, BLOCK_M, BLOCK_N)
             if HAS_DOT:
                 dq += _mm(ds, k, DOT_DTYPE, UPCAST)
-            if BIAS_GRAD:  # dL/dbias = dS: written per (batch*head), summed where the bias broadcasts on the host
+            if BIAS_GRAD:  # dL/dbias = dS (after the cap): written per (batch*head), summed where the bias broadcasts
                 ds_ptrs = _pair_ptrs(dBias + (bh - bh_start) * Lq * Lk, Lk, 1, pid_m * BLOCK_M, start_n, offs_m, offs_n,
                                      False)  # fmt: skip
                 in_range = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
                 if BIAS_ACC:  # one program per slot in a launch, launches in order: no race, deterministic
-                    tl.store(ds_ptrs, ds + tl.load(ds_ptrs, mask=in_range, other=0.0), mask=in_range)
+                    tl.store(ds_ptrs, ds_bias + tl.load(ds_ptrs, mask=in_range, other=0.0), mask=in_range)
                 else:
-                    tl.store(ds_ptrs, ds, mask=in_range)
+                    tl.store(ds_ptrs, ds_bias, mask=in_range)
             da, dw_unused, dw2_unused, db2_unused = _tile_mlp_backward(
                 ds, A_base, B_base, W_base, W2_base, B2_base, offs_m, offs_n, Lq, Lk, LqP, LkP, da, dw_unused,
                 dw2_unused, db2_unused, HID, HIDP, HID2, HID2P, AUTHORS, ACT, False, UNROLL, HALF, False, BLOCK_M,

@@ -5,7 +5,8 @@ Implements the KERNEL CONTRACT of ``docs/design.md``::
     neural_attention_triton(query_hidden, key_hidden, value, output_weight,
                             second_weight=None, second_bias=None, *, activation="relu",
                             mask=None, causal=False, dot_query=None, dot_key=None,
-                            dot_scale=1.0, dropout_p=0.0, generator_seed=None, score_bias=None) -> Tensor
+                            dot_scale=1.0, dropout_p=0.0, generator_seed=None, score_bias=None,
+                            sinks=None, softcap=None) -> Tensor
 
 as a ``torch.autograd.Function`` with Triton forward and backward kernels (flash-attention style):
 
@@ -19,6 +20,10 @@ as a ``torch.autograd.Function`` with Triton forward and backward kernels (flash
   with torch afterwards: no atomics, so two backward runs are bitwise identical. A score bias's gradient is dS:
   the query-side kernel writes it whole, torch sums it where the bias broadcasts.
 * dropout: ``tl.rand(seed, (bh * q_len + i) * k_len + j)``; backward regenerates the same mask.
+* ``softcap`` (Gemma 2): a constexpr branch caps each tile's scores before the bias and the mask, and the backward
+  multiplies dS by the cap's slope on its way to the MLP and the dot term. ``sinks`` (gpt-oss): folded into each
+  row's finished softmax on the host (``fold_sinks``, O(n)), so the kernels' backward recomputes sink-inclusive
+  probabilities; the sinks' own gradient is ``sink_grad``'s, on the host.
 
 The kernels themselves (device code) are in ``triton_kernels_neural_attention.py``; this file chooses their launch
 settings, prepares their operands, launches them and wraps them as custom ops and an autograd function.
@@ -42,13 +47,18 @@ from .kernels_neural_attention import (
     autocast_off,
     bias_grad_rows,
     check_kernel_inputs,
+    check_sinks,
+    check_softcap,
     empty_attention,
+    fold_sinks,
     keeps_differentiable_inputs,
     kernel_op,
     once_differentiable_always,
     relu_grads,
     relu_signed_max_operands,
     seed_tensor,
+    sink_grad,
+    sink_rows,
     source_tag,
     sum_to_bias_shape,
     visible_rows,
@@ -320,7 +330,8 @@ def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, 
 
     Returns (tensors, scalars, constexprs, launch): tensors = (A, B, Ck, V, W, W2, B2, DQ, DK, Mask, Bias, Scale)
     (see `_scorer_operands` and `_optional_operands`); scalars = (H, Lq, Lk, LqP, LkP, A / B per-(batch, head)
-    strides, V/DQ/DK/Mask/Bias strides, per-head weight strides, dot_scale, dropout_p, dropout_scale, seed); launch
+    strides, V/DQ/DK/Mask/Bias strides, per-head weight strides, dot_scale, dropout_p, dropout_scale, seed, softcap
+    (1.0 when there is none: CAP is then False and the kernels never read it)); launch
     = `_launch_settings`' {"": forward, "bwd_": backward} (BLOCK_M, BLOCK_N, num_warps, unroll).
     """
     batch, heads, q_len, hidden = query_hidden.shape
@@ -355,11 +366,11 @@ def _launch_args(query_hidden, key_hidden, value, output_weight, second_weight, 
         ACT=ACTIVATION_CODES[cfg["activation"]], DV=v_dim, DVP=_pow2(v_dim, 16), DD=dd, DDP=_pow2(dd, 16),
         HAS_DOT=has_dot, HAS_MASK=mask is not None, HAS_BIAS=score_bias is not None, CAUSAL=bool(cfg["causal"]),
         DROPOUT=dropout_p > 0.0, DOT_DTYPE=_TL_DTYPES[low], UPCAST=interp, UNROLL=min(unroll, hidden_pad), HALF=half,
-        BLOCK_M=bm, BLOCK_N=bn,
+        CAP=cfg.get("softcap") is not None, BLOCK_M=bm, BLOCK_N=bn,
     )  # fmt: skip
     scalars = (heads, q_len, k_len, q_pad, k_pad, a_bs, b_bs, *V.stride()[:3], *dot_strides, *mask_strides,
                *bias_strides, w_hs, w2_hs, b2_hs, float(cfg["dot_scale"]), dropout_p, dropout_scale,
-               int(cfg["seed"]))  # fmt: skip
+               int(cfg["seed"]), float(cfg.get("softcap") or 1.0))  # fmt: skip
     return (A, Bk, Ck, V, W, W2, B2, DQ, DK, Mask, Bias, Scale), scalars, constexprs, launch
 
 
@@ -383,12 +394,13 @@ _LAUNCH_KEYS = ("block_m", "block_n", "num_warps", "unroll", "bwd_block_m", "bwd
 _OP_TAG = source_tag(__file__, Path(__file__).with_name("triton_kernels_neural_attention.py"))
 
 
-def _config(activation: str, causal: bool, dot_scale: float, dropout_p: float, seed: torch.Tensor,
+def _config(activation: str, causal: bool, dot_scale: float, dropout_p: float, seed: torch.Tensor, softcap: float,
             launch: list[int]) -> dict:
-    """The host-side settings ``_launch_args`` reads; ``launch`` lists ``_LAUNCH_KEYS``, -1 for the default."""
+    """The host-side settings ``_launch_args`` reads; ``softcap`` 0 for none; ``launch`` lists ``_LAUNCH_KEYS``, -1 for
+    the default."""
     tuning = {key: (None if value < 0 else value) for key, value in zip(_LAUNCH_KEYS, launch, strict=True)}
     return dict(activation=activation, causal=causal, dot_scale=dot_scale, dropout_p=dropout_p, seed=int(seed),
-                **tuning)
+                softcap=softcap or None, **tuning)
 
 
 def _forward_fake(query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key,
@@ -403,7 +415,7 @@ def _triton_forward(
     query_hidden: torch.Tensor, key_hidden: torch.Tensor, value: torch.Tensor, output_weight: torch.Tensor,
     second_weight: torch.Tensor | None, second_bias: torch.Tensor | None, dot_query: torch.Tensor | None,
     dot_key: torch.Tensor | None, score_bias: torch.Tensor | None, mask: torch.Tensor | None, activation: str,
-    causal: bool, dot_scale: float, dropout_p: float, seed: torch.Tensor, launch: list[int],
+    causal: bool, dot_scale: float, dropout_p: float, seed: torch.Tensor, softcap: float, launch: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, stats)``: ``(batch, heads, q_len, v_dim)`` fp32 and the row statistics, fp32: ``(1, batch * heads,
     q_len)``, the log-sum-exp, or with a ``score_bias`` ``(2, batch * heads, q_len)``, the row max and the log
@@ -417,7 +429,7 @@ def _triton_forward(
     gradients, amplified by the mean of the hidden activations (on a 9 x 17 test tile 0.5% of the largest entry;
     split, nothing beyond the gradient's own rounding to bf16). Inference too, so that an output does not depend on
     whether gradients are enabled (reentrant activation checkpointing runs the forward without, then again with)."""
-    cfg = _config(activation, causal, dot_scale, dropout_p, seed, launch)
+    cfg = _config(activation, causal, dot_scale, dropout_p, seed, softcap, launch)
     batch, heads, q_len, _ = query_hidden.shape
     # rows no pair sees are zeroed in the scorer's operands: garbage there must not reach visible rows or dw
     visible = visible_rows(mask, causal, q_len, key_hidden.shape[2], value.device)
@@ -437,8 +449,8 @@ def _like_or_empty(tensor: torch.Tensor | None, like: torch.Tensor) -> torch.Ten
 
 
 def _backward_fake(query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key,
-                   score_bias, mask, Out, stats, grad_out, activation, causal, dot_scale, dropout_p, seed, bias_grad,
-                   launch):  # fmt: skip
+                   score_bias, mask, Out, stats, grad_out, activation, causal, dot_scale, dropout_p, seed, softcap,
+                   bias_grad, launch):  # fmt: skip
     return tuple(_like_or_empty(t, value) for t in (query_hidden, key_hidden, value, output_weight, second_weight,
                                                    second_bias, dot_query, dot_key,
                                                    score_bias if bias_grad else None))  # fmt: skip
@@ -450,7 +462,7 @@ def _triton_backward(
     second_weight: torch.Tensor | None, second_bias: torch.Tensor | None, dot_query: torch.Tensor | None,
     dot_key: torch.Tensor | None, score_bias: torch.Tensor | None, mask: torch.Tensor | None, Out: torch.Tensor,
     stats: torch.Tensor, grad_out: torch.Tensor, activation: str, causal: bool, dot_scale: float, dropout_p: float,
-    seed: torch.Tensor, bias_grad: bool, launch: list[int],
+    seed: torch.Tensor, softcap: float, bias_grad: bool, launch: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor]:
     """Gradients of the nine differentiable inputs, each shaped and typed like its input (empty for an absent
@@ -459,7 +471,7 @@ def _triton_backward(
     gradient is dS, written whole into an fp32 ``(rows, heads, q_len, k_len)`` buffer, then summed over the dims the
     bias broadcasts along (``bias_grad_rows``: all rows in one launch, unless the bias is shared across the batch and
     the whole batch's dS would pass ``BIAS_GRAD_BUFFER_BYTES``: then launches of ``rows`` batch rows add to it)."""
-    cfg = _config(activation, causal, dot_scale, dropout_p, seed, launch)
+    cfg = _config(activation, causal, dot_scale, dropout_p, seed, softcap, launch)
     batch, heads, q_len, _ = query_hidden.shape
     k_len = key_hidden.shape[2]
     visible = visible_rows(mask, causal, q_len, k_len, value.device)
@@ -519,32 +531,59 @@ def _triton_backward(
             g_w2.contiguous(), g_b2.contiguous(), g_dq, g_dk, g_bias.contiguous())  # fmt: skip
 
 
+def _row_statistics(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(row_max, log_denom)`` ``(batch * heads, q_len)`` of the forward's ``stats``: its two rows, or the
+    log-sum-exp and zeros (+inf, not finite, where no key is visible)."""
+    return (stats[0], stats[1]) if stats.shape[0] == 2 else (stats[0], torch.zeros_like(stats[0]))
+
+
+def _with_sinks(Out: torch.Tensor, stats: torch.Tensor, sink: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward's ``(Out, stats)`` with the attention sinks ``sink`` ``(batch * heads, q_len)`` folded in
+    (`fold_sinks`), the statistics in the kernels' layout (one row, the log-sum-exp, or two)."""
+    batch, heads, q_len, v_dim = Out.shape
+    out, row_max, log_denom = fold_sinks(Out.view(batch * heads, q_len, v_dim), *_row_statistics(stats), sink)
+    stats = torch.stack([row_max, log_denom]) if stats.shape[0] == 2 else (row_max + log_denom).unsqueeze(0)
+    return out.view(batch, heads, q_len, v_dim), stats
+
+
 class _NeuralAttentionTriton(torch.autograd.Function):
     """The three Triton kernels as two custom ops (``_triton_forward``, ``_triton_backward``): torch.compile keeps
-    them as opaque calls instead of tracing the host-side launch code."""
+    them as opaque calls instead of tracing the host-side launch code. Attention sinks are folded in around them."""
 
     @staticmethod
     @autocast_off
     @keeps_differentiable_inputs  # for the second-derivative error (see once_differentiable_always)
     def forward(ctx, query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key,
-                score_bias, mask, cfg):  # fmt: skip
+                score_bias, sinks, mask, cfg):  # fmt: skip
         inputs = (query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key,
                   score_bias)  # fmt: skip
-        settings = (cfg["activation"], cfg["causal"], cfg["dot_scale"], cfg["dropout_p"], cfg["seed"])
+        settings = (cfg["activation"], cfg["causal"], cfg["dot_scale"], cfg["dropout_p"], cfg["seed"],
+                    cfg["softcap"])  # fmt: skip
         Out, stats = _triton_forward(*inputs, mask, *settings, cfg["launch"])
-        ctx.save_for_backward(*inputs, mask, Out, stats)
+        sink = None
+        if sinks is not None:  # O(n) on the host; the backward kernels then recompute sink-inclusive probabilities
+            sink = sink_rows(sinks.float(), *query_hidden.shape[:3])
+            Out, stats = _with_sinks(Out, stats, sink)
+        ctx.save_for_backward(*inputs, mask, Out, stats, sink)
         ctx.settings, ctx.launch = settings, cfg["launch"]
+        ctx.sinks_shape, ctx.sinks_dtype = (None, None) if sinks is None else (sinks.shape, sinks.dtype)
         return Out if Out.dtype == value.dtype else Out.to(value.dtype)  # no no-op .to(): see _NeuralAttentionFunction
 
     @staticmethod
     @once_differentiable_always  # the backward kernels are not differentiable: a second derivative must raise
     @autocast_off
     def backward(ctx, grad_out):
-        *inputs, mask, Out, stats = ctx.saved_tensors
+        *inputs, mask, Out, stats, sink = ctx.saved_tensors
         bias_grad = inputs[8] is not None and ctx.needs_input_grad[8]  # no (b, h, q, k) buffer for a fixed bias
         grads = _triton_backward(*inputs, mask, Out, stats, grad_out, *ctx.settings, bias_grad, ctx.launch)
         grads = (*grads[:8], grads[8] if bias_grad else None)
-        return (*(None if t is None else g for t, g in zip(inputs, grads, strict=True)), None, None)
+        dsinks = None
+        if sink is not None and ctx.needs_input_grad[9]:
+            batch, heads, q_len, _ = Out.shape
+            D = (grad_out.float() * Out).sum(-1).reshape(batch * heads, q_len)
+            dsinks = sink_grad(sink, *_row_statistics(stats), D).view(batch, heads, q_len, 1)
+            dsinks = sum_to_bias_shape(dsinks, ctx.sinks_shape).to(ctx.sinks_dtype)
+        return (*(None if t is None else g for t, g in zip(inputs, grads, strict=True)), dsinks, None, None)
 
 
 def neural_attention_triton(
@@ -573,6 +612,8 @@ def neural_attention_triton(
     bwd_num_warps: int | None = None,
     bwd_unroll: int | None = None,
     half_mlp: bool = False,
+    sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Fused Triton Neural Attention (see the KERNEL CONTRACT in docs/design.md).
 
@@ -592,6 +633,9 @@ def neural_attention_triton(
     whole and the host sums where the bias broadcasts: a ``(batch, heads, q_len, k_len)`` fp32 buffer, or for a bias
     shared by the batch (T5's) one of ``bias_grad_rows`` batch rows that launches of as many rows add to (at most
     ``BIAS_GRAD_BUFFER_BYTES``, or one row).
+    ``softcap`` (Gemma 2): the scores become ``softcap * tanh(score / softcap)`` before the bias and the mask.
+    ``sinks`` ``(batch|1, heads|1, q_len|1, 1)`` (gpt-oss, Inkling 2): one more logit per query row in the softmax's
+    denominator, with no value; folded in on the host, with its gradient.
     Returns (batch, heads, q_len, v_dim) in value's dtype.
     """
     if not TRITON_AVAILABLE:
@@ -599,7 +643,9 @@ def neural_attention_triton(
     # shapes, mask dtype, dropout range: the contract's checks, shared with every kernel (ValueError / TypeError)
     check_kernel_inputs(query_hidden, key_hidden, value, output_weight, second_weight, second_bias, activation, mask,
                         dot_query, dot_key, dropout_p, score_bias)  # fmt: skip
+    check_softcap(softcap)
     batch, heads, q_len, hidden = query_hidden.shape
+    check_sinks(sinks, batch, heads, q_len)
     k_len = key_hidden.shape[2]
     if value.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"value dtype {value.dtype} is not supported (float32, bfloat16, float16)")
@@ -613,7 +659,7 @@ def neural_attention_triton(
             raise ValueError("unroll must be a power of two >= 1")
 
     inputs = (query_hidden, key_hidden, value, output_weight, second_weight, second_bias, dot_query, dot_key,
-              score_bias)  # fmt: skip
+              score_bias, sinks)  # fmt: skip
     if q_len == 0 or k_len == 0 or batch * heads == 0:
         return empty_attention(inputs)
     if score_bias is not None:
@@ -621,6 +667,6 @@ def neural_attention_triton(
     tuning = (block_m, block_n, num_warps, unroll, bwd_block_m, bwd_block_n, bwd_num_warps, bwd_unroll,
               1 if half_mlp else None)
     cfg = dict(activation=activation, causal=bool(causal), dot_scale=float(dot_scale), dropout_p=float(dropout_p),
-               seed=seed_tensor(dropout_p, generator_seed, bound=2**31 - 1),
+               seed=seed_tensor(dropout_p, generator_seed, bound=2**31 - 1), softcap=float(softcap or 0.0),
                launch=[-1 if setting is None else int(setting) for setting in tuning])  # fmt: skip
-    return _NeuralAttentionTriton.apply(*inputs[:8], score_bias, mask, cfg)
+    return _NeuralAttentionTriton.apply(*inputs[:8], score_bias, sinks, mask, cfg)

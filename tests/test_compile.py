@@ -283,7 +283,7 @@ def test_triton_ops_pass_opcheck(mlp, half_mlp, bias_shape):
     inputs, mask = _op_inputs(mlp)
     bias = None if bias_shape is None else _rand(*bias_shape, seed=12)  # a score bias (T5's position bias)
     launch = [-1] * (len(triton._LAUNCH_KEYS) - 1) + [1 if half_mlp else -1]  # defaults; the last: half_mlp
-    settings = ("relu", False, 0.4, 0.2, torch.tensor(77))
+    settings = ("relu", False, 0.4, 0.2, torch.tensor(77), 0.0 if bias_shape is None else 1.5)  # the last: softcap
     torch.library.opcheck(triton._triton_forward.op, (*inputs, bias, mask, *settings, launch))
     out, stats = triton._triton_forward(*inputs, bias, mask, *settings, launch)
     grad_out = _rand(*out.shape, seed=11)

@@ -84,6 +84,7 @@ def run_kernel(t, **kw):
         dot_query=t.get("dq"),
         dot_key=t.get("dk"),
         score_bias=t.get("bias"),
+        sinks=t.get("sinks"),
         **BLOCK,
         **kw,
     )
@@ -92,7 +93,7 @@ def run_kernel(t, **kw):
 def run_reference(t, **kw):
     return kernel_reference(
         t["A"], t["B"], t["V"], t["w"], t.get("w2"), t.get("b2"), dot_query=t.get("dq"), dot_key=t.get("dk"),
-        score_bias=t.get("bias"), **kw,
+        score_bias=t.get("bias"), sinks=t.get("sinks"), **kw,
     )
 
 
@@ -101,8 +102,9 @@ def op_inputs(t):
     return [None if t.get(n) is None else t[n].detach() for n in ("A", "B", "V", "w", "w2", "b2", "dq", "dk", "bias")]
 
 
-# the ops' settings (activation, causal, dot_scale, dropout_p, seed) and launch (16 x 16 forward tiles, else default)
-OP_SETTINGS = ("relu", True, 1.0, 0.0, torch.tensor(0), [16, 16, -1, -1, -1, -1, -1, -1, -1])
+# the ops' settings (activation, causal, dot_scale, dropout_p, seed, softcap: 0, none) and launch (16 x 16 forward
+# tiles, else default)
+OP_SETTINGS = ("relu", True, 1.0, 0.0, torch.tensor(0), 0.0, [16, 16, -1, -1, -1, -1, -1, -1, -1])
 
 
 def grads(out, t, grad_out):
@@ -298,6 +300,21 @@ def test_empty_rows_causal_kv_shorter_is_fine_and_all_masked():
 def test_bf16_inputs():
     t = make_inputs(lq=17, lk=18, hidden=4, vdim=8, dot=16, dtype=torch.bfloat16, seed=21)
     check(t, tol=BF16_TOL, causal=True, dot_scale=0.25)
+
+
+# Gemma 2's cap and gpt-oss' sinks in 16 bits, with every score term (the dot term, a bias, a padding mask with a row
+# that sees no key) and the packed fp16 MLP; fp32 and the other kernels: tests/test_softcap_and_sinks.py
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.bfloat16, BF16_TOL), (torch.float16, FP16_TOL)])
+@pytest.mark.parametrize("half_mlp", [False, True])
+def test_cap_and_sinks_in_16_bits(dtype, tol, half_mlp):
+    t = make_inputs(b=2, lq=17, lk=18, hidden=4, vdim=8, dot=16, dtype=dtype, seed=27, bias=(1, 2, 17, 18))
+    g = torch.Generator().manual_seed(fresh_seed(28))
+    t["sinks"] = (1.0 + torch.rand(1, 2, 1, 1, generator=g)).to(DEVICE, dtype).requires_grad_()
+    mask = torch.rand(2, 1, 17, 18, generator=g) > 0.3
+    mask[1, :, 5] = False
+    kw = dict(mask=mask.to(DEVICE), softcap=1.5, dot_scale=0.25)
+    out, grads_ = check(t, tol=tol, ref_kw=kw, half_mlp=half_mlp, unroll=4, bwd_unroll=2, **kw)
+    assert (out[1, :, 5] == 0).all() and grads_["sinks"].abs().max() > 1e-3
 
 
 def test_fp16_inputs_mixed_precision_hidden():
@@ -683,8 +700,8 @@ def test_a_fixed_bias_gets_no_gradient_computed_and_changes_nothing_else():
     out, stats = tna._triton_forward(*inputs, None, *settings)
     assert stats.shape == (2, 2 * 2, 17)  # row max and log denominator
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(77)).to(DEVICE)
-    *with_bias, dbias = tna._triton_backward(*inputs, None, out, stats, grad_out, *settings[:5], True, settings[5])
-    *fixed, no_dbias = tna._triton_backward(*inputs, None, out, stats, grad_out, *settings[:5], False, settings[5])
+    *with_bias, dbias = tna._triton_backward(*inputs, None, out, stats, grad_out, *settings[:6], True, settings[6])
+    *fixed, no_dbias = tna._triton_backward(*inputs, None, out, stats, grad_out, *settings[:6], False, settings[6])
     assert dbias.shape == t["bias"].shape and no_dbias.numel() == 0
     assert all(torch.equal(a, b) for a, b in zip(with_bias, fixed, strict=True))
     frozen = dict(t, bias=t["bias"].detach())

@@ -1,5 +1,5 @@
-"""Two score features that only the materialising path and the tiled kernel have (``auto`` picks the tiled kernel for
-a layer with either; the fused C++ and Triton kernels refuse them when forced):
+"""Two score features that every backend has (the materialising path, the tiled kernels, the fused C++ kernel and the
+Triton kernel, under its interpreter here):
 
 - logit soft-capping (Gemma 2's ``attn_logit_softcapping``): the neural scores become ``cap * tanh(score / cap)``
   before the bias and the mask;
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.util
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from hf_neural_attention import NeuralAttentionConfig, NeuralScorer, neural_atte
 from hf_neural_attention.cpp_neural_attention import neural_attention_cpp
 from hf_neural_attention.fused_cpp_neural_attention import neural_attention_fused_cpp
 from hf_neural_attention.tiled_neural_attention import neural_attention_tiled
+from hf_neural_attention.triton_neural_attention import neural_attention_triton
 from tests.models import loss_and_grads, random_ids, sharpen_scorers
 from tests.reference import drawn_seed, kernel_reference
 from tests.test_generation import _generate
@@ -27,14 +29,25 @@ from tests.test_scorer_math import ScoredLayer, assert_matches, largest_entry
 
 CAP = 1.5  # below the scores drawn here: the cap bends most of them
 POSITIONAL = ("query_hidden", "key_hidden", "value", "output_weight", "second_weight", "second_bias")
-SINK_SHAPES = {"per head": (1, 3, 1, 1), "per token": (2, 3, 9, 1)}
+SINK_SHAPES = ("per head", "per token")  # (1, heads, 1, 1), (batch, heads, q_len, 1)
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 KERNELS = {"tiled": functools.partial(neural_attention_tiled, block_size=4),  # several query and key tiles
            "cpp": functools.partial(neural_attention_cpp, block_size=4),  # the same tiles, the MLP in C++
-           "fused-cpp": neural_attention_fused_cpp}  # sinks folded in on the host; a cap runs the C++ tiled loop
+           "fused-cpp": neural_attention_fused_cpp,  # sinks folded in on the host; a cap runs the C++ tiled loop
+           # the cap in the kernels, the sinks folded in on the host (fp32 only)
+           "triton": functools.partial(neural_attention_triton, block_m=16, block_n=16)}
+# (q_len, k_len): Triton's tiles are 16 wide at least, so its inputs are longer to span two query and key blocks
+LENGTHS = {"triton": (19, 21)}
+
+
+def _case(kernel: str, *rest):
+    marks = [pytest.mark.triton, pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")]
+    return pytest.param(kernel, *rest, marks=marks if kernel == "triton" else [])
 
 
 # --- the tiled kernel against the float64 reference -----------------------------------------------------------------
-def _kernel_inputs(authors: bool, dot: bool, seed: int, batch=2, heads=3, q_len=9, k_len=11, hidden=4) -> dict:
+def _kernel_inputs(authors: bool, dot: bool, seed: int, kernel: str, batch=2, heads=3, hidden=4) -> dict:
+    q_len, k_len = LENGTHS.get(kernel, (9, 11))
     print(f"random inputs: seed {seed}")  # shown with a failure, to reproduce it
     g = torch.Generator().manual_seed(seed)
 
@@ -77,46 +90,54 @@ def _assert_matches_reference(kernel, leaves: dict, dtype: torch.dtype, without:
         assert_matches(x, y, name, floor=floor)
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+# (with a cap, the fused C++ kernel runs its C++ tiled loop: the "cpp" cases, float64 included)
+CAP_CASES = [_case(kernel, dtype) for kernel in KERNELS for dtype in (torch.float64, torch.float32)
+             if kernel != "triton" or dtype == torch.float32]
+
+
+@pytest.mark.parametrize(("kernel", "dtype"), CAP_CASES)
 @pytest.mark.parametrize("authors", [False, True])
 @pytest.mark.parametrize("dot", [False, True])
 @pytest.mark.parametrize("extras", ["causal", "mask+bias"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_the_kernels_cap_scores_as_the_float64_reference(kernel, authors, dot, extras, dtype):
-    leaves = _kernel_inputs(authors, dot, drawn_seed())
+    leaves = _kernel_inputs(authors, dot, drawn_seed(), kernel)
+    q_len, k_len = leaves["query_hidden"].shape[2], leaves["key_hidden"].shape[2]
     g = torch.Generator().manual_seed(1)
     options = {"dot_scale": 0.4} if dot else {}
     if extras == "causal":
         options["causal"] = True
     else:
-        options["mask"] = torch.rand(2, 1, 9, 11, generator=g) > 0.3
-        leaves["score_bias"] = torch.randn(1, 3, 9, 11, generator=g, dtype=torch.float64).requires_grad_()
+        options["mask"] = torch.rand(2, 1, q_len, k_len, generator=g) > 0.3
+        leaves["score_bias"] = torch.randn(1, 3, q_len, k_len, generator=g, dtype=torch.float64).requires_grad_()
     _assert_matches_reference(KERNELS[kernel], leaves, dtype, {"tensors": leaves, **options}, softcap=CAP, **options)
 
 
-# (with a cap, or in float64, the fused C++ kernel runs its C++ tiled loop: the "cpp" cases)
-SINK_CASES = [(kernel, extras, dtype) for kernel in KERNELS for extras in ("causal", "mask+bias", "mask+bias+cap")
-              for dtype in (torch.float64, torch.float32)
-              if kernel != "fused-cpp" or (extras != "mask+bias+cap" and dtype == torch.float32)]
+# (with a cap, or in float64, the fused C++ kernel runs its C++ tiled loop: the "cpp" cases; Triton takes no float64)
+SINK_CASES = [_case(kernel, extras, dtype) for kernel in KERNELS
+              for extras in ("causal", "mask+bias", "mask+bias+cap") for dtype in (torch.float64, torch.float32)
+              if (kernel != "fused-cpp" or extras != "mask+bias+cap") and (kernel == "tiled" or kernel == "cpp"
+                                                                           or dtype == torch.float32)]
 
 
 @pytest.mark.parametrize(("kernel", "extras", "dtype"), SINK_CASES)
 @pytest.mark.parametrize("authors", [False, True])
 @pytest.mark.parametrize("sink_shape", SINK_SHAPES)
 def test_the_kernels_add_sinks_as_the_float64_reference(kernel, authors, sink_shape, extras, dtype):
-    leaves = _kernel_inputs(authors, False, drawn_seed())
+    leaves = _kernel_inputs(authors, False, drawn_seed(), kernel)
+    q_len, k_len = leaves["query_hidden"].shape[2], leaves["key_hidden"].shape[2]
     g = torch.Generator().manual_seed(2)
     # logits of 2..4, of the order of the scores: the sinks take a real share of every row
-    sinks = 2.0 + 2.0 * torch.rand(SINK_SHAPES[sink_shape], generator=g, dtype=torch.float64)
+    shape = (1, 3, 1, 1) if sink_shape == "per head" else (2, 3, q_len, 1)
+    sinks = 2.0 + 2.0 * torch.rand(shape, generator=g, dtype=torch.float64)
     leaves["sinks"] = sinks.requires_grad_()
     options = {}
     if extras == "causal":
         options["causal"] = True
     else:
-        mask = torch.rand(2, 1, 9, 11, generator=g) > 0.3
+        mask = torch.rand(2, 1, q_len, k_len, generator=g) > 0.3
         mask[1, :, 4] = False  # a row no key is visible to: all its weight on the sink
         options.update(mask=mask, **({"softcap": CAP} if extras.endswith("cap") else {}))
-        leaves["score_bias"] = torch.randn(1, 3, 9, 11, generator=g, dtype=torch.float64).requires_grad_()
+        leaves["score_bias"] = torch.randn(1, 3, q_len, k_len, generator=g, dtype=torch.float64).requires_grad_()
     without = {"tensors": {k: v for k, v in leaves.items() if k != "sinks"}, **options}
     _assert_matches_reference(KERNELS[kernel], leaves, dtype, without, **options)
 
@@ -166,12 +187,37 @@ def test_every_path_of_the_attention_function_computes_the_features_as_by_hand(b
         torch.testing.assert_close(x, y, rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize("feature", ["logit soft-capping", "attention sinks"])
-def test_triton_forced_on_a_layer_with_the_feature_refuses_it_naming_auto(feature):
-    query = torch.randn(1, 2, 4, 8)
-    kwargs = {"softcap": CAP} if feature == "logit soft-capping" else {"s_aux": torch.zeros(2)}
-    with pytest.raises(ValueError, match=f"backend='triton' has no {feature}.*backend='auto'"):
-        neural_attention_forward(_layer("triton"), query, query, query, None, **kwargs)
+@pytest.mark.triton
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("feature", ["softcap", "s_aux", "sinks", "softcap+s_aux"])
+def test_the_triton_backend_computes_the_features_as_eager(feature):
+    layers = {backend: _layer(backend) for backend in ("eager", "triton")}
+    layers["triton"].load_state_dict(layers["eager"].state_dict())
+    with torch.no_grad():  # scores well beyond the cap
+        for layer in layers.values():
+            layer.neural_scorer.output_weight.mul_(4.0)
+    g = torch.Generator().manual_seed(drawn_seed())
+    query, key, value = (torch.randn(2, 2, n, 8, generator=g) for n in (5, 7, 7))
+    mask = torch.rand(2, 1, 5, 7, generator=g) > 0.3
+    mask[0, :, 2] = False  # a row no key is visible to
+    kwargs = {"softcap": CAP} if "softcap" in feature else {}
+    if "s_aux" in feature:
+        kwargs["s_aux"] = 1.0 + torch.rand(2, generator=g)
+    elif "sinks" in feature:
+        kwargs["sinks"] = 1.0 + torch.rand(2, 2, 5, 1, generator=g)
+    results = {}
+    for backend, layer in layers.items():
+        leaves = {name: t.clone().requires_grad_() for name, t in (("query", query), ("key", key), ("value", value),
+                                                                   *kwargs.items()) if torch.is_tensor(t)}
+        call = {**kwargs, **{name: leaves[name] for name in kwargs if name in leaves}}
+        out, _ = neural_attention_forward(layer, leaves["query"], leaves["key"], leaves["value"], mask, **call)
+        grads = torch.autograd.grad(out.square().sum(), [*leaves.values(), *layer.parameters()])
+        results[backend] = (out, grads)
+    out, grads = results["triton"]
+    floor = largest_entry(results["eager"][1])
+    assert_matches(out, results["eager"][0], "out")
+    for got, want in zip(grads, results["eager"][1], strict=True):
+        assert_matches(got, want, "gradient", floor=floor)
 
 
 @pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf"), True, "50"])
