@@ -416,12 +416,18 @@ SECOND_DERIVATIVE_ERROR = (
 
 
 def keeps_differentiable_inputs(forward: Callable) -> Callable:
-    """Decorates an autograd Function's ``forward``: its inputs that require grad stay on ``ctx`` (references, no
-    copies), for `once_differentiable_always` to tie its error node to."""
+    """Decorates an autograd Function's ``forward``: one empty 0-d token per input that requires grad stays on
+    ``ctx``, whose graph leads to that input, for `once_differentiable_always` to tie its error node to.
+
+    Tokens, not the inputs: a plain ``ctx`` attribute is no saved tensor, so the inputs themselves would stay alive
+    under activation checkpointing (which frees or offloads saved tensors only), after the fused C++ kernel's
+    forward replaced them by zeroed copies, and after backward for as long as the output lives."""
 
     @functools.wraps(forward)
     def wrapper(ctx: Any, *args: Any) -> Any:
-        ctx.differentiable_inputs = tuple(a for a in args if isinstance(a, Tensor) and a.requires_grad)
+        with torch.enable_grad():  # (forward runs without grad mode: the tokens need their graph)
+            ctx.differentiable_inputs = tuple(a.narrow(-1, 0, 0).sum() if a.dim() else a * 0 for a in args
+                                              if isinstance(a, Tensor) and a.requires_grad)  # fmt: skip
         return forward(ctx, *args)
 
     return wrapper
@@ -435,8 +441,9 @@ def once_differentiable_always(backward: Callable) -> Callable:
     raises ``RuntimeError``. ``once_differentiable`` has two gaps this closes, each of which silently lost a gradient
     penalty's second-order term: it marks the gradients only when some incoming gradient requires grad (not for
     ``out.sum()``), and its error node's inputs are detached copies, so ``torch.autograd.grad(penalty, params)``
-    found no path through the node and never ran it. Here the node also takes the forward's inputs that require grad
-    (`keeps_differentiable_inputs`) and the incoming gradients: every path from a gradient back to the graph runs it.
+    found no path through the node and never ran it. Here the node also takes tokens of the forward's inputs that
+    require grad (`keeps_differentiable_inputs`) and the incoming gradients: every path from a gradient back to the
+    graph runs it.
     """
 
     @functools.wraps(backward)

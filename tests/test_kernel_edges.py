@@ -3,6 +3,7 @@ with ``causal``, the dropout range, and A / B with large opposite offsets (fp32 
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 
 import pytest
@@ -71,6 +72,21 @@ def test_a_second_derivative_raises_instead_of_being_wrong(kernel, authors):
     (plain,) = torch.autograd.grad(out.sum(), args["query_hidden"], retain_graph=True)
     (marked,) = torch.autograd.grad(out.sum(), args["query_hidden"], create_graph=True)
     assert not plain.requires_grad and torch.equal(plain, marked.detach())
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_the_second_derivative_guard_keeps_no_input_alive(kernel):
+    # the guard ties its error node to the inputs through empty tokens: holding the inputs themselves (or the copies a
+    # kernel makes of them) kept them alive after backward for as long as the output lived, and under activation
+    # checkpointing between the passes
+    args = _inputs(k_len=9)
+    leaf = torch.randn(1, 2, 9, 13, requires_grad=True)  # a shape no other tensor here has
+    out = KERNELS[kernel](**{**args, "value": leaf * 1.0}, causal=True)  # an activation (non-leaf), as in a model
+    out.sum().backward()
+    gc.collect()
+    held = [t for t in gc.get_objects() if issubclass(type(t), torch.Tensor) and t.shape == leaf.shape
+            and t is not leaf and t is not leaf.grad]  # fmt: skip
+    assert not held and out.grad_fn is not None
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
