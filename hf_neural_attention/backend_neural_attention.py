@@ -226,10 +226,10 @@ def choose_backend(requested: str, query: torch.Tensor, *, needs_probabilities: 
     A real additive bias (T5's position bias), logit soft-capping (Gemma 2) and attention sinks (gpt-oss, Inkling 2)
     take the same path: every backend has them.
     """
-    from .triton_neural_attention import triton_is_preferred, triton_is_usable  # imports triton only here
-
     if needs_probabilities or requested == "eager":
         return "eager"
+    from .triton_neural_attention import triton_is_preferred, triton_is_usable  # imports triton only here
+
     fused_dtype = query.dtype in _FUSED_DTYPES
     if requested == "triton":
         if not triton_is_usable(query):

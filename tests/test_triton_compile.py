@@ -52,13 +52,14 @@ def _report(tmp_path: Path, arch: int, *options: str) -> list[dict]:
 @needs_nvidia_backend
 @pytest.mark.parametrize("arch,variants", [(90, True), (80, False)])  # H100 (wgmma) with every variant; A100
 def test_kernels_compile_for_the_gpu(tmp_path, arch, variants):
-    # the A100 compiles each default launch with and without half_mlp (its MMA sums run on mma.sync there)
-    rows = _report(tmp_path, arch, "--variants" if variants else "--half-mlp")
-    kernels = {(r["kernel"], r["mlp"], r["hidden"], r["activation"], r["dot"], r["dtype"], r["half_mlp"], r["bias"])
-               for r in rows}  # fmt: skip
+    # the A100 compiles each default launch with and without half_mlp (its MMA sums run on mma.sync there), each
+    # with and without Gemma 2's logit soft-capping
+    rows = _report(tmp_path, arch, *(["--variants"] if variants else ["--half-mlp", "--softcap"]))
+    kernels = {(r["kernel"], r["mlp"], r["hidden"], r["activation"], r["dot"], r["dtype"], r["half_mlp"], r["bias"],
+                r["softcap"]) for r in rows}  # fmt: skip
     # forward and both backward kernels of: paper relu d' 2 / 16 and the report's 10 variants (two with half_mlp, two
-    # with a score bias) on sm_90; paper relu d' 2 / 16 with and without half_mlp on sm_80
-    assert len(kernels) == len(rows) == 3 * (2 + 10 if variants else 2 * 2)
+    # with a score bias) on sm_90; paper relu d' 2 / 16 with and without half_mlp, with and without a cap on sm_80
+    assert len(kernels) == len(rows) == 3 * (2 + 10 if variants else 2 * 2 * 2)
 
 
 @needs_nvidia_backend
