@@ -57,7 +57,8 @@ class NeuralAttentionConfig:
             ``None``: per head for ``"paper"``, shared for ``"authors"`` (as in their code).
         mode: ``"replace"`` (the paper: the neural score replaces ``q.k``) or ``"residual"`` (our addition, not
             in the paper): ``score = scaling * q.k + g * MLP(...)`` with the MLP output weights zero-initialised,
-            so a patched pretrained model starts out computing exactly what it computed before.
+            so a patched pretrained model starts out computing what it computed before (bit for bit on ``"eager"``
+            over an eager model; to fp32 rounding, ~1e-7, on the fused kernels, which sum in another order).
         backend: ``"auto"`` picks the fused path that applies: Triton on CUDA (on cards older than compute capability
             8.0, such as the T4, only for heads of at most 64; wider ones take ``"tiled"``); on CPU the C++ kernel
             (compiled once on first use, about a minute; set ``NEURAL_ATTENTION_NO_CPP=1`` to skip it), else the pure
