@@ -18,17 +18,20 @@ shapes by default (12 heads of 64):
 
 ``--position-bias`` adds a learned per-head score bias ``(1, heads, n, n)`` (T5's relative position bias) to every
 variant: SDPA's float ``attn_mask``, the authors' scores, the kernels' ``score_bias`` (every fused kernel adds it to
-its scores); its gradient is part of forward+backward.
+its scores); its gradient is part of forward+backward. ``--softcap CAP`` (Gemma 2's logit soft-capping) and
+``--sinks`` (gpt-oss' learned per-head attention sinks) add them to the authors' formulation and the kernels; SDPA has
+neither and runs without them (still the floor).
 
 Timing: threads pinned, every variant runs once per repetition in turn (interleaved), median / p20 / p80.
 Peak extra memory: each (variant, config) runs once in a fresh subprocess, reporting the peak resident set
 during one call minus the resident set before it (inputs already allocated; Linux ``VmHWM`` reset through
 ``/proc/self/clear_refs``, elsewhere the growth of ``ru_maxrss``). Configs whose predicted memory for ``eager`` exceeds
-``--eager-cap-gb`` are skipped for that backend and marked ``skipped (>cap)``.
+``--eager-cap-gb`` are skipped for that backend and marked ``skipped (>N GB predicted)``, N the cap.
 
     python benchmarks/bench_attention.py --quick
     python benchmarks/bench_attention.py --seq-lens 128 256 512 1024 2048 4096 --dims 2 8 16 --batches 1 4
     python benchmarks/bench_attention.py --quick --position-bias --backends sdpa tiled fused-cpp eager
+    python benchmarks/bench_attention.py --quick --softcap 50 --sinks
 """
 
 from __future__ import annotations
@@ -76,6 +79,8 @@ BACKENDS = ("sdpa", "tiled", "cpp", "fused-cpp", "cpp-authors", "eager")
 DROPOUT_P = 0.0  # attention dropout of every variant (--dropout); a fixed seed for the fused ones
 DTYPE = torch.float32  # of q, k, v and the projection / MLP weights (--dtype)
 POSITION_BIAS = False  # a learned (1, heads, n, n) score bias in every variant (--position-bias)
+SOFTCAP = None  # Gemma 2's logit soft-cap in every neural variant (--softcap)
+SINKS = False  # learned per-head attention sinks (1, heads, 1, 1) in every neural variant (--sinks)
 CPP_BACKENDS = ("cpp", "fused-cpp", "cpp-authors")
 
 
@@ -108,6 +113,7 @@ def make_problem(batch: int, heads: int, n: int, head_dim: int, d: int, seed: in
         "L3": torch.nn.Linear(hidden2, 1, dtype=DTYPE),
     }
     weights["bias"] = rnd(1, heads, n, n) if POSITION_BIAS else None
+    weights["sinks"] = rnd(1, heads, 1, 1) if SINKS else None
     return qkv, weights
 
 
@@ -117,7 +123,8 @@ def neural_fused(fn, qkv, wt, causal):
     kp = k @ wt["Pk"] + wt["ck"]
     A = torch.einsum("bhnd,hmd->bhnm", qp, wt["Wq"]) + wt["bh"][None, :, None, :]
     B = torch.einsum("bhnd,hmd->bhnm", kp, wt["Wk"])
-    return fn(A, B, v, wt["wa"], causal=causal, dropout_p=DROPOUT_P, generator_seed=0, score_bias=wt["bias"])
+    return fn(A, B, v, wt["wa"], causal=causal, dropout_p=DROPOUT_P, generator_seed=0, score_bias=wt["bias"],
+              softcap=SOFTCAP, sinks=wt["sinks"])
 
 
 def authors_eager(qkv, wt, causal):
@@ -129,11 +136,18 @@ def authors_eager(qkv, wt, causal):
         [qp[:, :, :, None, :].expand(-1, -1, -1, n, -1), kp[:, :, None, :, :].expand(-1, -1, n, -1, -1)], dim=-1
     )  # (b, h, n, n, 2d')
     score = wt["L3"](torch.relu(wt["L2"](torch.relu(wt["L1"](pair))))).squeeze(-1)
+    if SOFTCAP is not None:
+        score = SOFTCAP * torch.tanh(score / SOFTCAP)
     if wt["bias"] is not None:
         score = score + wt["bias"]
     if causal:
         score = score.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
-    return torch.nn.functional.dropout(torch.softmax(score, dim=-1), DROPOUT_P) @ v
+    if wt["sinks"] is None:
+        probabilities = torch.softmax(score, dim=-1)
+    else:  # one more logit per row, dropped after the softmax (gpt-oss' eager attention)
+        column = wt["sinks"].to(score.dtype).expand(*score.shape[:-1], 1)
+        probabilities = torch.softmax(torch.cat([score, column], dim=-1), dim=-1)[..., :-1]
+    return torch.nn.functional.dropout(probabilities, DROPOUT_P) @ v
 
 
 def authors_fused(qkv, wt, causal):
@@ -146,7 +160,7 @@ def authors_fused(qkv, wt, causal):
     B = torch.nn.functional.linear(kp, W1[:, d:])
     W2, b2, w3 = wt["L2"].weight[None], wt["L2"].bias[None], wt["L3"].weight  # shared by all heads
     return neural_attention_cpp(A, B, v, w3, W2, b2, causal=causal, dropout_p=DROPOUT_P, generator_seed=0,
-                                score_bias=wt["bias"])
+                                score_bias=wt["bias"], softcap=SOFTCAP, sinks=wt["sinks"])
 
 
 def sdpa(qkv, wt, causal):
@@ -215,6 +229,10 @@ def measure_memory(backend, cfg, args) -> float | None:
         cmd.append("--bidirectional")
     if args.position_bias:
         cmd.append("--position-bias")
+    if args.softcap is not None:
+        cmd += ["--softcap", str(args.softcap)]
+    if args.sinks:
+        cmd.append("--sinks")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, check=True)
@@ -373,6 +391,10 @@ def main(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="inputs and weights")
     p.add_argument("--position-bias", action="store_true",
                    help="a learned (1, heads, n, n) score bias in every variant (T5); writes to results/position_bias")
+    p.add_argument("--softcap", type=float, default=None,
+                   help="Gemma 2's logit soft-cap in the neural variants (Gemma 2: 50; SDPA runs without)")
+    p.add_argument("--sinks", action="store_true",
+                   help="learned per-head attention sinks (gpt-oss) in the neural variants (SDPA runs without)")
     p.add_argument("--eager-cap-gb", type=float, default=8.0, help="skip eager where predicted memory exceeds this")
     p.add_argument("--no-memory", action="store_true", help="skip the subprocess memory probes")
     p.add_argument("--output", type=Path, default=None,
@@ -386,8 +408,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not 0.0 <= args.dropout < 1.0:
         p.error(f"--dropout must be in [0, 1); got {args.dropout}")
-    global DROPOUT_P, DTYPE, POSITION_BIAS
+    if args.softcap is not None and not (math.isfinite(args.softcap) and args.softcap > 0):
+        p.error(f"--softcap must be a positive number (Gemma 2 uses 50); got {args.softcap}")
+    global DROPOUT_P, DTYPE, POSITION_BIAS, SOFTCAP, SINKS
     DROPOUT_P, DTYPE, POSITION_BIAS = args.dropout, getattr(torch, args.dtype), args.position_bias
+    SOFTCAP, SINKS = args.softcap, args.sinks
     if args.probe:
         return memory_probe(args)
     # --quick fills in only what was not given (an explicit flag always wins), and writes apart from the kept results
@@ -398,6 +423,8 @@ def main(argv=None):
                         output=ROOT / "benchmarks" / "results" / "quick")
     if args.position_bias:  # its own folder: the kept results are without a bias
         defaults["output"] = defaults["output"] / "position_bias"
+    if args.softcap is not None or args.sinks:  # likewise
+        defaults["output"] = defaults["output"] / "softcap_sinks"
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -411,6 +438,8 @@ def main(argv=None):
         "dropout": args.dropout,
         "dtype": args.dtype,
         "position_bias": args.position_bias,
+        "softcap": args.softcap,
+        "sinks": args.sinks,
         "heads": args.heads,
         "head_dim": args.head_dim,
         "cpp_built": cpp_available() if set(CPP_BACKENDS) & set(args.backends) else False,

@@ -612,20 +612,26 @@ def test_quick_benchmark_runs_write_where_nothing_kept_lives():
 
 
 @pytest.mark.parametrize("flags", [["--backends", "tiled", "--modes", "forward"],
-                                   ["--position-bias", "--backends", "sdpa", "tiled", "eager"]])
+                                   ["--position-bias", "--backends", "sdpa", "tiled", "eager"],
+                                   ["--softcap", "5", "--sinks", "--backends", "sdpa", "tiled", "cpp", "fused-cpp",
+                                    "cpp-authors", "eager"]])
 def test_bench_attention_writes_every_output(tmp_path, flags):
-    # without the sdpa row (no ratio to print); with a score bias in every variant, forward and backward
+    # without the sdpa row (no ratio to print); with a score bias in every variant, forward and backward; with a cap
+    # and sinks in every neural variant
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_attention.py"), "--seq-lens", "64",
                            "--dims", "2", "--reps", "1", "--no-memory", "--output", str(tmp_path), *flags], cwd=REPO,
                           env=ENV, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert {"bench_attention.csv", "bench_attention.md", "environment.json"} <= {p.name for p in tmp_path.iterdir()}
     rows = (tmp_path / "bench_attention.csv").read_text().splitlines()[1:]
-    assert len(rows) == (1 if "--position-bias" not in flags else 6) and all(",ok," in row for row in rows)
+    after = flags[flags.index("--backends") + 1:]
+    backends = after[: next((i for i, flag in enumerate(after) if flag.startswith("--")), len(after))]
+    assert len(rows) == len(backends) * (1 if "--modes" in flags else 2) and all(",ok," in row for row in rows)
 
 
 @pytest.mark.parametrize("script, flags, message", [
     ("bench_attention.py", ["--reps", "0"], "argument --reps: 0 must be at least 1"),
+    ("bench_attention.py", ["--softcap", "0"], "--softcap must be a positive number"),
     ("bench_end_to_end.py", ["--steps", "0"], "argument --steps: 0 must be at least 1"),
     ("bench_compile.py", ["--device", "gpu"], "--device gpu: not a device name"),
     pytest.param("bench_end_to_end.py", ["--device", "cuda"], "sees no CUDA GPU; use --device cpu",
