@@ -136,6 +136,16 @@ def correctness_check(fn, dev: str = DEVICE, det_len: int = 300, only: str | Non
         ("paper silu dot bf16 wide", 1, 2, 100, 100, 8, 256, False, False, 256, torch.bfloat16,
          dict(activation="silu", causal=True, dot_scale=0.06), 5e-2),
         ("authors mask bf16 wide", 1, 2, 33, 97, 2, 512, True, True, 0, torch.bfloat16, dict(), 5e-2),
+        # Gemma 2's logit soft-capping (in the kernels: the device's ex2 and approximate division in tanh) and
+        # gpt-oss' attention sinks (per head; per token: Inkling 2), folded in on the host
+        ("paper relu causal cap sinks fp32", 2, 3, 77, 131, 8, 64, False, False, 0, torch.float32,
+         dict(causal=True, softcap=1.5), 1e-4),
+        ("paper relu mask cap token sinks bf16", 1, 2, 150, 97, 16, 64, False, False, 0, torch.bfloat16,
+         dict(softcap=1.5), 5e-2),
+        ("authors causal cap fp32", 1, 2, 90, 140, 16, 64, True, False, 0, torch.float32,
+         dict(causal=True, softcap=1.5), 1e-4),
+        ("paper relu mask cap sinks bf16 half", 1, 2, 150, 97, 8, 64, False, False, 0, torch.bfloat16,
+         dict(softcap=1.5, half_mlp=True), 5e-2),
     ]
     ok = True
     for name, b, h, lq, lk, hid, vd, authors, shared, dot, dtype, kw, tol in cases:
@@ -158,11 +168,14 @@ def correctness_check(fn, dev: str = DEVICE, det_len: int = 300, only: str | Non
             kw = dict(kw, mask=m.to(dev))
         if "bias" in name:
             t["bias"] = r(1, h, lq, lk, scale=2.0)
+        if "sinks" in name:  # logits of 1..3, of the order of the scores: each takes a real share of its row
+            t["sinks"] = (1.0 + 2.0 * torch.rand(b if "token" in name else 1, h, lq if "token" in name else 1, 1,
+                                                 generator=g)).to(dev, dtype).requires_grad_()
         if only is not None and only not in name:
             torch.randn(b, h, lq, vd, generator=g)  # its incoming gradient's draw: the later cases keep their data
             continue
         args = (t["A"], t["B"], t["V"], t["w"], t.get("w2"), t.get("b2"))
-        extra = dict(dot_query=t.get("dq"), dot_key=t.get("dk"), score_bias=t.get("bias"))
+        extra = dict(dot_query=t.get("dq"), dot_key=t.get("dk"), score_bias=t.get("bias"), sinks=t.get("sinks"))
         budget = kernels.BIAS_GRAD_BUFFER_BYTES
         try:  # a case that raises (a compile error, say) fails and the others still run
             if "rows" in name:
@@ -270,13 +283,15 @@ def peak_mib(fn) -> float:
 
 
 def bench_case(kind, n, batch, heads, head_dim, hidden, causal, repeats, warmup, fn=None, launch=None,
-               position_bias=False):
+               position_bias=False, softcap=None, sinks=False):
     """(forward ms, forward+backward ms, peak MiB of forward+backward) of one case, bf16 inputs.
 
     kind: "sdpa_flash", "sdpa_bias", "neural_paper", "neural_paper_half" or "neural_authors"; launch: block / warp
     keywords for ``fn`` (``neural_paper_half`` adds half_mlp=True and unroll 8). ``position_bias``: a learned bf16
     ``(1, heads, n, n)`` score bias that gets its gradient (T5's position bias); SDPA takes it as its float
     ``attn_mask`` ("sdpa_bias": flash takes no mask, so its memory-efficient path, the causal mask added to the bias).
+    ``softcap`` (Gemma 2) and ``sinks`` (learned per-head ``(1, heads, 1, 1)`` logits, gpt-oss): the neural kernels
+    only (flash has neither: SDPA stays the floor).
     """
     launch = launch or {}
     dev, dt = DEVICE, torch.bfloat16
@@ -313,13 +328,14 @@ def bench_case(kind, n, batch, heads, head_dim, hidden, causal, repeats, warmup,
             w = torch.randn(heads, hidden, device=dev, requires_grad=True)
             w2 = b2 = None
             params = (A, B, v, w)
-        params = (*params, *([bias] if position_bias else []))
+        sink = torch.randn(1, heads, 1, 1, device=dev, dtype=dt, requires_grad=True) if sinks else None
+        params = (*params, *([bias] if position_bias else []), *([sink] if sinks else []))
 
         if kind.endswith("_half"):
             launch = half_launch(launch)
 
         def fwd():
-            return fn(A, B, v, w, w2, b2, causal=causal, score_bias=bias, **launch)
+            return fn(A, B, v, w, w2, b2, causal=causal, score_bias=bias, softcap=softcap, sinks=sink, **launch)
 
     def fwd_bwd():
         out = fwd()
@@ -404,10 +420,16 @@ def main() -> int:
     ap.add_argument("--position-bias", action="store_true",
                     help="add a learned (1, heads, n, n) bf16 score bias (T5's) to every kernel; SDPA takes it as its "
                          "attn_mask on the memory-efficient path (kind sdpa_bias; flash takes no mask)")
+    ap.add_argument("--softcap", type=float, default=None,
+                    help="Gemma 2's logit soft-cap (50) in every neural kernel (SDPA flash has none: still the floor)")
+    ap.add_argument("--sinks", action="store_true",
+                    help="learned per-head attention sinks (gpt-oss) in every neural kernel (flash has none)")
     ap.add_argument("--tune", action="store_true",
                     help="time the candidate block sizes first (n = 4096) and sweep with the best per (MLP, d')")
     ap.add_argument("--csv", default=str(Path(os.environ.get("OUT", ".")) / "bench_triton_gpu.csv"))
     args = ap.parse_args()
+    if args.softcap is not None and not (math.isfinite(args.softcap) and args.softcap > 0):
+        ap.error(f"--softcap must be a positive number (Gemma 2 uses 50); got {args.softcap}")
 
     if not torch.cuda.is_available():
         print("bench_triton_gpu.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing to do.")
@@ -475,6 +497,8 @@ def main() -> int:
                     neural_attention_triton,
                     launches.get((kind.removeprefix("neural_"), hidden)),
                     args.position_bias,
+                    args.softcap,
+                    args.sinks,
                 )
                 err = ""
             except torch.OutOfMemoryError as e:  # keep going: report the row
@@ -497,6 +521,8 @@ def main() -> int:
                 hidden=hidden,
                 causal=causal,
                 position_bias=args.position_bias,
+                softcap=args.softcap,
+                sinks=args.sinks,
                 fwd_ms=round(t_fwd, 3),
                 fwd_bwd_ms=round(t_fb, 3),
                 peak_mem_mib=round(mem, 1),

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Every GPU measurement of this repo in one run (a few minutes on an H100): the Triton kernel's correctness check,
 # block-size tuning and sweep against SDPA's flash path (bench_triton_gpu.py), the same with a learned score bias
-# against SDPA given it as attn_mask (--position-bias), the sweep at wide heads (16 x 128, 8 x 256), torch.compile
+# against SDPA given it as attn_mask (--position-bias), with Gemma 2's soft-cap and gpt-oss' sinks (--softcap
+# --sinks), the sweep at wide heads (16 x 128, 8 x 256), torch.compile
 # with the Triton kernel (bench_compile.py), then GPT-2-small end to end (bench_end_to_end.py). Results go to $OUT
 # (or ./gpu_results).
 # Wheels in .whl/ (for instance the transformers version this repo is tested with) are installed into /tmp/site
 # first, without touching the system packages.
 #
 #   bash benchmarks/gpu_suite.sh                        # everything
-#   E2E_TIMEOUT=0 COMPILE_TIMEOUT=0 BIAS_TIMEOUT=0 WIDE_TIMEOUT=0 bash benchmarks/gpu_suite.sh --mlp authors
+#   E2E_TIMEOUT=0 COMPILE_TIMEOUT=0 BIAS_TIMEOUT=0 WIDE_TIMEOUT=0 CAP_TIMEOUT=0 bash benchmarks/gpu_suite.sh --mlp authors
 #                                     # the kernel only; arguments go to the first bench_triton_gpu.py
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +39,11 @@ timeout "${KERNEL_TIMEOUT:-360}" python3 benchmarks/bench_triton_gpu.py --tune -
 if [ "${BIAS_TIMEOUT:-180}" != 0 ]; then  # a learned T5-style score bias: the kernel against SDPA given it as attn_mask
   timeout "${BIAS_TIMEOUT:-180}" python3 benchmarks/bench_triton_gpu.py --skip-check --position-bias --mlp paper \
     --lengths 1024 4096 --hidden 2 16 --csv "$OUT/bench_triton_gpu_bias.csv" 2>&1 | tee "$OUT/bench_triton_gpu_bias.log" \
+    || status=1
+fi
+if [ "${CAP_TIMEOUT:-150}" != 0 ]; then  # Gemma 2's soft-cap and gpt-oss' sinks in the kernel; flash has neither
+  timeout "${CAP_TIMEOUT:-150}" python3 benchmarks/bench_triton_gpu.py --skip-check --softcap 50 --sinks --mlp paper \
+    --lengths 1024 4096 --hidden 2 16 --csv "$OUT/bench_triton_gpu_cap.csv" 2>&1 | tee "$OUT/bench_triton_gpu_cap.log" \
     || status=1
 fi
 if [ "${WIDE_TIMEOUT:-150}" != 0 ]; then  # wide heads (Llama's 128, Gemma 3's 256): their smaller default tiles
