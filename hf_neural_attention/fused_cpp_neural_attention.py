@@ -247,8 +247,7 @@ class _FusedFunction(torch.autograd.Function):
         dbias = sum_to_bias_shape(dS.view(-1, heads, q_len, k_len), bias.shape) if bias_grad else None
         dsinks = None
         if sink is not None and ctx.needs_input_grad[7]:
-            dsinks = sink_grad(sink, stats[0], stats[1], D).view(batch, heads, q_len, 1)
-            dsinks = sum_to_bias_shape(dsinks, ctx.sinks_shape)
+            dsinks = sink_grad(sink, stats[0], stats[1], D, ctx.sinks_shape, batch)
         return (
             dA.view(batch, heads, q_len, hidden),
             dB.view(batch, heads, k_len, hidden),

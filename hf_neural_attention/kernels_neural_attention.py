@@ -134,12 +134,15 @@ def fold_sinks(out: Tensor, row_max: Tensor, log_denom: Tensor, sink: Tensor) ->
     return out * keep.unsqueeze(-1), new_max, new_log
 
 
-def sink_grad(sink: Tensor, row_max: Tensor, log_denom: Tensor, D: Tensor) -> Tensor:
-    """The loss's gradient in each row's sink logit, ``(G, q_len)``: ``-p_sink * D`` with ``D = rowsum(dO * O)`` and
-    ``p_sink = exp(sink - row_max - log_denom)`` from `fold_sinks`' statistics (0 where no key is visible: zero
-    output)."""
+def sink_grad(sink: Tensor, row_max: Tensor, log_denom: Tensor, D: Tensor, sinks_shape: torch.Size,
+              batch: int) -> Tensor:
+    """The loss's gradient in the sink logits, in their shape ``sinks_shape`` ``(batch|1, heads|1, q_len|1, 1)``:
+    per row ``-p_sink * D`` with ``D = rowsum(dO * O)`` and ``p_sink = exp(sink - row_max - log_denom)`` from the
+    sink-inclusive statistics (`fold_sinks`'; 0 where no key is visible: zero output), summed where the sinks
+    broadcast. ``sink``, ``row_max``, ``log_denom``, ``D``: ``(batch * heads, q_len)``."""
     exponent = torch.where(torch.isfinite(row_max), sink - row_max - log_denom, -math.inf)
-    return -torch.exp(exponent) * D
+    per_row = -torch.exp(exponent) * D
+    return sum_to_bias_shape(per_row.view(batch, -1, per_row.shape[-1], 1), sinks_shape)
 
 
 def check_softcap(softcap: float | None) -> None:

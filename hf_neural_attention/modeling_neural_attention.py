@@ -82,10 +82,10 @@ def _attends_over_depth(cls: type) -> bool:
     """Attention over each token's stacked layer outputs (Inkling 2's attention residuals, ``forward(block_states,
     ...)``): its sequence is the layers and its one head the hidden size, not a self-attention over tokens."""
     try:
-        first = next(iter(list(inspect.signature(cls.forward).parameters)[1:]), None)
+        parameters = list(inspect.signature(cls.forward).parameters)
     except (TypeError, ValueError):
         return False
-    return first == "block_states"
+    return parameters[1:2] == ["block_states"]
 
 
 def _is_self_attention(name: str, module: nn.Module) -> bool:

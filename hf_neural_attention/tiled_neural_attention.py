@@ -49,6 +49,7 @@ from .kernels_neural_attention import (
     kernel_op,
     once_differentiable_always,
     seed_tensor,
+    sink_grad,
     sink_rows,
     source_tag,
     sum_to_bias_shape,
@@ -514,9 +515,9 @@ def _tiled_backward(factory: ScorerFactory | None, A: Tensor, B: Tensor, V: Tens
                 ddk[:, j0:j1].baddbmm_(ds.transpose(1, 2), dqs[:, i0:i1])
 
     dsinks = None
-    if sinks is not None:  # -p_sink * D per row, p_sink from the row statistics (which include the sink)
-        p_sink = torch.exp(sink_rows(sinks.to(cdt), batch, heads, q_len) - stats[..., 0] - stats[..., 1])
-        dsinks = sum_to_bias_shape((-p_sink * D).view(batch, heads, q_len, 1), sinks.shape)
+    if sinks is not None:  # from the row statistics, which include the sink
+        dsinks = sink_grad(sink_rows(sinks.to(cdt), batch, heads, q_len), stats[..., 0], stats[..., 1], D,
+                           sinks.shape, batch)
     dAt, dBt, dparams = scorer.grads()
     absent = [A.new_empty(0) for _ in range(6)]  # distinct tensors: an op's outputs may not alias each other
     return (

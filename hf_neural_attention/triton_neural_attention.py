@@ -581,8 +581,7 @@ class _NeuralAttentionTriton(torch.autograd.Function):
         if sink is not None and ctx.needs_input_grad[9]:
             batch, heads, q_len, _ = Out.shape
             D = (grad_out.float() * Out).sum(-1).reshape(batch * heads, q_len)
-            dsinks = sink_grad(sink, *_row_statistics(stats), D).view(batch, heads, q_len, 1)
-            dsinks = sum_to_bias_shape(dsinks, ctx.sinks_shape).to(ctx.sinks_dtype)
+            dsinks = sink_grad(sink, *_row_statistics(stats), D, ctx.sinks_shape, batch).to(ctx.sinks_dtype)
         return (*(None if t is None else g for t, g in zip(inputs, grads, strict=True)), dsinks, None, None)
 
 
